@@ -1,0 +1,9 @@
+"""The algorithm registries: recipes name an estimator or loss, the trainer looks it up here."""
+from __future__ import annotations
+
+from speechrl.rlhf.registry import Registry
+
+ADVANTAGES = Registry("advantage estimator")
+POLICY_LOSSES = Registry("policy loss")
+KL_ESTIMATORS = Registry("KL estimator")
+LOSS_AGGREGATIONS = Registry("loss aggregation")

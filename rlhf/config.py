@@ -1,0 +1,274 @@
+"""Typed recipes: YAML with `defaults:` inheritance, loaded into dataclasses and validated.
+
+Every field is documented once, here, where it is declared; every default lives here and
+nowhere else (call sites read `cfg.x`, never `cfg.get("x", default)`).
+
+A recipe file may start with `defaults: [base.yaml, ...]` (paths relative to the file); the
+listed files are merged first, in order, then the file itself, then command-line overrides
+(`key.path=value`). The merged tree is checked against `RecipeConfig`: unknown keys, wrong
+types and missing files are rejected with the key path before any work starts.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: names the file or key path and what to do."""
+
+
+@dataclass
+class TinyBackboneConfig:
+    hidden_size: int = 256  # decoder width; head_dim = hidden_size / num_heads must be >= 32 for vLLM's CPU kernels
+    num_layers: int = 4  # decoder layers
+    num_heads: int = 4  # decoder attention heads
+    num_kv_heads: int = 2  # decoder key/value heads (grouped-query attention)
+    encoder_layers: int = 2  # audio-encoder layers
+    encoder_dim: int = 256  # audio-encoder width (head_dim = encoder_dim / num_heads)
+    num_codec_tokens: int = 1024  # size of the audio-codec token block <|a0|>..<|aN-1|> in the vocabulary
+    max_audio_seconds: float = 4.0  # feature-extractor window; longer clips are rejected by the data loader
+    text_vocab_size: int = 600  # byte-level BPE vocabulary learned from the corpus texts (before specials)
+    seed: int = 0  # initialization seed
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False  # train LoRA adapters (PEFT) instead of all weights
+    r: int = 16  # adapter rank
+    alpha: int = 32  # scaling numerator (scale = alpha / r)
+    dropout: float = 0.0  # dropout on the adapter input
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )  # decoder module names that get adapters
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None  # local backbone directory; null builds the embedded tiny backbone into the cache
+    tiny: TinyBackboneConfig = field(default_factory=TinyBackboneConfig)  # shape of the embedded backbone
+    lora: LoraConfig = field(default_factory=LoraConfig)  # parameter-efficient fine-tuning
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+
+
+@dataclass
+class SyntheticCorpusConfig:
+    num_utterances: int = 1200  # utterances synthesized (train + held out)
+    heldout_fraction: float = 0.1  # share kept out of training for evaluation
+    voices: list[str] = field(default_factory=lambda: ["en", "en-us", "en-gb-x-rp"])  # espeak-ng voice names
+    rates: list[int] = field(default_factory=lambda: [140, 175, 210])  # words per minute
+    pitches: list[int] = field(default_factory=lambda: [35, 50, 65])  # espeak pitch, 0-99
+    texts: Optional[str] = None  # a text file, one sentence a line; null uses the built-in command grammar
+    seed: int = 0  # sampling seed for texts and voices
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = None  # manifest (.jsonl/.csv) or saved HF dataset dir; null builds the synthetic corpus
+    eval: Optional[str] = None  # held-out manifest; null uses the synthetic corpus' held-out split
+    synthetic: SyntheticCorpusConfig = field(default_factory=SyntheticCorpusConfig)  # the embedded corpus
+    sample_rate: int = 16000  # audio is resampled to this rate
+    min_seconds: float = 0.2  # shorter clips are bad examples
+    max_seconds: Optional[float] = None  # longer clips are bad examples; null takes the backbone's audio window
+    on_bad_example: str = "skip"  # "skip" (report, count, go on) or "fail" (stop at the first bad example)
+    max_eval_examples: int = 64  # cap on held-out examples decoded at each evaluation
+
+
+@dataclass
+class DeepSpeedConfig:
+    enabled: bool = False  # wrap the trainer in DeepSpeed (gloo backend on CPU)
+    zero_stage: int = 2  # ZeRO optimization stage (0-3)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300  # optimizer steps
+    batch_size: int = 16  # examples per optimizer step (SFT) / sampled sequences per micro-batch (RL)
+    lr: float = 1e-3  # peak AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 20  # linear warm-up, then cosine decay to lr_min_ratio * lr
+    lr_min_ratio: float = 0.1  # floor of the cosine decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    eval_every: int = 100  # evaluate held-out WER every N steps (and at the end)
+    checkpoint_every: int = 100  # write a resumable checkpoint every N steps (and at the end)
+    keep_checkpoints: int = 2  # older checkpoints are deleted
+    log_every: int = 10  # write metrics every N steps
+    torch_threads: int = 0  # intra-op threads for the trainer; 0 lets torch decide
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+@dataclass
+class SamplingConfig:
+    n: int = 8  # samples per prompt (the GRPO group size)
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling
+    max_new_tokens: int = 48  # completion length cap
+
+
+@dataclass
+class GRPOConfig:
+    prompts_per_step: int = 8  # prompts per step; each gets sampling.n samples
+    advantage: str = "grpo"  # advantage estimator, by registered name
+    std_normalize: bool = True  # divide group-centred rewards by the group std (off = Dr. GRPO)
+    policy_loss: str = "clipped"  # policy loss, by registered name
+    clip_eps: float = 0.2  # lower clip of the importance ratio (1 - eps)
+    clip_eps_high: Optional[float] = None  # upper clip (1 + eps_high); null uses clip_eps
+    loss_agg: str = "token_mean"  # "token_mean" | "seq_mean_token_mean" | "seq_mean_token_sum"
+    kl_coef: float = 0.02  # weight of the KL penalty to the frozen reference; 0 skips the reference
+    kl_estimator: str = "k3"  # KL estimator, by registered name: "k1" | "k2" | "k3"
+    epochs_per_step: int = 1  # passes over each step's samples
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 1  # Ray actors, each hosting one vLLM engine
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    kv_cache_gib: float = 1.0  # KV-cache size per engine (CPU: host memory)
+    gpu_memory_utilization: float = 0.5  # GPU engines: fraction of device memory for vLLM
+    tensor_parallel_size: int = 1  # GPUs per engine
+    enforce_eager: bool = True  # no CUDA graphs / compilation (fast start, needed on CPU)
+    weight_transport: str = "object_store"  # how the trainer's weights reach the engines, by registered name
+    max_retries: int = 1  # a step whose rollout worker died is retried this many times on a fresh worker
+
+
+@dataclass
+class RewardSpec:
+    name: str = "asr_wer"  # registered name, dotted path "pkg.module:fn", or entry-point name
+    weight: float = 1.0  # weight in the combined reward
+    normalize: bool = True  # z-normalize this component over the batch before weighting
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the reward's constructor
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # existing cluster ("auto" or host:port); null starts a local one
+    num_cpus: Optional[int] = None  # CPUs a local cluster may use; null = all
+
+
+@dataclass
+class RunConfig:
+    name: Optional[str] = None  # run directory name; null = <mode>-<algorithm>-<timestamp>
+    output_dir: str = "runs"  # parent of run directories
+    cache_dir: str = "~/.cache/speechrl"  # where the embedded backbone and corpus are built once
+    init_from: Optional[str] = None  # start from this checkpoint dir (e.g. an SFT run's final/) instead of model.path
+
+
+@dataclass
+class RecipeConfig:
+    mode: str = "asr"  # operational mode: "asr" (TTS and realtime to come)
+    algorithm: str = "sft"  # "sft" or "grpo"
+    seed: int = 0  # seeds torch, numpy, python and data order
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval_max_new_tokens: int = 48  # greedy decode length cap at evaluation
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])  # combined, weighted
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+_CHOICES = {
+    "mode": ("asr",),
+    "algorithm": ("sft", "grpo"),
+    "data.on_bad_example": ("skip", "fail"),
+    "grpo.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"),
+}
+_PATHS = ("model.path", "data.train", "data.eval", "data.synthetic.texts", "run.init_from")
+
+
+def resolve_recipe_path(name: str) -> Path:
+    """A file path, or a shipped recipe by name (`asr/sft` or `asr/sft.yaml`)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path.resolve()
+    shipped = RECIPES_DIR / (name if name.endswith(".yaml") else name + ".yaml")
+    if shipped.is_file():
+        return shipped
+    shipped_names = sorted(str(p.relative_to(RECIPES_DIR))[:-5] for p in RECIPES_DIR.rglob("*.yaml"))
+    raise RecipeError(f"recipe {name!r} not found: not a file, nor a shipped recipe ({', '.join(shipped_names)})")
+
+
+def _load_tree(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    if path in seen:
+        raise RecipeError(f"{path}: `defaults:` cycle through {' -> '.join(map(str, seen))}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml errors carry line numbers; keep them
+        raise RecipeError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(node, DictConfig):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(node).__name__}")
+    defaults = node.pop("defaults", [])
+    if isinstance(defaults, str):
+        defaults = [defaults]
+    if not isinstance(defaults, (list, ListConfig)):
+        raise RecipeError(f"{path}: `defaults` must be a list of recipe files")
+    merged = OmegaConf.create({})
+    for parent in defaults:
+        parent_path = (path.parent / str(parent)).resolve()
+        if not parent_path.is_file():
+            raise RecipeError(f"{path}: defaults entry {parent!r} not found at {parent_path}")
+        merged = OmegaConf.merge(merged, _load_tree(parent_path, seen + (path,)))
+    return OmegaConf.merge(merged, node)
+
+
+def load_recipe(name: str, overrides: list[str] = ()) -> RecipeConfig:
+    """Load, merge, override and validate a recipe; returns a typed `RecipeConfig`."""
+    path = resolve_recipe_path(name)
+    tree = _load_tree(path)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} must look like key.path=value")
+    schema = OmegaConf.structured(RecipeConfig)
+    try:
+        cfg = OmegaConf.merge(schema, tree, OmegaConf.from_dotlist(list(overrides)))
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise RecipeError(f"{path}: bad value at `{key}`: {e.msg if hasattr(e, 'msg') else e}") from None
+    typed: RecipeConfig = OmegaConf.to_object(cfg)
+    validate(typed, source=str(path))
+    return typed
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: RecipeConfig, source: str = "recipe") -> None:
+    """Checks that the type system cannot: choices, files, ranges."""
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise RecipeError(f"{source}: `{key}` is {_get(cfg, key)!r}; choose one of {', '.join(choices)}")
+    for key in _PATHS:
+        value = _get(cfg, key)
+        if value is not None and not Path(os.path.expanduser(value)).exists():
+            raise RecipeError(f"{source}: `{key}` points to {value!r}, which does not exist")
+    tiny = cfg.model.tiny
+    for width, key in ((tiny.hidden_size, "model.tiny.hidden_size"), (tiny.encoder_dim, "model.tiny.encoder_dim")):
+        if width % tiny.num_heads or width // tiny.num_heads < 32:
+            raise RecipeError(f"{source}: `{key}`={width} with {tiny.num_heads} heads gives head_dim < 32 "
+                              "or a remainder; vLLM's CPU attention needs head_dim >= 32")
+    positive = ("train.steps", "train.batch_size", "rollout.sampling.n", "grpo.prompts_per_step",
+                "rollout.num_workers", "rollout.sampling.max_new_tokens")
+    for key in positive:
+        if _get(cfg, key) < 1:
+            raise RecipeError(f"{source}: `{key}` must be >= 1, got {_get(cfg, key)}")
+    if not 0.0 < cfg.data.synthetic.heldout_fraction < 1.0:
+        raise RecipeError(f"{source}: `data.synthetic.heldout_fraction` must be in (0, 1)")
+    if cfg.algorithm == "grpo" and cfg.rollout.sampling.n < 2:
+        raise RecipeError(f"{source}: GRPO needs `rollout.sampling.n` >= 2 to form groups")
+
+
+def to_yaml(cfg: RecipeConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
