@@ -154,7 +154,11 @@ def build_tiny_backbone(out_dir: str | Path, texts: list[str], tiny, *, sample_r
     from transformers import (Qwen2AudioConfig, Qwen2AudioEncoderConfig, Qwen2AudioForConditionalGeneration,
                               Qwen2AudioProcessor, Qwen2Config, WhisperFeatureExtractor)
 
+    from speechrl.data.prompts import template_texts
+
     torch.manual_seed(tiny.seed)
+    # the prompts' fixed text repeats in every example: learning its merges keeps prompts short
+    texts = list(texts) + template_texts() * 50
     tokenizer = build_tokenizer(texts, vocab_size=tiny.text_vocab_size, num_codec_tokens=tiny.num_codec_tokens)
     chunk = tiny.max_audio_seconds
     if chunk * 100 % 4:

@@ -1,0 +1,173 @@
+"""Scoring a batch with several rewards and combining them into one number per sample.
+
+One bad sample must not cost the step: a reward that raises on the batch is retried sample by
+sample, and only the samples that still fail (or score NaN/inf) lose their score. A reward that
+is itself broken (output of the wrong shape, or failing on every sample) stops the run instead,
+because training on no signal for hours is worse than an error now.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STD_FLOOR = 1e-6  # below this a component does not tell the samples apart; it contributes 0
+_PER_SAMPLE = (list, tuple, np.ndarray)  # batch values of these types are per-sample columns
+
+
+class RewardOutputError(ValueError):
+    """A reward returned something that is not one number (or None) per sample."""
+
+
+@dataclass
+class ScoreResult:
+    total: np.ndarray  # combined reward per sample; NaN where the sample has no score
+    valid: np.ndarray  # bool per sample: every reward gave it a finite score
+    rewards: dict[str, np.ndarray]  # each reward's "reward" component, as returned (before normalization)
+    components: dict[str, np.ndarray]  # every component, keyed "<reward name>/<component>", for logging
+    errors: dict[int, str] = field(default_factory=dict)  # sample index -> why it has no score
+
+    def metrics(self) -> dict[str, float]:
+        """Means over the scored samples, and how many samples went unscored."""
+        out = {"rewards/total": _mean(self.total[self.valid])}
+        for key, values in self.components.items():
+            out[f"rewards/{key}"] = _mean(values[self.valid])
+        out["rewards/unscored"] = int((~self.valid).sum())
+        return out
+
+
+def _mean(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
+def _batch_size(batch: Mapping[str, Any]) -> int:
+    columns = {k: len(v) for k, v in batch.items() if isinstance(v, _PER_SAMPLE)}
+    if not columns:
+        raise ValueError("score_batch: the batch has no per-sample columns (lists); pass at least 'completions'")
+    n = columns.get("completions", next(iter(columns.values())))
+    wrong = {k: size for k, size in columns.items() if size != n}
+    if wrong:
+        raise ValueError(f"score_batch: columns {wrong} do not have the batch size {n} (of 'completions')")
+    return n
+
+
+def _as_components(name: str, out: Any, n: int) -> dict[str, np.ndarray]:
+    items = out.items() if isinstance(out, Mapping) else [("reward", out)]
+    if isinstance(out, Mapping) and "reward" not in out:
+        raise RewardOutputError(f"reward {name!r} returned components {sorted(out)} without the 'reward' key; add it")
+    components = {}
+    for key, values in items:
+        try:
+            array = np.array([math.nan if v is None else v for v in values], dtype=float)
+        except (TypeError, ValueError) as e:
+            raise RewardOutputError(f"reward {name!r}: component {key!r} is not a list of numbers ({e})") from e
+        if array.shape != (n,):
+            raise RewardOutputError(
+                f"reward {name!r}: component {key!r} has shape {array.shape} for a batch of {n}; return one number per completion"
+            )
+        components[key] = array
+    return components
+
+
+def _call_per_sample(name: str, fn: Callable, batch: Mapping[str, Any], n: int) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+    rows: list[Optional[dict[str, np.ndarray]]] = []
+    failed: dict[int, str] = {}
+    for i in range(n):
+        sample = {k: [v[i]] if isinstance(v, _PER_SAMPLE) else v for k, v in batch.items()}
+        try:
+            rows.append(_as_components(name, fn(**sample), 1))
+        except RewardOutputError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of user code marks only this sample
+            failed[i] = f"{name} raised {type(e).__name__}: {e}"
+            rows.append(None)
+    # One sample cannot tell a broken reward from a bad sample, so only a larger batch stops here.
+    if n > 1 and len(failed) == n:
+        raise RuntimeError(f"reward {name!r} failed on every sample of the batch, e.g. {failed[0]}; fix the reward or its kwargs")
+    keys = dict.fromkeys(["reward"] + [k for row in rows if row for k in row])
+    components = {k: np.array([row[k][0] if row and k in row else math.nan for row in rows]) for k in keys}
+    return components, failed
+
+
+def score_batch(
+    rewards: Mapping[str, Callable],
+    batch: Mapping[str, Any],
+    weights: Optional[Mapping[str, float]] = None,
+    normalize: Optional[Mapping[str, bool]] = None,
+) -> ScoreResult:
+    """Call every reward on the whole batch (columns as keyword arguments) and combine them.
+
+    List-valued batch entries are per-sample columns; anything else (e.g. `mode`) is passed as is
+    to every call. `weights` defaults to 1.0 and `normalize` to False for every reward.
+    """
+    n = _batch_size(batch)
+    reasons: dict[int, list[str]] = {}
+    per_reward, components = {}, {}
+    for name, fn in rewards.items():
+        try:
+            comps, failed = _as_components(name, fn(**batch), n), {}
+        except RewardOutputError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            log.warning("reward %r raised on the batch (%s: %s); retrying sample by sample", name, type(e).__name__, e)
+            comps, failed = _call_per_sample(name, fn, batch, n)
+        for i, why in failed.items():
+            reasons.setdefault(i, []).append(why)
+        for i in np.flatnonzero(~np.isfinite(comps["reward"])):
+            if int(i) not in failed:
+                reasons.setdefault(int(i), []).append(f"{name} returned {comps['reward'][i]}")
+        per_reward[name] = comps["reward"]
+        components.update({f"{name}/{key}": values for key, values in comps.items()})
+
+    total, valid = combine(
+        per_reward,
+        weights if weights is not None else dict.fromkeys(rewards, 1.0),
+        normalize if normalize is not None else dict.fromkeys(rewards, False),
+    )
+    errors = {i: "; ".join(why) for i, why in sorted(reasons.items())}
+    ids = batch.get("id")
+    for i, why in errors.items():
+        label = f"{i} (id {ids[i]!r})" if isinstance(ids, _PER_SAMPLE) else str(i)
+        log.warning("sample %s has no reward: %s", label, why)
+    return ScoreResult(total=total, valid=valid, rewards=per_reward, components=components, errors=errors)
+
+
+def _zscore(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    if not valid.any():
+        return np.zeros_like(x)
+    # Population std (ddof=0): the batch is the whole population being ranked, not a sample of one.
+    mean, std = x[valid].mean(), x[valid].std()
+    return np.zeros_like(x) if std < STD_FLOOR else (x - mean) / std
+
+
+def combine(
+    components: Mapping[str, np.ndarray], weights: Mapping[str, float], normalize: Mapping[str, bool]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted sum of reward components, each optionally z-normalized over the valid samples
+    first, so that rewards on different scales (WER in [0, 1], MOS in [1, 5]) combine by weight.
+
+    Returns (total, valid): a sample is valid when every component is finite; invalid samples get
+    total NaN and take no part in any component's mean or std.
+    """
+    if not components:
+        raise ValueError("combine: no reward components; configure at least one reward")
+    missing = [k for k in components if k not in weights or k not in normalize]
+    if missing:
+        raise ValueError(f"combine: no weight or normalize flag for {missing}; give both for every reward")
+    arrays = {k: np.asarray(v, dtype=float) for k, v in components.items()}
+    sizes = {k: a.shape for k, a in arrays.items()}
+    if len(set(sizes.values())) != 1 or any(len(shape) != 1 for shape in sizes.values()):
+        raise ValueError(f"combine: components must be 1-D arrays of one length; got shapes {sizes}")
+    valid = np.logical_and.reduce([np.isfinite(a) for a in arrays.values()])
+    total = np.zeros(len(valid))
+    for k, x in arrays.items():
+        scaled = _zscore(x, valid) if normalize[k] else x
+        total += weights[k] * np.where(valid, scaled, 0.0)
+    total[~valid] = math.nan
+    return total, valid

@@ -1,0 +1,100 @@
+"""Finding a reward by the name a recipe gives it.
+
+A name is looked up, in order, as (a) a name registered here, (b) a dotted path
+"pkg.module:attr" or "pkg.module.attr", (c) an entry point in the group "speechrl.rewards" of an
+installed package, so a team ships its reward as its own package without editing this repo:
+
+    [project.entry-points."speechrl.rewards"]
+    my_mos = "my_pkg.mos:MosReward"
+
+Built-in rewards are registered at the bottom of this file rather than decorated where they are
+defined, so reward modules never import this one and there is no import cycle.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+from importlib.metadata import entry_points
+from typing import Any, Callable, Optional
+
+from speechrl.rlhf.registry import Registry
+
+from speechrl.rewards.asr import AsrWerReward
+
+ENTRY_POINT_GROUP = "speechrl.rewards"
+
+REWARDS: Registry[Callable] = Registry("reward")
+register_reward = REWARDS.register
+
+
+def _from_dotted_path(name: str) -> Optional[Any]:
+    """The object at "pkg.module:attr" or "pkg.module.attr"; None if that module does not exist."""
+    module_name, sep, attr = name.partition(":")
+    if not sep:
+        module_name, _, attr = name.rpartition(".")
+    if not module_name or not attr:
+        return None
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        # Only a missing module means "not a dotted path"; an import failing inside the user's
+        # module is their bug and must surface as it is.
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            return None
+        raise
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise AttributeError(f"reward {name!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _from_entry_point(name: str) -> Optional[Any]:
+    found = list(entry_points(group=ENTRY_POINT_GROUP, name=name))
+    if len(found) > 1:
+        owners = ", ".join(f"{ep.value} ({ep.dist.name if ep.dist else '?'})" for ep in found)
+        raise LookupError(f"reward {name!r}: several installed packages provide it: {owners}; uninstall all but one")
+    return found[0].load() if found else None
+
+
+def _instantiate(name: str, obj: Any, kwargs: dict[str, Any]) -> Callable:
+    if inspect.isclass(obj):
+        try:
+            return obj(**kwargs)
+        except TypeError as e:
+            raise TypeError(f"reward {name!r}: cannot build {obj.__qualname__} with kwargs {kwargs}: {e}") from e
+    if not callable(obj):
+        raise TypeError(f"reward {name!r} resolves to {obj!r}, which is not callable; point it at a function or class")
+    if not kwargs:
+        return obj
+    # Check the kwargs now, at load, rather than at the first batch. They must name parameters:
+    # a reward's **kwargs is where batch columns land, so a misspelled option would vanish there.
+    params = inspect.signature(obj).parameters.values()
+    named = {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY)}
+    unknown = sorted(set(kwargs) - named)
+    if unknown:
+        raise TypeError(f"reward {name!r}: kwargs {unknown} are not parameters of {obj.__qualname__} ({', '.join(sorted(named))})")
+    return functools.partial(obj, **kwargs)
+
+
+def resolve_reward(name: str, **kwargs: Any) -> Callable:
+    """The reward callable for `name`: classes are instantiated with kwargs, functions get them
+    bound with functools.partial."""
+    if name in REWARDS:
+        obj = REWARDS.get(name)
+    else:
+        obj = _from_dotted_path(name) if ("." in name or ":" in name) else None
+        if obj is None:
+            obj = _from_entry_point(name)
+    if obj is None:
+        raise KeyError(
+            f"unknown reward {name!r}: not a registered name ({', '.join(REWARDS.names()) or 'none'}), "
+            f"not an importable 'pkg.module:attr' path, and no installed package has an entry point "
+            f"{name!r} in group {ENTRY_POINT_GROUP!r}"
+        )
+    return _instantiate(name, obj, kwargs)
+
+
+register_reward("asr_wer")(AsrWerReward)

@@ -1,0 +1,163 @@
+"""`speechrl`: the command line. Each subcommand is a thin entry point over a recipe."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from speechrl.rlhf.config import RECIPES_DIR, RecipeError, load_recipe, to_yaml
+
+EPILOG = """examples:
+  speechrl demo                                  SFT warm start then GRPO on the embedded default
+  speechrl train asr/sft                         a shipped recipe, by name
+  speechrl train recipes/asr/sft.yaml train.steps=50 train.lr=1e-3
+  speechrl train asr/sft --resume                continue the newest asr-sft run from its checkpoint
+  speechrl show asr/grpo rollout.sampling.n=4    print the resolved, validated recipe
+"""
+
+
+def _recipe(args):
+    return load_recipe(args.recipe, args.overrides)
+
+
+def cmd_train(args) -> int:
+    cfg = _recipe(args)
+    if cfg.algorithm == "sft":
+        from speechrl.rlhf.sft import run_sft
+
+        run_sft(cfg, resume=args.resume)
+    else:
+        from speechrl.rlhf.grpo import run_grpo
+
+        run_grpo(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from speechrl.rlhf.demo import run_demo
+
+    run_demo(args.overrides, output_dir=args.output_dir)
+    return 0
+
+
+def cmd_show(args) -> int:
+    print(to_yaml(_recipe(args)), end="")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    for path in sorted(RECIPES_DIR.rglob("*.yaml")):
+        first = next((line[2:].strip() for line in path.read_text().splitlines() if line.startswith("# ")), "")
+        print(f"{str(path.relative_to(RECIPES_DIR))[:-5]:<16} {first}")
+    return 0
+
+
+def cmd_build_backbone(args) -> int:
+    from speechrl.data.synth import command_sentences, read_text_list
+    from speechrl.rlhf.backbone import backbone_summary, build_tiny_backbone, load_backbone
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    texts = read_text_list(args.texts) if args.texts else command_sentences(5000, seed=cfg.model.tiny.seed)
+    path = build_tiny_backbone(args.out_dir, texts, cfg.model.tiny, sample_rate=cfg.data.sample_rate)
+    print(backbone_summary(load_backbone(path)))
+    return 0
+
+
+def cmd_build_corpus(args) -> int:
+    from speechrl.data.synth import build_corpus, read_text_list
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    s = cfg.data.synthetic
+    train, held = build_corpus(args.out_dir, num_utterances=s.num_utterances, heldout_fraction=s.heldout_fraction,
+                               voices=tuple(s.voices), rates=tuple(s.rates), pitches=tuple(s.pitches),
+                               texts=read_text_list(s.texts) if s.texts else None,
+                               sample_rate=cfg.data.sample_rate, seed=s.seed)
+    print(f"train manifest: {train}\nheld-out manifest: {held}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from speechrl.rlhf import assets
+    from speechrl.rlhf.backbone import load_backbone
+    from speechrl.rlhf.evaluate import evaluate_asr
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    backbone = load_backbone(args.checkpoint)
+    _, held = assets.load_datasets(cfg, backbone.max_audio_seconds)
+    result = evaluate_asr(backbone.model, backbone.processor, held, max_examples=cfg.data.max_eval_examples,
+                          max_new_tokens=cfg.eval_max_new_tokens)
+    for ref, hyp in result.pop("examples"):
+        print(f"ref: {ref}\nhyp: {hyp}")
+    print(" ".join(f"{k}={v:.4f}" for k, v in result.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="speechrl", description="RLHF post-training for speech models "
+                                     "(ASR, TTS, realtime dialogue) on one audio-language backbone.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def recipe_args(p, default=None):
+        p.add_argument("recipe", nargs=None if default is None else "?", default=default,
+                       help="recipe file, or a shipped recipe name such as asr/sft (see `speechrl recipes`)")
+        p.add_argument("overrides", nargs="*", help="key.path=value overrides, applied last")
+
+    p = sub.add_parser("train", help="run a recipe (SFT or GRPO) and write a run directory")
+    recipe_args(p)
+    p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
+                   help="continue from the last checkpoint of RUN_DIR (default: run.name, else the newest run)")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("demo", help="the end-to-end ASR demo: SFT warm start, then GRPO through Ray + vLLM")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides for both stages")
+    p.add_argument("--output-dir", default="runs", help="parent of the demo's run directories")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("show", help="print a recipe resolved (defaults merged, overrides applied, validated)")
+    recipe_args(p)
+    p.set_defaults(fn=cmd_show)
+
+    p = sub.add_parser("recipes", help="list the shipped recipes")
+    p.set_defaults(fn=cmd_recipes)
+
+    p = sub.add_parser("build-backbone", help="write a randomly initialized tiny backbone (loads in transformers "
+                       "and vLLM); its shape comes from the recipe's model.tiny")
+    p.add_argument("out_dir")
+    p.add_argument("--recipe", default="asr/sft")
+    p.add_argument("--texts", help="text file (one sentence a line) to learn the tokenizer from")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=cmd_build_backbone)
+
+    p = sub.add_parser("build-corpus", help="synthesize a spoken corpus with espeak-ng (manifest + wavs, "
+                       "train/held-out split); settings from the recipe's data.synthetic")
+    p.add_argument("out_dir")
+    p.add_argument("--recipe", default="asr/sft")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=cmd_build_corpus)
+
+    p = sub.add_parser("eval", help="held-out WER/CER of a backbone directory (a run's final/ or a checkpoint)")
+    p.add_argument("checkpoint")
+    p.add_argument("--recipe", default="asr/sft", help="recipe whose data.eval is used")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.fn(args)
+    except (RecipeError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"speechrl: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""The espeak-ng corpus builder: grammar, synthesis, and a 12-utterance build."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from speechrl.data import synth
+from speechrl.data.audio import load_audio
+from speechrl.data.manifest import SpeechDataset, read_manifest
+
+N = 12
+
+
+def _same_clip(a, b) -> bool:
+    x, y = load_audio(a), load_audio(b)
+    return abs(len(x) - len(y)) <= 160 and abs(np.abs(x).max() - np.abs(y).max()) < 0.1
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus")
+    return out, synth.build_corpus(out, num_utterances=N, heldout_fraction=0.25, seed=3)
+
+
+def test_command_grammar_is_small_short_and_deterministic():
+    sentences = synth.command_sentences(500, seed=1)
+    assert sentences == synth.command_sentences(500, seed=1)
+    assert sentences != synth.command_sentences(500, seed=2)
+    assert all(2 <= len(s.split()) <= 6 for s in sentences)
+    vocabulary = {w for s in sentences for w in s.split()}
+    assert 25 <= len(vocabulary) <= 40
+    assert len(set(sentences)) > 100  # enough variety to hold sentences out
+
+
+def test_longest_sentences_stay_under_4s_at_slowest_rate():
+    longest = ["go forward seven steps and stop", "move the green cube forward",
+               "put down the green cube", "turn right seven degrees"]
+    for voice in ("en", "en-us", "en-gb-x-rp"):
+        for text in longest:
+            audio = synth.synthesize(text, voice, rate=140, pitch=35)
+            assert 0.8 < len(audio) / 16000 < synth.MAX_SECONDS, (voice, text)
+
+
+def test_synthesize_speaks_at_requested_rate():
+    slow = synth.synthesize("move forward three meters", "en-us", rate=140)
+    fast = synth.synthesize("move forward three meters", "en-us", rate=210)
+    assert slow.dtype == np.float32 and 0.05 < np.abs(slow).max() <= 1.0
+    assert len(fast) < 0.85 * len(slow)
+    with pytest.raises(ValueError, match="voice 'xx-nope' not found"):
+        synth.synthesize("hello", "xx-nope")
+
+
+def test_read_text_list(tmp_path):
+    (tmp_path / "t.txt").write_text("hello world\n\n   \n  turn left  \n")
+    assert synth.read_text_list(tmp_path / "t.txt") == ["hello world", "turn left"]
+    (tmp_path / "e.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="no sentences"):
+        synth.read_text_list(tmp_path / "e.txt")
+
+
+def test_corpus_manifests_and_wavs(corpus):
+    out, (train_path, heldout_path) = corpus
+    train, heldout = read_manifest(train_path), read_manifest(heldout_path)
+    assert len(train) + len(heldout) == N and len(heldout) >= 3
+    assert not {(e.text, e.extra["voice"]) for e in train} & {(e.text, e.extra["voice"]) for e in heldout}
+    assert not {e.id for e in train} & {e.id for e in heldout}
+    for e in train + heldout:
+        x = e.extra
+        assert e.speaker == f"{x['voice']}-r{x['rate']}-p{x['pitch']}"
+        assert x["voice"] in ("en", "en-us", "en-gb-x-rp") and x["rate"] in (140, 175, 210)
+    data = SpeechDataset(train + heldout, max_seconds=synth.MAX_SECONDS)
+    assert data.summary()["bad"] == 0
+    assert len(list((out / "audio").glob("*.wav"))) == N
+
+
+def test_corpus_loads_in_hf_datasets(corpus, tmp_path):
+    import datasets
+
+    out, (train_path, _) = corpus
+    ds = datasets.load_dataset("json", data_files=str(train_path), split="train",
+                               cache_dir=str(tmp_path / "hf_cache"))
+    assert ds.num_rows == len(read_manifest(train_path))
+    assert load_audio(out / ds[0]["audio"]).size > 0
+
+
+def test_corpus_is_idempotent_and_deterministic(corpus, tmp_path):
+    out, paths = corpus
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    start = time.perf_counter()
+    assert synth.build_corpus(out, num_utterances=N, heldout_fraction=0.25, seed=3) == paths
+    assert time.perf_counter() - start < 0.5
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps  # nothing rewritten
+
+    # Same parameters elsewhere: identical manifests (paths relative) and the same clips, up to
+    # espeak's hidden pitch-flutter state (see synth.py), i.e. lengths within 10 ms.
+    other = synth.build_corpus(tmp_path / "b", num_utterances=N, heldout_fraction=0.25, seed=3)
+    for a, b in zip(paths, other):
+        assert a.read_text() == b.read_text()
+    for wav in (out / "audio").iterdir():
+        assert _same_clip(wav, tmp_path / "b" / "audio" / wav.name)
+    reseeded = synth.build_corpus(tmp_path / "c", num_utterances=N, heldout_fraction=0.25, seed=4)
+    assert reseeded[0].read_text() != paths[0].read_text()
+
+
+def test_corpus_resumes_and_rebuilds_on_new_params(tmp_path):
+    out = tmp_path / "c"
+    synth.build_corpus(out, num_utterances=6, heldout_fraction=0.2, seed=0)
+    wavs = sorted((out / "audio").iterdir())
+    lost = tmp_path / "lost.wav"
+    lost.write_bytes(wavs[2].read_bytes())
+    wavs[2].unlink()
+    (out / "corpus.json").unlink()  # as if the build was interrupted
+    before = {p: p.stat().st_mtime_ns for p in wavs if p.exists()}
+    synth.build_corpus(out, num_utterances=6, heldout_fraction=0.2, seed=0)
+    assert _same_clip(wavs[2], lost)
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # the others were kept
+
+    texts = ["open the door", "close the window"]
+    train, heldout = synth.build_corpus(out, num_utterances=4, heldout_fraction=0.0, texts=texts)
+    assert json.loads((out / "corpus.json").read_text())["num_utterances"] == 4
+    assert sorted(e.text for e in read_manifest(train)) == sorted(texts * 2)
+    assert read_manifest(heldout) == []
+    assert len(list((out / "audio").iterdir())) == 4  # the old build's wavs were removed
+
+
+def test_split_keeps_each_text_voice_pair_on_one_side(tmp_path):
+    texts = ["go left", "turn right"]
+    train, heldout = synth.build_corpus(tmp_path, num_utterances=8, heldout_fraction=0.25,
+                                        voices=("en",), texts=texts)
+    train_texts = {e.text for e in read_manifest(train)}
+    heldout_texts = {e.text for e in read_manifest(heldout)}
+    # Each text was spoken 4 times by the one voice: all 4 go to the same side.
+    assert len(heldout_texts) == 1 and not train_texts & heldout_texts
+    assert len(read_manifest(heldout)) == 4

@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+
+from speechrl.rewards.worker import RewardWorker, make_reward_actor
+from speechrl.rlhf.config import RewardSpec
+
+BATCH = {
+    "completions": ["turn right", "go 10 meters", "go go go go"],
+    "completion_ids": [[1, 2], [3, 4, 5], [6, 6, 6, 6]],
+    "text": ["turn left", "go ten meters", "go"],
+    "id": ["a", "b", "c"],
+    "mode": "asr",
+}
+# WER rewards [-0.5, 0, -1.5] -> mean -2/3, population std 0.6236 -> z = [0.267, 1.069, -1.336]
+EXPECTED_Z = (np.array([-0.5, 0.0, -1.5]) + 2 / 3) / np.std([-0.5, 0.0, -1.5])
+
+
+def test_worker_in_process_accepts_dicts_and_specs():
+    worker = RewardWorker([{"name": "asr_wer", "weight": 2.0, "normalize": True}])
+    np.testing.assert_allclose(worker.score(BATCH).total, 2.0 * EXPECTED_Z)
+    raw = RewardWorker([RewardSpec(name="asr_wer", normalize=False, kwargs={"repetition_penalty": 0.0})])
+    np.testing.assert_allclose(raw.score(BATCH).total, [-0.5, 0.0, -1.0])
+
+
+def test_worker_rejects_bad_specs():
+    with pytest.raises(ValueError, match="unknown keys \\['wieght'\\]"):
+        RewardWorker([{"name": "asr_wer", "wieght": 2.0}])
+    with pytest.raises(ValueError, match="more than once"):
+        RewardWorker([{"name": "asr_wer"}, {"name": "asr_wer"}])
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_worker_as_ray_actor(ray_cluster):
+    actor = make_reward_actor([RewardSpec(name="asr_wer", weight=1.0, normalize=True)])
+    result = ray_cluster.get(actor.score.remote(BATCH), timeout=60)
+    np.testing.assert_allclose(result.total, EXPECTED_Z)
+    assert result.valid.all() and result.metrics()["rewards/asr_wer/repetition"] == 1 / 3

@@ -1,0 +1,52 @@
+"""Fixtures for rollout tests: one tiny backbone per session, synthetic audio, rendered prompts."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from speechrl.rollouts.types import RolloutRequest
+
+SR = 16000
+TEXTS = ["turn left", "turn right and stop", "go forward ten meters", "move back two steps",
+         "stop now", "go to the kitchen", "open the door", "pick up the red cup"]
+
+
+def synth_clip(k: int, rng: np.random.Generator) -> np.ndarray:
+    """A 1-3 s clip: a chirp for even k, band-limited noise bursts for odd k (seeded)."""
+    seconds = 1.0 + 2.0 * rng.random()
+    t = np.arange(int(seconds * SR)) / SR
+    if k % 2 == 0:
+        f0, f1 = rng.uniform(150, 400), rng.uniform(800, 3000)
+        clip = np.sin(2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * seconds)))
+    else:
+        noise = np.convolve(rng.standard_normal(t.size), np.ones(8) / 8, mode="same")
+        clip = noise * (np.sin(2 * np.pi * rng.uniform(2, 6) * t) > 0)
+    return (0.3 * clip / np.abs(clip).max()).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory):
+    from speechrl.rlhf.backbone import build_tiny_backbone
+    from speechrl.rlhf.config import TinyBackboneConfig
+
+    return build_tiny_backbone(tmp_path_factory.mktemp("rollouts") / "tiny", TEXTS, TinyBackboneConfig())
+
+
+@pytest.fixture(scope="session")
+def clips() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [synth_clip(k, rng) for k in range(6)]
+
+
+@pytest.fixture(scope="session")
+def make_requests(tiny_backbone_dir, clips):
+    """requests(k) -> the first k RolloutRequests (ASR prompt, one clip each, metadata {"id": i})."""
+    from speechrl.data.prompts import render_prompt
+    from speechrl.rlhf.backbone import load_backbone
+
+    prompt = render_prompt(load_backbone(tiny_backbone_dir).processor, "asr")
+
+    def requests(k: int) -> list[RolloutRequest]:
+        return [RolloutRequest(prompt=prompt, audio=clips[i], sample_rate=SR, metadata={"id": i, "text": TEXTS[i]})
+                for i in range(k)]
+    return requests
