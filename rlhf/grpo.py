@@ -1,0 +1,261 @@
+"""The GRPO driver: one process steering Ray actors through named phases.
+
+    generate   rollout workers (vLLM) sample n completions per prompt, token in / token out
+    score      the reward worker scores them; failed or NaN samples are marked, not fatal
+    advantages group-normalized rewards (pure function, by registered name)
+    update     the policy worker makes the optimizer step(s)
+    sync       the new weights go to every engine through the recipe's transport
+    log        metrics, timers, evaluation, checkpoint
+
+Each phase is timed and the times are logged every step (`time/<phase>`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from speechrl.data.prompts import render_prompt
+from speechrl.rlhf import assets
+from speechrl.rlhf.algos import ADVANTAGES
+from speechrl.rlhf.config import RecipeConfig
+from speechrl.rlhf.policy import rng_state, seed_everything, set_rng_state
+from speechrl.rlhf.policy_worker import make_policy_worker
+from speechrl.rlhf.run_dir import (RunLogger, find_resume_dir, latest_checkpoint, new_run_dir, prune_checkpoints,
+                                   write_trainer_state)
+from speechrl.rlhf.sft import batch_indices
+from speechrl.rollouts.engine import RolloutWorkerDied, generate_across, make_rollout_workers
+from speechrl.rollouts.sync import TRANSPORTS
+from speechrl.rollouts.types import RolloutRequest
+
+log = logging.getLogger(__name__)
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - start
+
+    def pop(self) -> dict[str, float]:
+        total = sum(self.times.values())
+        out = {f"time/{k}": v for k, v in self.times.items()}
+        out["time/step"] = total
+        self.times = {}
+        return out
+
+
+def start_ray(cfg: RecipeConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # the policy/reward workers import torch & transformers: keep their logs quiet and threads bounded
+    env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
+                 runtime_env={"env_vars": env}, log_to_driver=True)
+
+
+class GRPORecipe:
+    def __init__(self, cfg: RecipeConfig, resume: Optional[str] = None):
+        self.cfg, self.resume = cfg, resume
+
+    def setup(self) -> None:
+        import ray
+
+        from speechrl.rewards.worker import make_reward_actor
+
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        start_ray(cfg)
+        self.run_dir = find_resume_dir(cfg, self.resume) if self.resume else new_run_dir(cfg)
+        checkpoint = latest_checkpoint(self.run_dir) if self.resume else None
+        self.backbone_path = assets.backbone_path(cfg)
+        from speechrl.rlhf.backbone import load_backbone  # the driver needs the processor only
+
+        processor = load_backbone(self.backbone_path).processor
+        self.prompt = render_prompt(processor, cfg.mode)
+        self.train_set, self.eval_set = assets.load_datasets(cfg, processor.feature_extractor.n_samples
+                                                             / processor.feature_extractor.sampling_rate)
+        self.policy = make_policy_worker(cfg, self.backbone_path, str(checkpoint) if checkpoint else None)
+        self.reward = make_reward_actor(cfg.rewards)
+        self.policy.set_eval_set.remote(self.eval_set)
+        # engines start from the backbone; a resumed run's weights arrive by the first sync below
+        self.workers = make_rollout_workers(str(self.backbone_path), cfg.rollout, cfg.rollout.num_workers, cfg.seed)
+        self.transport = TRANSPORTS.get(cfg.rollout.weight_transport)()
+        self.logger = RunLogger(self.run_dir, cfg, plot_keys=[
+            "rewards/total", "eval/wer", "train/kl", "train/logprob_gap", "rewards/unscored"])
+        self.start_step = 0
+        if checkpoint:
+            state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+            set_rng_state(state["rng"])
+            self.start_step = state["step"]
+            self.logger.truncate_after(self.start_step)
+            self.sync()
+            print(f"resumed {self.run_dir} from {checkpoint.name} (step {self.start_step})")
+        ray.get(self.policy.ping.remote())
+
+    def requests(self, step: int) -> list[RolloutRequest]:
+        idx = batch_indices(len(self.train_set), self.cfg.grpo.prompts_per_step, step, self.cfg.seed)
+        out = []
+        for i in idx:
+            ex, audio = self.train_set[int(i)]
+            out.append(RolloutRequest(self.prompt, audio, self.cfg.data.sample_rate,
+                                      {"id": ex.id, "text": ex.text, "speaker": ex.speaker}))
+        return out
+
+    def generate(self, requests, step: int):
+        s = self.cfg.rollout.sampling
+        for attempt in range(self.cfg.rollout.max_retries + 1):
+            try:
+                # no per-request seed: vLLM 0.32 on CPU fails on them ("CPU Generator does not use
+                # offset"); each engine is seeded at start, so runs are reproducible, resumed ones not bit-exact
+                return generate_across(self.workers, requests, n=s.n, temperature=s.temperature, top_p=s.top_p,
+                                       max_new_tokens=s.max_new_tokens, seed=None)
+            except RolloutWorkerDied as e:
+                if attempt == self.cfg.rollout.max_retries:
+                    raise RuntimeError(f"step {step}: {e}; gave up after {attempt + 1} attempts. The last "
+                                       f"checkpoint is in {self.run_dir}; continue with --resume") from e
+                log.warning("step %d: %s; restarting it and retrying the step", step, e)
+                self.workers[e.worker_index] = make_rollout_workers(
+                    str(self.backbone_path), self.cfg.rollout, 1, self.cfg.seed + 1000 + attempt)[0]
+                self.sync()
+
+    def score(self, samples):
+        import ray
+
+        batch = {"completions": [s.text for s in samples], "completion_ids": [s.completion_ids for s in samples],
+                 "mode": self.cfg.mode}
+        for key in samples[0].metadata:
+            batch[key] = [s.metadata[key] for s in samples]
+        return ray.get(self.reward.score.remote(batch))
+
+    def advantages(self, samples, scores) -> np.ndarray:
+        g = self.cfg.grpo
+        rewards = torch.tensor(np.nan_to_num(scores.total, nan=0.0), dtype=torch.float32)
+        groups = torch.tensor([s.prompt_index for s in samples])
+        valid = torch.tensor(scores.valid, dtype=torch.bool)
+        return ADVANTAGES.get(g.advantage)(rewards, groups, valid, std_normalize=g.std_normalize).numpy()
+
+    def update(self, samples, requests, adv) -> dict:
+        import ray
+
+        keep = [i for i, s in enumerate(samples) if s.completion_ids]  # an empty completion has no tokens to train
+        return ray.get(self.policy.update.remote(
+            [samples[i].prompt_ids for i in keep], [samples[i].completion_ids for i in keep],
+            [samples[i].logprobs for i in keep], [requests[samples[i].prompt_index].audio for i in keep],
+            adv[keep].tolist(), self.cfg.rollout.sampling.temperature))
+
+    def sync(self) -> None:
+        import ray
+
+        self.transport.send(ray.get(self.policy.weights.remote()), self.workers)
+
+    def evaluate(self) -> dict:
+        import ray
+
+        result = ray.get(self.policy.evaluate.remote())
+        for ref, hyp in result.pop("examples"):
+            log.info("eval  ref: %s\n      hyp: %s", ref, hyp)
+        return result
+
+    def train(self) -> dict:
+        cfg, timer = self.cfg, PhaseTimer()
+        self.initial_eval = self.evaluate() if self.start_step == 0 else \
+            next((r for r in self.logger.rows() if "eval/wer" in r), {})
+        if self.start_step == 0:
+            self.logger.log(0, self.initial_eval)
+        start = time.time()
+        bar = tqdm(range(self.start_step, cfg.train.steps), initial=self.start_step, total=cfg.train.steps,
+                   desc="grpo", unit="step", dynamic_ncols=True)
+        for step in bar:
+            done = step + 1
+            with timer("generate"):
+                requests = self.requests(step)
+                samples = self.generate(requests, step)
+            with timer("score"):
+                scores = self.score(samples)
+            with timer("advantages"):
+                adv = self.advantages(samples, scores)
+            with timer("update"):
+                metrics = self.update(samples, requests, adv)
+            with timer("sync"):
+                self.sync()
+            with timer("log"):
+                metrics.update(scores.metrics())
+                metrics["rollout/completion_tokens"] = float(np.mean([len(s.completion_ids) for s in samples]))
+                metrics["rollout/truncated"] = float(np.mean([s.finish_reason == "length" for s in samples]))
+                if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+                    metrics.update(self.evaluate())
+                if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+                    self.save_checkpoint(done)
+            metrics.update(timer.pop())
+            self.logger.log(done, metrics)
+            bar.set_postfix({"reward": f"{metrics.get('rewards/total', float('nan')):.3f}",
+                             **({"wer": f"{metrics['eval/wer']:.3f}"} if "eval/wer" in metrics else {})})
+        self.elapsed = time.time() - start
+        return self.finish()
+
+    def save_checkpoint(self, step: int) -> None:
+        import ray
+
+        path = self.run_dir / "checkpoints" / f"step-{step}"
+        ray.get(self.policy.save.remote(str(path)))
+        write_trainer_state(path, {"step": step, "rng": rng_state()})
+        prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+
+    def finish(self) -> dict:
+        import ray
+
+        final = ray.get(self.policy.save_final.remote(str(self.run_dir / "final")))
+        rows = self.logger.rows()
+        last_eval = next((r for r in reversed(rows) if "eval/wer" in r), {})
+        steps = [r for r in rows if "time/step" in r]
+        phase = {k: float(np.mean([r[k] for r in steps if k in r])) for k in steps[-1] if k.startswith("time/")} \
+            if steps else {}
+        table = {
+            "run": str(self.run_dir),
+            "steps": self.cfg.train.steps,
+            "held-out WER before": self.initial_eval.get("eval/wer", float("nan")),
+            "held-out WER after": last_eval.get("eval/wer", float("nan")),
+            "held-out CER after": last_eval.get("eval/cer", float("nan")),
+            "mean reward (last step)": steps[-1].get("rewards/total", float("nan")) if steps else float("nan"),
+            "logprob gap vLLM/trainer": steps[-1].get("train/logprob_gap", float("nan")) if steps else float("nan"),
+            "unscored samples (total)": int(sum(r.get("rewards/unscored", 0) for r in steps)),
+            **{f"mean {k} (s)": round(v, 3) for k, v in phase.items()},
+            "train wall time (s)": round(self.elapsed, 1),
+            "final weights": final,
+        }
+        self.logger.plot()
+        print(self.logger.summary(table))
+        self.logger.close()
+        return table
+
+    def cleanup(self) -> None:
+        import ray
+
+        if ray.is_initialized() and not self.cfg.ray.address:
+            ray.shutdown()
+
+
+def run_grpo(cfg: RecipeConfig, resume: Optional[str] = None) -> dict:
+    recipe = GRPORecipe(cfg, resume)
+    try:
+        recipe.setup()
+        return recipe.train()
+    finally:
+        recipe.cleanup()

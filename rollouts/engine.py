@@ -1,0 +1,172 @@
+"""A vLLM engine hosting the policy, and Ray workers that each hold one.
+
+Token in, token out: every Sample keeps the prompt ids vLLM conditioned on (audio placeholder
+expanded), the completion ids, and the sampling logprob of each completion token.
+
+Logprobs are vLLM's "processed_logprobs": log_softmax(logits / temperature) after top-k/top-p,
+i.e. the distribution actually sampled from. With top_p=1 (the recipes' default) that is exactly
+what the trainer recomputes as log_softmax(logits / temperature); with top_p<1 vLLM's values are
+renormalized over the nucleus and the two differ by the nucleus' log-mass.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from speechrl.rollouts.types import RolloutRequest, Sample
+
+LOGPROBS_MODE = "processed_logprobs"
+
+
+class RolloutWorkerDied(RuntimeError):
+    """A rollout actor died mid-generate; the driver may retry on a fresh worker."""
+
+    def __init__(self, worker_index: int, cause: BaseException):
+        super().__init__(f"rollout worker {worker_index} died during generate ({type(cause).__name__}: "
+                         f"{str(cause).splitlines()[0] if str(cause) else ''}); start a fresh worker and retry")
+        self.worker_index = worker_index
+
+
+_QWEN2_AUDIO_PATCHED = False
+
+
+def _relax_qwen2_audio_frames() -> None:
+    """Let vLLM accept audio windows shorter than Whisper's 30 s.
+
+    vLLM 0.32's Qwen2AudioFeatureInputs schema pins 3000 mel frames, but the encoder it runs
+    (transformers' Qwen2AudioEncoder) only needs frames == 2 * max_source_positions. Our tiny
+    backbones use a 4 s window (400 frames), so the frame axis is made symbolic. Idempotent.
+    """
+    global _QWEN2_AUDIO_PATCHED
+    if _QWEN2_AUDIO_PATCHED:
+        return
+    from typing import Annotated
+
+    from vllm.model_executor.models import qwen2_audio
+    from vllm.utils.tensor_schema import TensorShape
+
+    fields = qwen2_audio.Qwen2AudioFeatureInputs.__annotations__
+    fields["input_features"] = Annotated[torch.Tensor | list[torch.Tensor], TensorShape("na", "nmb", "nf")]
+    fields["feature_attention_mask"] = Annotated[torch.Tensor, TensorShape("na", "nf")]
+    _QWEN2_AUDIO_PATCHED = True
+
+
+class RolloutEngine:
+    """One in-process vLLM engine for a backbone directory. A plain class; also a Ray actor."""
+
+    def __init__(self, backbone_path: str, *, kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.5,
+                 tensor_parallel_size: int = 1, enforce_eager: bool = True, max_model_len: int = 1024,
+                 seed: int = 0):
+        # must be set before vllm is imported: keeps the engine core in this process (and actor)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        from transformers import AutoFeatureExtractor
+
+        path = Path(backbone_path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: no config.json; not a backbone directory")
+        self.sample_rate = AutoFeatureExtractor.from_pretrained(path).sampling_rate
+        _relax_qwen2_audio_frames()
+        # On CPU vLLM's gpu_memory_utilization fails at start-up; a fixed KV-cache size works.
+        memory = ({"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available()
+                  else {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)})
+        self.llm = LLM(model=str(path), dtype="float32" if not torch.cuda.is_available() else "auto",
+                       enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
+                       limit_mm_per_prompt={"audio": 1}, max_model_len=max_model_len, seed=seed,
+                       logprobs_mode=LOGPROBS_MODE, **memory)
+
+    def ping(self) -> bool:
+        return True
+
+    def generate(self, requests: list[RolloutRequest], *, n: int, temperature: float, top_p: float,
+                 max_new_tokens: int, seed: int | None = None) -> list[Sample]:
+        """`n` samples per request, all requests in one vLLM call; grouped by request, in order.
+
+        With `seed`, request i's samples use seeds seed + i*n + j (vLLM adds j itself), so a
+        batch split across workers (see generate_across) samples exactly as one engine would.
+        """
+        from vllm import SamplingParams
+
+        inputs, params = [], []
+        for i, req in enumerate(requests):
+            if req.sample_rate != self.sample_rate:
+                raise ValueError(f"request {i}: audio at {req.sample_rate} Hz; the backbone expects "
+                                 f"{self.sample_rate} Hz (resample in data/ first)")
+            inputs.append({"prompt": req.prompt, "multi_modal_data": {"audio": (req.audio, req.sample_rate)}})
+            params.append(SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                         logprobs=0, seed=None if seed is None else seed + i * n))
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        samples = []
+        for i, (req, out) in enumerate(zip(requests, outputs)):
+            for j, c in enumerate(out.outputs):
+                ids = list(c.token_ids)
+                # logprobs=0 returns just the sampled token's entry at each step
+                logprobs = [step[t].logprob for step, t in zip(c.logprobs, ids)]
+                samples.append(Sample(prompt_index=i, sample_index=j, prompt_ids=list(out.prompt_token_ids),
+                                      completion_ids=ids, logprobs=logprobs, text=c.text,
+                                      finish_reason=c.finish_reason, metadata=dict(req.metadata)))
+        return samples
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace weights in place; names in the hub layout (rlhf.backbone.hub_state_dict).
+
+        Layers absent from `named_tensors` keep their weights, but a fused vLLM layer (qkv_proj,
+        gate_up_proj) must get all its parts or the missing ones come back uninitialized (see
+        sync.merged_lora_state). Caches computed by the old weights are dropped: the prefix (KV)
+        cache, and the encoder cache, whose scheduler-side index reload_weights leaves stale
+        (the next request with the same audio then fails with "Encoder cache miss").
+        """
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_prefix_cache()
+
+
+def make_rollout_workers(backbone_path: str, cfg, num_workers: int, seed: int) -> list:
+    """Start `num_workers` Ray actors, each holding one RolloutEngine (`cfg`: a RolloutConfig).
+
+    On a cluster with GPUs each actor takes `tensor_parallel_size` GPUs; on CPU one core.
+    Returns once every engine is up, so start-up errors surface here, not at the first generate.
+    """
+    import ray
+
+    on_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    actor = ray.remote(RolloutEngine).options(
+        num_cpus=1, num_gpus=cfg.tensor_parallel_size if on_gpu else 0,
+        runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
+    workers = [actor.remote(str(backbone_path), kv_cache_gib=cfg.kv_cache_gib,
+                            gpu_memory_utilization=cfg.gpu_memory_utilization,
+                            tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager,
+                            seed=seed + k)
+               for k in range(num_workers)]
+    ray.get([w.ping.remote() for w in workers])
+    return workers
+
+
+def generate_across(workers: list, requests: list[RolloutRequest], *, n: int, temperature: float,
+                    top_p: float, max_new_tokens: int, seed: int | None = None) -> list[Sample]:
+    """Split requests into contiguous chunks, one per worker; samples come back in global order."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    if not workers:
+        raise ValueError("generate_across: no rollout workers")
+    size = -(-len(requests) // len(workers))  # ceil: the last worker may get fewer
+    chunks = [(k, k * size) for k in range(len(workers)) if k * size < len(requests)]
+    futures = [workers[k].generate.remote(requests[start:start + size], n=n, temperature=temperature,
+                                          top_p=top_p, max_new_tokens=max_new_tokens,
+                                          seed=None if seed is None else seed + start * n)
+               for k, start in chunks]
+    samples = []
+    for (k, start), future in zip(chunks, futures):
+        try:
+            part = ray.get(future)
+        except RayActorError as e:
+            raise RolloutWorkerDied(k, e) from e
+        for s in part:
+            s.prompt_index += start
+        samples.extend(part)
+    return samples
