@@ -188,6 +188,20 @@ def build_tiny_backbone(out_dir: str | Path, texts: list[str], tiny, *, sample_r
     return save_backbone(model, processor, out_dir)
 
 
+def allowed_token_ids(tokenizer, mode: str) -> list[int]:
+    """The ids a mode may emit; the same list constrains vLLM sampling and the trainer's logprobs.
+
+    ASR replies are text: no codec tokens, no audio placeholders or other specials except the
+    end-of-turn. (An unconstrained tiny policy samples `<|AUDIO|>`, which no forward pass accepts.)
+    """
+    if mode != "asr":
+        raise ValueError(f"no decoding constraint defined for mode {mode!r}")
+    specials = set(tokenizer.all_special_ids) | set(tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS))
+    specials.discard(tokenizer.convert_tokens_to_ids(IM_END))
+    return [i for t, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+            if i not in specials and not CODEC_TOKEN_RE.match(t)]
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

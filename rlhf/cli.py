@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+from speechrl.data.audio import BadExample
 from speechrl.rlhf.config import RECIPES_DIR, RecipeError, load_recipe, to_yaml
 
 EPILOG = """examples:
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.fn(args)
-    except (RecipeError, FileNotFoundError, FileExistsError, ValueError) as e:
+    # BadExample: data.on_bad_example=fail stopped at a clip; its message names the file and why
+    except (RecipeError, FileNotFoundError, FileExistsError, ValueError, BadExample) as e:
         print(f"speechrl: error: {e}", file=sys.stderr)
         return 2
 

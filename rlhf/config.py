@@ -227,16 +227,29 @@ def load_recipe(name: str, overrides: list[str] = ()) -> RecipeConfig:
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"override {item!r} must look like key.path=value")
-    schema = OmegaConf.structured(RecipeConfig)
     try:
-        cfg = OmegaConf.merge(schema, tree, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(OmegaConf.structured(RecipeConfig), tree)
+    except OmegaConfBaseException as e:
+        raise _value_error(str(path), e) from None
+    for item in overrides:
+        # one at a time, in place on the typed tree: merging a dotlist tree instead cannot index
+        # lists (`rewards.0.weight=2` crashed), and the error should name the override, not the file
+        try:
+            cfg.merge_with_dotlist([item])
+        except OmegaConfBaseException as e:
+            raise _value_error(f"override {item!r}", e) from None
+    try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        raise RecipeError(f"{path}: bad value at `{key}`: {e.msg if hasattr(e, 'msg') else e}") from None
+        raise _value_error(str(path), e) from None
     typed: RecipeConfig = OmegaConf.to_object(cfg)
     validate(typed, source=str(path))
     return typed
+
+
+def _value_error(where: str, e: OmegaConfBaseException) -> RecipeError:
+    key = getattr(e, "full_key", None) or "?"
+    return RecipeError(f"{where}: bad value at `{key}`: {e.msg if hasattr(e, 'msg') else e}")
 
 
 def _get(cfg: Any, dotted: str) -> Any:

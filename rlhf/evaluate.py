@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from speechrl.data.prompts import render_prompt
+from speechrl.rlhf.backbone import allowed_token_ids
 from speechrl.rewards.asr import char_error_rate, word_error_rate
 
 
@@ -13,6 +14,9 @@ def greedy_transcribe(model, processor, audios: list[np.ndarray], *, mode: str =
                       max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
     tok = processor.tokenizer
     prompt = render_prompt(processor, mode)
+    allowed = set(allowed_token_ids(tok, mode))
+    vocab = model.get_output_embeddings().weight.shape[0]
+    suppress = [i for i in range(vocab) if i not in allowed]
     was_training = model.training
     model.eval()
     side, tok.padding_side = tok.padding_side, "left"  # batched decoder-only generation pads on the left
@@ -24,7 +28,7 @@ def greedy_transcribe(model, processor, audios: list[np.ndarray], *, mode: str =
                                sampling_rate=processor.feature_extractor.sampling_rate, return_tensors="pt")
             inputs = {k: v.to(model.device) for k, v in inputs.items()}
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
+                                 pad_token_id=tok.pad_token_id, suppress_tokens=suppress)
             texts += tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         tok.padding_side = side

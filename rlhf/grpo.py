@@ -85,10 +85,11 @@ class GRPORecipe:
         self.run_dir = find_resume_dir(cfg, self.resume) if self.resume else new_run_dir(cfg)
         checkpoint = latest_checkpoint(self.run_dir) if self.resume else None
         self.backbone_path = assets.backbone_path(cfg)
-        from speechrl.rlhf.backbone import load_backbone  # the driver needs the processor only
+        from speechrl.rlhf.backbone import allowed_token_ids, load_backbone  # the driver needs the processor only
 
         processor = load_backbone(self.backbone_path).processor
         self.prompt = render_prompt(processor, cfg.mode)
+        self.allowed_ids = allowed_token_ids(processor.tokenizer, cfg.mode)
         self.train_set, self.eval_set = assets.load_datasets(cfg, processor.feature_extractor.n_samples
                                                              / processor.feature_extractor.sampling_rate)
         self.policy = make_policy_worker(cfg, self.backbone_path, str(checkpoint) if checkpoint else None)
@@ -105,6 +106,8 @@ class GRPORecipe:
             set_rng_state(state["rng"])
             self.start_step = state["step"]
             self.logger.truncate_after(self.start_step)
+            if state.get("metrics") and not any(r["step"] == self.start_step for r in self.logger.rows()):
+                self.logger.log(self.start_step, state["metrics"])
             self.sync()
             print(f"resumed {self.run_dir} from {checkpoint.name} (step {self.start_step})")
         ray.get(self.policy.ping.remote())
@@ -125,7 +128,8 @@ class GRPORecipe:
                 # no per-request seed: vLLM 0.32 on CPU fails on them ("CPU Generator does not use
                 # offset"); each engine is seeded at start, so runs are reproducible, resumed ones not bit-exact
                 return generate_across(self.workers, requests, n=s.n, temperature=s.temperature, top_p=s.top_p,
-                                       max_new_tokens=s.max_new_tokens, seed=None)
+                                       max_new_tokens=s.max_new_tokens, seed=None,
+                                       allowed_token_ids=self.allowed_ids)
             except RolloutWorkerDied as e:
                 if attempt == self.cfg.rollout.max_retries:
                     raise RuntimeError(f"step {step}: {e}; gave up after {attempt + 1} attempts. The last "
@@ -201,21 +205,25 @@ class GRPORecipe:
                 metrics["rollout/truncated"] = float(np.mean([s.finish_reason == "length" for s in samples]))
                 if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
                     metrics.update(self.evaluate())
-                if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-                    self.save_checkpoint(done)
             metrics.update(timer.pop())
+            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+                began = time.perf_counter()
+                self.save_checkpoint(done, metrics)
+                metrics["time/checkpoint"] = time.perf_counter() - began
             self.logger.log(done, metrics)
             bar.set_postfix({"reward": f"{metrics.get('rewards/total', float('nan')):.3f}",
                              **({"wer": f"{metrics['eval/wer']:.3f}"} if "eval/wer" in metrics else {})})
         self.elapsed = time.time() - start
         return self.finish()
 
-    def save_checkpoint(self, step: int) -> None:
+    def save_checkpoint(self, step: int, metrics: dict) -> None:
         import ray
 
         path = self.run_dir / "checkpoints" / f"step-{step}"
         ray.get(self.policy.save.remote(str(path)))
-        write_trainer_state(path, {"step": step, "rng": rng_state()})
+        # the step's metrics row travels with the checkpoint: a crash before it reaches
+        # metrics.jsonl must not leave a hole in the curves of the resumed run
+        write_trainer_state(path, {"step": step, "rng": rng_state(), "metrics": dict(metrics)})
         prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
 
     def finish(self) -> dict:

@@ -57,7 +57,14 @@ def build_token_batch(processor, prompt_ids: list[list[int]], completion_ids: li
     return TokenBatch(ids, attn, feats, feat_mask, comp)
 
 
-def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
+def vocab_mask(allowed_ids: list[int], vocab_size: int) -> torch.Tensor:
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    mask[torch.tensor(allowed_ids)] = True
+    return mask
+
+
+def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0,
+                   allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """log p(token_{t+1} | <= t) for every position, [B, L-1]; read it where completion_mask is True.
 
     Logits are divided by the sampling temperature so the result is the logprob of the
@@ -66,11 +73,16 @@ def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0) -> torch.
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                    input_features=batch.input_features,
                    feature_attention_mask=batch.feature_attention_mask).logits[:, :-1].float()
+    if allowed is not None:  # the decoding constraint, applied as vLLM applies allowed_token_ids
+        logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
     if temperature != 1.0:
         logits = logits / temperature
     # gather-then-logsumexp: avoids materializing a full [B, L, V] log_softmax copy
     picked = logits.gather(-1, batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    logp = picked - torch.logsumexp(logits, dim=-1)
+    # prompt positions hold tokens outside the constraint (e.g. <|AUDIO|>): -inf there would turn
+    # masked sums into NaN. Completion tokens were sampled under the constraint, so stay finite.
+    return torch.where(torch.isfinite(picked), logp, torch.zeros_like(logp))
 
 
 def completion_lists(logprobs: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
@@ -110,16 +122,18 @@ class Optimizer:
             loss.backward()
 
     def step(self) -> dict:
+        # the rate this update applies: read before the scheduler moves on to the next step's
+        lr = self.scheduler.get_last_lr()[0]
         if self.engine is not None:
             self.engine.step()
             norm = self.engine.get_global_grad_norm()
-            return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": self.scheduler.get_last_lr()[0]}
+            return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": lr}
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": float(norm), "lr": self.scheduler.get_last_lr()[0]}
+        return {"grad_norm": float(norm), "lr": lr}
 
     def save(self, path: Path) -> None:
         if self.engine is not None:

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 from speechrl.rlhf.algos import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
-from speechrl.rlhf.backbone import hub_state_dict, load_backbone, save_backbone
+from speechrl.rlhf.backbone import allowed_token_ids, hub_state_dict, load_backbone, save_backbone
 from speechrl.rlhf.config import RecipeConfig
 from speechrl.rlhf.evaluate import evaluate_asr
 from speechrl.rlhf.policy import (Optimizer, apply_lora, build_token_batch, exportable_model, maybe_set_threads,
-                                  seed_everything, token_logprobs)
+                                  seed_everything, token_logprobs, vocab_mask)
 
 
 class PolicyWorker:
@@ -40,6 +40,8 @@ class PolicyWorker:
         self.optimizer = Optimizer(model, cfg.train, cfg.train.steps)
         self.model = self.optimizer.model
         self.eval_set = None
+        vocab = self.backbone.model.get_output_embeddings().weight.shape[0]
+        self.allowed = vocab_mask(allowed_token_ids(self.backbone.tokenizer, cfg.mode), vocab)
         if checkpoint:
             self._load(Path(checkpoint))
 
@@ -51,13 +53,13 @@ class PolicyWorker:
 
     def _loss(self, batch, old_logprobs, advantages, temperature):
         g = self.cfg.grpo
-        logp = token_logprobs(self.model, batch, temperature)
+        logp = token_logprobs(self.model, batch, temperature, self.allowed)
         mask = batch.completion_mask
         per_token, metrics = POLICY_LOSSES.get(g.policy_loss)(logp, old_logprobs, advantages, mask,
                                                               clip_eps=g.clip_eps, clip_eps_high=g.clip_eps_high)
         if self.reference is not None:
             with torch.no_grad():
-                ref_logp = token_logprobs(self.reference, batch, temperature)
+                ref_logp = token_logprobs(self.reference, batch, temperature, self.allowed)
             kl = KL_ESTIMATORS.get(g.kl_estimator)(logp, ref_logp)
             per_token = per_token + g.kl_coef * kl
             metrics["kl"] = (kl * mask).sum() / mask.sum().clamp(min=1)

@@ -6,7 +6,8 @@ expanded), the completion ids, and the sampling logprob of each completion token
 Logprobs are vLLM's "processed_logprobs": log_softmax(logits / temperature) after top-k/top-p,
 i.e. the distribution actually sampled from. With top_p=1 (the recipes' default) that is exactly
 what the trainer recomputes as log_softmax(logits / temperature); with top_p<1 vLLM's values are
-renormalized over the nucleus and the two differ by the nucleus' log-mass.
+renormalized over the nucleus and the two differ by the nucleus' log-mass. `allowed_token_ids`
+does the same: logprobs are renormalized over the allowed ids, so the trainer must mask likewise.
 """
 from __future__ import annotations
 
@@ -60,8 +61,9 @@ class RolloutEngine:
     def __init__(self, backbone_path: str, *, kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.5,
                  tensor_parallel_size: int = 1, enforce_eager: bool = True, max_model_len: int = 1024,
                  seed: int = 0):
-        # must be set before vllm is imported: keeps the engine core in this process (and actor)
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # Keeps the engine core in this process (and actor): load_weights hands vLLM a Python
+        # iterator through collective_rpc, which cannot cross into a separate engine process.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
         from transformers import AutoFeatureExtractor
@@ -74,7 +76,7 @@ class RolloutEngine:
         # On CPU vLLM's gpu_memory_utilization fails at start-up; a fixed KV-cache size works.
         memory = ({"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available()
                   else {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)})
-        self.llm = LLM(model=str(path), dtype="float32" if not torch.cuda.is_available() else "auto",
+        self.llm = LLM(model=str(path), dtype="auto" if torch.cuda.is_available() else "float32",
                        enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
                        limit_mm_per_prompt={"audio": 1}, max_model_len=max_model_len, seed=seed,
                        logprobs_mode=LOGPROBS_MODE, **memory)
@@ -83,7 +85,8 @@ class RolloutEngine:
         return True
 
     def generate(self, requests: list[RolloutRequest], *, n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int | None = None) -> list[Sample]:
+                 max_new_tokens: int, seed: int | None = None,
+                 allowed_token_ids: list[int] | None = None) -> list[Sample]:
         """`n` samples per request, all requests in one vLLM call; grouped by request, in order.
 
         With `seed`, request i's samples use seeds seed + i*n + j (vLLM adds j itself), so a
@@ -98,7 +101,10 @@ class RolloutEngine:
                                  f"{self.sample_rate} Hz (resample in data/ first)")
             inputs.append({"prompt": req.prompt, "multi_modal_data": {"audio": (req.audio, req.sample_rate)}})
             params.append(SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                         logprobs=0, seed=None if seed is None else seed + i * n))
+                                         logprobs=0, seed=None if seed is None else seed + i * n,
+                                         # text is decoded below, from the ids: vLLM's incremental
+                                         # detokenizer drops a trailing partial UTF-8 character
+                                         detokenize=False, allowed_token_ids=allowed_token_ids))
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         samples = []
         for i, (req, out) in enumerate(zip(requests, outputs)):
@@ -107,8 +113,11 @@ class RolloutEngine:
                 # logprobs=0 returns just the sampled token's entry at each step
                 logprobs = [step[t].logprob for step, t in zip(c.logprobs, ids)]
                 samples.append(Sample(prompt_index=i, sample_index=j, prompt_ids=list(out.prompt_token_ids),
-                                      completion_ids=ids, logprobs=logprobs, text=c.text,
+                                      completion_ids=ids, logprobs=logprobs, text="",
                                       finish_reason=c.finish_reason, metadata=dict(req.metadata)))
+        texts = self.llm.get_tokenizer().batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
+        for s, text in zip(samples, texts):
+            s.text = text
         return samples
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -147,7 +156,8 @@ def make_rollout_workers(backbone_path: str, cfg, num_workers: int, seed: int) -
 
 
 def generate_across(workers: list, requests: list[RolloutRequest], *, n: int, temperature: float,
-                    top_p: float, max_new_tokens: int, seed: int | None = None) -> list[Sample]:
+                    top_p: float, max_new_tokens: int, seed: int | None = None,
+                    allowed_token_ids: list[int] | None = None) -> list[Sample]:
     """Split requests into contiguous chunks, one per worker; samples come back in global order."""
     import ray
     from ray.exceptions import RayActorError
@@ -158,7 +168,8 @@ def generate_across(workers: list, requests: list[RolloutRequest], *, n: int, te
     chunks = [(k, k * size) for k in range(len(workers)) if k * size < len(requests)]
     futures = [workers[k].generate.remote(requests[start:start + size], n=n, temperature=temperature,
                                           top_p=top_p, max_new_tokens=max_new_tokens,
-                                          seed=None if seed is None else seed + start * n)
+                                          seed=None if seed is None else seed + start * n,
+                                          allowed_token_ids=allowed_token_ids)
                for k, start in chunks]
     samples = []
     for (k, start), future in zip(chunks, futures):
