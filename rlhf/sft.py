@@ -73,7 +73,7 @@ class SFTRecipe:
             from safetensors.torch import load_file
 
             set_peft_model_state_dict(self.model, load_file(str(checkpoint / "adapter" / "adapter_model.safetensors")))
-        pass  # self.optimizer.load(checkpoint)
+        self.optimizer.load(checkpoint)
         set_rng_state(state["rng"])
         self.start_step = state["step"]
         self.logger.truncate_after(self.start_step)

@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -122,6 +123,16 @@ def test_run_directory_layout(full_run, small_backbone_dir):
     assert any(not torch.equal(trained[k], start[k]) for k in trained), "training changed the weights"
 
 
+def test_cli_eval_scores_a_run(full_run, sft_overrides, capsys):
+    from speechrl.rlhf.cli import main
+
+    _, run_dir, _ = full_run
+    assert main(["eval", str(run_dir / "final"), *sft_overrides("unused")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"eval/wer=\d+\.\d{4} eval/cer=\d+\.\d{4}", out), out
+    assert out.count("ref: ") == 3  # a few examples to eyeball
+
+
 def test_new_run_refuses_a_directory_with_checkpoints(full_run):
     cfg, run_dir, _ = full_run
     with pytest.raises(FileExistsError, match="--resume"):
@@ -202,7 +213,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow  # ~25 s; the first run on a machine also JIT-builds DeepSpeed's shm op (~2 min)
-def test_deepspeed_path_trains_and_checkpoints(full_run, sft_config, sft_overrides):
+def test_deepspeed_path_trains_and_checkpoints(full_run, sft_overrides):
     """Through the CLI in its own process: DeepSpeed leaves a process group behind it."""
     overrides = sft_overrides("deepspeed", "train.deepspeed.enabled=true", "train.deepspeed.zero_stage=2",
                               "train.steps=2", "train.checkpoint_every=1")
