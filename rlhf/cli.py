@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from pathlib import Path
 
 from speechrl.data.audio import BadExample
 from speechrl.rlhf.config import RECIPES_DIR, RecipeError, load_recipe, to_yaml
@@ -23,6 +23,10 @@ def _recipe(args):
 
 
 def cmd_train(args) -> int:
+    # `--resume train.steps=600`: argparse hands the override to --resume; give it back
+    if args.resume and "=" in args.resume and not os.path.exists(args.resume):
+        args.overrides.append(args.resume)
+        args.resume = "latest"
     cfg = _recipe(args)
     if cfg.algorithm == "sft":
         from speechrl.rlhf.sft import run_sft

@@ -15,7 +15,6 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Optional
 
 import numpy as np

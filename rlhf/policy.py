@@ -13,7 +13,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -233,3 +232,25 @@ def maybe_set_threads(n: int) -> Optional[int]:
     if n > 0:
         torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+def save_policy(model, processor, optimizer: Optimizer, path: Path, lora: bool) -> None:
+    """A resumable policy checkpoint: merged backbone (loads in transformers and vLLM), the LoRA
+    adapter when there is one (resume continues training it, not the merged copy), optimizer state."""
+    from speechrl.rlhf.backbone import save_backbone
+
+    path.mkdir(parents=True, exist_ok=True)
+    save_backbone(exportable_model(model), processor, path / "model")
+    if lora:
+        unwrap(model).save_pretrained(path / "adapter")
+    optimizer.save(path)
+
+
+def load_policy(model, optimizer: Optimizer, path: Path, lora: bool) -> None:
+    """Restore what `save_policy` wrote into a model built from the same base (full weights load with it)."""
+    if lora:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(unwrap(model), load_file(str(path / "adapter" / "adapter_model.safetensors")))
+    optimizer.load(path)

@@ -18,7 +18,8 @@ from speechrl.rlhf.backbone import allowed_token_ids, hub_state_dict, load_backb
 from speechrl.rlhf.config import RecipeConfig
 from speechrl.rlhf.evaluate import evaluate_asr
 from speechrl.rlhf.policy import (Optimizer, apply_lora, build_token_batch, exportable_model, maybe_set_threads,
-                                  seed_everything, token_logprobs, vocab_mask)
+                                  load_policy, save_policy, seed_everything, token_logprobs,
+                                  vocab_mask)
 
 
 class PolicyWorker:
@@ -114,20 +115,11 @@ class PolicyWorker:
 
     def save(self, path: str) -> None:
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_backbone(exportable_model(self.model), self.backbone.processor, path / "model")
-        if self.cfg.model.lora.enabled:
-            self.model.save_pretrained(path / "adapter")
-        self.optimizer.save(path)
+        save_policy(self.model, self.backbone.processor, self.optimizer, path, self.cfg.model.lora.enabled)
         torch.save(torch.get_rng_state(), path / "policy_rng.pt")
 
     def _load(self, path: Path) -> None:
-        if self.cfg.model.lora.enabled:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(self.model, load_file(str(path / "adapter" / "adapter_model.safetensors")))
-        self.optimizer.load(path)
+        load_policy(self.model, self.optimizer, path, self.cfg.model.lora.enabled)
         torch.set_rng_state(torch.load(path / "policy_rng.pt", weights_only=False))
 
     def save_final(self, path: str) -> str:

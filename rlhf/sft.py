@@ -20,8 +20,9 @@ from speechrl.rlhf import assets
 from speechrl.rlhf.backbone import load_backbone, save_backbone
 from speechrl.rlhf.config import RecipeConfig
 from speechrl.rlhf.evaluate import evaluate_asr
-from speechrl.rlhf.policy import (Optimizer, apply_lora, build_token_batch, exportable_model, maybe_set_threads,
-                                  prompt_ids_for, rng_state, seed_everything, set_rng_state, sft_loss)
+from speechrl.rlhf.policy import (Optimizer, apply_lora, build_token_batch, exportable_model, load_policy,
+                                  maybe_set_threads, prompt_ids_for, rng_state, save_policy, seed_everything,
+                                  set_rng_state, sft_loss)
 from speechrl.rlhf.run_dir import (RunLogger, find_resume_dir, latest_checkpoint, new_run_dir, prune_checkpoints,
                                    write_trainer_state)
 
@@ -68,12 +69,7 @@ class SFTRecipe:
 
     def _restore(self, checkpoint: Path) -> None:
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-        if self.cfg.model.lora.enabled:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(self.model, load_file(str(checkpoint / "adapter" / "adapter_model.safetensors")))
-        self.optimizer.load(checkpoint)
+        load_policy(self.model, self.optimizer, checkpoint, self.cfg.model.lora.enabled)
         set_rng_state(state["rng"])
         self.start_step = state["step"]
         self.logger.truncate_after(self.start_step)
@@ -102,7 +98,7 @@ class SFTRecipe:
         return result
 
     def train(self) -> dict:
-        cfg, t = self.cfg.train, self.cfg
+        cfg = self.cfg.train
         first_eval = self.evaluate() if self.start_step == 0 else None
         if first_eval:
             self.logger.log(0, first_eval)
@@ -133,11 +129,7 @@ class SFTRecipe:
 
     def save_checkpoint(self, step: int) -> Path:
         path = self.run_dir / "checkpoints" / f"step-{step}"
-        path.mkdir(parents=True, exist_ok=True)
-        save_backbone(exportable_model(self.model), self.backbone.processor, path / "model")
-        if self.cfg.model.lora.enabled:
-            self.model.save_pretrained(path / "adapter")
-        self.optimizer.save(path)
+        save_policy(self.model, self.backbone.processor, self.optimizer, path, self.cfg.model.lora.enabled)
         write_trainer_state(path, {"step": step, "rng": rng_state()})
         prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
         return path

