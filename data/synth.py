@@ -166,13 +166,7 @@ def build_corpus(
     """
     out_dir = Path(out_dir)
     train_path, heldout_path = out_dir / "train.jsonl", out_dir / "heldout.jsonl"
-    if not 0 <= heldout_fraction < 1:
-        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
-    if not (voices and rates and pitches):
-        raise ValueError("voices, rates and pitches each need at least one value")
-    if not all(80 <= r <= 450 for r in rates) or not all(0 <= p <= 100 for p in pitches):
-        raise ValueError(f"espeak rates must be in [80, 450] wpm and pitches in [0, 100]: "
-                         f"got rates={rates}, pitches={pitches}")
+    _check_settings(heldout_fraction, voices, rates, pitches)
     params = {
         "builder_version": BUILDER_VERSION, "num_utterances": num_utterances,
         "heldout_fraction": heldout_fraction, "voices": list(voices), "rates": list(rates),
@@ -189,7 +183,30 @@ def build_corpus(
     plan = _plan(out_dir.absolute() / "audio", num_utterances, voices, rates, pitches, texts,
                  seed, sample_rate)
     # The grammar is meant to stay short; a user's own sentences are kept whatever their length.
-    max_samples = MAX_SECONDS * sample_rate if texts is None else float("inf")
+    examples = _synthesize_missing(plan, sample_rate, MAX_SECONDS if texts is None else None, out_dir)
+    _remove_stale_wavs(out_dir / "audio", {Path(e.audio).name for e in plan})
+
+    train, heldout = _split(examples, heldout_fraction, seed)
+    write_manifest(train_path, train)
+    write_manifest(heldout_path, heldout)
+    marker.write_text(json.dumps(params, indent=1))  # last: its presence means "finished"
+    return train_path, heldout_path
+
+
+def _check_settings(heldout_fraction, voices, rates, pitches) -> None:
+    if not 0 <= heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    if not (voices and rates and pitches):
+        raise ValueError("voices, rates and pitches each need at least one value")
+    if not all(80 <= r <= 450 for r in rates) or not all(0 <= p <= 100 for p in pitches):
+        raise ValueError(f"espeak rates must be in [80, 450] wpm and pitches in [0, 100]: "
+                         f"got rates={rates}, pitches={pitches}")
+
+
+def _synthesize_missing(plan: list[Example], sample_rate: int, max_seconds: float | None,
+                        out_dir: Path) -> list[Example]:
+    """Write the wavs of `plan` not yet on disk; returns the examples kept (too-long ones dropped)."""
+    max_samples = max_seconds * sample_rate if max_seconds else float("inf")
     examples, written, dropped, start = [], 0, 0, time.perf_counter()
     for ex in tqdm(plan, desc="synthesizing", unit="utt", disable=None):
         path = Path(ex.audio)
@@ -198,7 +215,7 @@ def build_corpus(
             audio = synthesize(ex.text, x["voice"], x["rate"], x["pitch"], sample_rate)
             if len(audio) > max_samples:
                 log.warning("dropping %r (%s): %.1f s > %.1f s", ex.text, ex.speaker,
-                            len(audio) / sample_rate, MAX_SECONDS)
+                            len(audio) / sample_rate, max_seconds)
                 dropped += 1
                 continue
             write_wav(path, audio, sample_rate)
@@ -206,13 +223,7 @@ def build_corpus(
         examples.append(ex)
     log.info("%s: synthesized %d clips in %.1f s (%d kept from earlier, %d too long)", out_dir,
              written, time.perf_counter() - start, len(examples) - written, dropped)
-    _remove_stale_wavs(out_dir / "audio", {Path(e.audio).name for e in plan})
-
-    train, heldout = _split(examples, heldout_fraction, seed)
-    write_manifest(train_path, train)
-    write_manifest(heldout_path, heldout)
-    marker.write_text(json.dumps(params, indent=1))  # last: its presence means "finished"
-    return train_path, heldout_path
+    return examples
 
 
 def _plan(audio_dir, n, voices, rates, pitches, texts, seed, sample_rate) -> list[Example]:

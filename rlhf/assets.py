@@ -31,8 +31,12 @@ def backbone_path(cfg: RecipeConfig) -> Path:
         return path
     if cfg.model.path:
         return Path(cfg.model.path).expanduser()
-    texts = corpus_texts(cfg) or command_sentences(5000, seed=cfg.model.tiny.seed)
-    return ensure_tiny_backbone(cfg.run.cache_dir, cfg.model.tiny, lambda: texts, cfg.data.sample_rate)
+    return ensure_tiny_backbone(cfg.run.cache_dir, cfg.model.tiny, lambda: tokenizer_texts(cfg), cfg.data.sample_rate)
+
+
+def tokenizer_texts(cfg: RecipeConfig) -> list[str]:
+    """What a tiny backbone's tokenizer learns from: the corpus' own texts, else the command grammar."""
+    return corpus_texts(cfg) or command_sentences(5000, seed=cfg.model.tiny.seed)
 
 
 def corpus_dir(cfg: RecipeConfig) -> Path:
@@ -43,13 +47,17 @@ def manifests(cfg: RecipeConfig) -> tuple[Path, Path]:
     """(train, eval) manifests: the recipe's, or the synthetic corpus' split."""
     if cfg.data.train and cfg.data.eval:
         return Path(cfg.data.train).expanduser(), Path(cfg.data.eval).expanduser()
-    s = cfg.data.synthetic
-    train, heldout = build_corpus(corpus_dir(cfg), num_utterances=s.num_utterances,
-                                  heldout_fraction=s.heldout_fraction, voices=tuple(s.voices),
-                                  rates=tuple(s.rates), pitches=tuple(s.pitches), texts=corpus_texts(cfg),
-                                  sample_rate=cfg.data.sample_rate, seed=s.seed)
+    train, heldout = build_synthetic_corpus(cfg, corpus_dir(cfg))
     return (Path(cfg.data.train).expanduser() if cfg.data.train else train,
             Path(cfg.data.eval).expanduser() if cfg.data.eval else heldout)
+
+
+def build_synthetic_corpus(cfg: RecipeConfig, out_dir: Path) -> tuple[Path, Path]:
+    """The recipe's `data.synthetic` corpus in `out_dir` (reused when already built); (train, held-out)."""
+    s = cfg.data.synthetic
+    return build_corpus(out_dir, num_utterances=s.num_utterances, heldout_fraction=s.heldout_fraction,
+                        voices=tuple(s.voices), rates=tuple(s.rates), pitches=tuple(s.pitches),
+                        texts=corpus_texts(cfg), sample_rate=cfg.data.sample_rate, seed=s.seed)
 
 
 def load_datasets(cfg: RecipeConfig, max_audio_seconds: float) -> tuple[SpeechDataset, SpeechDataset]:

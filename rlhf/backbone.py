@@ -8,7 +8,6 @@ rejects, see `hub_state_dict`).
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,9 +95,9 @@ def hub_state_dict(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterato
         yield name, tensor
 
 
-def load_backbone(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Backbone:
-    """Load a Qwen2-Audio-style backbone directory (ours or a hub checkpoint) with its processor."""
-    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+def load_processor(path: str | Path):
+    """A backbone directory's processor (tokenizer + feature extractor + chat template), no weights."""
+    from transformers import AutoProcessor
 
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
@@ -107,6 +106,15 @@ def load_backbone(path: str | Path, *, dtype: torch.dtype = torch.float32, devic
     processor = AutoProcessor.from_pretrained(path)
     if processor.chat_template is None:
         processor.chat_template = CHAT_TEMPLATE
+    return processor
+
+
+def load_backbone(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Backbone:
+    """Load a Qwen2-Audio-style backbone directory (ours or a hub checkpoint) with its processor."""
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    processor = load_processor(path)
+    path = Path(path).expanduser()
     model = Qwen2AudioForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
     return Backbone(model=model, processor=processor, path=path)
 
@@ -210,10 +218,6 @@ def backbone_summary(backbone: Backbone) -> dict:
     return {"path": str(backbone.path), "parameters": count_parameters(backbone.model),
             "vocab": len(backbone.tokenizer), "codec_tokens": len(backbone.audio_token_ids()),
             "sample_rate": backbone.sample_rate, "max_audio_seconds": backbone.max_audio_seconds}
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def default_tiny_dir(cache_dir: str, tiny) -> Path:

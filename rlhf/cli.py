@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from speechrl.data.audio import BadExample
 from speechrl.rlhf.config import RECIPES_DIR, RecipeError, load_recipe, to_yaml
@@ -59,25 +60,21 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_build_backbone(args) -> int:
-    from speechrl.data.synth import command_sentences, read_text_list
+    from speechrl.data.synth import read_text_list
+    from speechrl.rlhf.assets import tokenizer_texts
     from speechrl.rlhf.backbone import backbone_summary, build_tiny_backbone, load_backbone
 
     cfg = load_recipe(args.recipe, args.overrides)
-    texts = read_text_list(args.texts) if args.texts else command_sentences(5000, seed=cfg.model.tiny.seed)
+    texts = read_text_list(args.texts) if args.texts else tokenizer_texts(cfg)
     path = build_tiny_backbone(args.out_dir, texts, cfg.model.tiny, sample_rate=cfg.data.sample_rate)
     print(backbone_summary(load_backbone(path)))
     return 0
 
 
 def cmd_build_corpus(args) -> int:
-    from speechrl.data.synth import build_corpus, read_text_list
+    from speechrl.rlhf.assets import build_synthetic_corpus
 
-    cfg = load_recipe(args.recipe, args.overrides)
-    s = cfg.data.synthetic
-    train, held = build_corpus(args.out_dir, num_utterances=s.num_utterances, heldout_fraction=s.heldout_fraction,
-                               voices=tuple(s.voices), rates=tuple(s.rates), pitches=tuple(s.pitches),
-                               texts=read_text_list(s.texts) if s.texts else None,
-                               sample_rate=cfg.data.sample_rate, seed=s.seed)
+    train, held = build_synthetic_corpus(load_recipe(args.recipe, args.overrides), Path(args.out_dir))
     print(f"train manifest: {train}\nheld-out manifest: {held}")
     return 0
 
@@ -128,25 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recipes", help="list the shipped recipes")
     p.set_defaults(fn=cmd_recipes)
 
-    p = sub.add_parser("build-backbone", help="write a randomly initialized tiny backbone (loads in transformers "
-                       "and vLLM); its shape comes from the recipe's model.tiny")
-    p.add_argument("out_dir")
-    p.add_argument("--recipe", default="asr/sft")
+    def configured_by_recipe(p, *positionals):
+        for name in positionals:
+            p.add_argument(name)
+        p.add_argument("--recipe", default="asr/sft", help="recipe whose settings are used (default asr/sft)")
+        p.add_argument("overrides", nargs="*", help="key.path=value overrides of that recipe")
+        return p
+
+    p = configured_by_recipe(sub.add_parser("build-backbone", help="write a randomly initialized tiny backbone "
+                             "(loads in transformers and vLLM); its shape comes from the recipe's model.tiny"), "out_dir")
     p.add_argument("--texts", help="text file (one sentence a line) to learn the tokenizer from")
-    p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_build_backbone)
 
-    p = sub.add_parser("build-corpus", help="synthesize a spoken corpus with espeak-ng (manifest + wavs, "
-                       "train/held-out split); settings from the recipe's data.synthetic")
-    p.add_argument("out_dir")
-    p.add_argument("--recipe", default="asr/sft")
-    p.add_argument("overrides", nargs="*")
+    p = configured_by_recipe(sub.add_parser("build-corpus", help="synthesize a spoken corpus with espeak-ng "
+                             "(manifest + wavs, train/held-out split); settings from the recipe's data.synthetic"),
+                             "out_dir")
     p.set_defaults(fn=cmd_build_corpus)
 
-    p = sub.add_parser("eval", help="held-out WER/CER of a backbone directory (a run's final/ or a checkpoint)")
-    p.add_argument("checkpoint")
-    p.add_argument("--recipe", default="asr/sft", help="recipe whose data.eval is used")
-    p.add_argument("overrides", nargs="*")
+    p = configured_by_recipe(sub.add_parser("eval", help="held-out WER/CER of a backbone directory "
+                             "(a run's final/ or a checkpoint); data.eval from the recipe"), "checkpoint")
     p.set_defaults(fn=cmd_eval)
     return parser
 

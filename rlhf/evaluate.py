@@ -36,6 +36,13 @@ def greedy_transcribe(model, processor, audios: list[np.ndarray], *, mode: str =
     return [t.strip() for t in texts]
 
 
+def log_examples(result: dict, log) -> dict:
+    """Log (and drop from `result`) the few ref/hyp pairs kept for eyeballing; returns the metrics."""
+    for ref, hyp in result.pop("examples"):
+        log.info("eval  ref: %s\n      hyp: %s", ref, hyp)
+    return result
+
+
 def evaluate_asr(model, processor, dataset, *, max_examples: int, max_new_tokens: int) -> dict:
     """Mean WER/CER over the first `max_examples` held-out clips, plus a few examples to eyeball."""
     items = [dataset[i] for i in range(min(len(dataset), max_examples))]

@@ -25,10 +25,12 @@ from speechrl.data.prompts import render_prompt
 from speechrl.rlhf import assets
 from speechrl.rlhf.algos import ADVANTAGES
 from speechrl.rlhf.config import RecipeConfig
-from speechrl.rlhf.policy import rng_state, seed_everything, set_rng_state
+from speechrl.rlhf.evaluate import log_examples
+from speechrl.rlhf.backbone import allowed_token_ids, load_processor
+from speechrl.rlhf.policy import seed_everything
 from speechrl.rlhf.policy_worker import make_policy_worker
 from speechrl.rlhf.run_dir import (RunLogger, find_resume_dir, latest_checkpoint, new_run_dir, prune_checkpoints,
-                                   write_trainer_state)
+                                   resume_run, write_trainer_state)
 from speechrl.rlhf.sft import batch_indices
 from speechrl.rollouts.engine import RolloutWorkerDied, generate_across, make_rollout_workers
 from speechrl.rollouts.sync import TRANSPORTS
@@ -84,9 +86,7 @@ class GRPORecipe:
         self.run_dir = find_resume_dir(cfg, self.resume) if self.resume else new_run_dir(cfg)
         checkpoint = latest_checkpoint(self.run_dir) if self.resume else None
         self.backbone_path = assets.backbone_path(cfg)
-        from speechrl.rlhf.backbone import allowed_token_ids, load_backbone  # the driver needs the processor only
-
-        processor = load_backbone(self.backbone_path).processor
+        processor = load_processor(self.backbone_path)  # the driver needs no weights
         self.prompt = render_prompt(processor, cfg.mode)
         self.allowed_ids = allowed_token_ids(processor.tokenizer, cfg.mode)
         self.train_set, self.eval_set = assets.load_datasets(cfg, processor.feature_extractor.n_samples
@@ -94,21 +94,13 @@ class GRPORecipe:
         self.policy = make_policy_worker(cfg, self.backbone_path, str(checkpoint) if checkpoint else None)
         self.reward = make_reward_actor(cfg.rewards)
         self.policy.set_eval_set.remote(self.eval_set)
-        # engines start from the backbone; a resumed run's weights arrive by the first sync below
         self.workers = make_rollout_workers(str(self.backbone_path), cfg.rollout, cfg.rollout.num_workers, cfg.seed)
         self.transport = TRANSPORTS.get(cfg.rollout.weight_transport)()
         self.logger = RunLogger(self.run_dir, cfg, plot_keys=[
             "rewards/total", "eval/wer", "train/kl", "train/logprob_gap", "rewards/unscored"])
-        self.start_step = 0
+        self.start_step = resume_run(checkpoint, self.logger) if checkpoint else 0
         if checkpoint:
-            state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-            set_rng_state(state["rng"])
-            self.start_step = state["step"]
-            self.logger.truncate_after(self.start_step)
-            if state.get("metrics") and not any(r["step"] == self.start_step for r in self.logger.rows()):
-                self.logger.log(self.start_step, state["metrics"])
-            self.sync()
-            print(f"resumed {self.run_dir} from {checkpoint.name} (step {self.start_step})")
+            self.sync()  # engines started from the backbone; give them the resumed weights
         ray.get(self.policy.ping.remote())
 
     def requests(self, step: int) -> list[RolloutRequest]:
@@ -171,17 +163,12 @@ class GRPORecipe:
     def evaluate(self) -> dict:
         import ray
 
-        result = ray.get(self.policy.evaluate.remote())
-        for ref, hyp in result.pop("examples"):
-            log.info("eval  ref: %s\n      hyp: %s", ref, hyp)
-        return result
+        return log_examples(ray.get(self.policy.evaluate.remote()), log)
 
     def train(self) -> dict:
         cfg, timer = self.cfg, PhaseTimer()
-        self.initial_eval = self.evaluate() if self.start_step == 0 else \
-            next((r for r in self.logger.rows() if "eval/wer" in r), {})
         if self.start_step == 0:
-            self.logger.log(0, self.initial_eval)
+            self.logger.log(0, self.evaluate())  # the starting policy: "WER before" in the summary
         start = time.time()
         bar = tqdm(range(self.start_step, cfg.train.steps), initial=self.start_step, total=cfg.train.steps,
                    desc="grpo", unit="step", dynamic_ncols=True)
@@ -220,28 +207,25 @@ class GRPORecipe:
 
         path = self.run_dir / "checkpoints" / f"step-{step}"
         ray.get(self.policy.save.remote(str(path)))
-        # the step's metrics row travels with the checkpoint: a crash before it reaches
-        # metrics.jsonl must not leave a hole in the curves of the resumed run
-        write_trainer_state(path, {"step": step, "rng": rng_state(), "metrics": dict(metrics)})
+        write_trainer_state(path, step, metrics)  # the row travels with it: see write_trainer_state
         prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
 
     def finish(self) -> dict:
         import ray
 
         final = ray.get(self.policy.save_final.remote(str(self.run_dir / "final")))
-        rows = self.logger.rows()
-        last_eval = next((r for r in reversed(rows) if "eval/wer" in r), {})
-        steps = [r for r in rows if "time/step" in r]
-        phase = {k: float(np.mean([r[k] for r in steps if k in r])) for k in steps[-1] if k.startswith("time/")} \
-            if steps else {}
+        last = self.logger.last
+        steps = [r for r in self.logger.rows() if "time/step" in r]
+        phases = sorted({k for r in steps for k in r if k.startswith("time/")})
+        phase = {k: float(np.mean([r[k] for r in steps if k in r])) for k in phases}
         table = {
             "run": str(self.run_dir),
             "steps": self.cfg.train.steps,
-            "held-out WER before": self.initial_eval.get("eval/wer", float("nan")),
-            "held-out WER after": last_eval.get("eval/wer", float("nan")),
-            "held-out CER after": last_eval.get("eval/cer", float("nan")),
-            "mean reward (last step)": steps[-1].get("rewards/total", float("nan")) if steps else float("nan"),
-            "logprob gap vLLM/trainer": steps[-1].get("train/logprob_gap", float("nan")) if steps else float("nan"),
+            "held-out WER before": self.logger.first("eval/wer"),
+            "held-out WER after": last("eval/wer"),
+            "held-out CER after": last("eval/cer"),
+            "mean reward (last step)": last("rewards/total"),
+            "logprob gap vLLM/trainer": last("train/logprob_gap"),
             "unscored samples (total)": int(sum(r.get("rewards/unscored", 0) for r in steps)),
             **{f"mean {k} (s)": round(v, 3) for k, v in phase.items()},
             "train wall time (s)": round(self.elapsed, 1),

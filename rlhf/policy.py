@@ -5,14 +5,15 @@ expanded, exactly as vLLM saw them) and completion ids, never re-tokenized from 
 """
 from __future__ import annotations
 
-import math
-import os
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+
+from speechrl.rlhf.optim import Optimizer
 
 
 @dataclass
@@ -23,8 +24,6 @@ class TokenBatch:
     feature_attention_mask: torch.Tensor  # [B, frames]
     completion_mask: torch.Tensor  # [B, L-1] True where the next token is a completion token
 
-    def to(self, device) -> "TokenBatch":
-        return TokenBatch(*(t.to(device) for t in vars(self).values()))
 
 
 def audio_features(processor, audios: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,85 +83,6 @@ def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0,
     return torch.where(torch.isfinite(picked), logp, torch.zeros_like(logp))
 
 
-def completion_lists(logprobs: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
-    return [row[m].tolist() for row, m in zip(logprobs, mask)]
-
-
-def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up then cosine decay to min_ratio (a pure function, so resume is exact)."""
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class Optimizer:
-    """AdamW + schedule + clipping, or the same through DeepSpeed; one `step(loss)` for both.
-
-    DeepSpeed on CPU runs one gloo process; on a cluster the launcher sets the env it reads.
-    """
-
-    def __init__(self, model: torch.nn.Module, train_cfg, total_steps: int):
-        self.cfg = train_cfg
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_lambda(s, train_cfg.warmup_steps, total_steps, train_cfg.lr_min_ratio))
-        self.engine = None
-        self.model = model
-        if train_cfg.deepspeed.enabled:
-            self.engine = _deepspeed_engine(model, self.optimizer, self.scheduler, train_cfg)
-            self.model = self.engine
-
-    def backward(self, loss: torch.Tensor) -> None:
-        if self.engine is not None:
-            self.engine.backward(loss)
-        else:
-            loss.backward()
-
-    def step(self) -> dict:
-        # the rate this update applies: read before the scheduler moves on to the next step's
-        lr = self.scheduler.get_last_lr()[0]
-        if self.engine is not None:
-            self.engine.step()
-            norm = self.engine.get_global_grad_norm()
-            return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": lr}
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": float(norm), "lr": lr}
-
-    def save(self, path: Path) -> None:
-        if self.engine is not None:
-            self.engine.save_checkpoint(str(path / "deepspeed"))
-        else:
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       path / "optimizer.pt")
-
-    def load(self, path: Path) -> None:
-        if self.engine is not None:
-            self.engine.load_checkpoint(str(path / "deepspeed"), load_module_strict=False)
-        else:
-            state = torch.load(path / "optimizer.pt", weights_only=False)
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-
-
-def _deepspeed_engine(model, optimizer, scheduler, train_cfg):
-    import deepspeed
-
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
-        os.environ.setdefault(key, value)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
-    config = {"train_micro_batch_size_per_gpu": train_cfg.batch_size, "gradient_accumulation_steps": 1,
-              "gradient_clipping": train_cfg.max_grad_norm,
-              "zero_optimization": {"stage": train_cfg.deepspeed.zero_stage}}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
-    return engine
 
 
 def sft_loss(model, batch: TokenBatch) -> torch.Tensor:
@@ -220,12 +140,8 @@ def exportable_model(model):
     return model
 
 
-def device_of(model) -> torch.device:
-    return next(unwrap(model).parameters()).device
 
 
-def describe_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def maybe_set_threads(n: int) -> Optional[int]:
@@ -254,3 +170,38 @@ def load_policy(model, optimizer: Optimizer, path: Path, lora: bool) -> None:
 
         set_peft_model_state_dict(unwrap(model), load_file(str(path / "adapter" / "adapter_model.safetensors")))
     optimizer.load(path)
+
+
+@dataclass
+class TrainablePolicy:
+    backbone: object  # rlhf.backbone.Backbone: processor, tokenizer, the plain model
+    model: torch.nn.Module  # what trains: the backbone's model under PEFT / DeepSpeed wrappers
+    optimizer: Optimizer
+    reference: Optional[torch.nn.Module]  # frozen starting policy, for KL; None when not asked for
+
+
+def build_policy(cfg, base_path: Path, checkpoint: Optional[Path] = None, with_reference: bool = False
+                 ) -> TrainablePolicy:
+    """The trainable policy of SFT and RL alike: backbone (from `checkpoint` when resuming),
+    gradient checkpointing, LoRA, optimizer, and the checkpoint's adapter/optimizer state."""
+    from speechrl.rlhf.backbone import load_backbone
+
+    lora = cfg.model.lora.enabled
+    # LoRA resumes from the base plus the saved adapter; full fine-tuning from the saved weights
+    backbone = load_backbone(checkpoint / "model" if checkpoint and not lora else base_path)
+    reference = None
+    if with_reference:
+        # the run's starting weights, also when resuming: a reference that moved with the
+        # checkpoints would anchor KL to the wrong policy
+        start = backbone.model if backbone.path == Path(base_path) else load_backbone(base_path).model
+        reference = (copy.deepcopy(start) if start is backbone.model else start).eval().requires_grad_(False)
+    model = backbone.model
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if lora:
+        model = apply_lora(model, cfg.model.lora)
+    model.train()
+    optimizer = Optimizer(model, cfg.train, cfg.train.steps)
+    if checkpoint:
+        load_policy(optimizer.model, optimizer, checkpoint, lora)
+    return TrainablePolicy(backbone, optimizer.model, optimizer, reference)

@@ -7,19 +7,16 @@ piece is looked up by name in `speechrl.rlhf.algos`.
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from speechrl.rlhf.algos import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
-from speechrl.rlhf.backbone import allowed_token_ids, hub_state_dict, load_backbone, save_backbone
+from speechrl.rlhf.backbone import allowed_token_ids, hub_state_dict, save_backbone
 from speechrl.rlhf.config import RecipeConfig
 from speechrl.rlhf.evaluate import evaluate_asr
-from speechrl.rlhf.policy import (Optimizer, apply_lora, build_token_batch, exportable_model, maybe_set_threads,
-                                  load_policy, save_policy, seed_everything, token_logprobs,
-                                  vocab_mask)
+from speechrl.rlhf.policy import (build_policy, build_token_batch, exportable_model, maybe_set_threads, save_policy,
+                                  seed_everything, token_logprobs, unwrap, vocab_mask)
 
 
 class PolicyWorker:
@@ -27,24 +24,15 @@ class PolicyWorker:
         maybe_set_threads(cfg.train.torch_threads)
         seed_everything(cfg.seed)
         self.cfg = cfg
-        lora = cfg.model.lora.enabled
-        self.backbone = load_backbone(checkpoint + "/model" if checkpoint and not lora else backbone_path)
-        model = self.backbone.model
-        self.reference = None
-        if cfg.grpo.kl_coef > 0:
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        if lora:
-            model = apply_lora(model, cfg.model.lora)
-        model.train()
-        self.optimizer = Optimizer(model, cfg.train, cfg.train.steps)
-        self.model = self.optimizer.model
+        policy = build_policy(cfg, Path(backbone_path), Path(checkpoint) if checkpoint else None,
+                              with_reference=cfg.grpo.kl_coef > 0)
+        self.backbone, self.model, self.optimizer = policy.backbone, policy.model, policy.optimizer
+        self.reference = policy.reference
         self.eval_set = None
         vocab = self.backbone.model.get_output_embeddings().weight.shape[0]
         self.allowed = vocab_mask(allowed_token_ids(self.backbone.tokenizer, cfg.mode), vocab)
         if checkpoint:
-            self._load(Path(checkpoint))
+            torch.set_rng_state(torch.load(Path(checkpoint) / "policy_rng.pt", weights_only=False))
 
     def ping(self) -> bool:
         return True
@@ -103,11 +91,10 @@ class PolicyWorker:
             from speechrl.rollouts.sync import merged_lora_state
 
             return merged_lora_state(self.model)
-        return [(k, v.detach().clone()) for k, v in hub_state_dict(self.model.state_dict().items())]
+        return [(k, v.detach().clone()) for k, v in hub_state_dict(unwrap(self.model).state_dict().items())]
 
     def evaluate(self) -> dict:
-        model = exportable_model(self.model) if self.cfg.model.lora.enabled else self.model
-        result = evaluate_asr(model, self.backbone.processor, self.eval_set,
+        result = evaluate_asr(exportable_model(self.model), self.backbone.processor, self.eval_set,
                               max_examples=self.cfg.data.max_eval_examples,
                               max_new_tokens=self.cfg.eval_max_new_tokens)
         result["examples"] = [list(map(str, e)) for e in result["examples"]]
@@ -117,10 +104,6 @@ class PolicyWorker:
         path = Path(path)
         save_policy(self.model, self.backbone.processor, self.optimizer, path, self.cfg.model.lora.enabled)
         torch.save(torch.get_rng_state(), path / "policy_rng.pt")
-
-    def _load(self, path: Path) -> None:
-        load_policy(self.model, self.optimizer, path, self.cfg.model.lora.enabled)
-        torch.set_rng_state(torch.load(path / "policy_rng.pt", weights_only=False))
 
     def save_final(self, path: str) -> str:
         return str(save_backbone(exportable_model(self.model), self.backbone.processor, Path(path)))
@@ -132,7 +115,3 @@ def make_policy_worker(cfg: RecipeConfig, backbone_path: str, checkpoint: str | 
     gpus = 1 if torch.cuda.is_available() else 0
     return ray.remote(PolicyWorker).options(num_cpus=1, num_gpus=gpus, max_concurrency=1).remote(
         cfg, str(backbone_path), checkpoint)
-
-
-def as_float_list(x) -> list[float]:
-    return [float(v) for v in np.asarray(x).ravel()]

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from speechrl.rlhf.config import RecipeConfig, to_yaml
+from speechrl.rlhf.policy import rng_state, set_rng_state
 
 
 def new_run_dir(cfg: RecipeConfig) -> Path:
@@ -77,6 +78,14 @@ class RunLogger:
         path = self.dir / "metrics.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
+    def first(self, key: str) -> float:
+        """The earliest logged value of `key` (NaN if never logged)."""
+        return next((r[key] for r in self.rows() if key in r), float("nan"))
+
+    def last(self, key: str) -> float:
+        """The latest logged value of `key` (NaN if never logged)."""
+        return next((r[key] for r in reversed(self.rows()) if key in r), float("nan"))
+
     def truncate_after(self, step: int) -> None:
         """On resume: drop rows past the checkpoint, which the continued run will write again."""
         kept = [r for r in self.rows() if r["step"] <= step]
@@ -120,11 +129,25 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_trainer_state(path: Path, state: dict) -> None:
-    # written last: a checkpoint without trainer_state.pt is incomplete and never resumed from
+def write_trainer_state(path: Path, step: int, metrics: Optional[dict] = None) -> None:
+    """Step, RNG and (optionally) the step's metrics row, written last: a checkpoint without
+    trainer_state.pt is incomplete and never resumed from. The row lets a crash between checkpoint
+    and log leave no hole in the resumed run's curves."""
     tmp = path / "trainer_state.pt.partial"
-    torch.save(state, tmp)
+    torch.save({"step": step, "rng": rng_state(), "metrics": dict(metrics) if metrics else None}, tmp)
     tmp.rename(path / "trainer_state.pt")
+
+
+def resume_run(checkpoint: Path, logger: "RunLogger") -> int:
+    """Restore RNG and the metrics log to `checkpoint`; returns the step to continue after."""
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    set_rng_state(state["rng"])
+    step = state["step"]
+    logger.truncate_after(step)
+    if state.get("metrics") and not any(r["step"] == step for r in logger.rows()):
+        logger.log(step, state["metrics"])
+    print(f"resumed {logger.dir} from {checkpoint.name} (step {step})")
+    return step
 
 
 def _plain(v):

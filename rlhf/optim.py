@@ -1,0 +1,85 @@
+"""The optimizer side of a trainer: AdamW with warm-up + cosine schedule and clipping, or DeepSpeed."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up then cosine decay to min_ratio (a pure function, so resume is exact)."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Optimizer:
+    """AdamW + schedule + clipping, or the same through DeepSpeed; one `step(loss)` for both.
+
+    DeepSpeed on CPU runs one gloo process; on a cluster the launcher sets the env it reads.
+    """
+
+    def __init__(self, model: torch.nn.Module, train_cfg, total_steps: int):
+        self.cfg = train_cfg
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_lambda(s, train_cfg.warmup_steps, total_steps, train_cfg.lr_min_ratio))
+        self.engine = None
+        self.model = model
+        if train_cfg.deepspeed.enabled:
+            self.engine = _deepspeed_engine(model, self.optimizer, self.scheduler, train_cfg)
+            self.model = self.engine
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.engine is not None:
+            self.engine.backward(loss)
+        else:
+            loss.backward()
+
+    def step(self) -> dict:
+        # the rate this update applies: read before the scheduler moves on to the next step's
+        lr = self.scheduler.get_last_lr()[0]
+        if self.engine is not None:
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": lr}
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(norm), "lr": lr}
+
+    def save(self, path: Path) -> None:
+        if self.engine is not None:
+            self.engine.save_checkpoint(str(path / "deepspeed"))
+        else:
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       path / "optimizer.pt")
+
+    def load(self, path: Path) -> None:
+        if self.engine is not None:
+            self.engine.load_checkpoint(str(path / "deepspeed"), load_module_strict=False)
+        else:
+            state = torch.load(path / "optimizer.pt", weights_only=False)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _deepspeed_engine(model, optimizer, scheduler, train_cfg):
+    import deepspeed
+
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
+        os.environ.setdefault(key, value)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    config = {"train_micro_batch_size_per_gpu": train_cfg.batch_size, "gradient_accumulation_steps": 1,
+              "gradient_clipping": train_cfg.max_grad_norm,
+              "zero_optimization": {"stage": train_cfg.deepspeed.zero_stage}}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return engine
