@@ -1,9 +1,14 @@
 """Rewards: plain callables over a batch (dataset columns as keyword arguments) returning one score
-per completion, or named components with the score under "reward".
+per completion, or named components with the score under "reward". docs/rewards.md is the guide.
 
+api.py        the call, `Unscored`, sync and async rewards alike
 normalize.py  text normalization for scoring transcripts
 asr.py        WER/CER and the `asr_wer` reward
+hosted.py     `hf_classifier`: a transformers classifier from a local directory as a reward
+remote.py     `remote`: score on a reward server over HTTP (timeouts, retries, unscored marking)
+serve.py      the reward server behind `speechrl serve-reward`
+wire.py       the JSON both speak
 registry.py   find a reward by registered name, dotted path or entry point (`resolve_reward`)
 combine.py    score a batch with several rewards, isolate failing samples, weight and normalize
-worker.py     `RewardWorker`, in process or as a Ray actor
+worker.py     `RewardWorker`, in process or as Ray actors placed by the recipe's resources
 """

@@ -1,9 +1,12 @@
 """Scoring a batch with several rewards and combining them into one number per sample.
 
 One bad sample must not cost the step: a reward that raises on the batch is retried sample by
-sample, and only the samples that still fail (or score NaN/inf) lose their score. A reward that
-is itself broken (output of the wrong shape, or failing on every sample) stops the run instead,
-because training on no signal for hours is worse than an error now.
+sample, and only the samples that still fail (or score None/NaN/inf) lose their score. A reward
+that is itself broken (output of the wrong shape, or failing on every sample) stops the run
+instead, because training on no signal for hours is worse than an error now.
+
+Scoring and combining are two steps (`score_rewards`, `combine_scores`) so that rewards placed on
+workers of their own can score apart and still be normalized and weighted together.
 """
 from __future__ import annotations
 
@@ -14,10 +17,13 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
+from speechrl.rewards.api import Unscored, call_reward
+
 log = logging.getLogger(__name__)
 
 STD_FLOOR = 1e-6  # below this a component does not tell the samples apart; it contributes 0
-_PER_SAMPLE = (list, tuple, np.ndarray)  # batch values of these types are per-sample columns
+PER_SAMPLE = (list, tuple, np.ndarray)  # batch values of these types are per-sample columns
+_LOGGED = 3  # reasons, and samples per reason, named in the one warning per batch; the rest are counted
 
 
 class RewardOutputError(ValueError):
@@ -41,13 +47,21 @@ class ScoreResult:
         return out
 
 
+@dataclass
+class RawScores:
+    """Rewards' outputs before combining: what a reward worker sends to whoever combines."""
+
+    components: dict[str, dict[str, np.ndarray]]  # reward name -> component -> one value per sample
+    reasons: dict[int, list[str]] = field(default_factory=dict)  # sample index -> why rewards gave no score
+
+
 def _mean(values: np.ndarray) -> float:
     finite = values[np.isfinite(values)]
     return float(finite.mean()) if finite.size else math.nan
 
 
-def _batch_size(batch: Mapping[str, Any]) -> int:
-    columns = {k: len(v) for k, v in batch.items() if isinstance(v, _PER_SAMPLE)}
+def batch_size(batch: Mapping[str, Any]) -> int:
+    columns = {k: len(v) for k, v in batch.items() if isinstance(v, PER_SAMPLE)}
     if not columns:
         raise ValueError("score_batch: the batch has no per-sample columns (lists); pass at least 'completions'")
     n = columns.get("completions", next(iter(columns.values())))
@@ -57,11 +71,17 @@ def _batch_size(batch: Mapping[str, Any]) -> int:
     return n
 
 
-def _as_components(name: str, out: Any, n: int) -> dict[str, np.ndarray]:
+def batch_slice(batch: Mapping[str, Any], start: int, stop: int) -> dict[str, Any]:
+    """Samples start..stop-1 of the batch; values that are not per-sample columns go along as they are."""
+    return {k: v[start:stop] if isinstance(v, PER_SAMPLE) else v for k, v in batch.items()}
+
+
+def _as_components(name: str, out: Any, n: int) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+    """The output as arrays of n floats, and the reasons its `Unscored` scores give."""
     items = out.items() if isinstance(out, Mapping) else [("reward", out)]
     if isinstance(out, Mapping) and "reward" not in out:
         raise RewardOutputError(f"reward {name!r} returned components {sorted(out)} without the 'reward' key; add it")
-    components = {}
+    components, reasons = {}, {}
     for key, values in items:
         try:
             array = np.array([math.nan if v is None else v for v in values], dtype=float)
@@ -72,27 +92,91 @@ def _as_components(name: str, out: Any, n: int) -> dict[str, np.ndarray]:
                 f"reward {name!r}: component {key!r} has shape {array.shape} for a batch of {n}; return one number per completion"
             )
         components[key] = array
-    return components
+        if key == "reward":
+            reasons = {i: f"{name}: {v.reason}" for i, v in enumerate(values) if isinstance(v, Unscored)}
+    return components, reasons
 
 
 def _call_per_sample(name: str, fn: Callable, batch: Mapping[str, Any], n: int) -> tuple[dict[str, np.ndarray], dict[int, str]]:
     rows: list[Optional[dict[str, np.ndarray]]] = []
     failed: dict[int, str] = {}
     for i in range(n):
-        sample = {k: [v[i]] if isinstance(v, _PER_SAMPLE) else v for k, v in batch.items()}
         try:
-            rows.append(_as_components(name, fn(**sample), 1))
+            row, why = _as_components(name, call_reward(fn, batch_slice(batch, i, i + 1)), 1)
+            rows.append(row)
+            if why:
+                failed[i] = why[0]
         except RewardOutputError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure of user code marks only this sample
             failed[i] = f"{name} raised {type(e).__name__}: {e}"
             rows.append(None)
     # One sample cannot tell a broken reward from a bad sample, so only a larger batch stops here.
-    if n > 1 and len(failed) == n:
+    if n > 1 and all(row is None for row in rows):
         raise RuntimeError(f"reward {name!r} failed on every sample of the batch, e.g. {failed[0]}; fix the reward or its kwargs")
     keys = dict.fromkeys(["reward"] + [k for row in rows if row for k in row])
     components = {k: np.array([row[k][0] if row and k in row else math.nan for row in rows]) for k in keys}
     return components, failed
+
+
+def score_rewards(rewards: Mapping[str, Callable], batch: Mapping[str, Any]) -> RawScores:
+    """Call every reward on the whole batch (columns as keyword arguments); no combining.
+
+    List-valued batch entries are per-sample columns; anything else (e.g. `mode`) is passed as is
+    to every call.
+    """
+    n = batch_size(batch)
+    raw = RawScores(components={})
+    for name, fn in rewards.items():
+        try:
+            comps, failed = _as_components(name, call_reward(fn, batch), n)
+        except RewardOutputError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            log.warning("reward %r raised on the batch (%s: %s); retrying sample by sample", name, type(e).__name__, e)
+            comps, failed = _call_per_sample(name, fn, batch, n)
+        for i in np.flatnonzero(~np.isfinite(comps["reward"])):
+            raw.reasons.setdefault(int(i), []).append(failed.get(int(i), f"{name} returned {comps['reward'][i]}"))
+        raw.components[name] = comps
+    return raw
+
+
+def combine_scores(
+    raw: RawScores,
+    weights: Optional[Mapping[str, float]] = None,
+    normalize: Optional[Mapping[str, bool]] = None,
+    ids: Optional[Any] = None,
+) -> ScoreResult:
+    """Weight and normalize the rewards' outputs into one ScoreResult; warn once about unscored samples.
+
+    `weights` defaults to 1.0 and `normalize` to False for every reward; `ids` (the batch's "id"
+    column) labels the unscored samples in the warning.
+    """
+    per_reward = {name: comps["reward"] for name, comps in raw.components.items()}
+    total, valid = combine(
+        per_reward,
+        weights if weights is not None else dict.fromkeys(per_reward, 1.0),
+        normalize if normalize is not None else dict.fromkeys(per_reward, False),
+    )
+    errors = {i: "; ".join(why) for i, why in sorted(raw.reasons.items())}
+    if errors:
+        log.warning("%d of %d samples have no reward: %s", len(errors), len(total), _summary(errors, ids))
+    components = {f"{name}/{key}": values for name, comps in raw.components.items() for key, values in comps.items()}
+    return ScoreResult(total=total, valid=valid, rewards=per_reward, components=components, errors=errors)
+
+
+def _summary(errors: dict[int, str], ids: Optional[Any]) -> str:
+    """Errors grouped by reason (a dead server gives every sample the same one), a few samples named each."""
+    by_reason: dict[str, list[str]] = {}
+    for i, why in errors.items():
+        by_reason.setdefault(why, []).append(f"{i} (id {ids[i]!r})" if isinstance(ids, PER_SAMPLE) else str(i))
+    parts = []
+    for why, samples in list(by_reason.items())[:_LOGGED]:
+        more = f" and {len(samples) - _LOGGED} more" if len(samples) > _LOGGED else ""
+        parts.append(f"{why} [sample {', '.join(samples[:_LOGGED])}{more}]")
+    if len(by_reason) > _LOGGED:
+        parts.append(f"and {len(by_reason) - _LOGGED} other reasons")
+    return "; ".join(parts)
 
 
 def score_batch(
@@ -101,41 +185,8 @@ def score_batch(
     weights: Optional[Mapping[str, float]] = None,
     normalize: Optional[Mapping[str, bool]] = None,
 ) -> ScoreResult:
-    """Call every reward on the whole batch (columns as keyword arguments) and combine them.
-
-    List-valued batch entries are per-sample columns; anything else (e.g. `mode`) is passed as is
-    to every call. `weights` defaults to 1.0 and `normalize` to False for every reward.
-    """
-    n = _batch_size(batch)
-    reasons: dict[int, list[str]] = {}
-    per_reward, components = {}, {}
-    for name, fn in rewards.items():
-        try:
-            comps, failed = _as_components(name, fn(**batch), n), {}
-        except RewardOutputError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            log.warning("reward %r raised on the batch (%s: %s); retrying sample by sample", name, type(e).__name__, e)
-            comps, failed = _call_per_sample(name, fn, batch, n)
-        for i, why in failed.items():
-            reasons.setdefault(i, []).append(why)
-        for i in np.flatnonzero(~np.isfinite(comps["reward"])):
-            if int(i) not in failed:
-                reasons.setdefault(int(i), []).append(f"{name} returned {comps['reward'][i]}")
-        per_reward[name] = comps["reward"]
-        components.update({f"{name}/{key}": values for key, values in comps.items()})
-
-    total, valid = combine(
-        per_reward,
-        weights if weights is not None else dict.fromkeys(rewards, 1.0),
-        normalize if normalize is not None else dict.fromkeys(rewards, False),
-    )
-    errors = {i: "; ".join(why) for i, why in sorted(reasons.items())}
-    ids = batch.get("id")
-    for i, why in errors.items():
-        label = f"{i} (id {ids[i]!r})" if isinstance(ids, _PER_SAMPLE) else str(i)
-        log.warning("sample %s has no reward: %s", label, why)
-    return ScoreResult(total=total, valid=valid, rewards=per_reward, components=components, errors=errors)
+    """Score the batch with every reward and combine: `score_rewards`, then `combine_scores`."""
+    return combine_scores(score_rewards(rewards, batch), weights, normalize, ids=batch.get("id"))
 
 
 def _zscore(x: np.ndarray, valid: np.ndarray) -> np.ndarray:

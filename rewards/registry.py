@@ -21,6 +21,8 @@ from typing import Any, Callable, Optional
 from speechrl.rlhf.registry import Registry
 
 from speechrl.rewards.asr import AsrWerReward
+from speechrl.rewards.hosted import HfClassifierReward
+from speechrl.rewards.remote import RemoteReward
 
 ENTRY_POINT_GROUP = "speechrl.rewards"
 
@@ -79,22 +81,29 @@ def _instantiate(name: str, obj: Any, kwargs: dict[str, Any]) -> Callable:
     return functools.partial(obj, **kwargs)
 
 
-def resolve_reward(name: str, **kwargs: Any) -> Callable:
-    """The reward callable for `name`: classes are instantiated with kwargs, functions get them
-    bound with functools.partial."""
+def find_reward(name: str) -> Any:
+    """The function or class `name` stands for, not yet built: lets a driver reject a misspelled
+    reward before it starts workers, without loading the reward's models."""
     if name in REWARDS:
-        obj = REWARDS.get(name)
-    else:
-        obj = _from_dotted_path(name) if ("." in name or ":" in name) else None
-        if obj is None:
-            obj = _from_entry_point(name)
+        return REWARDS.get(name)
+    obj = _from_dotted_path(name) if ("." in name or ":" in name) else None
+    if obj is None:
+        obj = _from_entry_point(name)
     if obj is None:
         raise KeyError(
             f"unknown reward {name!r}: not a registered name ({', '.join(REWARDS.names()) or 'none'}), "
             f"not an importable 'pkg.module:attr' path, and no installed package has an entry point "
             f"{name!r} in group {ENTRY_POINT_GROUP!r}"
         )
-    return _instantiate(name, obj, kwargs)
+    return obj
+
+
+def resolve_reward(name: str, **kwargs: Any) -> Callable:
+    """The reward callable for `name`: classes are instantiated with kwargs, functions get them
+    bound with functools.partial."""
+    return _instantiate(name, find_reward(name), kwargs)
 
 
 register_reward("asr_wer")(AsrWerReward)
+register_reward("hf_classifier")(HfClassifierReward)
+register_reward("remote")(RemoteReward)

@@ -2,54 +2,150 @@
 
 `RewardWorker` is a plain class, so it runs in-process (tests, one-machine debugging) or as a Ray
 actor (`make_reward_actor`) beside the rollout and training actors, holding its reward models.
+
+Placement: rewards whose recipe entry declares no `resources` share one light worker. A reward
+that declares some (a GPU for a reward model, CPUs, memory, replicas) gets workers of its own,
+placed by Ray with exactly those resources; a `RewardRouter` then fans each batch out to all the
+workers, splits it among a reward's replicas, and combines the raw scores into one ScoreResult.
 """
 from __future__ import annotations
 
 from dataclasses import fields
 from typing import Any, Iterable, Mapping
 
-from speechrl.rewards.combine import ScoreResult, score_batch
-from speechrl.rewards.registry import resolve_reward
-from speechrl.rlhf.config import RewardSpec
+import numpy as np
+
+from speechrl.rewards.combine import RawScores, ScoreResult, batch_size, batch_slice, combine_scores, score_rewards
+from speechrl.rewards.registry import find_reward, resolve_reward
+from speechrl.rlhf.config import RewardResources, RewardSpec
 
 
-def _as_spec(spec: Any) -> Any:
-    """A RewardSpec from a dict; objects with .name/.weight/.normalize/.kwargs pass as they are."""
+def _as_spec(spec: Any) -> RewardSpec:
+    """A RewardSpec from a dict (its `resources` may be a dict too)."""
     if not isinstance(spec, Mapping):
         return spec
     known = {f.name for f in fields(RewardSpec)}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ValueError(f"reward spec {dict(spec)}: unknown keys {unknown}; allowed: {sorted(known)}")
+    spec = dict(spec)
+    if isinstance(spec.get("resources"), Mapping):
+        spec["resources"] = RewardResources(**spec["resources"])
     return RewardSpec(**spec)
+
+
+def _checked_specs(specs: Iterable[Any]) -> list[RewardSpec]:
+    specs = [_as_spec(s) for s in specs]
+    if not specs:
+        raise ValueError("RewardWorker: no rewards configured; the recipe's `rewards` list is empty")
+    keys = [s.key for s in specs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        # Scores and logs are keyed by name; two rewards under one name would overwrite each other.
+        raise ValueError(f"RewardWorker: rewards {repeated} are listed more than once; list each reward once, "
+                         "or give the repeats an `alias`")
+    return specs
 
 
 class RewardWorker:
     def __init__(self, specs: Iterable[Any]):
-        specs = [_as_spec(s) for s in specs]
-        if not specs:
-            raise ValueError("RewardWorker: no rewards configured; the recipe's `rewards` list is empty")
-        names = [s.name for s in specs]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            # Scores and logs are keyed by name; two rewards under one name would overwrite each other.
-            raise ValueError(f"RewardWorker: rewards {repeated} are listed more than once; list each reward once")
-        self.rewards = {s.name: resolve_reward(s.name, **dict(s.kwargs)) for s in specs}
-        self.weights = {s.name: float(s.weight) for s in specs}
-        self.normalize = {s.name: bool(s.normalize) for s in specs}
+        specs = _checked_specs(specs)
+        self.rewards = {s.key: resolve_reward(s.name, **dict(s.kwargs)) for s in specs}
+        self.weights = {s.key: float(s.weight) for s in specs}
+        self.normalize = {s.key: bool(s.normalize) for s in specs}
+
+    def raw(self, batch: Mapping[str, Any]) -> RawScores:
+        """The rewards' outputs, not yet combined (what a RewardRouter gathers)."""
+        return score_rewards(self.rewards, batch)
 
     def score(self, batch: Mapping[str, Any]) -> ScoreResult:
         """Score one batch: completions, completion_ids, mode and the dataset columns as lists."""
-        return score_batch(self.rewards, batch, weights=self.weights, normalize=self.normalize)
+        return combine_scores(self.raw(batch), self.weights, self.normalize, ids=batch.get("id"))
+
+
+class RewardRouter:
+    """One batch in, one ScoreResult out, over reward workers placed by their declared resources."""
+
+    def __init__(self, specs: Iterable[Any], num_cpus: float = 0, num_gpus: float = 0):
+        import ray
+
+        specs = _checked_specs(specs)
+        self.weights = {s.key: float(s.weight) for s in specs}
+        self.normalize = {s.key: bool(s.normalize) for s in specs}
+        shared = [s for s in specs if not s.resources.declared()]
+        actor = ray.remote(RewardWorker)
+        # a list of groups; a group is the replicas of one worker, each scoring a slice of the batch
+        self.groups = [[actor.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(shared)]] if shared else []
+        for s in specs:
+            r = s.resources
+            if r.declared():
+                options = actor.options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, memory=int(r.memory_gib * 2**30))
+                self.groups.append([options.remote([s]) for _ in range(r.replicas)])
+
+    def score(self, batch: Mapping[str, Any]) -> ScoreResult:
+        import ray
+
+        n = batch_size(batch)
+        calls = []  # (group index, first sample of the slice, ObjectRef of its RawScores)
+        for g, replicas in enumerate(self.groups):
+            bounds = np.linspace(0, n, len(replicas) + 1).astype(int)
+            for worker, start, stop in zip(replicas, bounds[:-1], bounds[1:]):
+                if stop > start:
+                    calls.append((g, int(start), worker.raw.remote(batch_slice(batch, start, stop))))
+        parts = ray.get([ref for _, _, ref in calls])
+        raw = RawScores(components={})
+        for g in range(len(self.groups)):
+            group = _concat([(start, part) for (of, start, _), part in zip(calls, parts) if of == g])
+            raw.components.update(group.components)
+            for i, why in group.reasons.items():
+                raw.reasons.setdefault(i, []).extend(why)
+        # recipe order, so that logs and totals do not depend on which worker answered first
+        raw.components = {k: raw.components[k] for k in self.weights}
+        return combine_scores(raw, self.weights, self.normalize, ids=batch.get("id"))
+
+
+def _concat(slices: list[tuple[int, RawScores]]) -> RawScores:
+    """The scores of consecutive slices of a batch, given as (first sample, scores), as one."""
+    out = RawScores(components={})
+    for name in slices[0][1].components:
+        sizes = [len(part.components[name]["reward"]) for _, part in slices]
+        keys = dict.fromkeys(k for _, part in slices for k in part.components[name])
+        out.components[name] = {k: np.concatenate([part.components[name].get(k, np.full(size, np.nan))
+                                                   for (_, part), size in zip(slices, sizes)]) for k in keys}
+    for start, part in slices:
+        for i, why in part.reasons.items():
+            out.reasons.setdefault(start + i, []).extend(why)
+    return out
 
 
 def make_reward_actor(specs: Iterable[Any], num_cpus: float = 0, num_gpus: float = 0):
-    """A `RewardWorker` as a Ray actor; call `ray.get(actor.score.remote(batch))`.
+    """The recipe's rewards as a Ray actor; call `ray.get(actor.score.remote(batch))`.
 
-    num_cpus=0 by default: scoring text is light and must not hold a CPU the rollouts need;
-    give reward models that run on a GPU num_gpus=1.
+    num_cpus=0 by default: scoring text is light and must not hold a CPU the rollouts need. Rewards
+    that declare `resources` in the recipe get workers of their own behind a RewardRouter.
+    Unknown reward names and resources the cluster does not have fail here, before any worker starts.
     """
     import ray  # here, so importing this module neither needs Ray nor starts it
 
-    actor_cls = ray.remote(RewardWorker)
-    return actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(list(specs))
+    specs = _checked_specs(specs)
+    for s in specs:
+        find_reward(s.name)
+    if not any(s.resources.declared() for s in specs):
+        return ray.remote(RewardWorker).options(num_cpus=num_cpus, num_gpus=num_gpus).remote(specs)
+    _check_cluster_has(specs)
+    return ray.remote(RewardRouter).options(num_cpus=0).remote(specs, num_cpus, num_gpus)
+
+
+def _check_cluster_has(specs: list[RewardSpec]) -> None:
+    """Ray would wait forever for an actor no node can hold; say so instead."""
+    import ray
+
+    total = ray.cluster_resources()
+    for s in specs:
+        r = s.resources
+        for field_name, asked, have in (("num_cpus", r.num_cpus, total.get("CPU", 0)),
+                                        ("num_gpus", r.num_gpus, total.get("GPU", 0)),
+                                        ("memory_gib", r.memory_gib, total.get("memory", 0) / 2**30)):
+            if asked > have:
+                raise ValueError(f"reward {s.key!r}: resources.{field_name}={asked:g} per worker, but the Ray cluster "
+                                 f"has {have:g} in all; lower it, or give Ray more (ray.num_cpus, a GPU node)")

@@ -16,6 +16,7 @@ EPILOG = """examples:
   speechrl train recipes/asr/sft.yaml train.steps=50 train.lr=1e-3
   speechrl train asr/sft --resume                continue the newest asr-sft run from its checkpoint
   speechrl show asr/grpo rollout.sampling.n=4    print the resolved, validated recipe
+  speechrl serve-reward asr_wer metric=cer       serve a reward over HTTP on 127.0.0.1:8100
 """
 
 
@@ -95,6 +96,30 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_serve_reward(args) -> int:
+    import yaml
+
+    from speechrl.rewards.registry import resolve_reward
+    from speechrl.rewards.serve import RewardServer, is_loopback, serve
+
+    kwargs = {}
+    for item in args.kwargs:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"reward argument {item!r} must look like key=value")
+        kwargs[key] = yaml.safe_load(value)
+    token = os.environ.get(args.token_env) or None
+    try:
+        reward = resolve_reward(args.reward, **kwargs)
+    except (KeyError, TypeError, AttributeError) as e:  # a KeyError's str() would add quotes
+        raise ValueError(e.args[0] if e.args else str(e)) from e
+    server = RewardServer(args.reward, reward, token, int(args.max_body_mb * 2**20), args.workers, args.max_pending)
+    if not token and is_loopback(args.host):
+        logging.getLogger(__name__).warning("no token in $%s: any local process may call this server", args.token_env)
+    serve(server, args.host, args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="speechrl", description="RLHF post-training for speech models "
                                      "(ASR, TTS, realtime dialogue) on one audio-language backbone.",
@@ -145,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = configured_by_recipe(sub.add_parser("eval", help="held-out WER/CER of a backbone directory "
                              "(a run's final/ or a checkpoint); data.eval from the recipe"), "checkpoint")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("serve-reward", help="serve a reward over HTTP for `remote` rewards (schema: docs/rewards.md)")
+    p.add_argument("reward", help="registered name, pkg.module:attr, or an installed package's entry point")
+    p.add_argument("kwargs", nargs="*", help="key=value arguments of the reward (values read as YAML)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; anything but loopback needs a token")
+    p.add_argument("--port", type=int, default=8100, help="port; 0 picks a free one (the URL is printed)")
+    p.add_argument("--token-env", default="SPEECHRL_REWARD_TOKEN",
+                   help="environment variable holding the bearer token clients must send (unset: no token)")
+    p.add_argument("--max-body-mb", type=float, default=64.0, help="larger requests get 413")
+    p.add_argument("--workers", type=int, default=1, help="batches scored at once, in threads (>1 only for "
+                   "thread-safe rewards)")
+    p.add_argument("--max-pending", type=int, default=32, help="requests waiting beyond this get 503 (clients retry)")
+    p.set_defaults(fn=cmd_serve_reward)
     return parser
 
 

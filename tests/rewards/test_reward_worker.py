@@ -29,17 +29,21 @@ def test_worker_rejects_bad_specs():
         RewardWorker([{"name": "asr_wer"}, {"name": "asr_wer"}])
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.ray
 def test_worker_as_ray_actor(ray_cluster):
     actor = make_reward_actor([RewardSpec(name="asr_wer", weight=1.0, normalize=True)])
     result = ray_cluster.get(actor.score.remote(BATCH), timeout=60)
     np.testing.assert_allclose(result.total, EXPECTED_Z)
     assert result.valid.all() and result.metrics()["rewards/asr_wer/repetition"] == 1 / 3
+
+
+def test_replica_slices_join_in_order_with_reasons_shifted():
+    from speechrl.rewards.combine import RawScores
+    from speechrl.rewards.worker import _concat
+
+    first = RawScores({"r": {"reward": np.array([1.0, np.nan]), "extra": np.array([5.0, 6.0])}}, {1: ["r: no ref"]})
+    second = RawScores({"r": {"reward": np.array([np.nan, 4.0, 5.0])}}, {0: ["r raised"]})
+    joined = _concat([(0, first), (2, second)])
+    np.testing.assert_array_equal(joined.components["r"]["reward"], [1.0, np.nan, np.nan, 4.0, 5.0])
+    np.testing.assert_array_equal(joined.components["r"]["extra"], [5.0, 6.0, np.nan, np.nan, np.nan])
+    assert joined.reasons == {1: ["r: no ref"], 2: ["r raised"]}
