@@ -39,7 +39,7 @@ def text_ids_without_eos(tokenizer) -> list[int]:
     return [i for i in allowed_token_ids(tokenizer, "asr") if i != eos]
 
 
-def bench_transformers(path, clips, n, tokens, temperature) -> dict:
+def bench_transformers(path, clips, n, tokens, temperature, repeats: int) -> dict:
     from speechrl.data.prompts import render_prompt
     from speechrl.rlhf.backbone import load_backbone
 
@@ -54,38 +54,39 @@ def bench_transformers(path, clips, n, tokens, temperature) -> dict:
     kw = dict(do_sample=True, temperature=temperature, num_return_sequences=n, max_new_tokens=tokens,
               pad_token_id=tok.pad_token_id, suppress_tokens=[i for i in range(vocab) if i not in allowed])
     with torch.no_grad():
-        bb.model.generate(**{k: v[:1] for k, v in inputs.items()}, **{**kw, "max_new_tokens": 2,
-                                                                      "min_new_tokens": 2})  # warm-up
+        bb.model.generate(**inputs, **kw)  # warm-up: the same workload once, untimed
         start = time.perf_counter()
-        out = bb.model.generate(**inputs, **kw)
-        seconds = time.perf_counter() - start
+        for _ in range(repeats):
+            out = bb.model.generate(**inputs, **kw)
+        seconds = (time.perf_counter() - start) / repeats
     generated = out[:, inputs["input_ids"].shape[1]:].numel()
     return {"samples": out.shape[0], "tokens": generated, "seconds": seconds}
 
 
-def bench_rollout_workers(path, clips, n, tokens, temperature, workers: int) -> dict:
+def bench_rollout_workers(path, clips, n, tokens, temperature, rollout_cfg, repeats: int) -> dict:
     import ray
 
     from speechrl.data.prompts import render_prompt
     from speechrl.rlhf.backbone import load_backbone
-    from speechrl.rlhf.config import RolloutConfig
     from speechrl.rollouts.engine import generate_across, make_rollout_workers
     from speechrl.rollouts.types import RolloutRequest
 
     proc = load_backbone(path).processor
     prompt = render_prompt(proc, "asr")
     allowed = text_ids_without_eos(proc.tokenizer)
-    ray.init(num_cpus=max(2, workers), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=max(os.cpu_count() or 1, rollout_cfg.num_workers), include_dashboard=False,
+             log_to_driver=False)
     try:
         start = time.perf_counter()
-        handles = make_rollout_workers(str(path), RolloutConfig(), workers, seed=0)
+        handles = make_rollout_workers(str(path), rollout_cfg, rollout_cfg.num_workers, seed=0)
         startup = time.perf_counter() - start
         reqs = [RolloutRequest(prompt, c, 16000, {}) for c in clips]
         sampling = dict(n=n, temperature=temperature, top_p=1.0, max_new_tokens=tokens, allowed_token_ids=allowed)
-        generate_across(handles, reqs[:2], **{**sampling, "max_new_tokens": 2})  # warm-up (first call compiles)
+        generate_across(handles, reqs, **sampling)  # warm-up: the same workload once, untimed
         start = time.perf_counter()
-        samples = generate_across(handles, reqs, **sampling)
-        seconds = time.perf_counter() - start
+        for _ in range(repeats):
+            samples = generate_across(handles, reqs, **sampling)
+        seconds = (time.perf_counter() - start) / repeats
     finally:
         ray.shutdown()
     return {"samples": len(samples), "tokens": sum(len(s.completion_ids) for s in samples),
@@ -111,25 +112,27 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, help="rollout workers (default: recipes/asr/grpo.yaml's)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per path (after one untimed warm-up)")
     ap.add_argument("--grpo-steps", type=int, default=6, help="0 skips the GRPO phase split")
     args = ap.parse_args()
 
     from speechrl.rlhf import assets
     from speechrl.rlhf.config import load_recipe
 
-    path = Path(args.backbone) if args.backbone else assets.backbone_path(load_recipe("asr/grpo"))
+    recipe = load_recipe("asr/grpo", [f"rollout.num_workers={args.workers}"] if args.workers else [])
+    path = Path(args.backbone) if args.backbone else assets.backbone_path(recipe)
     clips = three_second_prompts(args.prompts, 16000)
-    hf = bench_transformers(path, clips, args.n, args.tokens, args.temperature)
-    ours = bench_rollout_workers(path, clips, args.n, args.tokens, args.temperature, args.workers)
+    hf = bench_transformers(path, clips, args.n, args.tokens, args.temperature, args.repeats)
+    ours = bench_rollout_workers(path, clips, args.n, args.tokens, args.temperature, recipe.rollout, args.repeats)
 
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{'cuda' if torch.cuda.is_available() else 'cpu'}")
     print(f"workload: {args.prompts} prompts x {args.n} samples x {args.tokens} new tokens, 3 s audio each, "
-          f"temperature {args.temperature}\n")
+          f"temperature {args.temperature}; mean of {args.repeats} runs after a warm-up\n")
     print("| path | samples/s | tokens/s | seconds | speed-up |")
     print("|---|---:|---:|---:|---:|")
-    for name, r in (("transformers generate", hf), (f"speechrl rollout workers ({args.workers}x vLLM)", ours)):
+    for name, r in (("transformers generate", hf), (f"speechrl rollout workers ({recipe.rollout.num_workers}x vLLM)", ours)):
         speedup = (r["tokens"] / r["seconds"]) / (hf["tokens"] / hf["seconds"])
         print(f"| {name} | {r['samples'] / r['seconds']:.1f} | {r['tokens'] / r['seconds']:.0f} | "
               f"{r['seconds']:.2f} | {speedup:.2f}x |")

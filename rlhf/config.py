@@ -56,6 +56,7 @@ class ModelConfig:
     tiny: TinyBackboneConfig = field(default_factory=TinyBackboneConfig)  # shape of the embedded backbone
     lora: LoraConfig = field(default_factory=LoraConfig)  # parameter-efficient fine-tuning
     gradient_checkpointing: bool = False  # trade compute for activation memory
+    freeze_audio_encoder: bool = False  # train only the adaptor and decoder; the audio tower keeps its weights
 
 
 @dataclass
@@ -100,7 +101,7 @@ class TrainConfig:
     checkpoint_every: int = 100  # write a resumable checkpoint every N steps (and at the end)
     keep_checkpoints: int = 2  # older checkpoints are deleted
     log_every: int = 10  # write metrics every N steps
-    torch_threads: int = 0  # intra-op threads for the trainer; 0 lets torch decide
+    torch_threads: int = 0  # intra-op threads for the trainer; 0 = all CPUs of the machine (RL phases take turns)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
@@ -136,6 +137,23 @@ class RolloutConfig:
     enforce_eager: bool = True  # no CUDA graphs / compilation (fast start, needed on CPU)
     weight_transport: str = "object_store"  # how the trainer's weights reach the engines, by registered name
     max_retries: int = 1  # a step whose rollout worker died is retried this many times on a fresh worker
+    threads_per_worker: int = 0  # CPU engines' intra-op threads; 0 = the machine's CPUs shared among the workers
+
+
+@dataclass
+class RewardResources:
+    num_cpus: float = 0  # CPUs Ray reserves for each of this reward's workers
+    num_gpus: float = 0  # GPUs per worker (0.5 packs two reward models on one GPU)
+    memory_gib: float = 0  # host memory Ray reserves per worker (for placement; not a hard cap)
+    replicas: int = 1  # workers of this reward; each batch is split among them (rewards must score samples independently)
+
+    def __post_init__(self):
+        if min(self.num_cpus, self.num_gpus, self.memory_gib) < 0 or self.replicas < 1:
+            raise ValueError(f"reward resources {self}: num_cpus, num_gpus and memory_gib must be >= 0, replicas >= 1")
+
+    def declared(self) -> bool:
+        """True if the recipe asked for anything: such a reward gets workers of its own."""
+        return self != RewardResources()
 
 
 @dataclass
@@ -144,6 +162,12 @@ class RewardSpec:
     weight: float = 1.0  # weight in the combined reward
     normalize: bool = True  # z-normalize this component over the batch before weighting
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the reward's constructor
+    alias: Optional[str] = None  # key in weights and logs (rewards/<alias>/...); null = name. Lets one reward be listed twice
+    resources: RewardResources = field(default_factory=RewardResources)  # none declared: shares the default reward worker
+
+    @property
+    def key(self) -> str:
+        return self.alias or self.name
 
 
 @dataclass

@@ -12,6 +12,7 @@ Each phase is timed and the times are logged every step (`time/<phase>`).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from speechrl.data.prompts import render_prompt
 from speechrl.rlhf import assets
 from speechrl.rlhf.algos import ADVANTAGES
-from speechrl.rlhf.config import RecipeConfig
+from speechrl.rlhf.config import RecipeConfig, RecipeError
 from speechrl.rlhf.evaluate import log_examples
 from speechrl.rlhf.backbone import allowed_token_ids, load_processor
 from speechrl.rlhf.policy import seed_everything
@@ -67,7 +68,18 @@ def start_ray(cfg: RecipeConfig) -> None:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
+        # Logical CPUs for the actors' placement. The loop's phases take turns (generate, then score,
+        # then update), so every actor may hold a CPU even on a machine with fewer cores.
+        # policy worker + engines + what rewards declare (rewards without `resources` ask for none)
+        reward_cpus = math.ceil(sum(r.resources.num_cpus * r.resources.replicas for r in cfg.rewards))
+        actors = 1 + cfg.rollout.num_workers + reward_cpus
+        if cfg.ray.num_cpus is not None and cfg.ray.num_cpus < actors:
+            # Ray would leave the extra actors pending forever: fail now, not hang
+            raise RecipeError(f"ray.num_cpus={cfg.ray.num_cpus} but the run places actors needing {actors} CPUs "
+                              f"(the policy worker, rollout.num_workers={cfg.rollout.num_workers} engines and "
+                              f"{reward_cpus} for rewards' resources); set ray.num_cpus>={actors} or lower "
+                              f"rollout.num_workers")
+        ray.init(num_cpus=cfg.ray.num_cpus or max(actors, os.cpu_count() or 2), include_dashboard=False,
                  runtime_env={"env_vars": env}, log_to_driver=True)
 
 
@@ -130,11 +142,13 @@ class GRPORecipe:
                     str(self.backbone_path), self.cfg.rollout, 1, self.cfg.seed + 1000 + attempt)[0]
                 self.sync()
 
-    def score(self, samples):
+    def score(self, samples, requests):
         import ray
 
         batch = {"completions": [s.text for s in samples], "completion_ids": [s.completion_ids for s in samples],
-                 "mode": self.cfg.mode}
+                 "mode": self.cfg.mode, "sample_rate": self.cfg.data.sample_rate,
+                 # each prompt's clip once per sample; the object store ships each distinct array once
+                 "audio": [requests[s.prompt_index].audio for s in samples]}
         for key in samples[0].metadata:
             batch[key] = [s.metadata[key] for s in samples]
         return ray.get(self.reward.score.remote(batch))
@@ -178,7 +192,7 @@ class GRPORecipe:
                 requests = self.requests(step)
                 samples = self.generate(requests, step)
             with timer("score"):
-                scores = self.score(samples)
+                scores = self.score(samples, requests)
             with timer("advantages"):
                 adv = self.advantages(samples, scores)
             with timer("update"):

@@ -15,13 +15,13 @@ from speechrl.rlhf.algos import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from speechrl.rlhf.backbone import allowed_token_ids, hub_state_dict, save_backbone
 from speechrl.rlhf.config import RecipeConfig
 from speechrl.rlhf.evaluate import evaluate_asr
-from speechrl.rlhf.policy import (build_policy, build_token_batch, exportable_model, maybe_set_threads, save_policy,
+from speechrl.rlhf.policy import (build_policy, build_token_batch, exportable_model, set_threads, save_policy,
                                   seed_everything, token_logprobs, unwrap, vocab_mask)
 
 
 class PolicyWorker:
     def __init__(self, cfg: RecipeConfig, backbone_path: str, checkpoint: str | None = None):
-        maybe_set_threads(cfg.train.torch_threads)
+        set_threads(cfg.train.torch_threads)
         seed_everything(cfg.seed)
         self.cfg = cfg
         policy = build_policy(cfg, Path(backbone_path), Path(checkpoint) if checkpoint else None,
@@ -78,7 +78,7 @@ class PolicyWorker:
                 share = len(adv) / n
                 self.optimizer.backward(loss * share)
                 for k, v in {"loss": loss, **metrics}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * share
+                    sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * share
             sums.update(self.optimizer.step())
             history.append(sums)
         out = {f"train/{k}": v for k, v in history[0].items() if k not in ("grad_norm", "lr")}

@@ -19,7 +19,7 @@ from speechrl.rlhf import assets
 from speechrl.rlhf.backbone import save_backbone
 from speechrl.rlhf.config import RecipeConfig
 from speechrl.rlhf.evaluate import evaluate_asr, log_examples
-from speechrl.rlhf.policy import (build_policy, build_token_batch, exportable_model, maybe_set_threads,
+from speechrl.rlhf.policy import (build_policy, build_token_batch, exportable_model, set_threads,
                                   prompt_ids_for, save_policy, seed_everything, sft_loss)
 from speechrl.rlhf.run_dir import (RunLogger, find_resume_dir, latest_checkpoint, new_run_dir, prune_checkpoints,
                                    resume_run, write_trainer_state)
@@ -42,7 +42,7 @@ class SFTRecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
-        maybe_set_threads(cfg.train.torch_threads)
+        set_threads(cfg.train.torch_threads)
         seed_everything(cfg.seed)
         self.run_dir = find_resume_dir(cfg, self.resume) if self.resume else new_run_dir(cfg)
         checkpoint = latest_checkpoint(self.run_dir) if self.resume else None

@@ -66,16 +66,18 @@ class _DropMessages(logging.Filter):
 
 
 def _quiet_benign_vllm_warnings() -> None:
-    """Two warnings vLLM-CPU repeats on every step, neither a fault: its engine replaces
-    torch.set_num_threads (and warns at each call from the feature extractor), and rotary
-    embeddings have no weights to reload. Everything else vLLM logs is kept."""
-    drop = _DropMessages(("doesn't allow to use `torch.set_num_threads`", "RotaryEmbedding: Failed to load"))
-    for handler in logging.getLogger("vllm").handlers:
-        handler.addFilter(drop)
-    logging.getLogger("vllm").addFilter(drop)
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("vllm."):
-            logging.getLogger(name).addFilter(drop)
+    """Messages vLLM-CPU repeats on every step, none a fault: its engine replaces
+    torch.set_num_threads (and warns at each call from the feature extractor), rotary embeddings
+    have no weights to reload, and every weight sync reports itself. Everything else is kept."""
+    drop = _DropMessages(("doesn't allow to use `torch.set_num_threads`", "RotaryEmbedding: Failed to load",
+                          # a weight sync after every step logs these two lines; the driver times the sync itself
+                          "Reloading weights inplace", "Reloading and processing weights took",
+                          "Successfully reset prefix cache"))
+    loggers = [logging.getLogger("vllm")] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+                                              if name.startswith("vllm.")]
+    for target in [*logging.getLogger("vllm").handlers, *loggers]:
+        if not any(isinstance(f, _DropMessages) for f in target.filters):  # called before and after start-up
+            target.addFilter(drop)
 
 
 class RolloutEngine:
@@ -83,7 +85,7 @@ class RolloutEngine:
 
     def __init__(self, backbone_path: str, *, kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.5,
                  tensor_parallel_size: int = 1, enforce_eager: bool = True, max_model_len: int = 1024,
-                 seed: int = 0):
+                 seed: int = 0, threads: int = 0):
         # Keeps the engine core in this process (and actor): load_weights hands vLLM a Python
         # iterator through collective_rpc, which cannot cross into a separate engine process.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -96,9 +98,14 @@ class RolloutEngine:
             raise FileNotFoundError(f"{path}: no config.json; not a backbone directory")
         self.sample_rate = AutoFeatureExtractor.from_pretrained(path).sampling_rate
         _relax_qwen2_audio_frames()
+        if not torch.cuda.is_available() and threads > 0:
+            # before LLM(): vLLM's CPU worker then forbids torch.set_num_threads. In a Ray actor
+            # torch starts with OMP_NUM_THREADS=1, one thread for the whole engine.
+            torch.set_num_threads(threads)
         # On CPU vLLM's gpu_memory_utilization fails at start-up; a fixed KV-cache size works.
         memory = ({"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available()
                   else {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)})
+        _quiet_benign_vllm_warnings()  # start-up warns too; the handler's filter sees every vllm.* logger
         self.llm = LLM(model=str(path), dtype="auto" if torch.cuda.is_available() else "float32",
                        enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
                        limit_mm_per_prompt={"audio": 1}, max_model_len=max_model_len, seed=seed,
@@ -161,19 +168,22 @@ class RolloutEngine:
 def make_rollout_workers(backbone_path: str, cfg, num_workers: int, seed: int) -> list:
     """Start `num_workers` Ray actors, each holding one RolloutEngine (`cfg`: a RolloutConfig).
 
-    On a cluster with GPUs each actor takes `tensor_parallel_size` GPUs; on CPU one core.
+    On a cluster with GPUs each actor takes `tensor_parallel_size` GPUs; on CPU one core for Ray's
+    bookkeeping, while its engine computes on `cfg.threads_per_worker` threads (0: this machine's
+    cores shared among the workers; generation and training take turns, so they do not compete).
     Returns once every engine is up, so start-up errors surface here, not at the first generate.
     """
     import ray
 
     on_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // num_workers)
     actor = ray.remote(RolloutEngine).options(
         num_cpus=1, num_gpus=cfg.tensor_parallel_size if on_gpu else 0,
         runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
     workers = [actor.remote(str(backbone_path), kv_cache_gib=cfg.kv_cache_gib,
                             gpu_memory_utilization=cfg.gpu_memory_utilization,
                             tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager,
-                            seed=seed + k)
+                            seed=seed + k, threads=threads)
                for k in range(num_workers)]
     ray.get([w.ping.remote() for w in workers])
     return workers

@@ -20,7 +20,7 @@ SMALL = ["model.tiny.hidden_size=128", "model.tiny.num_heads=2", "model.tiny.num
          "model.tiny.num_codec_tokens=64", "data.synthetic.num_utterances=60", "data.max_eval_examples=4",
          "grpo.prompts_per_step=4", "rollout.sampling.n=4", "rollout.sampling.max_new_tokens=8",
          "eval_max_new_tokens=8", "rollout.kv_cache_gib=0.25", "train.batch_size=16", "grpo.kl_coef=0.05",
-         "ray.num_cpus=2"]
+         "rollout.num_workers=1", "ray.num_cpus=2"]
 
 
 @pytest.fixture(scope="module")

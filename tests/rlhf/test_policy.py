@@ -23,3 +23,71 @@ def test_resumed_policy_keeps_the_starting_weights_as_kl_reference(sft_config, s
     assert torch.allclose(reference, first.reference.state_dict()[name]), "reference is the run's start"
     assert not torch.allclose(reference, trained)
     assert not any(p.requires_grad for p in resumed.reference.parameters())
+
+
+def _grpo_like_batch(backbone, clips, n):
+    """n completions of different lengths per clip, each row holding a reference to its prompt's clip
+    (as GRPO's update does); clips of different lengths, so prompts differ in length too."""
+    from speechrl.data.prompts import render_prompt
+    from speechrl.rlhf.policy import build_token_batch, prompt_ids_for
+
+    proc = backbone.processor
+    prompt = render_prompt(proc, "asr")
+    gen = torch.Generator().manual_seed(0)
+    prompts, completions, audios = [], [], []
+    for clip in clips:
+        ids = prompt_ids_for(proc, prompt, clip)
+        for j in range(n):
+            prompts.append(ids)
+            completions.append(torch.randint(0, 300, (3 + j,), generator=gen).tolist())
+            audios.append(clip)
+    return prompts, completions, audios, build_token_batch(proc, prompts, completions, audios,
+                                                          backbone.tokenizer.pad_token_id)
+
+
+def test_shared_prompts_run_once_with_the_same_logprobs_and_grads(sft_assets):
+    import numpy as np
+
+    from speechrl.rlhf.backbone import load_backbone
+    from speechrl.rlhf.policy import build_token_batch, token_logprobs
+
+    backbone = load_backbone(sft_assets[0])
+    rng = np.random.default_rng(0)
+    clips = [rng.normal(0, 0.1, 16000 * s).astype(np.float32) for s in (1, 2)]
+    prompts, completions, audios, shared = _grpo_like_batch(backbone, clips, n=3)
+    assert shared.input_features.shape[0] == 2 and shared.audio_index.tolist() == [0, 0, 0, 1, 1, 1]
+    # the same rows with a private copy of each clip take transformers' own forward
+    private = build_token_batch(backbone.processor, prompts, completions, [a.copy() for a in audios],
+                                backbone.tokenizer.pad_token_id)
+    assert private.audio_index is None and private.input_features.shape[0] == 6
+
+    model = backbone.model
+    grads = []
+    for batch in (shared, private):
+        model.zero_grad()
+        logp = token_logprobs(model, batch)
+        (logp * batch.completion_mask).sum().backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+        if batch is shared:
+            first = logp.detach()
+    mask = shared.completion_mask
+    assert torch.equal(mask, private.completion_mask) and mask.sum() == sum(map(len, completions))
+    assert torch.allclose(first[mask], logp.detach()[mask], atol=1e-5)
+    assert bool((first[~mask] == 0).all()), "the shared-prompt path fills completion positions only"
+    assert grads[0].keys() == grads[1].keys() and any("audio_tower" in k for k in grads[0])
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-5), k
+    # gradient checkpointing rules out the KV cache: clips are still encoded once, rows run in full
+    model.gradient_checkpointing_enable()
+    checkpointed = token_logprobs(model, shared).detach()
+    assert torch.allclose(checkpointed[mask], first[mask], atol=1e-5)
+
+
+def test_freeze_audio_encoder_trains_only_adaptor_and_decoder(sft_config, sft_assets):
+    cfg = sft_config("frozen", "model.freeze_audio_encoder=true")
+    policy = build_policy(cfg, sft_assets[0])
+    trainable = {k for k, p in policy.model.named_parameters() if p.requires_grad}
+    assert trainable and not any("audio_tower" in k for k in trainable)
+    assert any("multi_modal_projector" in k for k in trainable)
+    optimized = {id(p) for g in policy.optimizer.optimizer.param_groups for p in g["params"]}
+    assert optimized == {id(p) for p in policy.model.parameters() if p.requires_grad}
