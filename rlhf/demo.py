@@ -14,7 +14,7 @@ from speechrl.rlhf.config import load_recipe
 # The demo's own settings, on top of the shipped recipes. SFT stops while the model still
 # confuses words, so GRPO has errors left to remove within the demo's time budget.
 SFT_OVERRIDES = ["train.steps=150", "train.eval_every=150", "train.checkpoint_every=150"]
-GRPO_OVERRIDES = ["train.steps=40", "train.eval_every=20", "train.checkpoint_every=20"]
+GRPO_OVERRIDES: list[str] = []  # recipes/asr/grpo.yaml as shipped
 
 
 def run_demo(overrides: list[str], output_dir: str = "runs") -> dict:
