@@ -4,6 +4,10 @@ per completion, or named components with the score under "reward". docs/rewards.
 api.py        the call, `Unscored`, sync and async rewards alike
 normalize.py  text normalization for scoring transcripts
 asr.py        WER/CER and the `asr_wer` reward
+speech.py     TTS batches' waveforms, and `speech_sanity` (speaking rate, silence, clipping)
+intelligibility.py  `tts_intelligibility`: judge-ASR error rate of the generated audio (pocketsphinx or transformers)
+speaker.py    `speaker_similarity`: speaker-embedding cosine to the reference voice (resemblyzer or x-vector)
+quality.py    `dnsmos`: no-reference MOS (DNSMOS ONNX from speechmos)
 hosted.py     `hf_classifier`: a transformers classifier from a local directory as a reward
 remote.py     `remote`: score on a reward server over HTTP (timeouts, retries, unscored marking)
 serve.py      the reward server behind `speechrl serve-reward`

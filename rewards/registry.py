@@ -22,7 +22,11 @@ from speechrl.rlhf.registry import Registry
 
 from speechrl.rewards.asr import AsrWerReward
 from speechrl.rewards.hosted import HfClassifierReward
+from speechrl.rewards.intelligibility import TtsIntelligibilityReward
+from speechrl.rewards.quality import DnsmosReward
 from speechrl.rewards.remote import RemoteReward
+from speechrl.rewards.speaker import SpeakerSimilarityReward
+from speechrl.rewards.speech import SpeechSanityReward
 
 ENTRY_POINT_GROUP = "speechrl.rewards"
 
@@ -107,3 +111,7 @@ def resolve_reward(name: str, **kwargs: Any) -> Callable:
 register_reward("asr_wer")(AsrWerReward)
 register_reward("hf_classifier")(HfClassifierReward)
 register_reward("remote")(RemoteReward)
+register_reward("tts_intelligibility")(TtsIntelligibilityReward)
+register_reward("speaker_similarity")(SpeakerSimilarityReward)
+register_reward("dnsmos")(DnsmosReward)
+register_reward("speech_sanity")(SpeechSanityReward)

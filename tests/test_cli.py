@@ -9,6 +9,8 @@ import subprocess
 import pytest
 import yaml
 
+from speechrl.rlhf.config import RECIPES_DIR
+
 SPEECHRL = shutil.which("speechrl")
 pytestmark = pytest.mark.skipif(SPEECHRL is None, reason="speechrl console script not installed (pip install -e .)")
 
@@ -36,7 +38,8 @@ def test_show_applies_overrides():
     assert re.search(r"^    '?n'?: 4$", proc.stdout, re.M)
     shown = yaml.safe_load(proc.stdout)
     assert shown["algorithm"] == "grpo" and shown["rollout"]["sampling"]["n"] == 4
-    assert shown["train"]["steps"] == 60  # the recipe's own values survive
+    shipped = yaml.safe_load((RECIPES_DIR / "asr" / "grpo.yaml").read_text())
+    assert shown["train"]["steps"] == shipped["train"]["steps"]  # the recipe's own values survive
 
 
 @pytest.mark.parametrize("args, named", [

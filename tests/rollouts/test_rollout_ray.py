@@ -27,6 +27,16 @@ def workers(tiny_backbone_dir):
     ray.shutdown()
 
 
+def test_engines_compute_on_their_share_of_the_cores(workers):
+    """A Ray actor starts torch with one thread (OMP_NUM_THREADS=1); each engine is given its share."""
+    import os
+
+    import ray
+
+    threads = ray.get([w.__ray_call__.remote(lambda self: torch.get_num_threads()) for w in workers])
+    assert threads == [max(1, (os.cpu_count() or 1) // len(workers))] * len(workers)
+
+
 def test_generate_across_keeps_global_order(workers, make_requests, tiny_backbone_dir):
     from speechrl.rollouts.engine import generate_across
 
@@ -82,13 +92,3 @@ def test_dead_worker_raises_naming_it(workers, make_requests):
         generate_across(workers, make_requests(4), **SAMPLING)
     assert info.value.worker_index == 1
     assert time.perf_counter() - start < 30
-
-
-def test_engines_compute_on_their_share_of_the_cores(workers):
-    """A Ray actor starts torch with one thread (OMP_NUM_THREADS=1); each engine is given its share."""
-    import os
-
-    import ray
-
-    threads = ray.get([w.__ray_call__.remote(lambda self: torch.get_num_threads()) for w in workers])
-    assert threads == [max(1, (os.cpu_count() or 1) // len(workers))] * len(workers)

@@ -1,0 +1,111 @@
+"""`tts_intelligibility`: does a judge ASR hear the input text in the generated audio?
+
+reward = -min(error rate of the judge's transcript against `text`, error_cap). The judge is
+pluggable: pocketsphinx by default (its en-us model ships in the wheel: offline, CPU, weak but
+real), or any transformers ASR model saved in a local directory (Whisper, wav2vec2-CTC, ...).
+Error rates are `asr.py`'s, after the same text normalization.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from speechrl.rewards.api import Unscored
+from speechrl.rewards.asr import char_error_rate, word_error_rate
+from speechrl.rewards.speech import JUDGE_RATE, waveforms
+
+
+class PocketsphinxJudge:
+    """pocketsphinx's bundled en-us acoustic model, dictionary and language model."""
+
+    def __init__(self):
+        from pocketsphinx import Decoder
+
+        self.decoder = Decoder(samprate=JUDGE_RATE, loglevel="FATAL")
+
+    def transcribe(self, audio: np.ndarray) -> str:
+        pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16).tobytes()
+        self.decoder.start_utt()
+        self.decoder.process_raw(pcm, full_utt=True)  # one whole utterance: no state from the previous clip
+        self.decoder.end_utt()
+        hyp = self.decoder.hyp()
+        return hyp.hypstr if hyp is not None else ""
+
+
+class HfAsrJudge:
+    """A transformers ASR model from a local directory (model, feature extractor and tokenizer)."""
+
+    def __init__(self, path: str, device: str = "auto"):
+        import torch
+        from transformers import pipeline
+
+        if not (Path(path).expanduser() / "config.json").is_file():
+            raise FileNotFoundError(f"tts_intelligibility: asr={path!r} is neither 'pocketsphinx' nor a directory "
+                                    "with config.json; save_pretrained an ASR model (with its processor) there")
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.pipe = pipeline("automatic-speech-recognition", model=str(Path(path).expanduser()), device=device)
+        self.rate = self.pipe.feature_extractor.sampling_rate
+
+    def transcribe(self, audio: np.ndarray) -> str:
+        import soxr
+
+        if self.rate != JUDGE_RATE:
+            audio = soxr.resample(audio, JUDGE_RATE, self.rate).astype(np.float32)
+        return self.pipe({"raw": audio, "sampling_rate": self.rate})["text"]
+
+
+class TtsIntelligibilityReward:
+    """reward = -min(CER or WER, error_cap); components "reward", "cer", "wer".
+
+    A sample without audio or text is unscored. The judge loads at the first batch, once.
+    """
+
+    def __init__(
+        self,
+        asr: str = "pocketsphinx",  # "pocketsphinx", or a local directory holding a transformers ASR model
+        metric: str = "cer",  # "cer" or "wer": which one the reward uses (both are logged)
+        error_cap: float = 1.0,  # a babbling output can push the error rate past 1; keep the score bounded
+        text_column: str = "text",
+        audio_column: str = "audio",
+        device: str = "auto",  # for a transformers judge: "auto" takes the GPU if there is one
+    ):
+        if metric not in ("cer", "wer"):
+            raise ValueError(f"tts_intelligibility: metric={metric!r}; use 'cer' or 'wer'")
+        if error_cap <= 0:
+            raise ValueError(f"tts_intelligibility: error_cap must be > 0, got {error_cap}")
+        if asr != "pocketsphinx" and not (Path(asr).expanduser() / "config.json").is_file():
+            raise FileNotFoundError(f"tts_intelligibility: asr={asr!r} is neither 'pocketsphinx' nor a directory "
+                                    "with config.json (a transformers ASR model saved with save_pretrained)")
+        self.asr, self.metric, self.error_cap, self.device = asr, metric, error_cap, device
+        self.text_column, self.audio_column = text_column, audio_column
+        self._judge = None
+
+    @property
+    def judge(self):
+        if self._judge is None:
+            self._judge = PocketsphinxJudge() if self.asr == "pocketsphinx" else HfAsrJudge(self.asr, self.device)
+        return self._judge
+
+    def __call__(self, completions: list[str], **columns: Any) -> dict[str, list[Optional[float]]]:
+        if self.text_column not in columns:
+            raise KeyError(f"tts_intelligibility: no text column {self.text_column!r} in the batch "
+                           f"(columns: {', '.join(sorted(columns))}); set kwargs.text_column")
+        audios = waveforms(columns, self.audio_column, "tts_intelligibility")
+        out: dict[str, list] = {"reward": [], "cer": [], "wer": []}
+        transcripts: dict[int, str] = {}  # one waveform sent for several texts is heard once
+        for audio, text in zip(audios, columns[self.text_column], strict=True):
+            if audio is None or isinstance(audio, Unscored) or text is None:
+                for k in out:
+                    out[k].append(audio if isinstance(audio, Unscored) else math.nan)
+                continue
+            if id(audio) not in transcripts:
+                transcripts[id(audio)] = self.judge.transcribe(audio)
+            hyp = transcripts[id(audio)]
+            cer, wer = char_error_rate(hyp, text), word_error_rate(hyp, text)
+            out["cer"].append(cer)
+            out["wer"].append(wer)
+            out["reward"].append(-min(cer if self.metric == "cer" else wer, self.error_cap))
+        return out

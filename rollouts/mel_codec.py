@@ -1,0 +1,177 @@
+"""The embedded codec: k-means units over spectral-envelope frames, decoded with Griffin-Lim.
+
+No download and no GPU: it is fit on a corpus in seconds and saved as two small arrays.
+
+Encode: log-mel frames, minus the clip's mean (per-utterance mean normalization, so the recording
+channel and loudness do not spend units), truncated to their first `n_cepstra` DCT coefficients
+(the smooth spectral envelope that carries what is said; pitch harmonics would take most of the
+units and say little), then residual VQ: codebook 0 quantizes the frame, codebook k the error left
+by codebooks 0..k-1. Decode: sum the centroids, back to a log-mel envelope (plus the corpus mean),
+to an STFT magnitude, and Griffin-Lim for a phase. The voice comes out whispery and the speaker
+is not kept; the words are (benchmarks/codec_roundtrip.py measures how well).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from speechrl.rollouts.codec import flatten_codes, prepare_waveform, unflatten_ids
+
+# Phonetically balanced English (Harvard sentences, IEEE 1969, public domain): what the default
+# codec is fit on, spoken by espeak-ng in several voices.
+FIT_SENTENCES = (
+    "The birch canoe slid on the smooth planks.", "Glue the sheet to the dark blue background.",
+    "It's easy to tell the depth of a well.", "These days a chicken leg is a rare dish.",
+    "Rice is often served in round bowls.", "The juice of lemons makes fine punch.",
+    "The box was thrown beside the parked truck.", "The hogs were fed chopped corn and garbage.",
+    "Four hours of steady work faced us.", "A large size in stockings is hard to sell.",
+    "The boy was there when the sun rose.", "A rod is used to catch pink salmon.",
+    "The source of the huge river is the clear spring.", "Kick the ball straight and follow through.",
+    "Help the woman get back to her feet.", "A pot of tea helps to pass the evening.",
+    "Smoky fires lack flame and heat.", "The soft cushion broke the man's fall.",
+    "The salt breeze came across from the sea.", "The girl at the booth sold fifty bonds.",
+)
+FIT_VOICES = (("en", "en-us", "en-gb-x-rp"), (140, 175, 210), (35, 50, 65))  # voices, rates (wpm), pitches
+
+
+@dataclass(frozen=True)
+class MelCodecConfig:
+    sample_rate: int = 16000
+    n_fft: int = 1024
+    hop_length: int = 256  # 16 ms frames: 62.5 frames/s
+    n_mels: int = 80
+    n_cepstra: int = 24  # DCT coefficients of the log-mel frame kept (the envelope)
+    codebook_size: int = 512
+    num_codebooks: int = 2  # residual VQ stages; codebook_size * num_codebooks ids in all
+    griffin_lim_iters: int = 32
+    level: float = 0.05  # RMS the input is scaled to before analysis, and the output's RMS
+    max_fit_frames: int = 40_000  # frames k-means sees (a random subset of a larger corpus)
+    seed: int = 0
+
+
+class MelUnitCodec:
+    """See the module docstring. Build with `fit`, or `load` a saved one."""
+
+    FILE = "mel_codec.json"
+    ARRAYS = "mel_codec.npz"
+
+    def __init__(self, config: MelCodecConfig, codebooks: np.ndarray, mean_logmel: np.ndarray):
+        expected = (config.num_codebooks, config.codebook_size, config.n_cepstra)
+        if codebooks.shape != expected or mean_logmel.shape != (config.n_mels,):
+            raise ValueError(f"MelUnitCodec: codebooks {codebooks.shape} / mean {mean_logmel.shape} do not match "
+                             f"the config ({expected} / ({config.n_mels},)); refit or re-save the codec")
+        import librosa
+
+        self.config = config
+        self.codebooks = codebooks.astype(np.float32)
+        self.mean_logmel = mean_logmel.astype(np.float32)
+        self.sample_rate, self.codebook_size = config.sample_rate, config.codebook_size
+        self.num_codebooks = config.num_codebooks
+        self.frame_rate = config.sample_rate / config.hop_length
+        self._mel = librosa.filters.mel(sr=config.sample_rate, n_fft=config.n_fft, n_mels=config.n_mels)
+
+    # --- analysis ------------------------------------------------------------------------------
+    def _logmel(self, audio: np.ndarray) -> np.ndarray:
+        import librosa
+
+        c = self.config
+        audio = audio * (c.level / max(float(np.sqrt(np.mean(audio ** 2))), 1e-8))
+        power = np.abs(librosa.stft(audio, n_fft=c.n_fft, hop_length=c.hop_length)) ** 2
+        return np.log(self._mel @ power + 1e-6).T  # (frames, n_mels)
+
+    def _envelope(self, audio: np.ndarray) -> np.ndarray:
+        from scipy.fft import dct
+
+        logmel = self._logmel(audio)
+        return dct(logmel - logmel.mean(axis=0), norm="ortho", axis=1)[:, :self.config.n_cepstra]
+
+    # --- the codec -----------------------------------------------------------------------------
+    def encode(self, waveform: np.ndarray, sample_rate: int) -> np.ndarray:
+        audio = prepare_waveform(waveform, sample_rate, self.sample_rate, "MelUnitCodec.encode")
+        residual = self._envelope(audio)
+        codes = []
+        for book in self.codebooks:
+            # squared distance to every centroid without a (frames, units, dims) temporary
+            dist = (book ** 2).sum(1)[None, :] - 2.0 * residual @ book.T
+            units = dist.argmin(axis=1)
+            codes.append(units)
+            residual = residual - book[units]
+        return flatten_codes(np.stack(codes), self.codebook_size)
+
+    def decode(self, ids: Sequence[int]) -> np.ndarray:
+        import librosa
+        from scipy.fft import idct
+
+        c = self.config
+        units = unflatten_ids(ids, self.num_codebooks, self.codebook_size, "MelUnitCodec.decode")
+        envelope = sum(book[u] for book, u in zip(self.codebooks, units))  # (frames, n_cepstra)
+        full = np.pad(envelope, ((0, 0), (0, c.n_mels - c.n_cepstra)))
+        mel_power = np.exp(idct(full, norm="ortho", axis=1) + self.mean_logmel).T
+        magnitude = librosa.feature.inverse.mel_to_stft(mel_power, sr=c.sample_rate, n_fft=c.n_fft, power=2.0)
+        audio = librosa.griffinlim(magnitude, n_iter=c.griffin_lim_iters, hop_length=c.hop_length,
+                                   n_fft=c.n_fft, random_state=c.seed)
+        audio *= c.level / max(float(np.sqrt(np.mean(audio ** 2))), 1e-8)
+        return np.clip(audio, -1.0, 1.0).astype(np.float32)
+
+    # --- building, saving ----------------------------------------------------------------------
+    @classmethod
+    def fit(cls, waveforms: Sequence[np.ndarray], sample_rate: int,
+            config: MelCodecConfig = MelCodecConfig()) -> "MelUnitCodec":
+        """Fit the codebooks on `waveforms` (float mono at `sample_rate`): residual k-means."""
+        from sklearn.cluster import MiniBatchKMeans  # scikit-learn comes with librosa
+
+        if not waveforms:
+            raise ValueError("MelUnitCodec.fit: no waveforms to fit on")
+        probe = cls(config, np.zeros((config.num_codebooks, config.codebook_size, config.n_cepstra)),
+                    np.zeros(config.n_mels))
+        clips = [prepare_waveform(w, sample_rate, config.sample_rate, f"MelUnitCodec.fit: waveform {i}")
+                 for i, w in enumerate(waveforms)]
+        mean_logmel = np.concatenate([probe._logmel(a) for a in clips]).mean(axis=0)
+        frames = np.concatenate([probe._envelope(a) for a in clips])
+        if len(frames) < config.codebook_size:
+            raise ValueError(f"MelUnitCodec.fit: {len(frames)} frames for {config.codebook_size} units per "
+                             "codebook; fit on more audio or lower codebook_size")
+        rng = np.random.default_rng(config.seed)
+        residual = frames[rng.permutation(len(frames))[:config.max_fit_frames]]
+        books = []
+        for k in range(config.num_codebooks):
+            km = MiniBatchKMeans(config.codebook_size, n_init=1, batch_size=4096, random_state=config.seed + k)
+            km.fit(residual)
+            books.append(km.cluster_centers_)
+            residual = residual - km.cluster_centers_[km.labels_]
+        return cls(config, np.stack(books), mean_logmel)
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        np.savez(directory / self.ARRAYS, codebooks=self.codebooks, mean_logmel=self.mean_logmel)
+        (directory / self.FILE).write_text(json.dumps(asdict(self.config), indent=1))  # last: marks it whole
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "MelUnitCodec":
+        directory = Path(directory).expanduser()
+        if not (directory / cls.FILE).is_file():
+            raise FileNotFoundError(f"{directory}: no {cls.FILE}; not a saved MelUnitCodec")
+        config = MelCodecConfig(**json.loads((directory / cls.FILE).read_text()))
+        with np.load(directory / cls.ARRAYS) as arrays:
+            return cls(config, arrays["codebooks"], arrays["mean_logmel"])
+
+
+def default_codec(cache_dir: str | Path, config: MelCodecConfig = MelCodecConfig()) -> MelUnitCodec:
+    """The embedded codec, fit once on espeak-ng readings of FIT_SENTENCES and cached in `cache_dir`."""
+    from speechrl.data.synth import synthesize
+
+    key = hashlib.sha1(json.dumps([asdict(config), FIT_SENTENCES, FIT_VOICES]).encode()).hexdigest()[:12]
+    directory = Path(cache_dir).expanduser() / "codecs" / f"mel-{key}"
+    if (directory / MelUnitCodec.FILE).is_file():
+        return MelUnitCodec.load(directory)
+    voices, rates, pitches = FIT_VOICES
+    clips = [synthesize(text, voice, rate, pitch, config.sample_rate)
+             for voice in voices for rate in rates for pitch in pitches for text in FIT_SENTENCES]
+    return MelUnitCodec.fit(clips, config.sample_rate, config).save(directory)
