@@ -1,0 +1,67 @@
+"""Preference losses of DPO-style training, as pure functions over sequence logprobs.
+
+Inputs are per-pair log-probabilities of the chosen and rejected completions (summed over their
+tokens) under the policy and the frozen reference. With the implicit reward
+r(y) = beta * (log pi(y) - log ref(y)) and h = r(chosen) - r(rejected):
+
+    sigmoid  (DPO, Rafailov et al. 2023):   -(1 - eps) log sigma(h) - eps log sigma(-h)
+             (eps = label_smoothing, conservative DPO for noisy preference labels)
+    ipo      (IPO, Azar et al. 2023):       (h / beta - 1 / (2 beta))^2, i.e. the log-ratio margin
+             is regressed to 1/(2 beta) instead of pushed to infinity; pass per-token mean
+             logprobs, as IPO's authors and TRL do, so long completions do not dominate.
+
+Written here rather than taken from TRL: TRL's DPO loss is a method of DPOTrainer tied to its
+batches and accelerate state; these functions are the same formulas on plain tensors, so they
+serve the offline and the online (ranked on-policy samples) paths alike.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from speechrl.rlhf.algos.registry import PREFERENCE_LOSSES
+
+
+def _margin(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor) -> Tensor:
+    shapes = {tuple(t.shape) for t in (chosen, rejected, ref_chosen, ref_rejected)}
+    if len(shapes) != 1 or chosen.dim() != 1:
+        raise ValueError(f"chosen/rejected logprobs and their reference values must be [B] of one shape; got {sorted(shapes)}")
+    return (chosen - ref_chosen.detach()) - (rejected - ref_rejected.detach())
+
+
+def _metrics(beta: float, chosen, rejected, ref_chosen, ref_rejected) -> dict[str, Tensor]:
+    with torch.no_grad():
+        reward_chosen = beta * (chosen - ref_chosen)
+        reward_rejected = beta * (rejected - ref_rejected)
+        return {"reward_chosen": reward_chosen.mean(), "reward_rejected": reward_rejected.mean(),
+                "reward_margin": (reward_chosen - reward_rejected).mean(),
+                "reward_accuracy": (reward_chosen > reward_rejected).float().mean()}
+
+
+@PREFERENCE_LOSSES.register("sigmoid")
+def sigmoid_loss(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+                 beta: float = 0.1, label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-pair DPO loss [B] and detached metrics (implicit rewards, their margin and accuracy)."""
+    if beta <= 0 or not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"need beta > 0 and 0 <= label_smoothing < 0.5; got beta={beta}, label_smoothing={label_smoothing}")
+    h = beta * _margin(chosen, rejected, ref_chosen, ref_rejected)
+    loss = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+    return loss, _metrics(beta, chosen, rejected, ref_chosen, ref_rejected)
+
+
+@PREFERENCE_LOSSES.register("ipo")
+def ipo_loss(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+             beta: float = 0.1, label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-pair IPO loss [B]; `label_smoothing` is accepted for a uniform signature and must be 0."""
+    if beta <= 0 or label_smoothing:
+        raise ValueError(f"ipo: need beta > 0 and no label_smoothing; got beta={beta}, label_smoothing={label_smoothing}")
+    margin = _margin(chosen, rejected, ref_chosen, ref_rejected)
+    return (margin - 1 / (2 * beta)) ** 2, _metrics(beta, chosen, rejected, ref_chosen, ref_rejected)
+
+
+def sft_term(chosen_token_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """Per-pair mean negative log-likelihood of the chosen completion's tokens [B] (RPO's extra
+    term, Pang et al. 2024): keeps the chosen answers likely while the margin grows."""
+    mask = mask.to(chosen_token_logprobs.dtype)
+    return -(chosen_token_logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
