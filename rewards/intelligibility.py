@@ -42,9 +42,6 @@ class HfAsrJudge:
         import torch
         from transformers import pipeline
 
-        if not (Path(path).expanduser() / "config.json").is_file():
-            raise FileNotFoundError(f"tts_intelligibility: asr={path!r} is neither 'pocketsphinx' nor a directory "
-                                    "with config.json; save_pretrained an ASR model (with its processor) there")
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.pipe = pipeline("automatic-speech-recognition", model=str(Path(path).expanduser()), device=device)
         self.rate = self.pipe.feature_extractor.sampling_rate

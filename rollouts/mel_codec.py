@@ -174,4 +174,6 @@ def default_codec(cache_dir: str | Path, config: MelCodecConfig = MelCodecConfig
     voices, rates, pitches = FIT_VOICES
     clips = [synthesize(text, voice, rate, pitch, config.sample_rate)
              for voice in voices for rate in rates for pitch in pitches for text in FIT_SENTENCES]
-    return MelUnitCodec.fit(clips, config.sample_rate, config).save(directory)
+    codec = MelUnitCodec.fit(clips, config.sample_rate, config)
+    codec.save(directory)
+    return codec

@@ -150,6 +150,6 @@ def test_transformers_speaker_encoder_from_a_local_directory(tmp_path, two_speak
     a, b = two_speakers[0][1], two_speakers[5][1]
     scores = resolve_reward("speaker_similarity", model=str(tmp_path))([""] * 2, audio=[a, a], reference_audio=[a, b],
                                                                         sample_rate=SR)
-    assert scores[0] == pytest.approx(1.0, abs=1e-5) and -1.0 <= scores[1] <= 1.0
+    assert scores[0] == pytest.approx(1.0, abs=1e-4) and -1.0 <= scores[1] <= 1.0
     with pytest.raises(FileNotFoundError, match="neither 'resemblyzer'"):
         resolve_reward("speaker_similarity", model=str(tmp_path / "missing"))

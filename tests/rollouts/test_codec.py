@@ -1,0 +1,146 @@
+"""Codecs: the flat id layout, the backbone token map, the embedded codec on real speech (judged by
+pocketsphinx), and tiny random transformers codecs (EnCodec, DAC, Mimi) loaded from a local path."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from speechrl.data.audio import load_audio
+from speechrl.rollouts.codec import CodecTokens, flatten_codes, load_codec, unflatten_ids, vocab_size
+from speechrl.rollouts.mel_codec import MelCodecConfig, MelUnitCodec
+
+SR = 16000
+
+
+def test_flat_ids_interleave_frames_with_codebook_offsets():
+    codes = np.array([[3, 5, 7], [1, 0, 511]])  # 2 codebooks x 3 frames
+    ids = flatten_codes(codes, 512)
+    assert ids.tolist() == [3, 513, 5, 512, 7, 1023]
+    assert (unflatten_ids(ids, 2, 512, "t") == codes).all()
+    with pytest.raises(ValueError, match="not a whole number of frames"):
+        unflatten_ids([1, 2, 3], 2, 512, "t")
+    with pytest.raises(ValueError, match=r"id 3 at position 1 is outside codebook 1's range \[512, 1024\)"):
+        unflatten_ids([1, 3], 2, 512, "t")
+    with pytest.raises(ValueError, match="no codec ids"):
+        unflatten_ids([], 2, 512, "t")
+
+
+@pytest.fixture(scope="module")
+def codec(tmp_path_factory):
+    """The embedded codec as shipped: fit on espeak-ng Harvard sentences, cached, loaded back."""
+    from speechrl.rollouts.mel_codec import default_codec
+
+    cache = tmp_path_factory.mktemp("cache")
+    fitted = default_codec(cache)
+    loaded = default_codec(cache)  # the second call loads what the first saved
+    assert (loaded.codebooks == fitted.codebooks).all() and len(list(cache.glob("codecs/mel-*"))) == 1
+    return loaded
+
+
+def test_embedded_codec_round_trip_keeps_the_words(codec, shared_data):
+    """Real speech (an LJSpeech clip) through the codec: pocketsphinx's transcript of the decoded
+    audio is nearer its own sentence than to any other. The codec is fit on espeak-ng, so on real
+    voices it loses much (benchmarks/codec_roundtrip.py measures how much); it must not lose all."""
+    from speechrl.rewards.registry import resolve_reward
+
+    clip = load_audio(shared_data / "real_speech" / "misc" / "LJ050-0131.wav", SR)
+    text = "unless a system is established for the frequent formal review of activities thereunder. in this regard"
+    others = [p.read_text().strip() for p in sorted((shared_data / "real_speech" / "librivox").glob("*.txt"))]
+    ids = codec.encode(clip, SR)
+    assert ids.dtype == np.int64 and len(ids) == 2 * (len(clip) // 256 + 1)  # centred frames, 2 codebooks
+    assert 0 <= ids.min() and ids.max() < vocab_size(codec) == 1024
+    audio = codec.decode(ids)
+    assert audio.dtype == np.float32 and abs(len(audio) - len(clip)) < 256
+    texts = [text] + others
+    cer = resolve_reward("tts_intelligibility")([""] * len(texts), audio=[audio] * len(texts), text=texts,
+                                                 sample_rate=SR)["cer"]
+    assert cer[0] < min(cer[1:]), cer
+
+
+def test_embedded_codec_resamples_and_rejects_bad_input(codec):
+    t = np.arange(SR) / SR
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    import soxr
+
+    at_44k = soxr.resample(tone, SR, 44100)
+    assert abs(len(codec.encode(at_44k, 44100)) - len(codec.encode(tone, SR))) <= 2
+    for bad, match in [(np.zeros(0, np.float32), "empty"), (np.zeros((2, 100), np.float32), "mono 1-D"),
+                       (np.array([0, np.nan], np.float32), "NaN"), ((tone * 32767).astype(np.int16), "int16")]:
+        with pytest.raises(ValueError, match=match):
+            codec.encode(bad, SR)
+    with pytest.raises(ValueError, match="sample_rate=0"):
+        codec.encode(tone, 0)
+    with pytest.raises(ValueError, match="outside codebook 0's range"):
+        codec.decode([600, 700])
+    with pytest.raises(FileNotFoundError, match="neither a transformers codec"):
+        load_codec("/no/such/codec")
+
+
+def test_codec_tokens_map_into_the_backbone_block(codec, tiny_backbone_dir):
+    from speechrl.rlhf.backbone import CODEC_END, load_processor
+
+    tokenizer = load_processor(tiny_backbone_dir).tokenizer
+    tokens = CodecTokens(tokenizer, codec)
+    ids = [0, 512, 511, 1023]
+    backbone_ids = tokens.to_backbone(ids)
+    assert tokenizer.convert_ids_to_tokens(backbone_ids) == ["<|a0|>", "<|a512|>", "<|a511|>", "<|a1023|>"]
+    end = tokenizer.convert_tokens_to_ids(CODEC_END)
+    assert tokens.from_backbone(backbone_ids + [end, backbone_ids[0]]) == ids
+    with pytest.raises(ValueError, match="position 1 is not one of this codec's 1024 codec tokens"):
+        tokens.from_backbone([backbone_ids[0], tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    big = MelUnitCodec(MelCodecConfig(codebook_size=1024), np.zeros((2, 1024, 24)), np.zeros(80))
+    with pytest.raises(ValueError, match="needs 2048 codec tokens .* has 1024"):
+        CodecTokens(tokenizer, big)
+
+
+def _tiny_codecs():
+    from transformers import DacConfig, DacModel, EncodecConfig, EncodecModel, MimiConfig, MimiModel
+
+    small = dict(sampling_rate=SR, codebook_size=64)
+    return {
+        "encodec": (EncodecModel, EncodecConfig(num_filters=4, hidden_size=16, upsampling_ratios=[8, 8],
+                                                num_residual_layers=1, num_lstm_layers=1, codebook_dim=16,
+                                                target_bandwidths=[1.5, 3.0], **small)),
+        "dac": (DacModel, DacConfig(encoder_hidden_size=4, downsampling_ratios=[8, 8], decoder_hidden_size=16,
+                                    upsampling_ratios=[8, 8], n_codebooks=3, codebook_dim=4, hidden_size=32, **small)),
+        "mimi": (MimiModel, MimiConfig(num_filters=4, hidden_size=32, upsampling_ratios=[4, 4], num_quantizers=4,
+                                       num_semantic_quantizers=1, codebook_dim=16, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=2, head_dim=16, intermediate_size=64,
+                                       sliding_window=32, upsample_groups=32, vector_quantization_hidden_dimension=16,
+                                       num_residual_layers=1, **small)),
+    }
+
+
+@pytest.mark.parametrize("kind", ["encodec", "dac", "mimi"])
+def test_transformers_codec_from_a_local_directory(kind, tmp_path):
+    import torch
+
+    model_cls, config = _tiny_codecs()[kind]
+    torch.manual_seed(0)
+    model_cls(config).save_pretrained(tmp_path)
+    codec = load_codec(tmp_path)
+    tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(SR // 2) / SR)).astype(np.float32)
+    ids = codec.encode(tone, SR)
+    frames = len(ids) // codec.num_codebooks
+    assert len(ids) % codec.num_codebooks == 0 and frames == pytest.approx(codec.frame_rate * 0.5, abs=1)
+    units = unflatten_ids(ids, codec.num_codebooks, codec.codebook_size, "t")  # every id in its codebook's block
+    assert units.shape == (codec.num_codebooks, frames)
+    audio = codec.decode(ids)
+    assert audio.dtype == np.float32 and abs(len(audio) - len(tone)) <= SR / codec.frame_rate
+    with pytest.raises(ValueError, match="outside codebook"):
+        codec.decode([codec.codebook_size] * codec.num_codebooks)
+
+
+def test_transformers_codec_number_of_codebooks(tmp_path):
+    import torch
+
+    model_cls, config = _tiny_codecs()["encodec"]
+    torch.manual_seed(0)
+    model_cls(config).save_pretrained(tmp_path)
+    assert load_codec(tmp_path).num_codebooks == 1  # the lowest bandwidth
+    assert load_codec(tmp_path, num_codebooks=2).num_codebooks == 2
+    with pytest.raises(ValueError, match=r"num_codebooks=5 .* choose one of \[1, 2\]"):
+        load_codec(tmp_path, num_codebooks=5)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        from speechrl.rollouts.hf_codec import HfCodec
+        HfCodec(tmp_path / "missing")
