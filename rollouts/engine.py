@@ -56,6 +56,46 @@ def _relax_qwen2_audio_frames() -> None:
     _QWEN2_AUDIO_PATCHED = True
 
 
+def _guard_vllm_module_scan() -> None:
+    """Let an engine start in a process that has imported numba (librosa does). Idempotent.
+
+    At start-up vLLM 0.32 rebinds kernels by scanning every module's attributes, calling
+    `vars(value).get(...)` on each; llvmlite's `ffi.lib` answers `__dict__` through __getattr__
+    with a non-dict, and the scan dies with AttributeError. The scan is wrapped so that such
+    attributes are set aside while it runs and restored after; vLLM's logic is untouched.
+    """
+    import sys
+
+    from vllm.triton_utils import dispatcher
+
+    original = dispatcher._rebind_kernels
+    if getattr(original, "speechrl_guarded", False):
+        return
+
+    def guarded(overrides):
+        hidden = []
+        for module in list(sys.modules.values()):
+            namespace = getattr(module, "__dict__", None)
+            if not isinstance(namespace, dict):
+                continue
+            for attr, value in list(namespace.items()):
+                try:  # exactly what the scan does with each attribute
+                    scannable = not hasattr(value, "__dict__") or vars(value).get("kernel") is not Ellipsis
+                except Exception:  # noqa: BLE001 - whatever would crash the scan is set aside
+                    scannable = False
+                if not scannable:
+                    hidden.append((namespace, attr, value))
+                    del namespace[attr]
+        try:
+            return original(overrides)
+        finally:
+            for namespace, attr, value in hidden:
+                namespace[attr] = value
+
+    guarded.speechrl_guarded = True
+    dispatcher._rebind_kernels = guarded
+
+
 class _DropMessages(logging.Filter):
     def __init__(self, fragments: tuple[str, ...]):
         super().__init__()
@@ -98,6 +138,7 @@ class RolloutEngine:
             raise FileNotFoundError(f"{path}: no config.json; not a backbone directory")
         self.sample_rate = AutoFeatureExtractor.from_pretrained(path).sampling_rate
         _relax_qwen2_audio_frames()
+        _guard_vllm_module_scan()
         if not torch.cuda.is_available() and threads > 0:
             # before LLM(): vLLM's CPU worker then forbids torch.set_num_threads. In a Ray actor
             # torch starts with OMP_NUM_THREADS=1, one thread for the whole engine.

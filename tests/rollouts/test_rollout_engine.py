@@ -21,6 +21,10 @@ SR = 16000
 def engine(tiny_backbone_dir):
     from speechrl.rollouts.engine import RolloutEngine
 
+    # numba in the process (librosa, the speech rewards' dependency, imports it) used to break
+    # vLLM's start-up: see rollouts/engine.py, _guard_vllm_module_scan
+    pytest.importorskip("numba")
+
     start = time.perf_counter()
     eng = RolloutEngine(str(tiny_backbone_dir), kv_cache_gib=0.25, max_model_len=512)
     print(f"\nvLLM engine start: {time.perf_counter() - start:.1f} s")
