@@ -47,8 +47,12 @@ def bench_transformers(path, clips, n, tokens, temperature, repeats: int) -> dic
     proc, tok = bb.processor, bb.tokenizer
     tok.padding_side = "left"
     prompt = render_prompt(proc, "asr")
-    inputs = proc(text=[prompt] * len(clips), audio=clips, sampling_rate=bb.sample_rate, padding=True,
-                  return_tensors="pt")
+
+    def features():  # inside the timed region: the rollout workers also start from raw audio
+        return proc(text=[prompt] * len(clips), audio=clips, sampling_rate=bb.sample_rate, padding=True,
+                    return_tensors="pt")
+
+    inputs = features()
     allowed = set(text_ids_without_eos(tok))
     vocab = bb.model.get_output_embeddings().weight.shape[0]
     kw = dict(do_sample=True, temperature=temperature, num_return_sequences=n, max_new_tokens=tokens,
@@ -57,7 +61,7 @@ def bench_transformers(path, clips, n, tokens, temperature, repeats: int) -> dic
         bb.model.generate(**inputs, **kw)  # warm-up: the same workload once, untimed
         start = time.perf_counter()
         for _ in range(repeats):
-            out = bb.model.generate(**inputs, **kw)
+            out = bb.model.generate(**features(), **kw)
         seconds = (time.perf_counter() - start) / repeats
     generated = out[:, inputs["input_ids"].shape[1]:].numel()
     return {"samples": out.shape[0], "tokens": generated, "seconds": seconds}
@@ -83,10 +87,13 @@ def bench_rollout_workers(path, clips, n, tokens, temperature, rollout_cfg, repe
         reqs = [RolloutRequest(prompt, c, 16000, {}) for c in clips]
         sampling = dict(n=n, temperature=temperature, top_p=1.0, max_new_tokens=tokens, allowed_token_ids=allowed)
         generate_across(handles, reqs, **sampling)  # warm-up: the same workload once, untimed
-        start = time.perf_counter()
+        seconds = 0.0
         for _ in range(repeats):
+            # every timed run starts cold, as a GRPO step's new prompts do: no cached prompt or audio
+            ray.get([h.reset_caches.remote() for h in handles])
+            start = time.perf_counter()
             samples = generate_across(handles, reqs, **sampling)
-        seconds = (time.perf_counter() - start) / repeats
+            seconds += (time.perf_counter() - start) / repeats
     finally:
         ray.shutdown()
     return {"samples": len(samples), "tokens": sum(len(s.completion_ids) for s in samples),

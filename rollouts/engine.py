@@ -202,6 +202,10 @@ class RolloutEngine:
         (the next request with the same audio then fails with "Encoder cache miss").
         """
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+        self.reset_caches()
+
+    def reset_caches(self) -> None:
+        """Forget cached prompts (prefix KV cache) and encoded audio (encoder cache)."""
         self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_prefix_cache()
 
