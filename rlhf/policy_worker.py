@@ -15,8 +15,8 @@ from speechrl.rlhf.algos import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from speechrl.rlhf.backbone import allowed_token_ids, hub_state_dict, save_backbone
 from speechrl.rlhf.config import RecipeConfig
 from speechrl.rlhf.evaluate import evaluate_asr
-from speechrl.rlhf.policy import (build_policy, build_token_batch, exportable_model, set_threads, save_policy,
-                                  seed_everything, token_logprobs, unwrap, vocab_mask)
+from speechrl.rlhf.logprobs import build_token_batch, token_logprobs, unwrap, vocab_mask
+from speechrl.rlhf.policy import build_policy, exportable_model, save_policy, seed_everything, set_threads
 
 
 class PolicyWorker:

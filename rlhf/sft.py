@@ -19,8 +19,8 @@ from speechrl.rlhf import assets
 from speechrl.rlhf.backbone import save_backbone
 from speechrl.rlhf.config import RecipeConfig
 from speechrl.rlhf.evaluate import evaluate_asr, log_examples
-from speechrl.rlhf.policy import (build_policy, build_token_batch, exportable_model, set_threads,
-                                  prompt_ids_for, save_policy, seed_everything, sft_loss)
+from speechrl.rlhf.logprobs import build_token_batch, prompt_ids_for, sft_loss
+from speechrl.rlhf.policy import build_policy, exportable_model, save_policy, seed_everything, set_threads
 from speechrl.rlhf.run_dir import (RunLogger, find_resume_dir, latest_checkpoint, new_run_dir, prune_checkpoints,
                                    resume_run, write_trainer_state)
 

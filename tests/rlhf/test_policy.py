@@ -1,6 +1,7 @@
 """build_policy: the trainable policy SFT and the GRPO policy worker share."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from speechrl.rlhf.policy import build_policy, save_policy
@@ -29,7 +30,7 @@ def _grpo_like_batch(backbone, clips, n):
     """n completions of different lengths per clip, each row holding a reference to its prompt's clip
     (as GRPO's update does); clips of different lengths, so prompts differ in length too."""
     from speechrl.data.prompts import render_prompt
-    from speechrl.rlhf.policy import build_token_batch, prompt_ids_for
+    from speechrl.rlhf.logprobs import build_token_batch, prompt_ids_for
 
     proc = backbone.processor
     prompt = render_prompt(proc, "asr")
@@ -49,7 +50,7 @@ def test_shared_prompts_run_once_with_the_same_logprobs_and_grads(sft_assets):
     import numpy as np
 
     from speechrl.rlhf.backbone import load_backbone
-    from speechrl.rlhf.policy import build_token_batch, token_logprobs
+    from speechrl.rlhf.logprobs import build_token_batch, token_logprobs
 
     backbone = load_backbone(sft_assets[0])
     rng = np.random.default_rng(0)
@@ -91,3 +92,17 @@ def test_freeze_audio_encoder_trains_only_adaptor_and_decoder(sft_config, sft_as
     assert any("multi_modal_projector" in k for k in trainable)
     optimized = {id(p) for g in policy.optimizer.optimizer.param_groups for p in g["params"]}
     assert optimized == {id(p) for p in policy.model.parameters() if p.requires_grad}
+
+
+def test_rows_sharing_a_clip_must_share_the_prompt(sft_assets):
+    import numpy as np
+
+    from speechrl.rlhf.backbone import load_backbone
+    from speechrl.rlhf.logprobs import token_logprobs
+
+    backbone = load_backbone(sft_assets[0])
+    clips = [np.random.default_rng(1).normal(0, 0.1, 16000).astype(np.float32)]
+    *_, batch = _grpo_like_batch(backbone, clips, n=3)
+    batch.input_ids[2, 1] += 1  # row 2's prompt no longer matches its group's
+    with pytest.raises(ValueError, match="row 2 shares clip 0 with row 0 but not its prompt ids"):
+        token_logprobs(backbone.model, batch)
