@@ -53,7 +53,7 @@ def read_manifest(source: str | Path) -> list[Example]:
     against the folder holding the manifest."""
     path = Path(source)
     if path.is_dir():
-        rows = _hf_rows(path)
+        rows = hf_rows(path)
     elif not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
     elif path.suffix in (".jsonl", ".json"):
@@ -102,7 +102,7 @@ def _csv_rows(path: Path):
             yield where, {k: (v if v != "" or k == "text" else None) for k, v in row.items()}
 
 
-def _hf_rows(path: Path):
+def hf_rows(path: Path):
     import datasets  # slow import; only manifests saved by `datasets` need it
 
     try:

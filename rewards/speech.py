@@ -21,7 +21,7 @@ JUDGE_RATE = 16000
 
 def waveforms(columns: dict[str, Any], column: str, who: str, rate: int = JUDGE_RATE) -> list:
     """The batch's `column` as float32 mono arrays at `rate`; None stays None (no audio: no score),
-    an empty array becomes Unscored."""
+    an Unscored (a completion the codec could not decode) stays, an empty array becomes Unscored."""
     if column not in columns:
         raise KeyError(f"{who}: no column {column!r} in the batch (columns: {', '.join(sorted(columns))}); "
                        f"TTS batches carry the generated waveforms in 'audio'")
@@ -30,8 +30,8 @@ def waveforms(columns: dict[str, Any], column: str, who: str, rate: int = JUDGE_
         raise ValueError(f"{who}: the batch's 'sample_rate' is {sample_rate!r}; send the waveforms' rate in Hz")
     out, resampled = [], {}  # the n samples of one prompt share one reference array: resample it once
     for i, audio in enumerate(columns[column]):
-        if audio is None:
-            out.append(None)
+        if audio is None or isinstance(audio, Unscored):  # Unscored: the decoder already said why
+            out.append(audio)
             continue
         if id(audio) not in resampled:
             x = np.asarray(audio, dtype=np.float32)

@@ -11,13 +11,14 @@ workers, splits it among a reward's replicas, and combines the raw scores into o
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 
 from speechrl.rewards.combine import RawScores, ScoreResult, batch_size, batch_slice, combine_scores, score_rewards
 from speechrl.rewards.registry import find_reward, resolve_reward
 from speechrl.rlhf.config import RewardResources, RewardSpec
+from speechrl.rollouts.codec import CodecSpec, decode_column
 
 
 def _as_spec(spec: Any) -> RewardSpec:
@@ -47,16 +48,37 @@ def _checked_specs(specs: Iterable[Any]) -> list[RewardSpec]:
     return specs
 
 
+class AudioDecoder:
+    """TTS batches arrive as codec ids (`codec_ids`); rewards listen to waveforms. The reward side
+    decodes them into `audio` (and `sample_rate`), so the policy never runs the codec."""
+
+    def __init__(self, codec: Optional[CodecSpec]):
+        self.spec, self._codec = codec, None
+
+    def __call__(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
+        if self.spec is None or "codec_ids" not in batch or "audio" in batch:
+            return batch
+        if self._codec is None:
+            self._codec = self.spec.build()
+        out = {**batch, "audio": decode_column(self._codec, batch["codec_ids"]), "sample_rate": self._codec.sample_rate}
+        if batch.get("reference_codec_ids") is not None:  # voice prompts, for speaker similarity
+            refs: dict[tuple, Any] = {}  # the n samples of a prompt share its voice prompt: decode it once
+            out["reference_audio"] = [None if ids is None else refs.setdefault(tuple(ids), self._codec.decode(ids))
+                                      for ids in batch["reference_codec_ids"]]
+        return out
+
+
 class RewardWorker:
-    def __init__(self, specs: Iterable[Any]):
+    def __init__(self, specs: Iterable[Any], codec: Optional[CodecSpec] = None):
         specs = _checked_specs(specs)
         self.rewards = {s.key: resolve_reward(s.name, **dict(s.kwargs)) for s in specs}
         self.weights = {s.key: float(s.weight) for s in specs}
         self.normalize = {s.key: bool(s.normalize) for s in specs}
+        self.decode = AudioDecoder(codec)
 
     def raw(self, batch: Mapping[str, Any]) -> RawScores:
         """The rewards' outputs, not yet combined (what a RewardRouter gathers)."""
-        return score_rewards(self.rewards, batch)
+        return score_rewards(self.rewards, self.decode(batch))
 
     def score(self, batch: Mapping[str, Any]) -> ScoreResult:
         """Score one batch: completions, completion_ids, mode and the dataset columns as lists."""
@@ -66,10 +88,12 @@ class RewardWorker:
 class RewardRouter:
     """One batch in, one ScoreResult out, over reward workers placed by their declared resources."""
 
-    def __init__(self, specs: Iterable[Any], num_cpus: float = 0, num_gpus: float = 0):
+    def __init__(self, specs: Iterable[Any], num_cpus: float = 0, num_gpus: float = 0,
+                 codec: Optional[CodecSpec] = None):
         import ray
 
         specs = _checked_specs(specs)
+        self.decode = AudioDecoder(codec)  # once here, not in every worker
         self.weights = {s.key: float(s.weight) for s in specs}
         self.normalize = {s.key: bool(s.normalize) for s in specs}
         shared = [s for s in specs if not s.resources.declared()]
@@ -85,6 +109,7 @@ class RewardRouter:
     def score(self, batch: Mapping[str, Any]) -> ScoreResult:
         import ray
 
+        batch = self.decode(batch)
         n = batch_size(batch)
         calls = []  # (group index, first sample of the slice, ObjectRef of its RawScores)
         for g, replicas in enumerate(self.groups):
@@ -118,12 +143,14 @@ def _concat(slices: list[tuple[int, RawScores]]) -> RawScores:
     return out
 
 
-def make_reward_actor(specs: Iterable[Any], num_cpus: float = 0, num_gpus: float = 0):
+def make_reward_actor(specs: Iterable[Any], num_cpus: float = 0, num_gpus: float = 0,
+                      codec: Optional[CodecSpec] = None):
     """The recipe's rewards as a Ray actor; call `ray.get(actor.score.remote(batch))`.
 
     num_cpus=0 by default: scoring text is light and must not hold a CPU the rollouts need. Rewards
     that declare `resources` in the recipe get workers of their own behind a RewardRouter.
     Unknown reward names and resources the cluster does not have fail here, before any worker starts.
+    With `codec` (TTS), batches' `codec_ids` are decoded into waveforms there, before scoring.
     """
     import ray  # here, so importing this module neither needs Ray nor starts it
 
@@ -131,9 +158,9 @@ def make_reward_actor(specs: Iterable[Any], num_cpus: float = 0, num_gpus: float
     for s in specs:
         find_reward(s.name)
     if not any(s.resources.declared() for s in specs):
-        return ray.remote(RewardWorker).options(num_cpus=num_cpus, num_gpus=num_gpus).remote(specs)
+        return ray.remote(RewardWorker).options(num_cpus=num_cpus, num_gpus=num_gpus).remote(specs, codec)
     _check_cluster_has(specs)
-    return ray.remote(RewardRouter).options(num_cpus=0).remote(specs, num_cpus, num_gpus)
+    return ray.remote(RewardRouter).options(num_cpus=0).remote(specs, num_cpus, num_gpus, codec)
 
 
 def _check_cluster_has(specs: list[RewardSpec]) -> None:

@@ -40,7 +40,19 @@ def tokenizer_texts(cfg: RecipeConfig) -> list[str]:
 
 
 def corpus_dir(cfg: RecipeConfig) -> Path:
-    return Path(cfg.run.cache_dir).expanduser() / "corpora" / f"synthetic-{cfg.data.synthetic.seed}"
+    """One directory per corpus setting, so an ASR and a TTS recipe never rebuild each other's corpus
+    (the default setting keeps its historical name)."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from speechrl.rlhf.config import SyntheticCorpusConfig
+
+    s = cfg.data.synthetic
+    name = f"synthetic-{s.seed}"
+    if s != SyntheticCorpusConfig(seed=s.seed):
+        name += "-" + hashlib.sha1(json.dumps(asdict(s), sort_keys=True).encode()).hexdigest()[:10]
+    return Path(cfg.run.cache_dir).expanduser() / "corpora" / name
 
 
 def manifests(cfg: RecipeConfig) -> tuple[Path, Path]:

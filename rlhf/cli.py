@@ -12,6 +12,7 @@ from speechrl.rlhf.config import RECIPES_DIR, RecipeError, load_recipe, to_yaml
 
 EPILOG = """examples:
   speechrl demo                                  SFT warm start then GRPO on the embedded default
+  speechrl demo tts                              the same for TTS: intelligibility before and after
   speechrl train asr/sft                         a shipped recipe, by name
   speechrl train recipes/asr/sft.yaml train.steps=50 train.lr=1e-3
   speechrl train asr/sft --resume                continue the newest asr-sft run from its checkpoint
@@ -30,15 +31,21 @@ def cmd_train(args) -> int:
         args.overrides.append(args.resume)
         args.resume = "latest"
     cfg = _recipe(args)
-    if cfg.algorithm == "sft":
-        from speechrl.rlhf.sft import run_sft
-
-        run_sft(cfg, resume=args.resume)
-    else:
-        from speechrl.rlhf.grpo import run_grpo
-
-        run_grpo(cfg, resume=args.resume)
+    RUNNERS[cfg.algorithm]()(cfg, resume=args.resume)
     return 0
+
+
+def _runner(module: str, name: str):
+    def load():
+        import importlib
+
+        return getattr(importlib.import_module(f"speechrl.rlhf.{module}"), name)
+    return load
+
+
+# algorithm -> its run function, imported when used (GRPO's brings Ray and vLLM)
+RUNNERS = {"sft": _runner("sft", "run_sft"), "grpo": _runner("grpo", "run_grpo"),
+           "dpo": _runner("dpo", "run_dpo"), "online_dpo": _runner("online_dpo", "run_online_dpo")}
 
 
 def cmd_demo(args) -> int:
@@ -132,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="recipe file, or a shipped recipe name such as asr/sft (see `speechrl recipes`)")
         p.add_argument("overrides", nargs="*", help="key.path=value overrides, applied last")
 
-    p = sub.add_parser("train", help="run a recipe (SFT or GRPO) and write a run directory")
+    p = sub.add_parser("train", help="run a recipe (SFT, GRPO, DPO or online DPO) and write a run directory")
     recipe_args(p)
     p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
                    help="continue from the last checkpoint of RUN_DIR (default: run.name, else the newest run)")

@@ -171,6 +171,36 @@ class RewardSpec:
 
 
 @dataclass
+class EmbeddedCodecConfig:
+    """The embedded MelUnitCodec's shape (rollouts/mel_codec.py); fit once into run.cache_dir."""
+    hop_length: int = 320  # samples per frame at 16 kHz: 20 ms, 50 frames/s
+    num_codebooks: int = 1  # residual VQ stages (ids per frame)
+    codebook_size: int = 1024  # units per codebook; num_codebooks * codebook_size <= model.tiny.num_codec_tokens
+    n_cepstra: int = 24  # DCT coefficients of the log-mel envelope kept
+    griffin_lim_iters: int = 16  # phase-reconstruction iterations when decoding
+
+
+@dataclass
+class TTSConfig:
+    codec: Optional[str] = None  # local codec dir (Mimi/DAC/EnCodec or a saved MelUnitCodec); null = the embedded one
+    embedded_codec: EmbeddedCodecConfig = field(default_factory=EmbeddedCodecConfig)
+    voice_prompt: bool = False  # put a reference clip of the same speaker, as codec tokens, in the prompt
+    max_voice_seconds: float = 3.0  # voice prompts are cut to this length
+    eval_temperature: float = 0.0  # held-out synthesis: 0 = greedy
+    eval_samples: int = 4  # held-out prompts written as wav files and TensorBoard audio at every evaluation
+
+
+@dataclass
+class DPOConfig:
+    loss: str = "sigmoid"  # preference loss, by registered name: "sigmoid" (DPO) | "ipo"
+    beta: float = 0.1  # strength of the implicit KL to the reference
+    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels (sigmoid only)
+    sft_weight: float = 0.0  # weight of the chosen completion's NLL (RPO); 0 = pure DPO
+    data: Optional[str] = None  # offline DPO: preference pairs (.jsonl or saved HF dataset dir; docs/preferences.md)
+    min_reward_gap: float = 0.0  # online DPO: a prompt forms a pair only if best - worst total reward exceeds this
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = None  # existing cluster ("auto" or host:port); null starts a local one
     num_cpus: Optional[int] = None  # CPUs a local cluster may use; null = all
@@ -186,8 +216,8 @@ class RunConfig:
 
 @dataclass
 class RecipeConfig:
-    mode: str = "asr"  # operational mode: "asr" (TTS and realtime to come)
-    algorithm: str = "sft"  # "sft" or "grpo"
+    mode: str = "asr"  # operational mode: "asr" (audio in, transcript out) or "tts" (text in, codec tokens out)
+    algorithm: str = "sft"  # "sft" | "grpo" | "dpo" (offline, from dpo.data) | "online_dpo" (ranked samples)
     seed: int = 0  # seeds torch, numpy, python and data order
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -198,15 +228,17 @@ class RecipeConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])  # combined, weighted
     ray: RayConfig = field(default_factory=RayConfig)
+    tts: TTSConfig = field(default_factory=TTSConfig)  # TTS mode: codec, voice prompts, held-out synthesis
+    dpo: DPOConfig = field(default_factory=DPOConfig)  # offline and online DPO
 
 
 _CHOICES = {
-    "mode": ("asr",),
-    "algorithm": ("sft", "grpo"),
+    "mode": ("asr", "tts"),
+    "algorithm": ("sft", "grpo", "dpo", "online_dpo"),
     "data.on_bad_example": ("skip", "fail"),
     "grpo.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"),
 }
-_PATHS = ("model.path", "data.train", "data.eval", "data.synthetic.texts", "run.init_from")
+_PATHS = ("model.path", "data.train", "data.eval", "data.synthetic.texts", "run.init_from", "tts.codec", "dpo.data")
 
 
 def resolve_recipe_path(name: str) -> Path:
@@ -303,8 +335,12 @@ def validate(cfg: RecipeConfig, source: str = "recipe") -> None:
             raise RecipeError(f"{source}: `{key}` must be >= 1, got {_get(cfg, key)}")
     if not 0.0 < cfg.data.synthetic.heldout_fraction < 1.0:
         raise RecipeError(f"{source}: `data.synthetic.heldout_fraction` must be in (0, 1)")
-    if cfg.algorithm == "grpo" and cfg.rollout.sampling.n < 2:
-        raise RecipeError(f"{source}: GRPO needs `rollout.sampling.n` >= 2 to form groups")
+    if cfg.algorithm in ("grpo", "online_dpo") and cfg.rollout.sampling.n < 2:
+        raise RecipeError(f"{source}: {cfg.algorithm} needs `rollout.sampling.n` >= 2 to form groups")
+    if cfg.algorithm in ("dpo", "online_dpo") and cfg.dpo.beta <= 0:
+        raise RecipeError(f"{source}: `dpo.beta` must be > 0, got {cfg.dpo.beta}")
+    if cfg.mode != "tts" and cfg.algorithm in ("dpo", "online_dpo"):
+        raise RecipeError(f"{source}: `algorithm: {cfg.algorithm}` is implemented for mode tts; got mode {cfg.mode!r}")
 
 
 def to_yaml(cfg: RecipeConfig) -> str:

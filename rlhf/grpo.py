@@ -22,17 +22,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from speechrl.data.prompts import render_prompt
 from speechrl.rlhf import assets
 from speechrl.rlhf.algos import ADVANTAGES
 from speechrl.rlhf.config import RecipeConfig, RecipeError
 from speechrl.rlhf.evaluate import log_examples
-from speechrl.rlhf.backbone import allowed_token_ids, load_processor
+from speechrl.rlhf.backbone import load_processor
 from speechrl.rlhf.policy import seed_everything
 from speechrl.rlhf.policy_worker import make_policy_worker
 from speechrl.rlhf.run_dir import (RunLogger, find_resume_dir, latest_checkpoint, new_run_dir, prune_checkpoints,
                                    resume_run, write_trainer_state)
 from speechrl.rlhf.sft import batch_indices
+from speechrl.rlhf.tasks import make_task
+from speechrl.rlhf.tts_eval import TtsEvaluation, eval_plot_keys, headline_rows
 from speechrl.rollouts.engine import RolloutWorkerDied, generate_across, make_rollout_workers
 from speechrl.rollouts.sync import TRANSPORTS
 from speechrl.rollouts.types import RolloutRequest
@@ -99,17 +100,20 @@ class GRPORecipe:
         checkpoint = latest_checkpoint(self.run_dir) if self.resume else None
         self.backbone_path = assets.backbone_path(cfg)
         processor = load_processor(self.backbone_path)  # the driver needs no weights
-        self.prompt = render_prompt(processor, cfg.mode)
-        self.allowed_ids = allowed_token_ids(processor.tokenizer, cfg.mode)
+        self.task = make_task(cfg, processor)  # TTS: builds (once) the codec before any worker needs it
+        self.allowed_ids = self.task.allowed_ids
         self.train_set, self.eval_set = assets.load_datasets(cfg, processor.feature_extractor.n_samples
                                                              / processor.feature_extractor.sampling_rate)
-        self.policy = make_policy_worker(cfg, self.backbone_path, str(checkpoint) if checkpoint else None)
-        self.reward = make_reward_actor(cfg.rewards)
+        self.policy = make_policy_worker(cfg, self.backbone_path, str(checkpoint) if checkpoint else None,
+                                         allowed_ids=self.allowed_ids)
+        self.reward = make_reward_actor(cfg.rewards, codec=getattr(self.task, "codec_spec", None))
         self.policy.set_eval_set.remote(self.eval_set)
         self.workers = make_rollout_workers(str(self.backbone_path), cfg.rollout, cfg.rollout.num_workers, cfg.seed)
         self.transport = TRANSPORTS.get(cfg.rollout.weight_transport)()
         self.logger = RunLogger(self.run_dir, cfg, plot_keys=[
-            "rewards/total", "eval/wer", "train/kl", "train/logprob_gap", "rewards/unscored"])
+            "rewards/total", *eval_plot_keys(cfg.mode)[:2], "train/kl", "train/logprob_gap", "rewards/unscored"])
+        self.tts_eval = TtsEvaluation(cfg, self.task, self.eval_set, self.run_dir, self.logger) \
+            if cfg.mode == "tts" else None
         self.start_step = resume_run(checkpoint, self.logger) if checkpoint else 0
         if checkpoint:
             self.sync()  # engines started from the backbone; give them the resumed weights
@@ -117,22 +121,20 @@ class GRPORecipe:
 
     def requests(self, step: int) -> list[RolloutRequest]:
         idx = batch_indices(len(self.train_set), self.cfg.grpo.prompts_per_step, step, self.cfg.seed)
-        out = []
-        for i in idx:
-            ex, audio = self.train_set[int(i)]
-            out.append(RolloutRequest(self.prompt, audio, self.cfg.data.sample_rate,
-                                      {"id": ex.id, "text": ex.text, "speaker": ex.speaker}))
-        return out
+        return [self.task.request(*self.train_set[int(i)], self.train_set) for i in idx]
 
-    def generate(self, requests, step: int):
+    def generate(self, requests, step: int, n: Optional[int] = None, temperature: Optional[float] = None):
         s = self.cfg.rollout.sampling
+        n = s.n if n is None else n
+        temperature = s.temperature if temperature is None else temperature
         for attempt in range(self.cfg.rollout.max_retries + 1):
             try:
                 # no per-request seed: vLLM 0.32 on CPU fails on them ("CPU Generator does not use
                 # offset"); each engine is seeded at start, so runs are reproducible, resumed ones not bit-exact
-                return generate_across(self.workers, requests, n=s.n, temperature=s.temperature, top_p=s.top_p,
-                                       max_new_tokens=s.max_new_tokens, seed=None,
-                                       allowed_token_ids=self.allowed_ids)
+                return generate_across(self.workers, requests, n=n, temperature=temperature, top_p=s.top_p,
+                                       max_new_tokens=s.max_new_tokens if n > 1 else self.cfg.eval_max_new_tokens,
+                                       seed=None, allowed_token_ids=self.allowed_ids,
+                                       stop_token_ids=self.task.stop_ids)
             except RolloutWorkerDied as e:
                 if attempt == self.cfg.rollout.max_retries:
                     raise RuntimeError(f"step {step}: {e}; gave up after {attempt + 1} attempts. The last "
@@ -146,11 +148,18 @@ class GRPORecipe:
         import ray
 
         batch = {"completions": [s.text for s in samples], "completion_ids": [s.completion_ids for s in samples],
-                 "mode": self.cfg.mode, "sample_rate": self.cfg.data.sample_rate,
-                 # each prompt's clip once per sample; the object store ships each distinct array once
-                 "audio": [requests[s.prompt_index].audio for s in samples]}
+                 "mode": self.cfg.mode}
+        if self.cfg.mode == "tts":  # codec ids; the reward side decodes them to waveforms
+            batch["codec_ids"] = [self.task.codec_ids(s.completion_ids) for s in samples]
+        else:  # each prompt's clip once per sample; the object store ships each distinct array once
+            batch.update(sample_rate=self.cfg.data.sample_rate, audio=[requests[s.prompt_index].audio for s in samples])
         for key in samples[0].metadata:
-            batch[key] = [s.metadata[key] for s in samples]
+            batch[key] = [s.metadata.get(key) for s in samples]
+        return self.score_batch(batch)
+
+    def score_batch(self, batch: dict):
+        import ray
+
         return ray.get(self.reward.score.remote(batch))
 
     def advantages(self, samples, scores) -> np.ndarray:
@@ -174,20 +183,25 @@ class GRPORecipe:
 
         self.transport.send(ray.get(self.policy.weights.remote()), self.workers)
 
-    def evaluate(self) -> dict:
+    def evaluate(self, step: int) -> dict:
         import ray
 
-        return log_examples(ray.get(self.policy.evaluate.remote()), log)
+        if self.tts_eval is None:
+            return log_examples(ray.get(self.policy.evaluate.remote()), log)
+        # held-out synthesis on the engines, which hold the policy's current weights
+        requests = [RolloutRequest(p, None, self.cfg.data.sample_rate) for p in self.tts_eval.prompts]
+        samples = self.generate(requests, step, n=1, temperature=self.cfg.tts.eval_temperature)
+        return self.tts_eval.evaluate(step, [s.completion_ids for s in samples], self.score_batch)
 
     def train(self) -> dict:
         cfg, timer = self.cfg, PhaseTimer()
         if self.start_step == 0:
-            self.logger.log(0, self.evaluate())  # the starting policy: "WER before" in the summary
+            self.logger.log(0, self.evaluate(0))  # the starting policy: "WER before" in the summary
         start = time.time()
         bar = tqdm(range(self.start_step, cfg.train.steps), initial=self.start_step, total=cfg.train.steps,
                    desc="grpo", unit="step", dynamic_ncols=True)
         for step in bar:
-            done = step + 1
+            done, self.step = step + 1, step
             with timer("generate"):
                 requests = self.requests(step)
                 samples = self.generate(requests, step)
@@ -204,7 +218,7 @@ class GRPORecipe:
                 metrics["rollout/completion_tokens"] = float(np.mean([len(s.completion_ids) for s in samples]))
                 metrics["rollout/truncated"] = float(np.mean([s.finish_reason == "length" for s in samples]))
                 if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
-                    metrics.update(self.evaluate())
+                    metrics.update(self.evaluate(done))
             metrics.update(timer.pop())
             if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
                 began = time.perf_counter()
@@ -212,7 +226,8 @@ class GRPORecipe:
                 metrics["time/checkpoint"] = time.perf_counter() - began
             self.logger.log(done, metrics)
             bar.set_postfix({"reward": f"{metrics.get('rewards/total', float('nan')):.3f}",
-                             **({"wer": f"{metrics['eval/wer']:.3f}"} if "eval/wer" in metrics else {})})
+                             **{key.split("/")[-1]: f"{metrics[key]:.3f}" for key in eval_plot_keys(cfg.mode)[:1]
+                                if key in metrics}})
         self.elapsed = time.time() - start
         return self.finish()
 
@@ -235,9 +250,7 @@ class GRPORecipe:
         table = {
             "run": str(self.run_dir),
             "steps": self.cfg.train.steps,
-            "held-out WER before": self.logger.first("eval/wer"),
-            "held-out WER after": last("eval/wer"),
-            "held-out CER after": last("eval/cer"),
+            **headline_rows(self.cfg.mode, self.logger),
             "mean reward (last step)": last("rewards/total"),
             "logprob gap vLLM/trainer": last("train/logprob_gap"),
             "unscored samples (total)": int(sum(r.get("rewards/unscored", 0) for r in steps)),
@@ -257,8 +270,8 @@ class GRPORecipe:
             ray.shutdown()
 
 
-def run_grpo(cfg: RecipeConfig, resume: Optional[str] = None) -> dict:
-    recipe = GRPORecipe(cfg, resume)
+def run_grpo(cfg: RecipeConfig, resume: Optional[str] = None, recipe_class: type = GRPORecipe) -> dict:
+    recipe = recipe_class(cfg, resume)
     try:
         recipe.setup()
         return recipe.train()

@@ -16,11 +16,12 @@ import torch
 class TokenBatch:
     input_ids: torch.Tensor  # [B, L] prompt + completion, right-padded
     attention_mask: torch.Tensor  # [B, L]
-    input_features: torch.Tensor  # [B, mel, frames] log-mel of each example's audio
-    feature_attention_mask: torch.Tensor  # [B, frames]
+    input_features: Optional[torch.Tensor]  # [B, mel, frames] log-mel of each example's audio; None: text-only prompts
+    feature_attention_mask: Optional[torch.Tensor]  # [B, frames]
     completion_mask: torch.Tensor  # [B, L-1] True where the next token is a completion token
-    # Row i's audio is input_features[audio_index[i]]: GRPO's n samples of a prompt share one
-    # clip, so features are stored (and encoded) once per clip. None: one clip per row, in order.
+    # Row i's prompt is shared with the other rows of group audio_index[i]: GRPO's n samples of a
+    # prompt share one clip (ASR) or one text prompt (TTS), so each is stored (and run) once; with
+    # audio, input_features[audio_index[i]] is row i's clip. None: every row has its own prompt.
     audio_index: Optional[torch.Tensor] = None
 
 
@@ -38,7 +39,10 @@ def prompt_ids_for(processor, prompt: str, audio: np.ndarray) -> list[int]:
 
 
 def build_token_batch(processor, prompt_ids: list[list[int]], completion_ids: list[list[int]],
-                      audios: list[np.ndarray], pad_id: int) -> TokenBatch:
+                      audios: list[Optional[np.ndarray]], pad_id: int) -> TokenBatch:
+    """Right-padded prompt + completion rows. `audios[i]` is row i's clip, or None for text-only
+    prompts (TTS; then every row must be None). Rows with the same clip object (ASR) or the same
+    prompt ids (text-only) are grouped, so their prompt is encoded and run once (audio_index)."""
     seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -49,6 +53,13 @@ def build_token_batch(processor, prompt_ids: list[list[int]], completion_ids: li
         attn[i, : len(p) + len(c)] = 1
         # position t predicts token t+1: completion tokens sit at len(p) .. len(p)+len(c)-1
         comp[i, len(p) - 1 : len(p) + len(c) - 1] = True
+    text_only = [a is None for a in audios]
+    if any(text_only):
+        if not all(text_only):
+            raise ValueError("a batch mixes rows with and without audio; build one batch per mode")
+        prompts: dict[tuple, int] = {}
+        index = [prompts.setdefault(tuple(p), len(prompts)) for p in prompt_ids]
+        return TokenBatch(ids, attn, None, None, comp, torch.tensor(index) if len(prompts) < len(index) else None)
     unique: dict[int, int] = {}  # id(clip) -> position among the distinct clips
     index = [unique.setdefault(id(a), len(unique)) for a in audios]
     if len(unique) == len(audios):
@@ -76,8 +87,9 @@ def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0,
     if batch.audio_index is not None and not _checkpointing(model):
         return _shared_prompt_logprobs(model, batch, temperature, allowed)
     if batch.audio_index is None:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       input_features=batch.input_features, feature_attention_mask=batch.feature_attention_mask).logits
+        audio = {} if batch.input_features is None else dict(input_features=batch.input_features,
+                                                              feature_attention_mask=batch.feature_attention_mask)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **audio).logits
     else:  # gradient checkpointing forbids the KV cache the shared-prompt path needs
         embeds = _inputs_embeds(model, batch.input_ids, batch.input_features, batch.feature_attention_mask,
                                 batch.audio_index)
@@ -182,10 +194,13 @@ def encode_audio(model, features: torch.Tensor, feature_mask: torch.Tensor) -> l
 
 def _inputs_embeds(model, input_ids: torch.Tensor, features: torch.Tensor, feature_mask: torch.Tensor,
                    audio_index: torch.Tensor) -> torch.Tensor:
-    """Token embeddings with row i's placeholders filled by clip audio_index[i], each clip encoded once."""
+    """Token embeddings with row i's placeholders filled by clip audio_index[i], each clip encoded once
+    (no features: text-only prompts, plain token embeddings)."""
     inner = audio_model(model)
-    clips = encode_audio(model, features, feature_mask)
     embeds = inner.get_input_embeddings()(input_ids)
+    if features is None:
+        return embeds
+    clips = encode_audio(model, features, feature_mask)
     audio = torch.cat([clips[int(i)] for i in audio_index]).to(embeds.dtype)
     slots = (input_ids == inner.config.audio_token_id).unsqueeze(-1)
     if int(slots.sum()) != len(audio):

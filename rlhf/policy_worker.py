@@ -20,17 +20,19 @@ from speechrl.rlhf.policy import build_policy, exportable_model, save_policy, se
 
 
 class PolicyWorker:
-    def __init__(self, cfg: RecipeConfig, backbone_path: str, checkpoint: str | None = None):
+    def __init__(self, cfg: RecipeConfig, backbone_path: str, checkpoint: str | None = None,
+                 allowed_ids: list[int] | None = None):
         set_threads(cfg.train.torch_threads)
         seed_everything(cfg.seed)
         self.cfg = cfg
         policy = build_policy(cfg, Path(backbone_path), Path(checkpoint) if checkpoint else None,
-                              with_reference=cfg.grpo.kl_coef > 0)
+                              with_reference=cfg.grpo.kl_coef > 0 or cfg.algorithm == "online_dpo")
         self.backbone, self.model, self.optimizer = policy.backbone, policy.model, policy.optimizer
         self.reference = policy.reference
         self.eval_set = None
         vocab = self.backbone.model.get_output_embeddings().weight.shape[0]
-        self.allowed = vocab_mask(allowed_token_ids(self.backbone.tokenizer, cfg.mode), vocab)
+        # the mode's decoding constraint (TTS: the codec's ids, which the driver knows); ASR's by default
+        self.allowed = vocab_mask(allowed_ids or allowed_token_ids(self.backbone.tokenizer, cfg.mode), vocab)
         if checkpoint:
             torch.set_rng_state(torch.load(Path(checkpoint) / "policy_rng.pt", weights_only=False))
 
@@ -85,6 +87,24 @@ class PolicyWorker:
         out.update(grad_norm=history[-1]["grad_norm"], lr=history[-1]["lr"])
         return out
 
+    def dpo_update(self, prompt_ids, chosen_ids, rejected_ids) -> dict:
+        """One optimizer step on preference pairs (online DPO), in micro-batches of train.batch_size pairs."""
+        from speechrl.rlhf.dpo import preference_batch, preference_loss
+
+        n, micro = len(prompt_ids), self.cfg.train.batch_size
+        sums: dict[str, float] = {}
+        for start in range(0, n, micro):
+            sl = slice(start, start + micro)
+            batch = preference_batch(self.backbone.processor, prompt_ids[sl], chosen_ids[sl], rejected_ids[sl],
+                                     self.backbone.tokenizer.pad_token_id)
+            pairs = len(prompt_ids[sl])
+            loss, metrics = preference_loss(self.model, self.reference, batch, pairs, self.cfg.dpo, self.allowed)
+            self.optimizer.backward(loss * pairs / n)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * pairs / n
+        stats = self.optimizer.step()
+        return {**{f"train/{k}": v for k, v in sums.items()}, "grad_norm": stats["grad_norm"], "lr": stats["lr"]}
+
     def weights(self) -> list[tuple[str, torch.Tensor]]:
         """Hub-layout tensors for the rollout engines; LoRA runs send only the adapted layers, merged."""
         if self.cfg.model.lora.enabled:
@@ -109,9 +129,10 @@ class PolicyWorker:
         return str(save_backbone(exportable_model(self.model), self.backbone.processor, Path(path)))
 
 
-def make_policy_worker(cfg: RecipeConfig, backbone_path: str, checkpoint: str | None = None):
+def make_policy_worker(cfg: RecipeConfig, backbone_path: str, checkpoint: str | None = None,
+                       allowed_ids: list[int] | None = None):
     import ray
 
     gpus = 1 if torch.cuda.is_available() else 0
     return ray.remote(PolicyWorker).options(num_cpus=1, num_gpus=gpus, max_concurrency=1).remote(
-        cfg, str(backbone_path), checkpoint)
+        cfg, str(backbone_path), checkpoint, allowed_ids)

@@ -14,12 +14,13 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from speechrl.data.prompts import render_prompt
 from speechrl.rlhf import assets
 from speechrl.rlhf.backbone import save_backbone
 from speechrl.rlhf.config import RecipeConfig
 from speechrl.rlhf.evaluate import evaluate_asr, log_examples
-from speechrl.rlhf.logprobs import build_token_batch, prompt_ids_for, sft_loss
+from speechrl.rlhf.logprobs import build_token_batch, sft_loss
+from speechrl.rlhf.tasks import make_task
+from speechrl.rlhf.tts_eval import HEADLINES, TtsEvaluation, eval_plot_keys, headline_rows, synthesize_ids
 from speechrl.rlhf.policy import build_policy, exportable_model, save_policy, seed_everything, set_threads
 from speechrl.rlhf.run_dir import (RunLogger, find_resume_dir, latest_checkpoint, new_run_dir, prune_checkpoints,
                                    resume_run, write_trainer_state)
@@ -36,6 +37,9 @@ def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> n
 
 
 class SFTRecipe:
+    with_reference = False  # DPO (a subclass) keeps the starting weights as its reference
+    plot_keys = ["train/loss"]
+
     def __init__(self, cfg: RecipeConfig, resume: Optional[str] = None):
         self.cfg = cfg
         self.resume = resume
@@ -46,60 +50,76 @@ class SFTRecipe:
         seed_everything(cfg.seed)
         self.run_dir = find_resume_dir(cfg, self.resume) if self.resume else new_run_dir(cfg)
         checkpoint = latest_checkpoint(self.run_dir) if self.resume else None
-        policy = build_policy(cfg, assets.backbone_path(cfg), checkpoint)
+        policy = build_policy(cfg, assets.backbone_path(cfg), checkpoint, with_reference=self.with_reference)
         self.backbone, self.model, self.optimizer = policy.backbone, policy.model, policy.optimizer
+        self.reference = policy.reference
         self.train_set, self.eval_set = assets.load_datasets(cfg, self.backbone.max_audio_seconds)
-        self.logger = RunLogger(self.run_dir, cfg, plot_keys=["train/loss", "eval/wer", "eval/cer", "lr"])
-        self.prompt = render_prompt(self.backbone.processor, cfg.mode)
-        self._prompt_ids: dict[str, list[int]] = {}
+        self.logger = RunLogger(self.run_dir, cfg, plot_keys=[*self.plot_keys, *eval_plot_keys(cfg.mode), "lr"])
+        self.task = make_task(cfg, self.backbone.processor)
+        self.tts_eval = TtsEvaluation(cfg, self.task, self.eval_set, self.run_dir, self.logger) \
+            if cfg.mode == "tts" else None
+        self._scorer = None
         self.start_step = resume_run(checkpoint, self.logger) if checkpoint else 0
         log.info("run directory: %s", self.run_dir)
 
     def _batch(self, step: int):
         idx = batch_indices(len(self.train_set), self.cfg.train.batch_size, step, self.cfg.seed)
         items = [self.train_set[int(i)] for i in idx]
-        tok, proc = self.backbone.tokenizer, self.backbone.processor
-        prompts, completions = [], []
-        for ex, audio in items:
-            # prompt ids depend on the clip's length only through the audio placeholder count; cache per example
-            if ex.id not in self._prompt_ids:
-                self._prompt_ids[ex.id] = prompt_ids_for(proc, self.prompt, audio)
-            prompts.append(self._prompt_ids[ex.id])
-            completions.append(tok(ex.text, add_special_tokens=False)["input_ids"] + [self.backbone.eos_token_id])
-        return build_token_batch(proc, prompts, completions, [a for _, a in items], tok.pad_token_id)
+        rows = [self.task.sft_example(ex, audio, self.train_set) for ex, audio in items]
+        return build_token_batch(self.backbone.processor, [r[0] for r in rows], [r[1] for r in rows],
+                                 [r[2] for r in rows], self.backbone.tokenizer.pad_token_id)
 
-    def evaluate(self) -> dict:
-        return log_examples(evaluate_asr(exportable_model(self.model), self.backbone.processor, self.eval_set,
-                                         max_examples=self.cfg.data.max_eval_examples,
-                                         max_new_tokens=self.cfg.eval_max_new_tokens), log)
+    def evaluate(self, step: int) -> dict:
+        model = exportable_model(self.model)
+        if self.tts_eval is None:
+            return log_examples(evaluate_asr(model, self.backbone.processor, self.eval_set,
+                                             max_examples=self.cfg.data.max_eval_examples,
+                                             max_new_tokens=self.cfg.eval_max_new_tokens), log)
+        if self._scorer is None:  # the rewards, in this process: SFT and offline DPO run without Ray
+            from speechrl.rewards.worker import RewardWorker
+
+            self._scorer = RewardWorker(self.cfg.rewards, self.task.codec_spec)
+        completions = synthesize_ids(model, self.task, self.tts_eval.prompt_ids,
+                                     max_new_tokens=self.cfg.eval_max_new_tokens,
+                                     temperature=self.cfg.tts.eval_temperature)
+        return self.tts_eval.evaluate(step, completions, self._scorer.score)
 
     def train(self) -> dict:
         cfg = self.cfg.train
         if self.start_step == 0:
-            self.logger.log(0, self.evaluate())  # the untrained baseline: "WER before" in the summary
-        start, losses = time.time(), []
-        bar = tqdm(range(self.start_step, cfg.steps), initial=self.start_step, total=cfg.steps, desc="sft",
-                   unit="step", dynamic_ncols=True)
+            self.logger.log(0, self.evaluate(0))  # the untrained baseline: "WER before" in the summary
+        start, history = time.time(), []
+        bar = tqdm(range(self.start_step, cfg.steps), initial=self.start_step, total=cfg.steps,
+                   desc=self.cfg.algorithm, unit="step", dynamic_ncols=True)
         for step in bar:
-            loss = sft_loss(self.model, self._batch(step))
+            loss, step_metrics = self.step_loss(step)
             self.optimizer.backward(loss)
             stats = self.optimizer.step()
-            losses.append(loss.item())
+            history.append({"loss": loss.item(), **step_metrics})
             done = step + 1
             metrics = {}
             if done % cfg.log_every == 0 or done == cfg.steps:
-                metrics = {"train/loss": float(np.mean(losses)), **stats}
-                losses = []
+                metrics = {f"train/{k}": float(np.mean([h[k] for h in history])) for k in history[0]}
+                metrics.update(stats)
+                history = []
             if done % cfg.eval_every == 0 or done == cfg.steps:
-                metrics.update(self.evaluate())
+                metrics.update(self.evaluate(done))
             if metrics:
                 self.logger.log(done, metrics)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in metrics.items()
-                                 if k in ("train/loss", "eval/wer")})
+                                 if k in ("train/loss", *HEADLINES[self.cfg.mode][0][1:])})
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 self.save_checkpoint(done)
         self.elapsed = time.time() - start
         return self.finish()
+
+    def step_loss(self, step: int) -> tuple:
+        """The loss of optimizer step `step` and its metrics (floats, logged as train/<name>)."""
+        return sft_loss(self.model, self._batch(step)), {}
+
+    def summary_rows(self) -> dict:
+        """Rows a subclass adds to the summary table."""
+        return {}
 
     def save_checkpoint(self, step: int) -> Path:
         path = self.run_dir / "checkpoints" / f"step-{step}"
@@ -119,10 +139,9 @@ class SFTRecipe:
             "steps": self.cfg.train.steps,
             "train examples (kept/bad)": f"{data['kept']}/{data['bad']}",
             "eval examples": min(len(self.eval_set), self.cfg.data.max_eval_examples),
-            "held-out WER before": self.logger.first("eval/wer"),
-            "held-out WER after": last("eval/wer"),
-            "held-out CER after": last("eval/cer"),
+            **headline_rows(self.cfg.mode, self.logger),
             "final loss": last("train/loss"),
+            **self.summary_rows(),
             "train wall time (s)": round(self.elapsed, 1),
             "peak RSS (MiB)": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
             "final weights": str(final),

@@ -16,8 +16,9 @@ no download, no GPU) and `HfCodec` (hf_codec.py: Mimi, DAC, EnCodec from a local
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 import soxr
@@ -145,3 +146,47 @@ def load_codec(spec: str | Path, **kwargs) -> AudioCodec:
     raise FileNotFoundError(f"{path}: neither a transformers codec directory (config.json) nor a saved "
                             f"MelUnitCodec ({MelUnitCodec.FILE}); build one with MelUnitCodec.fit(...).save(dir) "
                             "or save_pretrained a Mimi/DAC/EnCodec model there")
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """Where a recipe's codec comes from, small enough to send to reward workers (which build it).
+
+    `path`: a codec directory (see `load_codec`); None = the embedded MelUnitCodec with `embedded`
+    as its MelCodecConfig overrides, fit once into `cache_dir`.
+    """
+
+    path: Optional[str] = None
+    cache_dir: str = "~/.cache/speechrl"
+    embedded: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def from_recipe(cls, cfg) -> "CodecSpec":
+        from dataclasses import asdict
+
+        return cls(cfg.tts.codec, cfg.run.cache_dir, tuple(sorted(asdict(cfg.tts.embedded_codec).items())))
+
+    def build(self) -> AudioCodec:
+        if self.path:
+            return load_codec(self.path)
+        from speechrl.rollouts.mel_codec import MelCodecConfig, default_codec
+
+        return default_codec(self.cache_dir, MelCodecConfig(**dict(self.embedded)))
+
+
+def decode_column(codec: AudioCodec, codec_ids: Sequence[Sequence[int]]) -> list:
+    """Each completion's codec ids -> its waveform at codec.sample_rate; a completion that cannot
+    be decoded (no audio tokens, ids out of the codec's layout) gets an `Unscored` saying why, so
+    its sample goes unscored instead of stopping the step."""
+    from speechrl.rewards.api import Unscored
+
+    out = []
+    for i, ids in enumerate(codec_ids):
+        if len(ids) == 0:
+            out.append(Unscored("the completion has no audio tokens"))
+            continue
+        try:
+            out.append(codec.decode(ids))
+        except ValueError as e:
+            out.append(Unscored(f"codec could not decode sample {i}: {e}"))
+    return out

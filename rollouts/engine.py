@@ -157,9 +157,12 @@ class RolloutEngine:
         return True
 
     def generate(self, requests: list[RolloutRequest], *, n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int | None = None,
-                 allowed_token_ids: list[int] | None = None) -> list[Sample]:
+                 max_new_tokens: int, seed: int | None = None, allowed_token_ids: list[int] | None = None,
+                 stop_token_ids: list[int] | None = None) -> list[Sample]:
         """`n` samples per request, all requests in one vLLM call; grouped by request, in order.
+
+        A request without audio is a text-only prompt (TTS). `stop_token_ids` end a completion
+        besides the end-of-turn (TTS: `<|codec_end|>`); the stop token is kept in completion_ids.
 
         With `seed`, request i's samples use seeds seed + i*n + j (vLLM adds j itself), so a
         batch split across workers (see generate_across) samples exactly as one engine would.
@@ -168,15 +171,19 @@ class RolloutEngine:
 
         inputs, params = [], []
         for i, req in enumerate(requests):
-            if req.sample_rate != self.sample_rate:
+            if req.audio is None:
+                inputs.append({"prompt": req.prompt})
+            elif req.sample_rate != self.sample_rate:
                 raise ValueError(f"request {i}: audio at {req.sample_rate} Hz; the backbone expects "
                                  f"{self.sample_rate} Hz (resample in data/ first)")
-            inputs.append({"prompt": req.prompt, "multi_modal_data": {"audio": (req.audio, req.sample_rate)}})
+            else:
+                inputs.append({"prompt": req.prompt, "multi_modal_data": {"audio": (req.audio, req.sample_rate)}})
             params.append(SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
                                          logprobs=0, seed=None if seed is None else seed + i * n,
                                          # text is decoded below, from the ids: vLLM's incremental
                                          # detokenizer drops a trailing partial UTF-8 character
-                                         detokenize=False, allowed_token_ids=allowed_token_ids))
+                                         detokenize=False, allowed_token_ids=allowed_token_ids,
+                                         stop_token_ids=stop_token_ids))
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         samples = []
         for i, (req, out) in enumerate(zip(requests, outputs)):
@@ -236,7 +243,8 @@ def make_rollout_workers(backbone_path: str, cfg, num_workers: int, seed: int) -
 
 def generate_across(workers: list, requests: list[RolloutRequest], *, n: int, temperature: float,
                     top_p: float, max_new_tokens: int, seed: int | None = None,
-                    allowed_token_ids: list[int] | None = None) -> list[Sample]:
+                    allowed_token_ids: list[int] | None = None, stop_token_ids: list[int] | None = None
+                    ) -> list[Sample]:
     """Split requests into contiguous chunks, one per worker; samples come back in global order."""
     import ray
     from ray.exceptions import RayActorError
@@ -248,7 +256,7 @@ def generate_across(workers: list, requests: list[RolloutRequest], *, n: int, te
     futures = [workers[k].generate.remote(requests[start:start + size], n=n, temperature=temperature,
                                           top_p=top_p, max_new_tokens=max_new_tokens,
                                           seed=None if seed is None else seed + start * n,
-                                          allowed_token_ids=allowed_token_ids)
+                                          allowed_token_ids=allowed_token_ids, stop_token_ids=stop_token_ids)
                for k, start in chunks]
     samples = []
     for (k, start), future in zip(chunks, futures):

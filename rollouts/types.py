@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
 
 @dataclass
 class RolloutRequest:
-    """One prompt to sample from: chat-rendered text with one audio placeholder, and its audio."""
+    """One prompt to sample from: chat-rendered text, with one audio placeholder and its audio (ASR)
+    or text only (TTS: audio None)."""
 
     prompt: str  # rendered prompt text, audio placeholder unexpanded (see data.prompts.render_prompt)
-    audio: np.ndarray  # mono float32 waveform
+    audio: Optional[np.ndarray]  # mono float32 waveform; None for a text-only prompt
     sample_rate: int  # of `audio`; the engine's processor expects the backbone's rate
     metadata: dict = field(default_factory=dict)  # carried to every Sample (example id, reference text, ...)
 

@@ -1,0 +1,123 @@
+"""What each operational mode asks of the backbone: prompts, training targets, decoding constraint.
+
+A task turns a dataset example (its text and clip) into what the trainers and rollouts need:
+
+    AsrTask   prompt = the clip + "Transcribe the audio."   reply = transcript tokens, <|im_end|>
+    TtsTask   prompt = [voice prompt] + "Say: <text>"       reply = codec tokens, <|codec_end|>
+
+The TTS reply's tokens come from the recipe's codec (`CodecSpec`): the target clip is encoded for
+SFT, and generated tokens are decoded back to audio only on the reward side (rewards/worker.py).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from speechrl.data.prompts import render_prompt
+from speechrl.rlhf.backbone import IM_END, allowed_token_ids
+from speechrl.rlhf.config import RecipeConfig
+from speechrl.rollouts.types import RolloutRequest
+
+
+class AsrTask:
+    mode = "asr"
+
+    def __init__(self, cfg: RecipeConfig, processor):
+        self.cfg, self.processor, self.tokenizer = cfg, processor, processor.tokenizer
+        self.prompt = render_prompt(processor, "asr")
+        self.allowed_ids = allowed_token_ids(self.tokenizer, "asr")
+        self.stop_ids: Optional[list[int]] = None  # the end-of-turn is vLLM's eos already
+        self._prompt_ids: dict[str, list[int]] = {}
+
+    def request(self, ex, audio: np.ndarray, dataset=None) -> RolloutRequest:
+        return RolloutRequest(self.prompt, audio, self.cfg.data.sample_rate,
+                              {"id": ex.id, "text": ex.text, "speaker": ex.speaker})
+
+    def sft_example(self, ex, audio: np.ndarray, dataset=None) -> tuple[list[int], list[int], Optional[np.ndarray]]:
+        """(prompt ids, completion ids, the clip the prompt's audio placeholder stands for)."""
+        from speechrl.rlhf.logprobs import prompt_ids_for
+
+        # prompt ids depend on the clip only through its length (placeholder count): once per example
+        if ex.id not in self._prompt_ids:
+            self._prompt_ids[ex.id] = prompt_ids_for(self.processor, self.prompt, audio)
+        target = self.tokenizer(ex.text, add_special_tokens=False)["input_ids"]
+        return self._prompt_ids[ex.id], target + [self.tokenizer.convert_tokens_to_ids(IM_END)], audio
+
+
+class TtsTask:
+    mode = "tts"
+
+    def __init__(self, cfg: RecipeConfig, processor, codec=None):
+        from speechrl.rollouts.codec import CodecSpec, CodecTokens, vocab_size
+
+        self.cfg, self.processor, self.tokenizer = cfg, processor, processor.tokenizer
+        self.codec_spec = CodecSpec.from_recipe(cfg)
+        self.codec = codec or self.codec_spec.build()
+        self.tokens = CodecTokens(self.tokenizer, self.codec)
+        self.allowed_ids = allowed_token_ids(self.tokenizer, "tts", vocab_size(self.codec))
+        self.stop_ids = [self.tokens.end_id]
+        self._targets: dict[str, list[int]] = {}  # example id -> codec token ids of its clip
+        self._voices: dict[str, list[int]] = {}
+
+    # --- prompts ---------------------------------------------------------------------------------
+    def render(self, text: str, voice_ids: Optional[list[int]] = None) -> str:
+        """The prompt text; a voice prompt is written as its `<|aN|>` tokens, closed by `<|codec_end|>`."""
+        voice = None
+        if voice_ids:
+            voice = "".join(self.tokenizer.convert_ids_to_tokens(list(voice_ids) + [self.tokens.end_id]))
+        return render_prompt(self.processor, "tts", {"text": text, "voice": voice})
+
+    def prompt_ids(self, text: str, voice_ids: Optional[list[int]] = None) -> list[int]:
+        return self.tokenizer(self.render(text, voice_ids), add_special_tokens=False)["input_ids"]
+
+    def encode(self, audio: np.ndarray, sample_rate: int, max_seconds: Optional[float] = None) -> list[int]:
+        """A clip as the backbone's codec token ids (no end token)."""
+        if max_seconds:
+            audio = audio[: int(max_seconds * sample_rate)]
+        return self.tokens.to_backbone(self.codec.encode(audio, sample_rate))
+
+    def target(self, ex, audio: np.ndarray) -> list[int]:
+        if ex.id not in self._targets:
+            self._targets[ex.id] = self.encode(audio, self.cfg.data.sample_rate) + [self.tokens.end_id]
+        return self._targets[ex.id]
+
+    def voice(self, ex, dataset) -> Optional[list[int]]:
+        """With tts.voice_prompt: another clip of the example's speaker, as codec token ids; None otherwise."""
+        if not self.cfg.tts.voice_prompt:
+            return None
+        if ex.id not in self._voices:
+            ref = _reference_clip(ex, dataset)
+            self._voices[ex.id] = [] if ref is None else self.encode(ref, self.cfg.data.sample_rate,
+                                                                       self.cfg.tts.max_voice_seconds)
+        return self._voices[ex.id] or None
+
+    # --- what trainers and rollouts take ---------------------------------------------------------
+    def request(self, ex, audio: np.ndarray, dataset=None) -> RolloutRequest:
+        voice = self.voice(ex, dataset) if dataset is not None else None
+        meta = {"id": ex.id, "text": ex.text, "speaker": ex.speaker}
+        if voice:
+            meta["reference_codec_ids"] = self.tokens.from_backbone(voice)
+        return RolloutRequest(self.render(ex.text, voice), None, self.cfg.data.sample_rate, meta)
+
+    def sft_example(self, ex, audio: np.ndarray, dataset=None) -> tuple[list[int], list[int], None]:
+        voice = self.voice(ex, dataset) if dataset is not None else None
+        return self.prompt_ids(ex.text, voice), self.target(ex, audio), None
+
+    def codec_ids(self, completion_ids: list[int]) -> list[int]:
+        """A completion's codec-local ids (up to `<|codec_end|>`), what the reward side decodes."""
+        return self.tokens.from_backbone(completion_ids)
+
+
+def _reference_clip(ex, dataset) -> Optional[np.ndarray]:
+    """The first other example of the same speaker in `dataset` (deterministic), or None."""
+    for other, audio in dataset.items:
+        if other.speaker == ex.speaker and other.id != ex.id:
+            return audio
+    return None
+
+
+def make_task(cfg: RecipeConfig, processor, codec=None):
+    if cfg.mode == "tts":
+        return TtsTask(cfg, processor, codec)
+    return AsrTask(cfg, processor)

@@ -1,0 +1,136 @@
+"""Held-out evaluation of the TTS mode: synthesize the held-out texts, score them, keep samples.
+
+At every evaluation the same held-out prompts are synthesized (greedy by default), decoded by the
+recipe's codec, and scored by the recipe's rewards; each reward component's mean is logged as
+`eval/<reward>/<component>` (e.g. `eval/tts_intelligibility/cer`). The first `tts.eval_samples`
+prompts are written as wav files, `samples/step-<N>/<id>.wav`, and as TensorBoard audio, so a run
+can be listened to before and after; `samples/reference/` holds the corpus recordings of the same
+texts and their codec round trip (the best the policy could do with this codec).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from speechrl.data.audio import write_wav
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def synthesize_ids(model, task, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
+                   batch_size: int = 16) -> list[list[int]]:
+    """Completions (codec token ids, ending with `<|codec_end|>` unless cut at the cap) from a
+    transformers model, under the task's decoding constraint. The in-process path (SFT, DPO);
+    RL runs synthesize on their vLLM engines instead."""
+    tok = task.tokenizer
+    vocab = model.get_output_embeddings().weight.shape[0]
+    allowed = set(task.allowed_ids)
+    suppress = [i for i in range(vocab) if i not in allowed]
+    was_training = model.training
+    model.eval()
+    out: list[list[int]] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, p in enumerate(chunk):  # left padding: decoder-only generation continues each row's end
+                ids[i, width - len(p):] = torch.tensor(p)
+                mask[i, width - len(p):] = 1
+            sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+            gen = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                 max_new_tokens=max_new_tokens, suppress_tokens=suppress,
+                                 eos_token_id=task.stop_ids, pad_token_id=tok.pad_token_id, **sampling)
+            for row in gen[:, width:].tolist():
+                end = row.index(task.stop_ids[0]) + 1 if task.stop_ids[0] in row else len(row)
+                out.append(row[:end])
+    finally:
+        model.train(was_training)
+    return out
+
+
+class TtsEvaluation:
+    """The held-out prompts of a TTS run, how to score their completions, and where samples go."""
+
+    def __init__(self, cfg, task, eval_set, run_dir: Path, logger):
+        self.cfg, self.task, self.logger = cfg, task, logger
+        self.items = [eval_set[i] for i in range(min(len(eval_set), cfg.data.max_eval_examples))]
+        self.prompt_ids = [task.prompt_ids(ex.text, task.voice(ex, eval_set)) for ex, _ in self.items]
+        self.prompts = [task.render(ex.text, task.voice(ex, eval_set)) for ex, _ in self.items]
+        self.samples_dir = Path(run_dir) / "samples"
+        self._write_references()
+
+    def batch(self, completions: list[list[int]]) -> dict:
+        """The reward batch for these completions (codec ids; the reward side decodes them)."""
+        exs = [ex for ex, _ in self.items]
+        return {"completions": [""] * len(completions), "completion_ids": completions, "mode": "tts",
+                "codec_ids": [self.task.codec_ids(c) for c in completions],
+                "id": [ex.id for ex in exs], "text": [ex.text for ex in exs], "speaker": [ex.speaker for ex in exs]}
+
+    def evaluate(self, step: int, completions: list[list[int]], score: Callable) -> dict:
+        """Score completions of the held-out prompts with `score(batch) -> ScoreResult`; write samples."""
+        result = score(self.batch(completions))
+        metrics = {k.replace("rewards/", "eval/", 1): v for k, v in result.metrics().items()}
+        end = self.task.tokens.end_id
+        metrics["eval/ended"] = float(np.mean([bool(c) and c[-1] == end for c in completions]))
+        metrics["eval/audio_seconds"] = float(np.mean([
+            len(self.task.codec_ids(c)) / (self.task.codec.frame_rate * self.task.codec.num_codebooks)
+            for c in completions]))
+        self.write_samples(step, completions)
+        return metrics
+
+    def write_samples(self, step: int, completions: list[list[int]]) -> None:
+        codec = self.task.codec
+        folder = self.samples_dir / f"step-{step}"
+        for (ex, _), ids in list(zip(self.items, completions))[: self.cfg.tts.eval_samples]:
+            codec_ids = self.task.codec_ids(ids)
+            audio = codec.decode(codec_ids) if codec_ids else np.zeros(codec.sample_rate // 10, np.float32)
+            write_wav(folder / f"{_safe(ex.id)}.wav", audio, codec.sample_rate)
+            self.logger.tb.add_audio(f"samples/{_safe(ex.id)}", torch.from_numpy(audio)[None], step,
+                                     sample_rate=codec.sample_rate)
+        (folder / "texts.txt").write_text("".join(f"{_safe(ex.id)}\t{ex.text}\n"
+                                                  for ex, _ in self.items[: self.cfg.tts.eval_samples]))
+
+    def _write_references(self) -> None:
+        folder = self.samples_dir / "reference"
+        if folder.is_dir():
+            return
+        codec, rate = self.task.codec, self.cfg.data.sample_rate
+        for ex, audio in self.items[: self.cfg.tts.eval_samples]:
+            write_wav(folder / f"{_safe(ex.id)}.wav", audio, rate)
+            write_wav(folder / f"{_safe(ex.id)}.codec.wav", codec.decode(codec.encode(audio, rate)), codec.sample_rate)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))[:80]
+
+
+# what a run's summary reports, per mode: (label, metric key)
+HEADLINES = {
+    "asr": [("held-out WER", "eval/wer"), ("held-out CER", "eval/cer")],
+    "tts": [("held-out intelligibility CER", "eval/tts_intelligibility/cer"),
+            ("held-out intelligibility WER", "eval/tts_intelligibility/wer"),
+            ("held-out total reward", "eval/total"),
+            ("held-out DNSMOS", "eval/dnsmos/reward"),
+            ("held-out sanity penalty", "eval/speech_sanity/reward")],
+}
+
+
+def eval_plot_keys(mode: str) -> list[str]:
+    return [key for _, key in HEADLINES[mode]]
+
+
+def headline_rows(mode: str, logger) -> dict:
+    """"<label> before" / "<label> after" rows of the summary table, for metrics the run logged."""
+    rows = {}
+    for label, key in HEADLINES[mode]:
+        before, after = logger.first(key), logger.last(key)
+        if not (np.isnan(before) and np.isnan(after)):
+            rows[f"{label} before"], rows[f"{label} after"] = before, after
+    return rows

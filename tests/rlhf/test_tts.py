@@ -1,0 +1,217 @@
+"""The TTS mode on a tiny backbone: prompts and targets, text-only batches, SFT with samples written,
+offline DPO (loss at the start, learning a pair, the recipe), and the online-DPO pair rule.
+
+GRPO and online DPO through Ray + vLLM are in test_tts_e2e.py.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from speechrl.rlhf.config import load_recipe
+
+TINY = ["model.tiny.hidden_size=128", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1",
+        "model.tiny.encoder_dim=128", "model.tiny.num_layers=2", "model.tiny.encoder_layers=1",
+        "model.tiny.num_codec_tokens=64", "tts.embedded_codec.codebook_size=64"]
+FAST = [*TINY, "data.synthetic.num_utterances=60", "data.max_eval_examples=4", "eval_max_new_tokens=24",
+        "tts.eval_samples=2", "train.batch_size=4", "train.warmup_steps=2", "train.log_every=1",
+        "rewards=[{name: speech_sanity}]"]
+
+
+@pytest.fixture(scope="module")
+def tts_base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tts")
+    return [*FAST, f"run.cache_dir={root / 'cache'}", f"run.output_dir={root / 'runs'}"]
+
+
+@pytest.fixture(scope="module")
+def task(tts_base):
+    from speechrl.rlhf import assets
+    from speechrl.rlhf.backbone import load_processor
+    from speechrl.rlhf.tasks import TtsTask
+
+    cfg = load_recipe("tts/sft", tts_base)
+    return TtsTask(cfg, load_processor(assets.backbone_path(cfg)))
+
+
+@pytest.fixture(scope="module")
+def clip():
+    from speechrl.data.synth import synthesize
+
+    return synthesize("move left three steps", "en-us", 175, 50, 16000)
+
+
+def test_tts_task_prompts_targets_and_constraint(task, clip):
+    tok, end = task.tokenizer, task.tokens.end_id
+    codec_block = set(task.tokens.token_ids.tolist())
+    assert set(task.allowed_ids) == codec_block | {end} and len(codec_block) == 64
+
+    prompt = task.prompt_ids("go up two steps")
+    assert not codec_block & set(prompt) and "Say: go up two steps" in tok.decode(prompt)
+
+    ex = type("Ex", (), {"id": "x", "text": "move left three steps"})()
+    target = task.target(ex, clip)
+    assert target[-1] == end and end not in target[:-1] and set(target[:-1]) <= codec_block
+    assert task.codec_ids(target) == task.codec.encode(clip, 16000).tolist()
+
+    voice = task.encode(clip, 16000, max_seconds=0.5)
+    assert len(voice) == pytest.approx(0.5 * task.codec.frame_rate, abs=2)
+    with_voice = task.prompt_ids("go up", voice)
+    start = with_voice.index(voice[0])
+    assert with_voice[start:start + len(voice) + 1] == voice + [end]  # the voice prompt, closed by the end token
+    assert "Say: go up" in tok.decode(with_voice[start + len(voice):])
+
+
+def test_text_only_batch_shares_prompts_with_the_same_logprobs_and_gradients(task, tts_base):
+    from speechrl.rlhf import assets
+    from speechrl.rlhf.backbone import load_backbone
+    from speechrl.rlhf.logprobs import build_token_batch, token_logprobs, vocab_mask
+
+    model = load_backbone(assets.backbone_path(load_recipe("tts/sft", tts_base))).model.train()
+    prompts = [task.prompt_ids("go up"), task.prompt_ids("go up"), task.prompt_ids("turn left two degrees")]
+    rng = np.random.default_rng(0)
+    completions = [task.tokens.token_ids[rng.integers(0, 64, k)].tolist() + [task.tokens.end_id] for k in (5, 9, 3)]
+    grouped = build_token_batch(task.processor, prompts, completions, [None] * 3, task.tokenizer.pad_token_id)
+    assert grouped.input_features is None and grouped.audio_index.tolist() == [0, 0, 1]
+    plain = copy.copy(grouped)
+    plain.audio_index = None
+    allowed = vocab_mask(task.allowed_ids, model.get_output_embeddings().weight.shape[0])
+
+    logps, grads = [], []
+    for batch in (grouped, plain):
+        model.zero_grad()
+        logp = token_logprobs(model, batch, 1.0, allowed)
+        (logp * batch.completion_mask).sum().backward()
+        logps.append(logp.detach())
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    mask = grouped.completion_mask
+    assert torch.allclose(logps[0][mask], logps[1][mask], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
+    assert bool((logps[0][mask] < 0).all())
+
+
+def test_tts_sft_lowers_the_loss_and_writes_samples_at_every_evaluation(tts_base):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from speechrl.rlhf.sft import run_sft
+
+    cfg = load_recipe("tts/sft", [*tts_base, "run.name=sft", "train.steps=30", "train.eval_every=15",
+                                  "train.checkpoint_every=30", "train.lr=3e-3"])
+    summary = run_sft(cfg)
+    run = Path(summary["run"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
+    for step in (0, 15, 30):
+        wavs = sorted((run / "samples" / f"step-{step}").glob("*.wav"))
+        assert len(wavs) == 2 and all(w.stat().st_size > 44 for w in wavs)
+    assert len(list((run / "samples" / "reference").glob("*.codec.wav"))) == 2
+    evals = [r for r in rows if "eval/speech_sanity/reward" in r]
+    assert [r["step"] for r in evals] == [0, 15, 30] and all(0 <= r["eval/ended"] <= 1 for r in evals)
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"audio": 0}).Reload()
+    audio_tags = events.Tags()["audio"]
+    assert len(audio_tags) == 2 and len(events.Audio(audio_tags[0])) == 3  # steps 0, 15, 30
+    assert "held-out sanity penalty after" in summary
+
+
+# --- DPO -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dpo_setup(task, tts_base):
+    from speechrl.rlhf import assets
+    from speechrl.rlhf.backbone import load_backbone
+    from speechrl.rlhf.config import DPOConfig
+    from speechrl.rlhf.logprobs import vocab_mask
+
+    model = load_backbone(assets.backbone_path(load_recipe("tts/sft", tts_base))).model
+    allowed = vocab_mask(task.allowed_ids, model.get_output_embeddings().weight.shape[0])
+    ids = task.tokens.token_ids
+    prompts = [task.prompt_ids("go up"), task.prompt_ids("stop and turn left")]
+    chosen = [ids[[1, 2, 3, 4]].tolist() + [task.tokens.end_id], ids[[5, 6]].tolist() + [task.tokens.end_id]]
+    rejected = [ids[[9, 9, 9]].tolist() + [task.tokens.end_id], ids[[7, 8, 7, 8, 7]].tolist() + [task.tokens.end_id]]
+    return model, allowed, prompts, chosen, rejected, DPOConfig
+
+
+@pytest.mark.parametrize("loss, at_start", [("sigmoid", math.log(2)), ("ipo", (1 / (2 * 0.1)) ** 2)])
+def test_dpo_loss_starts_where_the_formulas_say_and_learns_the_pairs(dpo_setup, task, loss, at_start):
+    from speechrl.rlhf.dpo import preference_batch, preference_loss
+
+    model, allowed, prompts, chosen, rejected, DPOConfig = dpo_setup
+    policy, reference = copy.deepcopy(model).train(), copy.deepcopy(model).eval()
+    cfg = DPOConfig(loss=loss, beta=0.1)
+    batch = preference_batch(task.processor, prompts, chosen, rejected, task.tokenizer.pad_token_id)
+    first, metrics = preference_loss(policy, reference, batch, 2, cfg, allowed)
+    # policy == reference: zero margin, so sigmoid gives log 2 and IPO (0 - 1/(2 beta))^2
+    assert first.item() == pytest.approx(at_start, rel=1e-5) and metrics["reward_margin"] == pytest.approx(0, abs=1e-5)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss_value, metrics = preference_loss(policy, reference, batch, 2, cfg, allowed)
+        loss_value.backward()
+        optimizer.step()
+    assert loss_value.item() < first.item() and metrics["reward_accuracy"] == 1.0 and metrics["reward_margin"] > 0
+
+
+def test_sft_weight_adds_the_chosen_nll(dpo_setup, task):
+    from speechrl.rlhf.dpo import preference_batch, preference_loss
+
+    model, allowed, prompts, chosen, rejected, DPOConfig = dpo_setup
+    batch = preference_batch(task.processor, prompts, chosen, rejected, task.tokenizer.pad_token_id)
+    plain, _ = preference_loss(model, model, batch, 2, DPOConfig(beta=0.1), allowed)
+    mixed, metrics = preference_loss(model, model, batch, 2, DPOConfig(beta=0.1, sft_weight=0.5), allowed)
+    assert metrics["chosen_nll"] > 0 and mixed.item() == pytest.approx(plain.item() + 0.5 * metrics["chosen_nll"], rel=1e-5)
+
+
+def test_offline_dpo_recipe_trains_on_a_preference_file_and_skips_bad_rows(task, tts_base, tmp_path, clip):
+    from speechrl.data.audio import write_wav
+    from speechrl.rlhf.dpo import run_dpo
+
+    write_wav(tmp_path / "good.wav", clip, 16000)
+    write_wav(tmp_path / "worse.wav", np.zeros(8000, np.float32) + 0.01 * np.sin(np.arange(8000)), 16000)
+    rows = [{"text": "move left three steps", "chosen": "good.wav", "rejected": {"audio": "worse.wav"},
+             "annotator": "ann1", "reason": ["intelligibility"]},
+            {"text": "go up", "chosen": {"codec_ids": [1, 2, 3, 4]}, "rejected": {"codec_ids": [9, 9, 9]}},
+            {"text": "", "chosen": {"codec_ids": [1]}, "rejected": {"codec_ids": [2]}},  # bad: empty text
+            {"text": "stop", "chosen": {"codec_ids": [1, 2]}, "rejected": {"codec_ids": [999]}}]  # bad: id > 63
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_recipe("tts/dpo", [*tts_base, "run.name=dpo", f"dpo.data={tmp_path / 'pairs.jsonl'}",
+                                  "train.steps=4", "train.batch_size=2", "train.eval_every=4",
+                                  "train.checkpoint_every=2", "train.lr=1e-3"])
+    summary = run_dpo(cfg)
+    assert summary["preference pairs"] == 2
+    run = Path(summary["run"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if "train/loss" in r)
+    assert first["train/loss"] == pytest.approx(math.log(2), abs=0.05)  # starts at its reference
+    assert rows[-1]["train/reward_accuracy"] == 1.0 and (run / "samples" / "step-4").is_dir()
+    assert (run / "checkpoints" / "step-4" / "trainer_state.pt").is_file()
+
+
+def test_online_dpo_pairs_each_groups_best_with_its_worst():
+    from speechrl.rlhf.online_dpo import best_worst_pairs
+
+    total = np.array([0.1, 0.9, 0.5, 0.3, 0.3, np.nan, 0.2, 0.8, 0.0])
+    valid = np.array([True, True, True, True, True, False, True, False, True])
+    groups = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    # group 0: best 1 (0.9), worst 0 (0.1); group 1: tie among the valid -> none;
+    # group 2: 7 is unscored -> best 6 (0.2), worst 8 (0.0)
+    assert best_worst_pairs(total, valid, groups) == [(1, 0), (6, 8)]
+    assert best_worst_pairs(total, valid, groups, min_gap=0.5) == [(1, 0)]
+
+
+def test_tts_recipes_validate():
+    from speechrl.rlhf.config import RecipeError
+    from speechrl.rlhf.dpo import run_dpo
+
+    for name in ("tts/sft", "tts/grpo", "tts/dpo", "tts/online_dpo"):
+        assert load_recipe(name).mode == "tts"
+    with pytest.raises(RecipeError, match="dpo.data"):
+        run_dpo(load_recipe("tts/dpo"))  # fails before building anything
+    with pytest.raises(RecipeError, match="mode tts"):
+        load_recipe("asr/sft", ["algorithm=online_dpo"])
