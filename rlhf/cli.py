@@ -51,7 +51,10 @@ RUNNERS = {"sft": _runner("sft", "run_sft"), "grpo": _runner("grpo", "run_grpo")
 def cmd_demo(args) -> int:
     from speechrl.rlhf.demo import run_demo
 
-    run_demo(args.overrides, output_dir=args.output_dir)
+    overrides, mode = list(args.overrides), "asr"
+    if overrides and "=" not in overrides[0]:  # `speechrl demo tts ...`
+        mode = overrides.pop(0)
+    run_demo(overrides, output_dir=args.output_dir, mode=mode)
     return 0
 
 
@@ -145,8 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the last checkpoint of RUN_DIR (default: run.name, else the newest run)")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("demo", help="the end-to-end ASR demo: SFT warm start, then GRPO through Ray + vLLM")
-    p.add_argument("overrides", nargs="*", help="key.path=value overrides for both stages")
+    p = sub.add_parser("demo", help="a mode's end-to-end demo (asr, the default, or tts): SFT warm start, then "
+                       "GRPO through Ray + vLLM")
+    p.add_argument("overrides", nargs="*", metavar="[MODE] OVERRIDES",
+                   help="optionally the mode (asr | tts), then key.path=value overrides for both stages")
     p.add_argument("--output-dir", default="runs", help="parent of the demo's run directories")
     p.set_defaults(fn=cmd_demo)
 

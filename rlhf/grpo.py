@@ -199,7 +199,7 @@ class GRPORecipe:
             self.logger.log(0, self.evaluate(0))  # the starting policy: "WER before" in the summary
         start = time.time()
         bar = tqdm(range(self.start_step, cfg.train.steps), initial=self.start_step, total=cfg.train.steps,
-                   desc="grpo", unit="step", dynamic_ncols=True)
+                   desc=cfg.algorithm, unit="step", dynamic_ncols=True)
         for step in bar:
             done, self.step = step + 1, step
             with timer("generate"):
@@ -225,7 +225,9 @@ class GRPORecipe:
                 self.save_checkpoint(done, metrics)
                 metrics["time/checkpoint"] = time.perf_counter() - began
             self.logger.log(done, metrics)
-            bar.set_postfix({"reward": f"{metrics.get('rewards/total', float('nan')):.3f}",
+            # the first reward as scored (the total is ~0 when every component is z-normalized)
+            first = f"rewards/{cfg.rewards[0].key}/reward"
+            bar.set_postfix({cfg.rewards[0].key: f"{metrics.get(first, float('nan')):.3f}",
                              **{key.split("/")[-1]: f"{metrics[key]:.3f}" for key in eval_plot_keys(cfg.mode)[:1]
                                 if key in metrics}})
         self.elapsed = time.time() - start

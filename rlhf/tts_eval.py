@@ -116,9 +116,10 @@ HEADLINES = {
     "asr": [("held-out WER", "eval/wer"), ("held-out CER", "eval/cer")],
     "tts": [("held-out intelligibility CER", "eval/tts_intelligibility/cer"),
             ("held-out intelligibility WER", "eval/tts_intelligibility/wer"),
-            ("held-out total reward", "eval/total"),
             ("held-out DNSMOS", "eval/dnsmos/reward"),
-            ("held-out sanity penalty", "eval/speech_sanity/reward")],
+            ("held-out sanity penalty", "eval/speech_sanity/reward"),
+            ("held-out speaking rate (chars/s)", "eval/speech_sanity/chars_per_second"),
+            ("held-out samples ended by <|codec_end|>", "eval/ended")],
 }
 
 
