@@ -13,6 +13,7 @@ from speechrl.rlhf.config import RECIPES_DIR, RecipeError, load_recipe, to_yaml
 EPILOG = """examples:
   speechrl demo                                  SFT warm start then GRPO on the embedded default
   speechrl demo tts                              the same for TTS: intelligibility before and after
+  speechrl eval runs/<run>/final --recipe tts/sft  held-out TTS scores and wav samples of any checkpoint
   speechrl train asr/sft                         a shipped recipe, by name
   speechrl train recipes/asr/sft.yaml train.steps=50 train.lr=1e-3
   speechrl train asr/sft --resume                continue the newest asr-sft run from its checkpoint
@@ -98,11 +99,35 @@ def cmd_eval(args) -> int:
     cfg = load_recipe(args.recipe, args.overrides)
     backbone = load_backbone(args.checkpoint)
     _, held = assets.load_datasets(cfg, backbone.max_audio_seconds)
+    if cfg.mode == "tts":
+        return _eval_tts(cfg, backbone, held, Path(args.checkpoint))
     result = evaluate_asr(backbone.model, backbone.processor, held, max_examples=cfg.data.max_eval_examples,
                           max_new_tokens=cfg.eval_max_new_tokens)
     for ref, hyp in result.pop("examples"):
         print(f"ref: {ref}\nhyp: {hyp}")
     print(" ".join(f"{k}={v:.4f}" for k, v in result.items()))
+    return 0
+
+
+def _eval_tts(cfg, backbone, held, checkpoint: Path) -> int:
+    """Synthesize the held-out texts, score them with the recipe's rewards, write the samples."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from speechrl.rewards.worker import RewardWorker
+    from speechrl.rlhf.tasks import TtsTask
+    from speechrl.rlhf.tts_eval import TtsEvaluation, synthesize_ids
+
+    class _Writer:  # TtsEvaluation writes TensorBoard audio through a run logger's `tb`
+        tb = SummaryWriter(str(checkpoint / "eval" / "tensorboard"))
+
+    task = TtsTask(cfg, backbone.processor)
+    evaluation = TtsEvaluation(cfg, task, held, checkpoint / "eval", _Writer)
+    completions = synthesize_ids(backbone.model, task, evaluation.prompt_ids, max_new_tokens=cfg.eval_max_new_tokens,
+                                 temperature=cfg.tts.eval_temperature)
+    metrics = evaluation.evaluate(0, completions, RewardWorker(cfg.rewards, task.codec_spec).score)
+    _Writer.tb.close()
+    print("\n".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    print(f"samples: {evaluation.samples_dir}")
     return 0
 
 
@@ -180,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_build_corpus)
 
     p = configured_by_recipe(sub.add_parser("eval", help="held-out WER/CER of a backbone directory "
-                             "(a run's final/ or a checkpoint); data.eval from the recipe"), "checkpoint")
+                             "(a run's final/ or a checkpoint); data.eval from the recipe. With a TTS recipe "
+                             "(--recipe tts/sft): held-out reward components, samples in <checkpoint>/eval/"),
+                             "checkpoint")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("serve-reward", help="serve a reward over HTTP for `remote` rewards (schema: docs/rewards.md)")

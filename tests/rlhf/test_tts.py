@@ -215,3 +215,33 @@ def test_tts_recipes_validate():
         run_dpo(load_recipe("tts/dpo"))  # fails before building anything
     with pytest.raises(RecipeError, match="mode tts"):
         load_recipe("asr/sft", ["algorithm=online_dpo"])
+
+
+def test_voice_prompt_is_another_clip_of_the_same_speaker_and_reaches_the_reward_side(tts_base):
+    from speechrl.rlhf import assets
+    from speechrl.rlhf.backbone import load_processor
+    from speechrl.rlhf.tasks import TtsTask
+
+    cfg = load_recipe("tts/sft", [*tts_base, "tts.voice_prompt=true", "tts.max_voice_seconds=1.0"])
+    train, _ = assets.load_datasets(cfg, 4.0)
+    task = TtsTask(cfg, load_processor(assets.backbone_path(cfg)))
+    ex, audio = train[0]
+    request = task.request(ex, audio, train)
+    voice = request.metadata["reference_codec_ids"]
+    assert 0 < len(voice) <= task.codec.frame_rate * 1.0 + 1
+    other = next(a for e, a in train.items if e.speaker == ex.speaker and e.id != ex.id)
+    assert voice == task.codec.encode(other[:16000], 16000).tolist()  # not the target clip itself
+    prompt_ids, target, no_audio = task.sft_example(ex, audio, train)
+    assert no_audio is None and task.tokens.to_backbone(voice) + [task.tokens.end_id] == \
+        prompt_ids[prompt_ids.index(task.tokens.to_backbone(voice)[0]):][:len(voice) + 1]
+
+
+def test_eval_command_scores_a_tts_checkpoint_and_writes_its_samples(tts_base, capsys):
+    from speechrl.rlhf import assets
+    from speechrl.rlhf.cli import main
+
+    backbone = assets.backbone_path(load_recipe("tts/sft", tts_base))
+    assert main(["eval", str(backbone), *tts_base, "--recipe", "tts/sft"]) == 0
+    printed = capsys.readouterr().out
+    assert "eval/speech_sanity/reward=" in printed and "eval/ended=" in printed
+    assert len(list((backbone / "eval" / "samples" / "step-0").glob("*.wav"))) == 2
