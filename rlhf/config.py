@@ -188,6 +188,10 @@ class TTSConfig:
     max_voice_seconds: float = 3.0  # voice prompts are cut to this length
     eval_temperature: float = 0.0  # held-out synthesis: 0 = greedy
     eval_samples: int = 4  # held-out prompts written as wav files and TensorBoard audio at every evaluation
+    # RL prompts (GRPO, online DPO) need text only: null = the training set's texts; a text file (one
+    # sentence a line); or "grammar" = fresh sentences of the embedded command grammar. Held-out texts
+    # are always left out. A policy that memorized its SFT texts learns more from sentences it has not seen.
+    prompt_texts: Optional[str] = None
 
 
 @dataclass
@@ -339,6 +343,9 @@ def validate(cfg: RecipeConfig, source: str = "recipe") -> None:
         raise RecipeError(f"{source}: {cfg.algorithm} needs `rollout.sampling.n` >= 2 to form groups")
     if cfg.algorithm in ("dpo", "online_dpo") and cfg.dpo.beta <= 0:
         raise RecipeError(f"{source}: `dpo.beta` must be > 0, got {cfg.dpo.beta}")
+    texts = cfg.tts.prompt_texts
+    if texts and texts != "grammar" and not Path(os.path.expanduser(texts)).is_file():
+        raise RecipeError(f"{source}: `tts.prompt_texts` is {texts!r}: neither \"grammar\" nor a text file")
     if cfg.mode != "tts" and cfg.algorithm in ("dpo", "online_dpo"):
         raise RecipeError(f"{source}: `algorithm: {cfg.algorithm}` is implemented for mode tts; got mode {cfg.mode!r}")
 

@@ -104,6 +104,7 @@ class GRPORecipe:
         self.allowed_ids = self.task.allowed_ids
         self.train_set, self.eval_set = assets.load_datasets(cfg, processor.feature_extractor.n_samples
                                                              / processor.feature_extractor.sampling_rate)
+        self.prompt_pool = rl_prompt_pool(cfg, self.eval_set)
         self.policy = make_policy_worker(cfg, self.backbone_path, str(checkpoint) if checkpoint else None,
                                          allowed_ids=self.allowed_ids)
         self.reward = make_reward_actor(cfg.rewards, codec=getattr(self.task, "codec_spec", None))
@@ -121,6 +122,9 @@ class GRPORecipe:
 
     def requests(self, step: int) -> list[RolloutRequest]:
         idx = batch_indices(len(self.train_set), self.cfg.grpo.prompts_per_step, step, self.cfg.seed)
+        if self.prompt_pool is not None:  # text-only TTS prompts: no clip, no voice prompt
+            idx = batch_indices(len(self.prompt_pool), self.cfg.grpo.prompts_per_step, step, self.cfg.seed)
+            return [self.task.request(self.prompt_pool[int(i)], None) for i in idx]
         return [self.task.request(*self.train_set[int(i)], self.train_set) for i in idx]
 
     def generate(self, requests, step: int, n: Optional[int] = None, temperature: Optional[float] = None):
@@ -270,6 +274,23 @@ class GRPORecipe:
 
         if ray.is_initialized() and not self.cfg.ray.address:
             ray.shutdown()
+
+
+def rl_prompt_pool(cfg: RecipeConfig, eval_set) -> Optional[list]:
+    """TTS prompts from `tts.prompt_texts` (see its comment), held-out texts left out; None = the train set."""
+    from speechrl.data.manifest import Example
+    from speechrl.data.synth import command_sentences, read_text_list
+
+    source = cfg.tts.prompt_texts
+    if cfg.mode != "tts" or not source:
+        return None
+    texts = command_sentences(5000, seed=cfg.seed + 1) if source == "grammar" else read_text_list(source)
+    held = {ex.text for ex, _ in eval_set.items}
+    texts = list(dict.fromkeys(t for t in texts if t.strip() and t not in held))
+    if not texts:
+        raise RecipeError(f"tts.prompt_texts={source!r}: no prompt texts left after removing the held-out ones")
+    log.info("RL prompts: %d texts from %s (held-out texts left out)", len(texts), source)
+    return [Example(id=f"prompt-{i:05d}", text=t) for i, t in enumerate(texts)]
 
 
 def run_grpo(cfg: RecipeConfig, resume: Optional[str] = None, recipe_class: type = GRPORecipe) -> dict:

@@ -74,6 +74,10 @@ class MelUnitCodec:
         self.num_codebooks = config.num_codebooks
         self.frame_rate = config.sample_rate / config.hop_length
         self._mel = librosa.filters.mel(sr=config.sample_rate, n_fft=config.n_fft, n_mels=config.n_mels)
+        # mel -> linear power by the filterbank's pseudo-inverse, not librosa's mel_to_stft: that
+        # solves a non-negative least squares per clip, 4x slower end to end at the same round-trip
+        # WER (benchmarks/codec_roundtrip.py), and decoding runs once per sampled completion
+        self._mel_inverse = np.linalg.pinv(self._mel)
 
     # --- analysis ------------------------------------------------------------------------------
     def _logmel(self, audio: np.ndarray) -> np.ndarray:
@@ -112,7 +116,7 @@ class MelUnitCodec:
         envelope = sum(book[u] for book, u in zip(self.codebooks, units))  # (frames, n_cepstra)
         full = np.pad(envelope, ((0, 0), (0, c.n_mels - c.n_cepstra)))
         mel_power = np.exp(idct(full, norm="ortho", axis=1) + self.mean_logmel).T
-        magnitude = librosa.feature.inverse.mel_to_stft(mel_power, sr=c.sample_rate, n_fft=c.n_fft, power=2.0)
+        magnitude = np.sqrt(np.maximum(self._mel_inverse @ mel_power, 0.0))
         audio = librosa.griffinlim(magnitude, n_iter=c.griffin_lim_iters, hop_length=c.hop_length,
                                    n_fft=c.n_fft, random_state=c.seed)
         audio *= c.level / max(float(np.sqrt(np.mean(audio ** 2))), 1e-8)

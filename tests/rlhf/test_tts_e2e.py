@@ -40,6 +40,8 @@ def test_tts_grpo_samples_codec_tokens_scores_decoded_audio_and_writes_samples(b
         recipe.setup()
         requests = recipe.requests(0)
         assert all(r.audio is None for r in requests)
+        held = {ex.text for ex, _ in recipe.eval_set.items}
+        assert recipe.prompt_pool and not held & {ex.text for ex in recipe.prompt_pool}  # shipped: "grammar"
         samples = recipe.generate(requests, 0)
         allowed, end = set(recipe.allowed_ids), recipe.task.tokens.end_id
         assert all(set(s.completion_ids) <= allowed for s in samples)
@@ -65,7 +67,7 @@ def test_tts_online_dpo_forms_pairs_from_ranked_samples_and_saves_them(base):
     from speechrl.rlhf.online_dpo import run_online_dpo
     from speechrl.rollouts.codec import CodecSpec
 
-    cfg = load_recipe("tts/online_dpo", [*base, "run.name=odpo", "dpo.min_reward_gap=0"])
+    cfg = load_recipe("tts/online_dpo", [*base, "run.name=odpo", "dpo.min_reward_gap=0", "tts.prompt_texts=grammar"])
     summary = run_online_dpo(cfg)
     run = Path(summary["run"])
     trained = [r for r in rows(run) if "train/pairs" in r]

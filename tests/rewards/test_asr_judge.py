@@ -1,0 +1,142 @@
+"""The backbone ASR judge and the embedded judge's build, on real parts: espeak-ng speech, the
+embedded codec, the tiny backbone and SFT. The judges built here train for a couple of steps (a
+mechanics check); only `test_trained_judge_hears_the_right_sentence` trains one that can hear."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from speechrl.data.synth import synthesize
+from speechrl.rewards.api import Unscored
+from speechrl.rewards.asr_judge import (SCORES, BackboneAsrJudge, JudgeBuild, ensure_embedded_judge, is_backbone_dir,
+                                        judge_dir)
+from speechrl.rewards.registry import resolve_reward
+from speechrl.rlhf.config import SyntheticCorpusConfig
+
+SR = 16000
+TINY_CORPUS = SyntheticCorpusConfig(num_utterances=40, heldout_fraction=0.1, voices=["en-us"], rates=[175],
+                                    pitches=[50])
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def tiny_judge(cache):
+    """A judge built by two callers at once (2 SFT steps on a 40-clip corpus): both get the same one."""
+    build = JudgeBuild(corpus=TINY_CORPUS, steps=2, batch_size=4)
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: ensure_embedded_judge(cache, build), range(2)))
+    assert paths[0] == paths[1]
+    return paths[0], build
+
+
+@pytest.fixture(scope="module")
+def sentences():
+    texts = ["turn left", "pick up the red ball", "go forward five steps and stop"]
+    return texts, [synthesize(t, "en-us", 175, 50, SR) for t in texts]
+
+
+def test_embedded_judge_is_built_once_into_the_cache_and_reused(cache, tiny_judge):
+    path, build = tiny_judge
+    assert path == judge_dir(cache, build) and is_backbone_dir(path)
+    assert [p.name for p in (cache / "judges").iterdir() if p.is_dir()] == [path.name]  # one build, no .partial left
+    scores = json.loads((path / SCORES).read_text())
+    for split in ("clean", "round_trip"):
+        assert scores[split]["clips"] == 4 and scores[split]["cer"] >= 0 and scores[split]["wer"] >= 0
+    assert scores["build"]["steps"] == 2 and scores["build_seconds"] > 0
+    # its own corpus (not the ASR recipes' synthetic-*), and the round trips beside it under their own ids
+    corpus = next((cache / "corpora").iterdir())
+    assert corpus.name.startswith("tts-") and json.loads((corpus / "corpus.json").read_text())["voices"] == ["en-us"]
+    coded = [json.loads(line) for line in next(corpus.glob("codec-*/heldout.jsonl")).read_text().splitlines()]
+    assert len(coded) == 4 and all(row["id"].endswith("-codec") for row in coded)
+
+    start, mtime = time.perf_counter(), (path / SCORES).stat().st_mtime
+    assert ensure_embedded_judge(cache, build) == path
+    assert time.perf_counter() - start < 30 and (path / SCORES).stat().st_mtime == mtime
+    assert judge_dir(cache, JudgeBuild(corpus=TINY_CORPUS, steps=3, batch_size=4)) != path
+
+
+def test_backbone_judge_cuts_clips_to_its_audio_window(tiny_judge, sentences):
+    judge = BackboneAsrJudge(tiny_judge[0], device="cpu", batch_size=2)
+    speech = np.concatenate(sentences[1] * 20)  # a rambling TTS sample, far past the 4 s window
+    assert len(speech) > 2 * judge.window
+    long, cut, short = judge.transcribe_batch([speech, speech[: judge.window], sentences[1][0]])
+    assert long == cut and isinstance(short, str)
+    assert judge.transcribe(sentences[1][0]) == short  # batched or alone, the same greedy transcript
+
+
+def test_tts_intelligibility_with_a_backbone_directory(tiny_judge, sentences):
+    texts, audios = sentences
+    reward = resolve_reward("tts_intelligibility", asr=str(tiny_judge[0]), device="cpu")
+    batch = [audios[0], audios[0], audios[1], None, np.zeros(0, np.float32)]  # one clip sent for two texts
+    out = reward([""] * 5, audio=batch, text=[texts[0], texts[1], texts[1], "x", "y"], sample_rate=SR)
+    assert isinstance(reward.judge, BackboneAsrJudge) and set(out) == {"reward", "cer", "wer"}
+    assert math.isnan(out["reward"][3]) and isinstance(out["reward"][4], Unscored)
+    for i in range(3):
+        assert -1.0 <= out["reward"][i] <= 0.0 and out["cer"][i] >= 0 and out["wer"][i] >= 0
+        assert out["reward"][i] == -min(out["cer"][i], 1.0)
+
+
+def test_asr_embedded_finds_the_judge_in_the_reward_cache_dir(tmp_path, tiny_judge, cache):
+    """asr="embedded" loads the default build's judge from cache_dir; one placed there is not rebuilt."""
+    import shutil
+
+    # the default build's key hashes the default codec's output; the tiny judge used the same codec
+    shutil.copytree(cache / "codecs", tmp_path / "codecs")
+    shutil.copytree(tiny_judge[0], judge_dir(tmp_path, JudgeBuild()))
+    reward = resolve_reward("tts_intelligibility", asr="embedded", cache_dir=str(tmp_path), device="cpu")
+    out = reward([""], audio=[synthesize("stop", "en-us", 175, 50, SR)], text=["stop"], sample_rate=SR)
+    assert isinstance(reward.judge, BackboneAsrJudge) and reward.judge.path == judge_dir(tmp_path, JudgeBuild())
+    assert -1.0 <= out["reward"][0] <= 0.0
+
+
+def test_judge_directories_are_told_apart(tmp_path, tiny_judge):
+    assert is_backbone_dir(tiny_judge[0])
+    (tmp_path / "whisper").mkdir()
+    (tmp_path / "whisper" / "config.json").write_text(json.dumps({"architectures": ["WhisperForConditionalGeneration"]}))
+    assert not is_backbone_dir(tmp_path / "whisper")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="broken/config.json"):
+        is_backbone_dir(tmp_path / "broken")
+    with pytest.raises(FileNotFoundError, match="'embedded'"):
+        resolve_reward("tts_intelligibility", asr=str(tmp_path / "missing"))
+    with pytest.raises(TypeError, match="asr=3"):
+        resolve_reward("tts_intelligibility", asr=3)
+
+
+@pytest.mark.slow  # ~2 min on 2 CPU cores: a judge trained enough to hear
+def test_trained_judge_hears_the_right_sentence(tmp_path, sentences):
+    """A judge trained on a small corpus: every clean clip, paired with every sentence, scores best
+    with its own; after the codec round trip (the policy's audio) most do, and on average by far."""
+    from dataclasses import asdict
+
+    from speechrl.rollouts.mel_codec import MelCodecConfig, default_codec
+
+    build = JudgeBuild(corpus=SyntheticCorpusConfig(num_utterances=300, heldout_fraction=0.1, voices=["en-us"],
+                                                    rates=[175], pitches=[50]), steps=200, lr=3e-3)
+    path = ensure_embedded_judge(tmp_path, build)
+    codec = default_codec(tmp_path, MelCodecConfig(**asdict(build.codec)))
+    texts, clean = sentences
+    audios = clean + [codec.decode(codec.encode(a, SR)) for a in clean]
+    reward = resolve_reward("tts_intelligibility", asr=str(path), device="cpu")
+    n = len(audios)
+    out = reward([""] * n * len(texts), audio=[a for a in audios for _ in texts], text=texts * n, sample_rate=SR)
+    scores = np.array(out["reward"]).reshape(n, len(texts))
+    own = np.arange(n) % len(texts)
+    clean_rows = slice(0, len(clean))
+    assert (scores[clean_rows].argmax(axis=1) == own[clean_rows]).all(), scores  # clean speech: every clip
+    # through the codec the short-trained judge still hears most clips right, and on average
+    # its own sentence scores far above the others
+    assert (scores.argmax(axis=1) == own).mean() >= 2 / 3, scores
+    mask = np.zeros_like(scores, dtype=bool)
+    mask[np.arange(n), own] = True
+    assert scores[mask].mean() > scores[~mask].mean() + 0.3, scores
