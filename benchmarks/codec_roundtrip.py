@@ -3,8 +3,11 @@
 For each clip in ../shared/data/real_speech (librivox, cards, speechbrain_asr, misc LJSpeech and
 JFK; resampled to 16 kHz by data.audio.load_audio): pocketsphinx's WER on the original, and on the
 clip encoded then decoded by `MelUnitCodec` fit the default way (espeak-ng readings of the Harvard
-sentences), at the default 2 x 512 codebooks and at 4 x 256 (the same 1024 ids). Then ids per
-second, the fit time, and encode/decode speed (seconds of audio per second of wall time).
+sentences), in two shapes: the default 2 x 512 codebooks at hop 256 (125 ids/s) and the TTS
+recipe's 1 x 1024 at hop 320 (50 ids/s, rlhf/config.py EmbeddedCodecConfig); each as it was and
+with decode smoothing (`smooth_frames=3`, the recommended setting), which decodes the same ids
+from the same codebooks. Then ids per second, the fit time, and encode/decode speed (seconds of
+audio per second of wall time).
 
     python benchmarks/codec_roundtrip.py [--data ../shared/data/real_speech]
 
@@ -23,7 +26,9 @@ from pathlib import Path
 import numpy as np
 
 SR = 16000
-CONFIGS = {"2x512": dict(num_codebooks=2, codebook_size=512), "4x256": dict(num_codebooks=4, codebook_size=256)}
+TTS_SHAPE = dict(hop_length=320, num_codebooks=1, codebook_size=1024, n_cepstra=24, griffin_lim_iters=16)
+CONFIGS = {"2x512": dict(), "2x512 smooth3": dict(smooth_frames=3),
+           "1x1024 hop320": TTS_SHAPE, "1x1024 hop320 smooth3": dict(TTS_SHAPE, smooth_frames=3)}
 
 
 def real_clips(root: Path) -> list[tuple[str, np.ndarray, str]]:
@@ -90,7 +95,8 @@ def main() -> None:
     for folder, rows in [*folders.items(), ("all", [r for rows in folders.values() for r in rows])]:
         means = np.mean(rows, axis=0)
         print(f"| {folder} | {len(rows)} | " + " | ".join(f"{m:.2f}" for m in means) + " |")
-    print("\n| codec | ids/s | fit (synthesis + k-means) s | encode x realtime | decode x realtime |")
+    print("\n| codec | ids/s | fit (synthesis + k-means; smoothed: loads the codebooks above) s "
+          "| encode x realtime | decode x realtime |")
     print("|---|---|---|---|---|")
     for key in codecs:
         print(f"| {key} | {ids_total[key] / audio_seconds:.1f} | {fit_seconds[key]:.1f} | "
