@@ -65,7 +65,9 @@ class HfAsrJudge:
 class TtsIntelligibilityReward:
     """reward = -min(CER or WER, error_cap); components "reward", "cer", "wer".
 
-    A sample without audio or text is unscored. The judge loads at the first batch, once.
+    A sample without audio or text is unscored. The judge loads at the first batch, once; with
+    asr="embedded" it is first built into `cache_dir` if not there yet (minutes on a CPU), so a
+    recipe calls `ensure_embedded_judge` in its driver before the reward workers start.
     """
 
     def __init__(

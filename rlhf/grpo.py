@@ -105,6 +105,7 @@ class GRPORecipe:
         self.train_set, self.eval_set = assets.load_datasets(cfg, processor.feature_extractor.n_samples
                                                              / processor.feature_extractor.sampling_rate)
         self.prompt_pool = rl_prompt_pool(cfg, self.eval_set)
+        prebuild_judges(cfg)  # here on every core, not inside a one-thread reward actor
         self.policy = make_policy_worker(cfg, self.backbone_path, str(checkpoint) if checkpoint else None,
                                          allowed_ids=self.allowed_ids)
         self.reward = make_reward_actor(cfg.rewards, codec=getattr(self.task, "codec_spec", None))
@@ -274,6 +275,16 @@ class GRPORecipe:
 
         if ray.is_initialized() and not self.cfg.ray.address:
             ray.shutdown()
+
+
+def prebuild_judges(cfg: RecipeConfig) -> None:
+    """Build (once) the embedded judge ASR of any `tts_intelligibility asr=embedded` reward before
+    the reward workers start, which would otherwise build it on their first batch."""
+    for spec in cfg.rewards:
+        if spec.name == "tts_intelligibility" and spec.kwargs.get("asr") == "embedded":
+            from speechrl.rewards.asr_judge import ensure_embedded_judge
+
+            ensure_embedded_judge(spec.kwargs.get("cache_dir", cfg.run.cache_dir))
 
 
 def rl_prompt_pool(cfg: RecipeConfig, eval_set) -> Optional[list]:
