@@ -39,19 +39,21 @@ def timed(transcribe, audios: list[np.ndarray]) -> tuple[list[str], float]:
     return hyps, len(audios) / (time.perf_counter() - start)
 
 
-def impostors(audios: list[np.ndarray], codec, window: int) -> dict[str, list[np.ndarray]]:
-    """Audio that does not say clip i's sentence, one per held-out clip."""
+def impostors(audios: list[np.ndarray], texts: list[str], codec, window: int) -> dict[str, list[np.ndarray]]:
+    """For each held-out clip, audio that does not say its sentence."""
     from speechrl.rollouts.codec import flatten_codes
 
-    rng = np.random.default_rng(0)
-    shape = lambda a: (codec.num_codebooks, int(len(a) / SR * codec.frame_rate))  # noqa: E731
-    babble = [codec.decode(flatten_codes(rng.integers(0, codec.codebook_size, shape(a)), codec.codebook_size))
-              for a in audios]
+    rng, n = np.random.default_rng(0), len(audios)
+    babble = []  # as many random units as the clip has frames
+    for a in audios:
+        units = rng.integers(0, codec.codebook_size, (codec.num_codebooks, int(len(a) / SR * codec.frame_rate)))
+        babble.append(codec.decode(flatten_codes(units, codec.codebook_size)))
     return {
         "silence (1 s)": [np.zeros(SR, np.float32) for _ in audios],
         "codec babble (random ids)": babble,
         "sentence said 3 times": [np.tile(a, 3)[:window] for a in audios],
-        "another held-out sentence": audios[1:] + audios[:1],
+        "another held-out sentence": [next(audios[j % n] for j in range(i + 1, i + n) if texts[j % n] != texts[i])
+                                      for i in range(n)],
     }
 
 
@@ -93,7 +95,7 @@ def main() -> None:
         refs = [ex.text for ex, _ in items]
         print("\n| embedded judge on audio that does not say the text | CER vs the text | empty transcripts |")
         print("|---|---|---|")
-        for label, audios in impostors([a for _, a in items], codec, judge.window).items():
+        for label, audios in impostors([a for _, a in items], refs, codec, judge.window).items():
             hyps = judge.transcribe_batch(audios)
             print(f"| {label} | {error_rates(hyps, refs)[0]:.3f} | {sum(not h for h in hyps)}/{len(hyps)} |")
 
