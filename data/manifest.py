@@ -57,7 +57,7 @@ def read_manifest(source: str | Path) -> list[Example]:
     elif not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
     elif path.suffix in (".jsonl", ".json"):
-        rows = _jsonl_rows(path)
+        rows = jsonl_rows(path)
     elif path.suffix == ".csv":
         rows = _csv_rows(path)
     else:
@@ -75,7 +75,7 @@ def read_manifest(source: str | Path) -> list[Example]:
     return examples
 
 
-def _jsonl_rows(path: Path):
+def jsonl_rows(path: Path):
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
