@@ -1,8 +1,9 @@
-"""Clipped surrogate policy loss of PPO (Schulman et al. 2017), as GRPO uses it.
+"""Clipped surrogate policy loss of PPO (Schulman et al. 2017), for GRPO and PPO alike.
 
 The importance ratio pi/pi_old is clipped to [1 - clip_eps, 1 + clip_eps_high]; a larger upper
 bound is DAPO's clip-higher (Yu et al. 2025), which lets unlikely tokens gain probability and
-so keeps entropy from collapsing.
+so keeps entropy from collapsing. GRPO passes one advantage per sequence [B]; PPO with a critic
+passes GAE's per-token advantages [B, T] (gae.py). The loss is the same formula for both.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def clipped_policy_loss(
 
     loss = -min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_eps_high) * A), with
     ratio = exp(logprobs - old_logprobs); `clip_eps_high` defaults to `clip_eps`.
+    `advantages` is [B] (one per sequence, broadcast over its tokens) or [B, T] (per token).
     `old_logprobs` and `advantages` are constants of the update and are detached here.
     Metrics over masked tokens: clip_fraction (share where the clipped branch is chosen,
     i.e. the token gets no gradient), ratio_mean, ratio_max.
@@ -41,13 +43,16 @@ def clipped_policy_loss(
             f"logprobs, old_logprobs and mask must be [B, T] of one shape; got {tuple(logprobs.shape)}, "
             f"{tuple(old_logprobs.shape)}, {tuple(mask.shape)}"
         )
-    if advantages.shape != logprobs.shape[:1]:
-        raise ValueError(f"advantages must be [B]={tuple(logprobs.shape[:1])}; got {tuple(advantages.shape)}")
+    if advantages.shape not in (logprobs.shape[:1], logprobs.shape):
+        raise ValueError(f"advantages must be [B]={tuple(logprobs.shape[:1])} or [B, T]={tuple(logprobs.shape)}; "
+                         f"got {tuple(advantages.shape)}")
     mask = mask.bool()
     # Zero the log-ratio on padding before exp: garbage logprobs there must not give inf/NaN grads.
     log_ratio = torch.where(mask, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs))
     ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
-    adv = advantages.detach().unsqueeze(-1).to(logprobs.dtype)
+    adv = advantages.detach().to(logprobs.dtype)
+    # Per-token advantages may be NaN on padding; even unselected by `where`, NaN * 0 grad is NaN.
+    adv = adv.unsqueeze(-1) if adv.dim() == 1 else torch.where(mask, adv, torch.zeros_like(adv))
     unclipped = -ratio * adv
     clipped = -ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps_high) * adv
     per_token = torch.where(mask, torch.maximum(unclipped, clipped), torch.zeros_like(unclipped))

@@ -81,7 +81,25 @@ def test_old_logprobs_and_advantages_get_no_gradient_and_are_not_modified():
     assert POLICY_LOSSES.get("clipped") is clipped_policy_loss
 
 
+def test_per_token_advantages_as_ppo_passes_them():
+    # ratio e on every token; A = [2, -2, NaN on padding]: [-1.2 * 2 (clipped), 2e (unclipped), 0]
+    logprobs, old, _, _ = _inputs()
+    mask = torch.tensor([[1, 1, 0]])
+    loss, metrics = clipped_policy_loss(logprobs, old, torch.tensor([[2.0, -2.0, float("nan")]]), mask)
+    torch.testing.assert_close(loss, torch.tensor([[-2.4, 2 * E, 0.0]]))
+    assert metrics["clip_fraction"].item() == 0.5
+    loss.sum().backward()
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[0.0, 2 * E, 0.0]]))
+
+
+def test_per_sequence_and_equal_per_token_advantages_agree():
+    logprobs, old, adv, mask = _inputs(shift=0.1, adv=-1.5)
+    per_seq, _ = clipped_policy_loss(logprobs, old, adv, mask)
+    per_tok, _ = clipped_policy_loss(logprobs, old, adv[:, None].expand(1, 3), mask)
+    torch.testing.assert_close(per_seq, per_tok)
+
+
 def test_wrong_advantage_shape_is_named():
     logprobs, old, _, mask = _inputs()
     with pytest.raises(ValueError, match="advantages must be"):
-        clipped_policy_loss(logprobs, old, torch.ones(1, 3), mask)
+        clipped_policy_loss(logprobs, old, torch.ones(1, 4), mask)
