@@ -9,7 +9,13 @@ intelligibility.py  `tts_intelligibility`: judge-ASR error rate of the generated
 speaker.py    `speaker_similarity`: speaker-embedding cosine to the reference voice (resemblyzer or x-vector)
 quality.py    `dnsmos`: no-reference MOS (DNSMOS ONNX from speechmos)
 hosted.py     `hf_classifier`: a transformers classifier from a local directory as a reward
+learned.py    `learned_preference`: a reward model trained on preference pairs (rlhf/reward_model.py)
 remote.py     `remote`: score on a reward server over HTTP (timeouts, retries, unscored marking)
+persona_judge.py  `persona_judge`: an LLM judge of staying in character (rating-token probabilities, pairwise, cache)
+judge_backends.py where the judge runs: in-process vLLM or transformers, or an OpenAI-compatible server
+judge_cache.py    the judge's answers cached in memory and in SQLite
+persona_similarity.py  `persona_similarity`: sentence-embedding cosine of the reply and the persona card
+dialogue.py   realtime `reply_length`, `latency`, and `emotion` (a team's classifier as a reward)
 serve.py      the reward server behind `speechrl serve-reward`
 wire.py       the JSON both speak
 registry.py   find a reward by registered name, dotted path or entry point (`resolve_reward`)

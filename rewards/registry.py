@@ -7,6 +7,9 @@ installed package, so a team ships its reward as its own package without editing
     [project.entry-points."speechrl.rewards"]
     my_mos = "my_pkg.mos:MosReward"
 
+and last (d) a learned reward model registered under that name (`reward_model.register_as`; a
+pointer in $SPEECHRL_CACHE_DIR or ~/.cache/speechrl, see rewards/learned.py).
+
 Built-in rewards are registered at the bottom of this file rather than decorated where they are
 defined, so reward modules never import this one and there is no import cycle.
 """
@@ -21,8 +24,12 @@ from typing import Any, Callable, Optional
 from speechrl.rlhf.registry import Registry
 
 from speechrl.rewards.asr import AsrWerReward
+from speechrl.rewards.dialogue import EmotionReward, LatencyReward, ReplyLengthReward
 from speechrl.rewards.hosted import HfClassifierReward
 from speechrl.rewards.intelligibility import TtsIntelligibilityReward
+from speechrl.rewards.learned import LearnedPreferenceReward, registered_reward, registry_dir
+from speechrl.rewards.persona_judge import PersonaJudgeReward
+from speechrl.rewards.persona_similarity import PersonaSimilarityReward
 from speechrl.rewards.quality import DnsmosReward
 from speechrl.rewards.remote import RemoteReward
 from speechrl.rewards.speaker import SpeakerSimilarityReward
@@ -94,10 +101,13 @@ def find_reward(name: str) -> Any:
     if obj is None:
         obj = _from_entry_point(name)
     if obj is None:
+        obj = registered_reward(name)
+    if obj is None:
         raise KeyError(
             f"unknown reward {name!r}: not a registered name ({', '.join(REWARDS.names()) or 'none'}), "
-            f"not an importable 'pkg.module:attr' path, and no installed package has an entry point "
-            f"{name!r} in group {ENTRY_POINT_GROUP!r}"
+            f"not an importable 'pkg.module:attr' path, no installed package has an entry point "
+            f"{name!r} in group {ENTRY_POINT_GROUP!r}, and no reward model is registered as {name!r} "
+            f"in {registry_dir()}"
         )
     return obj
 
@@ -112,6 +122,12 @@ register_reward("asr_wer")(AsrWerReward)
 register_reward("hf_classifier")(HfClassifierReward)
 register_reward("remote")(RemoteReward)
 register_reward("tts_intelligibility")(TtsIntelligibilityReward)
+register_reward("learned_preference")(LearnedPreferenceReward)
 register_reward("speaker_similarity")(SpeakerSimilarityReward)
 register_reward("dnsmos")(DnsmosReward)
 register_reward("speech_sanity")(SpeechSanityReward)
+register_reward("persona_judge")(PersonaJudgeReward)
+register_reward("persona_similarity")(PersonaSimilarityReward)
+register_reward("reply_length")(ReplyLengthReward)
+register_reward("latency")(LatencyReward)
+register_reward("emotion")(EmotionReward)

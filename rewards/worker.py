@@ -75,6 +75,9 @@ class RewardWorker:
         self.weights = {s.key: float(s.weight) for s in specs}
         self.normalize = {s.key: bool(s.normalize) for s in specs}
         self.decode = AudioDecoder(codec)
+        for reward in self.rewards.values():  # a reward that reads codec ids checks they are its codec's
+            if codec is not None and hasattr(reward, "check_codec"):
+                reward.check_codec(codec)
 
     def raw(self, batch: Mapping[str, Any]) -> RawScores:
         """The rewards' outputs, not yet combined (what a RewardRouter gathers)."""
@@ -99,12 +102,13 @@ class RewardRouter:
         shared = [s for s in specs if not s.resources.declared()]
         actor = ray.remote(RewardWorker)
         # a list of groups; a group is the replicas of one worker, each scoring a slice of the batch
-        self.groups = [[actor.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(shared)]] if shared else []
+        # the codec goes along for `check_codec` only: batches reach the workers decoded
+        self.groups = [[actor.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(shared, codec)]] if shared else []
         for s in specs:
             r = s.resources
             if r.declared():
                 options = actor.options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, memory=int(r.memory_gib * 2**30))
-                self.groups.append([options.remote([s]) for _ in range(r.replicas)])
+                self.groups.append([options.remote([s], codec) for _ in range(r.replicas)])
 
     def score(self, batch: Mapping[str, Any]) -> ScoreResult:
         import ray

@@ -19,6 +19,7 @@ EPILOG = """examples:
   speechrl train asr/sft --resume                continue the newest asr-sft run from its checkpoint
   speechrl show asr/grpo rollout.sampling.n=4    print the resolved, validated recipe
   speechrl serve-reward asr_wer metric=cer       serve a reward over HTTP on 127.0.0.1:8100
+  speechrl annotate --help                       annotators' pairwise judgments: tasks, web app, export
 """
 
 
@@ -46,7 +47,8 @@ def _runner(module: str, name: str):
 
 # algorithm -> its run function, imported when used (GRPO's brings Ray and vLLM)
 RUNNERS = {"sft": _runner("sft", "run_sft"), "grpo": _runner("grpo", "run_grpo"),
-           "dpo": _runner("dpo", "run_dpo"), "online_dpo": _runner("online_dpo", "run_online_dpo")}
+           "dpo": _runner("dpo", "run_dpo"), "online_dpo": _runner("online_dpo", "run_online_dpo"),
+           "reward_model": _runner("reward_model", "run_reward_model")}
 
 
 def cmd_demo(args) -> int:
@@ -222,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "thread-safe rewards)")
     p.add_argument("--max-pending", type=int, default=32, help="requests waiting beyond this get 503 (clients retry)")
     p.set_defaults(fn=cmd_serve_reward)
+
+    from speechrl.data.annotation.cli import add_parser as add_annotate_parser
+
+    add_annotate_parser(sub)
     return parser
 
 

@@ -205,6 +205,15 @@ class DPOConfig:
 
 
 @dataclass
+class RewardModelConfig:
+    """`algorithm: reward_model` (rlhf/reward_model.py); its steps, batch size (pairs) and lr are `train.*`."""
+    data: Optional[str] = None  # preference pairs (docs/preferences.md): .jsonl, save_to_disk folder, or a .jsonl glob
+    eval_fraction: float = 0.1  # share of the pairs' texts held out (all pairs of a text on one side), drawn by seed
+    center_coef: float = 0.0  # weight of mean((r_chosen + r_rejected)^2): keeps rewards near 0 (TRL's centering term)
+    register_as: Optional[str] = None  # make the final model a reward of this name (<run.cache_dir>/reward_models/)
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = None  # existing cluster ("auto" or host:port); null starts a local one
     num_cpus: Optional[int] = None  # CPUs a local cluster may use; null = all
@@ -216,12 +225,13 @@ class RunConfig:
     output_dir: str = "runs"  # parent of run directories
     cache_dir: str = "~/.cache/speechrl"  # where the embedded backbone and corpus are built once
     init_from: Optional[str] = None  # start from this checkpoint dir (e.g. an SFT run's final/) instead of model.path
+    save_rollouts_every: int = 0  # RL: write every Nth step's samples and rewards to rollouts/step-N.jsonl (0 = never)
 
 
 @dataclass
 class RecipeConfig:
     mode: str = "asr"  # operational mode: "asr" (audio in, transcript out) or "tts" (text in, codec tokens out)
-    algorithm: str = "sft"  # "sft" | "grpo" | "dpo" (offline, from dpo.data) | "online_dpo" (ranked samples)
+    algorithm: str = "sft"  # "sft" | "grpo" | "dpo" (offline, from dpo.data) | "online_dpo" (ranked samples) | "reward_model"
     seed: int = 0  # seeds torch, numpy, python and data order
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -234,11 +244,12 @@ class RecipeConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     tts: TTSConfig = field(default_factory=TTSConfig)  # TTS mode: codec, voice prompts, held-out synthesis
     dpo: DPOConfig = field(default_factory=DPOConfig)  # offline and online DPO
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)  # a learned preference reward (TTS)
 
 
 _CHOICES = {
     "mode": ("asr", "tts"),
-    "algorithm": ("sft", "grpo", "dpo", "online_dpo"),
+    "algorithm": ("sft", "grpo", "dpo", "online_dpo", "reward_model"),
     "data.on_bad_example": ("skip", "fail"),
     "grpo.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"),
 }
@@ -346,8 +357,28 @@ def validate(cfg: RecipeConfig, source: str = "recipe") -> None:
     texts = cfg.tts.prompt_texts
     if texts and texts != "grammar" and not Path(os.path.expanduser(texts)).is_file():
         raise RecipeError(f"{source}: `tts.prompt_texts` is {texts!r}: neither \"grammar\" nor a text file")
-    if cfg.mode != "tts" and cfg.algorithm in ("dpo", "online_dpo"):
+    _validate_reward_model(cfg, source)
+    if cfg.mode != "tts" and cfg.algorithm in ("dpo", "online_dpo", "reward_model"):
         raise RecipeError(f"{source}: `algorithm: {cfg.algorithm}` is implemented for mode tts; got mode {cfg.mode!r}")
+
+
+def _validate_reward_model(cfg: RecipeConfig, source: str) -> None:
+    import glob
+
+    from speechrl.rewards.learned import REWARD_NAME
+
+    rm = cfg.reward_model
+    if rm.data is not None and not glob.glob(os.path.expanduser(rm.data)):
+        raise RecipeError(f"{source}: `reward_model.data` is {rm.data!r}: no file or folder matches it")
+    if not 0.0 < rm.eval_fraction < 1.0:
+        raise RecipeError(f"{source}: `reward_model.eval_fraction` must be in (0, 1), got {rm.eval_fraction}")
+    if rm.center_coef < 0:
+        raise RecipeError(f"{source}: `reward_model.center_coef` must be >= 0, got {rm.center_coef}")
+    if rm.register_as is not None and not REWARD_NAME.fullmatch(rm.register_as):
+        raise RecipeError(f"{source}: `reward_model.register_as` is {rm.register_as!r}; use letters, digits, _ and -")
+    if cfg.algorithm == "reward_model" and (cfg.model.lora.enabled or cfg.train.deepspeed.enabled):
+        raise RecipeError(f"{source}: `algorithm: reward_model` trains all weights in one process; "
+                          "set model.lora.enabled=false and train.deepspeed.enabled=false")
 
 
 def to_yaml(cfg: RecipeConfig) -> str:

@@ -11,11 +11,13 @@ Each phase is timed and the times are logged every step (`time/<phase>`).
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -183,6 +185,29 @@ class GRPORecipe:
             [samples[i].logprobs for i in keep], [requests[samples[i].prompt_index].audio for i in keep],
             adv[keep].tolist(), self.cfg.rollout.sampling.temperature))
 
+    def save_rollouts(self, step: int, samples, scores) -> Path:
+        """The step's samples with their rewards, one JSON row each: what `speechrl annotate tasks`
+        turns into pairs for annotators (TTS rows hold codec ids, decoded with the run's codec)."""
+        rows = []
+        for i, s in enumerate(samples):
+            row = {"step": step, "prompt_index": s.prompt_index, "sample": i,
+                   **{k: v for k, v in s.metadata.items() if k != "reference_codec_ids"},
+                   "reward": _finite(scores.total[i]),
+                   "components": {k: _finite(v[i]) for k, v in scores.components.items()}}
+            if self.cfg.mode == "tts":
+                row["codec_ids"] = [int(c) for c in self.task.codec_ids(s.completion_ids)]
+                if s.metadata.get("reference_codec_ids") is not None:
+                    row["voice_codec_ids"] = [int(c) for c in s.metadata["reference_codec_ids"]]
+            else:
+                row["completion"] = s.text
+            if i in scores.errors:
+                row["unscored"] = scores.errors[i]
+            rows.append(row)
+        path = self.run_dir / "rollouts" / f"step-{step:05d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
     def sync(self) -> None:
         import ray
 
@@ -214,6 +239,8 @@ class GRPORecipe:
                 scores = self.score(samples, requests)
             with timer("advantages"):
                 adv = self.advantages(samples, scores)
+            if cfg.run.save_rollouts_every and done % cfg.run.save_rollouts_every == 0:
+                self.save_rollouts(done, samples, scores)
             with timer("update"):
                 metrics = self.update(samples, requests, adv)
             with timer("sync"):
@@ -311,3 +338,8 @@ def run_grpo(cfg: RecipeConfig, resume: Optional[str] = None, recipe_class: type
         return recipe.train()
     finally:
         recipe.cleanup()
+
+
+def _finite(value) -> Optional[float]:
+    value = float(value)
+    return value if np.isfinite(value) else None

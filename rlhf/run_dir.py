@@ -15,7 +15,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -33,20 +33,22 @@ def new_run_dir(cfg: RecipeConfig) -> Path:
     return path
 
 
-def find_resume_dir(cfg: RecipeConfig, resume: str) -> Path:
-    """`--resume PATH` names a run dir; bare `--resume` takes run.name, else the newest matching run."""
+def find_resume_dir(cfg: RecipeConfig, resume: str, latest: Optional[Callable[[Path], Optional[Path]]] = None) -> Path:
+    """`--resume PATH` names a run dir; bare `--resume` takes run.name, else the newest matching run.
+    `latest(run_dir)` finds a run's last complete checkpoint (default: `latest_checkpoint`'s step-N)."""
+    latest = latest or latest_checkpoint
     if resume != "latest":
         path = Path(resume).expanduser()
     elif cfg.run.name:
         path = Path(cfg.run.output_dir).expanduser() / cfg.run.name
     else:
         prefix = f"{cfg.mode}-{cfg.algorithm}-"
-        runs = sorted(p for p in Path(cfg.run.output_dir).expanduser().glob(prefix + "*") if latest_checkpoint(p))
+        runs = sorted(p for p in Path(cfg.run.output_dir).expanduser().glob(prefix + "*") if latest(p))
         if not runs:
             raise FileNotFoundError(f"--resume: no {prefix}* run with a checkpoint under {cfg.run.output_dir}")
         path = runs[-1]
-    if latest_checkpoint(path) is None:
-        raise FileNotFoundError(f"--resume: {path} has no checkpoint to resume from (checkpoints/step-N)")
+    if latest(path) is None:
+        raise FileNotFoundError(f"--resume: {path} has no complete checkpoint to resume from (under checkpoints/)")
     return path
 
 

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from speechrl.data.prompts import render_prompt
-from speechrl.rlhf.backbone import IM_END, allowed_token_ids
+from speechrl.rlhf.backbone import CODEC_END, IM_END, allowed_token_ids
 from speechrl.rlhf.config import RecipeConfig
 from speechrl.rollouts.types import RolloutRequest
 
@@ -62,11 +62,7 @@ class TtsTask:
 
     # --- prompts ---------------------------------------------------------------------------------
     def render(self, text: str, voice_ids: Optional[list[int]] = None) -> str:
-        """The prompt text; a voice prompt is written as its `<|aN|>` tokens, closed by `<|codec_end|>`."""
-        voice = None
-        if voice_ids:
-            voice = "".join(self.tokenizer.convert_ids_to_tokens(list(voice_ids) + [self.tokens.end_id]))
-        return render_prompt(self.processor, "tts", {"text": text, "voice": voice})
+        return render_tts_prompt(self.processor, text, voice_ids)
 
     def prompt_ids(self, text: str, voice_ids: Optional[list[int]] = None) -> list[int]:
         return self.tokenizer(self.render(text, voice_ids), add_special_tokens=False)["input_ids"]
@@ -107,6 +103,16 @@ class TtsTask:
     def codec_ids(self, completion_ids: list[int]) -> list[int]:
         """A completion's codec-local ids (up to `<|codec_end|>`), what the reward side decodes."""
         return self.tokens.from_backbone(completion_ids)
+
+
+def render_tts_prompt(processor, text: str, voice_ids: Optional[list[int]] = None) -> str:
+    """The TTS prompt text; a voice prompt (backbone codec-token ids) is written as its `<|aN|>`
+    tokens, closed by `<|codec_end|>`. A function, so a reward model reads prompts written this same way."""
+    voice = None
+    if voice_ids:
+        tokenizer = processor.tokenizer
+        voice = "".join(tokenizer.convert_ids_to_tokens(list(voice_ids) + [tokenizer.convert_tokens_to_ids(CODEC_END)]))
+    return render_prompt(processor, "tts", {"text": text, "voice": voice})
 
 
 def _reference_clip(ex, dataset) -> Optional[np.ndarray]:

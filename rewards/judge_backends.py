@@ -1,0 +1,353 @@
+"""Where an LLM judge runs: in-process vLLM or transformers on a local model directory, or any
+OpenAI-compatible server. The persona judge (persona_judge.py) asks each backend two things:
+
+- `next_logprobs(prompts, wanted, at_start)`: for each prompt, the log-probability of the next
+  token for (at least) every token whose text is one of `wanted` (e.g. the rating digits), as
+  {token text: logprob}. Local backends read exactly those tokens out of the full distribution;
+  a server returns its top-k, and a wanted token outside them is simply absent.
+- `generate(prompts, max_tokens)`: greedy text, for the judge's short rationale.
+
+`ensure_tiny_judge` builds a tiny randomly initialized judge (Qwen2 text LM) under a cache
+directory, so tests and examples run the real code paths offline. Its scores mean nothing.
+"""
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+TINY_JUDGE_VERSION = 1  # bump when the tiny judge's build changes, so cached ones are rebuilt
+RETRYABLE = {429, 500, 502, 503, 504}
+
+
+def token_matches(text: str, wanted: frozenset[str], at_start: bool) -> Optional[str]:
+    """The wanted string a token's text stands for, or None.
+
+    At the answer's start a token may carry leading whitespace ("3" or " 3", by tokenizer); a token
+    continuing an answer ("0" after "1" in "10") may not. Trailing whitespace ends the answer.
+    """
+    if not at_start and text[:1].isspace():
+        return None
+    core = (text.lstrip() if at_start else text).rstrip()
+    return core if core in wanted else None
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(path: Path) -> str:
+    """What identifies a local judge for the score cache: its config and its weight files' names,
+    sizes and modification times (hashing gigabytes of weights at every start would be too slow)."""
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json", ".model"))
+    return _fingerprint(str(path.resolve()), [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+class _LocalJudge:
+    """What the two in-process backends share: the tokenizer's token texts, and the chat template."""
+
+    def __init__(self, path: str, chat_template: bool):
+        self.path = Path(path).expanduser()
+        if not (self.path / "config.json").is_file():
+            raise FileNotFoundError(f"persona judge: {self.path} holds no config.json; point `model` at a local "
+                                    "model directory (save_pretrained), or set `endpoint` to a server's URL")
+        self.chat_template = chat_template
+        self.fingerprint = model_fingerprint(self.path)
+        self.calls = 0  # forward passes asked of the model (batches), for tests and logs
+        self._texts: Optional[list[str]] = None
+        self._candidates: dict[tuple[frozenset[str], bool], list[int]] = {}
+
+    def format(self, body: str, cue: str) -> str:
+        """The prompt text: `body` then `cue`, or with chat_template the body as the user's message
+        and the cue opening the assistant's turn."""
+        if not self.chat_template:
+            return body + cue
+        messages = [{"role": "user", "content": body}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + cue
+
+    def candidates(self, wanted: frozenset[str], at_start: bool) -> list[int]:
+        """Ids of the tokens that stand for a wanted string (all spellings: "3", " 3", ...)."""
+        key = (wanted, at_start)
+        if key not in self._candidates:
+            if self._texts is None:
+                self._texts = [self.tokenizer.decode([i]) for i in range(len(self.tokenizer))]
+            ids = [i for i, text in enumerate(self._texts) if token_matches(text, wanted, at_start)]
+            if not ids:
+                raise ValueError(f"persona judge: no token of {self.path}'s tokenizer spells any of {sorted(wanted)}")
+            self._candidates[key] = ids
+        return self._candidates[key]
+
+    def _pick(self, ids: list[int], logprobs: list[float]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for i, lp in zip(ids, logprobs):
+            text = self._texts[i]
+            out[text] = lp if text not in out else _logaddexp(out[text], lp)
+        return out
+
+
+def _logaddexp(a: float, b: float) -> float:
+    import math
+
+    hi, lo = max(a, b), min(a, b)
+    return hi + math.log1p(math.exp(lo - hi)) if lo > -math.inf else hi
+
+
+class VllmJudge(_LocalJudge):
+    """An in-process vLLM engine on a local model directory (VLLM_ENABLE_V1_MULTIPROCESSING=0, so
+    it also lives inside a Ray reward worker). Temperature 0; rating tokens are read with
+    `logprob_token_ids`, i.e. from the raw (unprocessed) next-token distribution."""
+
+    def __init__(self, path: str, *, chat_template: bool = False, max_model_len: int = 4096,
+                 kv_cache_gib: float = 0.25, gpu_memory_utilization: float = 0.3, threads: int = 0, seed: int = 0):
+        super().__init__(path, chat_template)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        import torch
+        from vllm import LLM
+
+        from speechrl.rollouts.engine import _guard_vllm_module_scan, _quiet_benign_vllm_warnings
+
+        _guard_vllm_module_scan()
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu and threads > 0:
+            torch.set_num_threads(threads)  # before LLM(): vLLM's CPU worker forbids it afterwards
+        # on CPU, gpu_memory_utilization is a fraction of host memory and fails at start-up; a fixed size works
+        memory = {"gpu_memory_utilization": gpu_memory_utilization} if on_gpu else \
+            {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)}
+        _quiet_benign_vllm_warnings()
+        self.llm = LLM(model=str(self.path), dtype="auto" if on_gpu else "float32", enforce_eager=not on_gpu,
+                       max_model_len=max_model_len, seed=seed, **memory)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def next_logprobs(self, prompts: list[str], wanted: frozenset[str], at_start: bool) -> list[dict[str, float]]:
+        from vllm import SamplingParams
+
+        ids = self.candidates(wanted, at_start)
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=ids, detokenize=False)
+        self.calls += 1
+        outputs = self.llm.generate([{"prompt": p} for p in prompts], params, use_tqdm=False)
+        return [self._pick(ids, [out.outputs[0].logprobs[0][i].logprob for i in ids]) for out in outputs]
+
+    def generate(self, prompts: list[str], max_tokens: int) -> list[str]:
+        from vllm import SamplingParams
+
+        self.calls += 1
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=["\n"])
+        return [out.outputs[0].text for out in self.llm.generate([{"prompt": p} for p in prompts], params,
+                                                                 use_tqdm=False)]
+
+
+class TransformersJudge(_LocalJudge):
+    """The same judge through transformers, in float32, one prompt per forward pass: the reference
+    the vLLM and server paths are checked against, and a fallback where vLLM is not installed."""
+
+    def __init__(self, path: str, *, chat_template: bool = False, device: str = "auto"):
+        super().__init__(path, chat_template)
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).to(self.device).eval()
+
+    def full_logprobs(self, prompt: str):
+        """log_softmax of the next-token logits after `prompt` (a 1-D tensor over the vocabulary)."""
+        import torch
+
+        ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
+        with torch.inference_mode():
+            return self.model(ids).logits[0, -1].float().log_softmax(-1).cpu()
+
+    def next_logprobs(self, prompts: list[str], wanted: frozenset[str], at_start: bool) -> list[dict[str, float]]:
+        ids = self.candidates(wanted, at_start)
+        self.calls += 1
+        return [self._pick(ids, self.full_logprobs(p)[ids].tolist()) for p in prompts]
+
+    def generate(self, prompts: list[str], max_tokens: int) -> list[str]:
+        import torch
+
+        self.calls += 1
+        texts = []
+        for p in prompts:
+            ids = self.tokenizer(p, return_tensors="pt").input_ids.to(self.device)
+            with torch.inference_mode():
+                out = self.model.generate(ids, max_new_tokens=max_tokens, do_sample=False,
+                                          pad_token_id=self.tokenizer.pad_token_id)
+            texts.append(self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0])
+        return texts
+
+
+class OpenAIJudge:
+    """A judge behind an OpenAI-compatible server (vLLM's `vllm serve`, llama.cpp, TGI, a hosted
+    API). `api="completions"` sends the prompt text as it is, cue included (`/completions` with
+    `logprobs`); `api="chat"` sends the body as a user message (`/chat/completions` with
+    `top_logprobs`) and reads the first token of the answer. Requests go out concurrently, each
+    with a timeout, retried on timeouts, lost connections and 429/5xx; what still fails comes
+    back as an error string in place of that prompt's answer."""
+
+    def __init__(self, endpoint: str, model: str, *, api: str = "completions", api_key_env: Optional[str] = None,
+                 top_logprobs: int = 20, timeout_s: float = 60.0, retries: int = 2, backoff_s: float = 0.5,
+                 max_concurrency: int = 8):
+        if not endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"persona judge: endpoint {endpoint!r} must start with http:// or https:// "
+                             "(e.g. http://127.0.0.1:8000/v1)")
+        if api not in ("completions", "chat"):
+            raise ValueError(f"persona judge: api={api!r}; use 'completions' or 'chat'")
+        if not model:
+            raise ValueError("persona judge: with an endpoint, `model` is the served model's name; set it")
+        self.url, self.model, self.api = endpoint.rstrip("/"), model, api
+        key = os.environ.get(api_key_env) if api_key_env else None
+        if api_key_env and key is None:
+            log.warning("persona judge: environment variable %s is not set; calling %s without an API key",
+                        api_key_env, self.url)
+        self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        self.top_logprobs, self.timeout_s, self.retries, self.backoff_s = top_logprobs, timeout_s, retries, backoff_s
+        self.max_concurrency = max_concurrency
+        self.fingerprint = _fingerprint(self.url, model, api)
+        self.chat_template = False
+        self.calls = 0
+
+    def format(self, body: str, cue: str) -> str:
+        # chat: the server applies the model's template; the cue cannot open the assistant's turn there
+        return body if self.api == "chat" else body + cue
+
+    def next_logprobs(self, prompts: list[str], wanted: frozenset[str], at_start: bool) -> list[Any]:
+        """{token text: logprob} per prompt (the server's top-k), or the error string for a prompt
+        that got no answer."""
+        answers = self._post_all(prompts, max_tokens=1, logprobs=True)
+        out: list[Any] = []
+        for answer in answers:
+            if isinstance(answer, str):
+                out.append(answer)
+                continue
+            top = _first_top_logprobs(answer, self.api)
+            out.append(top if top is not None else f"{self.url} returned no logprobs; does it support them?")
+        return out
+
+    def generate(self, prompts: list[str], max_tokens: int) -> list[str]:
+        answers = self._post_all(prompts, max_tokens=max_tokens, logprobs=False)
+        texts = []
+        for a in answers:
+            if isinstance(a, str):
+                texts.append(f"(no rationale: {a})")
+            else:
+                choice = a["choices"][0]
+                text = choice["message"]["content"] if self.api == "chat" else choice["text"]
+                texts.append((text or "").strip().split("\n")[0] if self.api == "completions" else (text or "").strip())
+        return texts
+
+    def _post_all(self, prompts: list[str], *, max_tokens: int, logprobs: bool) -> list[Any]:
+        self.calls += 1
+        return asyncio.run(self._gather(prompts, max_tokens, logprobs))
+
+    async def _gather(self, prompts: list[str], max_tokens: int, logprobs: bool) -> list[Any]:
+        import aiohttp
+
+        limit = asyncio.Semaphore(self.max_concurrency)
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        async with aiohttp.ClientSession(headers=self.headers, timeout=timeout) as session:
+            return await asyncio.gather(*(self._post(session, limit, self._body(p, max_tokens, logprobs))
+                                          for p in prompts))
+
+    def _body(self, prompt: str, max_tokens: int, logprobs: bool) -> dict:
+        body: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, "temperature": 0.0}
+        if self.api == "chat":
+            body["messages"] = [{"role": "user", "content": prompt}]
+            if logprobs:
+                body.update(logprobs=True, top_logprobs=self.top_logprobs)
+        else:
+            body["prompt"] = prompt
+            if logprobs:
+                body["logprobs"] = self.top_logprobs
+            else:
+                body["stop"] = ["\n"]
+        return body
+
+    async def _post(self, session, limit, body: dict) -> Any:
+        """The JSON answer, or why there is none after the retries; raises on 400/401/403/404."""
+        import aiohttp
+
+        path = "/chat/completions" if self.api == "chat" else "/completions"
+        began, why = time.monotonic(), ""
+        async with limit:
+            for attempt in range(self.retries + 1):
+                if attempt:
+                    await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.0))
+                try:
+                    async with session.post(self.url + path, json=body) as response:
+                        if response.status == 200:
+                            return await response.json()
+                        message = (await response.text())[:300]
+                        if response.status not in RETRYABLE:
+                            hint = {401: "set the API key's environment variable where the reward worker runs",
+                                    404: "check `endpoint` (it usually ends in /v1) and the model name"}
+                            raise RuntimeError(f"persona judge: {self.url}{path} answered {response.status}: "
+                                               f"{message}; {hint.get(response.status, 'see the server log')}")
+                        why = f"HTTP {response.status}: {message}"
+                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                    why = f"timed out after {self.timeout_s:g} s" if isinstance(e, asyncio.TimeoutError) else \
+                        f"{type(e).__name__}: {e}"
+        return f"{self.url}{path}: {why} ({self.retries + 1} attempts in {time.monotonic() - began:.1f} s)"
+
+
+def _first_top_logprobs(answer: dict, api: str) -> Optional[dict[str, float]]:
+    """{token text: logprob} of the answer's first token, from either API's response shape."""
+    try:
+        logprobs = answer["choices"][0]["logprobs"]
+        if api == "chat":
+            return {t["token"]: float(t["logprob"]) for t in logprobs["content"][0]["top_logprobs"]}
+        return {str(t): float(lp) for t, lp in logprobs["top_logprobs"][0].items()}
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+# --- the tiny judge -----------------------------------------------------------------------------------
+def ensure_tiny_judge(cache_dir: str | Path = "~/.cache/speechrl") -> Path:
+    """A tiny randomly initialized Qwen2 causal LM with a byte-level BPE tokenizer (digits and
+    letters are tokens of their own), written once to `<cache_dir>/judges/persona-tiny-v<N>` and
+    reused. It loads in vLLM (head_dim 64, as CPU attention needs) and in transformers. It has
+    learned nothing: its ratings are noise, good for exercising code paths only."""
+    judges = Path(cache_dir).expanduser() / "judges"
+    judges.mkdir(parents=True, exist_ok=True)
+    path = judges / f"persona-tiny-v{TINY_JUDGE_VERSION}"
+    with open(judges / "build.lock", "w") as lock:  # reward workers starting together build it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "model.safetensors").is_file():
+            tmp = path.with_name(path.name + ".partial")
+            _build_tiny_judge(tmp)
+            tmp.rename(path)  # atomic: a killed build never leaves a half-written judge behind
+    return path
+
+
+def _build_tiny_judge(out: Path) -> None:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from speechrl.data.builtin_personas import builtin_personas
+    from speechrl.data.personas import render
+    from speechrl.rlhf.backbone import CHAT_TEMPLATE, EOT, IM_END, build_tokenizer
+    from speechrl.rewards.persona_judge import DEFAULT_RUBRIC
+
+    torch.manual_seed(0)
+    texts = [render(c) for c in builtin_personas()] + [DEFAULT_RUBRIC] + [f"Rating: {k}" for k in range(1, 11)]
+    tokenizer = build_tokenizer(texts * 5, vocab_size=512, num_codec_tokens=0)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.convert_tokens_to_ids(EOT),
+                         eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
+                         pad_token_id=tokenizer.pad_token_id)
+    config.architectures = ["Qwen2ForCausalLM"]
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
