@@ -48,7 +48,7 @@ def find_resume_dir(cfg: RecipeConfig, resume: str, latest: Optional[Callable[[P
             raise FileNotFoundError(f"--resume: no {prefix}* run with a checkpoint under {cfg.run.output_dir}")
         path = runs[-1]
     if latest(path) is None:
-        raise FileNotFoundError(f"--resume: {path} has no complete checkpoint to resume from (under checkpoints/)")
+        raise FileNotFoundError(f"--resume: {path} has no checkpoint to resume from (no complete one under checkpoints/)")
     return path
 
 

@@ -145,9 +145,12 @@ def db_url(request, tmp_path) -> str:
         _admin(server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Debian's chromium, headless, under Playwright's sync API (SPEECHRL_CHROMIUM overrides the path)."""
+    """Debian's chromium, headless, under Playwright's sync API (SPEECHRL_CHROMIUM overrides the path).
+
+    Module scope, not session: Playwright's sync API keeps an asyncio loop running in this thread
+    while it is open, and every later test that calls asyncio.run() would fail."""
     sync_api = pytest.importorskip("playwright.sync_api",
                                    reason="playwright is not installed: pip install -e '.[test]'")
     exe = os.environ.get("SPEECHRL_CHROMIUM", "/usr/bin/chromium")
