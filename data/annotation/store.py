@@ -185,8 +185,11 @@ def create_batch(engine: Engine, batch: Batch, specs: list[PairSpec], annotator_
         rows, identical = [], 0
         for i in order:
             spec = specs[i]
-            first = put_clip(conn, spec.first.audio, spec.first.sample_rate)
-            second = put_clip(conn, spec.second.audio, spec.second.sample_rate)
+            # Which side is stored "first" is drawn too: strategies hand pairs over in an order (reward_gap:
+            # the higher reward first), and a vote label that tracks it would load kappa's chance term.
+            one, two = (spec.first, spec.second) if rng.random() < 0.5 else (spec.second, spec.first)
+            first = put_clip(conn, one.audio, one.sample_rate)
+            second = put_clip(conn, two.audio, two.sample_rate)
             if first == second:  # the same audio twice (e.g. a checkpoint that did not change): nothing to judge
                 identical += 1
                 continue
@@ -194,7 +197,7 @@ def create_batch(engine: Engine, batch: Batch, specs: list[PairSpec], annotator_
                 batch_id=batch_id, key=spec.key, text=spec.text, context=spec.context,
                 voice_clip_id=put_clip(conn, spec.voice.audio, spec.voice.sample_rate) if spec.voice else None,
                 first_clip_id=first, second_clip_id=second,
-                first_meta=_jsonable(spec.first.meta), second_meta=_jsonable(spec.second.meta),
+                first_meta=_jsonable(one.meta), second_meta=_jsonable(two.meta),
             )).inserted_primary_key[0]
             names = sorted(people, key=lambda n: (load[n], rng.random()))[: batch.votes_per_pair]
             for name in names:

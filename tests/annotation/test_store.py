@@ -68,6 +68,9 @@ def test_each_pair_goes_to_k_different_annotators_evenly_with_a_recorded_random_
     assert len({(r["pair_id"], r["annotator_id"]) for r in rows}) == 20
     order = Counter(r["a_is_first"] for r in rows)
     assert order[True] > 0 and order[False] > 0  # both orders drawn (p of one-sided < 2e-6)
+    with engine.connect() as conn:  # which side is stored first is drawn too (make_specs puts step-30 first)
+        firsts = Counter(m["source"] for m in conn.execute(sa.select(store.pairs.c.first_meta)).scalars())
+    assert firsts["step-30"] > 0 and firsts["step-0"] > 0
 
 
 def test_batches_refuse_what_cannot_be_annotated(engine):

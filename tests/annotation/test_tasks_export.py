@@ -102,10 +102,13 @@ def test_export_votes_agreement_filters_and_formats(tmp_path):
     p3 = next(p for p in pairs if p.id.endswith("/p3"))
     assert p3.extra["votes"] == {"first": 2, "second": 0, "tie": 1, "both_bad": 0}
     assert p3.extra["agreement"] == pytest.approx(2 / 3, abs=1e-4) and p3.annotator == "ann,ben,cat"
-    # chosen is the majority's clip: the pair's first clip (the higher-reward tone in make_specs)
-    import soundfile as sf
-    chosen, _ = sf.read(p3.chosen.audio)
-    assert np.argmax(np.abs(np.fft.rfft(chosen))) == pytest.approx(230 * 0.4, abs=1)  # 230 Hz, 0.4 s clip
+    # chosen is the majority's clip: the pair's stored first clip
+    import sqlalchemy as sa
+    from pathlib import Path
+    from speechrl.data.annotation.db import pairs as pairs_table
+    with engine.connect() as conn:
+        first_clip = conn.execute(sa.select(pairs_table.c.first_clip_id).where(pairs_table.c.key == "p3")).scalar()
+    assert Path(p3.chosen.audio).read_bytes() == store.clip_bytes(engine, first_clip)
     hf = read_preferences(out / "hf", on_bad="fail")
     assert sorted(p.id for p in hf) == sorted(p.id for p in pairs)
     votes = [json.loads(line) for line in (out / "votes.jsonl").read_text().splitlines()]
