@@ -254,9 +254,6 @@ def synthesize_user_turns(dialogues: Iterable[Dialogue], out_dir: str | Path, *,
     `sample_rate` in `out_dir`, in one voice per dialogue (picked from `voices` by its id). A wav is
     named by a hash of its text and settings, so one already on disk is reused: the work is done
     once, whoever asks again. Turns that have audio are left as they are."""
-    from speechrl.data import synth  # loads libespeak-ng; only callers that speak need it
-    from speechrl.data.audio import write_wav
-
     if not voices:
         raise ValueError("voices is empty; give at least one espeak-ng voice, e.g. ('en-us',)")
     out_dir = Path(out_dir).absolute()
@@ -268,18 +265,28 @@ def synthesize_user_turns(dialogues: Iterable[Dialogue], out_dir: str | Path, *,
         turns = []
         for turn in d.turns:
             if turn.role == "user" and turn.audio is None:
-                settings = f"{synth.BUILDER_VERSION}|{turn.text}|{voice}|{rate}|{pitch}|{sample_rate}"
-                wav = out_dir / f"{hashlib.sha1(settings.encode('utf-8')).hexdigest()[:16]}.wav"
-                if wav.is_file():  # written atomically, so a wav on disk is whole
-                    reused += 1
-                else:
-                    write_wav(wav, synth.synthesize(turn.text, voice, rate, pitch, sample_rate), sample_rate)
-                    made += 1
+                wav, new = spoken_wav(turn.text, out_dir, voice=voice, rate=rate, pitch=pitch, sample_rate=sample_rate)
+                made, reused = made + new, reused + (not new)
                 turn = replace(turn, audio=str(wav))
             turns.append(turn)
         out.append(replace(d, turns=tuple(turns)))
     log.info("%s: spoke %d user turns, reused %d", out_dir, made, reused)
     return out
+
+
+def spoken_wav(text: str, out_dir: str | Path, *, voice: str, rate: int = 175, pitch: int = 50,
+               sample_rate: int = 16000) -> tuple[Path, bool]:
+    """`text` spoken by espeak-ng as a 16-bit wav in `out_dir`, named by a hash of the text and the
+    settings; one already there is reused. Returns (path, whether it was made now)."""
+    from speechrl.data import synth  # loads libespeak-ng; only callers that speak need it
+    from speechrl.data.audio import write_wav
+
+    settings = f"{synth.BUILDER_VERSION}|{text}|{voice}|{rate}|{pitch}|{sample_rate}"
+    wav = Path(out_dir) / f"{hashlib.sha1(settings.encode('utf-8')).hexdigest()[:16]}.wav"
+    if wav.is_file():  # written atomically, so a wav on disk is whole
+        return wav, False
+    write_wav(wav, synth.synthesize(text, voice, rate, pitch, sample_rate), sample_rate)
+    return wav, True
 
 
 # --- codec ids against the recipe's codec -----------------------------------------------------------

@@ -1,7 +1,6 @@
 """Prompt builders, one per operational mode, found by name.
 
 A builder turns an example into chat messages; the backbone's chat template renders them.
-TTS and realtime register theirs beside ASR's.
 """
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ PROMPT_BUILDERS: Registry = Registry("prompt builder")
 ASR_INSTRUCTION = "Transcribe the audio."
 TTS_INSTRUCTION = "Say:"
 VOICE_INSTRUCTION = "Voice:"
+REALTIME_INSTRUCTION = "Stay in character as this persona, and reply to what the user just said."
 
 
 @PROMPT_BUILDERS.register("asr")
@@ -30,6 +30,25 @@ def tts_messages(example=None) -> list[dict]:
         raise ValueError("tts prompt: the example has no text to say")
     voice = f"{VOICE_INSTRUCTION} {example['voice']}\n" if example.get("voice") else ""
     return [{"role": "user", "content": f"{voice}{TTS_INSTRUCTION} {example['text'].strip()}"}]
+
+
+@PROMPT_BUILDERS.register("realtime")
+def realtime_messages(example=None) -> list[dict]:
+    """A system turn with the instruction and the persona card, the dialogue so far as text turns,
+    then the user's latest turn as audio (the one placeholder the audio encoder fills). The reply
+    is text, then codec tokens, then `<|codec_end|>` (rollouts/layout.py).
+
+    `example`: a mapping with "persona" (the rendered card) and "history" (the earlier turns, each
+    {"role": "user" | "assistant", "text": ...}; an assistant turn as its text only)."""
+    if not example or not str(example.get("persona", "")).strip():
+        raise ValueError("realtime prompt: the example has no persona card")
+    messages = [{"role": "system", "content": f"{REALTIME_INSTRUCTION}\n{example['persona']}"}]
+    for turn in example.get("history") or ():
+        if turn["role"] not in ("user", "assistant"):
+            raise ValueError(f"realtime prompt: a history turn's role is {turn['role']!r}; use user or assistant")
+        messages.append({"role": turn["role"], "content": turn["text"]})
+    messages.append({"role": "user", "content": [{"type": "audio"}]})
+    return messages
 
 
 def render_prompt(processor, mode: str, example=None) -> str:

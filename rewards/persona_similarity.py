@@ -49,11 +49,14 @@ class PersonaSimilarityReward:
     card mapping). `against="card"` embeds the whole rendered card (cut at the model's 256 word
     pieces); `against="entries"` embeds each line of it (identity, each fact, opinion, ...) and
     takes the best match, so a reply about one fact is not diluted by the rest of the card.
+    An empty reply is unscored, or scores `empty_score` where that is set (a spoken reply may have
+    no text part: 0.0 then says "nothing about the persona" instead of leaving it out).
     """
 
     def __init__(self, model: Optional[str] = None,  # local embedding model directory; null: the bundled MiniLM
                  against: str = "card",  # "card" or "entries" (see above)
-                 batch_size: int = 32, max_length: int = 256, device: str = "cpu"):
+                 batch_size: int = 32, max_length: int = 256, device: str = "cpu",
+                 empty_score: Optional[float] = None):  # score of an empty reply; null: unscored
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -67,6 +70,7 @@ class PersonaSimilarityReward:
         self.model = AutoModel.from_pretrained(path, dtype=torch.float32).to(device).eval()
         self.pooling = _pooling(path)
         self.against, self.batch_size, self.max_length, self.device = against, batch_size, max_length, device
+        self.empty_score = empty_score
         self._persona_cache: dict[str, np.ndarray] = {}  # persona text -> its embeddings (n samples share one)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -99,7 +103,8 @@ class PersonaSimilarityReward:
         scores: list[float] = []
         for reply, text, embedding in zip(completions, persona, replies):
             if not (reply or "").strip():
-                scores.append(Unscored("persona_similarity: empty reply"))
+                scores.append(Unscored("persona_similarity: empty reply") if self.empty_score is None
+                              else float(self.empty_score))
                 continue
             scores.append(float((self._persona_embeddings(persona_text(text)) @ embedding).max()))
         return scores

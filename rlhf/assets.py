@@ -10,7 +10,7 @@ from pathlib import Path
 
 from speechrl.data.manifest import SpeechDataset, read_manifest
 from speechrl.data.synth import build_corpus, command_sentences, read_text_list
-from speechrl.rlhf.backbone import ensure_tiny_backbone
+from speechrl.rlhf.backbone import default_tiny_dir, ensure_tiny_backbone
 from speechrl.rlhf.config import RecipeConfig
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,13 @@ def backbone_path(cfg: RecipeConfig) -> Path:
         return path
     if cfg.model.path:
         return Path(cfg.model.path).expanduser()
+    if cfg.mode == "realtime":  # a tokenizer learnt on persona cards and dialogues, so prompts stay short
+        from speechrl.rlhf import realtime_data
+
+        texts = realtime_data.tokenizer_texts(cfg)
+        plain = default_tiny_dir(cfg.run.cache_dir, cfg.model.tiny)
+        return ensure_tiny_backbone(cfg.run.cache_dir, cfg.model.tiny, lambda: texts, cfg.data.sample_rate,
+                                    path=plain.with_name(f"{plain.name}-realtime-{realtime_data.texts_key(texts)}"))
     return ensure_tiny_backbone(cfg.run.cache_dir, cfg.model.tiny, lambda: tokenizer_texts(cfg), cfg.data.sample_rate)
 
 
@@ -72,7 +79,13 @@ def build_synthetic_corpus(cfg: RecipeConfig, out_dir: Path) -> tuple[Path, Path
                         texts=corpus_texts(cfg), sample_rate=cfg.data.sample_rate, seed=s.seed)
 
 
-def load_datasets(cfg: RecipeConfig, max_audio_seconds: float) -> tuple[SpeechDataset, SpeechDataset]:
+def load_datasets(cfg: RecipeConfig, max_audio_seconds: float):
+    """(train, held-out) datasets of (example, audio) pairs: speech manifests (ASR, TTS), or the
+    realtime mode's dialogue turns with their reference replies (rlhf/realtime_data.py)."""
+    if cfg.mode == "realtime":
+        from speechrl.rlhf.realtime_data import realtime_datasets
+
+        return realtime_datasets(cfg, max_audio_seconds)
     train_path, eval_path = manifests(cfg)
     max_seconds = cfg.data.max_seconds or max_audio_seconds
     if max_seconds > max_audio_seconds:

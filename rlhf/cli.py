@@ -13,6 +13,8 @@ from speechrl.rlhf.config import RECIPES_DIR, RecipeError, load_recipe, to_yaml
 EPILOG = """examples:
   speechrl demo                                  SFT warm start then GRPO on the embedded default
   speechrl demo tts                              the same for TTS: intelligibility before and after
+  speechrl demo realtime                         persona dialogue: SFT warm start, then PPO; drift before/after
+  speechrl train realtime/ppo run.init_from=runs/<realtime sft run>/final   realtime PPO (critic, GAE)
   speechrl eval runs/<run>/final --recipe tts/sft  held-out TTS scores and wav samples of any checkpoint
   speechrl train asr/sft                         a shipped recipe, by name
   speechrl train recipes/asr/sft.yaml train.steps=50 train.lr=1e-3
@@ -46,7 +48,7 @@ def _runner(module: str, name: str):
 
 
 # algorithm -> its run function, imported when used (GRPO's brings Ray and vLLM)
-RUNNERS = {"sft": _runner("sft", "run_sft"), "grpo": _runner("grpo", "run_grpo"),
+RUNNERS = {"sft": _runner("sft", "run_sft"), "grpo": _runner("grpo", "run_grpo"), "ppo": _runner("ppo", "run_ppo"),
            "dpo": _runner("dpo", "run_dpo"), "online_dpo": _runner("online_dpo", "run_online_dpo"),
            "reward_model": _runner("reward_model", "run_reward_model")}
 
@@ -99,6 +101,10 @@ def cmd_eval(args) -> int:
     from speechrl.rlhf.evaluate import evaluate_asr
 
     cfg = load_recipe(args.recipe, args.overrides)
+    if cfg.mode == "realtime":
+        raise ValueError("eval: realtime checkpoints are evaluated by drift (held-out dialogues played on the "
+                         "rollout engines and scored by the judge) inside RL runs: drift.png and drift/ in the run "
+                         "directory; step 0's curves of a run with run.init_from=<checkpoint> are that checkpoint's")
     backbone = load_backbone(args.checkpoint)
     _, held = assets.load_datasets(cfg, backbone.max_audio_seconds)
     if cfg.mode == "tts":
@@ -169,16 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="recipe file, or a shipped recipe name such as asr/sft (see `speechrl recipes`)")
         p.add_argument("overrides", nargs="*", help="key.path=value overrides, applied last")
 
-    p = sub.add_parser("train", help="run a recipe (SFT, GRPO, DPO or online DPO) and write a run directory")
+    p = sub.add_parser("train", help="run a recipe (SFT, GRPO, PPO, DPO or online DPO) and write a run directory")
     recipe_args(p)
     p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
                    help="continue from the last checkpoint of RUN_DIR (default: run.name, else the newest run)")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("demo", help="a mode's end-to-end demo (asr, the default, or tts): SFT warm start, then "
-                       "GRPO through Ray + vLLM")
+    p = sub.add_parser("demo", help="a mode's end-to-end demo (asr, the default, tts or realtime): SFT warm start, "
+                       "then RL through Ray + vLLM (GRPO; PPO for realtime)")
     p.add_argument("overrides", nargs="*", metavar="[MODE] OVERRIDES",
-                   help="optionally the mode (asr | tts), then key.path=value overrides for both stages")
+                   help="optionally the mode (asr | tts | realtime), then key.path=value overrides for both stages")
     p.add_argument("--output-dir", default="runs", help="parent of the demo's run directories")
     p.set_defaults(fn=cmd_demo)
 

@@ -125,6 +125,21 @@ class GRPOConfig:
     kl_coef: float = 0.02  # weight of the KL penalty to the frozen reference; 0 skips the reference
     kl_estimator: str = "k3"  # KL estimator, by registered name: "k1" | "k2" | "k3"
     epochs_per_step: int = 1  # passes over each step's samples
+    minibatches: int = 1  # optimizer steps per pass: the step's samples, shuffled, split into this many (PPO: 2-4)
+
+
+@dataclass
+class PPOConfig:
+    """`algorithm: ppo` (rlhf/ppo.py). Clipping, epochs, minibatches, loss aggregation and the number of
+    episodes per step are grpo.*'s; grpo.kl_coef is the KL coefficient's starting value."""
+    gamma: float = 1.0  # discount per token within a reply (each reply is an episode of its own; docs/realtime.md)
+    lam: float = 0.95  # GAE lambda: 1 = Monte Carlo returns, 0 = one-step TD
+    vf_coef: float = 0.1  # weight of the value loss; the critic is a value head on the policy's trunk
+    value_clip: Optional[float] = 0.2  # the value may move this far from its rollout-time value; null = unclipped
+    whiten_advantages: bool = True  # standardize GAE advantages over the step's tokens
+    kl_in_reward: bool = True  # KL to the reference as a per-token reward penalty (classic RLHF); false: a loss term as in GRPO
+    kl_target: Optional[float] = None  # adaptive KL: per-reply KL the coefficient is steered to; null = fixed coefficient
+    kl_horizon: float = 10000.0  # adaptive KL: samples over which the coefficient may move by about e^0.2
 
 
 @dataclass
@@ -137,6 +152,7 @@ class RolloutConfig:
     enforce_eager: bool = True  # no CUDA graphs / compilation (fast start, needed on CPU)
     weight_transport: str = "object_store"  # how the trainer's weights reach the engines, by registered name
     max_retries: int = 1  # a step whose rollout worker died is retried this many times on a fresh worker
+    max_model_len: int = 1024  # longest prompt + completion an engine accepts, in tokens
     threads_per_worker: int = 0  # CPU engines' intra-op threads; 0 = the machine's CPUs shared among the workers
 
 
@@ -195,6 +211,27 @@ class TTSConfig:
 
 
 @dataclass
+class RealtimeConfig:
+    """`mode: realtime`: persona-consistent spoken dialogue (docs/realtime.md). The reply is spoken
+    through the codec of `tts.codec` / `tts.embedded_codec`."""
+    personas: str = "builtin"  # "builtin" (4 hand-written cards), "personagym" (the shared data's benchmark), or a cards file/folder
+    dialogues: Optional[str] = None  # dialogues .jsonl; null: builtin probes (builtin personas) or PersonaGym's questions
+    dialogues_per_persona: int = 8  # builtin: generated training dialogues per persona
+    max_turns: int = 3  # user turns per training episode: each is one reply to sample and score
+    heldout_fraction: float = 0.2  # dialogues of a file or PersonaGym kept out of training, for drift evaluation
+    drift_dialogues_per_persona: int = 2  # builtin: generated held-out dialogues per persona, for drift evaluation
+    drift_turns: int = 6  # user turns of each drift dialogue, played greedily
+    drift_judge: str = "persona_judge"  # the reward (its key in `rewards`) whose score drift evaluation reads
+    ooc_threshold: float = 0.5  # drift: a turn whose judge score is below this is out of character
+    max_text_tokens: int = 48  # reply layout: text tokens before the audio must start
+    user_rate: int = 175  # user turns are spoken by espeak-ng at this rate (words per minute), then cut to the backbone's window
+    reply_voice: str = "en-us"  # SFT reference replies: espeak-ng voice, rate, pitch
+    reply_rate: int = 190
+    reply_pitch: int = 50
+    decode_replies: bool = False  # decode replies to `audio` on the reward side (rewards that listen); off: text, codec ids, reply_seconds
+
+
+@dataclass
 class DPOConfig:
     loss: str = "sigmoid"  # preference loss, by registered name: "sigmoid" (DPO) | "ipo"
     beta: float = 0.1  # strength of the implicit KL to the reference
@@ -230,8 +267,8 @@ class RunConfig:
 
 @dataclass
 class RecipeConfig:
-    mode: str = "asr"  # operational mode: "asr" (audio in, transcript out) or "tts" (text in, codec tokens out)
-    algorithm: str = "sft"  # "sft" | "grpo" | "dpo" (offline, from dpo.data) | "online_dpo" (ranked samples) | "reward_model"
+    mode: str = "asr"  # "asr" (audio in, transcript out), "tts" (text in, codec tokens out), "realtime" (persona dialogue, spoken replies)
+    algorithm: str = "sft"  # "sft" | "grpo" | "ppo" | "dpo" (offline, from dpo.data) | "online_dpo" (ranked samples) | "reward_model"
     seed: int = 0  # seeds torch, numpy, python and data order
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -239,21 +276,24 @@ class RecipeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_max_new_tokens: int = 48  # greedy decode length cap at evaluation
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)  # PPO's critic, GAE and KL placement
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])  # combined, weighted
     ray: RayConfig = field(default_factory=RayConfig)
     tts: TTSConfig = field(default_factory=TTSConfig)  # TTS mode: codec, voice prompts, held-out synthesis
+    realtime: RealtimeConfig = field(default_factory=RealtimeConfig)  # realtime mode: personas, episodes, drift
     dpo: DPOConfig = field(default_factory=DPOConfig)  # offline and online DPO
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)  # a learned preference reward (TTS)
 
 
 _CHOICES = {
-    "mode": ("asr", "tts"),
-    "algorithm": ("sft", "grpo", "dpo", "online_dpo", "reward_model"),
+    "mode": ("asr", "tts", "realtime"),
+    "algorithm": ("sft", "grpo", "ppo", "dpo", "online_dpo", "reward_model"),
     "data.on_bad_example": ("skip", "fail"),
     "grpo.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"),
 }
-_PATHS = ("model.path", "data.train", "data.eval", "data.synthetic.texts", "run.init_from", "tts.codec", "dpo.data")
+_PATHS = ("model.path", "data.train", "data.eval", "data.synthetic.texts", "run.init_from", "tts.codec", "dpo.data",
+          "realtime.dialogues")
 
 
 def resolve_recipe_path(name: str) -> Path:
@@ -358,8 +398,48 @@ def validate(cfg: RecipeConfig, source: str = "recipe") -> None:
     if texts and texts != "grammar" and not Path(os.path.expanduser(texts)).is_file():
         raise RecipeError(f"{source}: `tts.prompt_texts` is {texts!r}: neither \"grammar\" nor a text file")
     _validate_reward_model(cfg, source)
-    if cfg.mode != "tts" and cfg.algorithm in ("dpo", "online_dpo", "reward_model"):
-        raise RecipeError(f"{source}: `algorithm: {cfg.algorithm}` is implemented for mode tts; got mode {cfg.mode!r}")
+    modes = {"dpo": ("tts",), "reward_model": ("tts",), "online_dpo": ("tts", "realtime")}.get(cfg.algorithm)
+    if modes and cfg.mode not in modes:
+        raise RecipeError(f"{source}: `algorithm: {cfg.algorithm}` is implemented for mode {' and '.join(modes)}; "
+                          f"got mode {cfg.mode!r}")
+    _validate_ppo(cfg, source)
+    if cfg.mode == "realtime":
+        _validate_realtime(cfg, source)
+
+
+def _validate_ppo(cfg: RecipeConfig, source: str) -> None:
+    p = cfg.ppo
+    if not (0 <= p.gamma <= 1 and 0 <= p.lam <= 1):
+        raise RecipeError(f"{source}: `ppo.gamma` and `ppo.lam` must be in [0, 1]; got {p.gamma}, {p.lam}")
+    if p.vf_coef < 0 or (p.value_clip is not None and p.value_clip < 0):
+        raise RecipeError(f"{source}: `ppo.vf_coef` and `ppo.value_clip` must be >= 0")
+    if p.kl_target is not None and (p.kl_target <= 0 or cfg.grpo.kl_coef <= 0):
+        raise RecipeError(f"{source}: adaptive KL (`ppo.kl_target`={p.kl_target}) needs kl_target > 0 and a starting "
+                          f"`grpo.kl_coef` > 0 (got {cfg.grpo.kl_coef})")
+    if cfg.grpo.minibatches < 1 or cfg.grpo.epochs_per_step < 1:
+        raise RecipeError(f"{source}: `grpo.minibatches` and `grpo.epochs_per_step` must be >= 1")
+    if cfg.algorithm == "ppo" and cfg.train.deepspeed.enabled:
+        raise RecipeError(f"{source}: `algorithm: ppo` trains a value head beside the model, which the DeepSpeed "
+                          "wrapper does not hold yet; set train.deepspeed.enabled=false")
+
+
+def _validate_realtime(cfg: RecipeConfig, source: str) -> None:
+    r = cfg.realtime
+    if r.personas not in ("builtin", "personagym") and not Path(os.path.expanduser(r.personas)).exists():
+        raise RecipeError(f"{source}: `realtime.personas` is {r.personas!r}: neither \"builtin\", \"personagym\" "
+                          "nor a persona cards file or folder (docs/personas.md)")
+    if r.personas not in ("builtin", "personagym") and r.dialogues is None:
+        raise RecipeError(f"{source}: cards of your own (`realtime.personas`={r.personas!r}) need their dialogues: "
+                          "set `realtime.dialogues` to a dialogues .jsonl (docs/personas.md)")
+    for key in ("max_turns", "drift_turns", "dialogues_per_persona", "drift_dialogues_per_persona"):
+        if getattr(r, key) < 1:
+            raise RecipeError(f"{source}: `realtime.{key}` must be >= 1, got {getattr(r, key)}")
+    if not 0.0 < r.heldout_fraction < 1.0:
+        raise RecipeError(f"{source}: `realtime.heldout_fraction` must be in (0, 1), got {r.heldout_fraction}")
+    keys = [spec.key for spec in cfg.rewards]
+    if cfg.algorithm != "sft" and r.drift_judge not in keys:
+        raise RecipeError(f"{source}: `realtime.drift_judge` is {r.drift_judge!r}, which is not among the rewards "
+                          f"({', '.join(keys)}); drift evaluation reads that reward's score")
 
 
 def _validate_reward_model(cfg: RecipeConfig, source: str) -> None:

@@ -12,6 +12,14 @@ TTS (`speechrl demo tts`):
 3. GRPO on the combined speech rewards through Ray + vLLM (recipes/tts/grpo.yaml),
 4. print held-out intelligibility (the judge's CER) and the other components before and after,
    and where the wav samples of every evaluation are.
+
+Realtime (`speechrl demo realtime`):
+1. build (once) a tiny backbone whose tokenizer knows the persona cards, the codec, the user turns'
+   speech and the synthetic reference replies' speech, and the tiny judge,
+2. SFT warm start on the builtin dialogues' reference replies (recipes/realtime/sft.yaml),
+3. PPO with a critic through Ray + vLLM (recipes/realtime/ppo.yaml), drift evaluated before and after,
+4. print the judge score and out-of-character rate by turn, before and after, and the drift plot.
+   The tiny judge is random: its scores exercise the machinery and mean nothing.
 """
 from __future__ import annotations
 
@@ -22,13 +30,15 @@ from speechrl.rlhf.config import load_recipe
 # The demo's own settings, on top of the shipped recipes. SFT stops while the model still
 # confuses words, so GRPO has errors left to remove within the demo's time budget.
 SFT_OVERRIDES = {"asr": ["train.steps=150", "train.eval_every=150", "train.checkpoint_every=150"],
-                 "tts": []}
-GRPO_OVERRIDES: dict[str, list[str]] = {"asr": [], "tts": []}  # the shipped recipes as they are
+                 "tts": [], "realtime": []}
+RL_ALGORITHM = {"asr": "grpo", "tts": "grpo", "realtime": "ppo"}  # each mode's default algorithm (DESIGN.md)
+RL_OVERRIDES: dict[str, list[str]] = {"asr": [], "tts": [], "realtime": []}  # the shipped recipes as they are
 HEADLINE = {"asr": ("held-out WER", "{:.3f}"), "tts": ("held-out intelligibility CER", "{:.3f}")}
 
 
 def run_demo(overrides: list[str], output_dir: str = "runs", mode: str = "asr") -> dict:
     from speechrl.rlhf.grpo import run_grpo
+    from speechrl.rlhf.ppo import run_ppo
     from speechrl.rlhf.sft import run_sft
 
     if mode not in SFT_OVERRIDES:
@@ -36,18 +46,22 @@ def run_demo(overrides: list[str], output_dir: str = "runs", mode: str = "asr") 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     common = [f"run.output_dir={output_dir}", *overrides]
     start = time.time()
+    algorithm = RL_ALGORITHM[mode]
     sft_cfg = load_recipe(f"{mode}/sft", [*SFT_OVERRIDES[mode], f"run.name={mode}-demo-{stamp}-sft", *common])
-    grpo_cfg = load_recipe(f"{mode}/grpo", [*GRPO_OVERRIDES[mode], f"run.name={mode}-demo-{stamp}-grpo", *common])
+    rl_cfg = load_recipe(f"{mode}/{algorithm}", [*RL_OVERRIDES[mode], f"run.name={mode}-demo-{stamp}-{algorithm}",
+                                                 *common])
     stages = 2
-    if mode == "tts":
+    if mode in ("tts", "realtime"):
         stages = 3
-        print("== 1/3 the judge ASR (built once into run.cache_dir) ==")
-        _build_judge(sft_cfg)
+        print("== 1/3 the judge (built once into run.cache_dir) ==")
+        _build_judge(rl_cfg)
     print(f"== {stages - 1}/{stages} SFT warm start ==")
     sft = run_sft(sft_cfg)
-    grpo_cfg.run.init_from = sft["final weights"]
-    print(f"== {stages}/{stages} GRPO through Ray + vLLM ==")
-    grpo = run_grpo(grpo_cfg)
+    rl_cfg.run.init_from = sft["final weights"]
+    print(f"== {stages}/{stages} {algorithm.upper()} through Ray + vLLM ==")
+    grpo = (run_ppo if algorithm == "ppo" else run_grpo)(rl_cfg)
+    if mode == "realtime":
+        return _realtime_report(sft, grpo, start)
     label, fmt = HEADLINE[mode]
     result = {"untrained": sft[f"{label} before"], "sft": sft[f"{label} after"], "grpo": grpo[f"{label} after"],
               "minutes": (time.time() - start) / 60}
@@ -62,12 +76,36 @@ def run_demo(overrides: list[str], output_dir: str = "runs", mode: str = "asr") 
 
 
 def _build_judge(cfg) -> None:
-    """The embedded judge the TTS recipes' intelligibility reward listens with, built before the
-    runs need it (here on every core, instead of inside the first evaluation)."""
-    from speechrl.rewards.asr_judge import ensure_embedded_judge
+    """The embedded judges the recipe's rewards use (the TTS judge ASR, the tiny persona judge),
+    built before the runs need them (here on every core, instead of inside a one-thread worker)."""
+    from speechrl.rlhf.grpo import prebuild_judges
 
-    path = ensure_embedded_judge(cfg.run.cache_dir)
-    print(f"judge: {path}")
+    prebuild_judges(cfg)
+
+
+def _realtime_report(sft: dict, rl: dict, start: float) -> dict:
+    """The drift curves of the RL run's first (before: the SFT weights) and last evaluations."""
+    import json
+    from pathlib import Path
+
+    runs = sorted((Path(rl["run"]) / "drift").glob("step-*.json"))
+    before, after = (json.loads(p.read_text()) for p in (runs[0], runs[-1]))
+    lines = [f"{'turn':>4}  {'judge before':>12}  {'judge after':>11}  {'OOC before':>10}  {'OOC after':>9}"]
+    for k, turn in enumerate(before["turn"]):
+        lines.append(f"{turn:>4}  {before['judge'][k]:>12.3f}  {after['judge'][k]:>11.3f}  "
+                     f"{before['ooc'][k]:>10.2f}  {after['ooc'][k]:>9.2f}")
+    result = {"sft heldout loss": sft.get("held-out reply loss after", float("nan")),
+              "judge before": rl.get("drift judge score before"), "judge after": rl.get("drift judge score after"),
+              "ooc before": rl.get("drift out-of-character rate before"),
+              "ooc after": rl.get("drift out-of-character rate after"), "minutes": (time.time() - start) / 60}
+    print(f"\ndrift over {len(before['turn'])} turns (judge score in [0, 1]; out of character: score < "
+          f"{before['threshold']:g}), before (step {before['step']}) and after (step {after['step']}) PPO:")
+    print("\n".join(lines))
+    print(f"all turns: judge {result['judge before']:.3f} -> {result['judge after']:.3f}, out-of-character rate "
+          f"{result['ooc before']:.2f} -> {result['ooc after']:.2f}   ({result['minutes']:.1f} min)")
+    print("The embedded judge is a tiny random LM: these scores exercise the machinery and carry no meaning.")
+    print(f"plot: {rl['drift plot']}\nruns: {sft['run']}  {rl['run']}")
+    return result
 
 
 def _tts_table(sft: dict, grpo: dict) -> str:

@@ -1,4 +1,5 @@
-"""DPO for the TTS mode: offline from a preference dataset, and the loss both DPO paths share.
+"""DPO: offline from a preference dataset (TTS), and the loss both DPO paths share (online DPO runs
+in the TTS and realtime modes).
 
 Offline (`algorithm: dpo`): pairs from `dpo.data` (docs/preferences.md) are encoded with the
 recipe's codec once, then each step takes `train.batch_size` pairs and lowers the preference loss
@@ -28,11 +29,13 @@ log = logging.getLogger(__name__)
 
 
 def preference_batch(processor, prompt_ids: list[list[int]], chosen: list[list[int]], rejected: list[list[int]],
-                     pad_id: int):
+                     pad_id: int, audios: list | None = None):
     """One token batch of 2B rows: the B chosen completions, then the B rejected ones, each after
-    its pair's prompt (text-only prompts: rows with equal prompt ids share one prompt run)."""
+    its pair's prompt, which both rows share and run once (text-only prompts: by equal prompt ids;
+    with `audios`, each pair's clip: by the clip object)."""
     prompts = list(prompt_ids) + list(prompt_ids)
-    return build_token_batch(processor, prompts, list(chosen) + list(rejected), [None] * len(prompts), pad_id)
+    clips = [None] * len(prompts) if audios is None else list(audios) + list(audios)
+    return build_token_batch(processor, prompts, list(chosen) + list(rejected), clips, pad_id)
 
 
 def preference_loss(model, reference, batch, num_pairs: int, dpo_cfg, allowed: torch.Tensor

@@ -1,8 +1,9 @@
 """The GRPO driver: one process steering Ray actors through named phases.
 
     generate   rollout workers (vLLM) sample n completions per prompt, token in / token out
+               (realtime: multi-turn episodes, one generate call per turn, rlhf/episodes.py)
     score      the reward worker scores them; failed or NaN samples are marked, not fatal
-    advantages group-normalized rewards (pure function, by registered name)
+    advantages group-normalized rewards (pure function, by registered name; PPO: values and GAE, rlhf/ppo.py)
     update     the policy worker makes the optimizer step(s)
     sync       the new weights go to every engine through the recipe's transport
     log        metrics, timers, evaluation, checkpoint
@@ -29,8 +30,11 @@ from speechrl.rlhf.algos import ADVANTAGES
 from speechrl.rlhf.config import RecipeConfig, RecipeError
 from speechrl.rlhf.evaluate import log_examples
 from speechrl.rlhf.backbone import load_processor
+from speechrl.rlhf.drift import DriftEvaluation
+from speechrl.rlhf.episodes import run_episodes
 from speechrl.rlhf.policy import seed_everything
 from speechrl.rlhf.policy_worker import make_policy_worker
+from speechrl.rlhf.realtime_data import UserSpeech, load_dialogues
 from speechrl.rlhf.run_dir import (RunLogger, find_resume_dir, latest_checkpoint, new_run_dir, prune_checkpoints,
                                    resume_run, write_trainer_state)
 from speechrl.rlhf.sft import batch_indices
@@ -102,26 +106,43 @@ class GRPORecipe:
         checkpoint = latest_checkpoint(self.run_dir) if self.resume else None
         self.backbone_path = assets.backbone_path(cfg)
         processor = load_processor(self.backbone_path)  # the driver needs no weights
-        self.task = make_task(cfg, processor)  # TTS: builds (once) the codec before any worker needs it
+        self.task = make_task(cfg, processor)  # TTS, realtime: builds (once) the codec before any worker needs it
         self.allowed_ids = self.task.allowed_ids
-        self.train_set, self.eval_set = assets.load_datasets(cfg, processor.feature_extractor.n_samples
-                                                             / processor.feature_extractor.sampling_rate)
-        self.prompt_pool = rl_prompt_pool(cfg, self.eval_set)
+        window = processor.feature_extractor.n_samples / processor.feature_extractor.sampling_rate
+        if cfg.mode == "realtime":
+            self.dialogues, drift = load_dialogues(cfg)
+            self.speech = UserSpeech(cfg.data.sample_rate, window)
+            self.drift = DriftEvaluation(cfg, self.task, drift, self.speech, self.run_dir)
+        else:
+            self.train_set, self.eval_set = assets.load_datasets(cfg, window)
+            self.prompt_pool = rl_prompt_pool(cfg, self.eval_set)
         prebuild_judges(cfg)  # here on every core, not inside a one-thread reward actor
         self.policy = make_policy_worker(cfg, self.backbone_path, str(checkpoint) if checkpoint else None,
                                          allowed_ids=self.allowed_ids)
-        self.reward = make_reward_actor(cfg.rewards, codec=getattr(self.task, "codec_spec", None))
-        self.policy.set_eval_set.remote(self.eval_set)
+        self.reward = make_reward_actor(cfg.rewards, codec=self.task.reward_codec)
+        if cfg.mode == "asr":
+            self.policy.set_eval_set.remote(self.eval_set)
         self.workers = make_rollout_workers(str(self.backbone_path), cfg.rollout, cfg.rollout.num_workers, cfg.seed)
         self.transport = TRANSPORTS.get(cfg.rollout.weight_transport)()
         self.logger = RunLogger(self.run_dir, cfg, plot_keys=[
             "rewards/total", *eval_plot_keys(cfg.mode)[:2], "train/kl", "train/logprob_gap", "rewards/unscored"])
         self.tts_eval = TtsEvaluation(cfg, self.task, self.eval_set, self.run_dir, self.logger) \
             if cfg.mode == "tts" else None
+        self.checkpoint = checkpoint
         self.start_step = resume_run(checkpoint, self.logger) if checkpoint else 0
         if checkpoint:
             self.sync()  # engines started from the backbone; give them the resumed weights
         ray.get(self.policy.ping.remote())
+
+    def rollout(self, step: int) -> tuple[list[RolloutRequest], list]:
+        """The step's prompts and their samples (`Sample.prompt_index` points into the prompts). In
+        realtime mode a prompt is one turn of one episode: the step's episodes play all their turns."""
+        if self.cfg.mode != "realtime":
+            requests = self.requests(step)
+            return requests, self.generate(requests, step)
+        idx = batch_indices(len(self.dialogues), self.cfg.grpo.prompts_per_step, step, self.cfg.seed)
+        return run_episodes(self.task, [self.dialogues[int(i)] for i in idx], self.speech, self.cfg.realtime.max_turns,
+                            lambda requests: self.generate(requests, step), n=self.cfg.rollout.sampling.n)
 
     def requests(self, step: int) -> list[RolloutRequest]:
         idx = batch_indices(len(self.train_set), self.cfg.grpo.prompts_per_step, step, self.cfg.seed)
@@ -130,17 +151,19 @@ class GRPORecipe:
             return [self.task.request(self.prompt_pool[int(i)], None) for i in idx]
         return [self.task.request(*self.train_set[int(i)], self.train_set) for i in idx]
 
-    def generate(self, requests, step: int, n: Optional[int] = None, temperature: Optional[float] = None):
+    def generate(self, requests, step: int, n: Optional[int] = None, temperature: Optional[float] = None,
+                 max_new_tokens: Optional[int] = None):
+        """n samples per request (default: the recipe's sampling settings); evaluation passes its own."""
         s = self.cfg.rollout.sampling
         n = s.n if n is None else n
         temperature = s.temperature if temperature is None else temperature
+        max_new_tokens = s.max_new_tokens if max_new_tokens is None else max_new_tokens
         for attempt in range(self.cfg.rollout.max_retries + 1):
             try:
                 # no per-request seed: vLLM 0.32 on CPU fails on them ("CPU Generator does not use
                 # offset"); each engine is seeded at start, so runs are reproducible, resumed ones not bit-exact
                 return generate_across(self.workers, requests, n=n, temperature=temperature, top_p=s.top_p,
-                                       max_new_tokens=s.max_new_tokens if n > 1 else self.cfg.eval_max_new_tokens,
-                                       seed=None, allowed_token_ids=self.allowed_ids,
+                                       max_new_tokens=max_new_tokens, seed=None, allowed_token_ids=self.allowed_ids,
                                        stop_token_ids=self.task.stop_ids)
             except RolloutWorkerDied as e:
                 if attempt == self.cfg.rollout.max_retries:
@@ -152,11 +175,9 @@ class GRPORecipe:
                 self.sync()
 
     def score(self, samples, requests):
-        import ray
-
         batch = {"completions": [s.text for s in samples], "completion_ids": [s.completion_ids for s in samples],
                  "mode": self.cfg.mode}
-        if self.cfg.mode == "tts":  # codec ids; the reward side decodes them to waveforms
+        if self.cfg.mode != "asr":  # codec ids; the reward side decodes them to waveforms (when it has a codec)
             batch["codec_ids"] = [self.task.codec_ids(s.completion_ids) for s in samples]
         else:  # each prompt's clip once per sample; the object store ships each distinct array once
             batch.update(sample_rate=self.cfg.data.sample_rate, audio=[requests[s.prompt_index].audio for s in samples])
@@ -169,7 +190,7 @@ class GRPORecipe:
 
         return ray.get(self.reward.score.remote(batch))
 
-    def advantages(self, samples, scores) -> np.ndarray:
+    def advantages(self, samples, scores, requests) -> np.ndarray:
         g = self.cfg.grpo
         rewards = torch.tensor(np.nan_to_num(scores.total, nan=0.0), dtype=torch.float32)
         groups = torch.tensor([s.prompt_index for s in samples])
@@ -194,11 +215,11 @@ class GRPORecipe:
                    **{k: v for k, v in s.metadata.items() if k != "reference_codec_ids"},
                    "reward": _finite(scores.total[i]),
                    "components": {k: _finite(v[i]) for k, v in scores.components.items()}}
-            if self.cfg.mode == "tts":
+            if self.cfg.mode != "asr":
                 row["codec_ids"] = [int(c) for c in self.task.codec_ids(s.completion_ids)]
                 if s.metadata.get("reference_codec_ids") is not None:
                     row["voice_codec_ids"] = [int(c) for c in s.metadata["reference_codec_ids"]]
-            else:
+            if self.cfg.mode != "tts":
                 row["completion"] = s.text
             if i in scores.errors:
                 row["unscored"] = scores.errors[i]
@@ -216,11 +237,15 @@ class GRPORecipe:
     def evaluate(self, step: int) -> dict:
         import ray
 
+        cap = self.cfg.eval_max_new_tokens
+        if self.cfg.mode == "realtime":  # greedy drift dialogues on the engines, which hold the current weights
+            return self.drift.evaluate(step, lambda requests: self.generate(requests, step, n=1, temperature=0.0,
+                                                                            max_new_tokens=cap), self.score)
         if self.tts_eval is None:
             return log_examples(ray.get(self.policy.evaluate.remote()), log)
         # held-out synthesis on the engines, which hold the policy's current weights
         requests = [RolloutRequest(p, None, self.cfg.data.sample_rate) for p in self.tts_eval.prompts]
-        samples = self.generate(requests, step, n=1, temperature=self.cfg.tts.eval_temperature)
+        samples = self.generate(requests, step, n=1, temperature=self.cfg.tts.eval_temperature, max_new_tokens=cap)
         return self.tts_eval.evaluate(step, [s.completion_ids for s in samples], self.score_batch)
 
     def train(self) -> dict:
@@ -233,12 +258,11 @@ class GRPORecipe:
         for step in bar:
             done, self.step = step + 1, step
             with timer("generate"):
-                requests = self.requests(step)
-                samples = self.generate(requests, step)
+                requests, samples = self.rollout(step)
             with timer("score"):
                 scores = self.score(samples, requests)
             with timer("advantages"):
-                adv = self.advantages(samples, scores)
+                adv = self.advantages(samples, scores, requests)
             if cfg.run.save_rollouts_every and done % cfg.run.save_rollouts_every == 0:
                 self.save_rollouts(done, samples, scores)
             with timer("update"):
@@ -270,8 +294,12 @@ class GRPORecipe:
 
         path = self.run_dir / "checkpoints" / f"step-{step}"
         ray.get(self.policy.save.remote(str(path)))
+        self.save_state(path)
         write_trainer_state(path, step, metrics)  # the row travels with it: see write_trainer_state
         prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+
+    def save_state(self, path: Path) -> None:
+        """The driver's own state for a checkpoint (GRPO has none; PPO's KL controller)."""
 
     def finish(self) -> dict:
         import ray
@@ -292,6 +320,8 @@ class GRPORecipe:
             "train wall time (s)": round(self.elapsed, 1),
             "final weights": final,
         }
+        if self.cfg.mode == "realtime":
+            table["drift plot"] = str(self.drift.plot_path)
         self.logger.plot()
         print(self.logger.summary(table))
         self.logger.close()
@@ -305,13 +335,18 @@ class GRPORecipe:
 
 
 def prebuild_judges(cfg: RecipeConfig) -> None:
-    """Build (once) the embedded judge ASR of any `tts_intelligibility asr=embedded` reward before
-    the reward workers start, which would otherwise build it on their first batch."""
+    """Build (once) the embedded judges rewards ask for (`tts_intelligibility asr=embedded`'s ASR,
+    `persona_judge model=tiny`'s LM) before the reward workers start, which would otherwise build
+    them on their first batch, on one thread."""
     for spec in cfg.rewards:
         if spec.name == "tts_intelligibility" and spec.kwargs.get("asr") == "embedded":
             from speechrl.rewards.asr_judge import ensure_embedded_judge
 
             ensure_embedded_judge(spec.kwargs.get("cache_dir", cfg.run.cache_dir))
+        if spec.name == "persona_judge" and spec.kwargs.get("model") == "tiny" and spec.kwargs.get("cache_dir"):
+            from speechrl.rewards.judge_backends import ensure_tiny_judge
+
+            ensure_tiny_judge(spec.kwargs["cache_dir"])
 
 
 def rl_prompt_pool(cfg: RecipeConfig, eval_set) -> Optional[list]:

@@ -6,10 +6,12 @@ expanded, exactly as vLLM saw them) and completion ids, never re-tokenized from 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
+
+from speechrl.rollouts.layout import LayoutMask, ReplyLayout
 
 
 @dataclass
@@ -69,38 +71,54 @@ def build_token_batch(processor, prompt_ids: list[list[int]], completion_ids: li
     return TokenBatch(ids, attn, feats, feat_mask, comp, torch.tensor(index))
 
 
-def vocab_mask(allowed_ids: list[int], vocab_size: int) -> torch.Tensor:
+# The decoding constraint as the trainer applies it: a [V] bool mask (ASR, TTS: a static list of
+# allowed ids), a LayoutMask (realtime: the allowed ids change within the completion), or None.
+Allowed = Optional[Union[torch.Tensor, LayoutMask]]
+
+
+def vocab_mask(allowed_ids: Union[list[int], ReplyLayout], vocab_size: int) -> Union[torch.Tensor, LayoutMask]:
+    """The trainer's form of a decoding constraint: a [V] mask of a list of ids, or a LayoutMask."""
+    if isinstance(allowed_ids, ReplyLayout):
+        return LayoutMask(allowed_ids, vocab_size)
     mask = torch.zeros(vocab_size, dtype=torch.bool)
     mask[torch.tensor(allowed_ids)] = True
     return mask
 
 
-def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0,
-                   allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, allowed: Allowed = None,
+                   with_hidden: bool = False):
     """log p(token_{t+1} | <= t) for every position, [B, L-1]; read it where completion_mask is True.
 
     Logits are divided by the sampling temperature so the result is the logprob of the
     distribution the rollout actually sampled from (vLLM reports the same, see rollouts/engine.py).
     Rows that share a clip (GRPO's n samples of a prompt, `batch.audio_index`) share their prompt
     too: it is run once per clip and only completion positions are filled in (prompt ones are 0).
+    With `with_hidden`, also the decoder's last hidden states on the same grid, [B, L-1, H] (the
+    state from which each token is predicted; what a value head on the policy's trunk reads).
     """
     if batch.audio_index is not None and not _checkpointing(model):
-        return _shared_prompt_logprobs(model, batch, temperature, allowed)
+        logp, hidden = _shared_prompt_logprobs(model, batch, temperature, allowed, with_hidden)
+        return (logp, hidden) if with_hidden else logp
     if batch.audio_index is None:
         audio = {} if batch.input_features is None else dict(input_features=batch.input_features,
                                                               feature_attention_mask=batch.feature_attention_mask)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **audio).logits
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=with_hidden,
+                    **audio)
     else:  # gradient checkpointing forbids the KV cache the shared-prompt path needs
         embeds = _inputs_embeds(model, batch.input_ids, batch.input_features, batch.feature_attention_mask,
                                 batch.audio_index)
-        logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask).logits
-    return _logprobs(logits[:, :-1], batch.input_ids[:, 1:], temperature, allowed)
+        out = model(inputs_embeds=embeds, attention_mask=batch.attention_mask, output_hidden_states=with_hidden)
+    logp = _logprobs(out.logits[:, :-1], batch.input_ids[:, 1:], temperature, allowed, batch.completion_mask)
+    return (logp, out.hidden_states[-1][:, :-1]) if with_hidden else logp
 
 
-def _logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
-              allowed: Optional[torch.Tensor]) -> torch.Tensor:
+def _logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, allowed: Allowed,
+              valid: torch.Tensor) -> torch.Tensor:
+    """`valid` [B, T] marks completion positions: a LayoutMask's phases are counted over them."""
     logits = logits.float()
-    if allowed is not None:  # the decoding constraint, applied as vLLM applies allowed_token_ids
+    if isinstance(allowed, LayoutMask):  # per position, as rollouts/layout.py's processor masked it in vLLM
+        logits = logits.masked_fill(~allowed.for_targets(targets, valid).to(logits.device), float("-inf"))
+    elif allowed is not None:  # the decoding constraint, applied as vLLM applies allowed_token_ids
         logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
     if temperature != 1.0:
         logits = logits / temperature
@@ -116,8 +134,8 @@ def _checkpointing(model) -> bool:
     return bool(getattr(audio_model(model).language_model, "gradient_checkpointing", False))
 
 
-def _shared_prompt_logprobs(model, batch: TokenBatch, temperature: float,
-                            allowed: Optional[torch.Tensor]) -> torch.Tensor:
+def _shared_prompt_logprobs(model, batch: TokenBatch, temperature: float, allowed: Allowed,
+                            with_hidden: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """token_logprobs for rows grouped by clip: each distinct prompt (audio encoder and decoder)
     runs once, its KV cache is repeated for the group's rows, and only the completions run per row.
 
@@ -142,7 +160,8 @@ def _shared_prompt_logprobs(model, batch: TokenBatch, temperature: float,
         raise ValueError(f"row {r} shares clip {int(index[r])} with row {int(head[r])} but not its prompt ids")
     embeds = _inputs_embeds(model, prompt_ids, batch.input_features, batch.feature_attention_mask,
                             torch.arange(groups))
-    prompt_out = model(inputs_embeds=embeds, attention_mask=prompt_mask.long(), use_cache=True)
+    prompt_out = model(inputs_embeds=embeds, attention_mask=prompt_mask.long(), use_cache=True,
+                       output_hidden_states=with_hidden)
     cache = prompt_out.past_key_values
     cache.reorder_cache(index)  # one copy of its prompt's keys/values per row (differentiable)
 
@@ -151,14 +170,21 @@ def _shared_prompt_logprobs(model, batch: TokenBatch, temperature: float,
     valid = torch.arange(steps)[None, :] < comp_len[:, None]
     comp_ids = ids.gather(1, positions.clamp(max=width - 1))
     attention = torch.cat([prompt_mask[index], valid], dim=1).long()
-    comp_logits = model(input_ids=comp_ids, attention_mask=attention, position_ids=positions,
-                        past_key_values=cache).logits
-    # completion token t is predicted by the previous position: the prompt's last one for t = 0
-    last_prompt = prompt_out.logits[index, prompt_len - 1]
-    logits = torch.cat([last_prompt[:, None], comp_logits[:, :-1]], dim=1)
-    logp = _logprobs(logits, comp_ids, temperature, allowed)
+    comp_out = model(input_ids=comp_ids, attention_mask=attention, position_ids=positions,
+                     past_key_values=cache, output_hidden_states=with_hidden)
+
+    def predicting(prompt_part: torch.Tensor, comp_part: torch.Tensor) -> torch.Tensor:
+        # completion token t is predicted by the previous position: the prompt's last one for t = 0
+        return torch.cat([prompt_part[index, prompt_len - 1][:, None], comp_part[:, :-1]], dim=1)
+
+    logp = _logprobs(predicting(prompt_out.logits, comp_out.logits), comp_ids, temperature, allowed, valid)
     r, t = valid.nonzero(as_tuple=True)
-    return torch.zeros(rows, width - 1, dtype=logp.dtype).index_put((r, positions[r, t] - 1), logp[r, t])
+    where = (r, positions[r, t] - 1)  # back onto the [rows, width - 1] grid of the plain path
+    grid = torch.zeros(rows, width - 1, dtype=logp.dtype).index_put(where, logp[r, t])
+    if not with_hidden:
+        return grid, None
+    hidden = predicting(prompt_out.hidden_states[-1], comp_out.hidden_states[-1])
+    return grid, hidden.new_zeros(rows, width - 1, hidden.shape[-1]).index_put(where, hidden[r, t])
 
 
 def audio_model(model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -22,12 +23,16 @@ class Optimizer:
     DeepSpeed on CPU runs one gloo process; on a cluster the launcher sets the env it reads.
     """
 
-    def __init__(self, model: torch.nn.Module, train_cfg, total_steps: int):
+    def __init__(self, model: torch.nn.Module, train_cfg, total_steps: int, *, updates_per_step: int = 1,
+                 extra_params: Sequence[torch.nn.Parameter] = ()):
+        """`updates_per_step`: optimizer steps in one of the run's steps (RL: epochs x minibatches), so
+        warm-up and decay follow the run's steps; `extra_params` train beside the model's (PPO's value head)."""
         self.cfg = train_cfg
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
         self.optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        warmup, total = train_cfg.warmup_steps * updates_per_step, total_steps * updates_per_step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_lambda(s, train_cfg.warmup_steps, total_steps, train_cfg.lr_min_ratio))
+            self.optimizer, lambda s: lr_lambda(s, warmup, total, train_cfg.lr_min_ratio))
         self.engine = None
         self.model = model
         if train_cfg.deepspeed.enabled:

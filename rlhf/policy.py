@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -98,10 +98,11 @@ class TrainablePolicy:
     reference: Optional[torch.nn.Module]  # frozen starting policy, for KL; None when not asked for
 
 
-def build_policy(cfg, base_path: Path, checkpoint: Optional[Path] = None, with_reference: bool = False
-                 ) -> TrainablePolicy:
+def build_policy(cfg, base_path: Path, checkpoint: Optional[Path] = None, with_reference: bool = False, *,
+                 updates_per_step: int = 1, extra_params: Sequence[torch.nn.Parameter] = ()) -> TrainablePolicy:
     """The trainable policy of SFT and RL alike: backbone (from `checkpoint` when resuming),
-    gradient checkpointing, LoRA, optimizer, and the checkpoint's adapter/optimizer state."""
+    gradient checkpointing, LoRA, optimizer, and the checkpoint's adapter/optimizer state.
+    `updates_per_step` and `extra_params` go to the Optimizer (RL's epochs x minibatches, a value head)."""
     from speechrl.rlhf.backbone import load_backbone
 
     lora = cfg.model.lora.enabled
@@ -121,7 +122,8 @@ def build_policy(cfg, base_path: Path, checkpoint: Optional[Path] = None, with_r
     if lora:
         model = apply_lora(model, cfg.model.lora)
     model.train()
-    optimizer = Optimizer(model, cfg.train, cfg.train.steps)
+    optimizer = Optimizer(model, cfg.train, cfg.train.steps, updates_per_step=updates_per_step,
+                          extra_params=extra_params)
     if checkpoint:
         load_policy(optimizer.model, optimizer, checkpoint, lora)
     return TrainablePolicy(backbone, optimizer.model, optimizer, reference)

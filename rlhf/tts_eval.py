@@ -120,6 +120,8 @@ HEADLINES = {
             ("held-out sanity penalty", "eval/speech_sanity/reward"),
             ("held-out speaking rate (chars/s)", "eval/speech_sanity/chars_per_second"),
             ("held-out samples ended by <|codec_end|>", "eval/ended")],
+    "realtime": [("drift judge score", "drift/judge"), ("drift out-of-character rate", "drift/ooc_rate"),
+                 ("drift judge score, last turn", "drift/judge_last_turn"), ("held-out reply loss", "eval/loss")],
 }
 
 

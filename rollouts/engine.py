@@ -8,6 +8,8 @@ i.e. the distribution actually sampled from. With top_p=1 (the recipes' default)
 what the trainer recomputes as log_softmax(logits / temperature); with top_p<1 vLLM's values are
 renormalized over the nucleus and the two differ by the nucleus' log-mass. `allowed_token_ids`
 does the same: logprobs are renormalized over the allowed ids, so the trainer must mask likewise.
+A realtime reply's constraint changes within the completion (text, then audio: rollouts/layout.py);
+it is applied by a logits processor every engine loads, and the trainer masks per position.
 """
 from __future__ import annotations
 
@@ -18,7 +20,12 @@ from typing import Iterable
 
 import torch
 
+from speechrl.rollouts.layout import ReplyLayout, reply_layout_processor
 from speechrl.rollouts.types import RolloutRequest, Sample
+
+# What constrains a completion's tokens: a static list of allowed ids (ASR, TTS) or a ReplyLayout
+# (realtime), None for no constraint.
+Constraint = list[int] | ReplyLayout | None
 
 LOGPROBS_MODE = "processed_logprobs"
 
@@ -150,25 +157,30 @@ class RolloutEngine:
         self.llm = LLM(model=str(path), dtype="auto" if torch.cuda.is_available() else "float32",
                        enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
                        limit_mm_per_prompt={"audio": 1}, max_model_len=max_model_len, seed=seed,
-                       logprobs_mode=LOGPROBS_MODE, **memory)
+                       logprobs_mode=LOGPROBS_MODE, logits_processors=[reply_layout_processor()], **memory)
         _quiet_benign_vllm_warnings()
 
     def ping(self) -> bool:
         return True
 
     def generate(self, requests: list[RolloutRequest], *, n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, seed: int | None = None, allowed_token_ids: list[int] | None = None,
+                 max_new_tokens: int, seed: int | None = None, allowed_token_ids: Constraint = None,
                  stop_token_ids: list[int] | None = None) -> list[Sample]:
         """`n` samples per request, all requests in one vLLM call; grouped by request, in order.
 
-        A request without audio is a text-only prompt (TTS). `stop_token_ids` end a completion
-        besides the end-of-turn (TTS: `<|codec_end|>`); the stop token is kept in completion_ids.
+        A request without audio is a text-only prompt (TTS). `allowed_token_ids` is the decoding
+        constraint: a list of ids, or a ReplyLayout (realtime: text, then audio). `stop_token_ids`
+        end a completion besides the end-of-turn (TTS, realtime: `<|codec_end|>`); the stop token is
+        kept in completion_ids.
 
         With `seed`, request i's samples use seeds seed + i*n + j (vLLM adds j itself), so a
         batch split across workers (see generate_across) samples exactly as one engine would.
         """
         from vllm import SamplingParams
 
+        layout = allowed_token_ids if isinstance(allowed_token_ids, ReplyLayout) else None
+        static = None if layout else allowed_token_ids
+        extra = layout.as_extra_args() if layout else None
         inputs, params = [], []
         for i, req in enumerate(requests):
             if req.audio is None:
@@ -182,7 +194,7 @@ class RolloutEngine:
                                          logprobs=0, seed=None if seed is None else seed + i * n,
                                          # text is decoded below, from the ids: vLLM's incremental
                                          # detokenizer drops a trailing partial UTF-8 character
-                                         detokenize=False, allowed_token_ids=allowed_token_ids,
+                                         detokenize=False, allowed_token_ids=static, extra_args=extra,
                                          stop_token_ids=stop_token_ids))
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         samples = []
@@ -235,7 +247,7 @@ def make_rollout_workers(backbone_path: str, cfg, num_workers: int, seed: int) -
     workers = [actor.remote(str(backbone_path), kv_cache_gib=cfg.kv_cache_gib,
                             gpu_memory_utilization=cfg.gpu_memory_utilization,
                             tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager,
-                            seed=seed + k, threads=threads)
+                            max_model_len=cfg.max_model_len, seed=seed + k, threads=threads)
                for k in range(num_workers)]
     ray.get([w.ping.remote() for w in workers])
     return workers
@@ -243,7 +255,7 @@ def make_rollout_workers(backbone_path: str, cfg, num_workers: int, seed: int) -
 
 def generate_across(workers: list, requests: list[RolloutRequest], *, n: int, temperature: float,
                     top_p: float, max_new_tokens: int, seed: int | None = None,
-                    allowed_token_ids: list[int] | None = None, stop_token_ids: list[int] | None = None
+                    allowed_token_ids: Constraint = None, stop_token_ids: list[int] | None = None
                     ) -> list[Sample]:
     """Split requests into contiguous chunks, one per worker; samples come back in global order."""
     import ray

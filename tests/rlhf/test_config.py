@@ -131,7 +131,7 @@ def test_existing_file_is_accepted(tmp_path):
 
 @pytest.mark.parametrize("override, key", [
     ("algorithm=foo", "algorithm"),
-    ("mode=realtime", "mode"),
+    ("mode=video", "mode"),
     ("data.on_bad_example=ignore", "data.on_bad_example"),
     ("grpo.loss_agg=sum", "grpo.loss_agg"),
 ])

@@ -1,0 +1,176 @@
+"""The spoken reply's layout: text, then audio-codec tokens, in one generation.
+
+A realtime reply is one completion: the reply's text tokens, then codec tokens `<|aN|>`, closed by
+`<|codec_end|>`. Which tokens may come next depends on what came before, so the decoding
+constraint has three phases (k = tokens generated so far):
+
+    text     no codec token yet, k < max_text_tokens:  text tokens or codec tokens
+    switch   no codec token yet, k >= max_text_tokens: codec tokens only (the audio must start)
+    audio    a codec token was emitted:                codec tokens or <|codec_end|>
+
+The first codec token switches to audio, and no text can follow it; `<|codec_end|>` is only
+reachable once audio has started, so every reply that ends has audio. The same rule is applied in
+two places that must agree token for token: `ReplyLayoutProcessor` inside vLLM while sampling, and
+`layout_phases` in the trainer when it recomputes logprobs (rlhf/logprobs.py), exactly as a static
+`allowed_token_ids` list is applied on both sides in ASR and TTS.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache, cached_property
+
+import torch
+
+TEXT, SWITCH, AUDIO = 0, 1, 2  # phase indices
+
+
+@dataclass(frozen=True)
+class ReplyLayout:
+    """The token sets of the three phases (backbone token ids) and the text budget."""
+
+    text_ids: tuple[int, ...]  # tokens of the reply's text (no specials, no codec tokens)
+    codec_ids: tuple[int, ...]  # the codec's tokens; the first one emitted starts the audio
+    end_id: int  # <|codec_end|>: ends the reply, allowed once audio has started
+    max_text_tokens: int  # text tokens before the audio must start
+
+    def __post_init__(self):
+        if not self.text_ids or not self.codec_ids:
+            raise ValueError("ReplyLayout: text_ids and codec_ids must be non-empty")
+        if set(self.text_ids) & set(self.codec_ids) or self.end_id in self.text_ids + self.codec_ids:
+            raise ValueError("ReplyLayout: text ids, codec ids and the end id must be disjoint")
+        if self.max_text_tokens < 0:
+            raise ValueError(f"ReplyLayout: max_text_tokens must be >= 0, got {self.max_text_tokens}")
+
+    def allowed(self, phase: int) -> tuple[int, ...]:
+        """The ids allowed in a phase."""
+        return (self.text_ids + self.codec_ids, self.codec_ids, self.codec_ids + (self.end_id,))[phase]
+
+    def phase(self, generated: list[int]) -> int:
+        """The phase after the tokens `generated` so far (the rule in the module docstring)."""
+        if any(t in self.codec_set for t in generated):
+            return AUDIO
+        return SWITCH if len(generated) >= self.max_text_tokens else TEXT
+
+    def masks(self, vocab_size: int) -> torch.Tensor:
+        """[3, vocab_size] bool: True where a token is allowed in phase TEXT, SWITCH, AUDIO."""
+        out = torch.zeros(3, vocab_size, dtype=torch.bool)
+        for phase in (TEXT, SWITCH, AUDIO):
+            out[phase, list(self.allowed(phase))] = True
+        return out
+
+    def as_extra_args(self) -> dict:
+        """What a vLLM request carries (SamplingParams.extra_args) for ReplyLayoutProcessor."""
+        return {EXTRA_ARGS_KEY: {"text": list(self.text_ids), "codec": list(self.codec_ids), "end": self.end_id,
+                                 "max_text": self.max_text_tokens}}
+
+    @cached_property
+    def codec_set(self) -> frozenset:
+        return frozenset(self.codec_ids)
+
+
+EXTRA_ARGS_KEY = "speechrl_reply_layout"
+
+
+def layout_phases(targets: torch.Tensor, valid: torch.Tensor, codec: torch.Tensor, max_text: int) -> torch.Tensor:
+    """The phase [B, T] in which each target token was sampled (the trainer's side of the rule).
+
+    `targets` [B, T] are the token ids predicted at each position, `valid` [B, T] marks the
+    completion's positions (in order), `codec` [V] is True at codec tokens. Position t's phase
+    depends on the completion tokens before it: AUDIO if one of them is a codec token, else SWITCH
+    once `max_text` tokens came before it, else TEXT. Invalid positions get TEXT (ignored).
+    """
+    valid = valid.bool()
+    is_codec = codec.to(targets.device)[targets] & valid
+    codec_before = torch.cumsum(is_codec.int(), dim=1) - is_codec.int()
+    index = torch.cumsum(valid.int(), dim=1) - valid.int()  # completion tokens before position t
+    phase = torch.full_like(targets, TEXT)
+    phase = torch.where(index >= max_text, torch.full_like(phase, SWITCH), phase)
+    phase = torch.where(codec_before > 0, torch.full_like(phase, AUDIO), phase)
+    return torch.where(valid, phase, torch.full_like(phase, TEXT))
+
+
+class LayoutMask:
+    """The trainer's form of a ReplyLayout: its phase masks over the vocabulary, ready to index."""
+
+    def __init__(self, layout: ReplyLayout, vocab_size: int):
+        self.layout = layout
+        self.phase_masks = layout.masks(vocab_size)  # [3, V]
+        self.codec = torch.zeros(vocab_size, dtype=torch.bool)
+        self.codec[list(layout.codec_ids)] = True
+
+    def for_targets(self, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """[B, T, V] bool: the tokens allowed at each position, given what the completion held before it."""
+        phases = layout_phases(targets, valid, self.codec, self.layout.max_text_tokens)
+        return self.phase_masks.to(targets.device)[phases]
+
+
+@cache
+def reply_layout_processor() -> type:
+    """The vLLM logits processor class that applies ReplyLayouts; an engine lists it at start-up.
+    Defined when first asked for: it subclasses a vLLM class, and this module is also imported
+    where vLLM need not be loaded (the trainer, tests of the rule)."""
+    from vllm.v1.sample.logits_processor import LogitsProcessor
+
+    class ReplyLayoutProcessor(LogitsProcessor):
+        """Applies a request's ReplyLayout (SamplingParams.extra_args, see `as_extra_args`) while
+        vLLM samples: each step, every row of such a request is masked to its phase's tokens.
+        Requests without a layout are left alone. Masking happens before temperature, as vLLM's own
+        `allowed_token_ids` does, so the reported logprobs are over the allowed tokens."""
+
+        def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+            self.device = device
+            # batch row -> [layout, its output ids (a live list), phase, ids seen, its masks]
+            self.rows: dict[int, list] = {}
+            self.disallowed: dict[ReplyLayout, torch.Tensor] = {}  # layout -> [3, V], True where masked
+
+        @classmethod
+        def validate_params(cls, params) -> None:
+            spec = (params.extra_args or {}).get(EXTRA_ARGS_KEY)
+            if spec is not None:
+                _layout_from_args(spec)  # raises ValueError on a malformed spec
+
+        def is_argmax_invariant(self) -> bool:
+            return False  # it changes which token is the greedy one
+
+        def update_state(self, batch_update) -> None:
+            if batch_update is None:
+                return
+            for index in batch_update.removed:
+                self.rows.pop(index, None)
+            for index, params, _, output_ids in batch_update.added:
+                spec = (params.extra_args or {}).get(EXTRA_ARGS_KEY)
+                if spec is None:
+                    self.rows.pop(index, None)
+                else:
+                    self.rows[index] = [_layout_from_args(spec), output_ids, TEXT, 0, None]
+            for a, b, direction in batch_update.moved:
+                row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
+                if row_a is not None:
+                    self.rows[b] = row_a
+                if row_b is not None and direction.name == "SWAP":
+                    self.rows[a] = row_b
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            for index, row in self.rows.items():
+                layout, output_ids, phase, seen, disallowed = row
+                # only the tokens added since the last step can start the audio
+                if phase != AUDIO and any(t in layout.codec_set for t in output_ids[seen:]):
+                    phase = AUDIO
+                if phase != AUDIO:
+                    phase = SWITCH if len(output_ids) >= layout.max_text_tokens else TEXT
+                if disallowed is None:  # one [3, V] mask per distinct layout, shared by its rows
+                    if layout not in self.disallowed:
+                        self.disallowed[layout] = ~layout.masks(logits.shape[-1]).to(logits.device)
+                    disallowed = self.disallowed[layout]
+                row[2:] = [phase, len(output_ids), disallowed]
+                logits[index].masked_fill_(disallowed[phase], float("-inf"))
+            return logits
+
+    return ReplyLayoutProcessor
+
+
+def _layout_from_args(spec: dict) -> ReplyLayout:
+    try:
+        return ReplyLayout(tuple(spec["text"]), tuple(spec["codec"]), int(spec["end"]), int(spec["max_text"]))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{EXTRA_ARGS_KEY}: expected text, codec, end and max_text; got keys {sorted(spec)}") from e

@@ -1,0 +1,459 @@
+"""The realtime mode on a tiny backbone, without Ray or vLLM engines: the reply layout's constraint
+(the vLLM side and the trainer side agree), the task's prompts, parsing and SFT targets, the
+scripted dialogue environment, multi-turn rollouts and the reward columns they carry, PPO's update
+(values and policy move; the value head and the KL controller resume), drift curves, and the
+recipe checks. PPO end to end through Ray + vLLM with the tiny judge is test_realtime_e2e.py.
+"""
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from speechrl.rlhf.config import RecipeError, load_recipe
+from speechrl.rollouts.layout import AUDIO, SWITCH, TEXT, LayoutMask, ReplyLayout, layout_phases
+from speechrl.rollouts.types import Sample
+
+torch.set_num_threads(1)  # the machine's cores are shared
+
+TINY = ["model.tiny.hidden_size=128", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1",
+        "model.tiny.encoder_dim=128", "model.tiny.num_layers=2", "model.tiny.encoder_layers=1",
+        "model.tiny.num_codec_tokens=64", "tts.embedded_codec.codebook_size=64"]
+SMALL = [*TINY, "realtime.dialogues_per_persona=2", "realtime.max_turns=2", "realtime.drift_dialogues_per_persona=1",
+         "realtime.drift_turns=3", "data.max_eval_examples=4",
+         "eval_max_new_tokens=40", "rollout.sampling.max_new_tokens=40", "train.batch_size=4", "train.torch_threads=1",
+         "rollout.threads_per_worker=1"]
+
+
+@pytest.fixture(scope="module")
+def rt_base(tmp_path_factory):
+    """Overrides for small realtime runs; the cache (backbone, codec, speech, judge) is shared with
+    test_realtime_e2e.py through the session's base temp folder."""
+    root = tmp_path_factory.getbasetemp() / "realtime"
+    return [*SMALL, f"run.cache_dir={root / 'cache'}", f"run.output_dir={root / 'runs'}"]
+
+
+@pytest.fixture(scope="module")
+def cfg(rt_base):
+    return load_recipe("realtime/sft", rt_base)
+
+
+@pytest.fixture(scope="module")
+def task(cfg):
+    from speechrl.rlhf import assets
+    from speechrl.rlhf.backbone import load_processor
+    from speechrl.rlhf.tasks import RealtimeTask
+
+    return RealtimeTask(cfg, load_processor(assets.backbone_path(cfg)))
+
+
+@pytest.fixture(scope="module")
+def turns(cfg):
+    """(training turns, held-out turns) of the small builtin setup, with spoken user turns."""
+    from speechrl.rlhf.realtime_data import realtime_datasets
+
+    return realtime_datasets(cfg, max_audio_seconds=4.0)
+
+
+# --- the layout's constraint ------------------------------------------------------------------------
+
+LAYOUT = ReplyLayout(text_ids=(0, 1, 2, 3), codec_ids=(4, 5, 6), end_id=7, max_text_tokens=3)
+
+
+def test_layout_phases_follow_the_rule():
+    # text, text, codec -> audio from there on; an end only after audio started
+    completion = [0, 2, 5, 4, 7]
+    prefixes = [completion[:t] for t in range(len(completion))]
+    assert [LAYOUT.phase(p) for p in prefixes] == [TEXT, TEXT, TEXT, AUDIO, AUDIO]
+    assert LAYOUT.phase([0, 1, 2]) == SWITCH  # max_text_tokens text tokens: the audio must start now
+    masks = LAYOUT.masks(8)
+    assert masks[TEXT].nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert masks[SWITCH].nonzero().flatten().tolist() == [4, 5, 6]
+    assert masks[AUDIO].nonzero().flatten().tolist() == [4, 5, 6, 7]
+
+
+def test_trainer_phases_match_the_python_rule_on_random_completions():
+    gen = torch.Generator().manual_seed(0)
+    codec = torch.zeros(8, dtype=torch.bool)
+    codec[[4, 5, 6]] = True
+    for _ in range(50):
+        prompt, n = int(torch.randint(1, 5, (1,), generator=gen)), int(torch.randint(1, 9, (1,), generator=gen))
+        completion = torch.randint(0, 8, (n,), generator=gen).tolist()
+        # the grid token_logprobs uses: prompt tokens (unconstrained), then the completion; pad after
+        targets = torch.tensor([[3] * prompt + completion + [0, 0]])
+        valid = torch.zeros_like(targets, dtype=torch.bool)
+        valid[0, prompt:prompt + n] = True
+        phases = layout_phases(targets, valid, codec, LAYOUT.max_text_tokens)[0, prompt:prompt + n].tolist()
+        assert phases == [LAYOUT.phase(completion[:t]) for t in range(n)], completion
+
+
+def test_vllm_processor_masks_each_row_by_its_phase():
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from speechrl.rollouts.layout import reply_layout_processor
+
+    processor = reply_layout_processor()(None, torch.device("cpu"), False)
+    with_layout = SamplingParams(extra_args=LAYOUT.as_extra_args())
+    rows = [[], [0, 1], [0, 1, 2], [1, 5]]  # live output lists, as vLLM hands them over
+    processor.update_state(BatchUpdate(batch_size=5, removed=[], moved=[],
+                                       added=[(i, with_layout, None, out) for i, out in enumerate(rows)]
+                                       + [(4, SamplingParams(), None, [])]))
+    logits = processor.apply(torch.zeros(5, 8))
+    for i, out in enumerate(rows):
+        assert torch.isfinite(logits[i]).tolist() == LAYOUT.masks(8)[LAYOUT.phase(out)].tolist()
+    assert torch.isfinite(logits[4]).all(), "a request without a layout is left alone"
+    rows[0].append(6)  # the row's next token starts the audio; the processor sees it through the live list
+    assert torch.isfinite(processor.apply(torch.zeros(5, 8))[0]).tolist() == LAYOUT.masks(8)[AUDIO].tolist()
+
+
+# --- the task ---------------------------------------------------------------------------------------
+
+def test_prompt_holds_the_card_the_text_history_and_one_clip(task):
+    from speechrl.data.builtin_personas import builtin_personas
+    from speechrl.data.personas import render
+
+    card = builtin_personas()[0]
+    history = [{"role": "user", "text": "Do you have any pets?"}, {"role": "assistant", "text": "A cat, Brioche."}]
+    prompt = task.render(render(card), history)
+    assert render(card) in prompt and prompt.count("<|AUDIO|>") == 1
+    assert prompt.index("Do you have any pets?") < prompt.index("A cat, Brioche.") < prompt.index("<|AUDIO|>")
+    assert prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_reply_ids_parse_back_and_ttfa_counts_the_text_tokens(task):
+    ids = task.reply_ids("Hello there.", [3, 1, 2])
+    reply = task.parse(ids)
+    text_tokens = len(task.tokenizer("Hello there.", add_special_tokens=False)["input_ids"])
+    assert (reply.text, reply.codec_ids, reply.ttfa_tokens, reply.ended) == ("Hello there.", [3, 1, 2], text_tokens, True)
+    assert reply.seconds == pytest.approx(3 / task.codec.frame_rate)
+    cut = task.parse(ids[:-2])  # cut at the length cap: no end token
+    assert cut.codec_ids == [3, 1] and not cut.ended
+    text_only = task.parse(task.tokenizer("Hi", add_special_tokens=False)["input_ids"])
+    assert text_only.ttfa_tokens is None and text_only.codec_ids == [] and text_only.seconds == 0.0
+    assert task.stop_ids == [task.tokens.end_id] and task.allowed_ids is task.layout
+    assert all(follows_layout(task.layout, ids))
+
+
+def follows_layout(layout: ReplyLayout, completion: list[int]):
+    """Each token of `completion` is allowed in the phase it was produced in."""
+    for t, token in enumerate(completion):
+        yield token in layout.allowed(layout.phase(completion[:t]))
+
+
+def test_sft_example_is_the_reference_reply_then_its_speech(task, turns):
+    from speechrl.data.audio import load_audio
+
+    train, held = turns
+    assert len(train) == 4 * 2 * 2 and len(held) == 4 * 1 * 3  # personas x dialogues x turns
+    assert not {e.id for e in train.examples} & {e.id for e in held.examples}
+    ex, audio = train[1]  # a second turn: its history holds the first turn and its reference reply
+    assert [h["role"] for h in ex.history] == ["user", "assistant"]
+    prompt, completion, clip = task.sft_example(ex, audio)
+    assert clip is audio and prompt.count(task.processor.tokenizer.convert_tokens_to_ids("<|AUDIO|>")) > 10
+    reply = task.parse(completion)
+    assert reply.text == ex.reply_text and reply.ended
+    spoken = load_audio(ex.reply_audio, 16000, min_seconds=0.0)
+    assert reply.codec_ids == task.codec.encode(spoken, 16000).tolist()
+    assert all(follows_layout(task.layout, completion))
+    assert train[1][1] is not train[1][1], "each call hands out its own copy of the clip"
+
+
+def test_reference_replies_speak_in_the_first_person():
+    from speechrl.data.builtin_personas import builtin_personas
+    from speechrl.data.dialogues import Turn
+    from speechrl.data.reference_replies import REFUSAL, reference_reply
+
+    margo, aiko = builtin_personas()[:2]
+    reply = reference_reply(margo, Turn("user", "Do you have any pets?",
+                                        meta={"probe": "facts", "target": "She has a grey cat named Brioche."}))
+    assert reply.startswith("I have a grey cat named Brioche.")
+    boundary = reference_reply(aiko, Turn("user", "When?", meta={"probe": "boundaries", "target": aiko.boundaries[1]}))
+    assert boundary.startswith("I refuse and explain why I cannot give one.")
+    assert reference_reply(margo, Turn("user", "Cups?", meta={"probe": "never_say"})).startswith(REFUSAL)
+    assert reference_reply(margo, Turn("user", "Hello!", meta={"probe": "opener"})).startswith("Hi, I'm Margo Beaulieu.")
+
+
+# --- episodes ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def script(cfg, tmp_path_factory):
+    """A builtin dialogue of three spoken user turns."""
+    from speechrl.data.builtin_personas import builtin_dialogues
+    from speechrl.data.dialogues import synthesize_user_turns
+
+    dialogue = builtin_dialogues(per_persona=1, turns=3)[0]
+    return synthesize_user_turns([dialogue], tmp_path_factory.mktemp("speech"))[0]
+
+
+def test_env_plays_the_script_turn_by_turn(script):
+    from speechrl.rlhf.episodes import DialogueEnv
+    from speechrl.rlhf.realtime_data import UserSpeech
+
+    env = DialogueEnv(UserSpeech(16000, 4.0), max_turns=2)
+    first = env.reset(script.persona, script.turns)
+    assert first.text == script.turns[0].text and first.audio.dtype == np.float32 and first.meta["probe"] == "opener"
+    second = env.step("Hi, I'm Margo.")
+    assert second.text == script.turns[1].text and not env.done
+    assert env.step("I am 64.") is None and env.done  # max_turns replies made
+    assert env.history == [{"role": "user", "text": script.turns[0].text}, {"role": "assistant", "text": "Hi, I'm Margo."},
+                           {"role": "user", "text": script.turns[1].text}, {"role": "assistant", "text": "I am 64."}]
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step("again")
+    mute = SimpleNamespace(role="user", text="hello", audio=None, meta={})
+    with pytest.raises(ValueError, match="synthesize_user_turns"):
+        env.reset(script.persona, [mute])
+
+
+def fake_generate(task, n: int, calls: list):
+    """Stands in for the rollout workers: per request, n layout-valid replies ("reply <k>", then audio)."""
+    def generate(requests):
+        calls.append(requests)
+        out = []
+        for i, req in enumerate(requests):
+            for j in range(n):
+                ids = task.reply_ids(f"reply {len(calls)}{j}", [j, 1, 2, 3])
+                out.append(Sample(i, j, [1, 2, 3], ids, [-0.5] * len(ids), "", "stop", dict(req.metadata)))
+        return out
+    return generate
+
+
+def test_episodes_run_turn_by_turn_and_carry_the_reward_columns(task, script):
+    from speechrl.rlhf.episodes import run_episodes
+    from speechrl.rlhf.realtime_data import UserSpeech
+
+    calls = []
+    requests, samples = run_episodes(task, [script, script], UserSpeech(16000, 4.0), max_turns=3,
+                                     generate=fake_generate(task, 2, calls), n=2)
+    assert [len(c) for c in calls] == [2, 2, 2]  # one generate call per turn, over both live episodes
+    assert len(requests) == 6 and len(samples) == 12
+    assert [s.prompt_index for s in samples] == [k // 2 for k in range(12)]  # flat: one group per (episode, turn)
+    last = samples[-1].metadata
+    assert (last["id"], last["turn"], last["dialogue_id"]) == (f"{script.id}/t2", 2, script.id)
+    # the episode went on with each turn's first sample: its reply is in the later turns' history
+    assert [h["text"] for h in last["history"] if h["role"] == "assistant"] == ["reply 10", "reply 20"]
+    assert last["user_text"] == script.turns[2].text and last["probe"] == script.turns[2].meta["probe"]
+    assert last["persona"].startswith("Name: ") and last["reply_seconds"] == pytest.approx(4 / task.codec.frame_rate)
+    text_tokens = len(task.tokenizer("reply 31", add_special_tokens=False)["input_ids"])
+    assert last["ttfa_tokens"] == text_tokens and last["ttfa_ms"] > 0
+    assert requests[0].audio is not requests[1].audio, "each request holds its own copy of the clip"
+
+
+def test_driver_scores_realtime_turns_with_context_columns(cfg, task, script):
+    """GRPORecipe.score's batch on realtime samples, scored in-process by the length and latency rewards."""
+    from speechrl.rewards.worker import RewardWorker
+    from speechrl.rlhf.episodes import run_episodes
+    from speechrl.rlhf.grpo import GRPORecipe
+    from speechrl.rlhf.realtime_data import UserSpeech
+
+    requests, samples = run_episodes(task, [script], UserSpeech(16000, 4.0), 2, fake_generate(task, 1, []), n=1)
+    recipe = GRPORecipe(cfg)
+    recipe.task = task
+    worker = RewardWorker([{"name": "reply_length", "kwargs": {"unit": "seconds", "min": 1.0}},
+                           {"name": "latency", "kwargs": {"column": "ttfa_tokens", "budget": 2}}])
+    batch = {}
+    recipe.score_batch = lambda b: batch.update(b) or worker.score(b)
+    for s in samples:
+        s.text = task.parse(s.completion_ids).text  # what the engine decodes (codec tokens are special)
+    result = recipe.score(samples, requests)
+    assert batch["mode"] == "realtime" and batch["codec_ids"][0] == [0, 1, 2, 3]
+    assert batch["completions"] == ["reply 10", "reply 20"] and batch["history"][0] == []
+    assert result.valid.all()
+    np.testing.assert_allclose(result.components["reply_length/seconds"], [4 / task.codec.frame_rate] * 2)
+    assert (result.components["latency/reward"] < 0).all()  # more than 2 text tokens before the audio
+
+
+# --- the trainer's logprobs under the layout --------------------------------------------------------
+
+def test_layout_logprobs_shared_prompt_path_matches_the_plain_one_and_the_rule(task, turns):
+    from speechrl.rlhf import assets
+    from speechrl.rlhf.backbone import load_backbone
+    from speechrl.rlhf.logprobs import build_token_batch, token_logprobs
+
+    model = load_backbone(assets.backbone_path(task.cfg)).model.eval()
+    (ex0, clip0), (ex1, clip1) = turns[0][0], turns[0][2]
+    p0, c0, _ = task.sft_example(ex0, clip0)
+    p1, c1, _ = task.sft_example(ex1, clip1)
+    prompts, completions = [p0, p0, p1], [c0, task.reply_ids("Oui.", [5, 6]), c1]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    allowed = LayoutMask(task.layout, vocab)
+    shared = build_token_batch(task.processor, prompts, completions, [clip0, clip0, clip1], task.tokenizer.pad_token_id)
+    plain = build_token_batch(task.processor, prompts, completions, [clip0, clip0.copy(), clip1],
+                              task.tokenizer.pad_token_id)
+    assert shared.audio_index is not None and plain.audio_index is None
+    with torch.no_grad():
+        (a, hidden_a), (b, hidden_b) = (token_logprobs(model, x, 1.0, allowed, with_hidden=True) for x in (shared, plain))
+        full = model(input_ids=plain.input_ids, attention_mask=plain.attention_mask,
+                     input_features=plain.input_features, feature_attention_mask=plain.feature_attention_mask).logits
+    mask = shared.completion_mask
+    torch.testing.assert_close(a[mask], b[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(hidden_a[mask], hidden_b[mask], atol=1e-5, rtol=0)
+    # by hand, row 0: log_softmax over the tokens its phase allows, per position
+    start = len(p0) - 1
+    for t, token in enumerate(completions[0]):
+        ok = torch.tensor(task.layout.allowed(task.layout.phase(completions[0][:t])))
+        expected = torch.log_softmax(full[0, start + t, ok], -1)[(ok == token).nonzero()[0, 0]]
+        assert float(b[0, start + t]) == pytest.approx(float(expected), abs=1e-5)
+
+
+# --- PPO --------------------------------------------------------------------------------------------
+
+def test_ppo_update_moves_values_and_policy_and_the_critic_resumes(rt_base, task, turns, tmp_path):
+    from speechrl.rlhf import assets
+    from speechrl.rlhf.logprobs import build_token_batch, token_logprobs
+    from speechrl.rlhf.policy_worker import PolicyWorker
+    from speechrl.rlhf.ppo import padded, ppo_targets
+
+    cfg = load_recipe("realtime/ppo", [*rt_base, "train.lr=1e-3", "train.warmup_steps=0", "grpo.kl_coef=0.1"])
+    base = str(assets.backbone_path(cfg))
+    worker = PolicyWorker(cfg, base, allowed_ids=task.layout)
+    rows = [task.sft_example(*turns[0][i]) for i in range(4)]
+    prompts, completions, clips = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+    def logprobs() -> list[list[float]]:
+        batch = build_token_batch(task.processor, prompts, completions, clips, task.tokenizer.pad_token_id)
+        with torch.no_grad():
+            logp = token_logprobs(worker.model, batch, 1.0, worker.allowed)
+        return [logp[i][batch.completion_mask[i]].tolist() for i in range(len(rows))]
+
+    sampled = logprobs()  # stands in for vLLM's sampling logprobs (the same policy)
+    before = worker.rollout_values(prompts, completions, clips, 1.0)
+    assert all(v == 0.0 for row in before["values"] for v in row), "the value head starts at zero"
+    for ref, own in zip(before["ref_logprobs"], sampled):  # the reference is the starting policy
+        np.testing.assert_allclose(ref, own, atol=1e-5)
+
+    lengths = [len(c) for c in completions]
+    width = max(lengths)
+    mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    old, ref, values = (padded(x, width) for x in (sampled, before["ref_logprobs"], before["values"]))
+    scores = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    # lam 1: every token of a reply gets its score as advantage (the critic knows nothing yet)
+    adv, ret, kl = ppo_targets(scores, old, ref, values, mask, 0.1, 1.0, 1.0, whiten=False)
+    torch.testing.assert_close(adv[0, : lengths[0]], torch.ones(lengths[0]), atol=1e-4, rtol=0)
+    assert float(kl[mask].abs().max()) < 1e-4  # no KL yet: the policy is the reference
+    rows_of = lambda t: [t[i, :n].tolist() for i, n in enumerate(lengths)]  # noqa: E731
+    metrics = worker.update(prompts, completions, sampled, clips, rows_of(adv), 1.0, returns=rows_of(ret),
+                            old_values=rows_of(values))
+    assert {"train/value_loss", "train/value_clip_fraction", "train/clip_fraction"} <= set(metrics)
+    assert metrics["train/logprob_gap"] < 1e-5  # the first minibatch is on-policy
+
+    after = worker.rollout_values(prompts, completions, clips, 1.0)
+    moved = np.concatenate(after["values"])
+    assert np.abs(moved).max() > 1e-4, "the critic learnt"
+    # returns are the scores (gamma 1, no KL yet): the values moved toward each reply's own score
+    assert np.mean(after["values"][0]) > np.mean(after["values"][1])
+    now = logprobs()
+    assert np.mean(now[0]) > np.mean(sampled[0]) and np.mean(now[1]) < np.mean(sampled[1]), \
+        "the policy moved toward the better-scored reply and away from the worse"
+
+    worker.save(str(tmp_path / "step-1"))
+    resumed = PolicyWorker(cfg, base, checkpoint=str(tmp_path / "step-1"), allowed_ids=task.layout)
+    torch.testing.assert_close(resumed.value_head.state_dict(), worker.value_head.state_dict())
+
+
+def test_kl_controller_state_is_saved_and_resumed(rt_base, tmp_path):
+    from speechrl.rlhf.algos.kl_reward import AdaptiveKLController
+    from speechrl.rlhf.ppo import PPORecipe
+
+    cfg = load_recipe("realtime/ppo", rt_base)
+    recipe = PPORecipe(cfg)
+    recipe.kl = recipe.kl_controller(None)
+    assert isinstance(recipe.kl, AdaptiveKLController) and recipe.kl.kl_coef == cfg.grpo.kl_coef
+    for measured in (30.0, 25.0, 20.0):  # far above the target: beta grows
+        recipe.kl.update(measured, 100)
+    recipe.save_state(tmp_path)
+    resumed = PPORecipe(cfg).kl_controller(tmp_path)
+    assert resumed.kl_coef == recipe.kl.kl_coef > cfg.grpo.kl_coef
+    fixed = PPORecipe(load_recipe("realtime/ppo", [*rt_base, "ppo.kl_target=null"])).kl_controller(None)
+    assert fixed.update(30.0, 100) == cfg.grpo.kl_coef
+
+
+# --- drift ------------------------------------------------------------------------------------------
+
+def test_drift_curves_by_turn_by_hand():
+    from speechrl.rlhf.drift import drift_curves
+
+    curves = drift_curves([0, 0, 1, 1, 2], np.array([0.2, 0.8, 0.6, math.nan, 0.4]), threshold=0.5)
+    assert curves["turn"] == [1, 2, 3] and curves["scored"] == [2, 1, 1]
+    assert curves["judge"] == pytest.approx([0.5, 0.6, 0.4]) and curves["ooc"] == [0.5, 0.0, 1.0]
+
+
+def test_drift_plot_draws_every_evaluation(tmp_path):
+    from speechrl.rlhf.drift import plot_drift
+
+    for step, judge in ((0, [0.6, 0.5, 0.4]), (10, [0.7, 0.7, 0.6])):
+        (tmp_path / f"step-{step:05d}.json").write_text(json.dumps(
+            {"step": step, "threshold": 0.5, "turn": [1, 2, 3], "judge": judge, "ooc": [0.0, 0.5, 1.0]}))
+    out = plot_drift(tmp_path, tmp_path / "drift.png")
+    assert out.stat().st_size > 1000
+
+
+# --- recipes and data sources -----------------------------------------------------------------------
+
+def test_realtime_recipes_are_checked():
+    assert load_recipe("realtime/ppo").rewards[0].name == "persona_judge"
+    with pytest.raises(RecipeError, match="drift_judge"):
+        load_recipe("realtime/ppo", ["realtime.drift_judge=nope"])
+    with pytest.raises(RecipeError, match="realtime.dialogues"):
+        load_recipe("realtime/sft", [f"realtime.personas={__file__}"])
+    with pytest.raises(RecipeError, match="implemented for mode tts"):
+        load_recipe("realtime/sft", ["algorithm=dpo"])
+    with pytest.raises(RecipeError, match="ppo.gamma"):
+        load_recipe("realtime/ppo", ["ppo.gamma=1.5"])
+
+
+def test_cards_and_dialogues_from_files_split_for_drift(rt_base, tmp_path):
+    from speechrl.data.builtin_personas import builtin_dialogues, builtin_personas
+    from speechrl.data.dialogues import write_dialogues
+    from speechrl.data.personas import write_personas
+    from speechrl.rlhf.realtime_data import load_dialogues
+
+    cards = write_personas(tmp_path / "cards.yaml", builtin_personas()[:2])
+    dialogues = [d for d in builtin_dialogues(per_persona=5, turns=3) if d.persona.id in ("margo", "aiko")]
+    path = write_dialogues(tmp_path / "dialogues.jsonl", dialogues)
+    cfg = load_recipe("realtime/sft", [*rt_base, f"realtime.personas={cards}", f"realtime.dialogues={path}",
+                                       "realtime.heldout_fraction=0.3"])
+    train, drift = load_dialogues(cfg)
+    assert train and drift and len(train) + len(drift) == 10
+    assert not {d.id for d in train} & {d.id for d in drift}
+    assert all(t.audio for d in train + drift for t in d.turns if t.role == "user")
+    assert max(sum(t.role == "user" for t in d.turns) for d in train) == cfg.realtime.max_turns
+
+
+# --- GRPO and online DPO on realtime turns ----------------------------------------------------------
+
+def test_grpo_and_online_dpo_updates_train_on_turns_sharing_a_clip(rt_base, task, turns, tmp_path):
+    """A turn's n replies share its clip and prompt (one group); both updates run them through the
+    shared-prompt path under the layout's per-position constraint."""
+    from speechrl.rlhf import assets
+    from speechrl.rlhf.online_dpo import OnlineDPORecipe
+    from speechrl.rlhf.policy_worker import PolicyWorker
+
+    base = str(assets.backbone_path(task.cfg))
+    (ex, clip), (ex2, clip2) = turns[0][0], turns[0][1]
+    prompt, reference, _ = task.sft_example(ex, clip)
+    prompt2, reference2, _ = task.sft_example(ex2, clip2)
+    other = task.reply_ids("Voila.", [1, 2, 3])
+    grpo = PolicyWorker(load_recipe("realtime/grpo", rt_base), base, allowed_ids=task.layout)
+    metrics = grpo.update([prompt, prompt, prompt2, prompt2], [reference, other, reference2, other],
+                          [[-1.0] * len(reference), [-1.0] * len(other), [-1.0] * len(reference2), [-1.0] * len(other)],
+                          [clip, clip, clip2, clip2], [1.0, -1.0, 1.0, -1.0], 1.0)
+    assert np.isfinite(metrics["train/loss"]) and metrics["grad_norm"] > 0
+
+    cfg = load_recipe("realtime/dpo", rt_base)
+    dpo = PolicyWorker(cfg, base, allowed_ids=task.layout)
+    metrics = dpo.dpo_update([prompt, prompt2], [reference, reference2], [other, other], [clip, clip2])
+    assert metrics["train/loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy = reference at the start
+
+    recipe = OnlineDPORecipe(cfg)
+    recipe.task, recipe.run_dir, recipe.step = task, tmp_path, 3
+    columns = {"id": "d/t0", "persona": "Name: X", "history": [], "user_text": "hi"}
+    samples = [Sample(0, j, prompt, ids, [], "", "stop", dict(columns)) for j, ids in enumerate((reference, other))]
+    recipe._save_pairs(samples, np.array([0.9, 0.1]), [(0, 1)])
+    row = json.loads((tmp_path / "pairs" / "round-00003.jsonl").read_text())
+    assert row["id"] == "d/t0" and row["chosen"]["text"] == ex.reply_text and row["rejected"]["text"] == "Voila."
+    assert row["rejected"]["codec_ids"] == [1, 2, 3] and row["chosen"]["reward"] == pytest.approx(0.9)
