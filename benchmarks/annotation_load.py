@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
@@ -147,14 +146,14 @@ def check_stored_once(engine, outcome: dict, n_assignments: int) -> None:
 
 def make_load_batch(engine, annotators: int, pairs: int, votes: int) -> tuple[dict[str, str], int]:
     from speechrl.data.annotation import store
-    from speechrl.data.annotation.store import Batch, PairSpec, Side
+    from speechrl.data.annotation.batches import Batch, PairSpec, Side, create_batch
 
     rng = np.random.default_rng(0)
     names = [f"load{i:03d}" for i in range(annotators)]
     tokens = {n: store.add_annotator(engine, n) for n in names}
     specs = [PairSpec(f"p{i}", f"text {i}", Side(rng.uniform(-.3, .3, 4000).astype(np.float32), 16000),
                       Side(rng.uniform(-.3, .3, 4000).astype(np.float32), 16000)) for i in range(pairs)]
-    made = store.create_batch(engine, Batch("load", "tts", "load", "benchmark", ["naturalness"], "", votes),
+    made = create_batch(engine, Batch("load", "tts", "load", "benchmark", ["naturalness"], "", votes),
                               specs, names)
     return tokens, made["assignments"]
 
@@ -175,7 +174,7 @@ def main() -> None:
         with ServerProcess(url) as server:
             out = run_load(server.url, tokens)
         check_stored_once(engine, out, n)
-        print(f"| database | annotators | tasks | requests | wall s | requests/s | p50 ms | p95 ms | statuses |")
+        print("| database | annotators | tasks | requests | wall s | requests/s | p50 ms | p95 ms | statuses |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
         print(f"| {engine.dialect.name} | {args.annotators} | {n} | {out['requests']} | {out['wall']:.1f} | "
               f"{out['requests'] / out['wall']:.0f} | {out['p50_ms']:.0f} | {out['p95_ms']:.0f} | "

@@ -62,7 +62,7 @@ def cmd_annotators(args) -> int:
 
 def cmd_tasks(args) -> int:
     from speechrl.data.annotation import tasks
-    from speechrl.data.annotation.store import Batch, create_batch
+    from speechrl.data.annotation.batches import Batch, create_batch
 
     engine = _engine(args)
     steps = [int(s) for s in args.steps.split(",")] if args.steps else None
@@ -130,9 +130,7 @@ def cmd_export(args) -> int:
 
 def cmd_simulate(args) -> int:
     """Answer an annotator's queue by a rule, for dry runs of the loop (no human needed)."""
-    from speechrl.data.annotation.store import Submission, annotator_for_token, next_task, submit
-    from speechrl.data.annotation import store as st
-    import sqlalchemy as sa
+    from speechrl.data.annotation.store import Submission, annotator_for_token, next_task, sides, submit
 
     engine = _engine(args)
     who = annotator_for_token(engine, args.token)
@@ -140,14 +138,11 @@ def cmd_simulate(args) -> int:
         raise ValueError("--token: no active annotator holds that token")
     rng, answered = random.Random(args.seed), 0
     while (task := next_task(engine, who["id"])["task"]) is not None:
-        with engine.connect() as conn:
-            row = conn.execute(sa.select(st.assignments.c.a_is_first, st.pairs.c.first_meta, st.pairs.c.second_meta)
-                               .select_from(st.assignments.join(st.pairs))
-                               .where(st.assignments.c.id == task["id"])).first()
-        first_better = (row.first_meta.get("reward") or 0) >= (row.second_meta.get("reward") or 0)
+        a_is_first, first, second = sides(engine, task["id"])
+        first_better = (first.get("reward") or 0) >= (second.get("reward") or 0)
         if args.prefer == "random" or rng.random() < args.noise:
             first_better = rng.random() < 0.5
-        choice = "A" if first_better == row.a_is_first else "B"
+        choice = "A" if first_better == a_is_first else "B"
         submit(engine, who["id"], Submission(task["id"], uuid.uuid4().hex, choice, played_a=True, played_b=True))
         answered += 1
     print(f"{who['name']}: answered {answered} tasks ({args.prefer}, noise {args.noise})")

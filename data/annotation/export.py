@@ -76,20 +76,26 @@ def summarize(engine: Engine, batch: Optional[str] = None, annotators: Optional[
     kappa = fleiss_kappa(count_matrix([list(pv.by.values()) for pv in multi], PREFERENCES)) if multi else math.nan
     per = annotator_stats([(r["annotator"], r["pair_id"], r["preferred"]) for r in rows], PREFERENCES, min_shared=5)
     queues = {q["name"]: q for q in store.queue_counts(engine)}
-    now = datetime.utcnow()
+    hour_ago = datetime.utcnow() - timedelta(hours=1)  # the database's CURRENT_TIMESTAMP is naive UTC
+    by_name = defaultdict(list)
+    for r in rows:
+        by_name[r["annotator"]].append(r)
+
+    def share(mine: list[dict], test) -> Optional[float]:
+        return sum(1 for r in mine if test(r)) / len(mine) if mine else None
+
     people = []
     for name in sorted(set(queues) | set(per)):
-        mine = [r for r in rows if r["annotator"] == name]
-        s = per.get(name)
+        mine, s = by_name[name], per.get(name)
         times = [r["seconds"] for r in mine if r["seconds"] is not None]
         people.append({
             "annotator": name,
             "assigned": queues.get(name, {}).get("assigned", 0),
             "answered": queues.get(name, {}).get("answered", 0),
-            "last_hour": sum(1 for r in mine if r["created_at"] and now - r["created_at"] < timedelta(hours=1)),
+            "last_hour": sum(1 for r in mine if r["created_at"] and r["created_at"] > hour_ago),
             "median_seconds": statistics.median(times) if times else None,
-            "chose_A": (sum(r["choice"] == "A" for r in mine) / len(mine)) if mine else None,  # position bias
-            "played_both": (sum(r["played_a"] and r["played_b"] for r in mine) / len(mine)) if mine else None,
+            "chose_A": share(mine, lambda r: r["choice"] == "A"),  # far from 0.5: a position bias
+            "played_both": share(mine, lambda r: r["played_a"] and r["played_b"]),
             "answer_rates": s.answer_rates if s else {},
             "majority_agreement": _num(s.majority_agreement) if s else None,
             "kappa_with": {k: _num(v) for k, v in s.kappa_with.items()} if s else {},

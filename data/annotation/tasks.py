@@ -32,7 +32,7 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from speechrl.data.annotation.store import PairSpec, Side
+from speechrl.data.annotation.batches import PairSpec, Side
 from speechrl.data.audio import BadExample, load_audio
 
 log = logging.getLogger(__name__)
@@ -57,15 +57,16 @@ class TaskSourceError(ValueError):
 
 @dataclass
 class Sample:
+    """One sample, its audio not yet read: a file (`audio_path`) or codec ids, decoded by `load_pair_audio`."""
+
     group: str  # samples answering the same prompt share it
     text: str
-    audio: Optional[np.ndarray] = None  # decoded lazily for codec-id rows (see `load`)
-    sample_rate: int = 16000
     source: str = ""  # the checkpoint or step it came from
     reward: Optional[float] = None
-    meta: dict = field(default_factory=dict)
-    voice: Optional[np.ndarray] = None
-    context: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # kept with the pair (where it came from, its rewards)
+    context: dict = field(default_factory=dict)  # shown with the pair: {"persona": ..., "history": ...}
+    audio_path: Optional[str] = None
+    voice_path: Optional[str] = None
     codec_ids: Optional[list[int]] = None
     voice_codec_ids: Optional[list[int]] = None
 
@@ -114,12 +115,12 @@ def _read_samples_file(path: Path) -> list[Sample]:
         reward = row.get("reward")
         if reward is not None and (isinstance(reward, bool) or not isinstance(reward, (int, float))):
             raise TaskSourceError(f"{where}: field 'reward' must be a number, got {reward!r}")
-        meta = {"file": where, "_audio": str(base / audio_path), **{k: row[k] for k in ("id", "reward") if k in row}}
-        if row.get("voice"):
-            meta["_voice"] = str(base / row["voice"])
         samples.append(Sample(group=str(row.get("group", text)), text=text, source=str(row.get("source", "")),
-                              reward=None if reward is None else float(reward), meta=meta,
-                              context={k: row[k] for k in ("persona", "history") if row.get(k) is not None}))
+                              reward=None if reward is None else float(reward),
+                              meta={"file": where, **{k: row[k] for k in ("id", "reward") if k in row}},
+                              context={k: row[k] for k in ("persona", "history") if row.get(k) is not None},
+                              audio_path=str(base / audio_path),
+                              voice_path=str(base / row["voice"]) if row.get("voice") else None))
     if not samples:
         raise TaskSourceError(f"{path}: no samples in the file")
     return samples
@@ -157,8 +158,8 @@ def _read_eval_samples(run_dir: Path, steps: Optional[list[int]]) -> list[Sample
         for line in (folder / "texts.txt").read_text().splitlines():
             name, _, text = line.partition("\t")
             samples.append(Sample(group=f"eval/{name}", text=text, source=f"step-{step}",
-                                  meta={"file": str(folder / f"{name}.wav"), "step": step, "_audio":
-                                        str(folder / f"{name}.wav")}))
+                                  meta={"file": str(folder / f"{name}.wav"), "step": step},
+                                  audio_path=str(folder / f"{name}.wav")))
     return samples
 
 
@@ -218,7 +219,7 @@ def _first_and_last(samples: list[Sample]) -> tuple[str, str]:
 def _differ(a: Sample, b: Sample) -> bool:
     if a.codec_ids is not None and b.codec_ids is not None:
         return a.codec_ids != b.codec_ids
-    return a.meta.get("_audio") != b.meta.get("_audio") or a.audio is not b.audio
+    return a.audio_path != b.audio_path
 
 
 # --- audio ----------------------------------------------------------------------------------------
@@ -246,28 +247,26 @@ def load_pair_audio(pairs: list[tuple[Sample, Sample]], run_dir: Optional[Path] 
 
 
 def _side(s: Sample, codec) -> Side:
-    meta = {k: v for k, v in s.meta.items() if not k.startswith("_")}
-    meta["source"] = s.source
+    meta = {**s.meta, "source": s.source}
     if s.codec_ids is not None:
         if not s.codec_ids:
             raise ValueError("the sample has no codec ids (it ended at once)")
         return Side(codec.decode(np.asarray(s.codec_ids)), codec.sample_rate, meta)
-    path = s.meta["_audio"]
     import soundfile as sf
 
     try:
-        rate = sf.info(path).samplerate
+        native = sf.info(s.audio_path).samplerate
     except Exception as e:  # noqa: BLE001 - any unreadable header is one bad clip
-        raise BadExample(path, f"cannot read audio header ({type(e).__name__}: {e})") from None
-    return Side(load_audio(path, sample_rate=min(max(rate, 8000), 48000), max_seconds=60), min(max(rate, 8000), 48000),
-                meta)
+        raise BadExample(s.audio_path, f"cannot read audio header ({type(e).__name__}: {e})") from None
+    rate = min(max(native, 8000), 48000)  # the clip's own rate, within what browsers play
+    return Side(load_audio(s.audio_path, sample_rate=rate, max_seconds=60), rate, meta)
 
 
 def _voice(s: Sample, codec) -> Optional[Side]:
     if s.voice_codec_ids:
         return Side(codec.decode(np.asarray(s.voice_codec_ids)), codec.sample_rate)
-    if s.meta.get("_voice"):
-        return Side(load_audio(s.meta["_voice"], sample_rate=16000, max_seconds=30), 16000)
+    if s.voice_path:
+        return Side(load_audio(s.voice_path, sample_rate=16000, max_seconds=30), 16000)
     return None
 
 

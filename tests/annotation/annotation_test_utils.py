@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from speechrl.data.annotation import store
-from speechrl.data.annotation.store import Batch, PairSpec, Side
+from speechrl.data.annotation.batches import Batch, PairSpec, Side, create_batch
 
 RATE = 16000
 
@@ -28,7 +28,7 @@ def make_batch(engine, names: list[str], n_pairs: int = 6, votes: int = 2, name:
                admin: tuple[str, ...] = (), voice: bool = False) -> tuple[dict[str, str], dict]:
     """Annotators `names` (tokens returned) and a batch of n_pairs pairs, `votes` annotators each."""
     tokens = {n: store.add_annotator(engine, n, admin=n in admin) for n in names}
-    made = store.create_batch(engine, Batch(name=name, mode="tts", strategy="test", source="tests",
+    made = create_batch(engine, Batch(name=name, mode="tts", strategy="test", source="tests",
                                             tags=["intelligibility", "naturalness"], instructions="pick one",
                                             votes_per_pair=votes),
                               make_specs(n_pairs, voice=voice), names, seed=1)

@@ -16,8 +16,9 @@ from alembic.migration import MigrationContext
 
 from annotation_test_utils import annotator_id, make_batch, make_specs
 from speechrl.data.annotation import store
-from speechrl.data.annotation.db import assignments, judgments, metadata, open_db
-from speechrl.data.annotation.store import Batch, Submission
+from speechrl.data.annotation.db import assignments, judgments, metadata, open_db, pairs
+from speechrl.data.annotation.batches import Batch, create_batch
+from speechrl.data.annotation.store import Submission
 
 
 @pytest.fixture
@@ -69,7 +70,7 @@ def test_each_pair_goes_to_k_different_annotators_evenly_with_a_recorded_random_
     order = Counter(r["a_is_first"] for r in rows)
     assert order[True] > 0 and order[False] > 0  # both orders drawn (p of one-sided < 2e-6)
     with engine.connect() as conn:  # which side is stored first is drawn too (make_specs puts step-30 first)
-        firsts = Counter(m["source"] for m in conn.execute(sa.select(store.pairs.c.first_meta)).scalars())
+        firsts = Counter(m["source"] for m in conn.execute(sa.select(pairs.c.first_meta)).scalars())
     assert firsts["step-30"] > 0 and firsts["step-0"] > 0
 
 
@@ -77,13 +78,13 @@ def test_batches_refuse_what_cannot_be_annotated(engine):
     store.add_annotator(engine, "solo")
     batch = Batch("x", "tts", "test", "tests", ["naturalness"], "", votes_per_pair=2)
     with pytest.raises(store.Invalid, match="2 different annotators, but only 1"):
-        store.create_batch(engine, batch, make_specs(2), ["solo"])
+        create_batch(engine, batch, make_specs(2), ["solo"])
     with pytest.raises(store.NotFound, match="ghost"):
-        store.create_batch(engine, Batch("y", "tts", "t", "t", [], "", 1), make_specs(2), ["solo", "ghost"])
+        create_batch(engine, Batch("y", "tts", "t", "t", [], "", 1), make_specs(2), ["solo", "ghost"])
     same = make_specs(1)
     same[0].second = same[0].first
     with pytest.raises(store.Invalid, match="same audio twice"):
-        store.create_batch(engine, Batch("z", "tts", "t", "t", [], "", 1), same, ["solo"])
+        create_batch(engine, Batch("z", "tts", "t", "t", [], "", 1), same, ["solo"])
     with engine.connect() as conn:  # the refused batch left nothing behind
         assert conn.execute(sa.text("SELECT count(*) FROM batches")).scalar() == 0
 
