@@ -181,10 +181,10 @@ def builtin_dialogues(per_persona: int = 6, turns: int = 4, seed: int = 0) -> li
         probes = [(kind, i) for kind in _KINDS for i in range(len(PROBES[card.id][kind]))]
         if turns - 1 > len(probes):
             raise ValueError(f"turns={turns}: persona {card.id!r} has only {len(probes)} probes (+1 opener)")
+        friendly = [p for p in probes if p[0] in ("facts", "opinions")]
+        provoking = [p for p in probes if p[0] not in ("facts", "opinions")]
         rng = random.Random(f"{seed}:{card.id}")  # a str seed is hashed deterministically (not PYTHONHASHSEED)
         for n in range(per_persona):
-            friendly = [p for p in probes if p[0] in ("facts", "opinions")]
-            provoking = [p for p in probes if p[0] not in ("facts", "opinions")]
             picked = [rng.choice(friendly)] + ([rng.choice(provoking)] if turns >= 3 else [])
             picked += rng.sample([p for p in probes if p not in picked], turns - 1 - len(picked))
             picked.sort(key=lambda p: (_KINDS.index(p[0]), p[1]))

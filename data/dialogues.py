@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from speechrl.data.personas import (
-    CheckedList, Located, OnBad, PersonaCard, PersonaError, card_from_row, card_to_row, check_keys, keep_good,
-    read_rows,
-)
+from speechrl.data.errors import PersonaError, show
+from speechrl.data.personas import PersonaCard, card_from_row, card_to_row
+from speechrl.data.rows import CheckedList, Located, OnBad, check_keys, keep_good, read_rows
+from speechrl.data.files import write_text_atomic
 
 if TYPE_CHECKING:  # the codec module imports torch; reading dialogues should not
     from speechrl.rollouts.codec import AudioCodec
@@ -57,14 +57,14 @@ class Turn:
     def __post_init__(self):
         where = "turn"
         if self.role not in ROLES:
-            raise DialogueError(where, "role", f"{_show(self.role)} is not a role; use one of {list(ROLES)}")
+            raise DialogueError(where, "role", f"{show(self.role)} is not a role; use one of {list(ROLES)}")
         if self.text is not None and (not isinstance(self.text, str) or not self.text.strip()):
-            raise DialogueError(where, "text", f"{'empty' if isinstance(self.text, str) else _show(self.text)}; "
+            raise DialogueError(where, "text", f"{'empty' if isinstance(self.text, str) else show(self.text)}; "
                                                "give what was said, or leave the field out")
         if self.audio is not None and (not isinstance(self.audio, str) or not self.audio):
-            raise DialogueError(where, "audio", f"must be an audio file path, got {_show(self.audio)}")
+            raise DialogueError(where, "audio", f"must be an audio file path, got {show(self.audio)}")
         if not isinstance(self.meta, dict):
-            raise DialogueError(where, "meta", f"must be a mapping, got {_show(self.meta)}")
+            raise DialogueError(where, "meta", f"must be a mapping, got {show(self.meta)}")
         if self.role == "user":
             if self.text is None and self.audio is None:
                 raise DialogueError(where, "text", "missing; a user turn needs its text, its audio, or both")
@@ -80,7 +80,7 @@ class Turn:
 
 def _codec_ids(value: Any) -> tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, np.ndarray)) or len(value) == 0:
-        raise DialogueError("turn", "codec_ids", f"must be a non-empty list of ints, got {_show(value)}")
+        raise DialogueError("turn", "codec_ids", f"must be a non-empty list of ints, got {show(value)}")
     for pos, v in enumerate(value):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
             raise DialogueError("turn", f"codec_ids[{pos}]", f"is {v!r}; codec ids are ints >= 0 from the "
@@ -100,24 +100,19 @@ class Dialogue:
     def __post_init__(self):
         where = f"dialogue {self.id!r}"
         if not isinstance(self.id, str) or not self.id:
-            raise DialogueError("dialogue", "id", f"must be a non-empty string, got {_show(self.id)}")
+            raise DialogueError("dialogue", "id", f"must be a non-empty string, got {show(self.id)}")
         if not isinstance(self.persona, PersonaCard):
-            raise DialogueError(where, "persona", f"must be a PersonaCard, got {_show(self.persona)}")
+            raise DialogueError(where, "persona", f"must be a PersonaCard, got {show(self.persona)}")
         if not isinstance(self.turns, (list, tuple)) or not self.turns:
-            raise DialogueError(where, "turns", f"must be a non-empty list of turns, got {_show(self.turns)}")
+            raise DialogueError(where, "turns", f"must be a non-empty list of turns, got {show(self.turns)}")
         object.__setattr__(self, "turns", tuple(self.turns))
         for i, turn in enumerate(self.turns):
             if not isinstance(turn, Turn):
-                raise DialogueError(where, f"turns[{i}]", f"must be a Turn, got {_show(turn)}")
+                raise DialogueError(where, f"turns[{i}]", f"must be a Turn, got {show(turn)}")
         if not any(t.role == "user" for t in self.turns):
             raise DialogueError(where, "turns", "has no user turn; a dialogue needs something to reply to")
         if not isinstance(self.meta, dict):
-            raise DialogueError(where, "meta", f"must be a mapping, got {_show(self.meta)}")
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+            raise DialogueError(where, "meta", f"must be a mapping, got {show(self.meta)}")
 
 
 # --- reading ----------------------------------------------------------------------------------------
@@ -153,17 +148,17 @@ def _dialogue(row: Any, loc: Located, base: Path, known: dict) -> Dialogue:
     if isinstance(row, PersonaError):  # a line that is not JSON
         raise DialogueError(row.where, row.field, row.problem)
     if not isinstance(row, dict):
-        raise DialogueError(loc.where, None, f"expected a mapping with id, persona and turns, got {_show(row)}")
+        raise DialogueError(loc.where, None, f"expected a mapping with id, persona and turns, got {show(row)}")
     check_keys(row, _DIALOGUE_KEYS, loc, error=DialogueError)
     persona = _persona(row.get("persona"), loc, known)
     turns = row.get("turns")
     if not isinstance(turns, list) or not turns:
-        got = "missing" if turns is None else f"got {_show(turns)}"
+        got = "missing" if turns is None else f"got {show(turns)}"
         raise DialogueError(loc.at("turns"), "turns", f"{got}; give a non-empty list of "
                                                       "{role, text, audio, codec_ids} turns")
     dialogue_id = row.get("id")
     if dialogue_id is not None and (isinstance(dialogue_id, bool) or not isinstance(dialogue_id, (str, int))):
-        raise DialogueError(loc.at("id"), "id", f"must be a string or a number, got {_show(dialogue_id)}")
+        raise DialogueError(loc.at("id"), "id", f"must be a string or a number, got {show(dialogue_id)}")
     turns = tuple(_turn(t, loc, f"turns[{i}].", base) for i, t in enumerate(turns))
     try:
         return Dialogue(id=Path(loc.where).name if dialogue_id in (None, "") else str(dialogue_id),
@@ -180,7 +175,7 @@ def _persona(value: Any, loc: Located, known: dict) -> PersonaCard:
                                                               "pass its card in personas=, or give the card inline")
         return known[value][0]
     if not isinstance(value, dict):
-        got = "missing" if value is None else f"got {_show(value)}"
+        got = "missing" if value is None else f"got {show(value)}"
         raise DialogueError(loc.at("persona"), "persona", f"{got}; give a persona id or an inline card")
     try:
         card = card_from_row(value, loc, "persona.")
@@ -196,7 +191,7 @@ def _persona(value: Any, loc: Located, known: dict) -> PersonaCard:
 def _turn(row: Any, loc: Located, prefix: str, base: Path) -> Turn:
     if not isinstance(row, dict):
         raise DialogueError(loc.at(prefix[:-1]), prefix[:-1], f"expected a mapping like "
-                                                              f'{{"role": "user", "text": ...}}, got {_show(row)}')
+                                                              f'{{"role": "user", "text": ...}}, got {show(row)}')
     check_keys(row, _TURN_KEYS, loc, prefix, DialogueError)
     values = {k: v for k, v in row.items() if v is not None}
     audio = values.get("audio")
@@ -227,10 +222,7 @@ def write_dialogues(path: str | Path, dialogues: Iterable[Dialogue], *, inline_p
         if d.meta:
             row["meta"] = d.meta
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp = path.with_name(path.name + ".tmp")  # atomic: a reader never sees half a file
-    tmp.write_text("".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, "".join(lines))
 
 
 def _turn_row(turn: Turn, base: Path) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from speechrl.data.audio import BadExample, load_audio
+from speechrl.data.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -170,10 +171,7 @@ def write_manifest(path: str | Path, examples: Iterable[Example]) -> Path:
         row = {"id": ex.id, "text": ex.text, "audio": os.path.relpath(ex.audio, base),
                "speaker": ex.speaker, "persona": ex.persona, **ex.extra}
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp = path.with_name(path.name + ".tmp")  # atomic: a reader never sees half a manifest
-    tmp.write_text("".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, "".join(lines))
 
 
 def load_example(

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from speechrl.data.dialogues import Dialogue, Turn
-from speechrl.data.personas import CheckedList, Located, OnBad, PersonaCard, PersonaError, keep_good, read_rows
+from speechrl.data.errors import PersonaError
+from speechrl.data.personas import PersonaCard
+from speechrl.data.rows import CheckedList, Located, OnBad, keep_good, read_rows
 
 BENCHMARK = "personas/personagym_benchmark_v1.jsonl"  # under the shared data folder
 SOURCE = "PersonaGym benchmark-v1 (MIT, github.com/vsamuel2003/PersonaGym)"

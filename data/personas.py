@@ -5,43 +5,27 @@ A card is a YAML or JSON file (one card, or a list of cards), or one card per li
 file; docs/personas.md is the format. `PersonaCard` checks its own fields, so a card built in code
 is held to the same rules as one read from a file; reading adds the place (file and line) and
 rejects unknown keys, so a misspelt `never_says:` is an error, not a silently empty list. A bad card
-costs only itself (on_bad="skip": logged, kept in `.bad`) or stops the read (on_bad="fail").
-`render(card)` is the one text form of a card that prompts and judges include.
+costs only itself (on_bad="skip": logged, kept in `.bad`) or stops the read (on_bad="fail"); the
+file reading and skip-or-fail are data/rows.py's, shared with dialogues. `render(card)` is the one
+text form of a card that prompts and judges include.
 """
 from __future__ import annotations
 
-import difflib
 import json
-import logging
-import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
-log = logging.getLogger(__name__)
+from speechrl.data.errors import PersonaError, show
+from speechrl.data.rows import SUFFIXES, CheckedList, Located, OnBad, check_keys, keep_good, read_rows
+from speechrl.data.files import write_text_atomic
 
-OnBad = Literal["skip", "fail"]
 LIST_FIELDS = ("facts", "opinions", "catchphrases", "boundaries", "never_say")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_SUFFIXES = (".yaml", ".yml", ".json", ".jsonl")
-
-
-class PersonaError(ValueError):
-    """A card (or a dialogue: DialogueError is one) is unusable: `where` (file:line, or its id),
-    `field` (a dotted path such as "never_say[2]", or None) and the problem, with what to do."""
-
-    def __init__(self, where: str, field: str | None, problem: str):
-        super().__init__(where, field, problem)  # args kept so the error pickles across workers
-        self.where, self.field, self.problem = where, field, problem
-
-    def __str__(self) -> str:
-        if self.field is None:
-            return f"{self.where}: {self.problem}"
-        return f"{self.where}: field {self.field!r}: {self.problem}"
 
 
 @dataclass(frozen=True)
@@ -63,7 +47,7 @@ class PersonaCard:
     def __post_init__(self):
         where = f"persona {self.id!r}" if isinstance(self.id, str) and self.id else "persona"
         if not isinstance(self.id, str) or not _ID.match(self.id):
-            raise PersonaError(where, "id", f"got {_show(self.id)}; use letters, digits, '_', '.', '-' "
+            raise PersonaError(where, "id", f"got {show(self.id)}; use letters, digits, '_', '.', '-' "
                                             "(a dialogue names its persona by this id)")
         for name in ("name", "identity"):
             value = getattr(self, name)
@@ -72,16 +56,16 @@ class PersonaCard:
         for name in LIST_FIELDS:
             object.__setattr__(self, name, _strings(getattr(self, name), where, name))
         if not isinstance(self.speaking_style, str):
-            raise PersonaError(where, "speaking_style", f"must be a string, got {_show(self.speaking_style)}")
+            raise PersonaError(where, "speaking_style", f"must be a string, got {show(self.speaking_style)}")
         if self.source is not None and not isinstance(self.source, str):
-            raise PersonaError(where, "source", f"must be a string, got {_show(self.source)}")
+            raise PersonaError(where, "source", f"must be a string, got {show(self.source)}")
         if not isinstance(self.meta, dict):
-            raise PersonaError(where, "meta", f"must be a mapping, got {_show(self.meta)}")
+            raise PersonaError(where, "meta", f"must be a mapping, got {show(self.meta)}")
 
 
 def _strings(value: Any, where: str, name: str) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
-        raise PersonaError(where, name, f"must be a list of strings, got {_show(value)}; "
+        raise PersonaError(where, name, f"must be a list of strings, got {show(value)}; "
                                         "in YAML write one '- item' line per entry")
     seen: dict[str, int] = {}
     for i, item in enumerate(value):
@@ -97,13 +81,7 @@ def _strings(value: Any, where: str, name: str) -> tuple[str, ...]:
 def _missing_or(value: Any) -> str:
     if value is None:
         return "missing"
-    return "empty" if isinstance(value, str) else f"not a string: {_show(value)}"
-
-
-def _show(value: Any) -> str:
-    """repr, cut short: a wrong value may be a whole paragraph."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return "empty" if isinstance(value, str) else f"not a string: {show(value)}"
 
 
 # --- the one text form ------------------------------------------------------------------------------
@@ -126,132 +104,7 @@ def render(card: PersonaCard) -> str:
     return "\n".join(lines)
 
 
-# --- skip or fail -----------------------------------------------------------------------------------
-class CheckedList(list):
-    """The items that passed, in order; the errors of those that did not are in `.bad`."""
-
-    def __init__(self, kept: Iterable, bad: list[PersonaError], num_items: int, kind: str):
-        super().__init__(kept)
-        self.bad, self.num_items, self.kind = bad, num_items, kind
-
-    def summary(self) -> dict[str, Any]:
-        """Counts, and one "<where>: <reason>" line per bad item."""
-        return {self.kind: self.num_items, "kept": len(self), "bad": len(self.bad),
-                "reasons": [str(e) for e in self.bad]}
-
-
-def keep_good(items: Iterable, make: Callable[[Any], Any], on_bad: OnBad, kind: str) -> CheckedList:
-    """make(item) for each item; a PersonaError drops the item (skip) or is raised (fail)."""
-    if on_bad not in ("skip", "fail"):
-        raise ValueError(f"on_bad must be 'skip' or 'fail', got {on_bad!r}")
-    items = list(items)
-    kept, bad = [], []
-    for item in items:
-        try:
-            kept.append(make(item))
-        except PersonaError as e:
-            if on_bad == "fail":
-                raise
-            log.warning("skipping bad %s %s", kind.rstrip("s"), e)
-            bad.append(e)
-    return CheckedList(kept, bad, len(items), kind)
-
-
 # --- reading ----------------------------------------------------------------------------------------
-class Located:
-    """Where one row came from: `at(field)` is "file:line" of that field where the format tells
-    (YAML: each key and list item), else of the row (JSONL line) or the file (JSON)."""
-
-    def __init__(self, where: str, lines: dict[str, int] | None = None, file: str | None = None):
-        self.where, self.lines, self.file = where, lines or {}, file
-
-    def at(self, field: str | None) -> str:
-        line = None
-        while field and line is None:  # "turns[2].text": its own line, else that of "turns[2]", ...
-            line = self.lines.get(field)
-            parent = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", field)
-            field = parent if parent != field else None
-        return f"{self.file}:{line}" if line is not None and self.file else self.where
-
-    def error(self, e: PersonaError, prefix: str = "") -> PersonaError:
-        """`e` (raised under a card's or dialogue's own name) placed at this row's file and line."""
-        name = f"{prefix}{e.field}" if e.field else (prefix.rstrip(".") or None)
-        return type(e)(self.at(name), name, e.problem)
-
-
-def read_rows(path: Path, what: str) -> list[tuple[Located, Any]]:
-    """The rows of a .yaml/.yml/.json file (one object, or a list) or a .jsonl file (one per line)."""
-    if path.suffix == ".jsonl":
-        return list(_jsonl_rows(path))
-    if path.suffix in (".yaml", ".yml"):
-        return _yaml_rows(path)
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise PersonaError(f"{path}:{e.lineno}", None, f"not valid JSON ({e.msg} at column {e.colno})") from e
-        if isinstance(data, list):
-            return [(Located(f"{path}[{i}]"), row) for i, row in enumerate(data)]
-        return [(Located(str(path)), data)]
-    raise PersonaError(str(path), None, f"unknown file type {path.suffix!r}; write {what} as "
-                                        f"{', '.join(_SUFFIXES)}")
-
-
-def _jsonl_rows(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                where = f"{path}:{lineno}"
-                try:
-                    yield Located(where), json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield Located(where), PersonaError(where, None, f"not valid JSON ({e.msg} at column {e.colno})")
-
-
-def _yaml_rows(path: Path) -> list[tuple[Located, Any]]:
-    text = path.read_text(encoding="utf-8")
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)  # the node tree keeps each key's line
-        data = None if node is None else yaml.SafeLoader("").construct_document(node)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise PersonaError(where, None, f"not valid YAML ({getattr(e, 'problem', None) or e})") from e
-    if node is None:
-        raise PersonaError(str(path), None, "the file is empty")
-    pairs = zip(node.value, data) if isinstance(node, yaml.SequenceNode) and isinstance(data, list) \
-        else [(node, data)]
-    return [(Located(f"{path}:{n.start_mark.line + 1}", _key_lines(n), str(path)), row) for n, row in pairs]
-
-
-def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
-    """Dotted field path -> 1-based line of its key (or list item), for nested mappings and lists."""
-    lines: dict[str, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            name = f"{prefix}.{key.value}" if prefix else str(key.value)
-            lines[name] = key.start_mark.line + 1
-            lines.update(_key_lines(value, name))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines[f"{prefix}[{i}]"] = item.start_mark.line + 1
-            lines.update(_key_lines(item, f"{prefix}[{i}]"))
-    return lines
-
-
-def check_keys(row: dict, allowed: Iterable[str], loc: Located, prefix: str = "",
-               error: type[PersonaError] = PersonaError) -> None:
-    """Unknown keys are errors (with the nearest known key), so a typo never silently drops a field."""
-    allowed = list(allowed)
-    for key in row:
-        if key not in allowed:
-            near = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f"did you mean {near[0]!r}? " if near else ""
-            raise error(loc.at(f"{prefix}{key}"), f"{prefix}{key}",
-                        f"unknown field; {hint}known fields: {', '.join(allowed)} "
-                        "(put free-form extras under 'meta')")
-
-
 _CARD_KEYS = tuple(f.name for f in fields(PersonaCard))
 
 
@@ -261,7 +114,7 @@ def card_from_row(row: Any, loc: Located, prefix: str = "") -> PersonaCard:
         raise row
     if not isinstance(row, dict):
         raise PersonaError(loc.at(prefix.rstrip(".") or None), prefix.rstrip(".") or None,
-                           f"expected a mapping of card fields, got {_show(row)}")
+                           f"expected a mapping of card fields, got {show(row)}")
     check_keys(row, _CARD_KEYS, loc, prefix)
     values = {k: v for k, v in row.items() if v is not None}  # an empty YAML key means "not given"
     for name in ("id", "name", "identity"):
@@ -279,9 +132,9 @@ def read_personas(source: str | Path, *, on_bad: OnBad = "skip") -> CheckedList:
     name). Returns a list of PersonaCard with `.bad` and `.summary()`; ids must be unique."""
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in _SUFFIXES)
+        files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES)
         if not files:
-            raise FileNotFoundError(f"persona folder {path} holds no {'/'.join(_SUFFIXES)} files")
+            raise FileNotFoundError(f"persona folder {path} holds no {'/'.join(SUFFIXES)} files")
     elif path.is_file():
         files = [path]
     else:
@@ -323,9 +176,6 @@ def write_personas(path: str | Path, cards: Iterable[PersonaCard]) -> Path:
         text = (yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100) if path.suffix != ".json"
                 else json.dumps(data, ensure_ascii=False, indent=1) + "\n")
     else:
-        raise ValueError(f"{path}: unknown file type {path.suffix!r}; use {', '.join(_SUFFIXES)}")
+        raise ValueError(f"{path}: unknown file type {path.suffix!r}; use {', '.join(SUFFIXES)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")  # atomic: a reader never sees half a file
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, text)

@@ -20,7 +20,9 @@ import numpy as np
 from tqdm import tqdm
 
 from speechrl.data.audio import BadExample, load_audio
+from speechrl.data.errors import FieldError, show
 from speechrl.data.manifest import ManifestError, hf_rows
+from speechrl.data.files import write_text_atomic
 
 if TYPE_CHECKING:  # the codec module imports torch; reading pairs should not
     from speechrl.rollouts.codec import AudioCodec
@@ -32,17 +34,8 @@ _FIELDS = ("id", "text", "voice", "chosen", "rejected", "annotator", "reason", "
 _SIDE_SHAPES = 'an audio path, {"audio": path} or {"codec_ids": [int, ...]}'
 
 
-class PreferenceError(ValueError):
+class PreferenceError(FieldError):
     """One pair is unusable: `where` (file:line, or the pair's id), `field` (or None) and why."""
-
-    def __init__(self, where: str, field: str | None, problem: str):
-        super().__init__(where, field, problem)  # args kept so the error pickles across workers
-        self.where, self.field, self.problem = where, field, problem
-
-    def __str__(self) -> str:
-        if self.field is None:
-            return f"{self.where}: {self.problem}"
-        return f"{self.where}: field {self.field!r}: {self.problem}"
 
 
 @dataclass(frozen=True)
@@ -164,11 +157,11 @@ def _as_object(row: str | dict, where: str) -> dict:
 def _pair(row: dict, where: str, base: Path) -> PreferencePair:
     mode = "tts" if row.get("mode") is None else row["mode"]
     if mode not in MODES:
-        raise PreferenceError(where, "mode", f"{_show(mode)} is not supported; only {list(MODES)} pairs "
+        raise PreferenceError(where, "mode", f"{show(mode)} is not supported; only {list(MODES)} pairs "
                                              "(text in, audio out) can be read for now")
     text = row.get("text")
     if not isinstance(text, str) or not text.strip():
-        got = "missing" if text is None else "empty" if isinstance(text, str) else f"not a string: {_show(text)}"
+        got = "missing" if text is None else "empty" if isinstance(text, str) else f"not a string: {show(text)}"
         raise PreferenceError(where, "text", f"{got}; give the sentence the TTS should say")
     chosen, rejected = (_speech(row.get(name), where, name, base) for name in ("chosen", "rejected"))
     if chosen == rejected:
@@ -176,7 +169,7 @@ def _pair(row: dict, where: str, base: Path) -> PreferencePair:
         raise PreferenceError(where, "rejected", f"same {same}; a pair needs two different renderings")
     pair_id = row.get("id")
     if pair_id is not None and not isinstance(pair_id, (str, int)):
-        raise PreferenceError(where, "id", f"must be a string or a number, got {_show(pair_id)}")
+        raise PreferenceError(where, "id", f"must be a string or a number, got {show(pair_id)}")
     return PreferencePair(
         id=Path(where).name if pair_id in (None, "") else str(pair_id),
         text=text,
@@ -196,7 +189,7 @@ def _speech(value: Any, where: str, name: str, base: Path) -> Speech:
     if isinstance(value, str):
         return Speech(audio=_file(value, where, name, base))
     if not isinstance(value, dict):
-        raise PreferenceError(where, name, f"got {_show(value)}; give {_SIDE_SHAPES}")
+        raise PreferenceError(where, name, f"got {show(value)}; give {_SIDE_SHAPES}")
     given = {k: v for k, v in value.items() if v is not None}  # datasets fills a struct's absent keys with None
     if set(given) == {"audio"}:
         return Speech(audio=_file(given["audio"], where, name, base))
@@ -208,7 +201,7 @@ def _speech(value: Any, where: str, name: str, base: Path) -> Speech:
 
 def _file(value: Any, where: str, name: str, base: Path) -> str:
     if not isinstance(value, str) or not value:
-        raise PreferenceError(where, name, f"must be an audio file path, got {_show(value)}")
+        raise PreferenceError(where, name, f"must be an audio file path, got {show(value)}")
     path = os.path.normpath(os.path.join(base, value))
     if not os.path.isfile(path):
         raise PreferenceError(where, name, f"file not found: {path} (relative paths start from {base})")
@@ -217,7 +210,7 @@ def _file(value: Any, where: str, name: str, base: Path) -> str:
 
 def _codec_ids(value: Any, where: str, name: str) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)) or not value:
-        raise PreferenceError(where, name, f"codec_ids must be a non-empty list of ints, got {_show(value)}")
+        raise PreferenceError(where, name, f"codec_ids must be a non-empty list of ints, got {show(value)}")
     for pos, v in enumerate(value):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
             raise PreferenceError(where, name, f"codec_ids[{pos}] is {v!r}; codec ids are ints >= 0 "
@@ -225,15 +218,9 @@ def _codec_ids(value: Any, where: str, name: str) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def _show(value: Any) -> str:
-    """repr, cut short: a wrong value may be a whole clip's bytes."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _optional_str(value: Any, where: str, name: str) -> str | None:
     if value is not None and not isinstance(value, str):
-        raise PreferenceError(where, name, f"must be a string, got {_show(value)}")
+        raise PreferenceError(where, name, f"must be a string, got {show(value)}")
     return value
 
 
@@ -241,7 +228,7 @@ def _reason(value: Any, where: str) -> str | tuple[str, ...] | None:
     if isinstance(value, list) and all(isinstance(tag, str) for tag in value):
         return tuple(value)
     if value is not None and not isinstance(value, str):
-        raise PreferenceError(where, "reason", f"must be a string or a list of strings (tags), got {_show(value)}")
+        raise PreferenceError(where, "reason", f"must be a string or a list of strings (tags), got {show(value)}")
     return value
 
 
@@ -266,10 +253,7 @@ def write_preferences(path: str | Path, pairs: Iterable[PreferencePair]) -> Path
                "voice": p.voice and os.path.relpath(p.voice, base), "annotator": p.annotator,
                "reason": list(p.reason) if isinstance(p.reason, tuple) else p.reason, "mode": p.mode, **p.extra}
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp = path.with_name(path.name + ".tmp")  # atomic: a reader never sees half a file
-    tmp.write_text("".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, "".join(lines))
 
 
 # --- encoding ------------------------------------------------------------------------------------
