@@ -12,7 +12,9 @@ hosted.py     `hf_classifier`: a transformers classifier from a local directory 
 learned.py    `learned_preference`: a reward model trained on preference pairs (rlhf/reward_model.py)
 remote.py     `remote`: score on a reward server over HTTP (timeouts, retries, unscored marking)
 persona_judge.py  `persona_judge`: an LLM judge of staying in character (rating-token probabilities, pairwise, cache)
-judge_backends.py where the judge runs: in-process vLLM or transformers, or an OpenAI-compatible server
+persona_prompts.py what the judge is asked: rubric, anchors, cues, the card and dialogue as text
+judge_backends.py where the judge runs: in-process vLLM or transformers (and the tiny test judge)
+judge_endpoint.py the judge on an OpenAI-compatible server
 judge_cache.py    the judge's answers cached in memory and in SQLite
 persona_similarity.py  `persona_similarity`: sentence-embedding cosine of the reply and the persona card
 dialogue.py   realtime `reply_length`, `latency`, and `emotion` (a team's classifier as a reward)

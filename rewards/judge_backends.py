@@ -1,5 +1,6 @@
 """Where an LLM judge runs: in-process vLLM or transformers on a local model directory, or any
-OpenAI-compatible server. The persona judge (persona_judge.py) asks each backend two things:
+OpenAI-compatible server (judge_endpoint.py). The persona judge (persona_judge.py) asks each
+backend two things:
 
 - `next_logprobs(prompts, wanted, at_start)`: for each prompt, the log-probability of the next
   token for (at least) every token whose text is one of `wanted` (e.g. the rating digits), as
@@ -12,21 +13,19 @@ directory, so tests and examples run the real code paths offline. Its scores mea
 """
 from __future__ import annotations
 
-import asyncio
 import fcntl
-import hashlib
-import json
 import logging
 import os
-import random
-import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
+
+import numpy as np
+
+from speechrl.rewards.judge_cache import cache_key
 
 log = logging.getLogger(__name__)
 
 TINY_JUDGE_VERSION = 1  # bump when the tiny judge's build changes, so cached ones are rebuilt
-RETRYABLE = {429, 500, 502, 503, 504}
 
 
 def token_matches(text: str, wanted: frozenset[str], at_start: bool) -> Optional[str]:
@@ -41,19 +40,17 @@ def token_matches(text: str, wanted: frozenset[str], at_start: bool) -> Optional
     return core if core in wanted else None
 
 
-def _fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def model_fingerprint(path: Path) -> str:
     """What identifies a local judge for the score cache: its config and its weight files' names,
     sizes and modification times (hashing gigabytes of weights at every start would be too slow)."""
     files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json", ".model"))
-    return _fingerprint(str(path.resolve()), [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+    return cache_key(str(path.resolve()), [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])[:16]
 
 
 class _LocalJudge:
     """What the two in-process backends share: the tokenizer's token texts, and the chat template."""
+
+    continues = True  # an answer can be continued from the prompt's text ("1" into "10"; "4\nReason:")
 
     def __init__(self, path: str, chat_template: bool):
         self.path = Path(path).expanduser()
@@ -90,15 +87,8 @@ class _LocalJudge:
         out: dict[str, float] = {}
         for i, lp in zip(ids, logprobs):
             text = self._texts[i]
-            out[text] = lp if text not in out else _logaddexp(out[text], lp)
+            out[text] = lp if text not in out else float(np.logaddexp(out[text], lp))
         return out
-
-
-def _logaddexp(a: float, b: float) -> float:
-    import math
-
-    hi, lo = max(a, b), min(a, b)
-    return hi + math.log1p(math.exp(lo - hi)) if lo > -math.inf else hi
 
 
 class VllmJudge(_LocalJudge):
@@ -113,16 +103,16 @@ class VllmJudge(_LocalJudge):
         import torch
         from vllm import LLM
 
-        from speechrl.rollouts.engine import _guard_vllm_module_scan, _quiet_benign_vllm_warnings
+        from speechrl.rollouts.engine import guard_vllm_module_scan, quiet_benign_vllm_warnings
 
-        _guard_vllm_module_scan()
+        guard_vllm_module_scan()
         on_gpu = torch.cuda.is_available()
         if not on_gpu and threads > 0:
             torch.set_num_threads(threads)  # before LLM(): vLLM's CPU worker forbids it afterwards
         # on CPU, gpu_memory_utilization is a fraction of host memory and fails at start-up; a fixed size works
         memory = {"gpu_memory_utilization": gpu_memory_utilization} if on_gpu else \
             {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)}
-        _quiet_benign_vllm_warnings()
+        quiet_benign_vllm_warnings()
         self.llm = LLM(model=str(self.path), dtype="auto" if on_gpu else "float32", enforce_eager=not on_gpu,
                        max_model_len=max_model_len, seed=seed, **memory)
         self.tokenizer = self.llm.get_tokenizer()
@@ -185,130 +175,6 @@ class TransformersJudge(_LocalJudge):
         return texts
 
 
-class OpenAIJudge:
-    """A judge behind an OpenAI-compatible server (vLLM's `vllm serve`, llama.cpp, TGI, a hosted
-    API). `api="completions"` sends the prompt text as it is, cue included (`/completions` with
-    `logprobs`); `api="chat"` sends the body as a user message (`/chat/completions` with
-    `top_logprobs`) and reads the first token of the answer. Requests go out concurrently, each
-    with a timeout, retried on timeouts, lost connections and 429/5xx; what still fails comes
-    back as an error string in place of that prompt's answer."""
-
-    def __init__(self, endpoint: str, model: str, *, api: str = "completions", api_key_env: Optional[str] = None,
-                 top_logprobs: int = 20, timeout_s: float = 60.0, retries: int = 2, backoff_s: float = 0.5,
-                 max_concurrency: int = 8):
-        if not endpoint.startswith(("http://", "https://")):
-            raise ValueError(f"persona judge: endpoint {endpoint!r} must start with http:// or https:// "
-                             "(e.g. http://127.0.0.1:8000/v1)")
-        if api not in ("completions", "chat"):
-            raise ValueError(f"persona judge: api={api!r}; use 'completions' or 'chat'")
-        if not model:
-            raise ValueError("persona judge: with an endpoint, `model` is the served model's name; set it")
-        self.url, self.model, self.api = endpoint.rstrip("/"), model, api
-        key = os.environ.get(api_key_env) if api_key_env else None
-        if api_key_env and key is None:
-            log.warning("persona judge: environment variable %s is not set; calling %s without an API key",
-                        api_key_env, self.url)
-        self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-        self.top_logprobs, self.timeout_s, self.retries, self.backoff_s = top_logprobs, timeout_s, retries, backoff_s
-        self.max_concurrency = max_concurrency
-        self.fingerprint = _fingerprint(self.url, model, api)
-        self.chat_template = False
-        self.calls = 0
-
-    def format(self, body: str, cue: str) -> str:
-        # chat: the server applies the model's template; the cue cannot open the assistant's turn there
-        return body if self.api == "chat" else body + cue
-
-    def next_logprobs(self, prompts: list[str], wanted: frozenset[str], at_start: bool) -> list[Any]:
-        """{token text: logprob} per prompt (the server's top-k), or the error string for a prompt
-        that got no answer."""
-        answers = self._post_all(prompts, max_tokens=1, logprobs=True)
-        out: list[Any] = []
-        for answer in answers:
-            if isinstance(answer, str):
-                out.append(answer)
-                continue
-            top = _first_top_logprobs(answer, self.api)
-            out.append(top if top is not None else f"{self.url} returned no logprobs; does it support them?")
-        return out
-
-    def generate(self, prompts: list[str], max_tokens: int) -> list[str]:
-        answers = self._post_all(prompts, max_tokens=max_tokens, logprobs=False)
-        texts = []
-        for a in answers:
-            if isinstance(a, str):
-                texts.append(f"(no rationale: {a})")
-            else:
-                choice = a["choices"][0]
-                text = choice["message"]["content"] if self.api == "chat" else choice["text"]
-                texts.append((text or "").strip().split("\n")[0] if self.api == "completions" else (text or "").strip())
-        return texts
-
-    def _post_all(self, prompts: list[str], *, max_tokens: int, logprobs: bool) -> list[Any]:
-        self.calls += 1
-        return asyncio.run(self._gather(prompts, max_tokens, logprobs))
-
-    async def _gather(self, prompts: list[str], max_tokens: int, logprobs: bool) -> list[Any]:
-        import aiohttp
-
-        limit = asyncio.Semaphore(self.max_concurrency)
-        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-        async with aiohttp.ClientSession(headers=self.headers, timeout=timeout) as session:
-            return await asyncio.gather(*(self._post(session, limit, self._body(p, max_tokens, logprobs))
-                                          for p in prompts))
-
-    def _body(self, prompt: str, max_tokens: int, logprobs: bool) -> dict:
-        body: dict[str, Any] = {"model": self.model, "max_tokens": max_tokens, "temperature": 0.0}
-        if self.api == "chat":
-            body["messages"] = [{"role": "user", "content": prompt}]
-            if logprobs:
-                body.update(logprobs=True, top_logprobs=self.top_logprobs)
-        else:
-            body["prompt"] = prompt
-            if logprobs:
-                body["logprobs"] = self.top_logprobs
-            else:
-                body["stop"] = ["\n"]
-        return body
-
-    async def _post(self, session, limit, body: dict) -> Any:
-        """The JSON answer, or why there is none after the retries; raises on 400/401/403/404."""
-        import aiohttp
-
-        path = "/chat/completions" if self.api == "chat" else "/completions"
-        began, why = time.monotonic(), ""
-        async with limit:
-            for attempt in range(self.retries + 1):
-                if attempt:
-                    await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.0))
-                try:
-                    async with session.post(self.url + path, json=body) as response:
-                        if response.status == 200:
-                            return await response.json()
-                        message = (await response.text())[:300]
-                        if response.status not in RETRYABLE:
-                            hint = {401: "set the API key's environment variable where the reward worker runs",
-                                    404: "check `endpoint` (it usually ends in /v1) and the model name"}
-                            raise RuntimeError(f"persona judge: {self.url}{path} answered {response.status}: "
-                                               f"{message}; {hint.get(response.status, 'see the server log')}")
-                        why = f"HTTP {response.status}: {message}"
-                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                    why = f"timed out after {self.timeout_s:g} s" if isinstance(e, asyncio.TimeoutError) else \
-                        f"{type(e).__name__}: {e}"
-        return f"{self.url}{path}: {why} ({self.retries + 1} attempts in {time.monotonic() - began:.1f} s)"
-
-
-def _first_top_logprobs(answer: dict, api: str) -> Optional[dict[str, float]]:
-    """{token text: logprob} of the answer's first token, from either API's response shape."""
-    try:
-        logprobs = answer["choices"][0]["logprobs"]
-        if api == "chat":
-            return {t["token"]: float(t["logprob"]) for t in logprobs["content"][0]["top_logprobs"]}
-        return {str(t): float(lp) for t, lp in logprobs["top_logprobs"][0].items()}
-    except (KeyError, IndexError, TypeError):
-        return None
-
-
 # --- the tiny judge -----------------------------------------------------------------------------------
 def ensure_tiny_judge(cache_dir: str | Path = "~/.cache/speechrl") -> Path:
     """A tiny randomly initialized Qwen2 causal LM with a byte-level BPE tokenizer (digits and
@@ -334,7 +200,7 @@ def _build_tiny_judge(out: Path) -> None:
     from speechrl.data.builtin_personas import builtin_personas
     from speechrl.data.personas import render
     from speechrl.rlhf.backbone import CHAT_TEMPLATE, EOT, IM_END, build_tokenizer
-    from speechrl.rewards.persona_judge import DEFAULT_RUBRIC
+    from speechrl.rewards.persona_prompts import DEFAULT_RUBRIC
 
     torch.manual_seed(0)
     texts = [render(c) for c in builtin_personas()] + [DEFAULT_RUBRIC] + [f"Rating: {k}" for k in range(1, 11)]

@@ -22,7 +22,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
-
 from speechrl.rewards.api import Unscored
 
 META_FILE = "reward_model.json"  # written last into a model directory: marks it whole

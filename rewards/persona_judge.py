@@ -21,77 +21,20 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from speechrl.rewards.api import Unscored
-from speechrl.rewards.judge_backends import OpenAIJudge, TransformersJudge, VllmJudge, ensure_tiny_judge, token_matches
+from speechrl.rewards.judge_backends import TransformersJudge, VllmJudge, ensure_tiny_judge, token_matches
 from speechrl.rewards.judge_cache import JudgeCache, cache_key
+from speechrl.rewards.judge_endpoint import OpenAIJudge
+from speechrl.rewards.learned import default_cache_dir
+from speechrl.rewards.persona_prompts import (ANCHORS, DEFAULT_RUBRIC, PAIR_CUE, PAIR_TASK, RATE_CUE, RATE_TASK,
+                                              dialogue_text, persona_text)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RUBRIC = """\
-You are judging a reply in a spoken role-play dialogue. The assistant must speak as the persona \
-described below. A reply in character:
-- stays in character: it speaks as the persona, in the first person, never as a generic assistant;
-- contradicts no persona fact: nothing it says conflicts with the persona's facts or opinions;
-- respects the boundaries: it reacts to provocations as the persona's emotional boundaries say, \
-and says nothing from the never-say list;
-- keeps the speaking style: register, sentence length and vocabulary fit the persona (a \
-catchphrase now and then is in style, but is not needed in every reply);
-- answers the user: it responds to what the user just said.
-Judge only the reply, not the earlier turns. A reply that says something from the never-say list \
-or contradicts a fact is out of character, however well it is written."""
-
-ANCHORS = {
-    5: "1 = out of character or breaks a rule; 2 = mostly out of character; 3 = in character but with "
-       "a clear slip or an unanswered question; 4 = in character with a minor slip; 5 = fully in character.",
-    10: "1 = out of character or breaks a rule; 4 = in character in parts; 7 = in character with a minor "
-        "slip; 10 = fully in character, in the persona's own voice.",
-}
-RATE_TASK = ("Rate the reply from 1 to {scale}. {anchors}\n"
-             "Answer with the rating (a whole number) on the first line and one short sentence of reason "
-             "on the second.\n")
-PAIR_TASK = ("Which reply is more in character? Answer 1 or 2 on the first line and one short sentence of "
-             "reason on the second.\n")
-RATE_CUE, PAIR_CUE = "Rating: ", "More in character: Reply "
 MODES = ("pointwise", "pairwise")
-
-
-def _default_cache_dir() -> Path:
-    return Path(os.environ.get("SPEECHRL_CACHE_DIR") or "~/.cache/speechrl").expanduser()
-
-
-def persona_text(persona: Any) -> str:
-    """A persona column entry as text: a rendered card (str), a PersonaCard, or a card mapping."""
-    from speechrl.data.personas import Located, PersonaCard, card_from_row, render
-
-    if isinstance(persona, str):
-        return persona
-    if isinstance(persona, PersonaCard):
-        return render(persona)
-    if isinstance(persona, dict):
-        return render(card_from_row(persona, Located("persona column")))
-    raise TypeError(f"persona judge: a persona is a rendered card (str), a PersonaCard or a card mapping; "
-                    f"got {type(persona).__name__}")
-
-
-def dialogue_text(history: Any, user_text: Optional[str], max_chars: int) -> str:
-    """The turns so far and the user's last turn, as "User: ..." / "Assistant: ..." lines. History
-    is text as it is, or a list of turns ({"role", "text"} mappings or data.dialogues.Turn).
-    Only the last `max_chars` characters are kept: the newest turns matter most."""
-    if history is None or isinstance(history, str):
-        lines = [history] if history else []
-    else:
-        lines = []
-        for turn in history:
-            role, text = (turn.get("role"), turn.get("text")) if isinstance(turn, dict) else (turn.role, turn.text)
-            lines.append(f"{'User' if role == 'user' else 'Assistant'}: {text or '(no transcript)'}")
-    if user_text:
-        lines.append(f"User: {user_text}")
-    text = "\n".join(lines) or "(no turns yet: the reply opens the dialogue)"
-    return text if len(text) <= max_chars else "..." + text[-max_chars:]
 
 
 def label_masses(judge, prompts: Sequence[str], labels: Sequence[str]) -> list[Any]:
@@ -105,7 +48,6 @@ def label_masses(judge, prompts: Sequence[str], labels: Sequence[str]) -> list[A
     """
     labels = list(labels)
     prefixes = {label[:i] for label in labels for i in range(1, len(label) + 1)}
-    continues = getattr(judge, "api", "completions") != "chat"  # a chat answer cannot be prefilled
     out: list[Any] = [dict.fromkeys(labels, 0.0) for _ in prompts]
     frontier = [(i, p, "", 0.0) for i, p in enumerate(prompts)]  # (prompt index, text so far, answer so far, logp)
     while frontier:
@@ -129,7 +71,7 @@ def label_masses(judge, prompts: Sequence[str], labels: Sequence[str]) -> list[A
                     out[i][acc] -= mass
                 if acc + piece in out[i]:
                     out[i][acc + piece] += mass
-                if continues and any(p.startswith(acc + piece) and p != acc + piece for p in prefixes):
+                if judge.continues and any(p.startswith(acc + piece) and p != acc + piece for p in prefixes):
                     frontier.append((i, text + token, acc + piece, logp + lp))
     return [o if isinstance(o, str) else {k: max(v, 0.0) for k, v in o.items()} for o in out]
 
@@ -187,7 +129,7 @@ class PersonaJudgeReward:
                                      timeout_s=timeout_s, retries=retries, backoff_s=backoff_s,
                                      max_concurrency=max_concurrency)
         elif model:
-            path = str(ensure_tiny_judge(cache_dir or _default_cache_dir())) if model == "tiny" else model
+            path = str(ensure_tiny_judge(cache_dir or default_cache_dir())) if model == "tiny" else model
             if backend == "vllm":
                 self.judge = VllmJudge(path, chat_template=chat_template, max_model_len=max_model_len,
                                        kv_cache_gib=kv_cache_gib, threads=threads)
@@ -234,9 +176,9 @@ class PersonaJudgeReward:
         keys = [k for k in fresh if sum(fresh[k]["masses"].values()) > 0]
         if not keys:
             return
-        chat = getattr(self.judge, "api", None) == "chat"
-        asks = [prompts[k] if chat else f"{prompts[k]}{max(labels, key=fresh[k]['masses'].get)}\nReason:"
-                for k in keys]
+        # the rationale follows the likeliest rating where the answer can be prefilled
+        asks = [f"{prompts[k]}{max(labels, key=fresh[k]['masses'].get)}\nReason:" if self.judge.continues
+                else prompts[k] for k in keys]
         for k, text in zip(keys, self.judge.generate(asks, self.max_rationale_tokens)):
             fresh[k]["rationale"] = text.strip()
 

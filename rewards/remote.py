@@ -25,7 +25,7 @@ from speechrl.rewards.wire import HEALTH_PATH, SCORE_PATH, WireError, decode_res
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = {429, 502, 503, 504}  # the server is busy, restarting or behind a proxy that lost it
+RETRYABLE = frozenset({429, 502, 503, 504})  # the server is busy, restarting or behind a proxy that lost it
 HINTS = {
     400: "client and server disagree on the request schema (docs/rewards.md)",
     401: "set the environment variable named by kwargs.token_env to the server's token, where the reward worker runs",
@@ -111,28 +111,41 @@ class RemoteReward:
                                      timeout=aiohttp.ClientTimeout(total=self.timeout_s))
 
     async def _attempts(self, send: Callable[[], Awaitable]) -> tuple[Optional[dict], str]:
-        """(JSON answer, "") on success, (None, why) once the retries are spent; raises on 4xx and 500."""
-        began, why = time.monotonic(), ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.0))
-            try:
-                async with send() as response:
-                    if response.status == 200:
-                        return await response.json(), ""
-                    message = await _error_message(response)
-                    if response.status not in RETRYABLE:
-                        hint = HINTS.get(response.status, "see the server's log")
-                        raise RemoteRewardError(f"remote: {self.url} answered {response.status}: {message}; {hint}")
-                    why = f"HTTP {response.status}: {message}"
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                why = f"timed out after {self.timeout_s:g} s" if isinstance(e, asyncio.TimeoutError) else \
-                    f"{type(e).__name__}: {e}"
-        return None, f"{why} ({self.retries + 1} attempts in {time.monotonic() - began:.1f} s)"
+        return await with_retries(send, retries=self.retries, backoff_s=self.backoff_s, timeout_s=self.timeout_s,
+                                  refuse=self._refuse)
+
+    def _refuse(self, status: int, message: str) -> Exception:
+        hint = HINTS.get(status, "see the server's log")
+        return RemoteRewardError(f"remote: {self.url} answered {status}: {message}; {hint}")
+
+
+async def with_retries(send: Callable[[], Awaitable], *, retries: int, backoff_s: float, timeout_s: float,
+                       refuse: Callable[[int, str], Exception],
+                       retryable: frozenset[int] = RETRYABLE) -> tuple[Optional[dict], str]:
+    """(JSON answer, "") on success, (None, why) once the retries are spent. `send()` opens one
+    request; a status outside `retryable` raises refuse(status, message): retrying cannot fix it."""
+    began, why = time.monotonic(), ""
+    for attempt in range(retries + 1):
+        if attempt:
+            await asyncio.sleep(backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.0))
+        try:
+            async with send() as response:
+                if response.status == 200:
+                    return await response.json(), ""
+                message = await _error_message(response)
+                if response.status not in retryable:
+                    raise refuse(response.status, message)
+                why = f"HTTP {response.status}: {message}"
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            why = f"timed out after {timeout_s:g} s" if isinstance(e, asyncio.TimeoutError) else \
+                f"{type(e).__name__}: {e}"
+    return None, f"{why} ({retries + 1} attempts in {time.monotonic() - began:.1f} s)"
 
 
 async def _error_message(response: aiohttp.ClientResponse) -> str:
     try:
-        return str((await response.json())["error"])
-    except Exception:  # noqa: BLE001 - not our server's JSON error: show the start of whatever it sent
+        error = (await response.json())["error"]
+        # ours is {"error": "why"}; OpenAI-compatible servers send {"error": {"message": "why", ...}}
+        return str(error["message"] if isinstance(error, dict) and "message" in error else error)
+    except Exception:  # noqa: BLE001 - not a JSON error: show the start of whatever was sent
         return (await response.text())[:200]

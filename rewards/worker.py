@@ -75,9 +75,10 @@ class RewardWorker:
         self.weights = {s.key: float(s.weight) for s in specs}
         self.normalize = {s.key: bool(s.normalize) for s in specs}
         self.decode = AudioDecoder(codec)
-        for reward in self.rewards.values():  # a reward that reads codec ids checks they are its codec's
-            if codec is not None and hasattr(reward, "check_codec"):
-                reward.check_codec(codec)
+        if codec is not None:  # a reward that reads codec ids checks they are its codec's
+            for reward in self.rewards.values():
+                if hasattr(reward, "check_codec"):
+                    reward.check_codec(codec)
 
     def raw(self, batch: Mapping[str, Any]) -> RawScores:
         """The rewards' outputs, not yet combined (what a RewardRouter gathers)."""

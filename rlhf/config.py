@@ -383,8 +383,8 @@ def validate(cfg: RecipeConfig, source: str = "recipe") -> None:
         if width % tiny.num_heads or width // tiny.num_heads < 32:
             raise RecipeError(f"{source}: `{key}`={width} with {tiny.num_heads} heads gives head_dim < 32 "
                               "or a remainder; vLLM's CPU attention needs head_dim >= 32")
-    positive = ("train.steps", "train.batch_size", "rollout.sampling.n", "grpo.prompts_per_step",
-                "rollout.num_workers", "rollout.sampling.max_new_tokens")
+    positive = ("train.steps", "train.batch_size", "rollout.sampling.n", "grpo.prompts_per_step", "grpo.minibatches",
+                "grpo.epochs_per_step", "rollout.num_workers", "rollout.sampling.max_new_tokens")
     for key in positive:
         if _get(cfg, key) < 1:
             raise RecipeError(f"{source}: `{key}` must be >= 1, got {_get(cfg, key)}")
@@ -416,8 +416,6 @@ def _validate_ppo(cfg: RecipeConfig, source: str) -> None:
     if p.kl_target is not None and (p.kl_target <= 0 or cfg.grpo.kl_coef <= 0):
         raise RecipeError(f"{source}: adaptive KL (`ppo.kl_target`={p.kl_target}) needs kl_target > 0 and a starting "
                           f"`grpo.kl_coef` > 0 (got {cfg.grpo.kl_coef})")
-    if cfg.grpo.minibatches < 1 or cfg.grpo.epochs_per_step < 1:
-        raise RecipeError(f"{source}: `grpo.minibatches` and `grpo.epochs_per_step` must be >= 1")
     if cfg.algorithm == "ppo" and cfg.train.deepspeed.enabled:
         raise RecipeError(f"{source}: `algorithm: ppo` trains a value head beside the model, which the DeepSpeed "
                           "wrapper does not hold yet; set train.deepspeed.enabled=false")

@@ -37,9 +37,8 @@ HEADLINE = {"asr": ("held-out WER", "{:.3f}"), "tts": ("held-out intelligibility
 
 
 def run_demo(overrides: list[str], output_dir: str = "runs", mode: str = "asr") -> dict:
-    from speechrl.rlhf.grpo import run_grpo
-    from speechrl.rlhf.ppo import run_ppo
-    from speechrl.rlhf.sft import run_sft
+    from speechrl.rlhf.cli import RUNNERS
+    from speechrl.rlhf.grpo import prebuild_judges
 
     if mode not in SFT_OVERRIDES:
         raise ValueError(f"demo: no demo for mode {mode!r}; choose one of {', '.join(SFT_OVERRIDES)}")
@@ -54,33 +53,25 @@ def run_demo(overrides: list[str], output_dir: str = "runs", mode: str = "asr") 
     if mode in ("tts", "realtime"):
         stages = 3
         print("== 1/3 the judge (built once into run.cache_dir) ==")
-        _build_judge(rl_cfg)
+        prebuild_judges(rl_cfg)  # here on every core, instead of inside a one-thread reward worker
     print(f"== {stages - 1}/{stages} SFT warm start ==")
-    sft = run_sft(sft_cfg)
+    sft = RUNNERS["sft"]()(sft_cfg)
     rl_cfg.run.init_from = sft["final weights"]
     print(f"== {stages}/{stages} {algorithm.upper()} through Ray + vLLM ==")
-    grpo = (run_ppo if algorithm == "ppo" else run_grpo)(rl_cfg)
+    rl = RUNNERS[algorithm]()(rl_cfg)
     if mode == "realtime":
-        return _realtime_report(sft, grpo, start)
+        return _realtime_report(sft, rl, start)
     label, fmt = HEADLINE[mode]
-    result = {"untrained": sft[f"{label} before"], "sft": sft[f"{label} after"], "grpo": grpo[f"{label} after"],
+    result = {"untrained": sft[f"{label} before"], "sft": sft[f"{label} after"], "grpo": rl[f"{label} after"],
               "minutes": (time.time() - start) / 60}
     print(f"\n{label}: untrained {fmt.format(result['untrained'])} -> after SFT {fmt.format(result['sft'])} "
           f"-> after GRPO {fmt.format(result['grpo'])}   ({result['minutes']:.1f} min)")
     if mode == "tts":
-        print(_tts_table(sft, grpo))
-        print(f"listen: {sft['run']}/samples/step-*/  and  {grpo['run']}/samples/step-*/ "
+        print(_tts_table(sft, rl))
+        print(f"listen: {sft['run']}/samples/step-*/  and  {rl['run']}/samples/step-*/ "
               "(reference/ holds the corpus recordings and their codec round trip)")
-    print(f"runs: {sft['run']}  {grpo['run']}")
+    print(f"runs: {sft['run']}  {rl['run']}")
     return result
-
-
-def _build_judge(cfg) -> None:
-    """The embedded judges the recipe's rewards use (the TTS judge ASR, the tiny persona judge),
-    built before the runs need them (here on every core, instead of inside a one-thread worker)."""
-    from speechrl.rlhf.grpo import prebuild_judges
-
-    prebuild_judges(cfg)
 
 
 def _realtime_report(sft: dict, rl: dict, start: float) -> dict:

@@ -23,7 +23,7 @@ import numpy as np
 
 from speechrl.data.dialogues import Dialogue, Turn
 from speechrl.data.personas import PersonaCard, render
-from speechrl.rlhf.realtime_data import UserSpeech, user_turns
+from speechrl.rlhf.realtime_data import UserSpeech
 from speechrl.rollouts.types import RolloutRequest, Sample
 
 Generate = Callable[[list[RolloutRequest]], list[Sample]]
@@ -90,8 +90,7 @@ def run_episodes(task, dialogues: Sequence[Dialogue], speech: UserSpeech, max_tu
     completions per request. Returns every turn's requests and samples, flat: a sample's
     `prompt_index` points into the returned requests, so each (episode, turn) is one GRPO group."""
     envs = [DialogueEnv(speech, max_turns) for _ in dialogues]
-    observations: list[Optional[UserTurn]] = [env.reset(d.persona, user_turns(d, max_turns))
-                                              for env, d in zip(envs, dialogues)]
+    observations: list[Optional[UserTurn]] = [env.reset(d.persona, d.turns) for env, d in zip(envs, dialogues)]
     requests: list[RolloutRequest] = []
     samples: list[Sample] = []
     live = list(range(len(envs)))

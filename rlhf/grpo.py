@@ -145,10 +145,10 @@ class GRPORecipe:
                             lambda requests: self.generate(requests, step), n=self.cfg.rollout.sampling.n)
 
     def requests(self, step: int) -> list[RolloutRequest]:
-        idx = batch_indices(len(self.train_set), self.cfg.grpo.prompts_per_step, step, self.cfg.seed)
         if self.prompt_pool is not None:  # text-only TTS prompts: no clip, no voice prompt
             idx = batch_indices(len(self.prompt_pool), self.cfg.grpo.prompts_per_step, step, self.cfg.seed)
             return [self.task.request(self.prompt_pool[int(i)], None) for i in idx]
+        idx = batch_indices(len(self.train_set), self.cfg.grpo.prompts_per_step, step, self.cfg.seed)
         return [self.task.request(*self.train_set[int(i)], self.train_set) for i in idx]
 
     def generate(self, requests, step: int, n: Optional[int] = None, temperature: Optional[float] = None,
@@ -198,13 +198,18 @@ class GRPORecipe:
         return ADVANTAGES.get(g.advantage)(rewards, groups, valid, std_normalize=g.std_normalize).numpy()
 
     def update(self, samples, requests, adv) -> dict:
+        keep = [i for i, s in enumerate(samples) if s.completion_ids]  # an empty completion has no tokens to train
+        return self.policy_update(samples, requests, keep, adv[keep].tolist())
+
+    def policy_update(self, samples, requests, keep: list[int], advantages: list, **critic) -> dict:
+        """The policy worker's optimizer steps on the samples `keep`; `advantages` are theirs, in
+        that order (PPO adds the critic's `returns` and `old_values`)."""
         import ray
 
-        keep = [i for i, s in enumerate(samples) if s.completion_ids]  # an empty completion has no tokens to train
         return ray.get(self.policy.update.remote(
             [samples[i].prompt_ids for i in keep], [samples[i].completion_ids for i in keep],
             [samples[i].logprobs for i in keep], [requests[samples[i].prompt_index].audio for i in keep],
-            adv[keep].tolist(), self.cfg.rollout.sampling.temperature))
+            advantages, self.cfg.rollout.sampling.temperature, **critic))
 
     def save_rollouts(self, step: int, samples, scores) -> Path:
         """The step's samples with their rewards, one JSON row each: what `speechrl annotate tasks`

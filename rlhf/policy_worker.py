@@ -19,17 +19,18 @@ from speechrl.rlhf.algos import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from speechrl.rlhf.algos.value_loss import clipped_value_loss
 from speechrl.rlhf.backbone import allowed_token_ids, hub_state_dict, save_backbone
 from speechrl.rlhf.config import RecipeConfig
-from speechrl.rlhf.critic import ValueHead
+from speechrl.rlhf.critic import ValueHead, token_values
 from speechrl.rlhf.evaluate import evaluate_asr
 from speechrl.rlhf.logprobs import build_token_batch, token_logprobs, unwrap, vocab_mask
 from speechrl.rlhf.policy import build_policy, exportable_model, save_policy, seed_everything, set_threads
+from speechrl.rollouts.layout import ReplyLayout
 
 VALUE_HEAD = "value_head.pt"  # in a PPO checkpoint, beside the policy
 
 
 class PolicyWorker:
     def __init__(self, cfg: RecipeConfig, backbone_path: str, checkpoint: str | None = None,
-                 allowed_ids: list[int] | None = None):
+                 allowed_ids: list[int] | ReplyLayout | None = None):
         from transformers import AutoConfig
 
         set_threads(cfg.train.torch_threads)
@@ -51,7 +52,8 @@ class PolicyWorker:
         self.reference = policy.reference
         self.eval_set = None
         vocab = self.backbone.model.get_output_embeddings().weight.shape[0]
-        # the mode's decoding constraint (TTS: the codec's ids, which the driver knows); ASR's by default
+        # the mode's decoding constraint (TTS: the codec's ids; realtime: the reply layout; both from the
+        # driver's task); ASR's by default
         self.allowed = vocab_mask(allowed_ids or allowed_token_ids(self.backbone.tokenizer, cfg.mode), vocab)
         if checkpoint:
             torch.set_rng_state(torch.load(Path(checkpoint) / "policy_rng.pt", weights_only=False))
@@ -144,8 +146,7 @@ class PolicyWorker:
             batch = build_token_batch(self.backbone.processor, prompt_ids[sl], completion_ids[sl], audios[sl],
                                       self.backbone.tokenizer.pad_token_id)
             mask = batch.completion_mask
-            _, hidden = token_logprobs(self.model, batch, temperature, self.allowed, with_hidden=True)
-            v = self.value_head(hidden)
+            v = token_values(self.model, self.value_head, batch)  # the trunk without its LM head: no logits
             values += [v[i][mask[i]].tolist() for i in range(len(mask))]
             if ref is not None:
                 r = token_logprobs(self.reference, batch, temperature, self.allowed)
@@ -207,7 +208,7 @@ def _on_grid(rows: list, mask: torch.Tensor) -> torch.Tensor:
 
 
 def make_policy_worker(cfg: RecipeConfig, backbone_path: str, checkpoint: str | None = None,
-                       allowed_ids: list[int] | None = None):
+                       allowed_ids: list[int] | ReplyLayout | None = None):
     import ray
 
     gpus = 1 if torch.cuda.is_available() else 0

@@ -112,15 +112,10 @@ class PPORecipe(GRPORecipe):
         return PPOBatch(keep, *(_rows(t, lengths) for t in (adv, ret, values)), metrics)
 
     def update(self, samples, requests, batch: Optional[PPOBatch]) -> dict:
-        import ray
-
         if batch is None:
             return {"ppo/samples": 0}
-        keep = batch.keep
-        metrics = ray.get(self.policy.update.remote(
-            [samples[i].prompt_ids for i in keep], [samples[i].completion_ids for i in keep],
-            [samples[i].logprobs for i in keep], [requests[samples[i].prompt_index].audio for i in keep],
-            batch.advantages, self.cfg.rollout.sampling.temperature, returns=batch.returns, old_values=batch.values))
+        metrics = self.policy_update(samples, requests, batch.keep, batch.advantages, returns=batch.returns,
+                                     old_values=batch.values)
         return {**metrics, **batch.metrics}
 
     def save_state(self, path: Path) -> None:

@@ -22,14 +22,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from speechrl.data.dialogues import Dialogue, Turn, read_dialogues, spoken_wav, synthesize_user_turns
+from speechrl.data.dialogues import Dialogue, read_dialogues, spoken_wav, synthesize_user_turns
 from speechrl.data.personas import PersonaCard, render
 from speechrl.rlhf.config import RecipeConfig
-
-
-def user_turns(dialogue: Dialogue, limit: int) -> tuple[Turn, ...]:
-    """The first `limit` user turns of a dialogue: the script an episode plays."""
-    return tuple(t for t in dialogue.turns if t.role == "user")[:limit]
 
 
 def load_dialogues(cfg: RecipeConfig) -> tuple[list[Dialogue], list[Dialogue]]:

@@ -63,7 +63,7 @@ def _relax_qwen2_audio_frames() -> None:
     _QWEN2_AUDIO_PATCHED = True
 
 
-def _guard_vllm_module_scan() -> None:
+def guard_vllm_module_scan() -> None:
     """Let an engine start in a process that has imported numba (librosa does). Idempotent.
 
     At start-up vLLM 0.32 rebinds kernels by scanning every module's attributes, calling
@@ -112,7 +112,7 @@ class _DropMessages(logging.Filter):
         return not any(f in record.getMessage() for f in self.fragments)
 
 
-def _quiet_benign_vllm_warnings() -> None:
+def quiet_benign_vllm_warnings() -> None:
     """Messages vLLM-CPU repeats on every step, none a fault: its engine replaces
     torch.set_num_threads (and warns at each call from the feature extractor), rotary embeddings
     have no weights to reload, and every weight sync reports itself. Everything else is kept."""
@@ -145,7 +145,7 @@ class RolloutEngine:
             raise FileNotFoundError(f"{path}: no config.json; not a backbone directory")
         self.sample_rate = AutoFeatureExtractor.from_pretrained(path).sampling_rate
         _relax_qwen2_audio_frames()
-        _guard_vllm_module_scan()
+        guard_vllm_module_scan()
         if not torch.cuda.is_available() and threads > 0:
             # before LLM(): vLLM's CPU worker then forbids torch.set_num_threads. In a Ray actor
             # torch starts with OMP_NUM_THREADS=1, one thread for the whole engine.
@@ -153,12 +153,12 @@ class RolloutEngine:
         # On CPU vLLM's gpu_memory_utilization fails at start-up; a fixed KV-cache size works.
         memory = ({"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available()
                   else {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)})
-        _quiet_benign_vllm_warnings()  # start-up warns too; the handler's filter sees every vllm.* logger
+        quiet_benign_vllm_warnings()  # start-up warns too; the handler's filter sees every vllm.* logger
         self.llm = LLM(model=str(path), dtype="auto" if torch.cuda.is_available() else "float32",
                        enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
                        limit_mm_per_prompt={"audio": 1}, max_model_len=max_model_len, seed=seed,
                        logprobs_mode=LOGPROBS_MODE, logits_processors=[reply_layout_processor()], **memory)
-        _quiet_benign_vllm_warnings()
+        quiet_benign_vllm_warnings()
 
     def ping(self) -> bool:
         return True

@@ -344,8 +344,13 @@ def test_ppo_update_moves_values_and_policy_and_the_critic_resumes(rt_base, task
     after = worker.rollout_values(prompts, completions, clips, 1.0)
     moved = np.concatenate(after["values"])
     assert np.abs(moved).max() > 1e-4, "the critic learnt"
-    # returns are the scores (gamma 1, no KL yet): the values moved toward each reply's own score
-    assert np.mean(after["values"][0]) > np.mean(after["values"][1])
+    # Returns are the scores (gamma 1, no KL yet). A few steps of a linear head on a tiny random trunk,
+    # whose states barely tell these replies apart, fit mostly the returns' token mean (about -0.2
+    # here), so which reply ends up higher is noise; what the regression guarantees is a smaller error.
+    targets, start = ret[mask].numpy(), np.concatenate(before["values"])
+    error = lambda v: np.mean((v - targets) ** 2)  # noqa: E731
+    assert error(moved) < error(start) - 0.02, "the values moved toward the returns"
+    assert np.mean(moved - start) * np.mean(targets - start) > 0, "their mean moved the returns' way"
     now = logprobs()
     assert np.mean(now[0]) > np.mean(sampled[0]) and np.mean(now[1]) < np.mean(sampled[1]), \
         "the policy moved toward the better-scored reply and away from the worse"
