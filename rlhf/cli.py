@@ -16,6 +16,7 @@ EPILOG = """examples:
   speechrl demo realtime                         persona dialogue: SFT warm start, then PPO; drift before/after
   speechrl train realtime/ppo run.init_from=runs/<realtime sft run>/final   realtime PPO (critic, GAE)
   speechrl eval runs/<run>/final --recipe tts/sft  held-out TTS scores and wav samples of any checkpoint
+  speechrl eval runs/<run>/final --recipe realtime/ppo   drift by turn (judge score, out-of-character rate)
   speechrl train asr/sft                         a shipped recipe, by name
   speechrl train recipes/asr/sft.yaml train.steps=50 train.lr=1e-3
   speechrl train asr/sft --resume                continue the newest asr-sft run from its checkpoint
@@ -102,9 +103,7 @@ def cmd_eval(args) -> int:
 
     cfg = load_recipe(args.recipe, args.overrides)
     if cfg.mode == "realtime":
-        raise ValueError("eval: realtime checkpoints are evaluated by drift (held-out dialogues played on the "
-                         "rollout engines and scored by the judge) inside RL runs: drift.png and drift/ in the run "
-                         "directory; step 0's curves of a run with run.init_from=<checkpoint> are that checkpoint's")
+        return _eval_realtime(cfg, Path(args.checkpoint))
     backbone = load_backbone(args.checkpoint)
     _, held = assets.load_datasets(cfg, backbone.max_audio_seconds)
     if cfg.mode == "tts":
@@ -114,6 +113,36 @@ def cmd_eval(args) -> int:
     for ref, hyp in result.pop("examples"):
         print(f"ref: {ref}\nhyp: {hyp}")
     print(" ".join(f"{k}={v:.4f}" for k, v in result.items()))
+    return 0
+
+
+def _eval_realtime(cfg, checkpoint: Path) -> int:
+    """Drift of one checkpoint, as an RL run measures it at each evaluation: the recipe's held-out
+    dialogues played greedily on vLLM engines serving the checkpoint, every reply scored in its
+    context by the recipe's rewards. Curves and replies in <checkpoint>/eval/drift/, the plot in
+    <checkpoint>/eval/drift.png."""
+    import json
+
+    from speechrl.rlhf.grpo import GRPORecipe
+
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(f"eval: {checkpoint} is not a backbone directory (no config.json); point it at a "
+                                "run's final/ or checkpoints/step-N/model/")
+    cfg.run.init_from = str(checkpoint)
+    recipe = GRPORecipe(cfg)
+    try:
+        recipe.setup_drift_evaluation(checkpoint / "eval")
+        recipe.drift.label = "/".join(checkpoint.resolve().parts[-2:])  # e.g. <run>/final
+        metrics = recipe.evaluate(0)
+    finally:
+        recipe.cleanup()
+    curves = json.loads((recipe.drift.dir / "step-00000.json").read_text())
+    print(f"{'turn':>4}  {'judge score':>11}  {'out-of-character':>16}  {'replies scored':>14}")
+    for turn, judge, ooc, scored in zip(curves["turn"], curves["judge"], curves["ooc"], curves["scored"]):
+        print(f"{turn:>4}  {judge:>11.4f}  {ooc:>16.2f}  {scored:>14}")
+    print(f"all turns: judge score {metrics['drift/judge']:.4f}, out-of-character rate {metrics['drift/ooc_rate']:.2f} "
+          f"(judge: {cfg.realtime.drift_judge}, threshold {cfg.realtime.ooc_threshold:g})")
+    print(f"replies: {recipe.drift.dir / 'step-00000.json'}\nplot: {recipe.drift.plot_path}")
     return 0
 
 
@@ -214,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = configured_by_recipe(sub.add_parser("eval", help="held-out WER/CER of a backbone directory "
                              "(a run's final/ or a checkpoint); data.eval from the recipe. With a TTS recipe "
-                             "(--recipe tts/sft): held-out reward components, samples in <checkpoint>/eval/"),
+                             "(--recipe tts/sft): held-out reward components, samples in <checkpoint>/eval/. With a realtime "
+                             "recipe (--recipe realtime/ppo): drift by turn on the held-out dialogues, in <checkpoint>/eval/"),
                              "checkpoint")
     p.set_defaults(fn=cmd_eval)
 
@@ -238,7 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides after an option ("eval ckpt --recipe realtime/ppo key=value"): argparse fills a
+    # nargs="*" positional once, before the option, and leaves the rest over
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*(args.overrides or []), *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock"):

@@ -51,6 +51,7 @@ class DriftEvaluation:
                              "realtime.heldout_fraction)")
         self.cfg, self.task, self.dialogues, self.speech = cfg, task, list(dialogues), speech
         self.dir = Path(run_dir) / "drift"
+        self.label = None  # the plot's name for these curves (default "step N"); eval names the checkpoint
         self.plot_path = Path(run_dir) / "drift.png"
 
     def evaluate(self, step: int, generate: Generate, score: Callable) -> dict:
@@ -76,7 +77,7 @@ class DriftEvaluation:
                    for s, j in zip(samples, judge)]
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / f"step-{step:05d}.json").write_text(json.dumps(
-            {"step": step, "threshold": r.ooc_threshold, "judge": r.drift_judge, **curves, "replies": replies},
+            {"step": step, **({"label": self.label} if self.label else {}), "threshold": r.ooc_threshold, "judge": r.drift_judge, **curves, "replies": replies},
             indent=1) + "\n")
         plot_drift(self.dir, self.plot_path)
         return metrics
@@ -94,7 +95,8 @@ def plot_drift(folder: Path, out: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.7))
     for i, run in enumerate(runs):
         edge = i in (0, len(runs) - 1)
-        label = f"step {run['step']}" + (" (before)" if i == 0 else " (after)" if i == len(runs) - 1 else "")
+        label = run.get("label") or f"step {run['step']}" + ("" if len(runs) == 1 else " (before)" if i == 0
+                                                             else " (after)" if i == len(runs) - 1 else "")
         style = dict(marker="o", linewidth=2.2 if edge else 0.8, alpha=1.0 if edge else 0.45, label=label)
         axes[0].plot(run["turn"], run["judge"], **style)
         axes[1].plot(run["turn"], run["ooc"], **style)

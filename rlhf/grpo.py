@@ -104,18 +104,7 @@ class GRPORecipe:
         start_ray(cfg)
         self.run_dir = find_resume_dir(cfg, self.resume) if self.resume else new_run_dir(cfg)
         checkpoint = latest_checkpoint(self.run_dir) if self.resume else None
-        self.backbone_path = assets.backbone_path(cfg)
-        processor = load_processor(self.backbone_path)  # the driver needs no weights
-        self.task = make_task(cfg, processor)  # TTS, realtime: builds (once) the codec before any worker needs it
-        self.allowed_ids = self.task.allowed_ids
-        window = processor.feature_extractor.n_samples / processor.feature_extractor.sampling_rate
-        if cfg.mode == "realtime":
-            self.dialogues, drift = load_dialogues(cfg)
-            self.speech = UserSpeech(cfg.data.sample_rate, window)
-            self.drift = DriftEvaluation(cfg, self.task, drift, self.speech, self.run_dir)
-        else:
-            self.train_set, self.eval_set = assets.load_datasets(cfg, window)
-            self.prompt_pool = rl_prompt_pool(cfg, self.eval_set)
+        self._task_and_data()
         prebuild_judges(cfg)  # here on every core, not inside a one-thread reward actor
         self.policy = make_policy_worker(cfg, self.backbone_path, str(checkpoint) if checkpoint else None,
                                          allowed_ids=self.allowed_ids)
@@ -133,6 +122,40 @@ class GRPORecipe:
         if checkpoint:
             self.sync()  # engines started from the backbone; give them the resumed weights
         ray.get(self.policy.ping.remote())
+
+    def setup_drift_evaluation(self, out_dir: Path) -> None:
+        """Only what a realtime `evaluate` needs, into `out_dir`: the engines serving the backbone as
+        saved (run.init_from), the reward worker and the drift dialogues; no policy worker, no run
+        directory. `speechrl eval` of a realtime checkpoint."""
+        from speechrl.rewards.worker import make_reward_actor
+
+        cfg = self.cfg
+        if cfg.mode != "realtime":
+            raise ValueError(f"drift evaluation is for realtime recipes; this one's mode is {cfg.mode!r}")
+        seed_everything(cfg.seed)
+        start_ray(cfg)
+        self.run_dir, self.policy = Path(out_dir), None
+        self._task_and_data()
+        prebuild_judges(cfg)
+        self.reward = make_reward_actor(cfg.rewards, codec=self.task.reward_codec)
+        self.workers = make_rollout_workers(str(self.backbone_path), cfg.rollout, cfg.rollout.num_workers, cfg.seed)
+
+    def _task_and_data(self) -> None:
+        """The backbone's task (TTS, realtime: it builds the codec, once, before any worker needs it)
+        and the mode's data: the dialogues and drift evaluation, or the train and held-out sets."""
+        cfg = self.cfg
+        self.backbone_path = assets.backbone_path(cfg)
+        processor = load_processor(self.backbone_path)  # the driver needs no weights
+        self.task = make_task(cfg, processor)
+        self.allowed_ids = self.task.allowed_ids
+        window = processor.feature_extractor.n_samples / processor.feature_extractor.sampling_rate
+        if cfg.mode == "realtime":
+            self.dialogues, drift = load_dialogues(cfg)
+            self.speech = UserSpeech(cfg.data.sample_rate, window)
+            self.drift = DriftEvaluation(cfg, self.task, drift, self.speech, self.run_dir)
+        else:
+            self.train_set, self.eval_set = assets.load_datasets(cfg, window)
+            self.prompt_pool = rl_prompt_pool(cfg, self.eval_set)
 
     def rollout(self, step: int) -> tuple[list[RolloutRequest], list]:
         """The step's prompts and their samples (`Sample.prompt_index` points into the prompts). In
@@ -237,6 +260,8 @@ class GRPORecipe:
     def sync(self) -> None:
         import ray
 
+        if self.policy is None:  # a checkpoint's evaluation: the engines serve it as saved
+            return
         self.transport.send(ray.get(self.policy.weights.remote()), self.workers)
 
     def evaluate(self, step: int) -> dict:
@@ -318,7 +343,9 @@ class GRPORecipe:
             "run": str(self.run_dir),
             "steps": self.cfg.train.steps,
             **headline_rows(self.cfg.mode, self.logger),
+            # the total is ~0 when the rewards are z-normalized; each reward's own mean says more
             "mean reward (last step)": last("rewards/total"),
+            **{f"mean {spec.key} (last step)": last(f"rewards/{spec.key}/reward") for spec in self.cfg.rewards},
             "logprob gap vLLM/trainer": last("train/logprob_gap"),
             "unscored samples (total)": int(sum(r.get("rewards/unscored", 0) for r in steps)),
             **{f"mean {k} (s)": round(v, 3) for k, v in phase.items()},

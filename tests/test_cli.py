@@ -48,6 +48,9 @@ def test_show_applies_overrides():
     (["show", "asr/sft", "data.train=/nope.jsonl"], "data.train"),
     (["show", "asr/nope"], "asr/nope"),
     (["train", "asr/sft", "algorithm=foo"], "algorithm"),
+    # overrides after an option are still the recipe's (argparse alone left them unrecognized)
+    (["eval", "ckpt", "--recipe", "realtime/ppo", "train.stepz=1"], "train.stepz"),
+    (["eval", "/nope", "--recipe", "realtime/ppo"], "/nope"),
 ])
 def test_bad_recipe_exits_2_naming_the_problem(args, named):
     proc = speechrl(*args)

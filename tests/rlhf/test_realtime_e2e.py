@@ -35,11 +35,18 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_realtime_ppo_runs_end_to_end_and_writes_drift_curves(base):
-    from speechrl.rlhf.ppo import KL_STATE, run_ppo
+@pytest.fixture(scope="module")
+def ppo_run(base):
+    from speechrl.rlhf.ppo import run_ppo
 
     cfg = load_recipe("realtime/ppo", [*base, "run.name=ppo"])
-    summary = run_ppo(cfg)
+    return cfg, run_ppo(cfg)
+
+
+def test_realtime_ppo_runs_end_to_end_and_writes_drift_curves(ppo_run):
+    from speechrl.rlhf.ppo import KL_STATE
+
+    cfg, summary = ppo_run
     run = Path(summary["run"])
     logged = rows(run)
     assert [r["step"] for r in logged] == [0, 1, 2]
@@ -62,3 +69,24 @@ def test_realtime_ppo_runs_end_to_end_and_writes_drift_curves(base):
     assert curves["turn"] == list(range(1, turns + 1)) and len(curves["replies"]) == 4 * turns  # 4 personas
     assert Path(summary["drift plot"]).stat().st_size > 1000
     assert "drift judge score before" in summary and "drift out-of-character rate after" in summary
+    # the summary's total is ~0 (z-normalized rewards); each reward's raw mean is there too
+    assert 0.0 <= summary["mean persona_judge (last step)"] <= 1.0
+
+
+def test_eval_of_the_final_checkpoint_replays_the_runs_last_drift_evaluation(ppo_run, base, capsys):
+    """`speechrl eval <final> --recipe realtime/ppo`: engines serving the saved weights, no trainer.
+    Greedy decoding of the same dialogues from the same weights, scored by the same judge, gives
+    the replies and curves the run logged at its last evaluation."""
+    from speechrl.rlhf.cli import main
+
+    cfg, summary = ppo_run
+    final = Path(summary["final weights"])
+    assert main(["eval", str(final), "--recipe", "realtime/ppo", *base]) == 0
+    out = capsys.readouterr().out
+    assert "out-of-character" in out and f"judge: {cfg.realtime.drift_judge}" in out
+    evaluated = json.loads((final / "eval" / "drift" / "step-00000.json").read_text())
+    logged = json.loads((Path(summary["run"]) / "drift" / f"step-{cfg.train.steps:05d}.json").read_text())
+    assert [r["reply"] for r in evaluated["replies"]] == [r["reply"] for r in logged["replies"]]
+    assert evaluated["turn"] == logged["turn"] and evaluated["scored"] == logged["scored"]
+    assert evaluated["judge"] == pytest.approx(logged["judge"], abs=1e-4)
+    assert (final / "eval" / "drift.png").stat().st_size > 1000
