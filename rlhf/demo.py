@@ -38,7 +38,7 @@ HEADLINE = {"asr": ("held-out WER", "{:.3f}"), "tts": ("held-out intelligibility
 
 def run_demo(overrides: list[str], output_dir: str = "runs", mode: str = "asr") -> dict:
     from speechrl.rlhf.cli import RUNNERS
-    from speechrl.rlhf.grpo import prebuild_judges
+    from speechrl.rlhf.rl_setup import prebuild_judges
 
     if mode not in SFT_OVERRIDES:
         raise ValueError(f"demo: no demo for mode {mode!r}; choose one of {', '.join(SFT_OVERRIDES)}")

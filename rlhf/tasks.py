@@ -50,20 +50,30 @@ class AsrTask:
         return self._prompt_ids[ex.id], target + [self.tokenizer.convert_tokens_to_ids(IM_END)], audio
 
 
-class TtsTask:
-    mode = "tts"
+class _SpeakingTask:
+    """What the modes that emit codec tokens share: the recipe's codec (built once, or the one
+    given), its tokens in the backbone's vocabulary, and `<|codec_end|>` as the stop token."""
 
     def __init__(self, cfg: RecipeConfig, processor, codec=None):
-        from speechrl.rollouts.codec import CodecSpec, CodecTokens, vocab_size
+        from speechrl.rollouts.codec import CodecSpec, CodecTokens
 
         self.cfg, self.processor, self.tokenizer = cfg, processor, processor.tokenizer
         self.codec_spec = CodecSpec.from_recipe(cfg)
         self.codec = codec or self.codec_spec.build()
         self.tokens = CodecTokens(self.tokenizer, self.codec)
-        self.allowed_ids = allowed_token_ids(self.tokenizer, "tts", vocab_size(self.codec))
         self.stop_ids = [self.tokens.end_id]
+        self._targets: dict[str, list[int]] = {}  # example id -> the completion ids it is trained toward
+
+
+class TtsTask(_SpeakingTask):
+    mode = "tts"
+
+    def __init__(self, cfg: RecipeConfig, processor, codec=None):
+        from speechrl.rollouts.codec import vocab_size
+
+        super().__init__(cfg, processor, codec)
+        self.allowed_ids = allowed_token_ids(self.tokenizer, "tts", vocab_size(self.codec))
         self.reward_codec = self.codec_spec
-        self._targets: dict[str, list[int]] = {}  # example id -> codec token ids of its clip
         self._voices: dict[str, list[int]] = {}
 
     # --- prompts ---------------------------------------------------------------------------------
@@ -122,27 +132,21 @@ class SpokenReply:
     seconds: float  # duration of the audio part, from the codec's frame rate
 
 
-class RealtimeTask:
+class RealtimeTask(_SpeakingTask):
     """Persona dialogue, spoken replies. Layout and decoding constraint: rollouts/layout.py; the
     prompt: data/prompts.py (`realtime`); earlier turns are text, the user's latest is audio."""
 
     mode = "realtime"
 
     def __init__(self, cfg: RecipeConfig, processor, codec=None):
-        from speechrl.rollouts.codec import CodecSpec, CodecTokens
         from speechrl.rollouts.layout import ReplyLayout
 
-        self.cfg, self.processor, self.tokenizer = cfg, processor, processor.tokenizer
-        self.codec_spec = CodecSpec.from_recipe(cfg)
-        self.codec = codec or self.codec_spec.build()
-        self.tokens = CodecTokens(self.tokenizer, self.codec)
+        super().__init__(cfg, processor, codec)
         text = [i for i in allowed_token_ids(self.tokenizer, "asr") if i != self.tokenizer.convert_tokens_to_ids(IM_END)]
         self.layout = ReplyLayout(tuple(text), tuple(int(i) for i in self.tokens.token_ids), self.tokens.end_id,
                                   cfg.realtime.max_text_tokens)
         self.allowed_ids = self.layout
-        self.stop_ids = [self.tokens.end_id]
         self.reward_codec = self.codec_spec if cfg.realtime.decode_replies else None
-        self._targets: dict[str, list[int]] = {}  # turn example id -> its reply's completion ids
         self._prompts: dict[str, list[int]] = {}  # turn example id -> its prompt ids (placeholder expanded)
 
     def render(self, persona: str, history) -> str:
