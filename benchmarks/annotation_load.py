@@ -41,7 +41,7 @@ class ServerProcess:
     def __init__(self, db_url: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "speechrl.rlhf.cli", "annotate", "--db", db_url, "serve",
+        self.cmd = [sys.executable, "-m", "speechrl.rlhf.cli.main", "annotate", "--db", db_url, "serve",
                     "--port", str(self.port)]
 
     def __enter__(self) -> "ServerProcess":

@@ -59,7 +59,8 @@ def impostors(audios: list[np.ndarray], texts: list[str], codec, window: int) ->
 
 def main() -> None:
     from speechrl.data.manifest import SpeechDataset, read_manifest
-    from speechrl.rewards.asr_judge import SCORES, BackboneAsrJudge, JudgeBuild, _codec, ensure_embedded_judge, judge_corpus
+    from speechrl.rewards.asr_judge import SCORES, BackboneAsrJudge, JudgeBuild, _codec
+    from speechrl.rlhf.trainers.judges import ensure_embedded_judge, judge_corpus
     from speechrl.rewards.intelligibility import PocketsphinxJudge
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

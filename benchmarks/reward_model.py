@@ -37,7 +37,7 @@ def make_pairs(cfg, out: Path, num_texts: int) -> Path:
     from speechrl.data.audio import write_wav
     from speechrl.data.preferences import PreferencePair, Speech, write_preferences
     from speechrl.data.synth import command_sentences, synthesize
-    from speechrl.rlhf.reward_model import split_by_text
+    from speechrl.rlhf.trainers.reward_model import split_by_text
 
     rng = np.random.default_rng(cfg.seed)
     voice, rate = cfg.data.synthetic, cfg.data.sample_rate
@@ -76,7 +76,7 @@ def held_out_accuracy_by_kind(cfg, pairs_file: Path, model_dir: Path) -> dict[st
     """kind -> (held-out pairs, share whose chosen side the trained reward scores higher)."""
     from speechrl.data.preferences import encode_pairs, read_preferences
     from speechrl.rewards.learned import LearnedPreferenceReward
-    from speechrl.rlhf.reward_model import split_by_text
+    from speechrl.rlhf.trainers.reward_model import split_by_text
     from speechrl.rollouts.codec import CodecSpec
 
     pairs = encode_pairs(read_preferences(pairs_file), CodecSpec.from_recipe(cfg).build())
@@ -99,8 +99,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="tts/reward_model overrides")
     args = parser.parse_intermixed_args()
 
-    from speechrl.rlhf.config import load_recipe
-    from speechrl.rlhf.reward_model import run_reward_model
+    from speechrl.rlhf.core.config import load_recipe
+    from speechrl.rlhf.trainers.reward_model import run_reward_model
 
     cfg = load_recipe("tts/reward_model", args.overrides)
     pairs_file = args.out_dir / "pairs.jsonl"

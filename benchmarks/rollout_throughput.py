@@ -33,15 +33,15 @@ def three_second_prompts(count: int, sample_rate: int) -> list[np.ndarray]:
 
 def text_ids_without_eos(tokenizer) -> list[int]:
     """ASR's decoding constraint minus end-of-turn: every sample is exactly `tokens` long on both paths."""
-    from speechrl.rlhf.backbone import IM_END, allowed_token_ids
+    from speechrl.rlhf.model.backbone import IM_END, allowed_token_ids
 
     eos = tokenizer.convert_tokens_to_ids(IM_END)
     return [i for i in allowed_token_ids(tokenizer, "asr") if i != eos]
 
 
 def bench_transformers(path, clips, n, tokens, temperature, repeats: int) -> dict:
-    from speechrl.data.prompts import render_prompt
-    from speechrl.rlhf.backbone import load_backbone
+    from speechrl.rlhf.model.prompts import render_prompt
+    from speechrl.rlhf.model.backbone import load_backbone
 
     bb = load_backbone(path)
     proc, tok = bb.processor, bb.tokenizer
@@ -70,8 +70,8 @@ def bench_transformers(path, clips, n, tokens, temperature, repeats: int) -> dic
 def bench_rollout_workers(path, clips, n, tokens, temperature, rollout_cfg, repeats: int) -> dict:
     import ray
 
-    from speechrl.data.prompts import render_prompt
-    from speechrl.rlhf.backbone import load_backbone
+    from speechrl.rlhf.model.prompts import render_prompt
+    from speechrl.rlhf.model.backbone import load_backbone
     from speechrl.rollouts.engine import generate_across, make_rollout_workers
     from speechrl.rollouts.types import RolloutRequest
 
@@ -101,8 +101,8 @@ def bench_rollout_workers(path, clips, n, tokens, temperature, rollout_cfg, repe
 
 
 def grpo_phase_split(path, steps: int, workdir: Path) -> dict:
-    from speechrl.rlhf.config import load_recipe
-    from speechrl.rlhf.grpo import run_grpo
+    from speechrl.rlhf.core.config import load_recipe
+    from speechrl.rlhf.trainers.grpo import run_grpo
 
     cfg = load_recipe("asr/grpo", [f"run.init_from={path}", f"train.steps={steps}", f"run.output_dir={workdir}",
                                    "run.name=bench", f"train.eval_every={steps}", f"train.checkpoint_every={steps}"])
@@ -124,8 +124,8 @@ def main() -> None:
     ap.add_argument("--grpo-steps", type=int, default=6, help="0 skips the GRPO phase split")
     args = ap.parse_args()
 
-    from speechrl.rlhf import assets
-    from speechrl.rlhf.config import load_recipe
+    from speechrl.rlhf.modes import assets
+    from speechrl.rlhf.core.config import load_recipe
 
     recipe = load_recipe("asr/grpo", [f"rollout.num_workers={args.workers}"] if args.workers else [])
     path = Path(args.backbone) if args.backbone else assets.backbone_path(recipe)

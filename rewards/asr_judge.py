@@ -4,17 +4,14 @@ pocketsphinx cannot hear the embedded TTS corpus (espeak-ng command sentences: W
 clips, 0.61 even held to the 33-word grammar). The embedded judge is the tiny backbone's ASR mode
 fine-tuned on that corpus twice over: the clean clips, and the same clips round-tripped through
 the TTS codec (Griffin-Lim vocoded, whispery), which is what a TTS policy's audio sounds like when
-it says the words right. It is built once into `<cache_dir>/judges/asr-<key>` (the key hashes
+it says the words right. It is built once (rlhf/trainers/judges.py) into `<cache_dir>/judges/asr-<key>` (the key hashes
 `JudgeBuild`), beside `judge_scores.json`: its held-out CER/WER on clean and on round-tripped clips.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
-import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from speechrl.rewards.speech import JUDGE_RATE
-from speechrl.rlhf.config import EmbeddedCodecConfig, SyntheticCorpusConfig
+from speechrl.rlhf.core.config import EmbeddedCodecConfig, SyntheticCorpusConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +39,12 @@ def is_backbone_dir(path: str | Path) -> bool:
 
 
 class BackboneAsrJudge:
-    """Greedy transcripts from a backbone directory's ASR mode (`rlhf.evaluate.greedy_transcribe`)."""
+    """Greedy transcripts from a backbone directory's ASR mode (`rollouts.local.greedy_transcribe`)."""
 
     def __init__(self, path: str | Path, device: str = "auto", batch_size: int = 32):
         import torch
 
-        from speechrl.rlhf.backbone import load_backbone
+        from speechrl.rlhf.model.backbone import load_backbone
 
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         backbone = load_backbone(path, device=device)
@@ -61,7 +58,7 @@ class BackboneAsrJudge:
     def transcribe_batch(self, audios: list[np.ndarray]) -> list[str]:
         """`audios` at 16 kHz. A clip longer than the backbone's audio window is cut to the window:
         the encoder sees only that much, and a rambling TTS sample must still get a transcript."""
-        from speechrl.rlhf.evaluate import greedy_transcribe
+        from speechrl.rollouts.local import greedy_transcribe
 
         if self.rate != JUDGE_RATE:
             import soxr
@@ -86,20 +83,15 @@ class JudgeBuild:
     seed: int = 0  # SFT seed (weights' init is the tiny backbone's, shared with the recipes)
 
 
-def ensure_embedded_judge(cache_dir: str | Path = "~/.cache/speechrl", build: JudgeBuild = JudgeBuild()) -> Path:
-    """The embedded judge's backbone directory (`judge_dir`), built on first use and reused.
-
-    Concurrent callers (reward workers starting together) queue on one lock per cache: the first
-    builds (and fits the codec if need be), the others then find its judge. A build killed
-    outright leaves a `.partial-*` directory that nothing reads.
-    """
-    judges = Path(cache_dir).expanduser() / "judges"
-    judges.mkdir(parents=True, exist_ok=True)
-    with open(judges / "build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        path = judge_dir(cache_dir, build)
-        if not (path / SCORES).is_file():
-            _build_judge(Path(cache_dir).expanduser(), build, path)
+def embedded_judge(cache_dir: str | Path = "~/.cache/speechrl", build: JudgeBuild = JudgeBuild()) -> Path:
+    """The embedded judge's directory, which must have been built (by a trainer, before reward
+    workers start: `speechrl.rlhf.trainers.judges.ensure_embedded_judge`). Training it is a
+    trainer's job, so rewards only read it."""
+    path = judge_dir(cache_dir, build)
+    if not (path / SCORES).is_file():
+        raise FileNotFoundError(f"tts_intelligibility: the embedded ASR judge is not built in {path}; build it "
+                                "once with `speechrl build-judges --recipe tts/grpo` (every TTS recipe also "
+                                "builds it before its reward workers start)")
     return path
 
 
@@ -133,46 +125,6 @@ def codec_fingerprint(codec) -> str:
     return _sha1(*parts)
 
 
-def _build_judge(cache_dir: Path, build: JudgeBuild, path: Path) -> None:
-    from speechrl.data.manifest import read_manifest, write_manifest
-    from speechrl.rlhf.config import load_recipe
-    from speechrl.rlhf.sft import run_sft
-
-    log.info("building the embedded ASR judge into %s (once; a few CPU minutes)", path)
-    start = time.perf_counter()
-    (clean_train, clean_heldout), (coded_train, coded_heldout) = judge_corpus(cache_dir, build)
-    mixed = write_manifest(coded_train.with_name("judge-train.jsonl"),
-                           read_manifest(clean_train) + read_manifest(coded_train))
-    # the run directory is scratch beside the judge: only its final weights are kept
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=path.name + ".partial-") as scratch:
-        cfg = load_recipe("asr/sft", [
-            f"run.cache_dir={cache_dir}", f"run.output_dir={scratch}", "run.name=sft", f"seed={build.seed}",
-            f"data.train={mixed}", f"data.eval={coded_heldout}", "data.max_eval_examples=16",
-            f"train.steps={build.steps}", f"train.lr={build.lr}", f"train.batch_size={build.batch_size}",
-            f"train.eval_every={build.steps}", f"train.checkpoint_every={build.steps}"])
-        final = Path(run_sft(cfg)["final weights"])
-        scores = judge_scores(final, clean_heldout, coded_heldout)
-        scores.update(build=asdict(build), build_seconds=round(time.perf_counter() - start, 1))
-        (final / SCORES).write_text(json.dumps(scores, indent=1))
-        final.rename(path)  # atomic: the judge appears whole or not at all
-    log.info("embedded ASR judge ready in %.0f s: held-out CER clean %.3f, round-tripped %.3f",
-             scores["build_seconds"], scores["clean"]["cer"], scores["round_trip"]["cer"])
-
-
-def judge_corpus(cache_dir: str | Path, build: JudgeBuild = JudgeBuild()) -> tuple[tuple[Path, Path], tuple[Path, Path]]:
-    """The judge's data, built once: ((train, held-out) of the TTS corpus, the same round-tripped).
-
-    The corpus gets a directory of its own (`corpora/tts-<key>`); `corpora/synthetic-*` are the
-    ASR recipes'. Its split is the TTS recipe's: `build_corpus` splits by its parameters alone.
-    """
-    from speechrl.rlhf.assets import build_synthetic_corpus
-    from speechrl.rlhf.config import DataConfig, RecipeConfig
-
-    cfg = RecipeConfig(data=DataConfig(synthetic=build.corpus, sample_rate=JUDGE_RATE))
-    clean = build_synthetic_corpus(cfg, Path(cache_dir).expanduser() / "corpora" / f"tts-{_sha1(asdict(build.corpus))}")
-    return clean, round_trip_corpus(*clean, _codec(cache_dir, build))
-
-
 def round_trip_corpus(train: Path, heldout: Path, codec) -> tuple[Path, Path]:
     """Both splits encoded and decoded by `codec`, as wavs and manifests in `codec-<key>/` beside them.
 
@@ -198,21 +150,6 @@ def round_trip_corpus(train: Path, heldout: Path, codec) -> tuple[Path, Path]:
             examples.append(replace(ex, id=ex.id + "-codec", audio=str(wav)))
         write_manifest(target, examples)
     return manifests
-
-
-def judge_scores(path: Path, clean_heldout: Path, coded_heldout: Path) -> dict:
-    """Mean held-out CER/WER of the judge at `path` on clean and on round-tripped clips."""
-    from speechrl.data.manifest import SpeechDataset, read_manifest
-    from speechrl.rlhf.backbone import load_backbone
-    from speechrl.rlhf.evaluate import evaluate_asr
-
-    backbone = load_backbone(path)
-    scores = {}
-    for name, manifest in (("clean", clean_heldout), ("round_trip", coded_heldout)):
-        data = SpeechDataset(read_manifest(manifest), JUDGE_RATE)
-        result = evaluate_asr(backbone.model, backbone.processor, data, max_examples=len(data), max_new_tokens=48)
-        scores[name] = {"cer": result["eval/cer"], "wer": result["eval/wer"], "clips": len(data)}
-    return scores
 
 
 def _sha1(*parts) -> str:

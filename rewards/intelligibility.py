@@ -22,7 +22,7 @@ import numpy as np
 
 from speechrl.rewards.api import Unscored
 from speechrl.rewards.asr import char_error_rate, word_error_rate
-from speechrl.rewards.asr_judge import BackboneAsrJudge, ensure_embedded_judge, is_backbone_dir
+from speechrl.rewards.asr_judge import BackboneAsrJudge, embedded_judge, is_backbone_dir
 from speechrl.rewards.speech import JUDGE_RATE, waveforms
 
 
@@ -66,8 +66,8 @@ class TtsIntelligibilityReward:
     """reward = -min(CER or WER, error_cap); components "reward", "cer", "wer".
 
     A sample without audio or text is unscored. The judge loads at the first batch, once; with
-    asr="embedded" it is first built into `cache_dir` if not there yet (minutes on a CPU), so a
-    recipe calls `ensure_embedded_judge` in its driver before the reward workers start.
+    asr="embedded" it must have been built into `cache_dir` (trainers build it before their
+    reward workers start: rlhf/trainers/judges.py).
     """
 
     def __init__(
@@ -78,7 +78,7 @@ class TtsIntelligibilityReward:
         text_column: str = "text",
         audio_column: str = "audio",
         device: str = "auto",  # for a model judge: "auto" takes the GPU if there is one
-        cache_dir: str = "~/.cache/speechrl",  # where asr="embedded" builds its judge once (run.cache_dir)
+        cache_dir: str = "~/.cache/speechrl",  # where asr="embedded" finds its judge (run.cache_dir)
     ):
         if metric not in ("cer", "wer"):
             raise ValueError(f"tts_intelligibility: metric={metric!r}; use 'cer' or 'wer'")
@@ -101,7 +101,7 @@ class TtsIntelligibilityReward:
             if self.asr == "pocketsphinx":
                 self._judge = PocketsphinxJudge()
             elif self.asr == "embedded":
-                self._judge = BackboneAsrJudge(ensure_embedded_judge(self.cache_dir), self.device)
+                self._judge = BackboneAsrJudge(embedded_judge(self.cache_dir), self.device)
             elif is_backbone_dir(self.asr):
                 self._judge = BackboneAsrJudge(self.asr, self.device)
             else:

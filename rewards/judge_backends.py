@@ -199,7 +199,7 @@ def _build_tiny_judge(out: Path) -> None:
 
     from speechrl.data.builtin_personas import builtin_personas
     from speechrl.data.personas import render
-    from speechrl.rlhf.backbone import CHAT_TEMPLATE, EOT, IM_END, build_tokenizer
+    from speechrl.rlhf.model.backbone import CHAT_TEMPLATE, EOT, IM_END, build_tokenizer
     from speechrl.rewards.persona_prompts import DEFAULT_RUBRIC
 
     torch.manual_seed(0)

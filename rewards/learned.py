@@ -17,15 +17,14 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
 from speechrl.rewards.api import Unscored
+from speechrl.rlhf.core.registry import REWARD_NAME
 
 META_FILE = "reward_model.json"  # written last into a model directory: marks it whole
-REWARD_NAME = re.compile(r"[A-Za-z0-9_-]+")  # registered names: no "." or ":", which would read as dotted paths
 DECODE_ONLY = ("griffin_lim_iters",)  # embedded-codec settings that do not change its ids
 
 
@@ -101,7 +100,7 @@ def preference_sequence(processor, tokens, text: str, codec_ids: Sequence[int],
                         voice: Optional[Sequence[int]] = None) -> list[int]:
     """What the reward model reads, as the policy wrote it: the TTS prompt (`voice`, codec-local
     ids, as its voice prompt), the codec tokens of `codec_ids`, `<|codec_end|>`."""
-    from speechrl.rlhf.tasks import render_tts_prompt
+    from speechrl.rlhf.model.prompts import render_tts_prompt
 
     voice_ids = tokens.to_backbone(voice) if voice is not None and len(voice) else None
     prompt = processor.tokenizer(render_tts_prompt(processor, text, voice_ids), add_special_tokens=False)["input_ids"]
@@ -130,7 +129,7 @@ def load_reward_model(model_dir: Path, device: str = "cpu"):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from speechrl.rlhf.backbone import load_processor
+    from speechrl.rlhf.model.backbone import load_processor
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).to(device)
     return model.eval().requires_grad_(False), load_processor(model_dir), read_meta(model_dir)

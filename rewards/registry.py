@@ -21,7 +21,7 @@ import inspect
 from importlib.metadata import entry_points
 from typing import Any, Callable, Optional
 
-from speechrl.rlhf.registry import Registry
+from speechrl.rlhf.core.registry import Registry
 
 from speechrl.rewards.asr import AsrWerReward
 from speechrl.rewards.dialogue import EmotionReward, LatencyReward, ReplyLengthReward

@@ -17,7 +17,7 @@ import numpy as np
 
 from speechrl.rewards.combine import RawScores, ScoreResult, batch_size, batch_slice, combine_scores, score_rewards
 from speechrl.rewards.registry import find_reward, resolve_reward
-from speechrl.rlhf.config import RewardResources, RewardSpec
+from speechrl.rlhf.core.config import RewardResources, RewardSpec
 from speechrl.rollouts.codec import CodecSpec, decode_column
 
 

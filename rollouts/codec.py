@@ -23,7 +23,7 @@ from typing import Any, Optional, Protocol, Sequence
 import numpy as np
 import soxr
 
-from speechrl.rlhf.backbone import CODEC_END, CODEC_TOKEN_RE
+from speechrl.rlhf.model.backbone import CODEC_END, CODEC_TOKEN_RE
 
 
 class AudioCodec(Protocol):

@@ -20,7 +20,7 @@ from typing import Iterable
 
 import torch
 
-from speechrl.rollouts.layout import ReplyLayout, reply_layout_processor
+from speechrl.rlhf.model.layout import ReplyLayout, reply_layout_processor
 from speechrl.rollouts.types import RolloutRequest, Sample
 
 # What constrains a completion's tokens: a static list of allowed ids (ASR, TTS) or a ReplyLayout

@@ -22,8 +22,8 @@ from typing import Iterable
 
 import torch
 
-from speechrl.rlhf.backbone import hub_state_dict
-from speechrl.rlhf.registry import Registry
+from speechrl.rlhf.model.backbone import hub_state_dict
+from speechrl.rlhf.core.registry import Registry
 from speechrl.rollouts.engine import RolloutWorkerDied
 
 TRANSPORTS: Registry = Registry("weight transport")

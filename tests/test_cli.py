@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import yaml
 
-from speechrl.rlhf.config import RECIPES_DIR
+from speechrl.rlhf.core.config import RECIPES_DIR
 
 SPEECHRL = shutil.which("speechrl")
 pytestmark = pytest.mark.skipif(SPEECHRL is None, reason="speechrl console script not installed (pip install -e .)")
@@ -80,7 +80,7 @@ def test_build_backbone(tmp_path):
     assert config["audio_config"]["d_model"] == 128
     assert "'codec_tokens': 32" in proc.stdout  # the printed summary
 
-    from speechrl.rlhf.backbone import load_backbone
+    from speechrl.rlhf.model.backbone import load_backbone
 
     assert len(load_backbone(out).audio_token_ids()) == 32
 

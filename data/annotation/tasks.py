@@ -32,12 +32,12 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
+from speechrl.data.annotation import STRATEGIES
 from speechrl.data.annotation.batches import PairSpec, Side
 from speechrl.data.audio import BadExample, load_audio
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("reward_gap", "random", "checkpoints")
 TAGS = {  # the reason tags offered with each mode's pairs
     "tts": ["intelligibility", "naturalness", "pronunciation", "voice match", "artifacts", "pace"],
     "realtime": ["in character", "persona facts", "boundaries", "speaking style", "answers the user",
@@ -275,7 +275,7 @@ def run_codec(run_dir: Optional[Path]):
     if run_dir is None or not (run_dir / "recipe.yaml").is_file():
         raise TaskSourceError(f"{run_dir}: samples hold codec ids, but there is no recipe.yaml to rebuild the "
                               "run's codec from")
-    from speechrl.rlhf.config import load_recipe
+    from speechrl.rlhf.core.config import load_recipe
     from speechrl.rollouts.codec import CodecSpec
 
     return CodecSpec.from_recipe(load_recipe(str(run_dir / "recipe.yaml"))).build()

@@ -1,7 +1,7 @@
 """The algorithm registries: recipes name an estimator or loss, the trainer looks it up here."""
 from __future__ import annotations
 
-from speechrl.rlhf.registry import Registry
+from speechrl.rlhf.core.registry import Registry
 
 ADVANTAGES = Registry("advantage estimator")
 POLICY_LOSSES = Registry("policy loss")

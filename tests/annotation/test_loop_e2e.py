@@ -17,8 +17,8 @@ import soundfile as sf
 from annotation_test_utils import LiveServer
 from speechrl.data.annotation import store
 from speechrl.data.annotation.db import open_db
-from speechrl.rlhf.cli import main
-from speechrl.rlhf.config import load_recipe
+from speechrl.rlhf.cli.main import main
+from speechrl.rlhf.core.config import load_recipe
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray, pytest.mark.slow]
 
@@ -40,9 +40,9 @@ def seconds(wav: bytes) -> float:
 
 def test_run_to_tasks_to_judgments_to_dpo_and_reward_model(tmp_path, capsys, monkeypatch):
     from speechrl.rewards.registry import resolve_reward
-    from speechrl.rlhf.dpo import run_dpo
-    from speechrl.rlhf.grpo import run_grpo
-    from speechrl.rlhf.reward_model import run_reward_model
+    from speechrl.rlhf.trainers.dpo import run_dpo
+    from speechrl.rlhf.trainers.grpo import run_grpo
+    from speechrl.rlhf.trainers.reward_model import run_reward_model
 
     cache, runs = tmp_path / "cache", tmp_path / "runs"
     base = [*TINY, f"run.cache_dir={cache}", f"run.output_dir={runs}"]

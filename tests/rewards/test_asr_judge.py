@@ -13,10 +13,10 @@ import pytest
 
 from speechrl.data.synth import synthesize
 from speechrl.rewards.api import Unscored
-from speechrl.rewards.asr_judge import (SCORES, BackboneAsrJudge, JudgeBuild, ensure_embedded_judge, is_backbone_dir,
-                                        judge_dir)
+from speechrl.rewards.asr_judge import SCORES, BackboneAsrJudge, JudgeBuild, is_backbone_dir, judge_dir
 from speechrl.rewards.registry import resolve_reward
-from speechrl.rlhf.config import SyntheticCorpusConfig
+from speechrl.rlhf.core.config import SyntheticCorpusConfig
+from speechrl.rlhf.trainers.judges import ensure_embedded_judge
 
 SR = 16000
 TINY_CORPUS = SyntheticCorpusConfig(num_utterances=40, heldout_fraction=0.1, voices=["en-us"], rates=[175],

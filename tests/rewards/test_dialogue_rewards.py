@@ -140,7 +140,7 @@ def test_docs_realtime_block_names_real_rewards_and_kwargs():
 
     from reward_test_utils import REPO
     from speechrl.rewards.registry import find_reward
-    from speechrl.rlhf.config import RewardResources, RewardSpec
+    from speechrl.rlhf.core.config import RewardResources, RewardSpec
 
     guide = (REPO / "docs" / "rewards.md").read_text()
     block = guide.split("<!-- realtime rewards -->\n```yaml\n", 1)[1].split("```", 1)[0]

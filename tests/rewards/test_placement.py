@@ -8,7 +8,7 @@ import pytest
 
 from reward_test_utils import EXAMPLES
 from speechrl.rewards.worker import RewardWorker, make_reward_actor
-from speechrl.rlhf.config import load_recipe
+from speechrl.rlhf.core.config import load_recipe
 
 pytestmark = pytest.mark.ray
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from reward_test_utils import EXAMPLES, reward_server_process
-from speechrl.rlhf.config import load_recipe
-from speechrl.rlhf.grpo import GRPORecipe, run_grpo
+from speechrl.rlhf.core.config import load_recipe
+from speechrl.rlhf.trainers.grpo import GRPORecipe, run_grpo
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray, pytest.mark.slow]
 

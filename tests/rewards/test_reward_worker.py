@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from speechrl.rewards.worker import RewardWorker, make_reward_actor
-from speechrl.rlhf.config import RewardSpec
+from speechrl.rlhf.core.config import RewardSpec
 
 BATCH = {
     "completions": ["turn right", "go 10 meters", "go go go go"],

@@ -16,7 +16,7 @@ SMALL_TINY = {"hidden_size": 128, "num_heads": 2, "num_kv_heads": 1, "encoder_di
 
 @pytest.fixture(scope="session")
 def small_tiny():
-    from speechrl.rlhf.config import TinyBackboneConfig
+    from speechrl.rlhf.core.config import TinyBackboneConfig
 
     return TinyBackboneConfig(**SMALL_TINY)
 
@@ -41,7 +41,7 @@ def sft_overrides(sft_cache, tmp_path_factory):
 @pytest.fixture(scope="session")
 def sft_config(sft_overrides):
     """sft_config(name, *extra) -> the fast asr/sft RecipeConfig."""
-    from speechrl.rlhf.config import load_recipe
+    from speechrl.rlhf.core.config import load_recipe
 
     return lambda name, *extra: load_recipe("asr/sft", sft_overrides(name, *extra))
 
@@ -49,7 +49,7 @@ def sft_config(sft_overrides):
 @pytest.fixture(scope="session")
 def sft_assets(sft_config):
     """(backbone dir, train manifest, eval manifest) of the fast recipe, built once."""
-    from speechrl.rlhf import assets
+    from speechrl.rlhf.modes import assets
 
     cfg = sft_config("assets")
     return (assets.backbone_path(cfg), *assets.manifests(cfg))

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from speechrl.rlhf.backbone import (CODEC_TOKEN, backbone_summary, build_tiny_backbone, count_parameters,
+from speechrl.rlhf.model.backbone import (CODEC_TOKEN, backbone_summary, build_tiny_backbone, count_parameters,
                                     hub_state_dict, load_backbone, save_backbone)
 
 HUB_PREFIXES = ("audio_tower.", "multi_modal_projector.", "language_model.model.", "language_model.lm_head.")
@@ -96,7 +96,7 @@ def test_summary_reports_the_shape(small, small_tiny):
 
 
 def test_default_tiny_backbone_has_a_few_million_parameters(tmp_path):
-    from speechrl.rlhf.config import TinyBackboneConfig
+    from speechrl.rlhf.core.config import TinyBackboneConfig
 
     tiny = TinyBackboneConfig()
     backbone = load_backbone(build_tiny_backbone(tmp_path / "default", TEXTS, tiny))
@@ -189,7 +189,7 @@ def speech(request) -> np.ndarray:
 @pytest.mark.vllm
 def test_saved_backbone_greedy_matches_in_vllm(small, speech):
     """What save_backbone writes loads in vLLM, and greedy decoding agrees with transformers."""
-    from speechrl.data.prompts import render_prompt
+    from speechrl.rlhf.model.prompts import render_prompt
     from speechrl.rollouts.engine import RolloutEngine
     from speechrl.rollouts.types import RolloutRequest
 

@@ -6,7 +6,7 @@ import textwrap
 import pytest
 from omegaconf import OmegaConf
 
-from speechrl.rlhf.config import RECIPES_DIR, RecipeConfig, RecipeError, load_recipe, to_yaml
+from speechrl.rlhf.core.config import RECIPES_DIR, RecipeConfig, RecipeError, load_recipe, to_yaml
 
 SHIPPED = sorted(RECIPES_DIR.rglob("*.yaml"))
 

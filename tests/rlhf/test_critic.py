@@ -1,8 +1,8 @@
 """The critic: value head, and values read on token_logprobs' grid (state t predicts the return from token t+1)."""
 import torch
 
-from speechrl.rlhf.critic import ValueHead, completion_values, token_values
-from speechrl.rlhf.logprobs import TokenBatch, build_token_batch
+from speechrl.rlhf.model.critic import ValueHead, completion_values, token_values
+from speechrl.rlhf.model.logprobs import TokenBatch, build_token_batch
 
 
 def _tiny_causal_lm():

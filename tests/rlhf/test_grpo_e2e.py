@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from speechrl.rlhf.config import load_recipe
-from speechrl.rlhf.grpo import GRPORecipe, run_grpo
+from speechrl.rlhf.core.config import load_recipe
+from speechrl.rlhf.trainers.grpo import GRPORecipe, run_grpo
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray, pytest.mark.slow]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from speechrl.rlhf.policy import build_policy, save_policy
+from speechrl.rlhf.model.policy import build_policy, save_policy
 
 
 def test_resumed_policy_keeps_the_starting_weights_as_kl_reference(sft_config, sft_assets, tmp_path):
@@ -29,8 +29,8 @@ def test_resumed_policy_keeps_the_starting_weights_as_kl_reference(sft_config, s
 def _grpo_like_batch(backbone, clips, n):
     """n completions of different lengths per clip, each row holding a reference to its prompt's clip
     (as GRPO's update does); clips of different lengths, so prompts differ in length too."""
-    from speechrl.data.prompts import render_prompt
-    from speechrl.rlhf.logprobs import build_token_batch, prompt_ids_for
+    from speechrl.rlhf.model.prompts import render_prompt
+    from speechrl.rlhf.model.logprobs import build_token_batch, prompt_ids_for
 
     proc = backbone.processor
     prompt = render_prompt(proc, "asr")
@@ -49,8 +49,8 @@ def _grpo_like_batch(backbone, clips, n):
 def test_shared_prompts_run_once_with_the_same_logprobs_and_grads(sft_assets):
     import numpy as np
 
-    from speechrl.rlhf.backbone import load_backbone
-    from speechrl.rlhf.logprobs import build_token_batch, token_logprobs
+    from speechrl.rlhf.model.backbone import load_backbone
+    from speechrl.rlhf.model.logprobs import build_token_batch, token_logprobs
 
     backbone = load_backbone(sft_assets[0])
     rng = np.random.default_rng(0)
@@ -97,8 +97,8 @@ def test_freeze_audio_encoder_trains_only_adaptor_and_decoder(sft_config, sft_as
 def test_rows_sharing_a_clip_must_share_the_prompt(sft_assets):
     import numpy as np
 
-    from speechrl.rlhf.backbone import load_backbone
-    from speechrl.rlhf.logprobs import token_logprobs
+    from speechrl.rlhf.model.backbone import load_backbone
+    from speechrl.rlhf.model.logprobs import token_logprobs
 
     backbone = load_backbone(sft_assets[0])
     clips = [np.random.default_rng(1).normal(0, 0.1, 16000).astype(np.float32)]

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from speechrl.rlhf.config import RecipeError, load_recipe
-from speechrl.rollouts.layout import AUDIO, SWITCH, TEXT, LayoutMask, ReplyLayout, layout_phases
+from speechrl.rlhf.core.config import RecipeError, load_recipe
+from speechrl.rlhf.model.layout import AUDIO, SWITCH, TEXT, LayoutMask, ReplyLayout, layout_phases
 from speechrl.rollouts.types import Sample
 
 torch.set_num_threads(1)  # the machine's cores are shared
@@ -44,9 +44,9 @@ def cfg(rt_base):
 
 @pytest.fixture(scope="module")
 def task(cfg):
-    from speechrl.rlhf import assets
-    from speechrl.rlhf.backbone import load_processor
-    from speechrl.rlhf.tasks import RealtimeTask
+    from speechrl.rlhf.modes import assets
+    from speechrl.rlhf.model.backbone import load_processor
+    from speechrl.rlhf.modes.tasks import RealtimeTask
 
     return RealtimeTask(cfg, load_processor(assets.backbone_path(cfg)))
 
@@ -54,7 +54,7 @@ def task(cfg):
 @pytest.fixture(scope="module")
 def turns(cfg):
     """(training turns, held-out turns) of the small builtin setup, with spoken user turns."""
-    from speechrl.rlhf.realtime_data import realtime_datasets
+    from speechrl.rlhf.modes.realtime_data import realtime_datasets
 
     return realtime_datasets(cfg, max_audio_seconds=4.0)
 
@@ -95,7 +95,7 @@ def test_vllm_processor_masks_each_row_by_its_phase():
     from vllm import SamplingParams
     from vllm.v1.sample.logits_processor import BatchUpdate
 
-    from speechrl.rollouts.layout import reply_layout_processor
+    from speechrl.rlhf.model.layout import reply_layout_processor
 
     processor = reply_layout_processor()(None, torch.device("cpu"), False)
     with_layout = SamplingParams(extra_args=LAYOUT.as_extra_args())
@@ -191,8 +191,8 @@ def script(cfg, tmp_path_factory):
 
 
 def test_env_plays_the_script_turn_by_turn(script):
-    from speechrl.rlhf.episodes import DialogueEnv
-    from speechrl.rlhf.realtime_data import UserSpeech
+    from speechrl.rlhf.modes.episodes import DialogueEnv
+    from speechrl.rlhf.modes.realtime_data import UserSpeech
 
     env = DialogueEnv(UserSpeech(16000, 4.0), max_turns=2)
     first = env.reset(script.persona, script.turns)
@@ -223,8 +223,8 @@ def fake_generate(task, n: int, calls: list):
 
 
 def test_episodes_run_turn_by_turn_and_carry_the_reward_columns(task, script):
-    from speechrl.rlhf.episodes import run_episodes
-    from speechrl.rlhf.realtime_data import UserSpeech
+    from speechrl.rlhf.modes.episodes import run_episodes
+    from speechrl.rlhf.modes.realtime_data import UserSpeech
 
     calls = []
     requests, samples = run_episodes(task, [script, script], UserSpeech(16000, 4.0), max_turns=3,
@@ -246,9 +246,9 @@ def test_episodes_run_turn_by_turn_and_carry_the_reward_columns(task, script):
 def test_driver_scores_realtime_turns_with_context_columns(cfg, task, script):
     """GRPORecipe.score's batch on realtime samples, scored in-process by the length and latency rewards."""
     from speechrl.rewards.worker import RewardWorker
-    from speechrl.rlhf.episodes import run_episodes
-    from speechrl.rlhf.grpo import GRPORecipe
-    from speechrl.rlhf.realtime_data import UserSpeech
+    from speechrl.rlhf.modes.episodes import run_episodes
+    from speechrl.rlhf.trainers.grpo import GRPORecipe
+    from speechrl.rlhf.modes.realtime_data import UserSpeech
 
     requests, samples = run_episodes(task, [script], UserSpeech(16000, 4.0), 2, fake_generate(task, 1, []), n=1)
     recipe = GRPORecipe(cfg)
@@ -270,9 +270,9 @@ def test_driver_scores_realtime_turns_with_context_columns(cfg, task, script):
 # --- the trainer's logprobs under the layout --------------------------------------------------------
 
 def test_layout_logprobs_shared_prompt_path_matches_the_plain_one_and_the_rule(task, turns):
-    from speechrl.rlhf import assets
-    from speechrl.rlhf.backbone import load_backbone
-    from speechrl.rlhf.logprobs import build_token_batch, token_logprobs
+    from speechrl.rlhf.modes import assets
+    from speechrl.rlhf.model.backbone import load_backbone
+    from speechrl.rlhf.model.logprobs import build_token_batch, token_logprobs
 
     model = load_backbone(assets.backbone_path(task.cfg)).model.eval()
     (ex0, clip0), (ex1, clip1) = turns[0][0], turns[0][2]
@@ -303,10 +303,10 @@ def test_layout_logprobs_shared_prompt_path_matches_the_plain_one_and_the_rule(t
 # --- PPO --------------------------------------------------------------------------------------------
 
 def test_ppo_update_moves_values_and_policy_and_the_critic_resumes(rt_base, task, turns, tmp_path):
-    from speechrl.rlhf import assets
-    from speechrl.rlhf.logprobs import build_token_batch, token_logprobs
-    from speechrl.rlhf.policy_worker import PolicyWorker
-    from speechrl.rlhf.ppo import padded, ppo_targets
+    from speechrl.rlhf.modes import assets
+    from speechrl.rlhf.model.logprobs import build_token_batch, token_logprobs
+    from speechrl.rlhf.workers.policy_worker import PolicyWorker
+    from speechrl.rlhf.trainers.ppo import padded, ppo_targets
 
     cfg = load_recipe("realtime/ppo", [*rt_base, "train.lr=1e-3", "train.warmup_steps=0", "grpo.kl_coef=0.1"])
     base = str(assets.backbone_path(cfg))
@@ -362,7 +362,7 @@ def test_ppo_update_moves_values_and_policy_and_the_critic_resumes(rt_base, task
 
 def test_kl_controller_state_is_saved_and_resumed(rt_base, tmp_path):
     from speechrl.rlhf.algos.kl_reward import AdaptiveKLController
-    from speechrl.rlhf.ppo import PPORecipe
+    from speechrl.rlhf.trainers.ppo import PPORecipe
 
     cfg = load_recipe("realtime/ppo", rt_base)
     recipe = PPORecipe(cfg)
@@ -380,7 +380,7 @@ def test_kl_controller_state_is_saved_and_resumed(rt_base, tmp_path):
 # --- drift ------------------------------------------------------------------------------------------
 
 def test_drift_curves_by_turn_by_hand():
-    from speechrl.rlhf.drift import drift_curves
+    from speechrl.rlhf.modes.drift import drift_curves
 
     curves = drift_curves([0, 0, 1, 1, 2], np.array([0.2, 0.8, 0.6, math.nan, 0.4]), threshold=0.5)
     assert curves["turn"] == [1, 2, 3] and curves["scored"] == [2, 1, 1]
@@ -388,7 +388,7 @@ def test_drift_curves_by_turn_by_hand():
 
 
 def test_drift_plot_draws_every_evaluation(tmp_path):
-    from speechrl.rlhf.drift import plot_drift
+    from speechrl.rlhf.modes.drift import plot_drift
 
     for step, judge in ((0, [0.6, 0.5, 0.4]), (10, [0.7, 0.7, 0.6])):
         (tmp_path / f"step-{step:05d}.json").write_text(json.dumps(
@@ -415,7 +415,7 @@ def test_cards_and_dialogues_from_files_split_for_drift(rt_base, tmp_path):
     from speechrl.data.builtin_personas import builtin_dialogues, builtin_personas
     from speechrl.data.dialogues import write_dialogues
     from speechrl.data.personas import write_personas
-    from speechrl.rlhf.realtime_data import load_dialogues
+    from speechrl.rlhf.modes.realtime_data import load_dialogues
 
     cards = write_personas(tmp_path / "cards.yaml", builtin_personas()[:2])
     dialogues = [d for d in builtin_dialogues(per_persona=5, turns=3) if d.persona.id in ("margo", "aiko")]
@@ -434,9 +434,9 @@ def test_cards_and_dialogues_from_files_split_for_drift(rt_base, tmp_path):
 def test_grpo_and_online_dpo_updates_train_on_turns_sharing_a_clip(rt_base, task, turns, tmp_path):
     """A turn's n replies share its clip and prompt (one group); both updates run them through the
     shared-prompt path under the layout's per-position constraint."""
-    from speechrl.rlhf import assets
-    from speechrl.rlhf.online_dpo import OnlineDPORecipe
-    from speechrl.rlhf.policy_worker import PolicyWorker
+    from speechrl.rlhf.modes import assets
+    from speechrl.rlhf.trainers.online_dpo import OnlineDPORecipe
+    from speechrl.rlhf.workers.policy_worker import PolicyWorker
 
     base = str(assets.backbone_path(task.cfg))
     (ex, clip), (ex2, clip2) = turns[0][0], turns[0][1]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from speechrl.rlhf.config import load_recipe
+from speechrl.rlhf.core.config import load_recipe
 
 from test_realtime import SMALL
 
@@ -37,14 +37,14 @@ def rows(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def ppo_run(base):
-    from speechrl.rlhf.ppo import run_ppo
+    from speechrl.rlhf.trainers.ppo import run_ppo
 
     cfg = load_recipe("realtime/ppo", [*base, "run.name=ppo"])
     return cfg, run_ppo(cfg)
 
 
 def test_realtime_ppo_runs_end_to_end_and_writes_drift_curves(ppo_run):
-    from speechrl.rlhf.ppo import KL_STATE
+    from speechrl.rlhf.trainers.ppo import KL_STATE
 
     cfg, summary = ppo_run
     run = Path(summary["run"])
@@ -77,7 +77,7 @@ def test_eval_of_the_final_checkpoint_replays_the_runs_last_drift_evaluation(ppo
     """`speechrl eval <final> --recipe realtime/ppo`: engines serving the saved weights, no trainer.
     Greedy decoding of the same dialogues from the same weights, scored by the same judge, gives
     the replies and curves the run logged at its last evaluation."""
-    from speechrl.rlhf.cli import main
+    from speechrl.rlhf.cli.main import main
 
     cfg, summary = ppo_run
     final = Path(summary["final weights"])

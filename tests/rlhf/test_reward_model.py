@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from speechrl.rlhf.config import RecipeError, load_recipe
+from speechrl.rlhf.core.config import RecipeError, load_recipe
 
 NUM_TEXTS = 80
 
@@ -69,7 +69,7 @@ def _recipe(rm_base, pairs_file, *extra):
 @pytest.fixture(scope="module")
 def trained(rm_base, pairs_file):
     """One 40-step run, registered as `glitch_pref`: (summary, recipe config)."""
-    from speechrl.rlhf.reward_model import run_reward_model
+    from speechrl.rlhf.trainers.reward_model import run_reward_model
 
     cfg = _recipe(rm_base, pairs_file, "run.name=rm", "train.steps=40", "reward_model.register_as=glitch_pref")
     return run_reward_model(cfg), cfg
@@ -78,7 +78,7 @@ def trained(rm_base, pairs_file):
 def held_out_batch(cfg, pairs_file):
     """The run's held-out pairs as one reward batch: the chosen sides, then the rejected ones."""
     from speechrl.data.preferences import encode_pairs, read_preferences
-    from speechrl.rlhf.reward_model import split_by_text
+    from speechrl.rlhf.trainers.reward_model import split_by_text
     from speechrl.rollouts.codec import CodecSpec
 
     pairs = encode_pairs(read_preferences(pairs_file), CodecSpec.from_recipe(cfg).build())
@@ -91,7 +91,7 @@ def held_out_batch(cfg, pairs_file):
 # --- the pieces ------------------------------------------------------------------------------------
 
 def test_pairwise_metrics_by_hand():
-    from speechrl.rlhf.reward_model import pairwise_metrics
+    from speechrl.rlhf.trainers.reward_model import pairwise_metrics
 
     # margins 1, -1, 0: one right, one wrong, one tie (counts half)
     m = pairwise_metrics(torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1.0, 1.0, 1.0]))
@@ -104,7 +104,7 @@ def test_pairwise_metrics_by_hand():
 def test_split_holds_out_whole_texts_by_seed():
     from types import SimpleNamespace
 
-    from speechrl.rlhf.reward_model import split_by_text
+    from speechrl.rlhf.trainers.reward_model import split_by_text
 
     pairs = [SimpleNamespace(pair=SimpleNamespace(text=t)) for t in "aabbccddeeffgghhiijj"]  # 10 texts, 2 pairs each
     train, held = split_by_text(pairs, 0.3, seed=0)
@@ -124,8 +124,8 @@ def test_trl_reward_trainer_loss_is_bradley_terry_on_our_scores(rm_base, tmp_pat
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
     from speechrl.rewards.learned import score_sequences
-    from speechrl.rlhf import assets
-    from speechrl.rlhf.reward_model import build_reward_model
+    from speechrl.rlhf.modes import assets
+    from speechrl.rlhf.trainers.reward_model import build_reward_model
 
     model, processor = build_reward_model(assets.backbone_path(load_recipe("tts/reward_model", rm_base)))
     assert not model.score.weight.any()  # the head starts at zero: no preference
@@ -210,7 +210,7 @@ def test_reward_worker_checks_the_codec_and_marks_unscorable_samples(trained, mo
 
 
 def test_resume_continues_the_trainers_checkpoint(trained, rm_base, pairs_file, capsys):
-    from speechrl.rlhf.reward_model import run_reward_model
+    from speechrl.rlhf.trainers.reward_model import run_reward_model
 
     summary, _ = trained
     cfg = _recipe(rm_base, pairs_file, "run.name=rm", "train.steps=50")
@@ -226,7 +226,7 @@ def test_resume_continues_the_trainers_checkpoint(trained, rm_base, pairs_file, 
 def test_bad_recipes_names_and_paths_say_what_to_do(rm_base, pairs_file, tmp_path, monkeypatch):
     from speechrl.rewards.learned import register_model
     from speechrl.rewards.registry import find_reward, resolve_reward
-    from speechrl.rlhf.reward_model import run_reward_model
+    from speechrl.rlhf.trainers.reward_model import run_reward_model
 
     with pytest.raises(RecipeError, match="needs `reward_model.data`"):
         run_reward_model(load_recipe("tts/reward_model", rm_base))

@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 
 from speechrl.data.audio import BadExample
 from speechrl.rlhf import sft
-from speechrl.rlhf.backbone import load_backbone
-from speechrl.rlhf.config import load_recipe
-from speechrl.rlhf.sft import batch_indices, run_sft
+from speechrl.rlhf.model.backbone import load_backbone
+from speechrl.rlhf.core.config import load_recipe
+from speechrl.rlhf.trainers.sft import batch_indices, run_sft
 
 
 def metrics(run_dir) -> list[dict]:
@@ -124,7 +124,7 @@ def test_run_directory_layout(full_run, small_backbone_dir):
 
 
 def test_cli_eval_scores_a_run(full_run, sft_overrides, capsys):
-    from speechrl.rlhf.cli import main
+    from speechrl.rlhf.cli.main import main
 
     _, run_dir, _ = full_run
     assert main(["eval", str(run_dir / "final"), *sft_overrides("unused")]) == 0
@@ -219,7 +219,7 @@ def test_deepspeed_path_trains_and_checkpoints(full_run, sft_overrides):
                               "train.steps=2", "train.checkpoint_every=1")
     run_dir = run_dir_of(load_recipe("asr/sft", overrides))
     env = {**os.environ, "MASTER_PORT": str(_free_port())}
-    proc = subprocess.run([sys.executable, "-m", "speechrl.rlhf.cli", "train", "asr/sft", *overrides],
+    proc = subprocess.run([sys.executable, "-m", "speechrl.rlhf.cli.main", "train", "asr/sft", *overrides],
                           capture_output=True, text=True, env=env, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -268,7 +268,7 @@ def test_bad_example_fails_the_run_when_asked(sft_config, dirty_manifest, tmp_pa
 
 
 def test_cli_reports_a_bad_example_without_a_traceback(sft_overrides, dirty_manifest, capsys):
-    from speechrl.rlhf.cli import main
+    from speechrl.rlhf.cli.main import main
 
     rc = main(["train", "asr/sft", *sft_overrides("dirty-cli", f"data.train={dirty_manifest}",
                                                    f"data.eval={dirty_manifest}", "data.on_bad_example=fail")])

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from speechrl.rlhf.config import load_recipe
+from speechrl.rlhf.core.config import load_recipe
 
 TINY = ["model.tiny.hidden_size=128", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1",
         "model.tiny.encoder_dim=128", "model.tiny.num_layers=2", "model.tiny.encoder_layers=1",
@@ -32,9 +32,9 @@ def tts_base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def task(tts_base):
-    from speechrl.rlhf import assets
-    from speechrl.rlhf.backbone import load_processor
-    from speechrl.rlhf.tasks import TtsTask
+    from speechrl.rlhf.modes import assets
+    from speechrl.rlhf.model.backbone import load_processor
+    from speechrl.rlhf.modes.tasks import TtsTask
 
     cfg = load_recipe("tts/sft", tts_base)
     return TtsTask(cfg, load_processor(assets.backbone_path(cfg)))
@@ -69,9 +69,9 @@ def test_tts_task_prompts_targets_and_constraint(task, clip):
 
 
 def test_text_only_batch_shares_prompts_with_the_same_logprobs_and_gradients(task, tts_base):
-    from speechrl.rlhf import assets
-    from speechrl.rlhf.backbone import load_backbone
-    from speechrl.rlhf.logprobs import build_token_batch, token_logprobs, vocab_mask
+    from speechrl.rlhf.modes import assets
+    from speechrl.rlhf.model.backbone import load_backbone
+    from speechrl.rlhf.model.logprobs import build_token_batch, token_logprobs, vocab_mask
 
     model = load_backbone(assets.backbone_path(load_recipe("tts/sft", tts_base))).model.train()
     prompts = [task.prompt_ids("go up"), task.prompt_ids("go up"), task.prompt_ids("turn left two degrees")]
@@ -99,7 +99,7 @@ def test_text_only_batch_shares_prompts_with_the_same_logprobs_and_gradients(tas
 def test_tts_sft_lowers_the_loss_and_writes_samples_at_every_evaluation(tts_base):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from speechrl.rlhf.sft import run_sft
+    from speechrl.rlhf.trainers.sft import run_sft
 
     cfg = load_recipe("tts/sft", [*tts_base, "run.name=sft", "train.steps=30", "train.eval_every=15",
                                   "train.checkpoint_every=30", "train.lr=3e-3"])
@@ -124,10 +124,10 @@ def test_tts_sft_lowers_the_loss_and_writes_samples_at_every_evaluation(tts_base
 
 @pytest.fixture(scope="module")
 def dpo_setup(task, tts_base):
-    from speechrl.rlhf import assets
-    from speechrl.rlhf.backbone import load_backbone
-    from speechrl.rlhf.config import DPOConfig
-    from speechrl.rlhf.logprobs import vocab_mask
+    from speechrl.rlhf.modes import assets
+    from speechrl.rlhf.model.backbone import load_backbone
+    from speechrl.rlhf.core.config import DPOConfig
+    from speechrl.rlhf.model.logprobs import vocab_mask
 
     model = load_backbone(assets.backbone_path(load_recipe("tts/sft", tts_base))).model
     allowed = vocab_mask(task.allowed_ids, model.get_output_embeddings().weight.shape[0])
@@ -140,7 +140,7 @@ def dpo_setup(task, tts_base):
 
 @pytest.mark.parametrize("loss, at_start", [("sigmoid", math.log(2)), ("ipo", (1 / (2 * 0.1)) ** 2)])
 def test_dpo_loss_starts_where_the_formulas_say_and_learns_the_pairs(dpo_setup, task, loss, at_start):
-    from speechrl.rlhf.dpo import preference_batch, preference_loss
+    from speechrl.rlhf.trainers.dpo import preference_batch, preference_loss
 
     model, allowed, prompts, chosen, rejected, DPOConfig = dpo_setup
     policy, reference = copy.deepcopy(model).train(), copy.deepcopy(model).eval()
@@ -159,7 +159,7 @@ def test_dpo_loss_starts_where_the_formulas_say_and_learns_the_pairs(dpo_setup, 
 
 
 def test_sft_weight_adds_the_chosen_nll(dpo_setup, task):
-    from speechrl.rlhf.dpo import preference_batch, preference_loss
+    from speechrl.rlhf.trainers.dpo import preference_batch, preference_loss
 
     model, allowed, prompts, chosen, rejected, DPOConfig = dpo_setup
     batch = preference_batch(task.processor, prompts, chosen, rejected, task.tokenizer.pad_token_id)
@@ -170,7 +170,7 @@ def test_sft_weight_adds_the_chosen_nll(dpo_setup, task):
 
 def test_offline_dpo_recipe_trains_on_a_preference_file_and_skips_bad_rows(task, tts_base, tmp_path, clip):
     from speechrl.data.audio import write_wav
-    from speechrl.rlhf.dpo import run_dpo
+    from speechrl.rlhf.trainers.dpo import run_dpo
 
     write_wav(tmp_path / "good.wav", clip, 16000)
     write_wav(tmp_path / "worse.wav", np.zeros(8000, np.float32) + 0.01 * np.sin(np.arange(8000)), 16000)
@@ -194,7 +194,7 @@ def test_offline_dpo_recipe_trains_on_a_preference_file_and_skips_bad_rows(task,
 
 
 def test_online_dpo_pairs_each_groups_best_with_its_worst():
-    from speechrl.rlhf.online_dpo import best_worst_pairs
+    from speechrl.rlhf.trainers.online_dpo import best_worst_pairs
 
     total = np.array([0.1, 0.9, 0.5, 0.3, 0.3, np.nan, 0.2, 0.8, 0.0])
     valid = np.array([True, True, True, True, True, False, True, False, True])
@@ -206,8 +206,8 @@ def test_online_dpo_pairs_each_groups_best_with_its_worst():
 
 
 def test_tts_recipes_validate():
-    from speechrl.rlhf.config import RecipeError
-    from speechrl.rlhf.dpo import run_dpo
+    from speechrl.rlhf.core.config import RecipeError
+    from speechrl.rlhf.trainers.dpo import run_dpo
 
     for name in ("tts/sft", "tts/grpo", "tts/dpo", "tts/online_dpo"):
         assert load_recipe(name).mode == "tts"
@@ -218,9 +218,9 @@ def test_tts_recipes_validate():
 
 
 def test_voice_prompt_is_another_clip_of_the_same_speaker_and_reaches_the_reward_side(tts_base):
-    from speechrl.rlhf import assets
-    from speechrl.rlhf.backbone import load_processor
-    from speechrl.rlhf.tasks import TtsTask
+    from speechrl.rlhf.modes import assets
+    from speechrl.rlhf.model.backbone import load_processor
+    from speechrl.rlhf.modes.tasks import TtsTask
 
     cfg = load_recipe("tts/sft", [*tts_base, "tts.voice_prompt=true", "tts.max_voice_seconds=1.0"])
     train, _ = assets.load_datasets(cfg, 4.0)
@@ -237,8 +237,8 @@ def test_voice_prompt_is_another_clip_of_the_same_speaker_and_reaches_the_reward
 
 
 def test_eval_command_scores_a_tts_checkpoint_and_writes_its_samples(tts_base, capsys):
-    from speechrl.rlhf import assets
-    from speechrl.rlhf.cli import main
+    from speechrl.rlhf.modes import assets
+    from speechrl.rlhf.cli.main import main
 
     backbone = assets.backbone_path(load_recipe("tts/sft", tts_base))
     assert main(["eval", str(backbone), *tts_base, "--recipe", "tts/sft"]) == 0

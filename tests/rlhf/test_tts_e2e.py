@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from speechrl.rlhf.config import load_recipe
+from speechrl.rlhf.core.config import load_recipe
 
 from test_tts import FAST
 
@@ -33,7 +33,7 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 def test_tts_grpo_samples_codec_tokens_scores_decoded_audio_and_writes_samples(base):
-    from speechrl.rlhf.grpo import GRPORecipe
+    from speechrl.rlhf.trainers.grpo import GRPORecipe
 
     recipe = GRPORecipe(load_recipe("tts/grpo", [*base, "run.name=grpo"]))
     try:
@@ -64,7 +64,7 @@ def test_tts_grpo_samples_codec_tokens_scores_decoded_audio_and_writes_samples(b
 
 def test_tts_online_dpo_forms_pairs_from_ranked_samples_and_saves_them(base):
     from speechrl.data.preferences import encode_pairs, read_preferences
-    from speechrl.rlhf.online_dpo import run_online_dpo
+    from speechrl.rlhf.trainers.online_dpo import run_online_dpo
     from speechrl.rollouts.codec import CodecSpec
 
     cfg = load_recipe("tts/online_dpo", [*base, "run.name=odpo", "dpo.min_reward_gap=0", "tts.prompt_texts=grammar"])

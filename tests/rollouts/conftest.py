@@ -26,8 +26,8 @@ def synth_clip(k: int, rng: np.random.Generator) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory):
-    from speechrl.rlhf.backbone import build_tiny_backbone
-    from speechrl.rlhf.config import TinyBackboneConfig
+    from speechrl.rlhf.model.backbone import build_tiny_backbone
+    from speechrl.rlhf.core.config import TinyBackboneConfig
 
     return build_tiny_backbone(tmp_path_factory.mktemp("rollouts") / "tiny", TEXTS, TinyBackboneConfig())
 
@@ -41,8 +41,8 @@ def clips() -> list[np.ndarray]:
 @pytest.fixture(scope="session")
 def make_requests(tiny_backbone_dir, clips):
     """requests(k) -> the first k RolloutRequests (ASR prompt, one clip each, metadata {"id": i})."""
-    from speechrl.data.prompts import render_prompt
-    from speechrl.rlhf.backbone import load_backbone
+    from speechrl.rlhf.model.prompts import render_prompt
+    from speechrl.rlhf.model.backbone import load_backbone
 
     prompt = render_prompt(load_backbone(tiny_backbone_dir).processor, "asr")
 

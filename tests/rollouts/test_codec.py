@@ -135,7 +135,7 @@ def test_smoothing_averages_neighbouring_frames(tmp_path):
 
 
 def test_codec_tokens_map_into_the_backbone_block(codec, tiny_backbone_dir):
-    from speechrl.rlhf.backbone import CODEC_END, load_processor
+    from speechrl.rlhf.model.backbone import CODEC_END, load_processor
 
     tokenizer = load_processor(tiny_backbone_dir).tokenizer
     tokens = CodecTokens(tokenizer, codec)

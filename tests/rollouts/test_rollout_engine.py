@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from speechrl.rlhf.backbone import hub_state_dict, load_backbone
+from speechrl.rlhf.model.backbone import hub_state_dict, load_backbone
 
 pytestmark = pytest.mark.vllm
 SR = 16000

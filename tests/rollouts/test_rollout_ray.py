@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-from speechrl.rlhf.backbone import hub_state_dict, load_backbone
-from speechrl.rlhf.config import RolloutConfig
+from speechrl.rlhf.model.backbone import hub_state_dict, load_backbone
+from speechrl.rlhf.core.config import RolloutConfig
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray]
 SR = 16000

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from speechrl.rlhf.backbone import hub_state_dict, load_backbone
+from speechrl.rlhf.model.backbone import hub_state_dict, load_backbone
 from speechrl.rollouts.sync import TRANSPORTS, ObjectStoreTransport, merged_lora_state
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from speechrl.rlhf.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,293 @@
+"""`speechrl`: the command line. Each subcommand is a thin entry point over a recipe."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from speechrl.data.audio import BadExample
+from speechrl.rlhf.core.config import RECIPES_DIR, RecipeError, load_recipe, to_yaml
+
+EPILOG = """examples:
+  speechrl demo                                  SFT warm start then GRPO on the embedded default
+  speechrl demo tts                              the same for TTS: intelligibility before and after
+  speechrl demo realtime                         persona dialogue: SFT warm start, then PPO; drift before/after
+  speechrl train realtime/ppo run.init_from=runs/<realtime sft run>/final   realtime PPO (critic, GAE)
+  speechrl eval runs/<run>/final --recipe tts/sft  held-out TTS scores and wav samples of any checkpoint
+  speechrl eval runs/<run>/final --recipe realtime/ppo   drift by turn (judge score, out-of-character rate)
+  speechrl train asr/sft                         a shipped recipe, by name
+  speechrl train recipes/asr/sft.yaml train.steps=50 train.lr=1e-3
+  speechrl train asr/sft --resume                continue the newest asr-sft run from its checkpoint
+  speechrl show asr/grpo rollout.sampling.n=4    print the resolved, validated recipe
+  speechrl serve-reward asr_wer metric=cer       serve a reward over HTTP on 127.0.0.1:8100
+  speechrl annotate --help                       annotators' pairwise judgments: tasks, web app, export
+"""
+
+
+def _recipe(args):
+    return load_recipe(args.recipe, args.overrides)
+
+
+def cmd_train(args) -> int:
+    # `--resume train.steps=600`: argparse hands the override to --resume; give it back
+    if args.resume and "=" in args.resume and not os.path.exists(args.resume):
+        args.overrides.append(args.resume)
+        args.resume = "latest"
+    cfg = _recipe(args)
+    RUNNERS[cfg.algorithm]()(cfg, resume=args.resume)
+    return 0
+
+
+def _runner(module: str, name: str):
+    def load():
+        import importlib
+
+        return getattr(importlib.import_module(f"speechrl.rlhf.trainers.{module}"), name)
+    return load
+
+
+# algorithm -> its run function, imported when used (GRPO's brings Ray and vLLM)
+RUNNERS = {"sft": _runner("sft", "run_sft"), "grpo": _runner("grpo", "run_grpo"), "ppo": _runner("ppo", "run_ppo"),
+           "dpo": _runner("dpo", "run_dpo"), "online_dpo": _runner("online_dpo", "run_online_dpo"),
+           "reward_model": _runner("reward_model", "run_reward_model")}
+
+
+def cmd_demo(args) -> int:
+    from speechrl.rlhf.cli.demo import run_demo
+
+    overrides, mode = list(args.overrides), "asr"
+    if overrides and "=" not in overrides[0]:  # `speechrl demo tts ...`
+        mode = overrides.pop(0)
+    run_demo(overrides, output_dir=args.output_dir, mode=mode)
+    return 0
+
+
+def cmd_show(args) -> int:
+    print(to_yaml(_recipe(args)), end="")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    for path in sorted(RECIPES_DIR.rglob("*.yaml")):
+        first = next((line[2:].strip() for line in path.read_text().splitlines() if line.startswith("# ")), "")
+        print(f"{str(path.relative_to(RECIPES_DIR))[:-5]:<16} {first}")
+    return 0
+
+
+def cmd_build_backbone(args) -> int:
+    from speechrl.data.synth import read_text_list
+    from speechrl.rlhf.modes.assets import tokenizer_texts
+    from speechrl.rlhf.model.backbone import backbone_summary, build_tiny_backbone, load_backbone
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    texts = read_text_list(args.texts) if args.texts else tokenizer_texts(cfg)
+    path = build_tiny_backbone(args.out_dir, texts, cfg.model.tiny, sample_rate=cfg.data.sample_rate)
+    print(backbone_summary(load_backbone(path)))
+    return 0
+
+
+def cmd_build_corpus(args) -> int:
+    from speechrl.rlhf.modes.assets import build_synthetic_corpus
+
+    train, held = build_synthetic_corpus(load_recipe(args.recipe, args.overrides), Path(args.out_dir))
+    print(f"train manifest: {train}\nheld-out manifest: {held}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from speechrl.rlhf.modes import assets
+    from speechrl.rlhf.model.backbone import load_backbone
+    from speechrl.rlhf.modes.evaluate import evaluate_asr
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    if cfg.mode == "realtime":
+        return _eval_realtime(cfg, Path(args.checkpoint))
+    backbone = load_backbone(args.checkpoint)
+    _, held = assets.load_datasets(cfg, backbone.max_audio_seconds)
+    if cfg.mode == "tts":
+        return _eval_tts(cfg, backbone, held, Path(args.checkpoint))
+    result = evaluate_asr(backbone.model, backbone.processor, held, max_examples=cfg.data.max_eval_examples,
+                          max_new_tokens=cfg.eval_max_new_tokens)
+    for ref, hyp in result.pop("examples"):
+        print(f"ref: {ref}\nhyp: {hyp}")
+    print(" ".join(f"{k}={v:.4f}" for k, v in result.items()))
+    return 0
+
+
+def _eval_realtime(cfg, checkpoint: Path) -> int:
+    """Drift of one checkpoint, as an RL run measures it at each evaluation: the recipe's held-out
+    dialogues played greedily on vLLM engines serving the checkpoint, every reply scored in its
+    context by the recipe's rewards. Curves and replies in <checkpoint>/eval/drift/, the plot in
+    <checkpoint>/eval/drift.png."""
+    import json
+
+    from speechrl.rlhf.trainers.grpo import GRPORecipe
+
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(f"eval: {checkpoint} is not a backbone directory (no config.json); point it at a "
+                                "run's final/ or checkpoints/step-N/model/")
+    cfg.run.init_from = str(checkpoint)
+    recipe = GRPORecipe(cfg)
+    try:
+        recipe.setup_drift_evaluation(checkpoint / "eval")
+        recipe.drift.label = "/".join(checkpoint.resolve().parts[-2:])  # e.g. <run>/final
+        metrics = recipe.evaluate(0)
+    finally:
+        recipe.cleanup()
+    curves = json.loads((recipe.drift.dir / "step-00000.json").read_text())
+    print(f"{'turn':>4}  {'judge score':>11}  {'out-of-character':>16}  {'replies scored':>14}")
+    for turn, judge, ooc, scored in zip(curves["turn"], curves["judge"], curves["ooc"], curves["scored"]):
+        print(f"{turn:>4}  {judge:>11.4f}  {ooc:>16.2f}  {scored:>14}")
+    print(f"all turns: judge score {metrics['drift/judge']:.4f}, out-of-character rate {metrics['drift/ooc_rate']:.2f} "
+          f"(judge: {cfg.realtime.drift_judge}, threshold {cfg.realtime.ooc_threshold:g})")
+    print(f"replies: {recipe.drift.dir / 'step-00000.json'}\nplot: {recipe.drift.plot_path}")
+    return 0
+
+
+def _eval_tts(cfg, backbone, held, checkpoint: Path) -> int:
+    """Synthesize the held-out texts, score them with the recipe's rewards, write the samples."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from speechrl.rewards.worker import RewardWorker
+    from speechrl.rlhf.modes.tasks import TtsTask
+    from speechrl.rlhf.modes.tts_eval import TtsEvaluation
+    from speechrl.rollouts.local import synthesize_ids
+
+    class _Writer:  # TtsEvaluation writes TensorBoard audio through a run logger's `tb`
+        tb = SummaryWriter(str(checkpoint / "eval" / "tensorboard"))
+
+    task = TtsTask(cfg, backbone.processor)
+    evaluation = TtsEvaluation(cfg, task, held, checkpoint / "eval", _Writer)
+    completions = synthesize_ids(backbone.model, task, evaluation.prompt_ids, max_new_tokens=cfg.eval_max_new_tokens,
+                                 temperature=cfg.tts.eval_temperature)
+    metrics = evaluation.evaluate(0, completions, RewardWorker(cfg.rewards, task.codec_spec).score)
+    _Writer.tb.close()
+    print("\n".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    print(f"samples: {evaluation.samples_dir}")
+    return 0
+
+
+def cmd_serve_reward(args) -> int:
+    import yaml
+
+    from speechrl.rewards.registry import resolve_reward
+    from speechrl.rewards.serve import RewardServer, is_loopback, serve
+
+    kwargs = {}
+    for item in args.kwargs:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"reward argument {item!r} must look like key=value")
+        kwargs[key] = yaml.safe_load(value)
+    token = os.environ.get(args.token_env) or None
+    try:
+        reward = resolve_reward(args.reward, **kwargs)
+    except (KeyError, TypeError, AttributeError) as e:  # a KeyError's str() would add quotes
+        raise ValueError(e.args[0] if e.args else str(e)) from e
+    server = RewardServer(args.reward, reward, token, int(args.max_body_mb * 2**20), args.workers, args.max_pending)
+    if not token and is_loopback(args.host):
+        logging.getLogger(__name__).warning("no token in $%s: any local process may call this server", args.token_env)
+    serve(server, args.host, args.port)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="speechrl", description="RLHF post-training for speech models "
+                                     "(ASR, TTS, realtime dialogue) on one audio-language backbone.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def recipe_args(p, default=None):
+        p.add_argument("recipe", nargs=None if default is None else "?", default=default,
+                       help="recipe file, or a shipped recipe name such as asr/sft (see `speechrl recipes`)")
+        p.add_argument("overrides", nargs="*", help="key.path=value overrides, applied last")
+
+    p = sub.add_parser("train", help="run a recipe (SFT, GRPO, PPO, DPO or online DPO) and write a run directory")
+    recipe_args(p)
+    p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
+                   help="continue from the last checkpoint of RUN_DIR (default: run.name, else the newest run)")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("demo", help="a mode's end-to-end demo (asr, the default, tts or realtime): SFT warm start, "
+                       "then RL through Ray + vLLM (GRPO; PPO for realtime)")
+    p.add_argument("overrides", nargs="*", metavar="[MODE] OVERRIDES",
+                   help="optionally the mode (asr | tts | realtime), then key.path=value overrides for both stages")
+    p.add_argument("--output-dir", default="runs", help="parent of the demo's run directories")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("show", help="print a recipe resolved (defaults merged, overrides applied, validated)")
+    recipe_args(p)
+    p.set_defaults(fn=cmd_show)
+
+    p = sub.add_parser("recipes", help="list the shipped recipes")
+    p.set_defaults(fn=cmd_recipes)
+
+    def configured_by_recipe(p, *positionals):
+        for name in positionals:
+            p.add_argument(name)
+        p.add_argument("--recipe", default="asr/sft", help="recipe whose settings are used (default asr/sft)")
+        p.add_argument("overrides", nargs="*", help="key.path=value overrides of that recipe")
+        return p
+
+    p = configured_by_recipe(sub.add_parser("build-backbone", help="write a randomly initialized tiny backbone "
+                             "(loads in transformers and vLLM); its shape comes from the recipe's model.tiny"), "out_dir")
+    p.add_argument("--texts", help="text file (one sentence a line) to learn the tokenizer from")
+    p.set_defaults(fn=cmd_build_backbone)
+
+    p = configured_by_recipe(sub.add_parser("build-corpus", help="synthesize a spoken corpus with espeak-ng "
+                             "(manifest + wavs, train/held-out split); settings from the recipe's data.synthetic"),
+                             "out_dir")
+    p.set_defaults(fn=cmd_build_corpus)
+
+    p = configured_by_recipe(sub.add_parser("eval", help="held-out WER/CER of a backbone directory "
+                             "(a run's final/ or a checkpoint); data.eval from the recipe. With a TTS recipe "
+                             "(--recipe tts/sft): held-out reward components, samples in <checkpoint>/eval/. With a realtime "
+                             "recipe (--recipe realtime/ppo): drift by turn on the held-out dialogues, in <checkpoint>/eval/"),
+                             "checkpoint")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("serve-reward", help="serve a reward over HTTP for `remote` rewards (schema: docs/rewards.md)")
+    p.add_argument("reward", help="registered name, pkg.module:attr, or an installed package's entry point")
+    p.add_argument("kwargs", nargs="*", help="key=value arguments of the reward (values read as YAML)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; anything but loopback needs a token")
+    p.add_argument("--port", type=int, default=8100, help="port; 0 picks a free one (the URL is printed)")
+    p.add_argument("--token-env", default="SPEECHRL_REWARD_TOKEN",
+                   help="environment variable holding the bearer token clients must send (unset: no token)")
+    p.add_argument("--max-body-mb", type=float, default=64.0, help="larger requests get 413")
+    p.add_argument("--workers", type=int, default=1, help="batches scored at once, in threads (>1 only for "
+                   "thread-safe rewards)")
+    p.add_argument("--max-pending", type=int, default=32, help="requests waiting beyond this get 503 (clients retry)")
+    p.set_defaults(fn=cmd_serve_reward)
+
+    from speechrl.data.annotation.cli import add_parser as add_annotate_parser
+
+    add_annotate_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides after an option ("eval ckpt --recipe realtime/ppo key=value"): argparse fills a
+    # nargs="*" positional once, before the option, and leaves the rest over
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*(args.overrides or []), *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.fn(args)
+    # BadExample: data.on_bad_example=fail stopped at a clip; its message names the file and why
+    except (RecipeError, FileNotFoundError, FileExistsError, ValueError, BadExample) as e:
+        print(f"speechrl: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The checks a recipe passes after it is typed (config.load_recipe calls `validate`): choices,
+files that must exist, positive counts, shapes vLLM's CPU kernels accept, and what each mode and
+algorithm needs. Each failure is a RecipeError naming the key and what to set."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from speechrl.rlhf.core.config import RecipeConfig, RecipeError
+from speechrl.rlhf.core.registry import REWARD_NAME
+
+_CHOICES = {
+    "mode": ("asr", "tts", "realtime"),
+    "algorithm": ("sft", "grpo", "ppo", "dpo", "online_dpo", "reward_model"),
+    "data.on_bad_example": ("skip", "fail"),
+    "grpo.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"),
+}
+_PATHS = ("model.path", "data.train", "data.eval", "data.synthetic.texts", "run.init_from", "tts.codec", "dpo.data",
+          "realtime.dialogues")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: RecipeConfig, source: str = "recipe") -> None:
+    """Checks that the type system cannot: choices, files, ranges."""
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise RecipeError(f"{source}: `{key}` is {_get(cfg, key)!r}; choose one of {', '.join(choices)}")
+    for key in _PATHS:
+        value = _get(cfg, key)
+        if value is not None and not Path(os.path.expanduser(value)).exists():
+            raise RecipeError(f"{source}: `{key}` points to {value!r}, which does not exist")
+    tiny = cfg.model.tiny
+    for width, key in ((tiny.hidden_size, "model.tiny.hidden_size"), (tiny.encoder_dim, "model.tiny.encoder_dim")):
+        if width % tiny.num_heads or width // tiny.num_heads < 32:
+            raise RecipeError(f"{source}: `{key}`={width} with {tiny.num_heads} heads gives head_dim < 32 "
+                              "or a remainder; vLLM's CPU attention needs head_dim >= 32")
+    positive = ("train.steps", "train.batch_size", "rollout.sampling.n", "grpo.prompts_per_step", "grpo.minibatches",
+                "grpo.epochs_per_step", "rollout.num_workers", "rollout.sampling.max_new_tokens")
+    for key in positive:
+        if _get(cfg, key) < 1:
+            raise RecipeError(f"{source}: `{key}` must be >= 1, got {_get(cfg, key)}")
+    if not 0.0 < cfg.data.synthetic.heldout_fraction < 1.0:
+        raise RecipeError(f"{source}: `data.synthetic.heldout_fraction` must be in (0, 1)")
+    if cfg.algorithm in ("grpo", "online_dpo") and cfg.rollout.sampling.n < 2:
+        raise RecipeError(f"{source}: {cfg.algorithm} needs `rollout.sampling.n` >= 2 to form groups")
+    if cfg.algorithm in ("dpo", "online_dpo") and cfg.dpo.beta <= 0:
+        raise RecipeError(f"{source}: `dpo.beta` must be > 0, got {cfg.dpo.beta}")
+    texts = cfg.tts.prompt_texts
+    if texts and texts != "grammar" and not Path(os.path.expanduser(texts)).is_file():
+        raise RecipeError(f"{source}: `tts.prompt_texts` is {texts!r}: neither \"grammar\" nor a text file")
+    _validate_reward_model(cfg, source)
+    modes = {"dpo": ("tts",), "reward_model": ("tts",), "online_dpo": ("tts", "realtime")}.get(cfg.algorithm)
+    if modes and cfg.mode not in modes:
+        raise RecipeError(f"{source}: `algorithm: {cfg.algorithm}` is implemented for mode {' and '.join(modes)}; "
+                          f"got mode {cfg.mode!r}")
+    _validate_ppo(cfg, source)
+    if cfg.mode == "realtime":
+        _validate_realtime(cfg, source)
+
+
+def _validate_ppo(cfg: RecipeConfig, source: str) -> None:
+    p = cfg.ppo
+    if not (0 <= p.gamma <= 1 and 0 <= p.lam <= 1):
+        raise RecipeError(f"{source}: `ppo.gamma` and `ppo.lam` must be in [0, 1]; got {p.gamma}, {p.lam}")
+    if p.vf_coef < 0 or (p.value_clip is not None and p.value_clip < 0):
+        raise RecipeError(f"{source}: `ppo.vf_coef` and `ppo.value_clip` must be >= 0")
+    if p.kl_target is not None and (p.kl_target <= 0 or cfg.grpo.kl_coef <= 0):
+        raise RecipeError(f"{source}: adaptive KL (`ppo.kl_target`={p.kl_target}) needs kl_target > 0 and a starting "
+                          f"`grpo.kl_coef` > 0 (got {cfg.grpo.kl_coef})")
+    if cfg.algorithm == "ppo" and cfg.train.deepspeed.enabled:
+        raise RecipeError(f"{source}: `algorithm: ppo` trains a value head beside the model, which the DeepSpeed "
+                          "wrapper does not hold yet; set train.deepspeed.enabled=false")
+
+
+def _validate_realtime(cfg: RecipeConfig, source: str) -> None:
+    r = cfg.realtime
+    if r.personas not in ("builtin", "personagym") and not Path(os.path.expanduser(r.personas)).exists():
+        raise RecipeError(f"{source}: `realtime.personas` is {r.personas!r}: neither \"builtin\", \"personagym\" "
+                          "nor a persona cards file or folder (docs/personas.md)")
+    if r.personas not in ("builtin", "personagym") and r.dialogues is None:
+        raise RecipeError(f"{source}: cards of your own (`realtime.personas`={r.personas!r}) need their dialogues: "
+                          "set `realtime.dialogues` to a dialogues .jsonl (docs/personas.md)")
+    for key in ("max_turns", "drift_turns", "dialogues_per_persona", "drift_dialogues_per_persona"):
+        if getattr(r, key) < 1:
+            raise RecipeError(f"{source}: `realtime.{key}` must be >= 1, got {getattr(r, key)}")
+    if not 0.0 < r.heldout_fraction < 1.0:
+        raise RecipeError(f"{source}: `realtime.heldout_fraction` must be in (0, 1), got {r.heldout_fraction}")
+    keys = [spec.key for spec in cfg.rewards]
+    if cfg.algorithm != "sft" and r.drift_judge not in keys:
+        raise RecipeError(f"{source}: `realtime.drift_judge` is {r.drift_judge!r}, which is not among the rewards "
+                          f"({', '.join(keys)}); drift evaluation reads that reward's score")
+
+
+def _validate_reward_model(cfg: RecipeConfig, source: str) -> None:
+    import glob
+
+    rm = cfg.reward_model
+    if rm.data is not None and not glob.glob(os.path.expanduser(rm.data)):
+        raise RecipeError(f"{source}: `reward_model.data` is {rm.data!r}: no file or folder matches it")
+    if not 0.0 < rm.eval_fraction < 1.0:
+        raise RecipeError(f"{source}: `reward_model.eval_fraction` must be in (0, 1), got {rm.eval_fraction}")
+    if rm.center_coef < 0:
+        raise RecipeError(f"{source}: `reward_model.center_coef` must be >= 0, got {rm.center_coef}")
+    if rm.register_as is not None and not REWARD_NAME.fullmatch(rm.register_as):
+        raise RecipeError(f"{source}: `reward_model.register_as` is {rm.register_as!r}; use letters, digits, _ and -")
+    if cfg.algorithm == "reward_model" and (cfg.model.lora.enabled or cfg.train.deepspeed.enabled):
+        raise RecipeError(f"{source}: `algorithm: reward_model` trains all weights in one process; "
+                          "set model.lora.enabled=false and train.deepspeed.enabled=false")

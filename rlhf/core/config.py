@@ -1,0 +1,359 @@
+"""Typed recipes: YAML with `defaults:` inheritance, loaded into dataclasses and validated.
+
+Every field is documented once, here, where it is declared; every default lives here and
+nowhere else (call sites read `cfg.x`, never `cfg.get("x", default)`).
+
+A recipe file may start with `defaults: [base.yaml, ...]` (paths relative to the file); the
+listed files are merged first, in order, then the file itself, then command-line overrides
+(`key.path=value`). The merged tree is checked against `RecipeConfig`: unknown keys, wrong
+types and missing files are rejected with the key path before any work starts (the checks
+after typing: recipe_checks.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: names the file or key path and what to do."""
+
+
+@dataclass
+class TinyBackboneConfig:
+    hidden_size: int = 256  # decoder width; head_dim = hidden_size / num_heads must be >= 32 for vLLM's CPU kernels
+    num_layers: int = 4  # decoder layers
+    num_heads: int = 4  # decoder attention heads
+    num_kv_heads: int = 2  # decoder key/value heads (grouped-query attention)
+    encoder_layers: int = 2  # audio-encoder layers
+    encoder_dim: int = 256  # audio-encoder width (head_dim = encoder_dim / num_heads)
+    num_codec_tokens: int = 1024  # size of the audio-codec token block <|a0|>..<|aN-1|> in the vocabulary
+    max_audio_seconds: float = 4.0  # feature-extractor window; longer clips are rejected by the data loader
+    text_vocab_size: int = 600  # byte-level BPE vocabulary learned from the corpus texts (before specials)
+    seed: int = 0  # initialization seed
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False  # train LoRA adapters (PEFT) instead of all weights
+    r: int = 16  # adapter rank
+    alpha: int = 32  # scaling numerator (scale = alpha / r)
+    dropout: float = 0.0  # dropout on the adapter input
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )  # decoder module names that get adapters
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None  # local backbone directory; null builds the embedded tiny backbone into the cache
+    tiny: TinyBackboneConfig = field(default_factory=TinyBackboneConfig)  # shape of the embedded backbone
+    lora: LoraConfig = field(default_factory=LoraConfig)  # parameter-efficient fine-tuning
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+    freeze_audio_encoder: bool = False  # train only the adaptor and decoder; the audio tower keeps its weights
+
+
+@dataclass
+class SyntheticCorpusConfig:
+    num_utterances: int = 1200  # utterances synthesized (train + held out)
+    heldout_fraction: float = 0.1  # share kept out of training for evaluation
+    voices: list[str] = field(default_factory=lambda: ["en", "en-us", "en-gb-x-rp"])  # espeak-ng voice names
+    rates: list[int] = field(default_factory=lambda: [140, 175, 210])  # words per minute
+    pitches: list[int] = field(default_factory=lambda: [35, 50, 65])  # espeak pitch, 0-99
+    texts: Optional[str] = None  # a text file, one sentence a line; null uses the built-in command grammar
+    seed: int = 0  # sampling seed for texts and voices
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = None  # manifest (.jsonl/.csv) or saved HF dataset dir; null builds the synthetic corpus
+    eval: Optional[str] = None  # held-out manifest; null uses the synthetic corpus' held-out split
+    synthetic: SyntheticCorpusConfig = field(default_factory=SyntheticCorpusConfig)  # the embedded corpus
+    sample_rate: int = 16000  # audio is resampled to this rate
+    min_seconds: float = 0.2  # shorter clips are bad examples
+    max_seconds: Optional[float] = None  # longer clips are bad examples; null takes the backbone's audio window
+    on_bad_example: str = "skip"  # "skip" (report, count, go on) or "fail" (stop at the first bad example)
+    max_eval_examples: int = 64  # cap on held-out examples decoded at each evaluation
+
+
+@dataclass
+class DeepSpeedConfig:
+    enabled: bool = False  # wrap the trainer in DeepSpeed (gloo backend on CPU)
+    zero_stage: int = 2  # ZeRO optimization stage (0-3)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300  # optimizer steps
+    batch_size: int = 16  # examples per optimizer step (SFT) / sampled sequences per micro-batch (RL)
+    lr: float = 1e-3  # peak AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 20  # linear warm-up, then cosine decay to lr_min_ratio * lr
+    lr_min_ratio: float = 0.1  # floor of the cosine decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    eval_every: int = 100  # evaluate held-out WER every N steps (and at the end)
+    checkpoint_every: int = 100  # write a resumable checkpoint every N steps (and at the end)
+    keep_checkpoints: int = 2  # older checkpoints are deleted
+    log_every: int = 10  # write metrics every N steps
+    torch_threads: int = 0  # intra-op threads for the trainer; 0 = all CPUs of the machine (RL phases take turns)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+@dataclass
+class SamplingConfig:
+    n: int = 8  # samples per prompt (the GRPO group size)
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling
+    max_new_tokens: int = 48  # completion length cap
+
+
+@dataclass
+class GRPOConfig:
+    prompts_per_step: int = 8  # prompts per step; each gets sampling.n samples
+    advantage: str = "grpo"  # advantage estimator, by registered name
+    std_normalize: bool = True  # divide group-centred rewards by the group std (off = Dr. GRPO)
+    policy_loss: str = "clipped"  # policy loss, by registered name
+    clip_eps: float = 0.2  # lower clip of the importance ratio (1 - eps)
+    clip_eps_high: Optional[float] = None  # upper clip (1 + eps_high); null uses clip_eps
+    loss_agg: str = "token_mean"  # "token_mean" | "seq_mean_token_mean" | "seq_mean_token_sum"
+    kl_coef: float = 0.02  # weight of the KL penalty to the frozen reference; 0 skips the reference
+    kl_estimator: str = "k3"  # KL estimator, by registered name: "k1" | "k2" | "k3"
+    epochs_per_step: int = 1  # passes over each step's samples
+    minibatches: int = 1  # optimizer steps per pass: the step's samples, shuffled, split into this many (PPO: 2-4)
+
+
+@dataclass
+class PPOConfig:
+    """`algorithm: ppo` (rlhf/ppo.py). Clipping, epochs, minibatches, loss aggregation and the number of
+    episodes per step are grpo.*'s; grpo.kl_coef is the KL coefficient's starting value."""
+    gamma: float = 1.0  # discount per token within a reply (each reply is an episode of its own; docs/realtime.md)
+    lam: float = 0.95  # GAE lambda: 1 = Monte Carlo returns, 0 = one-step TD
+    vf_coef: float = 0.1  # weight of the value loss; the critic is a value head on the policy's trunk
+    value_clip: Optional[float] = 0.2  # the value may move this far from its rollout-time value; null = unclipped
+    whiten_advantages: bool = True  # standardize GAE advantages over the step's tokens
+    kl_in_reward: bool = True  # KL to the reference as a per-token reward penalty (classic RLHF); false: a loss term as in GRPO
+    kl_target: Optional[float] = None  # adaptive KL: per-reply KL the coefficient is steered to; null = fixed coefficient
+    kl_horizon: float = 10000.0  # adaptive KL: samples over which the coefficient may move by about e^0.2
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 1  # Ray actors, each hosting one vLLM engine
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    kv_cache_gib: float = 1.0  # KV-cache size per engine (CPU: host memory)
+    gpu_memory_utilization: float = 0.5  # GPU engines: fraction of device memory for vLLM
+    tensor_parallel_size: int = 1  # GPUs per engine
+    enforce_eager: bool = True  # no CUDA graphs / compilation (fast start, needed on CPU)
+    weight_transport: str = "object_store"  # how the trainer's weights reach the engines, by registered name
+    max_retries: int = 1  # a step whose rollout worker died is retried this many times on a fresh worker
+    max_model_len: int = 1024  # longest prompt + completion an engine accepts, in tokens
+    threads_per_worker: int = 0  # CPU engines' intra-op threads; 0 = the machine's CPUs shared among the workers
+
+
+@dataclass
+class RewardResources:
+    num_cpus: float = 0  # CPUs Ray reserves for each of this reward's workers
+    num_gpus: float = 0  # GPUs per worker (0.5 packs two reward models on one GPU)
+    memory_gib: float = 0  # host memory Ray reserves per worker (for placement; not a hard cap)
+    replicas: int = 1  # workers of this reward; each batch is split among them (rewards must score samples independently)
+
+    def __post_init__(self):
+        if min(self.num_cpus, self.num_gpus, self.memory_gib) < 0 or self.replicas < 1:
+            raise ValueError(f"reward resources {self}: num_cpus, num_gpus and memory_gib must be >= 0, replicas >= 1")
+
+    def declared(self) -> bool:
+        """True if the recipe asked for anything: such a reward gets workers of its own."""
+        return self != RewardResources()
+
+
+@dataclass
+class RewardSpec:
+    name: str = "asr_wer"  # registered name, dotted path "pkg.module:fn", or entry-point name
+    weight: float = 1.0  # weight in the combined reward
+    normalize: bool = True  # z-normalize this component over the batch before weighting
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the reward's constructor
+    alias: Optional[str] = None  # key in weights and logs (rewards/<alias>/...); null = name. Lets one reward be listed twice
+    resources: RewardResources = field(default_factory=RewardResources)  # none declared: shares the default reward worker
+
+    @property
+    def key(self) -> str:
+        return self.alias or self.name
+
+
+@dataclass
+class EmbeddedCodecConfig:
+    """The embedded MelUnitCodec's shape (rollouts/mel_codec.py); fit once into run.cache_dir."""
+    hop_length: int = 320  # samples per frame at 16 kHz: 20 ms, 50 frames/s
+    num_codebooks: int = 1  # residual VQ stages (ids per frame)
+    codebook_size: int = 1024  # units per codebook; num_codebooks * codebook_size <= model.tiny.num_codec_tokens
+    n_cepstra: int = 24  # DCT coefficients of the log-mel envelope kept
+    griffin_lim_iters: int = 16  # phase-reconstruction iterations when decoding
+
+
+@dataclass
+class TTSConfig:
+    codec: Optional[str] = None  # local codec dir (Mimi/DAC/EnCodec or a saved MelUnitCodec); null = the embedded one
+    embedded_codec: EmbeddedCodecConfig = field(default_factory=EmbeddedCodecConfig)
+    voice_prompt: bool = False  # put a reference clip of the same speaker, as codec tokens, in the prompt
+    max_voice_seconds: float = 3.0  # voice prompts are cut to this length
+    eval_temperature: float = 0.0  # held-out synthesis: 0 = greedy
+    eval_samples: int = 4  # held-out prompts written as wav files and TensorBoard audio at every evaluation
+    # RL prompts (GRPO, online DPO) need text only: null = the training set's texts; a text file (one
+    # sentence a line); or "grammar" = fresh sentences of the embedded command grammar. Held-out texts
+    # are always left out. A policy that memorized its SFT texts learns more from sentences it has not seen.
+    prompt_texts: Optional[str] = None
+
+
+@dataclass
+class RealtimeConfig:
+    """`mode: realtime`: persona-consistent spoken dialogue (docs/realtime.md). The reply is spoken
+    through the codec of `tts.codec` / `tts.embedded_codec`."""
+    personas: str = "builtin"  # "builtin" (4 hand-written cards), "personagym" (the shared data's benchmark), or a cards file/folder
+    dialogues: Optional[str] = None  # dialogues .jsonl; null: builtin probes (builtin personas) or PersonaGym's questions
+    dialogues_per_persona: int = 8  # builtin: generated training dialogues per persona
+    max_turns: int = 3  # user turns per training episode: each is one reply to sample and score
+    heldout_fraction: float = 0.2  # dialogues of a file or PersonaGym kept out of training, for drift evaluation
+    drift_dialogues_per_persona: int = 2  # builtin: generated held-out dialogues per persona, for drift evaluation
+    drift_turns: int = 6  # user turns of each drift dialogue, played greedily
+    drift_judge: str = "persona_judge"  # the reward (its key in `rewards`) whose score drift evaluation reads
+    ooc_threshold: float = 0.5  # drift: a turn whose judge score is below this is out of character
+    max_text_tokens: int = 48  # reply layout: text tokens before the audio must start
+    user_rate: int = 175  # user turns are spoken by espeak-ng at this rate (words per minute), then cut to the backbone's window
+    reply_voice: str = "en-us"  # SFT reference replies: espeak-ng voice, rate, pitch
+    reply_rate: int = 190
+    reply_pitch: int = 50
+    decode_replies: bool = False  # decode replies to `audio` on the reward side (rewards that listen); off: text, codec ids, reply_seconds
+
+
+@dataclass
+class DPOConfig:
+    loss: str = "sigmoid"  # preference loss, by registered name: "sigmoid" (DPO) | "ipo"
+    beta: float = 0.1  # strength of the implicit KL to the reference
+    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels (sigmoid only)
+    sft_weight: float = 0.0  # weight of the chosen completion's NLL (RPO); 0 = pure DPO
+    data: Optional[str] = None  # offline DPO: preference pairs (.jsonl or saved HF dataset dir; docs/preferences.md)
+    min_reward_gap: float = 0.0  # online DPO: a prompt forms a pair only if best - worst total reward exceeds this
+
+
+@dataclass
+class RewardModelConfig:
+    """`algorithm: reward_model` (rlhf/reward_model.py); its steps, batch size (pairs) and lr are `train.*`."""
+    data: Optional[str] = None  # preference pairs (docs/preferences.md): .jsonl, save_to_disk folder, or a .jsonl glob
+    eval_fraction: float = 0.1  # share of the pairs' texts held out (all pairs of a text on one side), drawn by seed
+    center_coef: float = 0.0  # weight of mean((r_chosen + r_rejected)^2): keeps rewards near 0 (TRL's centering term)
+    register_as: Optional[str] = None  # make the final model a reward of this name (<run.cache_dir>/reward_models/)
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # existing cluster ("auto" or host:port); null starts a local one
+    num_cpus: Optional[int] = None  # CPUs a local cluster may use; null = all
+
+
+@dataclass
+class RunConfig:
+    name: Optional[str] = None  # run directory name; null = <mode>-<algorithm>-<timestamp>
+    output_dir: str = "runs"  # parent of run directories
+    cache_dir: str = "~/.cache/speechrl"  # where the embedded backbone and corpus are built once
+    init_from: Optional[str] = None  # start from this checkpoint dir (e.g. an SFT run's final/) instead of model.path
+    save_rollouts_every: int = 0  # RL: write every Nth step's samples and rewards to rollouts/step-N.jsonl (0 = never)
+
+
+@dataclass
+class RecipeConfig:
+    mode: str = "asr"  # "asr" (audio in, transcript out), "tts" (text in, codec tokens out), "realtime" (persona dialogue, spoken replies)
+    algorithm: str = "sft"  # "sft" | "grpo" | "ppo" | "dpo" (offline, from dpo.data) | "online_dpo" (ranked samples) | "reward_model"
+    seed: int = 0  # seeds torch, numpy, python and data order
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval_max_new_tokens: int = 48  # greedy decode length cap at evaluation
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)  # PPO's critic, GAE and KL placement
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])  # combined, weighted
+    ray: RayConfig = field(default_factory=RayConfig)
+    tts: TTSConfig = field(default_factory=TTSConfig)  # TTS mode: codec, voice prompts, held-out synthesis
+    realtime: RealtimeConfig = field(default_factory=RealtimeConfig)  # realtime mode: personas, episodes, drift
+    dpo: DPOConfig = field(default_factory=DPOConfig)  # offline and online DPO
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)  # a learned preference reward (TTS)
+
+
+def resolve_recipe_path(name: str) -> Path:
+    """A file path, or a shipped recipe by name (`asr/sft` or `asr/sft.yaml`)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path.resolve()
+    shipped = RECIPES_DIR / (name if name.endswith(".yaml") else name + ".yaml")
+    if shipped.is_file():
+        return shipped
+    shipped_names = sorted(str(p.relative_to(RECIPES_DIR))[:-5] for p in RECIPES_DIR.rglob("*.yaml"))
+    raise RecipeError(f"recipe {name!r} not found: not a file, nor a shipped recipe ({', '.join(shipped_names)})")
+
+
+def _load_tree(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    if path in seen:
+        raise RecipeError(f"{path}: `defaults:` cycle through {' -> '.join(map(str, seen))}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml errors carry line numbers; keep them
+        raise RecipeError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(node, DictConfig):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(node).__name__}")
+    defaults = node.pop("defaults", [])
+    if isinstance(defaults, str):
+        defaults = [defaults]
+    if not isinstance(defaults, (list, ListConfig)):
+        raise RecipeError(f"{path}: `defaults` must be a list of recipe files")
+    merged = OmegaConf.create({})
+    for parent in defaults:
+        parent_path = (path.parent / str(parent)).resolve()
+        if not parent_path.is_file():
+            raise RecipeError(f"{path}: defaults entry {parent!r} not found at {parent_path}")
+        merged = OmegaConf.merge(merged, _load_tree(parent_path, seen + (path,)))
+    return OmegaConf.merge(merged, node)
+
+
+def load_recipe(name: str, overrides: list[str] = ()) -> RecipeConfig:
+    """Load, merge, override and validate a recipe; returns a typed `RecipeConfig`."""
+    path = resolve_recipe_path(name)
+    tree = _load_tree(path)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} must look like key.path=value")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RecipeConfig), tree)
+    except OmegaConfBaseException as e:
+        raise _value_error(str(path), e) from None
+    for item in overrides:
+        # one at a time, in place on the typed tree: merging a dotlist tree instead cannot index
+        # lists (`rewards.0.weight=2` crashed), and the error should name the override, not the file
+        try:
+            cfg.merge_with_dotlist([item])
+        except OmegaConfBaseException as e:
+            raise _value_error(f"override {item!r}", e) from None
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise _value_error(str(path), e) from None
+    typed: RecipeConfig = OmegaConf.to_object(cfg)
+    from speechrl.rlhf.core.checks import validate  # it reads the dataclasses above
+
+    validate(typed, source=str(path))
+    return typed
+
+
+def _value_error(where: str, e: OmegaConfBaseException) -> RecipeError:
+    key = getattr(e, "full_key", None) or "?"
+    return RecipeError(f"{where}: bad value at `{key}`: {e.msg if hasattr(e, 'msg') else e}")
+
+
+def to_yaml(cfg: RecipeConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

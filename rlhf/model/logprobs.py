@@ -1,0 +1,248 @@
+"""Token batches and per-token logprobs: what SFT's loss and RL's update are computed from.
+
+Token in, token out: a batch is built from prompt ids (the audio placeholder already
+expanded, exactly as vLLM saw them) and completion ids, never re-tokenized from text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from speechrl.rlhf.model.layout import LayoutMask, ReplyLayout
+
+
+@dataclass
+class TokenBatch:
+    input_ids: torch.Tensor  # [B, L] prompt + completion, right-padded
+    attention_mask: torch.Tensor  # [B, L]
+    input_features: Optional[torch.Tensor]  # [B, mel, frames] log-mel of each example's audio; None: text-only prompts
+    feature_attention_mask: Optional[torch.Tensor]  # [B, frames]
+    completion_mask: torch.Tensor  # [B, L-1] True where the next token is a completion token
+    # Row i's prompt is shared with the other rows of group audio_index[i]: GRPO's n samples of a
+    # prompt share one clip (ASR) or one text prompt (TTS), so each is stored (and run) once; with
+    # audio, input_features[audio_index[i]] is row i's clip. None: every row has its own prompt.
+    audio_index: Optional[torch.Tensor] = None
+
+
+def audio_features(processor, audios: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    fe = processor.feature_extractor
+    out = fe(audios, sampling_rate=fe.sampling_rate, padding="max_length", return_attention_mask=True,
+             return_tensors="pt")
+    return out["input_features"], out["attention_mask"]
+
+
+def prompt_ids_for(processor, prompt: str, audio: np.ndarray) -> list[int]:
+    """Prompt ids with `<|AUDIO|>` expanded to this clip's length (what vLLM produces too)."""
+    out = processor(text=[prompt], audio=[audio], sampling_rate=processor.feature_extractor.sampling_rate)
+    return list(out["input_ids"][0])
+
+
+def build_token_batch(processor, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                      audios: list[Optional[np.ndarray]], pad_id: int) -> TokenBatch:
+    """Right-padded prompt + completion rows. `audios[i]` is row i's clip, or None for text-only
+    prompts (TTS; then every row must be None). Rows with the same clip object (ASR) or the same
+    prompt ids (text-only) are grouped, so their prompt is encoded and run once (audio_index)."""
+    seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    comp = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        ids[i, : len(p) + len(c)] = torch.tensor(list(p) + list(c))
+        attn[i, : len(p) + len(c)] = 1
+        # position t predicts token t+1: completion tokens sit at len(p) .. len(p)+len(c)-1
+        comp[i, len(p) - 1 : len(p) + len(c) - 1] = True
+    text_only = [a is None for a in audios]
+    if any(text_only):
+        if not all(text_only):
+            raise ValueError("a batch mixes rows with and without audio; build one batch per mode")
+        prompts: dict[tuple, int] = {}
+        index = [prompts.setdefault(tuple(p), len(prompts)) for p in prompt_ids]
+        return TokenBatch(ids, attn, None, None, comp, torch.tensor(index) if len(prompts) < len(index) else None)
+    unique: dict[int, int] = {}  # id(clip) -> position among the distinct clips
+    index = [unique.setdefault(id(a), len(unique)) for a in audios]
+    if len(unique) == len(audios):
+        return TokenBatch(ids, attn, *audio_features(processor, audios), comp)
+    distinct = list({id(a): a for a in audios}.values())
+    feats, feat_mask = audio_features(processor, distinct)
+    return TokenBatch(ids, attn, feats, feat_mask, comp, torch.tensor(index))
+
+
+# The decoding constraint as the trainer applies it: a [V] bool mask (ASR, TTS: a static list of
+# allowed ids), a LayoutMask (realtime: the allowed ids change within the completion), or None.
+Allowed = Optional[Union[torch.Tensor, LayoutMask]]
+
+
+def vocab_mask(allowed_ids: Union[list[int], ReplyLayout], vocab_size: int) -> Union[torch.Tensor, LayoutMask]:
+    """The trainer's form of a decoding constraint: a [V] mask of a list of ids, or a LayoutMask."""
+    if isinstance(allowed_ids, ReplyLayout):
+        return LayoutMask(allowed_ids, vocab_size)
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    mask[torch.tensor(allowed_ids)] = True
+    return mask
+
+
+def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, allowed: Allowed = None,
+                   with_hidden: bool = False):
+    """log p(token_{t+1} | <= t) for every position, [B, L-1]; read it where completion_mask is True.
+
+    Logits are divided by the sampling temperature so the result is the logprob of the
+    distribution the rollout actually sampled from (vLLM reports the same, see rollouts/engine.py).
+    Rows that share a clip (GRPO's n samples of a prompt, `batch.audio_index`) share their prompt
+    too: it is run once per clip and only completion positions are filled in (prompt ones are 0).
+    With `with_hidden`, also the decoder's last hidden states on the same grid, [B, L-1, H] (the
+    state from which each token is predicted; what a value head on the policy's trunk reads).
+    """
+    if batch.audio_index is not None and not _checkpointing(model):
+        logp, hidden = _shared_prompt_logprobs(model, batch, temperature, allowed, with_hidden)
+        return (logp, hidden) if with_hidden else logp
+    if batch.audio_index is None:
+        audio = {} if batch.input_features is None else dict(input_features=batch.input_features,
+                                                              feature_attention_mask=batch.feature_attention_mask)
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=with_hidden,
+                    **audio)
+    else:  # gradient checkpointing forbids the KV cache the shared-prompt path needs
+        embeds = _inputs_embeds(model, batch.input_ids, batch.input_features, batch.feature_attention_mask,
+                                batch.audio_index)
+        out = model(inputs_embeds=embeds, attention_mask=batch.attention_mask, output_hidden_states=with_hidden)
+    logp = _logprobs(out.logits[:, :-1], batch.input_ids[:, 1:], temperature, allowed, batch.completion_mask)
+    return (logp, out.hidden_states[-1][:, :-1]) if with_hidden else logp
+
+
+def _logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, allowed: Allowed,
+              valid: torch.Tensor) -> torch.Tensor:
+    """`valid` [B, T] marks completion positions: a LayoutMask's phases are counted over them."""
+    logits = logits.float()
+    if isinstance(allowed, LayoutMask):  # per position, as rollouts/layout.py's processor masked it in vLLM
+        logits = logits.masked_fill(~allowed.for_targets(targets, valid).to(logits.device), float("-inf"))
+    elif allowed is not None:  # the decoding constraint, applied as vLLM applies allowed_token_ids
+        logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+    if temperature != 1.0:
+        logits = logits / temperature
+    # gather-then-logsumexp: avoids materializing a full [B, L, V] log_softmax copy
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp = picked - torch.logsumexp(logits, dim=-1)
+    # prompt positions hold tokens outside the constraint (e.g. <|AUDIO|>): -inf there would turn
+    # masked sums into NaN. Completion tokens were sampled under the constraint, so stay finite.
+    return torch.where(torch.isfinite(picked), logp, torch.zeros_like(logp))
+
+
+def _checkpointing(model) -> bool:
+    return bool(getattr(audio_model(model).language_model, "gradient_checkpointing", False))
+
+
+def _shared_prompt_logprobs(model, batch: TokenBatch, temperature: float, allowed: Allowed,
+                            with_hidden: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """token_logprobs for rows grouped by clip: each distinct prompt (audio encoder and decoder)
+    runs once, its KV cache is repeated for the group's rows, and only the completions run per row.
+
+    On a GRPO batch (n samples of ~100 audio tokens + ~10 completion tokens each) this is about n
+    times less decoder work than running every row in full; gradients flow through the shared cache.
+    """
+    ids, comp, index = batch.input_ids, batch.completion_mask, batch.audio_index
+    rows, width = ids.shape
+    prompt_len = comp.int().argmax(-1) + 1  # the first completion token sits right after the prompt
+    comp_len = comp.sum(-1)
+    if bool((comp_len == 0).any()):
+        raise ValueError("a row has no completion tokens; drop empty completions before the update")
+    groups = int(index.max()) + 1
+    first_row = torch.stack([(index == g).nonzero()[0, 0] for g in range(groups)])
+    longest = int(prompt_len[first_row].max())
+    prompt_ids = ids[first_row, :longest]
+    prompt_mask = torch.arange(longest)[None, :] < prompt_len[first_row][:, None]
+    head = first_row[index]  # each row's group representative
+    differs = (prompt_len != prompt_len[head]) | ((ids[:, :longest] != ids[head, :longest]) & prompt_mask[index]).any(-1)
+    if bool(differs.any()):
+        r = int(differs.nonzero()[0, 0])
+        raise ValueError(f"row {r} shares clip {int(index[r])} with row {int(head[r])} but not its prompt ids")
+    embeds = _inputs_embeds(model, prompt_ids, batch.input_features, batch.feature_attention_mask,
+                            torch.arange(groups))
+    prompt_out = model(inputs_embeds=embeds, attention_mask=prompt_mask.long(), use_cache=True,
+                       output_hidden_states=with_hidden)
+    cache = prompt_out.past_key_values
+    cache.reorder_cache(index)  # one copy of its prompt's keys/values per row (differentiable)
+
+    steps = int(comp_len.max())
+    positions = prompt_len[:, None] + torch.arange(steps)[None, :]  # where completion tokens sit in `ids`
+    valid = torch.arange(steps)[None, :] < comp_len[:, None]
+    comp_ids = ids.gather(1, positions.clamp(max=width - 1))
+    attention = torch.cat([prompt_mask[index], valid], dim=1).long()
+    comp_out = model(input_ids=comp_ids, attention_mask=attention, position_ids=positions,
+                     past_key_values=cache, output_hidden_states=with_hidden)
+
+    def predicting(prompt_part: torch.Tensor, comp_part: torch.Tensor) -> torch.Tensor:
+        # completion token t is predicted by the previous position: the prompt's last one for t = 0
+        return torch.cat([prompt_part[index, prompt_len - 1][:, None], comp_part[:, :-1]], dim=1)
+
+    logp = _logprobs(predicting(prompt_out.logits, comp_out.logits), comp_ids, temperature, allowed, valid)
+    r, t = valid.nonzero(as_tuple=True)
+    where = (r, positions[r, t] - 1)  # back onto the [rows, width - 1] grid of the plain path
+    grid = torch.zeros(rows, width - 1, dtype=logp.dtype).index_put(where, logp[r, t])
+    if not with_hidden:
+        return grid, None
+    hidden = predicting(prompt_out.hidden_states[-1], comp_out.hidden_states[-1])
+    return grid, hidden.new_zeros(rows, width - 1, hidden.shape[-1]).index_put(where, hidden[r, t])
+
+
+def audio_model(model):
+    """The Qwen2AudioModel (audio tower, projector, decoder) under PEFT / DeepSpeed wrappers."""
+    model = unwrap(model)
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return model.model
+
+
+def encode_audio(model, features: torch.Tensor, feature_mask: torch.Tensor) -> list[torch.Tensor]:
+    """Audio tower + projector: one [audio tokens, hidden] tensor per clip.
+
+    Written out because transformers' Qwen2-Audio forward encodes each row's clip itself, and a
+    GRPO batch repeats every clip n times; this encodes each distinct clip once. The steps mirror
+    Qwen2AudioModel.forward (transformers 5.x); test_policy checks the two agree.
+    """
+    from transformers.masking_utils import create_bidirectional_mask
+
+    inner = audio_model(model)
+    tower = inner.audio_tower
+    feat_lengths, out_lengths = tower._get_feat_extract_output_lengths(feature_mask.sum(-1))
+    frames = (features.shape[-1] - 2) // 2 + 1
+    valid = torch.arange(frames, device=features.device)[None, :] < feat_lengths[:, None]
+    mask = create_bidirectional_mask(config=tower.config,
+                                     inputs_embeds=torch.zeros(len(features), frames, 1, device=features.device),
+                                     attention_mask=valid.long())
+    trainable = any(p.requires_grad for p in tower.parameters())
+    with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+        hidden = tower(features, attention_mask=mask).last_hidden_state
+    projected = inner.multi_modal_projector(hidden)
+    return [projected[i, : int(out_lengths[i])] for i in range(len(projected))]
+
+
+def _inputs_embeds(model, input_ids: torch.Tensor, features: torch.Tensor, feature_mask: torch.Tensor,
+                   audio_index: torch.Tensor) -> torch.Tensor:
+    """Token embeddings with row i's placeholders filled by clip audio_index[i], each clip encoded once
+    (no features: text-only prompts, plain token embeddings)."""
+    inner = audio_model(model)
+    embeds = inner.get_input_embeddings()(input_ids)
+    if features is None:
+        return embeds
+    clips = encode_audio(model, features, feature_mask)
+    audio = torch.cat([clips[int(i)] for i in audio_index]).to(embeds.dtype)
+    slots = (input_ids == inner.config.audio_token_id).unsqueeze(-1)
+    if int(slots.sum()) != len(audio):
+        raise ValueError(f"{int(slots.sum())} audio placeholder tokens in the batch but {len(audio)} audio "
+                         "frames encoded: prompt ids must come from the same processor and clip")
+    return embeds.masked_scatter(slots, audio)
+
+
+def sft_loss(model, batch: TokenBatch) -> torch.Tensor:
+    """Mean next-token cross-entropy over completion tokens."""
+    logp = token_logprobs(model, batch)
+    mask = batch.completion_mask
+    return -(logp * mask).sum() / mask.sum().clamp(min=1)
+
+
+def unwrap(model):
+    """The plain transformers model under PEFT / DeepSpeed wrappers (merged view for LoRA)."""
+    model = getattr(model, "module", model)
+    return model

@@ -1,0 +1,96 @@
+"""The policy side shared by SFT and RL: building the trainable model (LoRA, freezing, reference),
+saving and restoring it, seeds and threads. Batches and logprobs live in rlhf/logprobs.py."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from speechrl.rlhf.model.logprobs import audio_model, unwrap
+from speechrl.rlhf.model.optim import Optimizer
+
+
+def freeze_audio_encoder(model) -> None:
+    audio_model(model).audio_tower.requires_grad_(False)
+
+
+def apply_lora(model, lora_cfg):
+    """Wrap the decoder's linear layers with PEFT LoRA; the audio encoder stays frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                        # a regex: adapters on the decoder only, never the audio tower's projections
+                        target_modules=r".*language_model.*\.(" + "|".join(lora_cfg.target_modules) + ")$")
+    return get_peft_model(model, config)
+
+
+def exportable_model(model):
+    """A model whose state dict is full backbone weights: LoRA merged into a copy."""
+    model = unwrap(model)
+    if hasattr(model, "merge_and_unload"):
+        return copy.deepcopy(model).merge_and_unload()
+    return model
+
+
+def save_policy(model, processor, optimizer: Optimizer, path: Path, lora: bool) -> None:
+    """A resumable policy checkpoint: merged backbone (loads in transformers and vLLM), the LoRA
+    adapter when there is one (resume continues training it, not the merged copy), optimizer state."""
+    from speechrl.rlhf.model.backbone import save_backbone
+
+    path.mkdir(parents=True, exist_ok=True)
+    save_backbone(exportable_model(model), processor, path / "model")
+    if lora:
+        unwrap(model).save_pretrained(path / "adapter")
+    optimizer.save(path)
+
+
+def load_policy(model, optimizer: Optimizer, path: Path, lora: bool) -> None:
+    """Restore what `save_policy` wrote into a model built from the same base (full weights load with it)."""
+    if lora:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(unwrap(model), load_file(str(path / "adapter" / "adapter_model.safetensors")))
+    optimizer.load(path)
+
+
+@dataclass
+class TrainablePolicy:
+    backbone: object  # rlhf.backbone.Backbone: processor, tokenizer, the plain model
+    model: torch.nn.Module  # what trains: the backbone's model under PEFT / DeepSpeed wrappers
+    optimizer: Optimizer
+    reference: Optional[torch.nn.Module]  # frozen starting policy, for KL; None when not asked for
+
+
+def build_policy(cfg, base_path: Path, checkpoint: Optional[Path] = None, with_reference: bool = False, *,
+                 updates_per_step: int = 1, extra_params: Sequence[torch.nn.Parameter] = ()) -> TrainablePolicy:
+    """The trainable policy of SFT and RL alike: backbone (from `checkpoint` when resuming),
+    gradient checkpointing, LoRA, optimizer, and the checkpoint's adapter/optimizer state.
+    `updates_per_step` and `extra_params` go to the Optimizer (RL's epochs x minibatches, a value head)."""
+    from speechrl.rlhf.model.backbone import load_backbone
+
+    lora = cfg.model.lora.enabled
+    # LoRA resumes from the base plus the saved adapter; full fine-tuning from the saved weights
+    backbone = load_backbone(checkpoint / "model" if checkpoint and not lora else base_path)
+    reference = None
+    if with_reference:
+        # the run's starting weights, also when resuming: a reference that moved with the
+        # checkpoints would anchor KL to the wrong policy
+        start = backbone.model if backbone.path == Path(base_path) else load_backbone(base_path).model
+        reference = (copy.deepcopy(start) if start is backbone.model else start).eval().requires_grad_(False)
+    model = backbone.model
+    if cfg.model.freeze_audio_encoder:
+        freeze_audio_encoder(model)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if lora:
+        model = apply_lora(model, cfg.model.lora)
+    model.train()
+    optimizer = Optimizer(model, cfg.train, cfg.train.steps, updates_per_step=updates_per_step,
+                          extra_params=extra_params)
+    if checkpoint:
+        load_policy(optimizer.model, optimizer, checkpoint, lora)
+    return TrainablePolicy(backbone, optimizer.model, optimizer, reference)

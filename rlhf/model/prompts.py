@@ -1,0 +1,75 @@
+"""Prompt builders, one per operational mode, found by name.
+
+A builder turns an example into chat messages; the backbone's chat template renders them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from speechrl.rlhf.core.registry import Registry
+from speechrl.rlhf.model.backbone import CODEC_END
+
+PROMPT_BUILDERS: Registry = Registry("prompt builder")
+
+ASR_INSTRUCTION = "Transcribe the audio."
+TTS_INSTRUCTION = "Say:"
+VOICE_INSTRUCTION = "Voice:"
+REALTIME_INSTRUCTION = "Stay in character as this persona, and reply to what the user just said."
+
+
+@PROMPT_BUILDERS.register("asr")
+def asr_messages(example=None) -> list[dict]:
+    """One user turn: the audio, then the instruction. The reply is the transcript."""
+    return [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": ASR_INSTRUCTION}]}]
+
+
+@PROMPT_BUILDERS.register("tts")
+def tts_messages(example=None) -> list[dict]:
+    """One user turn: optionally a voice prompt (codec tokens, already rendered as `<|aN|>` text and
+    closed by `<|codec_end|>`), then the text to say. The reply is codec tokens, then `<|codec_end|>`.
+
+    `example`: a mapping with "text" and optionally "voice" (the rendered voice tokens)."""
+    if not example or not str(example.get("text", "")).strip():
+        raise ValueError("tts prompt: the example has no text to say")
+    voice = f"{VOICE_INSTRUCTION} {example['voice']}\n" if example.get("voice") else ""
+    return [{"role": "user", "content": f"{voice}{TTS_INSTRUCTION} {example['text'].strip()}"}]
+
+
+@PROMPT_BUILDERS.register("realtime")
+def realtime_messages(example=None) -> list[dict]:
+    """A system turn with the instruction and the persona card, the dialogue so far as text turns,
+    then the user's latest turn as audio (the one placeholder the audio encoder fills). The reply
+    is text, then codec tokens, then `<|codec_end|>` (rollouts/layout.py).
+
+    `example`: a mapping with "persona" (the rendered card) and "history" (the earlier turns, each
+    {"role": "user" | "assistant", "text": ...}; an assistant turn as its text only)."""
+    if not example or not str(example.get("persona", "")).strip():
+        raise ValueError("realtime prompt: the example has no persona card")
+    messages = [{"role": "system", "content": f"{REALTIME_INSTRUCTION}\n{example['persona']}"}]
+    for turn in example.get("history") or ():
+        if turn["role"] not in ("user", "assistant"):
+            raise ValueError(f"realtime prompt: a history turn's role is {turn['role']!r}; use user or assistant")
+        messages.append({"role": turn["role"], "content": turn["text"]})
+    messages.append({"role": "user", "content": [{"type": "audio"}]})
+    return messages
+
+
+def render_prompt(processor, mode: str, example=None) -> str:
+    """The prompt text (audio placeholder unexpanded), ending where the model's reply starts."""
+    messages = PROMPT_BUILDERS.get(mode)(example)
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def template_texts(processor=None) -> list[str]:
+    """The fixed text of every mode's prompts, so a tiny backbone's tokenizer learns it compactly."""
+    return ["You are a helpful assistant.", "system", "user", "assistant", "Audio 1:", ASR_INSTRUCTION]
+
+
+def render_tts_prompt(processor, text: str, voice_ids: Optional[list[int]] = None) -> str:
+    """The TTS prompt text; a voice prompt (backbone codec-token ids) is written as its `<|aN|>`
+    tokens, closed by `<|codec_end|>`. A function, so a reward model reads prompts written this same way."""
+    voice = None
+    if voice_ids:
+        tokenizer = processor.tokenizer
+        voice = "".join(tokenizer.convert_ids_to_tokens(list(voice_ids) + [tokenizer.convert_tokens_to_ids(CODEC_END)]))
+    return render_prompt(processor, "tts", {"text": text, "voice": voice})

@@ -1,0 +1,101 @@
+"""What a recipe runs on: the backbone directory and the speech data, built on first use.
+
+The embedded default needs nothing downloaded: a tiny random backbone and a synthetic
+spoken corpus are built into `run.cache_dir` once and reused.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from speechrl.data.manifest import SpeechDataset, read_manifest
+from speechrl.data.synth import build_corpus, command_sentences, read_text_list
+from speechrl.rlhf.model.backbone import default_tiny_dir, ensure_tiny_backbone
+from speechrl.rlhf.core.config import RecipeConfig
+
+log = logging.getLogger(__name__)
+
+
+def corpus_texts(cfg: RecipeConfig) -> list[str] | None:
+    s = cfg.data.synthetic
+    return read_text_list(s.texts) if s.texts else None
+
+
+def backbone_path(cfg: RecipeConfig) -> Path:
+    """run.init_from, else model.path, else the embedded tiny backbone (built once)."""
+    if cfg.run.init_from:
+        path = Path(cfg.run.init_from).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"run.init_from={path} is not a backbone directory (no config.json); "
+                                    "point it at a run's final/ or checkpoints/step-N/model/")
+        return path
+    if cfg.model.path:
+        return Path(cfg.model.path).expanduser()
+    if cfg.mode == "realtime":  # a tokenizer learnt on persona cards and dialogues, so prompts stay short
+        from speechrl.rlhf.modes import realtime_data
+
+        texts = realtime_data.tokenizer_texts(cfg)
+        plain = default_tiny_dir(cfg.run.cache_dir, cfg.model.tiny)
+        return ensure_tiny_backbone(cfg.run.cache_dir, cfg.model.tiny, lambda: texts, cfg.data.sample_rate,
+                                    path=plain.with_name(f"{plain.name}-realtime-{realtime_data.texts_key(texts)}"))
+    return ensure_tiny_backbone(cfg.run.cache_dir, cfg.model.tiny, lambda: tokenizer_texts(cfg), cfg.data.sample_rate)
+
+
+def tokenizer_texts(cfg: RecipeConfig) -> list[str]:
+    """What a tiny backbone's tokenizer learns from: the corpus' own texts, else the command grammar."""
+    return corpus_texts(cfg) or command_sentences(5000, seed=cfg.model.tiny.seed)
+
+
+def corpus_dir(cfg: RecipeConfig) -> Path:
+    """One directory per corpus setting, so an ASR and a TTS recipe never rebuild each other's corpus
+    (the default setting keeps its historical name)."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from speechrl.rlhf.core.config import SyntheticCorpusConfig
+
+    s = cfg.data.synthetic
+    name = f"synthetic-{s.seed}"
+    if s != SyntheticCorpusConfig(seed=s.seed):
+        name += "-" + hashlib.sha1(json.dumps(asdict(s), sort_keys=True).encode()).hexdigest()[:10]
+    return Path(cfg.run.cache_dir).expanduser() / "corpora" / name
+
+
+def manifests(cfg: RecipeConfig) -> tuple[Path, Path]:
+    """(train, eval) manifests: the recipe's, or the synthetic corpus' split."""
+    if cfg.data.train and cfg.data.eval:
+        return Path(cfg.data.train).expanduser(), Path(cfg.data.eval).expanduser()
+    train, heldout = build_synthetic_corpus(cfg, corpus_dir(cfg))
+    return (Path(cfg.data.train).expanduser() if cfg.data.train else train,
+            Path(cfg.data.eval).expanduser() if cfg.data.eval else heldout)
+
+
+def build_synthetic_corpus(cfg: RecipeConfig, out_dir: Path) -> tuple[Path, Path]:
+    """The recipe's `data.synthetic` corpus in `out_dir` (reused when already built); (train, held-out)."""
+    s = cfg.data.synthetic
+    return build_corpus(out_dir, num_utterances=s.num_utterances, heldout_fraction=s.heldout_fraction,
+                        voices=tuple(s.voices), rates=tuple(s.rates), pitches=tuple(s.pitches),
+                        texts=corpus_texts(cfg), sample_rate=cfg.data.sample_rate, seed=s.seed)
+
+
+def load_datasets(cfg: RecipeConfig, max_audio_seconds: float):
+    """(train, held-out) datasets of (example, audio) pairs: speech manifests (ASR, TTS), or the
+    realtime mode's dialogue turns with their reference replies (rlhf/realtime_data.py)."""
+    if cfg.mode == "realtime":
+        from speechrl.rlhf.modes.realtime_data import realtime_datasets
+
+        return realtime_datasets(cfg, max_audio_seconds)
+    train_path, eval_path = manifests(cfg)
+    max_seconds = cfg.data.max_seconds or max_audio_seconds
+    if max_seconds > max_audio_seconds:
+        raise ValueError(f"data.max_seconds={max_seconds} exceeds the backbone's audio window "
+                         f"({max_audio_seconds} s); longer clips would be truncated")
+    kw = dict(sample_rate=cfg.data.sample_rate, min_seconds=cfg.data.min_seconds, max_seconds=max_seconds,
+              on_bad=cfg.data.on_bad_example)
+    train, held = SpeechDataset(read_manifest(train_path), **kw), SpeechDataset(read_manifest(eval_path), **kw)
+    for name, ds in (("train", train), ("eval", held)):
+        if len(ds) == 0:
+            raise ValueError(f"{name} data ({train_path if name == 'train' else eval_path}) has no usable "
+                             f"examples: {ds.summary()}")
+    return train, held

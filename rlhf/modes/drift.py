@@ -1,0 +1,116 @@
+"""Drift evaluation: does the policy stay in character as a dialogue grows long?
+
+The held-out drift dialogues (`realtime.drift_turns` user turns each, longer than the training
+episodes) are played greedily on the rollout engines, and every reply is scored by the recipe's
+rewards in its context. The judge's score (the reward `realtime.drift_judge`, by default
+`persona_judge`, in [0, 1]) is then read by turn index (turns counted from 1):
+
+    drift/judge/turn_<k>   mean judge score of the replies at turn k
+    drift/ooc/turn_<k>     out-of-character rate at turn k: the share of scored replies whose judge
+                           score is below `realtime.ooc_threshold` (0.5: an expected rating under
+                           3 of 5, "mostly out of character")
+    drift/judge, drift/ooc_rate, drift/judge_last_turn   over all turns, and at the last turn
+
+Each evaluation writes `drift/step-<N>.json` in the run directory (the curves, and every reply with
+its score) and redraws `drift.png`: both curves against the turn index, one line per evaluation,
+the first ("before": the starting policy) and the last ("after") drawn boldest.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from speechrl.rlhf.modes.episodes import Generate, run_episodes
+
+
+def drift_curves(turns: list[int], scores: np.ndarray, threshold: float) -> dict[str, list[float]]:
+    """Per turn index (0-based in `turns`; reported from 1): how many replies were scored, their
+    mean judge score, and the share below `threshold`. NaN scores (unscored) are left out."""
+    scores = np.asarray(scores, dtype=float)
+    out: dict[str, list[float]] = {"turn": [], "scored": [], "judge": [], "ooc": []}
+    for k in sorted(set(turns)):
+        at = scores[[i for i, t in enumerate(turns) if t == k]]
+        at = at[np.isfinite(at)]
+        out["turn"].append(k + 1)
+        out["scored"].append(int(at.size))
+        out["judge"].append(float(at.mean()) if at.size else math.nan)
+        out["ooc"].append(float((at < threshold).mean()) if at.size else math.nan)
+    return out
+
+
+class DriftEvaluation:
+    """The drift dialogues of a run, how to play and score them, and where the curves go."""
+
+    def __init__(self, cfg, task, dialogues, speech, run_dir: Path):
+        if not dialogues:
+            raise ValueError("drift evaluation: no held-out dialogues (realtime.drift_dialogues_per_persona, "
+                             "realtime.heldout_fraction)")
+        self.cfg, self.task, self.dialogues, self.speech = cfg, task, list(dialogues), speech
+        self.dir = Path(run_dir) / "drift"
+        self.label = None  # the plot's name for these curves (default "step N"); eval names the checkpoint
+        self.plot_path = Path(run_dir) / "drift.png"
+
+    def evaluate(self, step: int, generate: Generate, score: Callable) -> dict:
+        """Play the drift dialogues with `generate(requests)` (greedy), score them with
+        `score(samples, requests) -> ScoreResult`; write the step's file and the plot; the metrics."""
+        r = self.cfg.realtime
+        requests, samples = run_episodes(self.task, self.dialogues, self.speech, r.drift_turns, generate, n=1)
+        result = score(samples, requests)
+        if r.drift_judge not in result.rewards:
+            raise KeyError(f"drift evaluation: no reward {r.drift_judge!r} among {sorted(result.rewards)} "
+                           "(realtime.drift_judge)")
+        judge = np.asarray(result.rewards[r.drift_judge], dtype=float)
+        turns = [int(s.metadata["turn"]) for s in samples]
+        curves = drift_curves(turns, judge, r.ooc_threshold)
+        scored = judge[np.isfinite(judge)]
+        metrics = {"drift/judge": float(scored.mean()) if scored.size else math.nan,
+                   "drift/ooc_rate": float((scored < r.ooc_threshold).mean()) if scored.size else math.nan,
+                   "drift/judge_last_turn": curves["judge"][-1]}
+        for k, mean, ooc in zip(curves["turn"], curves["judge"], curves["ooc"]):
+            metrics[f"drift/judge/turn_{k}"], metrics[f"drift/ooc/turn_{k}"] = mean, ooc
+        replies = [{"id": s.metadata["id"], "user": s.metadata["user_text"], "reply": self.task.parse(s.completion_ids).text,
+                    "seconds": s.metadata["reply_seconds"], "judge": None if not np.isfinite(j) else float(j)}
+                   for s, j in zip(samples, judge)]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / f"step-{step:05d}.json").write_text(json.dumps(
+            {"step": step, **({"label": self.label} if self.label else {}), "threshold": r.ooc_threshold, "judge": r.drift_judge, **curves, "replies": replies},
+            indent=1) + "\n")
+        plot_drift(self.dir, self.plot_path)
+        return metrics
+
+
+def plot_drift(folder: Path, out: Path) -> Path:
+    """Judge score and out-of-character rate against the turn index, one line per `step-*.json`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("step-*.json"))]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.7))
+    for i, run in enumerate(runs):
+        edge = i in (0, len(runs) - 1)
+        label = run.get("label") or f"step {run['step']}" + ("" if len(runs) == 1 else " (before)" if i == 0
+                                                             else " (after)" if i == len(runs) - 1 else "")
+        style = dict(marker="o", linewidth=2.2 if edge else 0.8, alpha=1.0 if edge else 0.45, label=label)
+        axes[0].plot(run["turn"], run["judge"], **style)
+        axes[1].plot(run["turn"], run["ooc"], **style)
+    threshold = runs[-1]["threshold"] if runs else 0.5
+    axes[0].axhline(threshold, color="grey", linestyle=":", linewidth=1)
+    for ax, title in zip(axes, ("judge score (mean)", f"out-of-character rate (score < {threshold:g})")):
+        ax.set_title(title)
+        ax.set_xlabel("turn")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, len(runs)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))  # room for the legend under the panels, clear of the curves
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out

@@ -1,0 +1,105 @@
+"""Held-out evaluation of the TTS mode: synthesize the held-out texts, score them, keep samples.
+
+At every evaluation the same held-out prompts are synthesized (greedy by default), decoded by the
+recipe's codec, and scored by the recipe's rewards; each reward component's mean is logged as
+`eval/<reward>/<component>` (e.g. `eval/tts_intelligibility/cer`). The first `tts.eval_samples`
+prompts are written as wav files, `samples/step-<N>/<id>.wav`, and as TensorBoard audio, so a run
+can be listened to before and after; `samples/reference/` holds the corpus recordings of the same
+texts and their codec round trip (the best the policy could do with this codec).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from speechrl.data.audio import write_wav
+
+log = logging.getLogger(__name__)
+
+
+class TtsEvaluation:
+    """The held-out prompts of a TTS run, how to score their completions, and where samples go."""
+
+    def __init__(self, cfg, task, eval_set, run_dir: Path, logger):
+        self.cfg, self.task, self.logger = cfg, task, logger
+        self.items = [eval_set[i] for i in range(min(len(eval_set), cfg.data.max_eval_examples))]
+        self.prompt_ids = [task.prompt_ids(ex.text, task.voice(ex, eval_set)) for ex, _ in self.items]
+        self.prompts = [task.render(ex.text, task.voice(ex, eval_set)) for ex, _ in self.items]
+        self.samples_dir = Path(run_dir) / "samples"
+        self._write_references()
+
+    def batch(self, completions: list[list[int]]) -> dict:
+        """The reward batch for these completions (codec ids; the reward side decodes them)."""
+        exs = [ex for ex, _ in self.items]
+        return {"completions": [""] * len(completions), "completion_ids": completions, "mode": "tts",
+                "codec_ids": [self.task.codec_ids(c) for c in completions],
+                "id": [ex.id for ex in exs], "text": [ex.text for ex in exs], "speaker": [ex.speaker for ex in exs]}
+
+    def evaluate(self, step: int, completions: list[list[int]], score: Callable) -> dict:
+        """Score completions of the held-out prompts with `score(batch) -> ScoreResult`; write samples."""
+        result = score(self.batch(completions))
+        metrics = {k.replace("rewards/", "eval/", 1): v for k, v in result.metrics().items()}
+        end = self.task.tokens.end_id
+        metrics["eval/ended"] = float(np.mean([bool(c) and c[-1] == end for c in completions]))
+        metrics["eval/audio_seconds"] = float(np.mean([
+            len(self.task.codec_ids(c)) / (self.task.codec.frame_rate * self.task.codec.num_codebooks)
+            for c in completions]))
+        self.write_samples(step, completions)
+        return metrics
+
+    def write_samples(self, step: int, completions: list[list[int]]) -> None:
+        codec = self.task.codec
+        folder = self.samples_dir / f"step-{step}"
+        for (ex, _), ids in list(zip(self.items, completions))[: self.cfg.tts.eval_samples]:
+            codec_ids = self.task.codec_ids(ids)
+            audio = codec.decode(codec_ids) if codec_ids else np.zeros(codec.sample_rate // 10, np.float32)
+            write_wav(folder / f"{_safe(ex.id)}.wav", audio, codec.sample_rate)
+            self.logger.tb.add_audio(f"samples/{_safe(ex.id)}", torch.from_numpy(audio)[None], step,
+                                     sample_rate=codec.sample_rate)
+        (folder / "texts.txt").write_text("".join(f"{_safe(ex.id)}\t{ex.text}\n"
+                                                  for ex, _ in self.items[: self.cfg.tts.eval_samples]))
+
+    def _write_references(self) -> None:
+        folder = self.samples_dir / "reference"
+        if folder.is_dir():
+            return
+        codec, rate = self.task.codec, self.cfg.data.sample_rate
+        for ex, audio in self.items[: self.cfg.tts.eval_samples]:
+            write_wav(folder / f"{_safe(ex.id)}.wav", audio, rate)
+            write_wav(folder / f"{_safe(ex.id)}.codec.wav", codec.decode(codec.encode(audio, rate)), codec.sample_rate)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))[:80]
+
+
+# what a run's summary reports, per mode: (label, metric key)
+HEADLINES = {
+    "asr": [("held-out WER", "eval/wer"), ("held-out CER", "eval/cer")],
+    "tts": [("held-out intelligibility CER", "eval/tts_intelligibility/cer"),
+            ("held-out intelligibility WER", "eval/tts_intelligibility/wer"),
+            ("held-out DNSMOS", "eval/dnsmos/reward"),
+            ("held-out sanity penalty", "eval/speech_sanity/reward"),
+            ("held-out speaking rate (chars/s)", "eval/speech_sanity/chars_per_second"),
+            ("held-out samples ended by <|codec_end|>", "eval/ended")],
+    "realtime": [("drift judge score", "drift/judge"), ("drift out-of-character rate", "drift/ooc_rate"),
+                 ("drift judge score, last turn", "drift/judge_last_turn"), ("held-out reply loss", "eval/loss")],
+}
+
+
+def eval_plot_keys(mode: str) -> list[str]:
+    return [key for _, key in HEADLINES[mode]]
+
+
+def headline_rows(mode: str, logger) -> dict:
+    """"<label> before" / "<label> after" rows of the summary table, for metrics the run logged."""
+    rows = {}
+    for label, key in HEADLINES[mode]:
+        before, after = logger.first(key), logger.last(key)
+        if not (np.isnan(before) and np.isnan(after)):
+            rows[f"{label} before"], rows[f"{label} after"] = before, after
+    return rows

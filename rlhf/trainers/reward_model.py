@@ -1,0 +1,275 @@
+"""Reward modelling for the TTS mode: a Bradley–Terry reward model trained on preference pairs.
+
+`algorithm: reward_model` (recipes/tts/reward_model.yaml). The pairs of `reward_model.data`
+(docs/preferences.md: annotators' exports, online DPO's pairs/round-*.jsonl) are encoded with the
+recipe's codec and split by text into train and held-out (`reward_model.eval_fraction`, drawn by
+seed). The model is the backbone's language model (TTS rewards need no audio encoder) under a
+scalar head read at the last token, `<|codec_end|>`; the head starts at zero (every pair tied), and
+learns -log σ(r_chosen - r_rejected) plus `center_coef` * mean((r_chosen + r_rejected)^2).
+Held-out pairwise accuracy (the share of held-out pairs whose chosen side scores higher) is logged
+before training, every `train.eval_every` steps and in the summary. <run>/final/ holds the model, its processor and reward_model.json;
+`reward_model.register_as: NAME` makes it the reward NAME (rewards/learned.py).
+
+Trained with TRL's RewardTrainer, which fits here where its DPOTrainer did not (rlhf/dpo.py): it
+takes pretokenized `chosen_ids` / `rejected_ids`, and these sequences are text-only, so its
+collator pads them as they are. It keeps its own checkpoints (checkpoints/checkpoint-N: weights,
+optimizer, schedule, RNG, data position), which `--resume` continues; a callback writes its logs
+and the held-out evaluation into the run directory as every recipe does.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import TrainerCallback
+
+from speechrl.rewards.learned import (META_FILE, codec_identity, load_reward_model, preference_sequence,
+                                      register_model, score_sequences)
+from speechrl.rlhf.modes import assets
+from speechrl.rlhf.core.config import RecipeConfig, RecipeError
+from speechrl.rlhf.core.seeding import seed_everything, set_threads
+from speechrl.rlhf.core.run_dir import RunLogger, find_resume_dir, new_run_dir
+
+log = logging.getLogger(__name__)
+
+
+def pairwise_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """Accuracy (share of pairs whose chosen side scores higher; a tie counts half), mean margin and
+    Bradley–Terry loss -log σ(chosen - rejected) of the pairs' scores."""
+    margin = chosen.float() - rejected.float()
+    accuracy = (margin > 0).float() + 0.5 * (margin == 0).float()
+    return {"accuracy": float(accuracy.mean()), "margin": float(margin.mean()),
+            "loss": float(-F.logsigmoid(margin).mean())}
+
+
+def split_by_text(pairs: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out) pairs: a share `eval_fraction` of the distinct texts, drawn by `seed`, is held
+    out with all its pairs, so that held-out accuracy is measured on texts the model never saw."""
+    texts = sorted({p.pair.text.strip() for p in pairs})
+    if len(texts) < 2:
+        raise ValueError(f"reward_model.data: all {len(pairs)} usable pairs say the same text; holding pairs out "
+                         "for held-out accuracy needs pairs of at least 2 texts")
+    n_held = min(len(texts) - 1, max(1, round(eval_fraction * len(texts))))
+    held = {texts[i] for i in np.random.default_rng(seed).permutation(len(texts))[:n_held]}
+    return [p for p in pairs if p.pair.text.strip() not in held], [p for p in pairs if p.pair.text.strip() in held]
+
+
+def build_reward_model(path: Path):
+    """(model, processor): a saved reward model (to train further), or a backbone's language model
+    under a new one-output head."""
+    from transformers import AutoModelForSequenceClassification
+
+    from speechrl.rlhf.model.backbone import load_backbone
+    from speechrl.rlhf.model.logprobs import audio_model
+
+    if (path / META_FILE).is_file():
+        model, processor, _ = load_reward_model(path)
+        return model.requires_grad_(True), processor
+    backbone = load_backbone(path)
+    config = copy.deepcopy(backbone.model.config.text_config)
+    config.num_labels, config.pad_token_id = 1, backbone.tokenizer.pad_token_id
+    model = AutoModelForSequenceClassification.from_config(config).float()
+    model.base_model.load_state_dict(audio_model(backbone.model).language_model.state_dict())
+    # A zero head prefers nothing: every pair starts at margin 0, accuracy 0.5 and loss log 2, rather
+    # than at whatever order a random head happens to put the held-out pairs in.
+    torch.nn.init.zeros_(model.score.weight)
+    return model, backbone.processor
+
+
+def trainer_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint the trainer wrote (trainer_state.json is written last), or None."""
+    done = [p for p in (Path(run_dir) / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+
+
+class _RunLog(TrainerCallback):
+    """Writes the trainer's logs, and the held-out evaluation on its steps, as one metrics row per step."""
+
+    def __init__(self, recipe: "RewardModelRecipe"):
+        self.recipe, self.pending = recipe, {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        t = self.recipe.cfg.train
+        if state.global_step % t.eval_every == 0 or state.global_step == t.steps:
+            self.pending = self.recipe.evaluate()
+            control.should_log = True  # so that the trainer's own row for this step carries the evaluation
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:  # the end-of-training totals (train_runtime, ...)
+            return
+        row = {"lr" if k == "learning_rate" else f"train/{k}": v for k, v in logs.items()
+               if isinstance(v, (int, float)) and k not in ("epoch", "num_tokens")}
+        self.recipe.logger.log(state.global_step, {**row, **self.pending})
+        self.pending = {}
+
+
+class RewardModelRecipe:
+    plot_keys = ["train/loss", "train/accuracy", "eval/accuracy", "eval/margin", "lr"]
+
+    def __init__(self, cfg: RecipeConfig, resume: Optional[str] = None):
+        self.cfg, self.resume = cfg, resume
+
+    def setup(self) -> None:
+        from speechrl.rollouts.codec import CodecSpec, CodecTokens
+
+        cfg, rm = self.cfg, self.cfg.reward_model
+        if not rm.data:  # checked here, not at load: the shipped recipe is completed on the command line
+            raise RecipeError("a reward model needs `reward_model.data`, preference pairs (docs/preferences.md): "
+                              "speechrl train tts/reward_model reward_model.data=pairs.jsonl "
+                              "run.init_from=<tts sft run>/final")
+        self._check_name(rm.register_as)
+        set_threads(cfg.train.torch_threads)
+        seed_everything(cfg.seed)
+        self.run_dir = find_resume_dir(cfg, self.resume, trainer_checkpoint) if self.resume else new_run_dir(cfg)
+        self.checkpoint = trainer_checkpoint(self.run_dir) if self.resume else None
+        self.init_path = assets.backbone_path(cfg)
+        self.model, self.processor = build_reward_model(self.init_path)
+        self.codec_spec = CodecSpec.from_recipe(cfg)
+        if (self.init_path / META_FILE).is_file():  # continuing a reward model: its ids must be this codec's
+            self._check_codec(json.loads((self.init_path / META_FILE).read_text()))
+        self.codec = self.codec_spec.build()
+        self.tokens = CodecTokens(self.processor.tokenizer, self.codec)
+        self.train_pairs, self.held_pairs = split_by_text(self._read_pairs(), rm.eval_fraction, cfg.seed)
+        self.train_rows = [self._row(p) for p in self.train_pairs]
+        self.held_rows = [self._row(p) for p in self.held_pairs]
+        self.logger = RunLogger(self.run_dir, cfg, plot_keys=self.plot_keys)
+        self.start_step = self._resume_log() if self.checkpoint else 0
+        log.info("run directory: %s; %d train pairs, %d held-out pairs", self.run_dir, len(self.train_rows),
+                 len(self.held_rows))
+
+    def _check_name(self, name: Optional[str]) -> None:
+        from speechrl.rewards.registry import REWARDS
+
+        if name in REWARDS:
+            raise RecipeError(f"`reward_model.register_as` is {name!r}, a built-in reward's name, which would "
+                              "shadow the model; choose another name")
+
+    def _check_codec(self, meta: dict) -> None:
+        if meta["codec"] != codec_identity(self.codec_spec):
+            raise RecipeError(f"run.init_from={self.init_path} is a reward model trained on ids of the codec "
+                              f"{meta['codec']}; this recipe's codec is {codec_identity(self.codec_spec)}")
+
+    def _read_pairs(self) -> list:
+        from speechrl.data.preferences import PairList, encode_pairs, read_preferences
+
+        on_bad = self.cfg.data.on_bad_example
+        files = [read_preferences(path, on_bad=on_bad)
+                 for path in sorted(glob.glob(os.path.expanduser(self.cfg.reward_model.data)))]
+        pairs = PairList([p for f in files for p in f], [e for f in files for e in f.bad],
+                         sum(f.num_pairs for f in files))
+        encoded = encode_pairs(pairs, self.codec, on_bad=on_bad)
+        self.bad_pairs = len(pairs.bad) + len(encoded.bad)
+        log.info("preference pairs: %d usable of %d in %d file(s) (%d bad rows, %d not encodable)", len(encoded),
+                 pairs.num_pairs, len(files), len(pairs.bad), len(encoded.bad))
+        if not encoded:
+            raise ValueError(f"reward_model.data={self.cfg.reward_model.data}: no usable preference pairs "
+                             f"({pairs.summary()}); see docs/preferences.md for the format")
+        return encoded
+
+    def _row(self, p) -> dict:
+        def seq(ids):
+            return preference_sequence(self.processor, self.tokens, p.pair.text, ids, p.voice)
+        return {"chosen_ids": seq(p.chosen), "rejected_ids": seq(p.rejected)}
+
+    def _resume_log(self) -> int:
+        step = json.loads((self.checkpoint / "trainer_state.json").read_text())["global_step"]
+        self.logger.truncate_after(step)
+        print(f"resumed {self.run_dir} from {self.checkpoint.name} (step {step})")
+        return step
+
+    def evaluate(self) -> dict:
+        """Held-out pairwise accuracy, margin and loss of the model as it is now."""
+        was_training = self.model.training
+        self.model.eval()
+        n, pad = len(self.held_rows), self.processor.tokenizer.pad_token_id
+        scores = score_sequences(self.model, [r["chosen_ids"] for r in self.held_rows]
+                                 + [r["rejected_ids"] for r in self.held_rows], pad, 2 * self.cfg.train.batch_size)
+        self.model.train(was_training)
+        return {f"eval/{k}": v for k, v in pairwise_metrics(scores[:n], scores[n:]).items()}
+
+    def trainer(self):
+        from datasets import Dataset
+        from trl import RewardConfig, RewardTrainer
+
+        t = self.cfg.train
+        args = RewardConfig(
+            output_dir=str(self.run_dir / "checkpoints"), max_steps=t.steps, per_device_train_batch_size=t.batch_size,
+            learning_rate=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, max_grad_norm=t.max_grad_norm,
+            lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": t.lr_min_ratio},
+            logging_steps=t.log_every, save_strategy="steps", save_steps=t.checkpoint_every,
+            save_total_limit=t.keep_checkpoints or None, seed=self.cfg.seed, report_to="none",
+            center_rewards_coefficient=self.cfg.reward_model.center_coef or None,
+            max_length=None,  # its default (1024) drops longer pairs without a word; clips are not cut here
+            bf16=False,  # its default asks for bf16, which a CPU run refuses; this model trains in float32
+            gradient_checkpointing=self.cfg.model.gradient_checkpointing,
+            dataloader_pin_memory=torch.cuda.is_available())
+        return RewardTrainer(model=self.model, args=args, train_dataset=Dataset.from_list(self.train_rows),
+                             processing_class=self.processor.tokenizer, callbacks=[_RunLog(self)])
+
+    def train(self) -> dict:
+        if self.start_step == 0:
+            self.logger.log(0, self.evaluate())  # the untrained head: "held-out accuracy at init"
+        trainer = self.trainer()
+        start = time.time()
+        trainer.train(resume_from_checkpoint=str(self.checkpoint) if self.checkpoint else None)
+        self.elapsed = time.time() - start
+        return self.finish()
+
+    def finish(self) -> dict:
+        import resource
+
+        from speechrl.rewards.asr_judge import codec_fingerprint
+        from speechrl.rlhf.modes.tasks import render_tts_prompt
+
+        rm, last = self.cfg.reward_model, self.logger.last
+        best = max((r for r in self.logger.rows() if "eval/accuracy" in r), key=lambda r: r["eval/accuracy"])
+        final = self.run_dir / "final"
+        self.model.save_pretrained(final)
+        self.processor.save_pretrained(final)
+        meta = {"mode": "tts", "kind": "bradley_terry", "codec": codec_identity(self.codec_spec),
+                "codec_fingerprint": codec_fingerprint(self.codec),
+                "codec_shape": {"num_codebooks": self.codec.num_codebooks, "codebook_size": self.codec.codebook_size},
+                "prompt": render_tts_prompt(self.processor, "<text>") + "<codec tokens><|codec_end|>",
+                "heldout_accuracy": last("eval/accuracy"), "heldout_pairs": len(self.held_rows),
+                "train_pairs": len(self.train_rows), "steps": self.cfg.train.steps, "data": rm.data,
+                "init_from": str(self.init_path), "run": str(self.run_dir)}
+        (final / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")  # last: marks the directory whole
+        pointer = None
+        if rm.register_as:
+            pointer = register_model(rm.register_as, final, self.cfg.run.cache_dir,
+                                     {"run": str(self.run_dir), "heldout_accuracy": meta["heldout_accuracy"]})
+            log.info("registered reward %r: %s -> %s", rm.register_as, pointer, final)
+        table = {
+            "run": str(self.run_dir),
+            "steps": self.cfg.train.steps,
+            "preference pairs (train/held-out/bad)": f"{len(self.train_rows)}/{len(self.held_rows)}/{self.bad_pairs}",
+            "held-out accuracy at init": self.logger.first("eval/accuracy"),
+            "held-out accuracy after": last("eval/accuracy"),
+            "best held-out accuracy (step)": "{eval/accuracy:.4f} ({step})".format(**best),
+            "held-out margin after": last("eval/margin"),
+            "final loss": last("train/loss"),
+            "train wall time (s)": round(self.elapsed, 1),
+            "peak RSS (MiB)": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+            "reward model": str(final),
+            "registered as": f"{rm.register_as} ({pointer})" if pointer else "-",
+        }
+        self.logger.plot()
+        print(self.logger.summary(table))
+        self.logger.close()
+        return table
+
+
+def run_reward_model(cfg: RecipeConfig, resume: Optional[str] = None) -> dict:
+    recipe = RewardModelRecipe(cfg, resume)
+    recipe.setup()
+    return recipe.train()

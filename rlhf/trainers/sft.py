@@ -1,0 +1,181 @@
+"""Supervised fine-tuning: (audio -> transcript) pairs, next-token loss on the transcript.
+
+Also the warm start of every RL recipe. Resumable: the data order is a pure function of
+(seed, step), so restoring weights, optimizer, scheduler and RNG at step N continues the
+exact run an uninterrupted job would have made.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from speechrl.rlhf.modes import assets
+from speechrl.rlhf.model.backbone import save_backbone
+from speechrl.rlhf.core.config import RecipeConfig
+from speechrl.rlhf.modes.evaluate import evaluate_asr, log_examples
+from speechrl.rlhf.model.logprobs import build_token_batch, sft_loss
+from speechrl.rlhf.modes.tasks import make_task
+from speechrl.rlhf.modes.tts_eval import HEADLINES, TtsEvaluation, eval_plot_keys, headline_rows
+from speechrl.rollouts.local import synthesize_ids
+from speechrl.rlhf.model.policy import build_policy, exportable_model, save_policy
+from speechrl.rlhf.core.seeding import seed_everything, set_threads
+from speechrl.rlhf.core.run_dir import (RunLogger, find_resume_dir, latest_checkpoint, new_run_dir, prune_checkpoints,
+                                   resume_run, write_trainer_state)
+
+log = logging.getLogger(__name__)
+
+
+def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """The examples of optimizer step `step`: epoch-wise permutations seeded by (seed, epoch)."""
+    per_epoch = max(1, num_examples // batch_size)
+    epoch, offset = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    return perm[offset * batch_size : (offset + 1) * batch_size]
+
+
+class SFTRecipe:
+    with_reference = False  # DPO (a subclass) keeps the starting weights as its reference
+    plot_keys = ["train/loss"]
+
+    def __init__(self, cfg: RecipeConfig, resume: Optional[str] = None):
+        self.cfg = cfg
+        self.resume = resume
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        set_threads(cfg.train.torch_threads)
+        seed_everything(cfg.seed)
+        self.run_dir = find_resume_dir(cfg, self.resume) if self.resume else new_run_dir(cfg)
+        checkpoint = latest_checkpoint(self.run_dir) if self.resume else None
+        policy = build_policy(cfg, assets.backbone_path(cfg), checkpoint, with_reference=self.with_reference)
+        self.backbone, self.model, self.optimizer = policy.backbone, policy.model, policy.optimizer
+        self.reference = policy.reference
+        self.train_set, self.eval_set = assets.load_datasets(cfg, self.backbone.max_audio_seconds)
+        self.logger = RunLogger(self.run_dir, cfg, plot_keys=[*self.plot_keys, *eval_plot_keys(cfg.mode), "lr"])
+        self.task = make_task(cfg, self.backbone.processor)
+        self.tts_eval = TtsEvaluation(cfg, self.task, self.eval_set, self.run_dir, self.logger) \
+            if cfg.mode == "tts" else None
+        self._scorer = None
+        self.start_step = resume_run(checkpoint, self.logger) if checkpoint else 0
+        log.info("run directory: %s", self.run_dir)
+
+    def _batch(self, step: int):
+        idx = batch_indices(len(self.train_set), self.cfg.train.batch_size, step, self.cfg.seed)
+        items = [self.train_set[int(i)] for i in idx]
+        rows = [self.task.sft_example(ex, audio, self.train_set) for ex, audio in items]
+        return build_token_batch(self.backbone.processor, [r[0] for r in rows], [r[1] for r in rows],
+                                 [r[2] for r in rows], self.backbone.tokenizer.pad_token_id)
+
+    def evaluate(self, step: int) -> dict:
+        model = exportable_model(self.model)
+        if self.cfg.mode == "realtime":
+            return {"eval/loss": self._heldout_loss(model)}
+        if self.tts_eval is None:
+            return log_examples(evaluate_asr(model, self.backbone.processor, self.eval_set,
+                                             max_examples=self.cfg.data.max_eval_examples,
+                                             max_new_tokens=self.cfg.eval_max_new_tokens), log)
+        if self._scorer is None:  # the rewards, in this process: SFT and offline DPO run without Ray
+            from speechrl.rewards.worker import RewardWorker
+
+            self._scorer = RewardWorker(self.cfg.rewards, self.task.codec_spec)
+        completions = synthesize_ids(model, self.task, self.tts_eval.prompt_ids,
+                                     max_new_tokens=self.cfg.eval_max_new_tokens,
+                                     temperature=self.cfg.tts.eval_temperature)
+        return self.tts_eval.evaluate(step, completions, self._scorer.score)
+
+    @torch.no_grad()
+    def _heldout_loss(self, model) -> float:
+        """Mean next-token loss on the held-out turns' reference replies (realtime: spoken replies are
+        generated by the RL drivers' engines, which score drift; SFT reports how well it fits)."""
+        n = min(len(self.eval_set), self.cfg.data.max_eval_examples)
+        size, losses = self.cfg.train.batch_size, []
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, n, size):
+                rows = [self.task.sft_example(*self.eval_set[i], self.eval_set) for i in range(start, min(n, start + size))]
+                batch = build_token_batch(self.backbone.processor, [r[0] for r in rows], [r[1] for r in rows],
+                                          [r[2] for r in rows], self.backbone.tokenizer.pad_token_id)
+                losses.append((float(sft_loss(model, batch)), len(rows)))
+        finally:
+            model.train(was_training)
+        return sum(loss * k for loss, k in losses) / max(1, sum(k for _, k in losses))
+
+    def train(self) -> dict:
+        cfg = self.cfg.train
+        if self.start_step == 0:
+            self.logger.log(0, self.evaluate(0))  # the untrained baseline: "WER before" in the summary
+        start, history = time.time(), []
+        bar = tqdm(range(self.start_step, cfg.steps), initial=self.start_step, total=cfg.steps,
+                   desc=self.cfg.algorithm, unit="step", dynamic_ncols=True)
+        for step in bar:
+            loss, step_metrics = self.step_loss(step)
+            self.optimizer.backward(loss)
+            stats = self.optimizer.step()
+            history.append({"loss": loss.item(), **step_metrics})
+            done = step + 1
+            metrics = {}
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                metrics = {f"train/{k}": float(np.mean([h[k] for h in history])) for k in history[0]}
+                metrics.update(stats)
+                history = []
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                metrics.update(self.evaluate(done))
+            if metrics:
+                self.logger.log(done, metrics)
+                bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in metrics.items()
+                                 if k in ("train/loss", *HEADLINES[self.cfg.mode][0][1:])})
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                self.save_checkpoint(done)
+        self.elapsed = time.time() - start
+        return self.finish()
+
+    def step_loss(self, step: int) -> tuple:
+        """The loss of optimizer step `step` and its metrics (floats, logged as train/<name>)."""
+        return sft_loss(self.model, self._batch(step)), {}
+
+    def summary_rows(self) -> dict:
+        """Rows a subclass adds to the summary table."""
+        return {}
+
+    def save_checkpoint(self, step: int) -> Path:
+        path = self.run_dir / "checkpoints" / f"step-{step}"
+        save_policy(self.model, self.backbone.processor, self.optimizer, path, self.cfg.model.lora.enabled)
+        write_trainer_state(path, step)
+        prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        return path
+
+    def finish(self) -> dict:
+        import resource
+
+        final = save_backbone(exportable_model(self.model), self.backbone.processor, self.run_dir / "final")
+        last = self.logger.last
+        data = self.train_set.summary()
+        table = {
+            "run": str(self.run_dir),
+            "steps": self.cfg.train.steps,
+            "train examples (kept/bad)": f"{data['kept']}/{data['bad']}",
+            "eval examples": min(len(self.eval_set), self.cfg.data.max_eval_examples),
+            **headline_rows(self.cfg.mode, self.logger),
+            "final loss": last("train/loss"),
+            **self.summary_rows(),
+            "train wall time (s)": round(self.elapsed, 1),
+            "peak RSS (MiB)": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+            "final weights": str(final),
+        }
+        self.logger.plot()
+        print(self.logger.summary(table))
+        self.logger.close()
+        return table
+
+
+def run_sft(cfg: RecipeConfig, resume: Optional[str] = None) -> dict:
+    recipe = SFTRecipe(cfg, resume)
+    recipe.setup()
+    return recipe.train()

@@ -1,0 +1,217 @@
+"""The policy trainer as a Ray actor: the trainable model, a frozen reference, the optimizer, and
+for PPO the critic (a value head on the policy's own trunk, rlhf/critic.py).
+
+One `update` call takes a step's scored samples and makes `grpo.minibatches` optimizer steps per
+epoch for `grpo.epochs_per_step` epochs: the clipped importance ratio is taken against the rollout
+engine's sampling logprobs, KL to the reference is added per token (unless PPO puts it in the
+reward), PPO adds its clipped value loss, and the loss is aggregated by the recipe's rule.
+Advantages come one per sample (GRPO) or one per completion token (PPO's GAE). Every piece is
+looked up by name in `speechrl.rlhf.algos`, or is one of its PPO functions.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from speechrl.rlhf.algos import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+from speechrl.rlhf.algos.value_loss import clipped_value_loss
+from speechrl.rlhf.model.backbone import allowed_token_ids, hub_state_dict, save_backbone
+from speechrl.rlhf.core.config import RecipeConfig
+from speechrl.rlhf.model.critic import ValueHead, token_values
+from speechrl.rlhf.modes.evaluate import evaluate_asr
+from speechrl.rlhf.model.logprobs import build_token_batch, token_logprobs, unwrap, vocab_mask
+from speechrl.rlhf.model.policy import build_policy, exportable_model, save_policy
+from speechrl.rlhf.core.seeding import seed_everything, set_threads
+from speechrl.rlhf.model.layout import ReplyLayout
+
+VALUE_HEAD = "value_head.pt"  # in a PPO checkpoint, beside the policy
+
+
+class PolicyWorker:
+    def __init__(self, cfg: RecipeConfig, backbone_path: str, checkpoint: str | None = None,
+                 allowed_ids: list[int] | ReplyLayout | None = None):
+        from transformers import AutoConfig
+
+        set_threads(cfg.train.torch_threads)
+        seed_everything(cfg.seed)
+        self.cfg = cfg
+        ppo = cfg.algorithm == "ppo"
+        # KL as a loss term (GRPO's way), unless PPO puts it in the reward (the driver does that)
+        self.kl_in_loss = cfg.grpo.kl_coef > 0 and not (ppo and cfg.ppo.kl_in_reward)
+        self.value_head = None
+        if ppo:  # the critic: a value head on the policy's trunk, one forward for logprobs and values
+            self.value_head = ValueHead(AutoConfig.from_pretrained(backbone_path).text_config.hidden_size)
+            if checkpoint:
+                self.value_head.load_state_dict(torch.load(Path(checkpoint) / VALUE_HEAD, weights_only=True))
+        policy = build_policy(cfg, Path(backbone_path), Path(checkpoint) if checkpoint else None,
+                              with_reference=cfg.grpo.kl_coef > 0 or cfg.algorithm == "online_dpo",
+                              updates_per_step=cfg.grpo.epochs_per_step * cfg.grpo.minibatches,
+                              extra_params=list(self.value_head.parameters()) if ppo else ())
+        self.backbone, self.model, self.optimizer = policy.backbone, policy.model, policy.optimizer
+        self.reference = policy.reference
+        self.eval_set = None
+        vocab = self.backbone.model.get_output_embeddings().weight.shape[0]
+        # the mode's decoding constraint (TTS: the codec's ids; realtime: the reply layout; both from the
+        # driver's task); ASR's by default
+        self.allowed = vocab_mask(allowed_ids or allowed_token_ids(self.backbone.tokenizer, cfg.mode), vocab)
+        if checkpoint:
+            torch.set_rng_state(torch.load(Path(checkpoint) / "policy_rng.pt", weights_only=False))
+
+    def ping(self) -> bool:
+        return True
+
+    def set_eval_set(self, dataset) -> None:
+        self.eval_set = dataset
+
+    def _loss(self, batch, old_logprobs, advantages, temperature, returns=None, old_values=None):
+        """The aggregated loss of one micro-batch and its metrics. With `returns` and `old_values`
+        ([B, T] on the completion grid), PPO's value loss is added, weighted by ppo.vf_coef."""
+        g = self.cfg.grpo
+        mask = batch.completion_mask
+        critic = returns is not None
+        out = token_logprobs(self.model, batch, temperature, self.allowed, with_hidden=critic)
+        logp, hidden = out if critic else (out, None)
+        per_token, metrics = POLICY_LOSSES.get(g.policy_loss)(logp, old_logprobs, advantages, mask,
+                                                              clip_eps=g.clip_eps, clip_eps_high=g.clip_eps_high)
+        if self.kl_in_loss:
+            with torch.no_grad():
+                ref_logp = token_logprobs(self.reference, batch, temperature, self.allowed)
+            kl = KL_ESTIMATORS.get(g.kl_estimator)(logp, ref_logp)
+            per_token = per_token + g.kl_coef * kl
+            metrics["kl"] = (kl * mask).sum() / mask.sum().clamp(min=1)
+        if critic:
+            value_loss, value_metrics = clipped_value_loss(self.value_head(hidden), old_values, returns, mask,
+                                                           self.cfg.ppo.value_clip)
+            per_token = per_token + self.cfg.ppo.vf_coef * value_loss
+            metrics.update(value_metrics, value_loss=(value_loss * mask).sum() / mask.sum().clamp(min=1))
+        metrics["logprob_gap"] = ((logp.detach() - old_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)
+        return LOSS_AGGREGATIONS.get(g.loss_agg)(per_token, mask), metrics
+
+    def update(self, prompt_ids, completion_ids, sampling_logprobs, audios, advantages, temperature,
+               returns=None, old_values=None) -> dict:
+        """Optimizer steps over the step's samples: `grpo.epochs_per_step` passes, each split into
+        `grpo.minibatches` shuffled minibatches (one optimizer step each), in micro-batches of
+        train.batch_size. `advantages`: one float per sample (GRPO) or one list per sample, a value
+        per completion token (PPO). `returns` and `old_values` (PPO, per token) train the value head.
+
+        Micro-batch losses are weighted by their share of the minibatch, so accumulation matches one
+        big batch for sequence-level aggregation (token_mean is then a per-micro-batch mean). Metrics
+        are the first epoch's, except `logprob_gap`: its first minibatch's, before this step moved
+        the policy (the vLLM/trainer agreement check), and grad_norm/lr: the last step's.
+        """
+        n, micro, g = len(prompt_ids), self.cfg.train.batch_size, self.cfg.grpo
+        if n == 0:  # every completion was empty or unscored: nothing to step on
+            return {}
+        tok = self.backbone.tokenizer
+        first_epoch: dict[str, float] = {}
+        for epoch in range(g.epochs_per_step):
+            order = torch.randperm(n).tolist() if g.minibatches > 1 else list(range(n))
+            for part, rows in enumerate(np.array_split(np.asarray(order, dtype=int), g.minibatches)):
+                if len(rows) == 0:
+                    continue
+                for start in range(0, len(rows), micro):
+                    sl = [int(i) for i in rows[start:start + micro]]
+                    batch = build_token_batch(self.backbone.processor, [prompt_ids[i] for i in sl],
+                                              [completion_ids[i] for i in sl], [audios[i] for i in sl], tok.pad_token_id)
+                    mask = batch.completion_mask
+                    per_token = not np.isscalar(advantages[sl[0]])
+                    adv = _on_grid([advantages[i] for i in sl], mask) if per_token else \
+                        torch.tensor([advantages[i] for i in sl], dtype=torch.float32)
+                    critic = {} if returns is None else dict(returns=_on_grid([returns[i] for i in sl], mask),
+                                                             old_values=_on_grid([old_values[i] for i in sl], mask))
+                    loss, metrics = self._loss(batch, _on_grid([sampling_logprobs[i] for i in sl], mask), adv,
+                                               temperature, **critic)
+                    share = len(sl) / len(rows)
+                    self.optimizer.backward(loss * share)
+                    if epoch == 0:
+                        for k, v in {"loss": loss, **metrics}.items():
+                            if k == "logprob_gap" and part > 0:
+                                continue
+                            weight = share if k == "logprob_gap" else len(sl) / n
+                            first_epoch[k] = first_epoch.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * weight
+                stats = self.optimizer.step()
+        out = {f"train/{k}": v for k, v in first_epoch.items()}
+        out.update(grad_norm=stats["grad_norm"], lr=stats["lr"])
+        return out
+
+    @torch.no_grad()
+    def rollout_values(self, prompt_ids, completion_ids, audios, temperature) -> dict:
+        """PPO's view of the samples at rollout time, before the update: the critic's value of each
+        completion token's state, and the reference's logprob of each token (None without a reference)."""
+        values, ref = [], [] if self.reference is not None else None
+        micro = self.cfg.train.batch_size
+        for start in range(0, len(prompt_ids), micro):
+            sl = slice(start, start + micro)
+            batch = build_token_batch(self.backbone.processor, prompt_ids[sl], completion_ids[sl], audios[sl],
+                                      self.backbone.tokenizer.pad_token_id)
+            mask = batch.completion_mask
+            v = token_values(self.model, self.value_head, batch)  # the trunk without its LM head: no logits
+            values += [v[i][mask[i]].tolist() for i in range(len(mask))]
+            if ref is not None:
+                r = token_logprobs(self.reference, batch, temperature, self.allowed)
+                ref += [r[i][mask[i]].tolist() for i in range(len(mask))]
+        return {"values": values, "ref_logprobs": ref}
+
+    def dpo_update(self, prompt_ids, chosen_ids, rejected_ids, audios=None) -> dict:
+        """One optimizer step on preference pairs (online DPO), in micro-batches of train.batch_size
+        pairs. `audios`: each pair's prompt clip (realtime), or None for text-only prompts (TTS)."""
+        from speechrl.rlhf.trainers.dpo import preference_batch, preference_loss
+
+        n, micro = len(prompt_ids), self.cfg.train.batch_size
+        sums: dict[str, float] = {}
+        for start in range(0, n, micro):
+            sl = slice(start, start + micro)
+            batch = preference_batch(self.backbone.processor, prompt_ids[sl], chosen_ids[sl], rejected_ids[sl],
+                                     self.backbone.tokenizer.pad_token_id, None if audios is None else audios[sl])
+            pairs = len(prompt_ids[sl])
+            loss, metrics = preference_loss(self.model, self.reference, batch, pairs, self.cfg.dpo, self.allowed)
+            self.optimizer.backward(loss * pairs / n)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * pairs / n
+        stats = self.optimizer.step()
+        return {**{f"train/{k}": v for k, v in sums.items()}, "grad_norm": stats["grad_norm"], "lr": stats["lr"]}
+
+    def weights(self) -> list[tuple[str, torch.Tensor]]:
+        """Hub-layout tensors for the rollout engines; LoRA runs send only the adapted layers, merged."""
+        if self.cfg.model.lora.enabled:
+            from speechrl.rollouts.sync import merged_lora_state
+
+            return merged_lora_state(self.model)
+        return [(k, v.detach().clone()) for k, v in hub_state_dict(unwrap(self.model).state_dict().items())]
+
+    def evaluate(self) -> dict:
+        result = evaluate_asr(exportable_model(self.model), self.backbone.processor, self.eval_set,
+                              max_examples=self.cfg.data.max_eval_examples,
+                              max_new_tokens=self.cfg.eval_max_new_tokens)
+        result["examples"] = [list(map(str, e)) for e in result["examples"]]
+        return result
+
+    def save(self, path: str) -> None:
+        path = Path(path)
+        save_policy(self.model, self.backbone.processor, self.optimizer, path, self.cfg.model.lora.enabled)
+        if self.value_head is not None:
+            torch.save(self.value_head.state_dict(), path / VALUE_HEAD)
+        torch.save(torch.get_rng_state(), path / "policy_rng.pt")
+
+    def save_final(self, path: str) -> str:
+        return str(save_backbone(exportable_model(self.model), self.backbone.processor, Path(path)))
+
+
+def _on_grid(rows: list, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token values (one list per row, a value per completion token) on the [B, L-1] grid of
+    `mask` (completion positions), 0 elsewhere."""
+    out = torch.zeros(mask.shape)
+    for i, values in enumerate(rows):
+        out[i, mask[i]] = torch.tensor(values, dtype=torch.float32)
+    return out
+
+
+def make_policy_worker(cfg: RecipeConfig, backbone_path: str, checkpoint: str | None = None,
+                       allowed_ids: list[int] | ReplyLayout | None = None):
+    import ray
+
+    gpus = 1 if torch.cuda.is_available() else 0
+    return ray.remote(PolicyWorker).options(num_cpus=1, num_gpus=gpus, max_concurrency=1).remote(
+        cfg, str(backbone_path), checkpoint, allowed_ids)

@@ -1,0 +1,54 @@
+"""What an RL run sets up before its loop, beside the driver (grpo.py): Ray with room for the
+run's actors, the embedded judges its rewards ask for, and TTS prompt texts."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Optional
+
+from speechrl.rlhf.core.config import RecipeConfig, RecipeError
+
+log = logging.getLogger(__name__)
+
+
+def start_ray(cfg: RecipeConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # the policy/reward workers import torch & transformers: keep their logs quiet and threads bounded
+    env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        # Logical CPUs for the actors' placement. The loop's phases take turns (generate, then score,
+        # then update), so every actor may hold a CPU even on a machine with fewer cores.
+        # policy worker + engines + what rewards declare (rewards without `resources` ask for none)
+        reward_cpus = math.ceil(sum(r.resources.num_cpus * r.resources.replicas for r in cfg.rewards))
+        actors = 1 + cfg.rollout.num_workers + reward_cpus
+        if cfg.ray.num_cpus is not None and cfg.ray.num_cpus < actors:
+            # Ray would leave the extra actors pending forever: fail now, not hang
+            raise RecipeError(f"ray.num_cpus={cfg.ray.num_cpus} but the run places actors needing {actors} CPUs "
+                              f"(the policy worker, rollout.num_workers={cfg.rollout.num_workers} engines and "
+                              f"{reward_cpus} for rewards' resources); set ray.num_cpus>={actors} or lower "
+                              f"rollout.num_workers")
+        ray.init(num_cpus=cfg.ray.num_cpus or max(actors, os.cpu_count() or 2), include_dashboard=False,
+                 runtime_env={"env_vars": env}, log_to_driver=True)
+
+
+def rl_prompt_pool(cfg: RecipeConfig, eval_set) -> Optional[list]:
+    """TTS prompts from `tts.prompt_texts` (see its comment), held-out texts left out; None = the train set."""
+    from speechrl.data.manifest import Example
+    from speechrl.data.synth import command_sentences, read_text_list
+
+    source = cfg.tts.prompt_texts
+    if cfg.mode != "tts" or not source:
+        return None
+    texts = command_sentences(5000, seed=cfg.seed + 1) if source == "grammar" else read_text_list(source)
+    held = {ex.text for ex, _ in eval_set.items}
+    texts = list(dict.fromkeys(t for t in texts if t.strip() and t not in held))
+    if not texts:
+        raise RecipeError(f"tts.prompt_texts={source!r}: no prompt texts left after removing the held-out ones")
+    log.info("RL prompts: %d texts from %s (held-out texts left out)", len(texts), source)
+    return [Example(id=f"prompt-{i:05d}", text=t) for i, t in enumerate(texts)]
