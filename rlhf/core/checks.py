@@ -14,7 +14,7 @@ _CHOICES = {
     "mode": ("asr", "tts", "realtime"),
     "algorithm": ("sft", "grpo", "ppo", "dpo", "online_dpo", "reward_model"),
     "data.on_bad_example": ("skip", "fail"),
-    "grpo.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"),
+    "rl.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"),
 }
 _PATHS = ("model.path", "data.train", "data.eval", "data.synthetic.texts", "run.init_from", "tts.codec", "dpo.data",
           "realtime.dialogues")
@@ -40,8 +40,8 @@ def validate(cfg: RecipeConfig, source: str = "recipe") -> None:
         if width % tiny.num_heads or width // tiny.num_heads < 32:
             raise RecipeError(f"{source}: `{key}`={width} with {tiny.num_heads} heads gives head_dim < 32 "
                               "or a remainder; vLLM's CPU attention needs head_dim >= 32")
-    positive = ("train.steps", "train.batch_size", "rollout.sampling.n", "grpo.prompts_per_step", "grpo.minibatches",
-                "grpo.epochs_per_step", "rollout.num_workers", "rollout.sampling.max_new_tokens")
+    positive = ("train.steps", "train.batch_size", "rollout.sampling.n", "rl.prompts_per_step", "rl.minibatches",
+                "rl.epochs_per_step", "rollout.num_workers", "rollout.sampling.max_new_tokens")
     for key in positive:
         if _get(cfg, key) < 1:
             raise RecipeError(f"{source}: `{key}` must be >= 1, got {_get(cfg, key)}")
@@ -70,9 +70,9 @@ def _validate_ppo(cfg: RecipeConfig, source: str) -> None:
         raise RecipeError(f"{source}: `ppo.gamma` and `ppo.lam` must be in [0, 1]; got {p.gamma}, {p.lam}")
     if p.vf_coef < 0 or (p.value_clip is not None and p.value_clip < 0):
         raise RecipeError(f"{source}: `ppo.vf_coef` and `ppo.value_clip` must be >= 0")
-    if p.kl_target is not None and (p.kl_target <= 0 or cfg.grpo.kl_coef <= 0):
+    if p.kl_target is not None and (p.kl_target <= 0 or cfg.rl.kl_coef <= 0):
         raise RecipeError(f"{source}: adaptive KL (`ppo.kl_target`={p.kl_target}) needs kl_target > 0 and a starting "
-                          f"`grpo.kl_coef` > 0 (got {cfg.grpo.kl_coef})")
+                          f"`rl.kl_coef` > 0 (got {cfg.rl.kl_coef})")
     if cfg.algorithm == "ppo" and cfg.train.deepspeed.enabled:
         raise RecipeError(f"{source}: `algorithm: ppo` trains a value head beside the model, which the DeepSpeed "
                           "wrapper does not hold yet; set train.deepspeed.enabled=false")

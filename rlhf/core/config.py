@@ -114,24 +114,30 @@ class SamplingConfig:
 
 
 @dataclass
-class GRPOConfig:
-    prompts_per_step: int = 8  # prompts per step; each gets sampling.n samples
-    advantage: str = "grpo"  # advantage estimator, by registered name
-    std_normalize: bool = True  # divide group-centred rewards by the group std (off = Dr. GRPO)
+class RLConfig:
+    """The online loop's settings, shared by every update (GRPO, PPO, online DPO)."""
+    prompts_per_step: int = 8  # prompts per step (realtime: episodes); each gets sampling.n samples
     policy_loss: str = "clipped"  # policy loss, by registered name
     clip_eps: float = 0.2  # lower clip of the importance ratio (1 - eps)
     clip_eps_high: Optional[float] = None  # upper clip (1 + eps_high); null uses clip_eps
-    loss_agg: str = "token_mean"  # "token_mean" | "seq_mean_token_mean" | "seq_mean_token_sum"
-    kl_coef: float = 0.02  # weight of the KL penalty to the frozen reference; 0 skips the reference
+    loss_agg: str = "token_mean"  # "token_mean" | "seq_mean_token_mean" | "seq_mean_token_sum" | "seq_mean_token_sum_norm" (Dr. GRPO)
+    kl_coef: float = 0.02  # weight of the KL penalty to the frozen reference (PPO: its starting value); 0 skips the reference
     kl_estimator: str = "k3"  # KL estimator, by registered name: "k1" | "k2" | "k3"
     epochs_per_step: int = 1  # passes over each step's samples
     minibatches: int = 1  # optimizer steps per pass: the step's samples, shuffled, split into this many (PPO: 2-4)
 
 
 @dataclass
+class GRPOConfig:
+    """`algorithm: grpo`: group-relative advantages."""
+    advantage: str = "grpo"  # advantage estimator, by registered name
+    std_normalize: bool = True  # divide group-centred rewards by the group std (off = Dr. GRPO)
+
+
+@dataclass
 class PPOConfig:
     """`algorithm: ppo` (rlhf/ppo.py). Clipping, epochs, minibatches, loss aggregation and the number of
-    episodes per step are grpo.*'s; grpo.kl_coef is the KL coefficient's starting value."""
+    episodes per step are grpo.*'s; rl.kl_coef is the KL coefficient's starting value."""
     gamma: float = 1.0  # discount per token within a reply (each reply is an episode of its own; docs/realtime.md)
     lam: float = 0.95  # GAE lambda: 1 = Monte Carlo returns, 0 = one-step TD
     vf_coef: float = 0.1  # weight of the value loss; the critic is a value head on the policy's trunk
@@ -275,7 +281,8 @@ class RecipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_max_new_tokens: int = 48  # greedy decode length cap at evaluation
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rl: RLConfig = field(default_factory=RLConfig)  # the online loop (GRPO, PPO, online DPO)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)  # GRPO's advantages
     ppo: PPOConfig = field(default_factory=PPOConfig)  # PPO's critic, GAE and KL placement
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])  # combined, weighted
@@ -321,6 +328,23 @@ def _load_tree(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     return OmegaConf.merge(merged, node)
 
 
+# keys that moved (old dotted key -> new), named in the error a recipe using the old one gets
+MOVED_KEYS = {f"grpo.{k}": f"rl.{k}" for k in ("prompts_per_step", "policy_loss", "clip_eps", "clip_eps_high",
+                                               "loss_agg", "kl_coef", "kl_estimator", "epochs_per_step",
+                                               "minibatches")}
+
+
+def _check_moved_keys(tree: DictConfig, overrides: list[str], path: Path) -> None:
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".")
+        if isinstance(tree.get(section), DictConfig) and key in tree[section]:
+            raise RecipeError(f"{path}: `{old}` is now `{new}` (the online loop's shared settings live under "
+                              f"`rl:`); rename it")
+        for item in overrides:
+            if item.split("=", 1)[0].strip() == old:
+                raise RecipeError(f"override {item!r}: `{old}` is now `{new}`; write {new}={item.split('=', 1)[1]}")
+
+
 def load_recipe(name: str, overrides: list[str] = ()) -> RecipeConfig:
     """Load, merge, override and validate a recipe; returns a typed `RecipeConfig`."""
     path = resolve_recipe_path(name)
@@ -328,6 +352,7 @@ def load_recipe(name: str, overrides: list[str] = ()) -> RecipeConfig:
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"override {item!r} must look like key.path=value")
+    _check_moved_keys(tree, list(overrides), path)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(RecipeConfig), tree)
     except OmegaConfBaseException as e:

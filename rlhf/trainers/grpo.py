@@ -138,15 +138,15 @@ class GRPORecipe:
         if self.cfg.mode != "realtime":
             requests = self.requests(step)
             return requests, self.generate(requests, step)
-        idx = batch_indices(len(self.dialogues), self.cfg.grpo.prompts_per_step, step, self.cfg.seed)
+        idx = batch_indices(len(self.dialogues), self.cfg.rl.prompts_per_step, step, self.cfg.seed)
         return run_episodes(self.task, [self.dialogues[int(i)] for i in idx], self.speech, self.cfg.realtime.max_turns,
                             lambda requests: self.generate(requests, step), n=self.cfg.rollout.sampling.n)
 
     def requests(self, step: int) -> list[RolloutRequest]:
         if self.prompt_pool is not None:  # text-only TTS prompts: no clip, no voice prompt
-            idx = batch_indices(len(self.prompt_pool), self.cfg.grpo.prompts_per_step, step, self.cfg.seed)
+            idx = batch_indices(len(self.prompt_pool), self.cfg.rl.prompts_per_step, step, self.cfg.seed)
             return [self.task.request(self.prompt_pool[int(i)], None) for i in idx]
-        idx = batch_indices(len(self.train_set), self.cfg.grpo.prompts_per_step, step, self.cfg.seed)
+        idx = batch_indices(len(self.train_set), self.cfg.rl.prompts_per_step, step, self.cfg.seed)
         return [self.task.request(*self.train_set[int(i)], self.train_set) for i in idx]
 
     def generate(self, requests, step: int, n: Optional[int] = None, temperature: Optional[float] = None,

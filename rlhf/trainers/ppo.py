@@ -7,8 +7,8 @@ its own advantages and update.
                 beta * KL(policy || reference) on every token (algos/kl_reward.py), and GAE with
                 ppo.gamma and ppo.lam (algos/gae.py) gives per-token advantages and returns
     update      clipped policy loss on the per-token advantages plus ppo.vf_coef times the clipped
-                value loss, over grpo.epochs_per_step epochs of grpo.minibatches minibatches
-    KL          beta starts at grpo.kl_coef and is fixed, or adapted toward ppo.kl_target
+                value loss, over rl.epochs_per_step epochs of rl.minibatches minibatches
+    KL          beta starts at rl.kl_coef and is fixed, or adapted toward ppo.kl_target
                 (AdaptiveKLController); its state is saved in every checkpoint, so a resumed run
                 continues with the beta the interrupted one had. With ppo.kl_in_reward=false the
                 KL is a loss term instead, as in GRPO.
@@ -77,7 +77,7 @@ class PPORecipe(GRPORecipe):
     def kl_controller(self, checkpoint: Optional[Path]):
         """The recipe's KL controller; from a checkpoint, with the coefficient the interrupted run
         had reached (not the recipe's starting value), so a resumed run continues exactly."""
-        p, beta = self.cfg.ppo, self.cfg.grpo.kl_coef
+        p, beta = self.cfg.ppo, self.cfg.rl.kl_coef
         kl = AdaptiveKLController(beta, p.kl_target, p.kl_horizon) if p.kl_target else FixedKLController(beta)
         if checkpoint:
             kl.load_state_dict(json.loads((Path(checkpoint) / KL_STATE).read_text()))

@@ -1,8 +1,8 @@
 """The policy trainer as a Ray actor: the trainable model, a frozen reference, the optimizer, and
 for PPO the critic (a value head on the policy's own trunk, rlhf/critic.py).
 
-One `update` call takes a step's scored samples and makes `grpo.minibatches` optimizer steps per
-epoch for `grpo.epochs_per_step` epochs: the clipped importance ratio is taken against the rollout
+One `update` call takes a step's scored samples and makes `rl.minibatches` optimizer steps per
+epoch for `rl.epochs_per_step` epochs: the clipped importance ratio is taken against the rollout
 engine's sampling logprobs, KL to the reference is added per token (unless PPO puts it in the
 reward), PPO adds its clipped value loss, and the loss is aggregated by the recipe's rule.
 Advantages come one per sample (GRPO) or one per completion token (PPO's GAE). Every piece is
@@ -39,15 +39,15 @@ class PolicyWorker:
         self.cfg = cfg
         ppo = cfg.algorithm == "ppo"
         # KL as a loss term (GRPO's way), unless PPO puts it in the reward (the driver does that)
-        self.kl_in_loss = cfg.grpo.kl_coef > 0 and not (ppo and cfg.ppo.kl_in_reward)
+        self.kl_in_loss = cfg.rl.kl_coef > 0 and not (ppo and cfg.ppo.kl_in_reward)
         self.value_head = None
         if ppo:  # the critic: a value head on the policy's trunk, one forward for logprobs and values
             self.value_head = ValueHead(AutoConfig.from_pretrained(backbone_path).text_config.hidden_size)
             if checkpoint:
                 self.value_head.load_state_dict(torch.load(Path(checkpoint) / VALUE_HEAD, weights_only=True))
         policy = build_policy(cfg, Path(backbone_path), Path(checkpoint) if checkpoint else None,
-                              with_reference=cfg.grpo.kl_coef > 0 or cfg.algorithm == "online_dpo",
-                              updates_per_step=cfg.grpo.epochs_per_step * cfg.grpo.minibatches,
+                              with_reference=cfg.rl.kl_coef > 0 or cfg.algorithm == "online_dpo",
+                              updates_per_step=cfg.rl.epochs_per_step * cfg.rl.minibatches,
                               extra_params=list(self.value_head.parameters()) if ppo else ())
         self.backbone, self.model, self.optimizer = policy.backbone, policy.model, policy.optimizer
         self.reference = policy.reference
@@ -68,7 +68,7 @@ class PolicyWorker:
     def _loss(self, batch, old_logprobs, advantages, temperature, returns=None, old_values=None):
         """The aggregated loss of one micro-batch and its metrics. With `returns` and `old_values`
         ([B, T] on the completion grid), PPO's value loss is added, weighted by ppo.vf_coef."""
-        g = self.cfg.grpo
+        g = self.cfg.rl
         mask = batch.completion_mask
         critic = returns is not None
         out = token_logprobs(self.model, batch, temperature, self.allowed, with_hidden=critic)
@@ -91,8 +91,8 @@ class PolicyWorker:
 
     def update(self, prompt_ids, completion_ids, sampling_logprobs, audios, advantages, temperature,
                returns=None, old_values=None) -> dict:
-        """Optimizer steps over the step's samples: `grpo.epochs_per_step` passes, each split into
-        `grpo.minibatches` shuffled minibatches (one optimizer step each), in micro-batches of
+        """Optimizer steps over the step's samples: `rl.epochs_per_step` passes, each split into
+        `rl.minibatches` shuffled minibatches (one optimizer step each), in micro-batches of
         train.batch_size. `advantages`: one float per sample (GRPO) or one list per sample, a value
         per completion token (PPO). `returns` and `old_values` (PPO, per token) train the value head.
 
@@ -101,7 +101,7 @@ class PolicyWorker:
         are the first epoch's, except `logprob_gap`: its first minibatch's, before this step moved
         the policy (the vLLM/trainer agreement check), and grad_norm/lr: the last step's.
         """
-        n, micro, g = len(prompt_ids), self.cfg.train.batch_size, self.cfg.grpo
+        n, micro, g = len(prompt_ids), self.cfg.train.batch_size, self.cfg.rl
         if n == 0:  # every completion was empty or unscored: nothing to step on
             return {}
         tok = self.backbone.tokenizer

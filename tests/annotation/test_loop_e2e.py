@@ -28,7 +28,7 @@ TINY = ["model.tiny.hidden_size=128", "model.tiny.num_heads=2", "model.tiny.num_
         "data.synthetic.num_utterances=60", "data.max_eval_examples=4", "eval_max_new_tokens=24",
         "tts.eval_samples=2", "train.warmup_steps=1", "train.log_every=1", "train.torch_threads=1",
         "rewards=[{name: speech_sanity}]"]
-RL = ["grpo.prompts_per_step=6", "rollout.sampling.n=4", "rollout.sampling.max_new_tokens=32",
+RL = ["rl.prompts_per_step=6", "rollout.sampling.n=4", "rollout.sampling.max_new_tokens=32",
       "rollout.kv_cache_gib=0.25", "train.batch_size=24", "rollout.num_workers=1", "ray.num_cpus=2",
       "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2", "run.save_rollouts_every=1"]
 

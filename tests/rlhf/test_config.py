@@ -82,11 +82,11 @@ def test_later_defaults_override_earlier(tmp_path):
 
 def test_command_line_overrides_apply_last():
     cfg = load_recipe("asr/grpo", ["rollout.sampling.n=4", "train.lr=1e-3", "data.synthetic.voices=[en]",
-                                   "grpo.clip_eps_high=0.3", "rewards.0.weight=2"])
+                                   "rl.clip_eps_high=0.3", "rewards.0.weight=2"])
     assert cfg.rollout.sampling.n == 4
     assert cfg.train.lr == pytest.approx(1e-3)
     assert cfg.data.synthetic.voices == ["en"]
-    assert cfg.grpo.clip_eps_high == pytest.approx(0.3)
+    assert cfg.rl.clip_eps_high == pytest.approx(0.3)
     assert cfg.rewards[0].weight == 2.0 and cfg.rewards[0].name == "asr_wer"  # list item edited in place
     assert cfg.train.steps == OmegaConf.load(RECIPES_DIR / "asr" / "grpo.yaml").train.steps  # untouched keys keep the recipe's value
 
@@ -133,7 +133,7 @@ def test_existing_file_is_accepted(tmp_path):
     ("algorithm=foo", "algorithm"),
     ("mode=video", "mode"),
     ("data.on_bad_example=ignore", "data.on_bad_example"),
-    ("grpo.loss_agg=sum", "grpo.loss_agg"),
+    ("rl.loss_agg=sum", "rl.loss_agg"),
 ])
 def test_bad_choice_lists_the_choices(override, key):
     with pytest.raises(RecipeError, match=f"`{key}`.*choose one of"):
@@ -221,3 +221,20 @@ def test_unknown_recipe_lists_shipped_ones():
     with pytest.raises(RecipeError, match="asr/sft") as err:
         load_recipe("asr/nope")
     assert "asr/grpo" in str(err.value)
+
+
+def test_old_grpo_keys_name_their_new_place(tmp_path):
+    """The online loop's shared settings moved from `grpo:` to `rl:`; a recipe or override using
+    the old key is told the new one."""
+    with pytest.raises(RecipeError, match=r"`grpo.kl_coef` is now `rl.kl_coef`"):
+        load_recipe("asr/grpo", ["grpo.kl_coef=0.1"])
+    old = tmp_path / "old.yaml"
+    old.write_text(f"defaults: [{RECIPES_DIR / 'asr' / 'grpo.yaml'}]\ngrpo:\n  prompts_per_step: 4\n")
+    with pytest.raises(RecipeError, match=r"`grpo.prompts_per_step` is now `rl.prompts_per_step`"):
+        load_recipe(str(old))
+    cfg = load_recipe("asr/grpo", ["rl.kl_coef=0.1", "grpo.std_normalize=false"])
+    assert cfg.rl.kl_coef == 0.1 and cfg.grpo.std_normalize is False
+
+
+def test_dr_grpo_aggregation_is_accepted():
+    assert load_recipe("asr/grpo", ["rl.loss_agg=seq_mean_token_sum_norm"]).rl.loss_agg == "seq_mean_token_sum_norm"

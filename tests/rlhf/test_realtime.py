@@ -308,7 +308,7 @@ def test_ppo_update_moves_values_and_policy_and_the_critic_resumes(rt_base, task
     from speechrl.rlhf.workers.policy_worker import PolicyWorker
     from speechrl.rlhf.trainers.ppo import padded, ppo_targets
 
-    cfg = load_recipe("realtime/ppo", [*rt_base, "train.lr=1e-3", "train.warmup_steps=0", "grpo.kl_coef=0.1"])
+    cfg = load_recipe("realtime/ppo", [*rt_base, "train.lr=1e-3", "train.warmup_steps=0", "rl.kl_coef=0.1"])
     base = str(assets.backbone_path(cfg))
     worker = PolicyWorker(cfg, base, allowed_ids=task.layout)
     rows = [task.sft_example(*turns[0][i]) for i in range(4)]
@@ -367,14 +367,14 @@ def test_kl_controller_state_is_saved_and_resumed(rt_base, tmp_path):
     cfg = load_recipe("realtime/ppo", rt_base)
     recipe = PPORecipe(cfg)
     recipe.kl = recipe.kl_controller(None)
-    assert isinstance(recipe.kl, AdaptiveKLController) and recipe.kl.kl_coef == cfg.grpo.kl_coef
+    assert isinstance(recipe.kl, AdaptiveKLController) and recipe.kl.kl_coef == cfg.rl.kl_coef
     for measured in (30.0, 25.0, 20.0):  # far above the target: beta grows
         recipe.kl.update(measured, 100)
     recipe.save_state(tmp_path)
     resumed = PPORecipe(cfg).kl_controller(tmp_path)
-    assert resumed.kl_coef == recipe.kl.kl_coef > cfg.grpo.kl_coef
+    assert resumed.kl_coef == recipe.kl.kl_coef > cfg.rl.kl_coef
     fixed = PPORecipe(load_recipe("realtime/ppo", [*rt_base, "ppo.kl_target=null"])).kl_controller(None)
-    assert fixed.update(30.0, 100) == cfg.grpo.kl_coef
+    assert fixed.update(30.0, 100) == cfg.rl.kl_coef
 
 
 # --- drift ------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from test_realtime import SMALL
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray, pytest.mark.slow]
 
-RL = [*SMALL, "grpo.prompts_per_step=2", "rollout.sampling.max_new_tokens=48", "eval_max_new_tokens=48",
+RL = [*SMALL, "rl.prompts_per_step=2", "rollout.sampling.max_new_tokens=48", "eval_max_new_tokens=48",
       "rollout.kv_cache_gib=0.25", "rollout.num_workers=1", "ray.num_cpus=3", "train.steps=2", "train.eval_every=2",
       "train.checkpoint_every=1", "ppo.kl_horizon=100", "realtime.max_text_tokens=16"]
 
@@ -57,7 +57,7 @@ def test_realtime_ppo_runs_end_to_end_and_writes_drift_curves(ppo_run):
         assert r["train/logprob_gap"] < 1e-3, "vLLM's layout processor and the trainer's masks must agree"
     # the beta step 2 used is the adaptive controller's state saved with the step-1 checkpoint
     saved = json.loads((run / "checkpoints" / "step-1" / KL_STATE).read_text())["kl_coef"]
-    assert logged[2]["ppo/kl_coef"] == pytest.approx(saved) and saved != cfg.grpo.kl_coef
+    assert logged[2]["ppo/kl_coef"] == pytest.approx(saved) and saved != cfg.rl.kl_coef
     assert (run / "checkpoints" / "step-2" / "value_head.pt").is_file()
 
     drift = [r for r in logged if "drift/judge" in r]

@@ -17,7 +17,7 @@ from test_tts import FAST
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray, pytest.mark.slow]
 
-RL = [*FAST, "grpo.prompts_per_step=4", "rollout.sampling.n=4", "rollout.sampling.max_new_tokens=24",
+RL = [*FAST, "rl.prompts_per_step=4", "rollout.sampling.n=4", "rollout.sampling.max_new_tokens=24",
       "rollout.kv_cache_gib=0.25", "train.batch_size=16", "rollout.num_workers=1", "ray.num_cpus=2",
       "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2"]
 
