@@ -1,13 +1,22 @@
-"""`speechrl annotate ...`: the annotation service's commands (admin, tasks, app, export)."""
+"""`speechrl annotate ...`: the annotation service's commands (admin, tasks, app, export).
+
+The app's packages are the `annotate` extra: building this parser imports none of them, and each
+command checks for them first, so a core install gets an install hint instead of a traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
 import random
+import sys
 import uuid
 from pathlib import Path
 
-from speechrl.data.annotation.db import DEFAULT_URL_ENV
+from speechrl.data.annotation import DEFAULT_URL_ENV, STRATEGIES
+
+EXTRA_MODULES = ("fastapi", "uvicorn", "sqlalchemy", "alembic")  # psycopg too, but only PostgreSQL needs it
 
 EPILOG = f"""the loop (database: --db URL, default ${DEFAULT_URL_ENV} or ./annotations.db):
   speechrl annotate add-annotator alice            prints alice's sign-in token (--admin: sees stats)
@@ -17,6 +26,22 @@ EPILOG = f"""the loop (database: --db URL, default ${DEFAULT_URL_ENV} or ./annot
   speechrl annotate export prefs/round1            pairs.jsonl (DPO format), hf/, stats.json
   speechrl train tts/dpo dpo.data=prefs/round1/pairs.jsonl run.init_from=...
 """
+
+
+def missing_extra() -> list[str]:
+    return [m for m in EXTRA_MODULES if importlib.util.find_spec(m) is None]
+
+
+def _needs_extra(cmd):
+    @functools.wraps(cmd)
+    def run(args) -> int:
+        if missing := missing_extra():
+            print(f"speechrl: error: `speechrl annotate` needs the annotation extra ({', '.join(missing)} "
+                  "not installed): pip install 'speechrl[annotate]' (from a checkout: pip install -e '.[annotate]')",
+                  file=sys.stderr)
+            return 2
+        return cmd(args)
+    return run
 
 
 def _engine(args):
@@ -157,21 +182,19 @@ def add_parser(sub) -> None:
     asub = p.add_subparsers(dest="annotate_command", required=True, metavar="ACTION")
 
     q = asub.add_parser("migrate", help="create or upgrade the database schema (every command does it too)")
-    q.set_defaults(fn=cmd_migrate)
+    q.set_defaults(fn=_needs_extra(cmd_migrate))
 
     q = asub.add_parser("add-annotator", help="add an annotator and print their sign-in token")
     q.add_argument("name")
     q.add_argument("--admin", action="store_true", help="may see the stats page")
-    q.set_defaults(fn=cmd_add_annotator)
+    q.set_defaults(fn=_needs_extra(cmd_add_annotator))
 
     q = asub.add_parser("token", help="give an annotator a new token (the old one stops working)")
     q.add_argument("name")
-    q.set_defaults(fn=cmd_token)
+    q.set_defaults(fn=_needs_extra(cmd_token))
 
     q = asub.add_parser("annotators", help="list annotators")
-    q.set_defaults(fn=cmd_annotators)
-
-    from speechrl.data.annotation.tasks import STRATEGIES
+    q.set_defaults(fn=_needs_extra(cmd_annotators))
 
     q = asub.add_parser("tasks", help="turn a run's samples (or a samples .jsonl) into pairwise tasks")
     q.add_argument("source", help="a run directory (rollouts/, samples/) or a samples .jsonl file")
@@ -187,17 +210,17 @@ def add_parser(sub) -> None:
     q.add_argument("--sources", help="checkpoints: the two sources to compare, e.g. step-0,step-30")
     q.add_argument("--mode", help="override the mode (tts, realtime) the run's recipe says")
     q.add_argument("--seed", type=int, default=0)
-    q.set_defaults(fn=cmd_tasks)
+    q.set_defaults(fn=_needs_extra(cmd_tasks))
 
     q = asub.add_parser("serve", help="run the annotation web app")
     q.add_argument("--host", default="127.0.0.1", help="address (default loopback; anything else: put HTTPS in front)")
     q.add_argument("--port", type=int, default=8700)
-    q.set_defaults(fn=cmd_serve)
+    q.set_defaults(fn=_needs_extra(cmd_serve))
 
     q = asub.add_parser("stats", help="throughput and agreement per annotator")
     q.add_argument("--batch")
     q.add_argument("--json", action="store_true")
-    q.set_defaults(fn=cmd_stats)
+    q.set_defaults(fn=_needs_extra(cmd_stats))
 
     q = asub.add_parser("export", help="write the judgments as a preference dataset (DPO format, HF datasets)")
     q.add_argument("out_dir")
@@ -206,7 +229,7 @@ def add_parser(sub) -> None:
     q.add_argument("--min-agreement", type=float, default=0.0, help="least share of votes for the majority answer")
     q.add_argument("--annotators", help="count only these annotators' votes (comma-separated)")
     q.add_argument("--exclude", help="ignore these annotators' votes (comma-separated)")
-    q.set_defaults(fn=cmd_export)
+    q.set_defaults(fn=_needs_extra(cmd_export))
 
     q = asub.add_parser("simulate", help="answer one annotator's queue by rule (dry runs of the loop)")
     q.add_argument("--token", required=True, help="the annotator's token")
@@ -214,5 +237,5 @@ def add_parser(sub) -> None:
                    help="reward: the side whose recorded reward is higher")
     q.add_argument("--noise", type=float, default=0.0, help="chance of a random answer instead")
     q.add_argument("--seed", type=int, default=0)
-    q.set_defaults(fn=cmd_simulate)
+    q.set_defaults(fn=_needs_extra(cmd_simulate))
 

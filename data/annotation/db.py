@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-DEFAULT_URL_ENV = "SPEECHRL_ANNOTATION_DB"
+from speechrl.data.annotation import DEFAULT_URL_ENV
 
 metadata = sa.MetaData(naming_convention={
     "ix": "ix_%(table_name)s_%(column_0_name)s",
