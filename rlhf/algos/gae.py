@@ -10,9 +10,7 @@ With per-token rewards r_t and critic values V_t over a completion's tokens t = 
 lam = 1 gives the Monte Carlo advantage sum_k gamma^k r_{t+k} - V_t (unbiased, high variance);
 lam = 0 the one-step TD error delta_t (low variance, biased by the critic).
 
-Not registered in ADVANTAGES: those estimators map one reward per sequence to one advantage per
-sequence (rewards, group_index, valid) -> [B]; GAE needs per-token rewards and values and gives
-per-token advantages and returns, so a trainer with a critic calls it directly.
+Registered as the "gae" estimator (estimators.py), beside "grpo", with the one estimator signature.
 """
 from __future__ import annotations
 

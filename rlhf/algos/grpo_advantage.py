@@ -3,16 +3,14 @@
 Samples that answer the same prompt share a `group_index`; a sample's advantage is its reward
 minus its group's mean, divided by the group's std unless `std_normalize=False` (Dr. GRPO,
 Liu et al. 2025: dividing by std over-weights near-unanimous groups, i.e. too easy/hard prompts).
+Registered as the "grpo" estimator in estimators.py.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from speechrl.rlhf.algos.registry import ADVANTAGES
 
-
-@ADVANTAGES.register("grpo")
 def grpo_advantages(
     rewards: Tensor,
     group_index: Tensor,

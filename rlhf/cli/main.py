@@ -48,10 +48,10 @@ def _runner(module: str, name: str):
     return load
 
 
-# algorithm -> its run function, imported when used (GRPO's brings Ray and vLLM)
-RUNNERS = {"sft": _runner("sft", "run_sft"), "grpo": _runner("grpo", "run_grpo"), "ppo": _runner("ppo", "run_ppo"),
-           "dpo": _runner("dpo", "run_dpo"), "online_dpo": _runner("online_dpo", "run_online_dpo"),
-           "reward_model": _runner("reward_model", "run_reward_model")}
+# algorithm -> its run function, imported when used (the online loop's brings Ray and vLLM)
+RUNNERS = {"sft": _runner("sft", "run_sft"), "dpo": _runner("dpo", "run_dpo"),
+           "reward_model": _runner("reward_model", "run_reward_model"),
+           **{name: _runner("online", "run_online") for name in ("grpo", "ppo", "online_dpo")}}
 
 
 def cmd_demo(args) -> int:
@@ -97,76 +97,54 @@ def cmd_build_corpus(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from speechrl.rlhf.modes import assets
-    from speechrl.rlhf.model.backbone import load_backbone
-    from speechrl.rlhf.modes.evaluate import evaluate_asr
+    """Held-out metrics of a checkpoint, as a run measures them at each evaluation: in this process
+    (a transformers model), or on vLLM engines serving the checkpoint for a mode that evaluates there."""
+    from speechrl.rlhf.modes import get_mode
 
     cfg = load_recipe(args.recipe, args.overrides)
-    if cfg.mode == "realtime":
-        return _eval_realtime(cfg, Path(args.checkpoint))
-    backbone = load_backbone(args.checkpoint)
-    _, held = assets.load_datasets(cfg, backbone.max_audio_seconds)
-    if cfg.mode == "tts":
-        return _eval_tts(cfg, backbone, held, Path(args.checkpoint))
-    result = evaluate_asr(backbone.model, backbone.processor, held, max_examples=cfg.data.max_eval_examples,
-                          max_new_tokens=cfg.eval_max_new_tokens)
-    for ref, hyp in result.pop("examples"):
-        print(f"ref: {ref}\nhyp: {hyp}")
-    print(" ".join(f"{k}={v:.4f}" for k, v in result.items()))
-    return 0
-
-
-def _eval_realtime(cfg, checkpoint: Path) -> int:
-    """Drift of one checkpoint, as an RL run measures it at each evaluation: the recipe's held-out
-    dialogues played greedily on vLLM engines serving the checkpoint, every reply scored in its
-    context by the recipe's rewards. Curves and replies in <checkpoint>/eval/drift/, the plot in
-    <checkpoint>/eval/drift.png."""
-    import json
-
-    from speechrl.rlhf.trainers.grpo import GRPORecipe
-
+    checkpoint = Path(args.checkpoint)
     if not (checkpoint / "config.json").is_file():
         raise FileNotFoundError(f"eval: {checkpoint} is not a backbone directory (no config.json); point it at a "
                                 "run's final/ or checkpoints/step-N/model/")
+    if get_mode(cfg).evaluates_on_engines:
+        mode, metrics = _eval_on_engines(cfg, checkpoint)
+    else:
+        mode, metrics = _eval_in_process(cfg, checkpoint)
+    print(mode.report_checkpoint(metrics, checkpoint / "eval"))
+    return 0
+
+
+def _eval_on_engines(cfg, checkpoint: Path):
+    from speechrl.rlhf.trainers.online import OnlineRecipe
+
     cfg.run.init_from = str(checkpoint)
-    recipe = GRPORecipe(cfg)
+    recipe = OnlineRecipe(cfg)
     try:
-        recipe.setup_drift_evaluation(checkpoint / "eval")
-        recipe.drift.label = "/".join(checkpoint.resolve().parts[-2:])  # e.g. <run>/final
+        recipe.setup_evaluation(checkpoint / "eval")
+        recipe.mode.label_evaluation("/".join(checkpoint.resolve().parts[-2:]))  # e.g. <run>/final
         metrics = recipe.evaluate(0)
     finally:
         recipe.cleanup()
-    curves = json.loads((recipe.drift.dir / "step-00000.json").read_text())
-    print(f"{'turn':>4}  {'judge score':>11}  {'out-of-character':>16}  {'replies scored':>14}")
-    for turn, judge, ooc, scored in zip(curves["turn"], curves["judge"], curves["ooc"], curves["scored"]):
-        print(f"{turn:>4}  {judge:>11.4f}  {ooc:>16.2f}  {scored:>14}")
-    print(f"all turns: judge score {metrics['drift/judge']:.4f}, out-of-character rate {metrics['drift/ooc_rate']:.2f} "
-          f"(judge: {cfg.realtime.drift_judge}, threshold {cfg.realtime.ooc_threshold:g})")
-    print(f"replies: {recipe.drift.dir / 'step-00000.json'}\nplot: {recipe.drift.plot_path}")
-    return 0
+    return recipe.mode, metrics
 
 
-def _eval_tts(cfg, backbone, held, checkpoint: Path) -> int:
-    """Synthesize the held-out texts, score them with the recipe's rewards, write the samples."""
+def _eval_in_process(cfg, checkpoint: Path):
     from torch.utils.tensorboard import SummaryWriter
 
-    from speechrl.rewards.worker import RewardWorker
-    from speechrl.rlhf.modes.tasks import TtsTask
-    from speechrl.rlhf.modes.tts_eval import TtsEvaluation
-    from speechrl.rollouts.local import synthesize_ids
+    from speechrl.rlhf.model.backbone import load_backbone
+    from speechrl.rlhf.modes import get_mode
+    from speechrl.rlhf.trainers.judges import prebuild_judges
 
-    class _Writer:  # TtsEvaluation writes TensorBoard audio through a run logger's `tb`
+    class _Writer:  # evaluations that write TensorBoard audio do it through a run logger's `tb`
         tb = SummaryWriter(str(checkpoint / "eval" / "tensorboard"))
 
-    task = TtsTask(cfg, backbone.processor)
-    evaluation = TtsEvaluation(cfg, task, held, checkpoint / "eval", _Writer)
-    completions = synthesize_ids(backbone.model, task, evaluation.prompt_ids, max_new_tokens=cfg.eval_max_new_tokens,
-                                 temperature=cfg.tts.eval_temperature)
-    metrics = evaluation.evaluate(0, completions, RewardWorker(cfg.rewards, task.codec_spec).score)
+    mode, backbone = get_mode(cfg), load_backbone(checkpoint)
+    _, held = mode.datasets(backbone.max_audio_seconds)
+    mode.setup_task(backbone.processor)
+    prebuild_judges(cfg)
+    metrics = mode.evaluate_offline(0, backbone.model, backbone.processor, held, checkpoint / "eval", _Writer)
     _Writer.tb.close()
-    print("\n".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    print(f"samples: {evaluation.samples_dir}")
-    return 0
+    return mode, metrics
 
 
 def cmd_serve_reward(args) -> int:

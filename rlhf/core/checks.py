@@ -8,16 +8,25 @@ from pathlib import Path
 from typing import Any
 
 from speechrl.rlhf.core.config import RecipeConfig, RecipeError
-from speechrl.rlhf.core.registry import REWARD_NAME
+from speechrl.rlhf.core.registry import MODES, REWARD_NAME, Registry
 
 _CHOICES = {
-    "mode": ("asr", "tts", "realtime"),
     "algorithm": ("sft", "grpo", "ppo", "dpo", "online_dpo", "reward_model"),
     "data.on_bad_example": ("skip", "fail"),
     "rl.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"),
 }
 _PATHS = ("model.path", "data.train", "data.eval", "data.synthetic.texts", "run.init_from", "tts.codec", "dpo.data",
           "realtime.dialogues")
+
+
+def registered_modes() -> Registry:
+    """The mode registry, filled: the built-in modes register themselves when their package is
+    imported, by name here, as an outside package's rewards are found by entry point, so that
+    core stays below the modes it validates."""
+    import importlib
+
+    importlib.import_module("speechrl.rlhf.modes")
+    return MODES
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -27,7 +36,10 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 
 def validate(cfg: RecipeConfig, source: str = "recipe") -> None:
-    """Checks that the type system cannot: choices, files, ranges."""
+    """Checks that the type system cannot: choices, files, ranges; then the mode's own checks."""
+    modes = registered_modes()
+    if cfg.mode not in modes:
+        raise RecipeError(f"{source}: `mode` is {cfg.mode!r}; choose one of {', '.join(modes.names())}")
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
             raise RecipeError(f"{source}: `{key}` is {_get(cfg, key)!r}; choose one of {', '.join(choices)}")
@@ -55,13 +67,8 @@ def validate(cfg: RecipeConfig, source: str = "recipe") -> None:
     if texts and texts != "grammar" and not Path(os.path.expanduser(texts)).is_file():
         raise RecipeError(f"{source}: `tts.prompt_texts` is {texts!r}: neither \"grammar\" nor a text file")
     _validate_reward_model(cfg, source)
-    modes = {"dpo": ("tts",), "reward_model": ("tts",), "online_dpo": ("tts", "realtime")}.get(cfg.algorithm)
-    if modes and cfg.mode not in modes:
-        raise RecipeError(f"{source}: `algorithm: {cfg.algorithm}` is implemented for mode {' and '.join(modes)}; "
-                          f"got mode {cfg.mode!r}")
     _validate_ppo(cfg, source)
-    if cfg.mode == "realtime":
-        _validate_realtime(cfg, source)
+    modes.get(cfg.mode).check(cfg, source)
 
 
 def _validate_ppo(cfg: RecipeConfig, source: str) -> None:
@@ -76,25 +83,6 @@ def _validate_ppo(cfg: RecipeConfig, source: str) -> None:
     if cfg.algorithm == "ppo" and cfg.train.deepspeed.enabled:
         raise RecipeError(f"{source}: `algorithm: ppo` trains a value head beside the model, which the DeepSpeed "
                           "wrapper does not hold yet; set train.deepspeed.enabled=false")
-
-
-def _validate_realtime(cfg: RecipeConfig, source: str) -> None:
-    r = cfg.realtime
-    if r.personas not in ("builtin", "personagym") and not Path(os.path.expanduser(r.personas)).exists():
-        raise RecipeError(f"{source}: `realtime.personas` is {r.personas!r}: neither \"builtin\", \"personagym\" "
-                          "nor a persona cards file or folder (docs/personas.md)")
-    if r.personas not in ("builtin", "personagym") and r.dialogues is None:
-        raise RecipeError(f"{source}: cards of your own (`realtime.personas`={r.personas!r}) need their dialogues: "
-                          "set `realtime.dialogues` to a dialogues .jsonl (docs/personas.md)")
-    for key in ("max_turns", "drift_turns", "dialogues_per_persona", "drift_dialogues_per_persona"):
-        if getattr(r, key) < 1:
-            raise RecipeError(f"{source}: `realtime.{key}` must be >= 1, got {getattr(r, key)}")
-    if not 0.0 < r.heldout_fraction < 1.0:
-        raise RecipeError(f"{source}: `realtime.heldout_fraction` must be in (0, 1), got {r.heldout_fraction}")
-    keys = [spec.key for spec in cfg.rewards]
-    if cfg.algorithm != "sft" and r.drift_judge not in keys:
-        raise RecipeError(f"{source}: `realtime.drift_judge` is {r.drift_judge!r}, which is not among the rewards "
-                          f"({', '.join(keys)}); drift evaluation reads that reward's score")
 
 
 def _validate_reward_model(cfg: RecipeConfig, source: str) -> None:

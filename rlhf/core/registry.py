@@ -36,3 +36,6 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._items)
+
+
+MODES: Registry = Registry("mode")  # filled by speechrl.rlhf.modes (one class per operational mode)

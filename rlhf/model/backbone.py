@@ -196,26 +196,24 @@ def build_tiny_backbone(out_dir: str | Path, texts: list[str], tiny, *, sample_r
     return save_backbone(model, processor, out_dir)
 
 
-def allowed_token_ids(tokenizer, mode: str, num_codec_ids: Optional[int] = None) -> list[int]:
-    """The ids a mode may emit; the same list constrains vLLM sampling and the trainer's logprobs.
-
-    ASR replies are text: no codec tokens, no audio placeholders or other specials except the
-    end-of-turn. (An unconstrained tiny policy samples `<|AUDIO|>`, which no forward pass accepts.)
-    TTS replies are codec tokens, the first `num_codec_ids` of the block (the recipe's codec may
-    use fewer than the backbone has; null = all), ended by `<|codec_end|>`.
-    """
-    if mode == "tts":
-        vocab = tokenizer.get_vocab()
-        block = sorted((int(m.group(1)), i) for t, i in vocab.items() if (m := CODEC_TOKEN_RE.match(t)))
-        if num_codec_ids is not None and num_codec_ids > len(block):
-            raise ValueError(f"the codec needs {num_codec_ids} codec tokens but the backbone has {len(block)}")
-        return [i for _, i in block[:num_codec_ids]] + [tokenizer.convert_tokens_to_ids(CODEC_END)]
-    if mode != "asr":
-        raise ValueError(f"no decoding constraint defined for mode {mode!r}")
+def text_token_ids(tokenizer) -> list[int]:
+    """The ids of a text reply, the decoding constraint of ASR (vLLM sampling and the trainer's
+    logprobs take the same list): no codec tokens, no audio placeholders or other specials except
+    the end-of-turn. (An unconstrained tiny policy samples `<|AUDIO|>`, which no forward pass accepts.)"""
     specials = set(tokenizer.all_special_ids) | set(tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS))
     specials.discard(tokenizer.convert_tokens_to_ids(IM_END))
     return [i for t, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
             if i not in specials and not CODEC_TOKEN_RE.match(t)]
+
+
+def codec_token_ids(tokenizer, num_codec_ids: Optional[int] = None) -> list[int]:
+    """The ids of a spoken reply (TTS): the first `num_codec_ids` codec tokens of the block (the
+    recipe's codec may use fewer than the backbone has; None = all), then `<|codec_end|>`."""
+    vocab = tokenizer.get_vocab()
+    block = sorted((int(m.group(1)), i) for t, i in vocab.items() if (m := CODEC_TOKEN_RE.match(t)))
+    if num_codec_ids is not None and num_codec_ids > len(block):
+        raise ValueError(f"the codec needs {num_codec_ids} codec tokens but the backbone has {len(block)}")
+    return [i for _, i in block[:num_codec_ids]] + [tokenizer.convert_tokens_to_ids(CODEC_END)]
 
 
 def count_parameters(model: torch.nn.Module) -> int:

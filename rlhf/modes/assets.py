@@ -22,7 +22,8 @@ def corpus_texts(cfg: RecipeConfig) -> list[str] | None:
 
 
 def backbone_path(cfg: RecipeConfig) -> Path:
-    """run.init_from, else model.path, else the embedded tiny backbone (built once)."""
+    """run.init_from, else model.path, else the embedded tiny backbone (built once; a mode with
+    a tokenizer of its own builds its own: Mode.backbone_path)."""
     if cfg.run.init_from:
         path = Path(cfg.run.init_from).expanduser()
         if not (path / "config.json").is_file():
@@ -31,14 +32,15 @@ def backbone_path(cfg: RecipeConfig) -> Path:
         return path
     if cfg.model.path:
         return Path(cfg.model.path).expanduser()
-    if cfg.mode == "realtime":  # a tokenizer learnt on persona cards and dialogues, so prompts stay short
-        from speechrl.rlhf.modes import realtime_data
-
-        texts = realtime_data.tokenizer_texts(cfg)
-        plain = default_tiny_dir(cfg.run.cache_dir, cfg.model.tiny)
-        return ensure_tiny_backbone(cfg.run.cache_dir, cfg.model.tiny, lambda: texts, cfg.data.sample_rate,
-                                    path=plain.with_name(f"{plain.name}-realtime-{realtime_data.texts_key(texts)}"))
     return ensure_tiny_backbone(cfg.run.cache_dir, cfg.model.tiny, lambda: tokenizer_texts(cfg), cfg.data.sample_rate)
+
+
+def tiny_backbone(cfg: RecipeConfig, texts: list[str], suffix: str) -> Path:
+    """The embedded tiny backbone with a tokenizer learnt from `texts` (a mode's own), cached
+    beside the default one under a name ending in `suffix`."""
+    plain = default_tiny_dir(cfg.run.cache_dir, cfg.model.tiny)
+    return ensure_tiny_backbone(cfg.run.cache_dir, cfg.model.tiny, lambda: texts, cfg.data.sample_rate,
+                                path=plain.with_name(f"{plain.name}-{suffix}"))
 
 
 def tokenizer_texts(cfg: RecipeConfig) -> list[str]:
@@ -80,12 +82,8 @@ def build_synthetic_corpus(cfg: RecipeConfig, out_dir: Path) -> tuple[Path, Path
 
 
 def load_datasets(cfg: RecipeConfig, max_audio_seconds: float):
-    """(train, held-out) datasets of (example, audio) pairs: speech manifests (ASR, TTS), or the
-    realtime mode's dialogue turns with their reference replies (rlhf/realtime_data.py)."""
-    if cfg.mode == "realtime":
-        from speechrl.rlhf.modes.realtime_data import realtime_datasets
-
-        return realtime_datasets(cfg, max_audio_seconds)
+    """(train, held-out) speech datasets of (example, audio) pairs from the recipe's manifests
+    (the synthetic corpus by default); clips outside the length limits are bad examples."""
     train_path, eval_path = manifests(cfg)
     max_seconds = cfg.data.max_seconds or max_audio_seconds
     if max_seconds > max_audio_seconds:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from speechrl.data.audio import write_wav
+from speechrl.rlhf.modes.base import safe_name
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,10 @@ class TtsEvaluation:
         for (ex, _), ids in list(zip(self.items, completions))[: self.cfg.tts.eval_samples]:
             codec_ids = self.task.codec_ids(ids)
             audio = codec.decode(codec_ids) if codec_ids else np.zeros(codec.sample_rate // 10, np.float32)
-            write_wav(folder / f"{_safe(ex.id)}.wav", audio, codec.sample_rate)
-            self.logger.tb.add_audio(f"samples/{_safe(ex.id)}", torch.from_numpy(audio)[None], step,
+            write_wav(folder / f"{safe_name(ex.id)}.wav", audio, codec.sample_rate)
+            self.logger.tb.add_audio(f"samples/{safe_name(ex.id)}", torch.from_numpy(audio)[None], step,
                                      sample_rate=codec.sample_rate)
-        (folder / "texts.txt").write_text("".join(f"{_safe(ex.id)}\t{ex.text}\n"
+        (folder / "texts.txt").write_text("".join(f"{safe_name(ex.id)}\t{ex.text}\n"
                                                   for ex, _ in self.items[: self.cfg.tts.eval_samples]))
 
     def _write_references(self) -> None:
@@ -69,37 +70,5 @@ class TtsEvaluation:
             return
         codec, rate = self.task.codec, self.cfg.data.sample_rate
         for ex, audio in self.items[: self.cfg.tts.eval_samples]:
-            write_wav(folder / f"{_safe(ex.id)}.wav", audio, rate)
-            write_wav(folder / f"{_safe(ex.id)}.codec.wav", codec.decode(codec.encode(audio, rate)), codec.sample_rate)
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))[:80]
-
-
-# what a run's summary reports, per mode: (label, metric key)
-HEADLINES = {
-    "asr": [("held-out WER", "eval/wer"), ("held-out CER", "eval/cer")],
-    "tts": [("held-out intelligibility CER", "eval/tts_intelligibility/cer"),
-            ("held-out intelligibility WER", "eval/tts_intelligibility/wer"),
-            ("held-out DNSMOS", "eval/dnsmos/reward"),
-            ("held-out sanity penalty", "eval/speech_sanity/reward"),
-            ("held-out speaking rate (chars/s)", "eval/speech_sanity/chars_per_second"),
-            ("held-out samples ended by <|codec_end|>", "eval/ended")],
-    "realtime": [("drift judge score", "drift/judge"), ("drift out-of-character rate", "drift/ooc_rate"),
-                 ("drift judge score, last turn", "drift/judge_last_turn"), ("held-out reply loss", "eval/loss")],
-}
-
-
-def eval_plot_keys(mode: str) -> list[str]:
-    return [key for _, key in HEADLINES[mode]]
-
-
-def headline_rows(mode: str, logger) -> dict:
-    """"<label> before" / "<label> after" rows of the summary table, for metrics the run logged."""
-    rows = {}
-    for label, key in HEADLINES[mode]:
-        before, after = logger.first(key), logger.last(key)
-        if not (np.isnan(before) and np.isnan(after)):
-            rows[f"{label} before"], rows[f"{label} after"] = before, after
-    return rows
+            write_wav(folder / f"{safe_name(ex.id)}.wav", audio, rate)
+            write_wav(folder / f"{safe_name(ex.id)}.codec.wav", codec.decode(codec.encode(audio, rate)), codec.sample_rate)

@@ -23,7 +23,8 @@ from speechrl.rlhf.algos import PREFERENCE_LOSSES
 from speechrl.rlhf.algos.preference import sft_term
 from speechrl.rlhf.core.config import RecipeError
 from speechrl.rlhf.model.logprobs import build_token_batch, token_logprobs
-from speechrl.rlhf.trainers.sft import SFTRecipe, batch_indices
+from speechrl.rlhf.modes.base import batch_indices
+from speechrl.rlhf.trainers.sft import SFTRecipe
 
 log = logging.getLogger(__name__)
 

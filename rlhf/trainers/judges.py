@@ -18,6 +18,13 @@ from speechrl.rlhf.core.config import RecipeConfig
 log = logging.getLogger(__name__)
 
 
+def needs_judges(cfg: RecipeConfig) -> bool:
+    """The recipe's rewards read an embedded judge that may need building."""
+    return any((spec.name == "tts_intelligibility" and spec.kwargs.get("asr") == "embedded")
+               or (spec.name == "persona_judge" and spec.kwargs.get("model") == "tiny" and spec.kwargs.get("cache_dir"))
+               for spec in cfg.rewards)
+
+
 def prebuild_judges(cfg: RecipeConfig) -> None:
     """Build (once) the embedded judges the recipe's rewards ask for (`tts_intelligibility
     asr=embedded`'s ASR, `persona_judge model=tiny`'s LM)."""
@@ -91,7 +98,7 @@ def judge_scores(path: Path, clean_heldout: Path, coded_heldout: Path) -> dict:
     """Mean held-out CER/WER of the judge at `path` on clean and on round-tripped clips."""
     from speechrl.data.manifest import SpeechDataset, read_manifest
     from speechrl.rlhf.model.backbone import load_backbone
-    from speechrl.rlhf.modes.evaluate import evaluate_asr
+    from speechrl.rlhf.modes.asr import evaluate_asr
 
     backbone = load_backbone(path)
     scores = {}

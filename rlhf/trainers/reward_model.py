@@ -34,7 +34,7 @@ from transformers import TrainerCallback
 
 from speechrl.rewards.learned import (META_FILE, codec_identity, load_reward_model, preference_sequence,
                                       register_model, score_sequences)
-from speechrl.rlhf.modes import assets
+from speechrl.rlhf.modes import get_mode
 from speechrl.rlhf.core.config import RecipeConfig, RecipeError
 from speechrl.rlhf.core.seeding import seed_everything, set_threads
 from speechrl.rlhf.core.run_dir import RunLogger, find_resume_dir, new_run_dir
@@ -132,7 +132,7 @@ class RewardModelRecipe:
         seed_everything(cfg.seed)
         self.run_dir = find_resume_dir(cfg, self.resume, trainer_checkpoint) if self.resume else new_run_dir(cfg)
         self.checkpoint = trainer_checkpoint(self.run_dir) if self.resume else None
-        self.init_path = assets.backbone_path(cfg)
+        self.init_path = get_mode(cfg).backbone_path()
         self.model, self.processor = build_reward_model(self.init_path)
         self.codec_spec = CodecSpec.from_recipe(cfg)
         if (self.init_path / META_FILE).is_file():  # continuing a reward model: its ids must be this codec's
@@ -229,7 +229,7 @@ class RewardModelRecipe:
         import resource
 
         from speechrl.rewards.asr_judge import codec_fingerprint
-        from speechrl.rlhf.modes.tasks import render_tts_prompt
+        from speechrl.rlhf.model.prompts import render_tts_prompt
 
         rm, last = self.cfg.reward_model, self.logger.last
         best = max((r for r in self.logger.rows() if "eval/accuracy" in r), key=lambda r: r["eval/accuracy"])

@@ -1,4 +1,5 @@
-"""Supervised fine-tuning: (audio -> transcript) pairs, next-token loss on the transcript.
+"""Supervised fine-tuning: next-token loss on the mode's reference completions (a transcript, codec
+tokens, or a spoken reply), built by the mode's task from its training examples.
 
 Also the warm start of every RL recipe. Resumable: the data order is a pure function of
 (seed, step), so restoring weights, optimizer, scheduler and RNG at step N continues the
@@ -12,31 +13,20 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from speechrl.rlhf.modes import assets
-from speechrl.rlhf.model.backbone import save_backbone
 from speechrl.rlhf.core.config import RecipeConfig
-from speechrl.rlhf.modes.evaluate import evaluate_asr, log_examples
+from speechrl.rlhf.model.backbone import save_backbone
 from speechrl.rlhf.model.logprobs import build_token_batch, sft_loss
-from speechrl.rlhf.modes.tasks import make_task
-from speechrl.rlhf.modes.tts_eval import HEADLINES, TtsEvaluation, eval_plot_keys, headline_rows
-from speechrl.rollouts.local import synthesize_ids
+from speechrl.rlhf.modes import get_mode
+from speechrl.rlhf.modes.base import batch_indices
+from speechrl.rlhf.trainers.judges import prebuild_judges
 from speechrl.rlhf.model.policy import build_policy, exportable_model, save_policy
 from speechrl.rlhf.core.seeding import seed_everything, set_threads
 from speechrl.rlhf.core.run_dir import (RunLogger, find_resume_dir, latest_checkpoint, new_run_dir, prune_checkpoints,
                                    resume_run, write_trainer_state)
 
 log = logging.getLogger(__name__)
-
-
-def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-    """The examples of optimizer step `step`: epoch-wise permutations seeded by (seed, epoch)."""
-    per_epoch = max(1, num_examples // batch_size)
-    epoch, offset = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
-    return perm[offset * batch_size : (offset + 1) * batch_size]
 
 
 class SFTRecipe:
@@ -53,15 +43,14 @@ class SFTRecipe:
         seed_everything(cfg.seed)
         self.run_dir = find_resume_dir(cfg, self.resume) if self.resume else new_run_dir(cfg)
         checkpoint = latest_checkpoint(self.run_dir) if self.resume else None
-        policy = build_policy(cfg, assets.backbone_path(cfg), checkpoint, with_reference=self.with_reference)
+        self.mode = get_mode(cfg)
+        policy = build_policy(cfg, self.mode.backbone_path(), checkpoint, with_reference=self.with_reference)
         self.backbone, self.model, self.optimizer = policy.backbone, policy.model, policy.optimizer
         self.reference = policy.reference
-        self.train_set, self.eval_set = assets.load_datasets(cfg, self.backbone.max_audio_seconds)
-        self.logger = RunLogger(self.run_dir, cfg, plot_keys=[*self.plot_keys, *eval_plot_keys(cfg.mode), "lr"])
-        self.task = make_task(cfg, self.backbone.processor)
-        self.tts_eval = TtsEvaluation(cfg, self.task, self.eval_set, self.run_dir, self.logger) \
-            if cfg.mode == "tts" else None
-        self._scorer = None
+        self.train_set, self.eval_set = self.mode.datasets(self.backbone.max_audio_seconds)
+        self.logger = RunLogger(self.run_dir, cfg, plot_keys=[*self.plot_keys, *self.mode.plot_keys(), "lr"])
+        self.task = self.mode.setup_task(self.backbone.processor)
+        prebuild_judges(cfg)  # the evaluation's rewards run in this process
         self.start_step = resume_run(checkpoint, self.logger) if checkpoint else 0
         log.info("run directory: %s", self.run_dir)
 
@@ -73,39 +62,8 @@ class SFTRecipe:
                                  [r[2] for r in rows], self.backbone.tokenizer.pad_token_id)
 
     def evaluate(self, step: int) -> dict:
-        model = exportable_model(self.model)
-        if self.cfg.mode == "realtime":
-            return {"eval/loss": self._heldout_loss(model)}
-        if self.tts_eval is None:
-            return log_examples(evaluate_asr(model, self.backbone.processor, self.eval_set,
-                                             max_examples=self.cfg.data.max_eval_examples,
-                                             max_new_tokens=self.cfg.eval_max_new_tokens), log)
-        if self._scorer is None:  # the rewards, in this process: SFT and offline DPO run without Ray
-            from speechrl.rewards.worker import RewardWorker
-
-            self._scorer = RewardWorker(self.cfg.rewards, self.task.codec_spec)
-        completions = synthesize_ids(model, self.task, self.tts_eval.prompt_ids,
-                                     max_new_tokens=self.cfg.eval_max_new_tokens,
-                                     temperature=self.cfg.tts.eval_temperature)
-        return self.tts_eval.evaluate(step, completions, self._scorer.score)
-
-    @torch.no_grad()
-    def _heldout_loss(self, model) -> float:
-        """Mean next-token loss on the held-out turns' reference replies (realtime: spoken replies are
-        generated by the RL drivers' engines, which score drift; SFT reports how well it fits)."""
-        n = min(len(self.eval_set), self.cfg.data.max_eval_examples)
-        size, losses = self.cfg.train.batch_size, []
-        was_training = model.training
-        model.eval()
-        try:
-            for start in range(0, n, size):
-                rows = [self.task.sft_example(*self.eval_set[i], self.eval_set) for i in range(start, min(n, start + size))]
-                batch = build_token_batch(self.backbone.processor, [r[0] for r in rows], [r[1] for r in rows],
-                                          [r[2] for r in rows], self.backbone.tokenizer.pad_token_id)
-                losses.append((float(sft_loss(model, batch)), len(rows)))
-        finally:
-            model.train(was_training)
-        return sum(loss * k for loss, k in losses) / max(1, sum(k for _, k in losses))
+        return self.mode.evaluate_offline(step, exportable_model(self.model), self.backbone.processor, self.eval_set,
+                                          self.run_dir, self.logger)
 
     def train(self) -> dict:
         cfg = self.cfg.train
@@ -130,7 +88,7 @@ class SFTRecipe:
             if metrics:
                 self.logger.log(done, metrics)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in metrics.items()
-                                 if k in ("train/loss", *HEADLINES[self.cfg.mode][0][1:])})
+                                 if k in ("train/loss", self.mode.headlines[0][1])})
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 self.save_checkpoint(done)
         self.elapsed = time.time() - start
@@ -162,7 +120,7 @@ class SFTRecipe:
             "steps": self.cfg.train.steps,
             "train examples (kept/bad)": f"{data['kept']}/{data['bad']}",
             "eval examples": min(len(self.eval_set), self.cfg.data.max_eval_examples),
-            **headline_rows(self.cfg.mode, self.logger),
+            **self.mode.headline_rows(self.logger),
             "final loss": last("train/loss"),
             **self.summary_rows(),
             "train wall time (s)": round(self.elapsed, 1),

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from speechrl.rlhf.algos import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+from speechrl.rlhf.algos.batch import TrainBatch
 from speechrl.rlhf.algos.value_loss import clipped_value_loss
-from speechrl.rlhf.model.backbone import allowed_token_ids, hub_state_dict, save_backbone
+from speechrl.rlhf.model.backbone import hub_state_dict, save_backbone
 from speechrl.rlhf.core.config import RecipeConfig
 from speechrl.rlhf.model.critic import ValueHead, token_values
-from speechrl.rlhf.modes.evaluate import evaluate_asr
 from speechrl.rlhf.model.logprobs import build_token_batch, token_logprobs, unwrap, vocab_mask
 from speechrl.rlhf.model.policy import build_policy, exportable_model, save_policy
 from speechrl.rlhf.core.seeding import seed_everything, set_threads
@@ -30,44 +30,42 @@ VALUE_HEAD = "value_head.pt"  # in a PPO checkpoint, beside the policy
 
 
 class PolicyWorker:
-    def __init__(self, cfg: RecipeConfig, backbone_path: str, checkpoint: str | None = None,
-                 allowed_ids: list[int] | ReplyLayout | None = None):
+    def __init__(self, cfg: RecipeConfig, backbone_path: str, checkpoint: str | None = None, *,
+                 allowed_ids: list[int] | ReplyLayout, reference: bool = False, critic: bool = False):
+        """`allowed_ids`: the mode's decoding constraint (a token list, or the realtime reply layout).
+        `reference`: keep the starting weights frozen (KL terms, preference losses); `critic`: a value
+        head on the policy's trunk, one forward for logprobs and values, trained by one optimizer."""
         from transformers import AutoConfig
 
         set_threads(cfg.train.torch_threads)
         seed_everything(cfg.seed)
         self.cfg = cfg
-        ppo = cfg.algorithm == "ppo"
-        # KL as a loss term (GRPO's way), unless PPO puts it in the reward (the driver does that)
-        self.kl_in_loss = cfg.rl.kl_coef > 0 and not (ppo and cfg.ppo.kl_in_reward)
         self.value_head = None
-        if ppo:  # the critic: a value head on the policy's trunk, one forward for logprobs and values
+        if critic:
             self.value_head = ValueHead(AutoConfig.from_pretrained(backbone_path).text_config.hidden_size)
             if checkpoint:
                 self.value_head.load_state_dict(torch.load(Path(checkpoint) / VALUE_HEAD, weights_only=True))
         policy = build_policy(cfg, Path(backbone_path), Path(checkpoint) if checkpoint else None,
-                              with_reference=cfg.rl.kl_coef > 0 or cfg.algorithm == "online_dpo",
-                              updates_per_step=cfg.rl.epochs_per_step * cfg.rl.minibatches,
-                              extra_params=list(self.value_head.parameters()) if ppo else ())
+                              with_reference=reference, updates_per_step=cfg.rl.epochs_per_step * cfg.rl.minibatches,
+                              extra_params=list(self.value_head.parameters()) if critic else ())
         self.backbone, self.model, self.optimizer = policy.backbone, policy.model, policy.optimizer
         self.reference = policy.reference
-        self.eval_set = None
         vocab = self.backbone.model.get_output_embeddings().weight.shape[0]
-        # the mode's decoding constraint (TTS: the codec's ids; realtime: the reply layout; both from the
-        # driver's task); ASR's by default
-        self.allowed = vocab_mask(allowed_ids or allowed_token_ids(self.backbone.tokenizer, cfg.mode), vocab)
+        self.allowed = vocab_mask(allowed_ids, vocab)
         if checkpoint:
             torch.set_rng_state(torch.load(Path(checkpoint) / "policy_rng.pt", weights_only=False))
 
     def ping(self) -> bool:
         return True
 
-    def set_eval_set(self, dataset) -> None:
-        self.eval_set = dataset
+    def with_model(self, fn, *args):
+        """`fn(model, processor, *args)` on the current weights (LoRA merged into a copy): a mode's
+        held-out evaluation where it runs on the trainer's model, not on the engines."""
+        return fn(exportable_model(self.model), self.backbone.processor, *args)
 
-    def _loss(self, batch, old_logprobs, advantages, temperature, returns=None, old_values=None):
+    def _loss(self, batch, old_logprobs, advantages, temperature, kl_coef, returns=None, old_values=None):
         """The aggregated loss of one micro-batch and its metrics. With `returns` and `old_values`
-        ([B, T] on the completion grid), PPO's value loss is added, weighted by ppo.vf_coef."""
+        ([B, T] on the completion grid), the value loss is added, weighted by ppo.vf_coef."""
         g = self.cfg.rl
         mask = batch.completion_mask
         critic = returns is not None
@@ -75,11 +73,11 @@ class PolicyWorker:
         logp, hidden = out if critic else (out, None)
         per_token, metrics = POLICY_LOSSES.get(g.policy_loss)(logp, old_logprobs, advantages, mask,
                                                               clip_eps=g.clip_eps, clip_eps_high=g.clip_eps_high)
-        if self.kl_in_loss:
+        if kl_coef > 0:
             with torch.no_grad():
                 ref_logp = token_logprobs(self.reference, batch, temperature, self.allowed)
             kl = KL_ESTIMATORS.get(g.kl_estimator)(logp, ref_logp)
-            per_token = per_token + g.kl_coef * kl
+            per_token = per_token + kl_coef * kl
             metrics["kl"] = (kl * mask).sum() / mask.sum().clamp(min=1)
         if critic:
             value_loss, value_metrics = clipped_value_loss(self.value_head(hidden), old_values, returns, mask,
@@ -89,21 +87,24 @@ class PolicyWorker:
         metrics["logprob_gap"] = ((logp.detach() - old_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)
         return LOSS_AGGREGATIONS.get(g.loss_agg)(per_token, mask), metrics
 
-    def update(self, prompt_ids, completion_ids, sampling_logprobs, audios, advantages, temperature,
-               returns=None, old_values=None) -> dict:
-        """Optimizer steps over the step's samples: `rl.epochs_per_step` passes, each split into
-        `rl.minibatches` shuffled minibatches (one optimizer step each), in micro-batches of
-        train.batch_size. `advantages`: one float per sample (GRPO) or one list per sample, a value
-        per completion token (PPO). `returns` and `old_values` (PPO, per token) train the value head.
+    def train(self, batch: TrainBatch) -> dict:
+        """The optimizer step(s) a batch asks for (module docstring); the metrics."""
+        if len(batch) == 0:  # every completion was empty or unscored: nothing to step on
+            return {}
+        if batch.is_preference:
+            return self._preference_step(batch)
+        return self._policy_steps(batch)
+
+    def _policy_steps(self, b: TrainBatch) -> dict:
+        """`rl.epochs_per_step` passes, each split into `rl.minibatches` shuffled minibatches (one
+        optimizer step each), in micro-batches of train.batch_size.
 
         Micro-batch losses are weighted by their share of the minibatch, so accumulation matches one
         big batch for sequence-level aggregation (token_mean is then a per-micro-batch mean). Metrics
         are the first epoch's, except `logprob_gap`: its first minibatch's, before this step moved
         the policy (the vLLM/trainer agreement check), and grad_norm/lr: the last step's.
         """
-        n, micro, g = len(prompt_ids), self.cfg.train.batch_size, self.cfg.rl
-        if n == 0:  # every completion was empty or unscored: nothing to step on
-            return {}
+        n, micro, g = len(b), self.cfg.train.batch_size, self.cfg.rl
         tok = self.backbone.tokenizer
         first_epoch: dict[str, float] = {}
         for epoch in range(g.epochs_per_step):
@@ -113,16 +114,18 @@ class PolicyWorker:
                     continue
                 for start in range(0, len(rows), micro):
                     sl = [int(i) for i in rows[start:start + micro]]
-                    batch = build_token_batch(self.backbone.processor, [prompt_ids[i] for i in sl],
-                                              [completion_ids[i] for i in sl], [audios[i] for i in sl], tok.pad_token_id)
+                    batch = build_token_batch(self.backbone.processor, [b.prompt_ids[i] for i in sl],
+                                              [b.completion_ids[i] for i in sl], [b.audios[i] for i in sl],
+                                              tok.pad_token_id)
                     mask = batch.completion_mask
-                    per_token = not np.isscalar(advantages[sl[0]])
-                    adv = _on_grid([advantages[i] for i in sl], mask) if per_token else \
-                        torch.tensor([advantages[i] for i in sl], dtype=torch.float32)
-                    critic = {} if returns is None else dict(returns=_on_grid([returns[i] for i in sl], mask),
-                                                             old_values=_on_grid([old_values[i] for i in sl], mask))
-                    loss, metrics = self._loss(batch, _on_grid([sampling_logprobs[i] for i in sl], mask), adv,
-                                               temperature, **critic)
+                    per_token = not np.isscalar(b.advantages[sl[0]])
+                    adv = _on_grid([b.advantages[i] for i in sl], mask) if per_token else \
+                        torch.tensor([b.advantages[i] for i in sl], dtype=torch.float32)
+                    critic = {} if not b.needs_critic else dict(
+                        returns=_on_grid([b.returns[i] for i in sl], mask),
+                        old_values=_on_grid([b.old_values[i] for i in sl], mask))
+                    loss, metrics = self._loss(batch, _on_grid([b.sampling_logprobs[i] for i in sl], mask), adv,
+                                               b.temperature, b.kl_coef, **critic)
                     share = len(sl) / len(rows)
                     self.optimizer.backward(loss * share)
                     if epoch == 0:
@@ -130,48 +133,48 @@ class PolicyWorker:
                             if k == "logprob_gap" and part > 0:
                                 continue
                             weight = share if k == "logprob_gap" else len(sl) / n
-                            first_epoch[k] = first_epoch.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * weight
+                            value = float(v.detach() if torch.is_tensor(v) else v)
+                            first_epoch[k] = first_epoch.get(k, 0.0) + value * weight
                 stats = self.optimizer.step()
         out = {f"train/{k}": v for k, v in first_epoch.items()}
         out.update(grad_norm=stats["grad_norm"], lr=stats["lr"])
         return out
 
-    @torch.no_grad()
-    def rollout_values(self, prompt_ids, completion_ids, audios, temperature) -> dict:
-        """PPO's view of the samples at rollout time, before the update: the critic's value of each
-        completion token's state, and the reference's logprob of each token (None without a reference)."""
-        values, ref = [], [] if self.reference is not None else None
-        micro = self.cfg.train.batch_size
-        for start in range(0, len(prompt_ids), micro):
-            sl = slice(start, start + micro)
-            batch = build_token_batch(self.backbone.processor, prompt_ids[sl], completion_ids[sl], audios[sl],
-                                      self.backbone.tokenizer.pad_token_id)
-            mask = batch.completion_mask
-            v = token_values(self.model, self.value_head, batch)  # the trunk without its LM head: no logits
-            values += [v[i][mask[i]].tolist() for i in range(len(mask))]
-            if ref is not None:
-                r = token_logprobs(self.reference, batch, temperature, self.allowed)
-                ref += [r[i][mask[i]].tolist() for i in range(len(mask))]
-        return {"values": values, "ref_logprobs": ref}
-
-    def dpo_update(self, prompt_ids, chosen_ids, rejected_ids, audios=None) -> dict:
-        """One optimizer step on preference pairs (online DPO), in micro-batches of train.batch_size
-        pairs. `audios`: each pair's prompt clip (realtime), or None for text-only prompts (TTS)."""
+    def _preference_step(self, b: TrainBatch) -> dict:
+        """One optimizer step on preference pairs, in micro-batches of train.batch_size pairs."""
         from speechrl.rlhf.trainers.dpo import preference_batch, preference_loss
 
-        n, micro = len(prompt_ids), self.cfg.train.batch_size
+        n, micro = len(b), self.cfg.train.batch_size
         sums: dict[str, float] = {}
         for start in range(0, n, micro):
             sl = slice(start, start + micro)
-            batch = preference_batch(self.backbone.processor, prompt_ids[sl], chosen_ids[sl], rejected_ids[sl],
-                                     self.backbone.tokenizer.pad_token_id, None if audios is None else audios[sl])
-            pairs = len(prompt_ids[sl])
+            batch = preference_batch(self.backbone.processor, b.prompt_ids[sl], b.completion_ids[sl],
+                                     b.rejected_ids[sl], self.backbone.tokenizer.pad_token_id, b.audios[sl])
+            pairs = len(b.prompt_ids[sl])
             loss, metrics = preference_loss(self.model, self.reference, batch, pairs, self.cfg.dpo, self.allowed)
             self.optimizer.backward(loss * pairs / n)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * pairs / n
         stats = self.optimizer.step()
         return {**{f"train/{k}": v for k, v in sums.items()}, "grad_norm": stats["grad_norm"], "lr": stats["lr"]}
+
+    @torch.no_grad()
+    def values(self, b: TrainBatch) -> dict:
+        """The samples as they were at rollout time, before the update: the critic's value of each
+        completion token's state, and the reference's logprob of each token (None without a reference)."""
+        values, ref = [], [] if self.reference is not None else None
+        micro = self.cfg.train.batch_size
+        for start in range(0, len(b), micro):
+            sl = slice(start, start + micro)
+            batch = build_token_batch(self.backbone.processor, b.prompt_ids[sl], b.completion_ids[sl], b.audios[sl],
+                                      self.backbone.tokenizer.pad_token_id)
+            mask = batch.completion_mask
+            v = token_values(self.model, self.value_head, batch)  # the trunk without its LM head: no logits
+            values += [v[i][mask[i]].tolist() for i in range(len(mask))]
+            if ref is not None:
+                r = token_logprobs(self.reference, batch, b.temperature, self.allowed)
+                ref += [r[i][mask[i]].tolist() for i in range(len(mask))]
+        return {"values": values, "ref_logprobs": ref}
 
     def weights(self) -> list[tuple[str, torch.Tensor]]:
         """Hub-layout tensors for the rollout engines; LoRA runs send only the adapted layers, merged."""
@@ -180,13 +183,6 @@ class PolicyWorker:
 
             return merged_lora_state(self.model)
         return [(k, v.detach().clone()) for k, v in hub_state_dict(unwrap(self.model).state_dict().items())]
-
-    def evaluate(self) -> dict:
-        result = evaluate_asr(exportable_model(self.model), self.backbone.processor, self.eval_set,
-                              max_examples=self.cfg.data.max_eval_examples,
-                              max_new_tokens=self.cfg.eval_max_new_tokens)
-        result["examples"] = [list(map(str, e)) for e in result["examples"]]
-        return result
 
     def save(self, path: str) -> None:
         path = Path(path)
@@ -208,10 +204,45 @@ def _on_grid(rows: list, mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def make_policy_worker(cfg: RecipeConfig, backbone_path: str, checkpoint: str | None = None,
-                       allowed_ids: list[int] | ReplyLayout | None = None):
+def make_policy_worker(cfg: RecipeConfig, backbone_path: str, checkpoint: str | None = None, *,
+                       allowed_ids: list[int] | ReplyLayout, reference: bool = False, critic: bool = False):
     import ray
 
     gpus = 1 if torch.cuda.is_available() else 0
     return ray.remote(PolicyWorker).options(num_cpus=1, num_gpus=gpus, max_concurrency=1).remote(
-        cfg, str(backbone_path), checkpoint, allowed_ids)
+        cfg, str(backbone_path), checkpoint, allowed_ids=allowed_ids, reference=reference, critic=critic)
+
+
+class PolicyClient:
+    """The driver's handle on the policy worker: plain calls (each waits for its result), so the
+    updates and modes that use it need not know it is a Ray actor."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def train(self, batch: TrainBatch) -> dict:
+        return self._get(self.actor.train.remote(batch))
+
+    def values(self, batch: TrainBatch) -> dict:
+        return self._get(self.actor.values.remote(batch))
+
+    def with_model(self, fn, *args):
+        return self._get(self.actor.with_model.remote(fn, *args))
+
+    def weights(self):
+        return self._get(self.actor.weights.remote())
+
+    def save(self, path: str) -> None:
+        self._get(self.actor.save.remote(path))
+
+    def save_final(self, path: str) -> str:
+        return self._get(self.actor.save_final.remote(path))
+
+    def ping(self) -> bool:
+        return self._get(self.actor.ping.remote())
+
+    @staticmethod
+    def _get(ref):
+        import ray
+
+        return ray.get(ref)

@@ -1,11 +1,9 @@
-"""What an RL run sets up before its loop, beside the driver (grpo.py): Ray with room for the
-run's actors, the embedded judges its rewards ask for, and TTS prompt texts."""
+"""Ray for an online run: a local cluster with room for the run's actors, or the recipe's cluster."""
 from __future__ import annotations
 
 import logging
 import math
 import os
-from typing import Optional
 
 from speechrl.rlhf.core.config import RecipeConfig, RecipeError
 
@@ -35,20 +33,3 @@ def start_ray(cfg: RecipeConfig) -> None:
                               f"rollout.num_workers")
         ray.init(num_cpus=cfg.ray.num_cpus or max(actors, os.cpu_count() or 2), include_dashboard=False,
                  runtime_env={"env_vars": env}, log_to_driver=True)
-
-
-def rl_prompt_pool(cfg: RecipeConfig, eval_set) -> Optional[list]:
-    """TTS prompts from `tts.prompt_texts` (see its comment), held-out texts left out; None = the train set."""
-    from speechrl.data.manifest import Example
-    from speechrl.data.synth import command_sentences, read_text_list
-
-    source = cfg.tts.prompt_texts
-    if cfg.mode != "tts" or not source:
-        return None
-    texts = command_sentences(5000, seed=cfg.seed + 1) if source == "grammar" else read_text_list(source)
-    held = {ex.text for ex, _ in eval_set.items}
-    texts = list(dict.fromkeys(t for t in texts if t.strip() and t not in held))
-    if not texts:
-        raise RecipeError(f"tts.prompt_texts={source!r}: no prompt texts left after removing the held-out ones")
-    log.info("RL prompts: %d texts from %s (held-out texts left out)", len(texts), source)
-    return [Example(id=f"prompt-{i:05d}", text=t) for i, t in enumerate(texts)]

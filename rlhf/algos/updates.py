@@ -1,0 +1,179 @@
+"""Updates: each online algorithm's step from scored samples to the `TrainBatch` the policy trains on.
+
+GRPO, PPO and online DPO are peers, found by the recipe's `algorithm` in UPDATES; the online loop
+(trainers/online.py) is the same for all of them:
+
+    GRPO        group-relative advantages, one per sample (estimator `grpo.advantage`); KL as a loss term
+    PPO         the critic's values and the reference's logprobs at rollout time (`policy.values`), the
+                score on each reply's last token minus beta * KL on every token (kl_reward.py), GAE
+                over the reply's tokens (estimator "gae"); beta fixed or adapted toward ppo.kl_target,
+                its state saved in every checkpoint so a resumed run continues with the beta it had
+    online DPO  each prompt's best and worst samples (by total reward) as a preference pair
+
+Credit in PPO: each sample (in realtime, each turn's reply) is an episode of its own; returns do
+not flow from later turns to earlier ones. Unscored and empty samples never train.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from speechrl.rlhf.algos.batch import TrainBatch, sample_batch
+from speechrl.rlhf.algos.estimators import AdvantageInputs
+from speechrl.rlhf.algos.kl_reward import AdaptiveKLController, FixedKLController, kl_penalized_rewards
+from speechrl.rlhf.algos.registry import ADVANTAGES
+from speechrl.rlhf.core.registry import Registry
+
+log = logging.getLogger(__name__)
+
+UPDATES = Registry("update")
+KL_STATE = "kl_controller.json"  # in each PPO checkpoint, beside the policy and its value head
+
+Prepared = tuple[Optional[TrainBatch], dict]  # (what the policy trains on, or None; the update's own metrics)
+
+
+class Update:
+    """An online algorithm's driver side. `prepare` runs in the loop's "advantages" phase."""
+
+    needs_critic = False  # the policy worker keeps a value head (saved in checkpoints)
+
+    def __init__(self, cfg, checkpoint: Optional[Path] = None):
+        self.cfg = cfg
+
+    @property
+    def needs_reference(self) -> bool:
+        """The policy worker keeps a frozen copy of the starting weights."""
+        return self.cfg.rl.kl_coef > 0
+
+    def prepare(self, samples, scores, requests, policy) -> Prepared:
+        raise NotImplementedError
+
+    def save(self, checkpoint: Path) -> None:
+        """The update's own state, into a checkpoint (none by default)."""
+
+
+@UPDATES.register("grpo")
+class GRPOUpdate(Update):
+    def prepare(self, samples, scores, requests, policy) -> Prepared:
+        groups = torch.tensor([s.prompt_index for s in samples])
+        inputs = AdvantageInputs(torch.tensor(np.asarray(scores.total, dtype=np.float32)), groups,
+                                 torch.tensor(scores.valid, dtype=torch.bool))
+        adv, _ = ADVANTAGES.get(self.cfg.grpo.advantage)(inputs, self.cfg.grpo)
+        keep = [i for i, s in enumerate(samples) if s.completion_ids]  # an empty completion has no tokens to train
+        if not keep:
+            return None, {}
+        return sample_batch(samples, requests, keep, self.cfg.rollout.sampling.temperature,
+                            advantages=adv.numpy()[keep].tolist(), kl_coef=self.cfg.rl.kl_coef), {}
+
+
+@UPDATES.register("ppo")
+class PPOUpdate(Update):
+    needs_critic = True
+
+    def __init__(self, cfg, checkpoint: Optional[Path] = None):
+        super().__init__(cfg, checkpoint)
+        p, beta = cfg.ppo, cfg.rl.kl_coef
+        self.kl = AdaptiveKLController(beta, p.kl_target, p.kl_horizon) if p.kl_target else FixedKLController(beta)
+        if checkpoint:  # the coefficient the interrupted run had reached, not the recipe's starting value
+            self.kl.load_state_dict(json.loads((Path(checkpoint) / KL_STATE).read_text()))
+
+    def prepare(self, samples, scores, requests, policy) -> Prepared:
+        p = self.cfg.ppo
+        keep = [i for i, s in enumerate(samples) if s.completion_ids and scores.valid[i]]
+        if not keep:
+            log.warning("no scored, non-empty sample this step; no update")
+            return None, {"ppo/samples": 0}
+        batch = sample_batch(samples, requests, keep, self.cfg.rollout.sampling.temperature)
+        rollout = policy.values(batch)  # before any update: the critic's values, the reference's logprobs
+        lengths = [len(c) for c in batch.completion_ids]
+        width = max(lengths)
+        mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+        logprobs = padded(batch.sampling_logprobs, width)
+        ref = padded(rollout["ref_logprobs"], width) if rollout["ref_logprobs"] is not None else logprobs
+        values = padded(rollout["values"], width)
+        beta = self.kl.kl_coef if p.kl_in_reward else 0.0
+        adv, ret, kl = ppo_targets(torch.tensor(np.asarray(scores.total)[keep], dtype=torch.float32), logprobs, ref,
+                                   values, mask, beta, p.gamma, p.lam, p.whiten_advantages)
+        reply_kl = float(kl.sum(-1).mean())
+        metrics = {"ppo/kl_coef": beta, "ppo/reply_kl": reply_kl, "train/kl": float(kl[mask].mean()),
+                   "ppo/value_mean": float(values[mask].mean()), "ppo/return_mean": float(ret[mask].mean()),
+                   "ppo/samples": len(keep)}
+        if p.kl_in_reward:
+            self.kl.update(reply_kl, len(keep))  # the next step's beta
+        batch.advantages, batch.returns, batch.old_values = (_rows(t, lengths) for t in (adv, ret, values))
+        batch.kl_coef = 0.0 if p.kl_in_reward else self.cfg.rl.kl_coef  # a loss term, as in GRPO
+        return batch, metrics
+
+    def save(self, checkpoint: Path) -> None:
+        (checkpoint / KL_STATE).write_text(json.dumps(self.kl.state_dict()) + "\n")
+
+
+@UPDATES.register("online_dpo")
+class OnlineDPOUpdate(Update):
+    """Pairs each prompt's best with its worst sample; the preference loss of offline DPO against
+    the run's starting weights. `batch.pairs` keeps which samples each row came from."""
+
+    @property
+    def needs_reference(self) -> bool:
+        return True
+
+    def prepare(self, samples, scores, requests, policy) -> Prepared:
+        groups = np.array([s.prompt_index for s in samples])
+        total = np.asarray(scores.total, dtype=float)
+        pairs = best_worst_pairs(total, np.asarray(scores.valid), groups, self.cfg.dpo.min_reward_gap)
+        if not pairs:  # every group tied: nothing to prefer this round
+            log.warning("no preference pairs this round (all groups tied or unscored); no update")
+            return None, {"train/pairs": 0}
+        batch = TrainBatch([samples[c].prompt_ids for c, _ in pairs], [samples[c].completion_ids for c, _ in pairs],
+                           [requests[samples[c].prompt_index].audio for c, _ in pairs],
+                           self.cfg.rollout.sampling.temperature,
+                           rejected_ids=[samples[r].completion_ids for _, r in pairs], pairs=pairs)
+        return batch, {"train/pairs": len(pairs)}
+
+
+def best_worst_pairs(total: np.ndarray, valid: np.ndarray, groups: np.ndarray, min_gap: float = 0.0
+                     ) -> list[tuple[int, int]]:
+    """(chosen, rejected) sample indices: per group, the highest- and lowest-scored valid samples,
+    when their rewards differ by more than `min_gap` (ties teach nothing). First index wins ties."""
+    pairs = []
+    for g in np.unique(groups):
+        members = [i for i in np.flatnonzero(groups == g) if valid[i] and np.isfinite(total[i])]
+        if len(members) < 2:
+            continue
+        scores = total[members]
+        best, worst = members[int(np.argmax(scores))], members[int(np.argmin(scores))]
+        if total[best] - total[worst] > min_gap:
+            pairs.append((best, worst))
+    return pairs
+
+
+def ppo_targets(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor,
+                mask: torch.Tensor, kl_coef: float, gamma: float, lam: float, whiten: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(advantages, returns, kl), each [B, T]: KL-penalized per-token rewards (k1, whose per-token
+    values sum to the reply's KL), then GAE. `kl_coef` 0 puts only the score in the reward."""
+    from types import SimpleNamespace
+
+    rewards, kl = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, "k1")
+    inputs = AdvantageInputs(scores, torch.arange(len(scores)), torch.ones(len(scores), dtype=torch.bool),
+                             token_rewards=rewards, values=values, mask=mask)
+    params = SimpleNamespace(gamma=gamma, lam=lam, whiten_advantages=whiten)
+    advantages, returns = ADVANTAGES.get("gae")(inputs, params)
+    return advantages, returns, kl
+
+
+def padded(rows: list[list[float]], width: int) -> torch.Tensor:
+    """Ragged per-token rows as a right-padded [B, width] float32 tensor."""
+    out = torch.zeros(len(rows), width)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
+
+
+def _rows(grid: torch.Tensor, lengths: list[int]) -> list[list[float]]:
+    return [grid[i, :n].tolist() for i, n in enumerate(lengths)]

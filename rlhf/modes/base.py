@@ -1,0 +1,147 @@
+"""The `Mode` interface: everything that differs between operational modes, behind one object.
+
+A mode owns its data, its task (prompts, decoding constraint, stop tokens), the shape of its
+rollouts (one turn, or episodes), the columns its rewards read, its evaluation and headline
+metrics, and the algorithms it supports. Trainers and workers call these methods and never test a
+mode's name; a new mode is one file here plus its recipes (docs/architecture.md).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Optional
+
+import numpy as np
+
+from speechrl.rlhf.core.config import RecipeConfig, RecipeError
+from speechrl.rlhf.core.registry import MODES
+from speechrl.rollouts.types import RolloutRequest
+
+Generate = Callable[..., list]  # generate(requests, n=None, temperature=None, max_new_tokens=None) -> samples
+
+
+class Mode:
+    name: ClassVar[str]
+    algorithms: ClassVar[tuple[str, ...]]  # the `algorithm:` values this mode's recipes may name
+    default_algorithm: ClassVar[str]  # its RL algorithm in the demo (DESIGN.md's table)
+    headlines: ClassVar[list[tuple[str, str]]]  # (summary label, metric key), the first is the main one
+    demo_sft_overrides: ClassVar[list[str]] = []  # the demo's SFT settings on top of <mode>/sft
+    evaluates_on_engines: ClassVar[bool] = False  # `speechrl eval` needs vLLM engines (else in-process)
+
+    def __init__(self, cfg: RecipeConfig):
+        self.cfg = cfg
+        self.task = None
+
+    @classmethod
+    def check(cls, cfg: RecipeConfig, source: str) -> None:
+        """Recipe checks of this mode (after the generic ones); a RecipeError names the key."""
+        if cfg.algorithm not in cls.algorithms:
+            raise RecipeError(f"{source}: `algorithm: {cfg.algorithm}` is not implemented for mode {cls.name!r} "
+                              f"(it supports {', '.join(cls.algorithms)})")
+
+    # --- what runs on ----------------------------------------------------------------------------
+    def backbone_path(self) -> Path:
+        from speechrl.rlhf.modes import assets
+
+        return assets.backbone_path(self.cfg)
+
+    def datasets(self, max_audio_seconds: float):
+        """(train, held-out) datasets of (example, audio) pairs."""
+        from speechrl.rlhf.modes import assets
+
+        return assets.load_datasets(self.cfg, max_audio_seconds)
+
+    def make_task(self, processor, codec=None):
+        raise NotImplementedError
+
+    def setup_task(self, processor, codec=None):
+        self.task = self.make_task(processor, codec)
+        return self.task
+
+    # --- the online loop (GRPO, PPO, online DPO) -------------------------------------------------
+    def setup_online(self, run_dir: Path, logger, window_seconds: float) -> None:
+        """Load what rollouts and evaluation need (after `setup_task`)."""
+        raise NotImplementedError
+
+    def rollout(self, step: int, generate: Generate) -> tuple[list[RolloutRequest], list]:
+        """The step's prompts and their samples (`Sample.prompt_index` points into the prompts)."""
+        raise NotImplementedError
+
+    def reward_columns(self, samples, requests) -> dict[str, Any]:
+        """What this mode's rewards read beside `completions`/`completion_ids` and the samples' metadata."""
+        return {}
+
+    def rollout_row(self, sample) -> dict[str, Any]:
+        """Mode-specific fields of a saved rollout row (rollouts/step-N.jsonl)."""
+        return {}
+
+    def evaluate_online(self, step: int, generate: Generate, score_batch: Callable, score: Callable,
+                        policy) -> dict:
+        """Held-out metrics with the current weights (on the engines, or on the policy worker)."""
+        raise NotImplementedError
+
+    def save_pairs(self, path: Path, step: int, samples, total: np.ndarray, pairs: list[tuple[int, int]]) -> None:
+        """Online DPO's (chosen, rejected) samples of one round, in this mode's format."""
+        raise NotImplementedError(f"mode {self.name!r} has no preference-pair format")
+
+    def label_evaluation(self, label: str) -> None:
+        """Name the evaluation's outputs (`speechrl eval` names the checkpoint); nothing by default."""
+
+    def summary_rows(self) -> dict:
+        """Rows this mode adds to an online run's summary table."""
+        return {}
+
+    # --- offline trainers (SFT, DPO) and `speechrl eval` ------------------------------------------
+    def evaluate_offline(self, step: int, model, processor, eval_set, run_dir: Path, logger) -> dict:
+        """Held-out metrics of an in-process transformers model."""
+        raise NotImplementedError
+
+    def report_checkpoint(self, metrics: dict, out_dir: Path) -> str:
+        """What `speechrl eval` prints for a checkpoint's metrics."""
+        return "\n".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+    # --- the demo ----------------------------------------------------------------------------------
+    def demo_report(self, sft: dict, rl: dict, minutes: float) -> dict:
+        """Print the demo's before/after story from the two runs' summaries; the numbers."""
+        label, fmt = self.headlines[0][0], "{:.3f}"
+        result = {"untrained": sft[f"{label} before"], "sft": sft[f"{label} after"], "rl": rl[f"{label} after"],
+                  "minutes": minutes}
+        print(f"\n{label}: untrained {fmt.format(result['untrained'])} -> after SFT {fmt.format(result['sft'])} "
+              f"-> after {self.default_algorithm.upper()} {fmt.format(result['rl'])}   ({minutes:.1f} min)")
+        return result
+
+    # --- summaries ---------------------------------------------------------------------------------
+    def plot_keys(self) -> list[str]:
+        return [key for _, key in self.headlines]
+
+    def headline_rows(self, logger) -> dict:
+        """"<label> before" / "<label> after" rows of the summary table, for metrics the run logged."""
+        rows = {}
+        for label, key in self.headlines:
+            before, after = logger.first(key), logger.last(key)
+            if not (np.isnan(before) and np.isnan(after)):
+                rows[f"{label} before"], rows[f"{label} after"] = before, after
+        return rows
+
+
+def get_mode(cfg: RecipeConfig) -> Mode:
+    """The recipe's mode object."""
+    return MODES.get(cfg.mode)(cfg)
+
+
+def safe_name(name: str) -> str:
+    """An example id as a file name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))[:80]
+
+
+def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """The examples of step `step`: epoch-wise permutations seeded by (seed, epoch), so a resumed
+    run draws what the uninterrupted one would have."""
+    per_epoch = max(1, num_examples // batch_size)
+    epoch, offset = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    return perm[offset * batch_size : (offset + 1) * batch_size]
+
+
+def optional(value) -> Optional[float]:
+    value = float(value)
+    return value if np.isfinite(value) else None

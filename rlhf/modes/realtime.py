@@ -1,0 +1,240 @@
+"""Realtime: persona dialogue with spoken replies. A prompt is the persona card, the dialogue so far
+(text) and the user's latest turn (audio); the reply is text, then codec tokens, then
+<|codec_end|>, under a three-phase layout constraint (rlhf/model/layout.py). Rollouts are
+multi-turn episodes (episodes.py); held-out evaluation is drift by turn (drift.py)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from speechrl.rlhf.core.config import RecipeConfig, RecipeError
+from speechrl.rlhf.core.registry import MODES
+from speechrl.rlhf.model.backbone import IM_END, text_token_ids
+from speechrl.rlhf.model.prompts import render_prompt
+from speechrl.rlhf.modes.base import Mode, batch_indices
+from speechrl.rlhf.modes.tts import SpeakingTask
+from speechrl.rollouts.types import RolloutRequest
+
+
+@dataclass(frozen=True)
+class SpokenReply:
+    """A realtime completion read back: its text part, its audio part, and when the audio began."""
+
+    text: str  # the text tokens before the first codec token, decoded
+    codec_ids: list[int]  # codec-local ids of the audio part (up to <|codec_end|>)
+    ttfa_tokens: Optional[int]  # tokens generated before the first audio token; None: no audio at all
+    ended: bool  # closed by <|codec_end|> (False: cut at the length cap)
+    seconds: float  # duration of the audio part, from the codec's frame rate
+
+
+class RealtimeTask(SpeakingTask):
+    """Persona dialogue, spoken replies. Layout and decoding constraint: rollouts/layout.py; the
+    prompt: data/prompts.py (`realtime`); earlier turns are text, the user's latest is audio."""
+
+    def __init__(self, cfg: RecipeConfig, processor, codec=None):
+        from speechrl.rlhf.model.layout import ReplyLayout
+
+        super().__init__(cfg, processor, codec)
+        text = [i for i in text_token_ids(self.tokenizer) if i != self.tokenizer.convert_tokens_to_ids(IM_END)]
+        self.layout = ReplyLayout(tuple(text), tuple(int(i) for i in self.tokens.token_ids), self.tokens.end_id,
+                                  cfg.realtime.max_text_tokens)
+        self.allowed_ids = self.layout
+        self.reward_codec = self.codec_spec if cfg.realtime.decode_replies else None
+        self._prompts: dict[str, list[int]] = {}  # turn example id -> its prompt ids (placeholder expanded)
+
+    def render(self, persona: str, history) -> str:
+        """The prompt text: the rendered card, the earlier turns ({"role", "text"}), the audio placeholder."""
+        return render_prompt(self.processor, "realtime", {"persona": persona, "history": list(history)})
+
+    def request(self, persona: str, history, audio: np.ndarray, metadata: dict) -> RolloutRequest:
+        return RolloutRequest(self.render(persona, history), audio, self.cfg.data.sample_rate, metadata)
+
+    def reply_ids(self, text: str, codec_ids) -> list[int]:
+        """A reply as completion ids in the layout: text tokens, codec tokens, <|codec_end|>."""
+        return (self.tokenizer(text, add_special_tokens=False)["input_ids"] + self.tokens.to_backbone(codec_ids)
+                + [self.tokens.end_id])
+
+    def sft_example(self, ex, audio: np.ndarray, dataset=None) -> tuple[list[int], list[int], np.ndarray]:
+        """(prompt ids, the reference reply's completion ids, the user clip) of a realtime_data.TurnExample."""
+        from speechrl.data.audio import load_audio
+        from speechrl.rlhf.model.logprobs import prompt_ids_for
+
+        if ex.id not in self._targets:
+            codec_ids = ex.reply_codec_ids
+            if codec_ids is None:
+                rate = self.cfg.data.sample_rate
+                codec_ids = self.codec.encode(load_audio(ex.reply_audio, rate, min_seconds=0.0), rate)
+            self._targets[ex.id] = self.reply_ids(ex.reply_text, codec_ids)
+            self._prompts[ex.id] = prompt_ids_for(self.processor, self.render(ex.persona, ex.history), audio)
+        return self._prompts[ex.id], self._targets[ex.id], audio
+
+    def parse(self, completion_ids: list[int]) -> SpokenReply:
+        """Split a completion into its text and audio parts (the layout guarantees text comes first)."""
+        codec = self.layout.codec_set
+        first = next((k for k, t in enumerate(completion_ids) if t in codec), None)
+        text_ids = completion_ids if first is None else completion_ids[:first]
+        codec_ids = [] if first is None else self.tokens.from_backbone(completion_ids[first:])
+        per_second = self.codec.frame_rate * self.codec.num_codebooks
+        return SpokenReply(text=self.tokenizer.decode(text_ids, skip_special_tokens=True).strip(), codec_ids=codec_ids,
+                           ttfa_tokens=first, ended=bool(completion_ids) and completion_ids[-1] == self.tokens.end_id,
+                           seconds=len(codec_ids) / per_second)
+
+    def codec_ids(self, completion_ids: list[int]) -> list[int]:
+        """The audio part's codec-local ids, what the reward side decodes."""
+        return self.parse(completion_ids).codec_ids
+
+
+@MODES.register("realtime")
+class RealtimeMode(Mode):
+    name = "realtime"
+    algorithms = ("sft", "grpo", "ppo", "online_dpo")
+    default_algorithm = "ppo"
+    headlines = [("drift judge score", "drift/judge"), ("drift out-of-character rate", "drift/ooc_rate"),
+                 ("drift judge score, last turn", "drift/judge_last_turn"), ("held-out reply loss", "eval/loss")]
+    evaluates_on_engines = True
+
+    @classmethod
+    def check(cls, cfg: RecipeConfig, source: str) -> None:
+        super().check(cfg, source)
+        r = cfg.realtime
+        if r.personas not in ("builtin", "personagym") and not Path(os.path.expanduser(r.personas)).exists():
+            raise RecipeError(f"{source}: `realtime.personas` is {r.personas!r}: neither \"builtin\", \"personagym\" "
+                              "nor a persona cards file or folder (docs/personas.md)")
+        if r.personas not in ("builtin", "personagym") and r.dialogues is None:
+            raise RecipeError(f"{source}: cards of your own (`realtime.personas`={r.personas!r}) need their dialogues: "
+                              "set `realtime.dialogues` to a dialogues .jsonl (docs/personas.md)")
+        for key in ("max_turns", "drift_turns", "dialogues_per_persona", "drift_dialogues_per_persona"):
+            if getattr(r, key) < 1:
+                raise RecipeError(f"{source}: `realtime.{key}` must be >= 1, got {getattr(r, key)}")
+        if not 0.0 < r.heldout_fraction < 1.0:
+            raise RecipeError(f"{source}: `realtime.heldout_fraction` must be in (0, 1), got {r.heldout_fraction}")
+        keys = [spec.key for spec in cfg.rewards]
+        if cfg.algorithm != "sft" and r.drift_judge not in keys:
+            raise RecipeError(f"{source}: `realtime.drift_judge` is {r.drift_judge!r}, which is not among the rewards "
+                              f"({', '.join(keys)}); drift evaluation reads that reward's score")
+
+    def backbone_path(self) -> Path:
+        """A tiny backbone whose tokenizer learnt the persona cards and dialogues, so prompts stay short."""
+        from speechrl.rlhf.modes import assets, realtime_data
+
+        cfg = self.cfg
+        if cfg.run.init_from or cfg.model.path:
+            return assets.backbone_path(cfg)
+        texts = realtime_data.tokenizer_texts(cfg)
+        return assets.tiny_backbone(cfg, texts, suffix=f"realtime-{realtime_data.texts_key(texts)}")
+
+    def datasets(self, max_audio_seconds: float):
+        from speechrl.rlhf.modes.realtime_data import realtime_datasets
+
+        return realtime_datasets(self.cfg, max_audio_seconds)
+
+    def make_task(self, processor, codec=None) -> RealtimeTask:
+        return RealtimeTask(self.cfg, processor, codec)
+
+    def setup_online(self, run_dir: Path, logger, window_seconds: float) -> None:
+        from speechrl.rlhf.modes.drift import DriftEvaluation
+        from speechrl.rlhf.modes.realtime_data import UserSpeech, load_dialogues
+
+        self.dialogues, drift = load_dialogues(self.cfg)
+        self.speech = UserSpeech(self.cfg.data.sample_rate, window_seconds)
+        self.drift = DriftEvaluation(self.cfg, self.task, drift, self.speech, run_dir)
+
+    def rollout(self, step: int, generate) -> tuple[list[RolloutRequest], list]:
+        """A prompt is one turn of one episode: the step's episodes play all their turns."""
+        from speechrl.rlhf.modes.episodes import run_episodes
+
+        idx = batch_indices(len(self.dialogues), self.cfg.rl.prompts_per_step, step, self.cfg.seed)
+        return run_episodes(self.task, [self.dialogues[int(i)] for i in idx], self.speech, self.cfg.realtime.max_turns,
+                            generate, n=self.cfg.rollout.sampling.n)
+
+    def reward_columns(self, samples, requests) -> dict:
+        return {"codec_ids": [self.task.codec_ids(s.completion_ids) for s in samples]}  # decoded reward-side
+
+    def rollout_row(self, sample) -> dict:
+        return {"codec_ids": [int(c) for c in self.task.codec_ids(sample.completion_ids)], "completion": sample.text}
+
+    def evaluate_online(self, step, generate, score_batch, score, policy) -> dict:
+        """Greedy drift dialogues on the engines, which hold the current weights."""
+        return self.drift.evaluate(step, lambda requests: generate(requests, n=1, temperature=0.0,
+                                                                   max_new_tokens=self.cfg.eval_max_new_tokens), score)
+
+    def save_pairs(self, path: Path, step: int, samples, total: np.ndarray, pairs: list[tuple[int, int]]) -> None:
+        """One row per pair: the turn's context (its id, persona, history, user turn) and both replies."""
+        def reply(i: int) -> dict:
+            parsed = self.task.parse(samples[i].completion_ids)
+            return {"text": parsed.text, "codec_ids": [int(c) for c in parsed.codec_ids], "reward": float(total[i])}
+
+        rows = [{key: samples[c].metadata[key] for key in ("id", "persona", "history", "user_text")}
+                | {"chosen": reply(c), "rejected": reply(r)} for c, r in pairs]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def label_evaluation(self, label: str) -> None:
+        self.drift.label = label
+
+    def summary_rows(self) -> dict:
+        return {"drift plot": str(self.drift.plot_path)}
+
+    def evaluate_offline(self, step, model, processor, eval_set, run_dir, logger) -> dict:
+        """The held-out turns' reference-reply loss (spoken replies are generated by the RL drivers'
+        engines, which score drift; SFT reports how well it fits)."""
+        return {"eval/loss": heldout_loss(self.task, model, processor, eval_set, self.cfg)}
+
+    def report_checkpoint(self, metrics: dict, out_dir: Path) -> str:
+        curves = json.loads((self.drift.dir / "step-00000.json").read_text())
+        lines = [f"{'turn':>4}  {'judge score':>11}  {'out-of-character':>16}  {'replies scored':>14}"]
+        for turn, judge, ooc, scored in zip(curves["turn"], curves["judge"], curves["ooc"], curves["scored"]):
+            lines.append(f"{turn:>4}  {judge:>11.4f}  {ooc:>16.2f}  {scored:>14}")
+        r = self.cfg.realtime
+        lines.append(f"all turns: judge score {metrics['drift/judge']:.4f}, out-of-character rate "
+                     f"{metrics['drift/ooc_rate']:.2f} (judge: {r.drift_judge}, threshold {r.ooc_threshold:g})")
+        lines.append(f"replies: {self.drift.dir / 'step-00000.json'}\nplot: {self.drift.plot_path}")
+        return "\n".join(lines)
+
+    def demo_report(self, sft: dict, rl: dict, minutes: float) -> dict:
+        """The drift curves of the RL run's first (before: the SFT weights) and last evaluations."""
+        runs = sorted((Path(rl["run"]) / "drift").glob("step-*.json"))
+        before, after = (json.loads(p.read_text()) for p in (runs[0], runs[-1]))
+        lines = [f"{'turn':>4}  {'judge before':>12}  {'judge after':>11}  {'OOC before':>10}  {'OOC after':>9}"]
+        for k, turn in enumerate(before["turn"]):
+            lines.append(f"{turn:>4}  {before['judge'][k]:>12.3f}  {after['judge'][k]:>11.3f}  "
+                         f"{before['ooc'][k]:>10.2f}  {after['ooc'][k]:>9.2f}")
+        result = {"sft heldout loss": sft.get("held-out reply loss after", float("nan")),
+                  "judge before": rl.get("drift judge score before"), "judge after": rl.get("drift judge score after"),
+                  "ooc before": rl.get("drift out-of-character rate before"),
+                  "ooc after": rl.get("drift out-of-character rate after"), "minutes": minutes}
+        print(f"\ndrift over {len(before['turn'])} turns (judge score in [0, 1]; out of character: score < "
+              f"{before['threshold']:g}), before (step {before['step']}) and after (step {after['step']}) PPO:")
+        print("\n".join(lines))
+        print(f"all turns: judge {result['judge before']:.3f} -> {result['judge after']:.3f}, out-of-character rate "
+              f"{result['ooc before']:.2f} -> {result['ooc after']:.2f}   ({minutes:.1f} min)")
+        print("The embedded judge is a tiny random LM: these scores exercise the machinery and carry no meaning.")
+        print(f"plot: {rl['drift plot']}")
+        return result
+
+
+def heldout_loss(task, model, processor, eval_set, cfg: RecipeConfig) -> float:
+    """Mean next-token loss on the first held-out turns' reference replies."""
+    import torch
+
+    from speechrl.rlhf.model.logprobs import build_token_batch, sft_loss
+
+    n = min(len(eval_set), cfg.data.max_eval_examples)
+    size, losses = cfg.train.batch_size, []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, n, size):
+                rows = [task.sft_example(*eval_set[i], eval_set) for i in range(start, min(n, start + size))]
+                batch = build_token_batch(processor, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+                                          processor.tokenizer.pad_token_id)
+                losses.append((float(sft_loss(model, batch)), len(rows)))
+    finally:
+        model.train(was_training)
+    return sum(loss * k for loss, k in losses) / max(1, sum(k for _, k in losses))

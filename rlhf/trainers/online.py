@@ -1,0 +1,260 @@
+"""The online loop, one for every online algorithm (GRPO, PPO, online DPO): a driver process steering
+Ray actors through named phases over one batch type.
+
+    generate    the mode's rollout: n samples per prompt on the vLLM engines, token in / token out
+                (one turn, or multi-turn episodes)
+    score       the reward worker scores them; failed or NaN samples are marked, not fatal
+    advantages  the recipe's update (algos/updates.py) turns scored samples into a TrainBatch
+    update      the policy worker makes the optimizer step(s) the batch asks for
+    sync        the new weights go to every engine through the recipe's transport
+    log         metrics, timers, the mode's evaluation, checkpoint
+
+Each phase is timed and the times are logged every step (`time/<phase>`). What differs by mode is
+the mode object's (modes/), by algorithm the update object's: this file tests neither's name.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from speechrl.rlhf.algos import UPDATES
+from speechrl.rlhf.core.config import RecipeConfig
+from speechrl.rlhf.core.run_dir import (RunLogger, find_resume_dir, latest_checkpoint, new_run_dir, prune_checkpoints,
+                                        resume_run, write_trainer_state)
+from speechrl.rlhf.core.seeding import seed_everything
+from speechrl.rlhf.model.backbone import load_processor
+from speechrl.rlhf.modes import get_mode
+from speechrl.rlhf.modes.base import optional
+from speechrl.rlhf.trainers.judges import prebuild_judges
+from speechrl.rlhf.workers.policy_worker import PolicyClient, make_policy_worker
+from speechrl.rlhf.workers.ray_setup import start_ray
+from speechrl.rollouts.engine import RolloutWorkerDied, generate_across, make_rollout_workers
+from speechrl.rollouts.sync import TRANSPORTS
+
+log = logging.getLogger(__name__)
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - start
+
+    def pop(self) -> dict[str, float]:
+        total = sum(self.times.values())
+        out = {f"time/{k}": v for k, v in self.times.items()}
+        out["time/step"] = total
+        self.times = {}
+        return out
+
+
+class OnlineRecipe:
+    def __init__(self, cfg: RecipeConfig, resume: Optional[str] = None):
+        self.cfg, self.resume = cfg, resume
+        self.mode = get_mode(cfg)
+        self.step = 0
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.run_dir = find_resume_dir(cfg, self.resume) if self.resume else new_run_dir(cfg)
+        self.checkpoint = latest_checkpoint(self.run_dir) if self.resume else None
+        self.update = UPDATES.get(cfg.algorithm)(cfg, self.checkpoint)
+        self.logger = RunLogger(self.run_dir, cfg, plot_keys=[
+            "rewards/total", *self.mode.plot_keys()[:2], "train/kl", "train/logprob_gap", "rewards/unscored"])
+        self._start_actors()
+        self.policy = PolicyClient(make_policy_worker(
+            cfg, self.backbone_path, str(self.checkpoint) if self.checkpoint else None, allowed_ids=self.task.allowed_ids,
+            reference=self.update.needs_reference, critic=self.update.needs_critic))
+        self.start_step = resume_run(self.checkpoint, self.logger) if self.checkpoint else 0
+        if self.checkpoint:
+            self.sync()  # engines started from the backbone; give them the resumed weights
+        self.policy.ping()
+
+    def setup_evaluation(self, out_dir: Path) -> None:
+        """Only what `speechrl eval` of a mode that evaluates on engines needs, into `out_dir`: the
+        engines serving the backbone as saved (run.init_from), the reward worker and the mode's
+        held-out data; no policy worker, no run directory."""
+        self.run_dir, self.policy, self.logger = Path(out_dir), None, None
+        self._start_actors()
+
+    def _start_actors(self) -> None:
+        """Ray, the mode's task and data, the embedded judges, the reward worker and the engines."""
+        from speechrl.rewards.worker import make_reward_actor
+
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        start_ray(cfg)
+        self.backbone_path = self.mode.backbone_path()
+        processor = load_processor(self.backbone_path)  # the driver needs no weights
+        self.task = self.mode.setup_task(processor)  # builds the codec, once, before any worker needs it
+        window = processor.feature_extractor.n_samples / processor.feature_extractor.sampling_rate
+        self.mode.setup_online(self.run_dir, self.logger, window)
+        prebuild_judges(cfg)  # here on every core, not inside a one-thread reward actor
+        self.reward = make_reward_actor(cfg.rewards, codec=self.task.reward_codec)
+        self.workers = make_rollout_workers(str(self.backbone_path), cfg.rollout, cfg.rollout.num_workers, cfg.seed)
+        self.transport = TRANSPORTS.get(cfg.rollout.weight_transport)()
+
+    def generate(self, requests, n: Optional[int] = None, temperature: Optional[float] = None,
+                 max_new_tokens: Optional[int] = None):
+        """n samples per request (default: the recipe's sampling settings); evaluation passes its own.
+        A rollout worker that dies is replaced and the call retried (rollout.max_retries)."""
+        s = self.cfg.rollout.sampling
+        n = s.n if n is None else n
+        temperature = s.temperature if temperature is None else temperature
+        max_new_tokens = s.max_new_tokens if max_new_tokens is None else max_new_tokens
+        for attempt in range(self.cfg.rollout.max_retries + 1):
+            try:
+                # no per-request seed: vLLM 0.32 on CPU fails on them ("CPU Generator does not use
+                # offset"); each engine is seeded at start, so runs are reproducible, resumed ones not bit-exact
+                return generate_across(self.workers, requests, n=n, temperature=temperature, top_p=s.top_p,
+                                       max_new_tokens=max_new_tokens, seed=None, allowed_token_ids=self.task.allowed_ids,
+                                       stop_token_ids=self.task.stop_ids)
+            except RolloutWorkerDied as e:
+                if attempt == self.cfg.rollout.max_retries:
+                    raise RuntimeError(f"step {self.step}: {e}; gave up after {attempt + 1} attempts. The last "
+                                       f"checkpoint is in {self.run_dir}; continue with --resume") from e
+                log.warning("step %d: %s; restarting it and retrying the step", self.step, e)
+                self.workers[e.worker_index] = make_rollout_workers(
+                    str(self.backbone_path), self.cfg.rollout, 1, self.cfg.seed + 1000 + attempt)[0]
+                self.sync()
+
+    def score(self, samples, requests):
+        batch = {"completions": [s.text for s in samples], "completion_ids": [s.completion_ids for s in samples],
+                 "mode": self.cfg.mode, **self.mode.reward_columns(samples, requests)}
+        for key in samples[0].metadata:
+            batch[key] = [s.metadata.get(key) for s in samples]
+        return self.score_batch(batch)
+
+    def score_batch(self, batch: dict):
+        import ray
+
+        return ray.get(self.reward.score.remote(batch))
+
+    def save_rollouts(self, step: int, samples, scores) -> Path:
+        """The step's samples with their rewards, one JSON row each: what `speechrl annotate tasks`
+        turns into pairs for annotators (codec ids are decoded with the run's codec)."""
+        rows = []
+        for i, s in enumerate(samples):
+            row = {"step": step, "prompt_index": s.prompt_index, "sample": i,
+                   **{k: v for k, v in s.metadata.items() if k != "reference_codec_ids"},
+                   "reward": optional(scores.total[i]),
+                   "components": {k: optional(v[i]) for k, v in scores.components.items()},
+                   **self.mode.rollout_row(s)}
+            if i in scores.errors:
+                row["unscored"] = scores.errors[i]
+            rows.append(row)
+        path = self.run_dir / "rollouts" / f"step-{step:05d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    def sync(self) -> None:
+        if self.policy is None:  # a checkpoint's evaluation: the engines serve it as saved
+            return
+        self.transport.send(self.policy.weights(), self.workers)
+
+    def evaluate(self, step: int) -> dict:
+        return self.mode.evaluate_online(step, self.generate, self.score_batch, self.score, self.policy)
+
+    def train(self) -> dict:
+        cfg, timer = self.cfg, PhaseTimer()
+        self.step = self.start_step
+        if self.start_step == 0:
+            self.logger.log(0, self.evaluate(0))  # the starting policy: "WER before" in the summary
+        start = time.time()
+        bar = tqdm(range(self.start_step, cfg.train.steps), initial=self.start_step, total=cfg.train.steps,
+                   desc=cfg.algorithm, unit="step", dynamic_ncols=True)
+        for step in bar:
+            done, self.step = step + 1, step
+            with timer("generate"):
+                requests, samples = self.mode.rollout(step, self.generate)
+            with timer("score"):
+                scores = self.score(samples, requests)
+            with timer("advantages"):
+                batch, update_metrics = self.update.prepare(samples, scores, requests, self.policy)
+                if batch is not None and batch.pairs:  # online DPO's pairs, kept in the mode's format
+                    self.mode.save_pairs(self.run_dir / "pairs" / f"round-{step:05d}.jsonl", step, samples,
+                                         np.asarray(scores.total, dtype=float), batch.pairs)
+            if cfg.run.save_rollouts_every and done % cfg.run.save_rollouts_every == 0:
+                self.save_rollouts(done, samples, scores)
+            with timer("update"):
+                metrics = {**(self.policy.train(batch) if batch is not None else {}), **update_metrics}
+            with timer("sync"):
+                self.sync()
+            with timer("log"):
+                metrics.update(scores.metrics())
+                metrics["rollout/completion_tokens"] = float(np.mean([len(s.completion_ids) for s in samples]))
+                metrics["rollout/truncated"] = float(np.mean([s.finish_reason == "length" for s in samples]))
+                if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+                    metrics.update(self.evaluate(done))
+            metrics.update(timer.pop())
+            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+                began = time.perf_counter()
+                self.save_checkpoint(done, metrics)
+                metrics["time/checkpoint"] = time.perf_counter() - began
+            self.logger.log(done, metrics)
+            # the first reward as scored (the total is ~0 when every component is z-normalized)
+            first = f"rewards/{cfg.rewards[0].key}/reward"
+            bar.set_postfix({cfg.rewards[0].key: f"{metrics.get(first, float('nan')):.3f}",
+                             **{key.split("/")[-1]: f"{metrics[key]:.3f}" for key in self.mode.plot_keys()[:1]
+                                if key in metrics}})
+        self.elapsed = time.time() - start
+        return self.finish()
+
+    def save_checkpoint(self, step: int, metrics: dict) -> None:
+        path = self.run_dir / "checkpoints" / f"step-{step}"
+        self.policy.save(str(path))
+        self.update.save(path)
+        write_trainer_state(path, step, metrics)  # the row travels with it: see write_trainer_state
+        prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+
+    def finish(self) -> dict:
+        final = self.policy.save_final(str(self.run_dir / "final"))
+        last = self.logger.last
+        steps = [r for r in self.logger.rows() if "time/step" in r]
+        phases = sorted({k for r in steps for k in r if k.startswith("time/")})
+        phase = {k: float(np.mean([r[k] for r in steps if k in r])) for k in phases}
+        table = {
+            "run": str(self.run_dir),
+            "steps": self.cfg.train.steps,
+            **self.mode.headline_rows(self.logger),
+            # the total is ~0 when the rewards are z-normalized; each reward's own mean says more
+            "mean reward (last step)": last("rewards/total"),
+            **{f"mean {spec.key} (last step)": last(f"rewards/{spec.key}/reward") for spec in self.cfg.rewards},
+            "logprob gap vLLM/trainer": last("train/logprob_gap"),
+            "unscored samples (total)": int(sum(r.get("rewards/unscored", 0) for r in steps)),
+            **{f"mean {k} (s)": round(v, 3) for k, v in phase.items()},
+            "train wall time (s)": round(self.elapsed, 1),
+            "final weights": final,
+            **self.mode.summary_rows(),
+        }
+        self.logger.plot()
+        print(self.logger.summary(table))
+        self.logger.close()
+        return table
+
+    def cleanup(self) -> None:
+        import ray
+
+        if ray.is_initialized() and not self.cfg.ray.address:
+            ray.shutdown()
+
+
+def run_online(cfg: RecipeConfig, resume: Optional[str] = None) -> dict:
+    recipe = OnlineRecipe(cfg, resume)
+    try:
+        recipe.setup()
+        return recipe.train()
+    finally:
+        recipe.cleanup()
