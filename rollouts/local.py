@@ -6,16 +6,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from speechrl.rlhf.model.backbone import allowed_token_ids
+from speechrl.rlhf.model.backbone import text_token_ids
 from speechrl.rlhf.model.prompts import render_prompt
 
 
 @torch.no_grad()
-def greedy_transcribe(model, processor, audios: list[np.ndarray], *, mode: str = "asr",
-                      max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
+def greedy_transcribe(model, processor, audios: list[np.ndarray], *, max_new_tokens: int = 48,
+                      batch_size: int = 16) -> list[str]:
     tok = processor.tokenizer
-    prompt = render_prompt(processor, mode)
-    allowed = set(allowed_token_ids(tok, mode))
+    prompt = render_prompt(processor, "asr")
+    allowed = set(text_token_ids(tok))
     vocab = model.get_output_embeddings().weight.shape[0]
     suppress = [i for i in range(vocab) if i not in allowed]
     was_training = model.training
