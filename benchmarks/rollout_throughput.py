@@ -33,10 +33,10 @@ def three_second_prompts(count: int, sample_rate: int) -> list[np.ndarray]:
 
 def text_ids_without_eos(tokenizer) -> list[int]:
     """ASR's decoding constraint minus end-of-turn: every sample is exactly `tokens` long on both paths."""
-    from speechrl.rlhf.model.backbone import IM_END, allowed_token_ids
+    from speechrl.rlhf.model.backbone import IM_END, text_token_ids
 
     eos = tokenizer.convert_tokens_to_ids(IM_END)
-    return [i for i in allowed_token_ids(tokenizer, "asr") if i != eos]
+    return [i for i in text_token_ids(tokenizer) if i != eos]
 
 
 def bench_transformers(path, clips, n, tokens, temperature, repeats: int) -> dict:

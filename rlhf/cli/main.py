@@ -88,6 +88,18 @@ def cmd_build_backbone(args) -> int:
     return 0
 
 
+def cmd_build_judges(args) -> int:
+    from speechrl.rlhf.trainers.judges import needs_judges, prebuild_judges
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    if not needs_judges(cfg):
+        print(f"{args.recipe}: its rewards read no embedded judge; nothing to build")
+        return 0
+    prebuild_judges(cfg)
+    print(f"embedded judges of {args.recipe} ready in {Path(cfg.run.cache_dir).expanduser() / 'judges'}")
+    return 0
+
+
 def cmd_build_corpus(args) -> int:
     from speechrl.rlhf.modes.assets import build_synthetic_corpus
 
@@ -219,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "(manifest + wavs, train/held-out split); settings from the recipe's data.synthetic"),
                              "out_dir")
     p.set_defaults(fn=cmd_build_corpus)
+
+    p = sub.add_parser("build-judges", help="build (once, into run.cache_dir) the embedded judges a recipe's rewards "
+                       "read: the TTS judge ASR, the persona judge's tiny LM (trainers do this before they start)")
+    p.add_argument("--recipe", default="tts/grpo", help="recipe whose rewards name the judges (default tts/grpo)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides of that recipe")
+    p.set_defaults(fn=cmd_build_judges)
 
     p = configured_by_recipe(sub.add_parser("eval", help="held-out WER/CER of a backbone directory "
                              "(a run's final/ or a checkpoint); data.eval from the recipe. With a TTS recipe "
