@@ -57,6 +57,10 @@ def validate(cfg: RecipeConfig, source: str = "recipe") -> None:
     for key in positive:
         if _get(cfg, key) < 1:
             raise RecipeError(f"{source}: `{key}` must be >= 1, got {_get(cfg, key)}")
+    for key, zero in (("train.eval_every", "only at the end"), ("train.checkpoint_every", "only at the end"),
+                      ("train.log_every", "only at the end"), ("run.save_rollouts_every", "never")):
+        if _get(cfg, key) < 0:
+            raise RecipeError(f"{source}: `{key}` must be >= 0 (0 = {zero}), got {_get(cfg, key)}")
     if not 0.0 < cfg.data.synthetic.heldout_fraction < 1.0:
         raise RecipeError(f"{source}: `data.synthetic.heldout_fraction` must be in (0, 1)")
     if cfg.algorithm in ("grpo", "online_dpo") and cfg.rollout.sampling.n < 2:

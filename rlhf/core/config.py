@@ -97,10 +97,10 @@ class TrainConfig:
     warmup_steps: int = 20  # linear warm-up, then cosine decay to lr_min_ratio * lr
     lr_min_ratio: float = 0.1  # floor of the cosine decay
     max_grad_norm: float = 1.0  # gradient clipping
-    eval_every: int = 100  # evaluate held-out WER every N steps (and at the end)
-    checkpoint_every: int = 100  # write a resumable checkpoint every N steps (and at the end)
+    eval_every: int = 100  # evaluate held-out metrics every N steps and at the end; 0 = only at the end
+    checkpoint_every: int = 100  # write a resumable checkpoint every N steps and at the end; 0 = only at the end
     keep_checkpoints: int = 2  # older checkpoints are deleted
-    log_every: int = 10  # write metrics every N steps
+    log_every: int = 10  # write metrics every N steps and at the end; 0 = only at the end
     torch_threads: int = 0  # intra-op threads for the trainer; 0 = all CPUs of the machine (RL phases take turns)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 

@@ -23,6 +23,12 @@ from speechrl.rlhf.core.config import RecipeConfig, to_yaml
 from speechrl.rlhf.core.seeding import rng_state, set_rng_state
 
 
+def due(step: int, every: int, last: int) -> bool:
+    """Whether a `*_every` event (eval, checkpoint, log) happens after `step`: every `every` steps
+    and at the last one; `every` 0 means only at the last (the summary still has its "after")."""
+    return step == last or (every > 0 and step % every == 0)
+
+
 def new_run_dir(cfg: RecipeConfig) -> Path:
     name = cfg.run.name or f"{cfg.mode}-{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = Path(cfg.run.output_dir).expanduser() / name

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from speechrl.rlhf.algos import UPDATES
 from speechrl.rlhf.core.config import RecipeConfig
-from speechrl.rlhf.core.run_dir import (RunLogger, find_resume_dir, latest_checkpoint, new_run_dir, prune_checkpoints,
+from speechrl.rlhf.core.run_dir import (RunLogger, due, find_resume_dir, latest_checkpoint, new_run_dir, prune_checkpoints,
                                         resume_run, write_trainer_state)
 from speechrl.rlhf.core.seeding import seed_everything
 from speechrl.rlhf.model.backbone import load_processor
@@ -196,10 +196,10 @@ class OnlineRecipe:
                 metrics.update(scores.metrics())
                 metrics["rollout/completion_tokens"] = float(np.mean([len(s.completion_ids) for s in samples]))
                 metrics["rollout/truncated"] = float(np.mean([s.finish_reason == "length" for s in samples]))
-                if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+                if due(done, cfg.train.eval_every, cfg.train.steps):
                     metrics.update(self.evaluate(done))
             metrics.update(timer.pop())
-            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+            if due(done, cfg.train.checkpoint_every, cfg.train.steps):
                 began = time.perf_counter()
                 self.save_checkpoint(done, metrics)
                 metrics["time/checkpoint"] = time.perf_counter() - began

@@ -37,7 +37,7 @@ from speechrl.rewards.learned import (META_FILE, codec_identity, load_reward_mod
 from speechrl.rlhf.modes import get_mode
 from speechrl.rlhf.core.config import RecipeConfig, RecipeError
 from speechrl.rlhf.core.seeding import seed_everything, set_threads
-from speechrl.rlhf.core.run_dir import RunLogger, find_resume_dir, new_run_dir
+from speechrl.rlhf.core.run_dir import RunLogger, due, find_resume_dir, new_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class _RunLog(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         t = self.recipe.cfg.train
-        if state.global_step % t.eval_every == 0 or state.global_step == t.steps:
+        if due(state.global_step, t.eval_every, t.steps):
             self.pending = self.recipe.evaluate()
             control.should_log = True  # so that the trainer's own row for this step carries the evaluation
         return control

@@ -23,7 +23,7 @@ from speechrl.rlhf.modes.base import batch_indices
 from speechrl.rlhf.trainers.judges import prebuild_judges
 from speechrl.rlhf.model.policy import build_policy, exportable_model, save_policy
 from speechrl.rlhf.core.seeding import seed_everything, set_threads
-from speechrl.rlhf.core.run_dir import (RunLogger, find_resume_dir, latest_checkpoint, new_run_dir, prune_checkpoints,
+from speechrl.rlhf.core.run_dir import (RunLogger, due, find_resume_dir, latest_checkpoint, new_run_dir, prune_checkpoints,
                                    resume_run, write_trainer_state)
 
 log = logging.getLogger(__name__)
@@ -79,17 +79,17 @@ class SFTRecipe:
             history.append({"loss": loss.item(), **step_metrics})
             done = step + 1
             metrics = {}
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            if due(done, cfg.log_every, cfg.steps):
                 metrics = {f"train/{k}": float(np.mean([h[k] for h in history])) for k in history[0]}
                 metrics.update(stats)
                 history = []
-            if done % cfg.eval_every == 0 or done == cfg.steps:
+            if due(done, cfg.eval_every, cfg.steps):
                 metrics.update(self.evaluate(done))
             if metrics:
                 self.logger.log(done, metrics)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in metrics.items()
                                  if k in ("train/loss", self.mode.headlines[0][1])})
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            if due(done, cfg.checkpoint_every, cfg.steps):
                 self.save_checkpoint(done)
         self.elapsed = time.time() - start
         return self.finish()
