@@ -4,7 +4,7 @@ For each clip in ../shared/data/real_speech (librivox, cards, speechbrain_asr, m
 JFK; resampled to 16 kHz by data.audio.load_audio): pocketsphinx's WER on the original, and on the
 clip encoded then decoded by `MelUnitCodec` fit the default way (espeak-ng readings of the Harvard
 sentences), in two shapes: the default 2 x 512 codebooks at hop 256 (125 ids/s) and the TTS
-recipe's 1 x 1024 at hop 320 (50 ids/s, rlhf/config.py EmbeddedCodecConfig); each as it was and
+recipe's 1 x 1024 at hop 320 (50 ids/s, rlhf/core/config.py EmbeddedCodecConfig); each as it was and
 with decode smoothing (`smooth_frames=3`, the recommended setting), which decodes the same ids
 from the same codebooks. Then ids per second, the fit time, and encode/decode speed (seconds of
 audio per second of wall time).

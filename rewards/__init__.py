@@ -9,7 +9,7 @@ intelligibility.py  `tts_intelligibility`: judge-ASR error rate of the generated
 speaker.py    `speaker_similarity`: speaker-embedding cosine to the reference voice (resemblyzer or x-vector)
 quality.py    `dnsmos`: no-reference MOS (DNSMOS ONNX from speechmos)
 hosted.py     `hf_classifier`: a transformers classifier from a local directory as a reward
-learned.py    `learned_preference`: a reward model trained on preference pairs (rlhf/reward_model.py)
+learned.py    `learned_preference`: a reward model trained on preference pairs (rlhf/trainers/reward_model.py)
 remote.py     `remote`: score on a reward server over HTTP (timeouts, retries, unscored marking)
 persona_judge.py  `persona_judge`: an LLM judge of staying in character (rating-token probabilities, pairwise, cache)
 persona_prompts.py what the judge is asked: rubric, anchors, cues, the card and dialogue as text

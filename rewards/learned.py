@@ -1,4 +1,4 @@
-"""`learned_preference`: a reward model trained on preference pairs (rlhf/reward_model.py), as a reward.
+"""`learned_preference`: a reward model trained on preference pairs (rlhf/trainers/reward_model.py), as a reward.
 
 The model is the backbone's decoder under a scalar head (a transformers sequence classifier with
 one label). It reads what the policy wrote: the TTS prompt (the voice prompt when the batch has

@@ -8,7 +8,7 @@ i.e. the distribution actually sampled from. With top_p=1 (the recipes' default)
 what the trainer recomputes as log_softmax(logits / temperature); with top_p<1 vLLM's values are
 renormalized over the nucleus and the two differ by the nucleus' log-mass. `allowed_token_ids`
 does the same: logprobs are renormalized over the allowed ids, so the trainer must mask likewise.
-A realtime reply's constraint changes within the completion (text, then audio: rollouts/layout.py);
+A realtime reply's constraint changes within the completion (text, then audio: rlhf/model/layout.py);
 it is applied by a logits processor every engine loads, and the trainer masks per position.
 """
 from __future__ import annotations

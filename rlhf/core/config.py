@@ -136,8 +136,8 @@ class GRPOConfig:
 
 @dataclass
 class PPOConfig:
-    """`algorithm: ppo` (rlhf/ppo.py). Clipping, epochs, minibatches, loss aggregation and the number of
-    episodes per step are grpo.*'s; rl.kl_coef is the KL coefficient's starting value."""
+    """`algorithm: ppo` (algos/updates.py): the critic, GAE and where the KL goes. Clipping, epochs,
+    minibatches, loss aggregation and episodes per step are `rl.*`; rl.kl_coef is beta's starting value."""
     gamma: float = 1.0  # discount per token within a reply (each reply is an episode of its own; docs/realtime.md)
     lam: float = 0.95  # GAE lambda: 1 = Monte Carlo returns, 0 = one-step TD
     vf_coef: float = 0.1  # weight of the value loss; the critic is a value head on the policy's trunk

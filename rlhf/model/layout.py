@@ -11,7 +11,7 @@ constraint has three phases (k = tokens generated so far):
 The first codec token switches to audio, and no text can follow it; `<|codec_end|>` is only
 reachable once audio has started, so every reply that ends has audio. The same rule is applied in
 two places that must agree token for token: `ReplyLayoutProcessor` inside vLLM while sampling, and
-`layout_phases` in the trainer when it recomputes logprobs (rlhf/logprobs.py), exactly as a static
+`layout_phases` in the trainer when it recomputes logprobs (logprobs.py), exactly as a static
 `allowed_token_ids` list is applied on both sides in ASR and TTS.
 """
 from __future__ import annotations

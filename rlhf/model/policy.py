@@ -1,5 +1,5 @@
 """The policy side shared by SFT and RL: building the trainable model (LoRA, freezing, reference),
-saving and restoring it, seeds and threads. Batches and logprobs live in rlhf/logprobs.py."""
+saving and restoring it, seeds and threads. Batches and logprobs live in logprobs.py."""
 from __future__ import annotations
 
 import copy

@@ -6,12 +6,12 @@ recipe's codec once, then each step takes `train.batch_size` pairs and lowers th
 (`dpo.loss`: "sigmoid" = DPO, "ipo") against a frozen reference, the run's starting weights, plus
 `dpo.sft_weight` times the chosen completion's NLL. Runs, evaluates and resumes like SFT.
 
-Online (`algorithm: online_dpo`, rlhf/online_dpo.py) forms its pairs from ranked on-policy samples
+Online (`algorithm: online_dpo`, algos/updates.py) forms its pairs from ranked on-policy samples
 and calls the same `preference_loss`.
 
 Written here rather than with TRL's DPOTrainer: its batches are text-only collations with its own
 tokenization, while ours are token-in/token-out rows whose prompts are run once per pair (the
-shared-prompt path in rlhf/logprobs.py); the loss formulas are rlhf/algos/preference.py's.
+shared-prompt path in rlhf/model/logprobs.py); the loss formulas are rlhf/algos/preference.py's.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ Held-out pairwise accuracy (the share of held-out pairs whose chosen side scores
 before training, every `train.eval_every` steps and in the summary. <run>/final/ holds the model, its processor and reward_model.json;
 `reward_model.register_as: NAME` makes it the reward NAME (rewards/learned.py).
 
-Trained with TRL's RewardTrainer, which fits here where its DPOTrainer did not (rlhf/dpo.py): it
+Trained with TRL's RewardTrainer, which fits here where its DPOTrainer did not (trainers/dpo.py): it
 takes pretokenized `chosen_ids` / `rejected_ids`, and these sequences are text-only, so its
 collator pads them as they are. It keeps its own checkpoints (checkpoints/checkpoint-N: weights,
 optimizer, schedule, RNG, data position), which `--resume` continues; a callback writes its logs

@@ -1,12 +1,11 @@
 """The policy trainer as a Ray actor: the trainable model, a frozen reference, the optimizer, and
-for PPO the critic (a value head on the policy's own trunk, rlhf/critic.py).
+a critic when asked for (a value head on the policy's own trunk, model/critic.py).
 
-One `update` call takes a step's scored samples and makes `rl.minibatches` optimizer steps per
-epoch for `rl.epochs_per_step` epochs: the clipped importance ratio is taken against the rollout
-engine's sampling logprobs, KL to the reference is added per token (unless PPO puts it in the
-reward), PPO adds its clipped value loss, and the loss is aggregated by the recipe's rule.
-Advantages come one per sample (GRPO) or one per completion token (PPO's GAE). Every piece is
-looked up by name in `speechrl.rlhf.algos`, or is one of its PPO functions.
+`train` takes one `TrainBatch` (algos/batch.py) and does what the batch holds, never what an
+algorithm is called: preference pairs take the preference loss (one optimizer step); otherwise
+`rl.minibatches` optimizer steps per epoch for `rl.epochs_per_step` epochs of the clipped policy
+loss against the engines' sampling logprobs, plus the KL to the reference when the batch's
+kl_coef > 0 and the clipped value loss when it carries returns.
 """
 from __future__ import annotations
 
