@@ -1,4 +1,9 @@
-"""Shared fixtures. Tests import the installed `speechrl` package, never the bare folders."""
+"""Shared fixtures. Tests import the installed `speechrl` package, never the bare folders.
+
+Test files have unique basenames (there is no __init__.py under tests/): pytest imports each by its
+name alone. Run-level tests build their assets through `tiny_overrides`, so the small backbone, the
+corpora, codecs and judges are built once per session in one cache, not once per file.
+"""
 from __future__ import annotations
 
 import os
@@ -7,6 +12,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# head_dim 64 (vLLM's CPU kernels need >= 32); about 1M parameters, a training step well under a second
+TINY = {"hidden_size": 128, "num_heads": 2, "num_kv_heads": 1, "encoder_dim": 128, "num_layers": 2,
+        "encoder_layers": 1, "num_codec_tokens": 64}
 
 
 def _shared_data_dir() -> Path:
@@ -21,3 +30,89 @@ def shared_data() -> Path:
     if not (path / "real_speech").is_dir():
         pytest.skip(f"real recordings not found at {path} (set SPEECHRL_SHARED_DATA to use them)")
     return path
+
+
+# --- the tiny assets every run-level test shares -----------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """The session's one `run.cache_dir`: assets are keyed by their settings inside it, so runs of
+    different modes and corpus sizes share it without rebuilding each other's."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def small_tiny():
+    from speechrl.rlhf.core.config import TinyBackboneConfig
+
+    return TinyBackboneConfig(**TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(tiny_cache) -> list[str]:
+    """Recipe overrides for the small tiny backbone, its 64-unit codec and the shared cache. Add a
+    `run.output_dir` of the test file's own, so run names never collide across files."""
+    return [*(f"model.tiny.{k}={v}" for k, v in TINY.items()), "tts.embedded_codec.codebook_size=64",
+            f"run.cache_dir={tiny_cache}"]
+
+
+@pytest.fixture(scope="session")
+def tts_overrides(tiny_overrides) -> list[str]:
+    """A fast TTS run (tests/rlhf/modes/test_tts.py, tests/e2e/test_tts_e2e.py)."""
+    return [*tiny_overrides, "data.synthetic.num_utterances=60", "data.max_eval_examples=4", "eval_max_new_tokens=24",
+            "tts.eval_samples=2", "train.batch_size=4", "train.warmup_steps=2", "train.log_every=1",
+            "rewards=[{name: speech_sanity}]"]
+
+
+@pytest.fixture(scope="session")
+def realtime_overrides(tiny_overrides) -> list[str]:
+    """A small realtime run (tests/rlhf/modes/test_realtime.py, tests/e2e/test_realtime_e2e.py)."""
+    return [*tiny_overrides, "realtime.dialogues_per_persona=2", "realtime.max_turns=2",
+            "realtime.drift_dialogues_per_persona=1", "realtime.drift_turns=3", "data.max_eval_examples=4",
+            "eval_max_new_tokens=40", "rollout.sampling.max_new_tokens=40", "train.batch_size=4",
+            "train.torch_threads=1", "rollout.threads_per_worker=1"]
+
+
+# --- a fast ASR SFT run: the trainer tests, the model tests on its backbone, DeepSpeed's e2e test ----
+
+@pytest.fixture(scope="session")
+def sft_overrides(tiny_overrides, tmp_path_factory):
+    """sft_overrides(name, *extra) -> asr/sft overrides for a fast run writing <runs>/<name>."""
+    runs = tmp_path_factory.mktemp("sft-runs")
+    base = [*tiny_overrides, f"run.output_dir={runs}",
+            "data.synthetic.num_utterances=80", "data.max_eval_examples=4", "eval_max_new_tokens=8",
+            "train.batch_size=4", "train.steps=15", "train.warmup_steps=2", "train.eval_every=100",
+            "train.log_every=1", "train.checkpoint_every=5"]
+    return lambda name, *extra: [*base, f"run.name={name}", *extra]
+
+
+@pytest.fixture(scope="session")
+def sft_config(sft_overrides):
+    """sft_config(name, *extra) -> the fast asr/sft RecipeConfig."""
+    from speechrl.rlhf.core.config import load_recipe
+
+    return lambda name, *extra: load_recipe("asr/sft", sft_overrides(name, *extra))
+
+
+@pytest.fixture(scope="session")
+def sft_assets(sft_config):
+    """(backbone dir, train manifest, eval manifest) of the fast recipe, built once."""
+    from speechrl.rlhf.modes import assets
+
+    cfg = sft_config("assets")
+    return (assets.backbone_path(cfg), *assets.manifests(cfg))
+
+
+@pytest.fixture(scope="session")
+def small_backbone_dir(sft_assets) -> Path:
+    return sft_assets[0]
+
+
+@pytest.fixture(scope="session")
+def full_run(sft_config, sft_assets):
+    """15 uninterrupted steps, a checkpoint every 5 (2 kept), loss logged every step: (cfg, run dir, summary)."""
+    from speechrl.rlhf.trainers.sft import run_sft
+
+    cfg = sft_config("full")
+    table = run_sft(cfg)
+    return cfg, Path(cfg.run.output_dir) / cfg.run.name, table

@@ -20,12 +20,9 @@ from speechrl.data.annotation.db import open_db
 from speechrl.rlhf.cli.main import main
 from speechrl.rlhf.core.config import load_recipe
 
-pytestmark = [pytest.mark.vllm, pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.vllm, pytest.mark.ray]
 
-TINY = ["model.tiny.hidden_size=128", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1",
-        "model.tiny.encoder_dim=128", "model.tiny.num_layers=2", "model.tiny.encoder_layers=1",
-        "model.tiny.num_codec_tokens=64", "tts.embedded_codec.codebook_size=64",
-        "data.synthetic.num_utterances=60", "data.max_eval_examples=4", "eval_max_new_tokens=24",
+FAST = ["data.synthetic.num_utterances=60", "data.max_eval_examples=4", "eval_max_new_tokens=24",
         "tts.eval_samples=2", "train.warmup_steps=1", "train.log_every=1", "train.torch_threads=1",
         "rewards=[{name: speech_sanity}]"]
 RL = ["rl.prompts_per_step=6", "rollout.sampling.n=4", "rollout.sampling.max_new_tokens=32",
@@ -38,14 +35,14 @@ def seconds(wav: bytes) -> float:
     return info.frames / info.samplerate
 
 
-def test_run_to_tasks_to_judgments_to_dpo_and_reward_model(tmp_path, capsys, monkeypatch):
+def test_run_to_tasks_to_judgments_to_dpo_and_reward_model(tiny_overrides, tiny_cache, tmp_path, capsys, monkeypatch):
     from speechrl.rewards.registry import resolve_reward
     from speechrl.rlhf.trainers.dpo import run_dpo
     from speechrl.rlhf.trainers.grpo import run_grpo
     from speechrl.rlhf.trainers.reward_model import run_reward_model
 
-    cache, runs = tmp_path / "cache", tmp_path / "runs"
-    base = [*TINY, f"run.cache_dir={cache}", f"run.output_dir={runs}"]
+    cache = tiny_cache
+    base = [*tiny_overrides, *FAST, f"run.output_dir={tmp_path / 'runs'}"]
     monkeypatch.setenv("SPEECHRL_CACHE_DIR", str(cache))  # where registered reward names resolve
 
     # 1. a run that saves its rollouts

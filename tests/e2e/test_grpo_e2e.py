@@ -13,20 +13,17 @@ import pytest
 from speechrl.rlhf.core.config import load_recipe
 from speechrl.rlhf.trainers.grpo import GRPORecipe, run_grpo
 
-pytestmark = [pytest.mark.vllm, pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.vllm, pytest.mark.ray]
 
-SMALL = ["model.tiny.hidden_size=128", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1",
-         "model.tiny.encoder_dim=128", "model.tiny.num_layers=2", "model.tiny.encoder_layers=1",
-         "model.tiny.num_codec_tokens=64", "data.synthetic.num_utterances=60", "data.max_eval_examples=4",
+SMALL = ["data.synthetic.num_utterances=60", "data.max_eval_examples=4",
          "rl.prompts_per_step=4", "rollout.sampling.n=4", "rollout.sampling.max_new_tokens=8",
          "eval_max_new_tokens=8", "rollout.kv_cache_gib=0.25", "train.batch_size=16", "rl.kl_coef=0.05",
          "rollout.num_workers=1", "ray.num_cpus=2"]
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("grpo")
-    return [*SMALL, f"run.cache_dir={root / 'cache'}", f"run.output_dir={root / 'runs'}"]
+def base(tiny_overrides, tmp_path_factory):
+    return [*tiny_overrides, *SMALL, f"run.output_dir={tmp_path_factory.mktemp('grpo-runs')}"]
 
 
 def rows(run_dir):

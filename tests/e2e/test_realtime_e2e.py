@@ -16,19 +16,16 @@ import pytest
 
 from speechrl.rlhf.core.config import load_recipe
 
-from test_realtime import SMALL
+pytestmark = [pytest.mark.vllm, pytest.mark.ray]
 
-pytestmark = [pytest.mark.vllm, pytest.mark.ray, pytest.mark.slow]
-
-RL = [*SMALL, "rl.prompts_per_step=2", "rollout.sampling.max_new_tokens=48", "eval_max_new_tokens=48",
+RL = ["rl.prompts_per_step=2", "rollout.sampling.max_new_tokens=48", "eval_max_new_tokens=48",
       "rollout.kv_cache_gib=0.25", "rollout.num_workers=1", "ray.num_cpus=3", "train.steps=2", "train.eval_every=2",
       "train.checkpoint_every=1", "ppo.kl_horizon=100", "realtime.max_text_tokens=16"]
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "realtime"  # the cache test_realtime.py built, when it ran first
-    return [*RL, f"run.cache_dir={root / 'cache'}", f"run.output_dir={root / 'runs'}"]
+def base(realtime_overrides, tmp_path_factory):
+    return [*realtime_overrides, *RL, f"run.output_dir={tmp_path_factory.mktemp('realtime-rl-runs')}"]
 
 
 def rows(run_dir: Path) -> list[dict]:

@@ -15,11 +15,9 @@ from reward_test_utils import EXAMPLES, reward_server_process
 from speechrl.rlhf.core.config import load_recipe
 from speechrl.rlhf.trainers.grpo import GRPORecipe, run_grpo
 
-pytestmark = [pytest.mark.vllm, pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.vllm, pytest.mark.ray]
 
-SMALL = ["model.tiny.hidden_size=128", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1",
-         "model.tiny.encoder_dim=128", "model.tiny.num_layers=2", "model.tiny.encoder_layers=1",
-         "model.tiny.num_codec_tokens=64", "data.synthetic.num_utterances=40", "data.max_eval_examples=2",
+SMALL = ["data.synthetic.num_utterances=40", "data.max_eval_examples=2",
          "rl.prompts_per_step=2", "rollout.sampling.n=4", "rollout.sampling.max_new_tokens=8",
          "eval_max_new_tokens=8", "rollout.kv_cache_gib=0.25", "train.batch_size=8", "ray.num_cpus=2", "rollout.num_workers=1",
          "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2"]
@@ -27,9 +25,8 @@ SAMPLES_PER_STEP = 2 * 4
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("plugins")
-    return [*SMALL, f"run.cache_dir={root / 'cache'}", f"run.output_dir={root / 'runs'}"]
+def base(tiny_overrides, tmp_path_factory):
+    return [*tiny_overrides, *SMALL, f"run.output_dir={tmp_path_factory.mktemp('plugins-runs')}"]
 
 
 def rows(cfg) -> list[dict]:

@@ -13,19 +13,16 @@ import pytest
 
 from speechrl.rlhf.core.config import load_recipe
 
-from test_tts import FAST
+pytestmark = [pytest.mark.vllm, pytest.mark.ray]
 
-pytestmark = [pytest.mark.vllm, pytest.mark.ray, pytest.mark.slow]
-
-RL = [*FAST, "rl.prompts_per_step=4", "rollout.sampling.n=4", "rollout.sampling.max_new_tokens=24",
+RL = ["rl.prompts_per_step=4", "rollout.sampling.n=4", "rollout.sampling.max_new_tokens=24",
       "rollout.kv_cache_gib=0.25", "train.batch_size=16", "rollout.num_workers=1", "ray.num_cpus=2",
       "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2"]
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tts-rl")
-    return [*RL, f"run.cache_dir={root / 'cache'}", f"run.output_dir={root / 'runs'}"]
+def base(tts_overrides, tmp_path_factory):
+    return [*tts_overrides, *RL, f"run.output_dir={tmp_path_factory.mktemp('tts-rl-runs')}"]
 
 
 def rows(run_dir: Path) -> list[dict]:

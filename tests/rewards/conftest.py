@@ -1,9 +1,6 @@
-"""Fixtures for the reward tests: tiny classifiers, real speech, the example package installed."""
+"""Fixtures for the reward tests: tiny classifiers, real speech, a local Ray cluster."""
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -47,21 +44,6 @@ def speech():
 
     texts = ["turn left", "go ten meters forward", "stop"]
     return {t: synthesize(t, sample_rate=16000) for t in texts}
-
-
-@pytest.fixture(scope="session")
-def example_package(tmp_path_factory):
-    """examples/custom_reward installed (a real pip install, built as a wheel) into a directory put
-    on sys.path and PYTHONPATH, so this process and the Ray workers it starts both find it."""
-    target = tmp_path_factory.mktemp("site")
-    build = tmp_path_factory.mktemp("build")
-    shutil.copytree(EXAMPLES / "custom_reward", build / "custom_reward")  # pip would write build/ into examples/
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(build / "custom_reward")], check=True, timeout=300)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(target))
-        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")])))
-        yield target
 
 
 @pytest.fixture(scope="module")

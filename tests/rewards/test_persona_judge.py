@@ -24,8 +24,8 @@ torch.set_num_threads(1)  # the machine's cores are shared
 
 
 @pytest.fixture(scope="module")
-def judge_dir(tmp_path_factory):
-    return ensure_tiny_judge(tmp_path_factory.mktemp("judge-cache"))
+def judge_dir(tiny_cache):
+    return ensure_tiny_judge(tiny_cache)  # where the realtime recipes' runs find it too
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 (the vLLM side and the trainer side agree), the task's prompts, parsing and SFT targets, the
 scripted dialogue environment, multi-turn rollouts and the reward columns they carry, PPO's update
 (values and policy move; the value head and the KL controller resume), drift curves, and the
-recipe checks. PPO end to end through Ray + vLLM with the tiny judge is test_realtime_e2e.py.
+recipe checks. PPO end to end through Ray + vLLM with the tiny judge is tests/e2e/test_realtime_e2e.py.
 """
 from __future__ import annotations
 
@@ -20,21 +20,10 @@ from speechrl.rollouts.types import Sample
 
 torch.set_num_threads(1)  # the machine's cores are shared
 
-TINY = ["model.tiny.hidden_size=128", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1",
-        "model.tiny.encoder_dim=128", "model.tiny.num_layers=2", "model.tiny.encoder_layers=1",
-        "model.tiny.num_codec_tokens=64", "tts.embedded_codec.codebook_size=64"]
-SMALL = [*TINY, "realtime.dialogues_per_persona=2", "realtime.max_turns=2", "realtime.drift_dialogues_per_persona=1",
-         "realtime.drift_turns=3", "data.max_eval_examples=4",
-         "eval_max_new_tokens=40", "rollout.sampling.max_new_tokens=40", "train.batch_size=4", "train.torch_threads=1",
-         "rollout.threads_per_worker=1"]
-
-
 @pytest.fixture(scope="module")
-def rt_base(tmp_path_factory):
-    """Overrides for small realtime runs; the cache (backbone, codec, speech, judge) is shared with
-    test_realtime_e2e.py through the session's base temp folder."""
-    root = tmp_path_factory.getbasetemp() / "realtime"
-    return [*SMALL, f"run.cache_dir={root / 'cache'}", f"run.output_dir={root / 'runs'}"]
+def rt_base(realtime_overrides, tmp_path_factory):
+    """Overrides for small realtime runs (the backbone, codec, speech and judge in the session's cache)."""
+    return [*realtime_overrides, f"run.output_dir={tmp_path_factory.mktemp('realtime-runs')}"]
 
 
 @pytest.fixture(scope="module")

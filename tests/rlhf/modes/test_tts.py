@@ -1,7 +1,7 @@
 """The TTS mode on a tiny backbone: prompts and targets, text-only batches, SFT with samples written,
 offline DPO (loss at the start, learning a pair, the recipe), and the online-DPO pair rule.
 
-GRPO and online DPO through Ray + vLLM are in test_tts_e2e.py.
+GRPO and online DPO through Ray + vLLM are in tests/e2e/test_tts_e2e.py.
 """
 from __future__ import annotations
 
@@ -16,18 +16,9 @@ import torch
 
 from speechrl.rlhf.core.config import load_recipe
 
-TINY = ["model.tiny.hidden_size=128", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1",
-        "model.tiny.encoder_dim=128", "model.tiny.num_layers=2", "model.tiny.encoder_layers=1",
-        "model.tiny.num_codec_tokens=64", "tts.embedded_codec.codebook_size=64"]
-FAST = [*TINY, "data.synthetic.num_utterances=60", "data.max_eval_examples=4", "eval_max_new_tokens=24",
-        "tts.eval_samples=2", "train.batch_size=4", "train.warmup_steps=2", "train.log_every=1",
-        "rewards=[{name: speech_sanity}]"]
-
-
 @pytest.fixture(scope="module")
-def tts_base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tts")
-    return [*FAST, f"run.cache_dir={root / 'cache'}", f"run.output_dir={root / 'runs'}"]
+def tts_base(tts_overrides, tmp_path_factory):
+    return [*tts_overrides, f"run.output_dir={tmp_path_factory.mktemp('tts-runs')}"]
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,10 @@ NUM_TEXTS = 80
 
 
 @pytest.fixture(scope="module")
-def rm_base(sft_cache, small_tiny, tmp_path_factory):
-    from dataclasses import asdict
-
+def rm_base(tiny_overrides, tmp_path_factory):
     torch.set_num_threads(1)
     runs = tmp_path_factory.mktemp("rm-runs")
-    return [*(f"model.tiny.{k}={v}" for k, v in asdict(small_tiny).items()), "tts.embedded_codec.codebook_size=64",
-            f"run.cache_dir={sft_cache}", f"run.output_dir={runs}", "train.torch_threads=1"]
+    return [*tiny_overrides, f"run.output_dir={runs}", "train.torch_threads=1"]
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,12 @@
 """SFT end to end on the small backbone and corpus: learning, run directory, exact resume, LoRA,
-DeepSpeed, bad examples."""
+bad examples. The run these share is `full_run` (tests/conftest.py); DeepSpeed's is in
+tests/e2e/test_sft_deepspeed_e2e.py."""
 from __future__ import annotations
 
 import itertools
 import json
 import math
-import os
 import re
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from speechrl.data.audio import BadExample
-from speechrl.rlhf import sft
+from speechrl.rlhf.trainers import sft
 from speechrl.rlhf.model.backbone import load_backbone
 from speechrl.rlhf.core.config import load_recipe
 from speechrl.rlhf.trainers.sft import batch_indices, run_sft
@@ -38,14 +35,6 @@ def weights(backbone_dir) -> dict[str, torch.Tensor]:
 
 def run_dir_of(cfg) -> Path:
     return Path(cfg.run.output_dir) / cfg.run.name
-
-
-@pytest.fixture(scope="module")
-def full_run(sft_config, sft_assets):
-    """15 uninterrupted steps, a checkpoint every 5 (2 kept), loss logged every step."""
-    cfg = sft_config("full")
-    table = run_sft(cfg)
-    return cfg, run_dir_of(cfg), table
 
 
 # --- data order ------------------------------------------------------------------------------
@@ -203,35 +192,6 @@ def test_lora_changes_only_adapted_decoder_weights(sft_config, small_backbone_di
             assert not torch.equal(start[name], final[name]), f"{name} should carry the merged adapter"
         else:  # audio tower (even its q/k/v/o projections), projector, embeddings, norms, biases, lm_head
             assert torch.equal(start[name], final[name]), f"{name} changed without an adapter"
-
-
-# --- DeepSpeed -------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow  # ~25 s; the first run on a machine also JIT-builds DeepSpeed's shm op (~2 min)
-def test_deepspeed_path_trains_and_checkpoints(full_run, sft_overrides):
-    """Through the CLI in its own process: DeepSpeed leaves a process group behind it."""
-    overrides = sft_overrides("deepspeed", "train.deepspeed.enabled=true", "train.deepspeed.zero_stage=2",
-                              "train.steps=2", "train.checkpoint_every=1")
-    run_dir = run_dir_of(load_recipe("asr/sft", overrides))
-    env = {**os.environ, "MASTER_PORT": str(_free_port())}
-    proc = subprocess.run([sys.executable, "-m", "speechrl.rlhf.cli.main", "train", "asr/sft", *overrides],
-                          capture_output=True, text=True, env=env, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    loss, plain = losses(run_dir), losses(full_run[1])
-    assert sorted(loss) == [1, 2] and all(math.isfinite(v) for v in loss.values())
-    # same data, init and warm-up: the DeepSpeed optimizer takes the same first steps as plain AdamW
-    for step in (1, 2):
-        assert loss[step] == pytest.approx(plain[step], rel=1e-4)
-    for step in (1, 2):
-        ckpt = run_dir / "checkpoints" / f"step-{step}"
-        assert (ckpt / "trainer_state.pt").is_file() and (ckpt / "deepspeed").is_dir()
-    load_backbone(run_dir / "final")
 
 
 # --- bad examples ----------------------------------------------------------------------------

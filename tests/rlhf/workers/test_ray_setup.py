@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from speechrl.rlhf.core.config import RecipeError, load_recipe
-from speechrl.rlhf.workers.rl_setup import start_ray
+from speechrl.rlhf.workers.ray_setup import start_ray
 
 
 def test_too_few_ray_cpus_for_the_actors_is_an_error_not_a_hang():

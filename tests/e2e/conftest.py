@@ -1,0 +1,37 @@
+"""Whole runs: SFT through DeepSpeed, the RL loops through Ray and vLLM, a judge trained to hear, the
+annotation loop. Each takes a minute or more, so every test in this folder is marked `e2e` here:
+`pytest -m "not e2e"` is the fast suite, `pytest -m e2e` these (.ci/run runs both)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+EXAMPLES = HERE.parents[1] / "examples"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:  # the hook sees the whole session's items, not only this folder's
+        if HERE in Path(item.path).parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def example_package(tmp_path_factory):
+    """examples/custom_reward installed (a real pip install, built as a wheel) into a directory put
+    on sys.path and PYTHONPATH, so this process and the Ray workers it starts both find it."""
+    target = tmp_path_factory.mktemp("site")
+    build = tmp_path_factory.mktemp("build")
+    shutil.copytree(EXAMPLES / "custom_reward", build / "custom_reward")  # pip would write build/ into examples/
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(build / "custom_reward")], check=True, timeout=300)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(target))
+        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")])))
+        yield target
