@@ -38,7 +38,7 @@ def seconds(wav: bytes) -> float:
 def test_run_to_tasks_to_judgments_to_dpo_and_reward_model(tiny_overrides, tiny_cache, tmp_path, capsys, monkeypatch):
     from speechrl.rewards.registry import resolve_reward
     from speechrl.rlhf.trainers.dpo import run_dpo
-    from speechrl.rlhf.trainers.grpo import run_grpo
+    from speechrl.rlhf.trainers.online import run_online
     from speechrl.rlhf.trainers.reward_model import run_reward_model
 
     cache = tiny_cache
@@ -46,7 +46,7 @@ def test_run_to_tasks_to_judgments_to_dpo_and_reward_model(tiny_overrides, tiny_
     monkeypatch.setenv("SPEECHRL_CACHE_DIR", str(cache))  # where registered reward names resolve
 
     # 1. a run that saves its rollouts
-    grpo = Path(run_grpo(load_recipe("tts/grpo", [*base, *RL, "run.name=grpo"]))["run"])
+    grpo = Path(run_online(load_recipe("tts/grpo", [*base, *RL, "run.name=grpo"]))["run"])
     saved = sorted((grpo / "rollouts").glob("step-*.jsonl"))
     assert [p.name for p in saved] == ["step-00001.jsonl", "step-00002.jsonl"]
     row = json.loads(saved[0].read_text().splitlines()[0])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from speechrl.rlhf.core.config import load_recipe
-from speechrl.rlhf.trainers.grpo import GRPORecipe, run_grpo
+from speechrl.rlhf.trainers.online import OnlineRecipe, run_online
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray]
 
@@ -33,21 +33,21 @@ def rows(run_dir):
 def test_interrupted_run_resumes_with_step_count_continuing(base, monkeypatch):
     cfg = load_recipe("asr/grpo", [*base, "run.name=resume", "train.steps=4", "train.checkpoint_every=2",
                                    "train.eval_every=4"])
-    original = GRPORecipe.save_checkpoint
+    original = OnlineRecipe.save_checkpoint
 
     def stop_after_step_2(self, step, metrics):
         original(self, step, metrics)
         if step == 2:
             raise KeyboardInterrupt("simulated crash after the step-2 checkpoint")
 
-    monkeypatch.setattr(GRPORecipe, "save_checkpoint", stop_after_step_2)
+    monkeypatch.setattr(OnlineRecipe, "save_checkpoint", stop_after_step_2)
     with pytest.raises(KeyboardInterrupt):
-        run_grpo(cfg)
+        run_online(cfg)
     run_dir = Path(cfg.run.output_dir) / "resume"
     assert [r["step"] for r in rows(run_dir)] == [0, 1], "the crash came before step 2's row was written"
-    monkeypatch.setattr(GRPORecipe, "save_checkpoint", original)
+    monkeypatch.setattr(OnlineRecipe, "save_checkpoint", original)
 
-    summary = run_grpo(cfg, resume=str(run_dir))
+    summary = run_online(cfg, resume=str(run_dir))
     steps = [r["step"] for r in rows(run_dir)]
     assert steps == [0, 1, 2, 3, 4], "resumed run must continue at step 3, without repeating or skipping"
     last = rows(run_dir)[-1]
@@ -65,17 +65,17 @@ def test_killed_rollout_worker_is_replaced_and_the_step_retried(base, monkeypatc
 
     cfg = load_recipe("asr/grpo", [*base, "run.name=kill", "train.steps=2", "train.eval_every=2",
                                    "rollout.max_retries=1"])
-    original = GRPORecipe.generate
+    original = OnlineRecipe.generate
     killed = []
 
-    def kill_before_step_1(self, requests, step):
-        if step == 1 and not killed:
+    def kill_before_step_1(self, requests, **kw):
+        if self.step == 1 and not killed:
             ray.kill(self.workers[0])
             killed.append(self.workers[0])
-        return original(self, requests, step)
+        return original(self, requests, **kw)
 
-    monkeypatch.setattr(GRPORecipe, "generate", kill_before_step_1)
-    run_grpo(cfg)
+    monkeypatch.setattr(OnlineRecipe, "generate", kill_before_step_1)
+    run_online(cfg)
     run_dir = Path(cfg.run.output_dir) / "kill"
     assert killed and [r["step"] for r in rows(run_dir)] == [0, 1, 2]
 
@@ -85,13 +85,13 @@ def test_killed_worker_without_retries_fails_clearly(base, monkeypatch):
 
     cfg = load_recipe("asr/grpo", [*base, "run.name=kill-noretry", "train.steps=2", "train.eval_every=2",
                                    "train.checkpoint_every=1", "rollout.max_retries=0"])
-    original = GRPORecipe.generate
+    original = OnlineRecipe.generate
 
-    def kill_before_step_1(self, requests, step):
-        if step == 1:
+    def kill_before_step_1(self, requests, **kw):
+        if self.step == 1:
             ray.kill(self.workers[0])
-        return original(self, requests, step)
+        return original(self, requests, **kw)
 
-    monkeypatch.setattr(GRPORecipe, "generate", kill_before_step_1)
+    monkeypatch.setattr(OnlineRecipe, "generate", kill_before_step_1)
     with pytest.raises(RuntimeError, match=r"rollout worker 0 died.*--resume"):
-        run_grpo(cfg)
+        run_online(cfg)

@@ -34,14 +34,14 @@ def rows(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def ppo_run(base):
-    from speechrl.rlhf.trainers.ppo import run_ppo
+    from speechrl.rlhf.trainers.online import run_online
 
     cfg = load_recipe("realtime/ppo", [*base, "run.name=ppo"])
-    return cfg, run_ppo(cfg)
+    return cfg, run_online(cfg)
 
 
 def test_realtime_ppo_runs_end_to_end_and_writes_drift_curves(ppo_run):
-    from speechrl.rlhf.trainers.ppo import KL_STATE
+    from speechrl.rlhf.algos.updates import KL_STATE
 
     cfg, summary = ppo_run
     run = Path(summary["run"])

@@ -13,7 +13,7 @@ import pytest
 
 from reward_test_utils import EXAMPLES, reward_server_process
 from speechrl.rlhf.core.config import load_recipe
-from speechrl.rlhf.trainers.grpo import GRPORecipe, run_grpo
+from speechrl.rlhf.trainers.online import OnlineRecipe, run_online
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray]
 
@@ -38,7 +38,7 @@ def test_installed_package_reward_drives_grpo(example_package, base):
     assert Path(distribution("speechrl-example-rewards").locate_file("custom_reward")).parent == example_package
     cfg = load_recipe(str(EXAMPLES / "custom_reward" / "recipe.yaml"), [*base, "run.name=package"])
     assert [r.name for r in cfg.rewards] == ["asr_wer", "length_match", "no_filler"]
-    summary = run_grpo(cfg)
+    summary = run_online(cfg)
     steps = [r for r in rows(cfg) if "rewards/total" in r]
     assert [r["step"] for r in steps] == [1, 2] and summary["unscored samples (total)"] == 0
     for row in steps:
@@ -53,7 +53,7 @@ def test_installed_package_reward_drives_grpo(example_package, base):
 
 def test_remote_reward_server_drives_grpo_and_its_death_marks_samples(base, monkeypatch):
     monkeypatch.setenv("SPEECHRL_REWARD_TOKEN", "e2e-token")  # read by the server and, through Ray, the client
-    scores, original = [], GRPORecipe.score
+    scores, original = [], OnlineRecipe.score
     with reward_server_process("asr_wer") as (server, url):
         def kill_server_before_step_2(self, *args, **kwargs):
             if len(scores) == 1:
@@ -63,10 +63,10 @@ def test_remote_reward_server_drives_grpo_and_its_death_marks_samples(base, monk
             scores.append((original(self, *args, **kwargs), time.monotonic() - began))
             return scores[-1][0]
 
-        monkeypatch.setattr(GRPORecipe, "score", kill_server_before_step_2)
+        monkeypatch.setattr(OnlineRecipe, "score", kill_server_before_step_2)
         cfg = load_recipe(str(EXAMPLES / "remote_reward" / "recipe.yaml"),
                           [*base, "run.name=remote", f"rewards.0.kwargs.url={url}", "rewards.0.kwargs.timeout_s=2"])
-        summary = run_grpo(cfg)
+        summary = run_online(cfg)
     (alive, _), (dead, dead_seconds) = scores
     assert alive.valid.all() and len(alive.total) == SAMPLES_PER_STEP
     assert not dead.valid.any() and dead_seconds < 10  # refused connections: 3 attempts and backoff, no hang

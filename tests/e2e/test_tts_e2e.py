@@ -30,17 +30,17 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 def test_tts_grpo_samples_codec_tokens_scores_decoded_audio_and_writes_samples(base):
-    from speechrl.rlhf.trainers.grpo import GRPORecipe
+    from speechrl.rlhf.trainers.online import OnlineRecipe
 
-    recipe = GRPORecipe(load_recipe("tts/grpo", [*base, "run.name=grpo"]))
+    recipe = OnlineRecipe(load_recipe("tts/grpo", [*base, "run.name=grpo"]))
     try:
         recipe.setup()
-        requests = recipe.requests(0)
+        requests, samples = recipe.mode.rollout(0, recipe.generate)
         assert all(r.audio is None for r in requests)
-        held = {ex.text for ex, _ in recipe.eval_set.items}
-        assert recipe.prompt_pool and not held & {ex.text for ex in recipe.prompt_pool}  # shipped: "grammar"
-        samples = recipe.generate(requests, 0)
-        allowed, end = set(recipe.allowed_ids), recipe.task.tokens.end_id
+        held = {ex.text for ex, _ in recipe.mode.eval_set.items}
+        pool = recipe.mode.prompt_pool
+        assert pool and not held & {ex.text for ex in pool}  # shipped: "grammar"
+        allowed, end = set(recipe.task.allowed_ids), recipe.task.tokens.end_id
         assert all(set(s.completion_ids) <= allowed for s in samples)
         for s in samples:  # the stop token is kept and ends the completion; otherwise the cap was hit
             assert (s.completion_ids[-1] == end) == (s.finish_reason == "stop")
@@ -61,11 +61,11 @@ def test_tts_grpo_samples_codec_tokens_scores_decoded_audio_and_writes_samples(b
 
 def test_tts_online_dpo_forms_pairs_from_ranked_samples_and_saves_them(base):
     from speechrl.data.preferences import encode_pairs, read_preferences
-    from speechrl.rlhf.trainers.online_dpo import run_online_dpo
+    from speechrl.rlhf.trainers.online import run_online
     from speechrl.rollouts.codec import CodecSpec
 
     cfg = load_recipe("tts/online_dpo", [*base, "run.name=odpo", "dpo.min_reward_gap=0", "tts.prompt_texts=grammar"])
-    summary = run_online_dpo(cfg)
+    summary = run_online(cfg)
     run = Path(summary["run"])
     trained = [r for r in rows(run) if "train/pairs" in r]
     assert len(trained) == 2 and all(r["train/pairs"] >= 0 for r in trained)

@@ -238,3 +238,18 @@ def test_old_grpo_keys_name_their_new_place(tmp_path):
 
 def test_dr_grpo_aggregation_is_accepted():
     assert load_recipe("asr/grpo", ["rl.loss_agg=seq_mean_token_sum_norm"]).rl.loss_agg == "seq_mean_token_sum_norm"
+
+
+@pytest.mark.parametrize("key", ["train.eval_every", "train.checkpoint_every", "train.log_every",
+                                 "run.save_rollouts_every"])
+def test_every_knobs_take_zero_and_refuse_negatives(key):
+    assert load_recipe("asr/grpo", [f"{key}=0"]) is not None  # 0 = only at the end (rollouts: never)
+    with pytest.raises(RecipeError, match=f"`{key}` must be >= 0"):
+        load_recipe("asr/grpo", [f"{key}=-1"])
+
+
+def test_due_means_every_n_steps_and_the_last():
+    from speechrl.rlhf.core.run_dir import due
+
+    assert [s for s in range(1, 8) if due(s, 3, 7)] == [3, 6, 7]
+    assert [s for s in range(1, 8) if due(s, 0, 7)] == [7]

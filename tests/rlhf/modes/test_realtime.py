@@ -33,11 +33,11 @@ def cfg(rt_base):
 
 @pytest.fixture(scope="module")
 def task(cfg):
-    from speechrl.rlhf.modes import assets
     from speechrl.rlhf.model.backbone import load_processor
-    from speechrl.rlhf.modes.tasks import RealtimeTask
+    from speechrl.rlhf.modes import get_mode
 
-    return RealtimeTask(cfg, load_processor(assets.backbone_path(cfg)))
+    mode = get_mode(cfg)
+    return mode.make_task(load_processor(mode.backbone_path()))
 
 
 @pytest.fixture(scope="module")
@@ -233,15 +233,16 @@ def test_episodes_run_turn_by_turn_and_carry_the_reward_columns(task, script):
 
 
 def test_driver_scores_realtime_turns_with_context_columns(cfg, task, script):
-    """GRPORecipe.score's batch on realtime samples, scored in-process by the length and latency rewards."""
+    """The online loop's reward batch on realtime samples (the mode's columns), scored in-process by
+    the length and latency rewards."""
     from speechrl.rewards.worker import RewardWorker
     from speechrl.rlhf.modes.episodes import run_episodes
-    from speechrl.rlhf.trainers.grpo import GRPORecipe
     from speechrl.rlhf.modes.realtime_data import UserSpeech
+    from speechrl.rlhf.trainers.online import OnlineRecipe
 
     requests, samples = run_episodes(task, [script], UserSpeech(16000, 4.0), 2, fake_generate(task, 1, []), n=1)
-    recipe = GRPORecipe(cfg)
-    recipe.task = task
+    recipe = OnlineRecipe(cfg)
+    recipe.task = recipe.mode.task = task
     worker = RewardWorker([{"name": "reply_length", "kwargs": {"unit": "seconds", "min": 1.0}},
                            {"name": "latency", "kwargs": {"column": "ttfa_tokens", "budget": 2}}])
     batch = {}
@@ -259,11 +260,11 @@ def test_driver_scores_realtime_turns_with_context_columns(cfg, task, script):
 # --- the trainer's logprobs under the layout --------------------------------------------------------
 
 def test_layout_logprobs_shared_prompt_path_matches_the_plain_one_and_the_rule(task, turns):
-    from speechrl.rlhf.modes import assets
     from speechrl.rlhf.model.backbone import load_backbone
     from speechrl.rlhf.model.logprobs import build_token_batch, token_logprobs
+    from speechrl.rlhf.modes import get_mode
 
-    model = load_backbone(assets.backbone_path(task.cfg)).model.eval()
+    model = load_backbone(get_mode(task.cfg).backbone_path()).model.eval()
     (ex0, clip0), (ex1, clip1) = turns[0][0], turns[0][2]
     p0, c0, _ = task.sft_example(ex0, clip0)
     p1, c1, _ = task.sft_example(ex1, clip1)
@@ -292,16 +293,18 @@ def test_layout_logprobs_shared_prompt_path_matches_the_plain_one_and_the_rule(t
 # --- PPO --------------------------------------------------------------------------------------------
 
 def test_ppo_update_moves_values_and_policy_and_the_critic_resumes(rt_base, task, turns, tmp_path):
-    from speechrl.rlhf.modes import assets
+    from speechrl.rlhf.algos.batch import TrainBatch
+    from speechrl.rlhf.algos.updates import padded, ppo_targets
     from speechrl.rlhf.model.logprobs import build_token_batch, token_logprobs
+    from speechrl.rlhf.modes import get_mode
     from speechrl.rlhf.workers.policy_worker import PolicyWorker
-    from speechrl.rlhf.trainers.ppo import padded, ppo_targets
 
     cfg = load_recipe("realtime/ppo", [*rt_base, "train.lr=1e-3", "train.warmup_steps=0", "rl.kl_coef=0.1"])
-    base = str(assets.backbone_path(cfg))
-    worker = PolicyWorker(cfg, base, allowed_ids=task.layout)
+    base = str(get_mode(cfg).backbone_path())
+    worker = PolicyWorker(cfg, base, allowed_ids=task.layout, reference=True, critic=True)
     rows = [task.sft_example(*turns[0][i]) for i in range(4)]
     prompts, completions, clips = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+    samples = TrainBatch(prompts, completions, clips, 1.0)
 
     def logprobs() -> list[list[float]]:
         batch = build_token_batch(task.processor, prompts, completions, clips, task.tokenizer.pad_token_id)
@@ -310,7 +313,7 @@ def test_ppo_update_moves_values_and_policy_and_the_critic_resumes(rt_base, task
         return [logp[i][batch.completion_mask[i]].tolist() for i in range(len(rows))]
 
     sampled = logprobs()  # stands in for vLLM's sampling logprobs (the same policy)
-    before = worker.rollout_values(prompts, completions, clips, 1.0)
+    before = worker.values(samples)
     assert all(v == 0.0 for row in before["values"] for v in row), "the value head starts at zero"
     for ref, own in zip(before["ref_logprobs"], sampled):  # the reference is the starting policy
         np.testing.assert_allclose(ref, own, atol=1e-5)
@@ -325,12 +328,12 @@ def test_ppo_update_moves_values_and_policy_and_the_critic_resumes(rt_base, task
     torch.testing.assert_close(adv[0, : lengths[0]], torch.ones(lengths[0]), atol=1e-4, rtol=0)
     assert float(kl[mask].abs().max()) < 1e-4  # no KL yet: the policy is the reference
     rows_of = lambda t: [t[i, :n].tolist() for i, n in enumerate(lengths)]  # noqa: E731
-    metrics = worker.update(prompts, completions, sampled, clips, rows_of(adv), 1.0, returns=rows_of(ret),
-                            old_values=rows_of(values))
+    metrics = worker.train(TrainBatch(prompts, completions, clips, 1.0, sampling_logprobs=sampled,
+                                      advantages=rows_of(adv), returns=rows_of(ret), old_values=rows_of(values)))
     assert {"train/value_loss", "train/value_clip_fraction", "train/clip_fraction"} <= set(metrics)
     assert metrics["train/logprob_gap"] < 1e-5  # the first minibatch is on-policy
 
-    after = worker.rollout_values(prompts, completions, clips, 1.0)
+    after = worker.values(samples)
     moved = np.concatenate(after["values"])
     assert np.abs(moved).max() > 1e-4, "the critic learnt"
     # Returns are the scores (gamma 1, no KL yet). A few steps of a linear head on a tiny random trunk,
@@ -345,24 +348,23 @@ def test_ppo_update_moves_values_and_policy_and_the_critic_resumes(rt_base, task
         "the policy moved toward the better-scored reply and away from the worse"
 
     worker.save(str(tmp_path / "step-1"))
-    resumed = PolicyWorker(cfg, base, checkpoint=str(tmp_path / "step-1"), allowed_ids=task.layout)
+    resumed = PolicyWorker(cfg, base, checkpoint=str(tmp_path / "step-1"), allowed_ids=task.layout, critic=True)
     torch.testing.assert_close(resumed.value_head.state_dict(), worker.value_head.state_dict())
 
 
 def test_kl_controller_state_is_saved_and_resumed(rt_base, tmp_path):
+    from speechrl.rlhf.algos import UPDATES
     from speechrl.rlhf.algos.kl_reward import AdaptiveKLController
-    from speechrl.rlhf.trainers.ppo import PPORecipe
 
     cfg = load_recipe("realtime/ppo", rt_base)
-    recipe = PPORecipe(cfg)
-    recipe.kl = recipe.kl_controller(None)
-    assert isinstance(recipe.kl, AdaptiveKLController) and recipe.kl.kl_coef == cfg.rl.kl_coef
+    update = UPDATES.get("ppo")(cfg)
+    assert isinstance(update.kl, AdaptiveKLController) and update.kl.kl_coef == cfg.rl.kl_coef
     for measured in (30.0, 25.0, 20.0):  # far above the target: beta grows
-        recipe.kl.update(measured, 100)
-    recipe.save_state(tmp_path)
-    resumed = PPORecipe(cfg).kl_controller(tmp_path)
-    assert resumed.kl_coef == recipe.kl.kl_coef > cfg.rl.kl_coef
-    fixed = PPORecipe(load_recipe("realtime/ppo", [*rt_base, "ppo.kl_target=null"])).kl_controller(None)
+        update.kl.update(measured, 100)
+    update.save(tmp_path)
+    resumed = UPDATES.get("ppo")(cfg, tmp_path).kl
+    assert resumed.kl_coef == update.kl.kl_coef > cfg.rl.kl_coef
+    fixed = UPDATES.get("ppo")(load_recipe("realtime/ppo", [*rt_base, "ppo.kl_target=null"])).kl
     assert fixed.update(30.0, 100) == cfg.rl.kl_coef
 
 
@@ -394,7 +396,7 @@ def test_realtime_recipes_are_checked():
         load_recipe("realtime/ppo", ["realtime.drift_judge=nope"])
     with pytest.raises(RecipeError, match="realtime.dialogues"):
         load_recipe("realtime/sft", [f"realtime.personas={__file__}"])
-    with pytest.raises(RecipeError, match="implemented for mode tts"):
+    with pytest.raises(RecipeError, match="not implemented for mode 'realtime'"):
         load_recipe("realtime/sft", ["algorithm=dpo"])
     with pytest.raises(RecipeError, match="ppo.gamma"):
         load_recipe("realtime/ppo", ["ppo.gamma=1.5"])
@@ -423,31 +425,34 @@ def test_cards_and_dialogues_from_files_split_for_drift(rt_base, tmp_path):
 def test_grpo_and_online_dpo_updates_train_on_turns_sharing_a_clip(rt_base, task, turns, tmp_path):
     """A turn's n replies share its clip and prompt (one group); both updates run them through the
     shared-prompt path under the layout's per-position constraint."""
-    from speechrl.rlhf.modes import assets
-    from speechrl.rlhf.trainers.online_dpo import OnlineDPORecipe
+    from speechrl.rlhf.algos.batch import TrainBatch
+    from speechrl.rlhf.modes import get_mode
     from speechrl.rlhf.workers.policy_worker import PolicyWorker
 
-    base = str(assets.backbone_path(task.cfg))
+    mode = get_mode(task.cfg)
+    base = str(mode.backbone_path())
     (ex, clip), (ex2, clip2) = turns[0][0], turns[0][1]
     prompt, reference, _ = task.sft_example(ex, clip)
     prompt2, reference2, _ = task.sft_example(ex2, clip2)
     other = task.reply_ids("Voila.", [1, 2, 3])
-    grpo = PolicyWorker(load_recipe("realtime/grpo", rt_base), base, allowed_ids=task.layout)
-    metrics = grpo.update([prompt, prompt, prompt2, prompt2], [reference, other, reference2, other],
-                          [[-1.0] * len(reference), [-1.0] * len(other), [-1.0] * len(reference2), [-1.0] * len(other)],
-                          [clip, clip, clip2, clip2], [1.0, -1.0, 1.0, -1.0], 1.0)
+    grpo_cfg = load_recipe("realtime/grpo", rt_base)
+    grpo = PolicyWorker(grpo_cfg, base, allowed_ids=task.layout, reference=True)
+    completions = [reference, other, reference2, other]
+    metrics = grpo.train(TrainBatch([prompt, prompt, prompt2, prompt2], completions, [clip, clip, clip2, clip2], 1.0,
+                                    sampling_logprobs=[[-1.0] * len(c) for c in completions],
+                                    advantages=[1.0, -1.0, 1.0, -1.0], kl_coef=grpo_cfg.rl.kl_coef))
     assert np.isfinite(metrics["train/loss"]) and metrics["grad_norm"] > 0
 
     cfg = load_recipe("realtime/dpo", rt_base)
-    dpo = PolicyWorker(cfg, base, allowed_ids=task.layout)
-    metrics = dpo.dpo_update([prompt, prompt2], [reference, reference2], [other, other], [clip, clip2])
+    dpo = PolicyWorker(cfg, base, allowed_ids=task.layout, reference=True)
+    metrics = dpo.train(TrainBatch([prompt, prompt2], [reference, reference2], [clip, clip2], 1.0,
+                                   rejected_ids=[other, other]))
     assert metrics["train/loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy = reference at the start
 
-    recipe = OnlineDPORecipe(cfg)
-    recipe.task, recipe.run_dir, recipe.step = task, tmp_path, 3
+    mode.task = task
     columns = {"id": "d/t0", "persona": "Name: X", "history": [], "user_text": "hi"}
     samples = [Sample(0, j, prompt, ids, [], "", "stop", dict(columns)) for j, ids in enumerate((reference, other))]
-    recipe._save_pairs(samples, np.array([0.9, 0.1]), [(0, 1)])
+    mode.save_pairs(tmp_path / "pairs" / "round-00003.jsonl", 3, samples, np.array([0.9, 0.1]), [(0, 1)])
     row = json.loads((tmp_path / "pairs" / "round-00003.jsonl").read_text())
     assert row["id"] == "d/t0" and row["chosen"]["text"] == ex.reply_text and row["rejected"]["text"] == "Voila."
     assert row["rejected"]["codec_ids"] == [1, 2, 3] and row["chosen"]["reward"] == pytest.approx(0.9)

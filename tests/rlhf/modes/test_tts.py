@@ -25,7 +25,7 @@ def tts_base(tts_overrides, tmp_path_factory):
 def task(tts_base):
     from speechrl.rlhf.modes import assets
     from speechrl.rlhf.model.backbone import load_processor
-    from speechrl.rlhf.modes.tasks import TtsTask
+    from speechrl.rlhf.modes.tts import TtsTask
 
     cfg = load_recipe("tts/sft", tts_base)
     return TtsTask(cfg, load_processor(assets.backbone_path(cfg)))
@@ -185,7 +185,7 @@ def test_offline_dpo_recipe_trains_on_a_preference_file_and_skips_bad_rows(task,
 
 
 def test_online_dpo_pairs_each_groups_best_with_its_worst():
-    from speechrl.rlhf.trainers.online_dpo import best_worst_pairs
+    from speechrl.rlhf.algos.updates import best_worst_pairs
 
     total = np.array([0.1, 0.9, 0.5, 0.3, 0.3, np.nan, 0.2, 0.8, 0.0])
     valid = np.array([True, True, True, True, True, False, True, False, True])
@@ -204,14 +204,14 @@ def test_tts_recipes_validate():
         assert load_recipe(name).mode == "tts"
     with pytest.raises(RecipeError, match="dpo.data"):
         run_dpo(load_recipe("tts/dpo"))  # fails before building anything
-    with pytest.raises(RecipeError, match="mode tts"):
+    with pytest.raises(RecipeError, match="not implemented for mode 'asr'"):
         load_recipe("asr/sft", ["algorithm=online_dpo"])
 
 
 def test_voice_prompt_is_another_clip_of_the_same_speaker_and_reaches_the_reward_side(tts_base):
     from speechrl.rlhf.modes import assets
     from speechrl.rlhf.model.backbone import load_processor
-    from speechrl.rlhf.modes.tasks import TtsTask
+    from speechrl.rlhf.modes.tts import TtsTask
 
     cfg = load_recipe("tts/sft", [*tts_base, "tts.voice_prompt=true", "tts.max_voice_seconds=1.0"])
     train, _ = assets.load_datasets(cfg, 4.0)
