@@ -103,8 +103,11 @@ class AsrMode(Mode):
                                               c.eval_max_new_tokens), log)
 
     def evaluate_offline(self, step, model, processor, eval_set, run_dir, logger) -> dict:
-        return log_examples(evaluate_asr(model, processor, eval_set, max_examples=self.cfg.data.max_eval_examples,
-                                         max_new_tokens=self.cfg.eval_max_new_tokens), log)
+        result = evaluate_asr(model, processor, eval_set, max_examples=self.cfg.data.max_eval_examples,
+                              max_new_tokens=self.cfg.eval_max_new_tokens)
+        self.examples = list(result["examples"])  # what `speechrl eval` prints beside the metrics
+        return log_examples(result, log)
 
     def report_checkpoint(self, metrics: dict, out_dir: Path) -> str:
-        return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        pairs = [f"ref: {ref}\nhyp: {hyp}" for ref, hyp in getattr(self, "examples", [])]
+        return "\n".join([*pairs, " ".join(f"{k}={v:.4f}" for k, v in metrics.items())])

@@ -56,4 +56,12 @@ def test_inputs_are_not_modified_and_registered():
     before = rewards.clone()
     grpo_advantages(rewards, torch.zeros(3, dtype=torch.long), torch.tensor([True, False, True]))
     torch.testing.assert_close(rewards, before, equal_nan=True)
-    assert ADVANTAGES.get("grpo") is grpo_advantages
+    from types import SimpleNamespace
+
+    from speechrl.rlhf.algos.estimators import AdvantageInputs
+
+    groups, valid = torch.zeros(3, dtype=torch.long), torch.tensor([True, False, True])
+    registered, returns = ADVANTAGES.get("grpo")(AdvantageInputs(rewards, groups, valid),
+                                                 SimpleNamespace(std_normalize=True))
+    assert returns is None  # one advantage per sample, no critic targets
+    torch.testing.assert_close(registered, grpo_advantages(torch.nan_to_num(rewards), groups, valid))

@@ -5,7 +5,7 @@ from speechrl.rlhf.algos import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, PO
 
 
 def test_import_fills_every_registry():
-    assert ADVANTAGES.names() == ["grpo"]
+    assert ADVANTAGES.names() == ["gae", "grpo"]
     assert POLICY_LOSSES.names() == ["clipped"]
     assert KL_ESTIMATORS.names() == ["k1", "k2", "k3"]
     assert LOSS_AGGREGATIONS.names() == [
@@ -21,5 +21,5 @@ def test_duplicate_name_is_rejected_and_original_kept():
 
 
 def test_unknown_name_lists_the_registered_ones():
-    with pytest.raises(KeyError, match="grpo"):
-        ADVANTAGES.get("gae")
+    with pytest.raises(KeyError, match="registered: gae, grpo"):
+        ADVANTAGES.get("rloo")

@@ -233,7 +233,7 @@ def test_bad_recipes_names_and_paths_say_what_to_do(rm_base, pairs_file, tmp_pat
         run_reward_model(_recipe(rm_base, pairs_file, "reward_model.register_as=asr_wer"))
     with pytest.raises(RecipeError, match="no file or folder matches"):
         _recipe(rm_base, tmp_path / "rounds" / "*.jsonl")
-    with pytest.raises(RecipeError, match="mode tts"):
+    with pytest.raises(RecipeError, match="not implemented for mode .asr."):
         load_recipe("asr/sft", ["algorithm=reward_model"])
 
     monkeypatch.setenv("SPEECHRL_CACHE_DIR", str(tmp_path))
