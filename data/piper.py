@@ -69,14 +69,6 @@ def piper_voice_dir() -> Path:
     return folder
 
 
-def _espeak() -> synth._Espeak:
-    # The one process-wide engine synth.py speaks with: espeak-ng has a single global voice,
-    # so phonemizing must take the same lock as synthesis.
-    if synth._ENGINE is None:
-        synth._ENGINE = synth._Espeak()
-    return synth._ENGINE
-
-
 class PiperVoice:
     """The voice, loaded once (about 1 s). One intra-op thread by default: deterministic for a
     seed, and cheap where cores are shared. `seed` sets onnxruntime's process-wide seed before
@@ -98,7 +90,7 @@ class PiperVoice:
                                             providers=["CPUExecutionProvider"])
         self._lock = threading.Lock()  # the noise generators advance per run: keep runs ordered
 
-        engine = _espeak()
+        engine = synth.engine()
         engine.lib.espeak_TextToPhonemes.argtypes = [
             ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
         engine.lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
@@ -106,7 +98,7 @@ class PiperVoice:
     def phonemize(self, text: str) -> list[str]:
         """IPA phonemes per sentence, as Piper makes them: clause by clause from espeak-ng, the
         clause's punctuation kept as a phoneme, a new sentence after . ? ! (so "Dr." splits one)."""
-        engine, data = _espeak(), text.encode("utf-8")
+        engine, data = synth.engine(), text.encode("utf-8")
         buffer = ctypes.create_string_buffer(data)
         start = ctypes.addressof(buffer)
         pointer, sentences, current = ctypes.c_void_p(start), [], ""

@@ -130,19 +130,25 @@ class _Espeak:
 _ENGINE: _Espeak | None = None
 
 
-def synthesize(text: str, voice: str = "en", rate: int = 175, pitch: int = 50,
-               sample_rate: int = 16000) -> np.ndarray:
-    """Speak `text`: float32 mono at `sample_rate`, leading/trailing silence trimmed to 50 ms."""
+def engine() -> _Espeak:
+    """The process's one espeak-ng engine: the library has a single global voice, so synthesis and
+    phonemizing (data/piper.py) share it and its lock."""
     global _ENGINE
     if _ENGINE is None:
         _ENGINE = _Espeak()
-    pcm = _ENGINE.synth(text, voice, rate, pitch)
+    return _ENGINE
+
+
+def synthesize(text: str, voice: str = "en", rate: int = 175, pitch: int = 50,
+               sample_rate: int = 16000) -> np.ndarray:
+    """Speak `text`: float32 mono at `sample_rate`, leading/trailing silence trimmed to 50 ms."""
+    pcm = engine().synth(text, voice, rate, pitch)
     audio = pcm.astype(np.float32) / 32768.0
     loud = np.flatnonzero(np.abs(audio) > 0.01)  # -40 dBFS: espeak's silence is exact zeros
     if len(loud):
-        pad = int(0.05 * _ENGINE.sample_rate)
+        pad = int(0.05 * engine().sample_rate)
         audio = audio[max(loud[0] - pad, 0): loud[-1] + pad]
-    return soxr.resample(audio, _ENGINE.sample_rate, sample_rate, quality="HQ").astype(np.float32)
+    return soxr.resample(audio, engine().sample_rate, sample_rate, quality="HQ").astype(np.float32)
 
 
 # --- the corpus builder --------------------------------------------------------------------
