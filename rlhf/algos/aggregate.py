@@ -1,11 +1,8 @@
 """Ways to reduce a per-token loss [B, T] under a mask to the scalar that is backpropagated.
 
-The choice sets how much each token weighs: "token_mean" weighs all tokens alike (DAPO),
-"seq_mean_token_mean" gives each sequence equal weight, so tokens of long answers count less
-(original GRPO), "seq_mean_token_sum" weighs by length, and "seq_mean_token_sum_norm" divides
-by a constant instead of the length (Dr. GRPO, Liu et al. 2025). Each returns 0, still
-connected to the graph, when the mask is empty, so a step of all-padding cannot give NaN.
-Mask entries count as tokens when nonzero.
+The rule sets each token's weight: "token_mean" all alike (DAPO), "seq_mean_token_mean" each sequence
+alike (original GRPO), "seq_mean_token_sum" by length, "seq_mean_token_sum_norm" by a constant
+(Dr. GRPO). An empty mask gives 0 still on the graph, so an all-padding step cannot give NaN.
 """
 from __future__ import annotations
 

@@ -1,16 +1,8 @@
 """Generalized advantage estimation (Schulman et al. 2016): PPO's per-token advantages from a critic.
 
-With per-token rewards r_t and critic values V_t over a completion's tokens t = 0..n-1:
-
-    delta_t = r_t + gamma * V_{t+1} - V_t          (V_n = 0: the episode ends at the last token,
-                                                    truncated ones too: their score is final)
-    A_t     = delta_t + gamma * lam * A_{t+1}      (A_n = 0)
-    R_t     = A_t + V_t                            (the critic's regression target)
-
-lam = 1 gives the Monte Carlo advantage sum_k gamma^k r_{t+k} - V_t (unbiased, high variance);
-lam = 0 the one-step TD error delta_t (low variance, biased by the critic).
-
-Registered as the "gae" estimator (estimators.py), beside "grpo", with the one estimator signature.
+delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lam A_{t+1};  R_t = A_t + V_t (critic target),
+with V_n = A_n = 0: the episode ends at the last token, truncated ones too, as their score is final.
+lam = 1 is the unbiased, high-variance Monte Carlo advantage; lam = 0 the critic-biased TD error.
 """
 from __future__ import annotations
 
@@ -29,12 +21,9 @@ def gae_advantages(
 ) -> tuple[Tensor, Tensor]:
     """(advantages, returns), both [B, T], 0 where `mask` is 0, detached.
 
-    `rewards` [B, T] are per-token (see kl_reward.kl_penalized_rewards: the sequence score on the
-    last completion token, minus beta * KL on every token); `values` [B, T] are the critic's at
-    rollout time, V_t for the state before token t. Masked positions are skipped: the recursion
-    passes over them unchanged, so right padding (or any gap) neither contributes nor leaks, and
-    garbage (even NaN) there is ignored. `whiten` standardizes the advantages over the valid
-    tokens after the returns are formed (returns stay unwhitened targets for the critic).
+    `rewards` are per-token (kl_reward.kl_penalized_rewards); `values` are V_t, the state before token t.
+    The recursion passes over masked positions unchanged, so padding or gaps (even NaN) neither contribute
+    nor leak. `whiten` standardizes advantages after the returns are formed: the critic's targets stay raw.
     """
     if not (rewards.dim() == 2 and rewards.shape == values.shape == mask.shape):
         raise ValueError(f"rewards, values and mask must be [B, T] of one shape; got {tuple(rewards.shape)}, "

@@ -20,11 +20,9 @@ def grpo_advantages(
 ) -> Tensor:
     """Per-sample advantages, shape [B], dtype of `rewards`.
 
-    Group statistics use the valid members only. The std is the population std
-    (unbiased=False): it makes a group's normalized advantages have exactly unit variance,
-    and the unbiased one would only rescale them by sqrt((n-1)/n). Invalid samples (a failed
-    reward, usually NaN) and groups with fewer than two valid members get advantage 0: there is
-    nothing to compare them with, so they must push the policy neither way.
+    Statistics use the group's valid members, with the population std so a group's advantages have unit
+    variance. Invalid samples (a failed reward, NaN) and groups with under two valid members get 0: with
+    nothing to compare against, they must push the policy neither way.
     """
     if not (rewards.dim() == 1 and rewards.shape == group_index.shape == valid.shape):
         raise ValueError(

@@ -1,12 +1,8 @@
 """KL in the reward: PPO-RLHF's per-token rewards and the controllers of their KL coefficient beta.
 
-Instead of a KL term in the loss (GRPO's way, policy_worker.py), classic RLHF (Ziegler et al.
-2019, Ouyang et al. 2022) subtracts the KL to the reference from the reward, token by token:
-
-    r_t = -beta * kl_t + [t is the last completion token] * score
-
-so the critic learns the KL-regularized return and GAE spreads both over the tokens. beta is
-fixed, or adapted to hold the per-sequence KL near a target (AdaptiveKLController).
+Classic RLHF (Ziegler et al. 2019) subtracts the KL from the reward instead of adding it to the loss
+(GRPO's way): r_t = -beta * kl_t + [t is the last completion token] * score, so the critic learns
+the KL-regularized return and GAE spreads both over the tokens.
 """
 from __future__ import annotations
 
@@ -27,10 +23,9 @@ def kl_penalized_rewards(
 ) -> tuple[Tensor, Tensor]:
     """(rewards, kl), both [B, T], 0 where `mask` is 0, detached.
 
-    rewards = -kl_coef * kl, plus scores[b] on row b's last valid token; kl is the named
-    estimator (kl.py) of the rollout-time `logprobs` against `ref_logprobs`. k1 (log pi - log ref)
-    is the usual choice here: its per-token values sum to an unbiased sequence KL, and negative
-    ones are fine in a reward. A row with no valid token gets no reward (its score is dropped).
+    kl is the named estimator (kl.py) of rollout `logprobs` against `ref_logprobs`; k1 is the usual pick,
+    as its per-token values sum to an unbiased sequence KL and negative ones are fine in a reward.
+    A row with no valid token gets no reward (its score is dropped).
     """
     if not (logprobs.dim() == 2 and logprobs.shape == ref_logprobs.shape == mask.shape):
         raise ValueError(f"logprobs, ref_logprobs and mask must be [B, T] of one shape; got {tuple(logprobs.shape)}, "
@@ -72,14 +67,11 @@ class FixedKLController:
 
 
 class AdaptiveKLController:
-    """Ziegler et al. (2019)'s proportional controller of beta toward a target KL:
+    """Ziegler et al. (2019)'s proportional controller of beta toward a target KL.
 
-        e = clip(kl / target - 1, -0.2, 0.2),   beta <- beta * (1 + e * n_steps / horizon)
-
-    `kl` is the step's mean per-sequence KL (sum over tokens: the unit of `target`), `n_steps`
-    the samples it was measured on. The clip bounds one update's change to a factor within
-    1 -+ 0.2 * n_steps / horizon, however far off the KL is: over `horizon` samples beta moves
-    by at most about e^0.2 = 1.22x, so one noisy batch cannot swing it.
+    e = clip(kl / target - 1, -0.2, 0.2), beta <- beta * (1 + e * n_steps / horizon), with `kl` the mean
+    per-sequence KL (summed over tokens: the unit of `target`). The clip bounds beta's change to about
+    1.22x per `horizon` samples, so one noisy batch cannot swing it.
     """
 
     def __init__(self, kl_coef: float, target: float, horizon: float):

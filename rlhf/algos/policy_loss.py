@@ -27,12 +27,9 @@ def clipped_policy_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-token loss [B, T] (0 where `mask` is 0) and detached scalar metrics.
 
-    loss = -min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_eps_high) * A), with
-    ratio = exp(logprobs - old_logprobs); `clip_eps_high` defaults to `clip_eps`.
-    `advantages` is [B] (one per sequence, broadcast over its tokens) or [B, T] (per token).
-    `old_logprobs` and `advantages` are constants of the update and are detached here.
-    Metrics over masked tokens: clip_fraction (share where the clipped branch is chosen,
-    i.e. the token gets no gradient), ratio_mean, ratio_max.
+    loss = -min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_eps_high) * A), ratio = exp(logprobs - old);
+    `advantages` is [B] (broadcast over tokens) or [B, T]. clip_fraction is the share of tokens where the
+    clipped branch wins, i.e. that get no gradient.
     """
     if clip_eps_high is None:
         clip_eps_high = clip_eps

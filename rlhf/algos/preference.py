@@ -1,18 +1,9 @@
-"""Preference losses of DPO-style training, as pure functions over sequence logprobs.
+"""Preference losses of DPO-style training, as pure functions over summed sequence logprobs.
 
-Inputs are per-pair log-probabilities of the chosen and rejected completions (summed over their
-tokens) under the policy and the frozen reference. With the implicit reward
-r(y) = beta * (log pi(y) - log ref(y)) and h = r(chosen) - r(rejected):
-
-    sigmoid  (DPO, Rafailov et al. 2023):   -(1 - eps) log sigma(h) - eps log sigma(-h)
-             (eps = label_smoothing, conservative DPO for noisy preference labels)
-    ipo      (IPO, Azar et al. 2023):       (h / beta - 1 / (2 beta))^2, i.e. the log-ratio margin
-             is regressed to 1/(2 beta) instead of pushed to infinity; pass per-token mean
-             logprobs, as IPO's authors and TRL do, so long completions do not dominate.
-
-Written here rather than taken from TRL: TRL's DPO loss is a method of DPOTrainer tied to its
-batches and accelerate state; these functions are the same formulas on plain tensors, so they
-serve the offline and the online (ranked on-policy samples) paths alike.
+With h = beta * (log-ratio of chosen - log-ratio of rejected), log-ratio = log pi - log ref: sigmoid
+(DPO) is -(1 - eps) log sigma(h) - eps log sigma(-h); ipo is (h / beta - 1 / (2 beta))^2, fed per-token
+mean logprobs so long completions do not dominate. Not TRL's: its loss is tied to DPOTrainer's
+batches, and these plain-tensor formulas serve the offline and online paths alike.
 """
 from __future__ import annotations
 

@@ -1,17 +1,9 @@
 """Updates: each online algorithm's step from scored samples to the `TrainBatch` the policy trains on.
 
-GRPO, PPO and online DPO are peers, found by the recipe's `algorithm` in UPDATES; the online loop
-(trainers/online.py) is the same for all of them:
-
-    GRPO        group-relative advantages, one per sample (estimator `grpo.advantage`); KL as a loss term
-    PPO         the critic's values and the reference's logprobs at rollout time (`policy.values`), the
-                score on each reply's last token minus beta * KL on every token (kl_reward.py), GAE
-                over the reply's tokens (estimator "gae"); beta fixed or adapted toward ppo.kl_target,
-                its state saved in every checkpoint so a resumed run continues with the beta it had
-    online DPO  each prompt's best and worst samples (by total reward) as a preference pair
-
-Credit in PPO: each sample (in realtime, each turn's reply) is an episode of its own; returns do
-not flow from later turns to earlier ones. Unscored and empty samples never train.
+GRPO, PPO and online DPO are peers looked up by `algorithm`, so the online loop never names one.
+PPO's adaptive beta is saved in every checkpoint so a resumed run continues with the beta it had.
+Each PPO sample (in realtime, each turn's reply) is its own episode: returns do not flow from later
+turns to earlier ones. Unscored and empty samples never train.
 """
 from __future__ import annotations
 

@@ -1,14 +1,8 @@
-"""Clipped value loss of PPO's critic (as in OpenAI's baselines and the RLHF PPO trainers).
+"""Clipped value loss of PPO's critic (as in OpenAI's baselines), the counterpart of the ratio clip.
 
-The new value may move at most `clip_range` from the rollout-time value before its error stops
-giving gradient, the critic's counterpart of the policy's ratio clip:
-
-    V_clip = old_V + clip(V - old_V, -clip_range, clip_range)
-    loss   = 0.5 * max((V - R)^2, (V_clip - R)^2)
-
-The max is pessimistic: a value pushed past the range toward the return R is not rewarded for
-it (its clipped error is larger and has no gradient), one that moves away is still corrected.
-Per-token like the policy losses, so any of aggregate.py's rules reduces it.
+V_clip = old_V + clip(V - old_V, -clip_range, clip_range);  loss = 0.5 * max((V - R)^2, (V_clip - R)^2).
+The max is pessimistic: a value pushed past the range toward R earns nothing for it, one moving away
+is still corrected. Per-token like the policy losses, so any of aggregate.py's rules reduces it.
 """
 from __future__ import annotations
 
@@ -25,10 +19,8 @@ def clipped_value_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-token loss [B, T] (0 where `mask` is 0) and detached scalar metrics.
 
-    `old_values` (the critic's at rollout time) and `returns` (gae.gae_advantages) are constants
-    of the update and are detached here; `clip_range=None` is the plain 0.5 * (V - R)^2.
-    Metrics over masked tokens: value_clip_fraction (share where the clipped error is the
-    larger, i.e. the token gets no gradient), value_mse ((V - R)^2, unclipped).
+    `old_values` and `returns` are constants of the update (detached here); `clip_range=None` is plain
+    0.5 * (V - R)^2. value_clip_fraction is the share of tokens that get no gradient; value_mse is unclipped.
     """
     if not (values.dim() == 2 and values.shape == old_values.shape == returns.shape == mask.shape):
         raise ValueError(f"values, old_values, returns and mask must be [B, T] of one shape; got {tuple(values.shape)}, "

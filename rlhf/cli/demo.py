@@ -1,13 +1,8 @@
 """`speechrl demo [asr|tts|realtime]`: a mode's story end to end on the embedded default.
 
-1. build (once) what the mode runs on: a tiny random backbone, a synthetic spoken corpus (ASR,
-   TTS) or persona dialogues (realtime), the codec, and the embedded judges its rewards read,
-2. SFT warm start (recipes/<mode>/sft.yaml, with the mode's demo settings),
-3. the mode's RL algorithm through Ray + vLLM from the SFT weights (GRPO for ASR and TTS, PPO with
-   a critic for realtime; recipes/<mode>/<algorithm>.yaml as shipped),
-4. the mode's before/after report: held-out WER (ASR), intelligibility and the other components
-   with where the wav samples are (TTS), judge score and out-of-character rate by turn (realtime;
-   its tiny judge is random, so those scores exercise the machinery and mean nothing).
+Builds (once) a tiny random backbone, the mode's data, codec and embedded judges, then SFT, then the
+mode's RL recipe as shipped through Ray + vLLM, then the before/after report, so one command shows the
+whole pipeline works. The realtime judge is random: its scores exercise the machinery, nothing more.
 """
 from __future__ import annotations
 

@@ -1,13 +1,7 @@
 """A run directory: resolved recipe, JSONL metrics, TensorBoard events, plots, checkpoints, summary.
 
-    runs/<name>/
-      recipe.yaml            the resolved config this run used
-      metrics.jsonl          one JSON object per logged step
-      tensorboard/           events for `tensorboard --logdir runs`
-      curves.png             loss / WER (and reward, KL for RL) against step
-      checkpoints/step-N/    backbone (HF format, loads in transformers and vLLM) + trainer state
-      final/                 the last weights, as a backbone directory
-      summary.json           the final summary table, also printed
+The layout is the README's "What a run writes"; checkpoints and final/ are backbone directories in HF
+format, so transformers and vLLM load them as they are.
 """
 from __future__ import annotations
 

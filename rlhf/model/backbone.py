@@ -1,10 +1,8 @@
-"""The shared audio-language backbone: audio encoder -> projector -> Qwen2 decoder.
+"""The shared audio-language backbone: audio encoder -> projector -> Qwen2 decoder (Qwen2-Audio's).
 
-The architecture is Qwen2-Audio's. Its vocabulary holds text tokens and a block of
-audio-codec tokens `<|a0|>..<|aN-1|>` (the TTS and realtime modes emit those); `Backbone`
-knows which ids are audio. Checkpoints are written in the hub's key layout, which both
-transformers and vLLM load (transformers 5.x's own save_pretrained writes a layout vLLM
-rejects, see `hub_state_dict`).
+The vocabulary adds audio-codec tokens `<|a0|>..<|aN-1|>` for the TTS and realtime modes. Checkpoints
+use the hub's key layout, which transformers and vLLM both load: transformers 5.x's save_pretrained
+writes a layout vLLM rejects (see `hub_state_dict`).
 """
 from __future__ import annotations
 

@@ -1,11 +1,7 @@
 """PPO's critic: a value head on a decoder's hidden states, read at the completion positions.
 
-The critic is a model (the policy's own trunk, or a separate, usually smaller, backbone) plus
-`ValueHead`, a linear map from each position's last hidden state to a scalar. Values use the
-grid of `logprobs.token_logprobs`: position t of [B, L-1] is the state after input token t, from
-which completion token t+1 is sampled, so V[t] estimates the return from that token on and
-lines up with its logprob, `completion_mask` and the per-token rewards of algos/kl_reward.py.
-
+Values share `logprobs.token_logprobs`'s grid (position t is the state after input token t), so V[t]
+lines up with the next token's logprob, `completion_mask` and kl_reward.py's per-token rewards.
 Kept out of rlhf/algos (pure tensor functions) because the head is a module with parameters.
 """
 from __future__ import annotations

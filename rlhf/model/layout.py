@@ -1,18 +1,9 @@
-"""The spoken reply's layout: text, then audio-codec tokens, in one generation.
+"""The spoken reply's layout: text, then audio-codec tokens, then `<|codec_end|>`, in one generation.
 
-A realtime reply is one completion: the reply's text tokens, then codec tokens `<|aN|>`, closed by
-`<|codec_end|>`. Which tokens may come next depends on what came before, so the decoding
-constraint has three phases (k = tokens generated so far):
-
-    text     no codec token yet, k < max_text_tokens:  text tokens or codec tokens
-    switch   no codec token yet, k >= max_text_tokens: codec tokens only (the audio must start)
-    audio    a codec token was emitted:                codec tokens or <|codec_end|>
-
-The first codec token switches to audio, and no text can follow it; `<|codec_end|>` is only
-reachable once audio has started, so every reply that ends has audio. The same rule is applied in
-two places that must agree token for token: `ReplyLayoutProcessor` inside vLLM while sampling, and
-`layout_phases` in the trainer when it recomputes logprobs (logprobs.py), exactly as a static
-`allowed_token_ids` list is applied on both sides in ASR and TTS.
+Phases (k = tokens so far): text (no codec yet, k < max_text_tokens: text or codec), switch (no codec
+yet, k >= max_text_tokens: codec only), audio (after a codec token: codec or `<|codec_end|>`), so every
+reply that ends has audio. `ReplyLayoutProcessor` (in vLLM) and `layout_phases` (trainer logprobs)
+must agree token for token, as the static `allowed_token_ids` do in ASR and TTS.
 """
 from __future__ import annotations
 
@@ -74,10 +65,8 @@ EXTRA_ARGS_KEY = "speechrl_reply_layout"
 def layout_phases(targets: torch.Tensor, valid: torch.Tensor, codec: torch.Tensor, max_text: int) -> torch.Tensor:
     """The phase [B, T] in which each target token was sampled (the trainer's side of the rule).
 
-    `targets` [B, T] are the token ids predicted at each position, `valid` [B, T] marks the
-    completion's positions (in order), `codec` [V] is True at codec tokens. Position t's phase
-    depends on the completion tokens before it: AUDIO if one of them is a codec token, else SWITCH
-    once `max_text` tokens came before it, else TEXT. Invalid positions get TEXT (ignored).
+    `valid` marks completion positions; `codec` [V] is True at codec tokens. A position is AUDIO after any
+    codec token, else SWITCH once `max_text` tokens came before it, else TEXT (invalid positions too).
     """
     valid = valid.bool()
     is_codec = codec.to(targets.device)[targets] & valid

@@ -89,12 +89,9 @@ def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, allowed: 
                    with_hidden: bool = False):
     """log p(token_{t+1} | <= t) for every position, [B, L-1]; read it where completion_mask is True.
 
-    Logits are divided by the sampling temperature so the result is the logprob of the
-    distribution the rollout actually sampled from (vLLM reports the same, see rollouts/engine.py).
-    Rows that share a clip (GRPO's n samples of a prompt, `batch.audio_index`) share their prompt
-    too: it is run once per clip and only completion positions are filled in (prompt ones are 0).
-    With `with_hidden`, also the decoder's last hidden states on the same grid, [B, L-1, H] (the
-    state from which each token is predicted; what a value head on the policy's trunk reads).
+    Logits are divided by the temperature so this is the distribution vLLM sampled from. Rows sharing a
+    clip (`batch.audio_index`, GRPO's n samples) run their prompt once; prompt positions are 0.
+    `with_hidden` also returns last hidden states [B, L-1, H] on the same grid, for a value head.
     """
     if batch.audio_index is not None and not _checkpointing(model):
         logp, hidden = _shared_prompt_logprobs(model, batch, temperature, allowed, with_hidden)

@@ -1,19 +1,8 @@
 """Drift evaluation: does the policy stay in character as a dialogue grows long?
 
-The held-out drift dialogues (`realtime.drift_turns` user turns each, longer than the training
-episodes) are played greedily on the rollout engines, and every reply is scored by the recipe's
-rewards in its context. The judge's score (the reward `realtime.drift_judge`, by default
-`persona_judge`, in [0, 1]) is then read by turn index (turns counted from 1):
-
-    drift/judge/turn_<k>   mean judge score of the replies at turn k
-    drift/ooc/turn_<k>     out-of-character rate at turn k: the share of scored replies whose judge
-                           score is below `realtime.ooc_threshold` (0.5: an expected rating under
-                           3 of 5, "mostly out of character")
-    drift/judge, drift/ooc_rate, drift/judge_last_turn   over all turns, and at the last turn
-
-Each evaluation writes `drift/step-<N>.json` in the run directory (the curves, and every reply with
-its score) and redraws `drift.png`: both curves against the turn index, one line per evaluation,
-the first ("before": the starting policy) and the last ("after") drawn boldest.
+Held-out dialogues longer than the training episodes are played greedily and every reply is scored in
+its context; the judge score and out-of-character rate are read by turn, since drift shows only as a
+trend over turns. The metrics, `drift/step-<N>.json` and `drift.png` are described in docs/realtime.md.
 """
 from __future__ import annotations
 

@@ -1,17 +1,9 @@
 """Multi-turn realtime episodes: a scripted user, the policy's spoken replies, batched on vLLM.
 
-`DialogueEnv` is the environment: `reset(persona, user_turns)` returns the opening user turn;
-`step(reply)` records the policy's reply and returns the next user turn, or None when the episode
-ends (the script is spent, or `max_turns` replies were made). The user is scripted: user turn k
-follows reply k-1 whatever the reply said, as in PersonaGym and the builtin probes.
-
-`run_episodes` plays many episodes at once. Each turn is one generate call over every live episode,
-n samples each from the same context; every sample is kept for training, and each episode goes on
-with its first sample (a draw from the policy, so later turns' histories are on-policy). A turn's
-samples carry the columns the realtime rewards read (docs/rewards.md, "Realtime rewards"):
-`persona`, `history`, `user_text`, `ttfa_tokens`, `ttfa_ms`, `reply_seconds`, with `id`,
-`dialogue_id`, `turn` and the user turn's `probe` and `target`. Rewards are scored afterwards, for
-all turns in one batch, by the reward workers; the environment itself gives none.
+The user is scripted (turn k follows reply k-1 whatever it said, as in PersonaGym), so episodes batch:
+each turn is one generate call with n samples per episode, all trained on, and the episode goes on with
+its first sample so later histories stay on-policy. Samples carry the columns of docs/rewards.md's
+"Realtime rewards"; rewards are scored afterwards, all turns in one batch.
 """
 from __future__ import annotations
 

@@ -1,16 +1,8 @@
-"""The realtime mode's data: persona dialogues from the recipe's source with spoken user turns, and
-the warm start's turns with their reference replies.
+"""The realtime mode's data: persona dialogues with spoken user turns, and the warm start's turns.
 
-Sources (`realtime.personas`, `realtime.dialogues`):
-
-    builtin      4 hand-written cards; training and drift dialogues generated from their probes with
-                 different seeds (data/builtin_personas.py), unless a dialogues file is given
-    personagym   the PersonaGym benchmark in the shared data folder (data/personagym.py)
-    <path>       a cards file or folder, with `realtime.dialogues` (docs/personas.md)
-
-From a file or PersonaGym, `heldout_fraction` of the dialogues (chosen by a hash of their id) are
-kept for drift evaluation. Only the user turns an episode plays are spoken (espeak-ng, cached
-under `<run.cache_dir>/realtime/`); user audio longer than the backbone's audio window is cut to it.
+Sources (`realtime.personas`: builtin, personagym or a path) are in docs/realtime.md. Held-out drift
+dialogues are chosen by a hash of their id, so the split is stable; only the user turns an episode
+plays are spoken (espeak-ng, cached), cut to the backbone's audio window.
 """
 from __future__ import annotations
 

@@ -1,11 +1,9 @@
 """Held-out evaluation of the TTS mode: synthesize the held-out texts, score them, keep samples.
 
-At every evaluation the same held-out prompts are synthesized (greedy by default), decoded by the
-recipe's codec, and scored by the recipe's rewards; each reward component's mean is logged as
-`eval/<reward>/<component>` (e.g. `eval/tts_intelligibility/cer`). The first `tts.eval_samples`
-prompts are written as wav files, `samples/step-<N>/<id>.wav`, and as TensorBoard audio, so a run
-can be listened to before and after; `samples/reference/` holds the corpus recordings of the same
-texts and their codec round trip (the best the policy could do with this codec).
+The same prompts every time (greedy by default), so evaluations compare; each reward component's mean
+is logged as `eval/<reward>/<component>`. The first `tts.eval_samples` go to `samples/step-<N>/<id>.wav`
+and TensorBoard; `samples/reference/` holds the corpus recordings and their codec round trip (the
+best the policy could do with this codec).
 """
 from __future__ import annotations
 

@@ -1,17 +1,8 @@
-"""DPO: offline from a preference dataset (TTS), and the loss both DPO paths share (online DPO runs
-in the TTS and realtime modes).
+"""DPO: offline from a preference dataset (TTS), and the loss both DPO paths share.
 
-Offline (`algorithm: dpo`): pairs from `dpo.data` (docs/preferences.md) are encoded with the
-recipe's codec once, then each step takes `train.batch_size` pairs and lowers the preference loss
-(`dpo.loss`: "sigmoid" = DPO, "ipo") against a frozen reference, the run's starting weights, plus
-`dpo.sft_weight` times the chosen completion's NLL. Runs, evaluates and resumes like SFT.
-
-Online (`algorithm: online_dpo`, algos/updates.py) forms its pairs from ranked on-policy samples
-and calls the same `preference_loss`.
-
-Written here rather than with TRL's DPOTrainer: its batches are text-only collations with its own
-tokenization, while ours are token-in/token-out rows whose prompts are run once per pair (the
-shared-prompt path in rlhf/model/logprobs.py); the loss formulas are rlhf/algos/preference.py's.
+Offline, against a frozen reference (the starting weights), plus `dpo.sft_weight` times the chosen NLL;
+online DPO (algos/updates.py) calls the same `preference_loss`. Not TRL's DPOTrainer: its batches are
+text-only with its own tokenization, ours token-in/token-out rows whose prompt runs once per pair.
 """
 from __future__ import annotations
 

@@ -1,16 +1,8 @@
-"""The online loop, one for every online algorithm (GRPO, PPO, online DPO): a driver process steering
-Ray actors through named phases over one batch type.
+"""The online loop, one for every online algorithm (GRPO, PPO, online DPO), as timed named phases.
 
-    generate    the mode's rollout: n samples per prompt on the vLLM engines, token in / token out
-                (one turn, or multi-turn episodes)
-    score       the reward worker scores them; failed or NaN samples are marked, not fatal
-    advantages  the recipe's update (algos/updates.py) turns scored samples into a TrainBatch
-    update      the policy worker makes the optimizer step(s) the batch asks for
-    sync        the new weights go to every engine through the recipe's transport
-    log         metrics, timers, the mode's evaluation, checkpoint
-
-Each phase is timed and the times are logged every step (`time/<phase>`). What differs by mode is
-the mode object's (modes/), by algorithm the update object's: this file tests neither's name.
+generate, score, advantages, update, sync, log; each is logged as `time/<phase>`. Failed or NaN rewards
+are marked, not fatal. Mode and algorithm differences live in the mode and update objects (modes/,
+algos/updates.py), so this file tests neither's name.
 """
 from __future__ import annotations
 

@@ -1,20 +1,9 @@
 """Reward modelling for the TTS mode: a Bradley–Terry reward model trained on preference pairs.
 
-`algorithm: reward_model` (recipes/tts/reward_model.yaml). The pairs of `reward_model.data`
-(docs/preferences.md: annotators' exports, online DPO's pairs/round-*.jsonl) are encoded with the
-recipe's codec and split by text into train and held-out (`reward_model.eval_fraction`, drawn by
-seed). The model is the backbone's language model (TTS rewards need no audio encoder) under a
-scalar head read at the last token, `<|codec_end|>`; the head starts at zero (every pair tied), and
-learns -log σ(r_chosen - r_rejected) plus `center_coef` * mean((r_chosen + r_rejected)^2).
-Held-out pairwise accuracy (the share of held-out pairs whose chosen side scores higher) is logged
-before training, every `train.eval_every` steps and in the summary. <run>/final/ holds the model, its processor and reward_model.json;
-`reward_model.register_as: NAME` makes it the reward NAME (rewards/learned.py).
-
-Trained with TRL's RewardTrainer, which fits here where its DPOTrainer did not (trainers/dpo.py): it
-takes pretokenized `chosen_ids` / `rejected_ids`, and these sequences are text-only, so its
-collator pads them as they are. It keeps its own checkpoints (checkpoints/checkpoint-N: weights,
-optimizer, schedule, RNG, data position), which `--resume` continues; a callback writes its logs
-and the held-out evaluation into the run directory as every recipe does.
+Loss -log σ(r_chosen - r_rejected) + `center_coef` * mean((r_chosen + r_rejected)^2); the head starts
+at zero (all pairs tied) and is read at `<|codec_end|>`; pairs split by text, so held-out accuracy is on
+unseen texts. TRL's RewardTrainer fits where DPOTrainer did not: these sequences are text-only, so its
+collator pads the pretokenized ids as they are; its own checkpoints are what `--resume` continues.
 """
 from __future__ import annotations
 

@@ -1,11 +1,8 @@
-"""The policy trainer as a Ray actor: the trainable model, a frozen reference, the optimizer, and
-a critic when asked for (a value head on the policy's own trunk, model/critic.py).
+"""The policy trainer as a Ray actor: trainable model, frozen reference, optimizer, and critic if asked.
 
-`train` takes one `TrainBatch` (algos/batch.py) and does what the batch holds, never what an
-algorithm is called: preference pairs take the preference loss (one optimizer step); otherwise
-`rl.minibatches` optimizer steps per epoch for `rl.epochs_per_step` epochs of the clipped policy
-loss against the engines' sampling logprobs, plus the KL to the reference when the batch's
-kl_coef > 0 and the clipped value loss when it carries returns.
+`train` does what its `TrainBatch` holds, never what an algorithm is called: pairs take the preference
+loss; otherwise epochs of the clipped policy loss, plus KL when kl_coef > 0 and the value loss when it
+carries returns. The critic is a value head on the policy's own trunk (model/critic.py).
 """
 from __future__ import annotations
 
@@ -95,13 +92,11 @@ class PolicyWorker:
         return self._policy_steps(batch)
 
     def _policy_steps(self, b: TrainBatch) -> dict:
-        """`rl.epochs_per_step` passes, each split into `rl.minibatches` shuffled minibatches (one
-        optimizer step each), in micro-batches of train.batch_size.
+        """`rl.epochs_per_step` passes of `rl.minibatches` shuffled optimizer steps, in micro-batches.
 
-        Micro-batch losses are weighted by their share of the minibatch, so accumulation matches one
-        big batch for sequence-level aggregation (token_mean is then a per-micro-batch mean). Metrics
-        are the first epoch's, except `logprob_gap`: its first minibatch's, before this step moved
-        the policy (the vLLM/trainer agreement check), and grad_norm/lr: the last step's.
+        Micro-batch losses are weighted by their share of the minibatch so accumulation matches one big batch
+        (token_mean is then per micro-batch). Metrics are the first epoch's, except `logprob_gap` (the first
+        minibatch's, before the policy moved: the vLLM/trainer agreement check) and grad_norm/lr (the last).
         """
         n, micro, g = len(b), self.cfg.train.batch_size, self.cfg.rl
         tok = self.backbone.tokenizer
