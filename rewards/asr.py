@@ -54,12 +54,11 @@ def longest_token_run(ids: Sequence[int]) -> int:
 
 
 class AsrWerReward:
-    """reward = -min(error rate, wer_cap) - penalties, per sample.
+    """reward = -min(error rate, wer_cap) - penalties, per sample; a None reference scores NaN.
 
-    Components (all logged): "reward", "wer", "cer", and 0/1 indicators "empty" (nothing said
-    where the reference has words), "repetition" (a word loop the reference does not have, or
-    `loop_token_run` identical token ids in a row) and "runaway" (more than
-    `max_length_ratio` * reference words + 2). A sample whose reference is None scores NaN.
+    The 0/1 penalties (logged with "wer" and "cer") tell apart failures a capped error rate cannot:
+    "empty" (nothing said where the reference has words), "repetition" (a word loop the reference lacks,
+    or `loop_token_run` equal ids in a row), "runaway" (over `max_length_ratio` * reference words + 2).
     """
 
     def __init__(

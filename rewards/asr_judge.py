@@ -1,11 +1,9 @@
 """A judge ASR from our own backbone, and the embedded one `tts_intelligibility` uses by default.
 
-pocketsphinx cannot hear the embedded TTS corpus (espeak-ng command sentences: WER 0.93 on clean
-clips, 0.61 even held to the 33-word grammar). The embedded judge is the tiny backbone's ASR mode
-fine-tuned on that corpus twice over: the clean clips, and the same clips round-tripped through
-the TTS codec (Griffin-Lim vocoded, whispery), which is what a TTS policy's audio sounds like when
-it says the words right. It is built once (rlhf/trainers/judges.py) into `<cache_dir>/judges/asr-<key>` (the key hashes
-`JudgeBuild`), beside `judge_scores.json`: its held-out CER/WER on clean and on round-tripped clips.
+pocketsphinx cannot hear the embedded espeak-ng corpus (WER 0.93 on clean clips), so the judge is the
+tiny backbone's ASR mode fine-tuned on it, clean and round-tripped through the TTS codec (what a TTS
+policy sounds like when it says the words right). Built once into `<cache_dir>/judges/asr-<key>`,
+beside `judge_scores.json` (its held-out CER/WER on clean and on round-tripped clips).
 """
 from __future__ import annotations
 

@@ -1,12 +1,9 @@
 """Scoring a batch with several rewards and combining them into one number per sample.
 
-One bad sample must not cost the step: a reward that raises on the batch is retried sample by
-sample, and only the samples that still fail (or score None/NaN/inf) lose their score. A reward
-that is itself broken (output of the wrong shape, or failing on every sample) stops the run
-instead, because training on no signal for hours is worse than an error now.
-
-Scoring and combining are two steps (`score_rewards`, `combine_scores`) so that rewards placed on
-workers of their own can score apart and still be normalized and weighted together.
+One bad sample must not cost the step: a failing batch is retried sample by sample, and only samples
+that still fail (or score None/NaN/inf) lose their score. A reward of the wrong shape or failing on
+every sample stops the run: hours of training on no signal are worse than an error now. Scoring and
+combining are separate steps so rewards on workers of their own are still weighted together.
 """
 from __future__ import annotations
 

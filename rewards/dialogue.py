@@ -1,12 +1,7 @@
-"""Realtime-dialogue rewards that need no judge: reply length, latency, and a hook for a team's
-own emotion or paralinguistic classifier.
+"""Realtime-dialogue rewards that need no judge: reply length, latency, and a team's own classifier.
 
-- `reply_length`: 0 inside a target range of words (from `completions`) or of seconds (from the
-  spoken reply's `audio`, or a `reply_seconds` column), falling linearly outside it.
-- `latency`: 0 within a budget for the time to the first audio token (a `ttfa_ms` column, or any
-  column the driver fills), falling linearly beyond it.
-- `emotion`: a classifier named by dotted path turns each reply (audio or text) into label
-  probabilities; the reward is the probability of the target labels minus that of the forbidden.
+`reply_length` and `latency` are 0 inside a target and fall linearly outside it; `emotion` wraps a
+classifier named by dotted path. Their columns and settings are in docs/rewards.md.
 """
 from __future__ import annotations
 
@@ -30,12 +25,11 @@ def _shortfall(value: float, low: Optional[float], high: Optional[float]) -> flo
 
 
 class ReplyLengthReward:
-    """reward = -min(cap, distance outside [min, max] / the bound crossed): 0 in range, -0.5 for a
-    reply half again as long as `max` (or half as long as `min`), never below -cap.
+    """reward = -min(cap, distance outside [min, max] / the bound crossed): 0 in range, never below -cap.
 
-    unit "words": words of `completions`. unit "seconds": duration of the `audio` column (the
-    spoken reply, float32 at `sample_rate`), or of a `reply_seconds` column where the driver gives
-    one (it wins over `audio`). Logged beside "reward": `words` or `seconds`.
+    So a reply half again as long as `max` (or half as long as `min`) scores -0.5. Unit "seconds" reads
+    a `reply_seconds` column where the driver gives one (it wins over `audio`), else the duration of the
+    spoken reply in `audio`; unit "words" counts the words of `completions`.
     """
 
     def __init__(self, unit: str = "words", min: Optional[float] = None, max: Optional[float] = None,
@@ -70,11 +64,9 @@ class ReplyLengthReward:
 class LatencyReward:
     """reward = -min(cap, (latency - budget) / budget) beyond the budget, 0 within it.
 
-    Reads `column` (default `ttfa_ms`: milliseconds from the end of the user's turn to the reply's
-    first audio token). Wall-clock latency is noisy (machine load, batching): where the driver
-    can, give a deterministic proxy instead, e.g. the number of tokens before the first audio
-    token, and point `column` at it with a budget in the same unit. Logged: the latency, and
-    `over_budget` (1 where it exceeds the budget).
+    Reads `column` (default `ttfa_ms`: ms from the end of the user's turn to the first audio token).
+    Wall-clock latency is noisy (load, batching): where the driver can, point `column` at a deterministic
+    proxy, e.g. the tokens before the first audio token, with a budget in the same unit.
     """
 
     def __init__(self, budget: float = 300.0, column: str = "ttfa_ms", cap: float = 1.0):
@@ -113,15 +105,9 @@ def load_callable(path: str, kwargs: Optional[dict] = None) -> Callable:
 class EmotionReward:
     """A team's classifier as a reward: reward = P(target labels) - P(forbidden labels), in [-1, 1].
 
-    `classifier` is "pkg.module:name", a function or a class (built once with
-    `classifier_kwargs`) called on the whole batch as
-
-        classifier(items, sample_rate=...) -> list of {label: probability}
-
-    where `items` are the replies' waveforms (input "audio": the `audio` column, float32 mono at
-    the batch's `sample_rate`) or texts (input "text": `completions`). A None item (no audio)
-    is not passed; that sample goes unscored. Labels the classifier does not return count 0.
-    Logged: `p_target` and/or `p_forbidden`, whichever labels are given.
+    `classifier` ("pkg.module:name", a function or a class) is called once per batch as
+    classifier(items, sample_rate=...) -> [{label: probability}], on waveforms or texts (docs/rewards.md).
+    A sample without audio goes unscored; labels not returned count 0. Logged: `p_target`, `p_forbidden`.
     """
 
     def __init__(self, classifier: str, input: str = "audio", target: Sequence[str] | str = (),

@@ -1,18 +1,9 @@
 """`tts_intelligibility`: does a judge ASR hear the input text in the generated audio?
 
-reward = -min(error rate of the judge's transcript against `text`, error_cap). The judge is
-pluggable (`asr=`):
-
-- "pocketsphinx" (default): its en-us model ships in the wheel; offline, CPU, weak but real. It
-  cannot hear the embedded espeak-ng corpus (WER 0.93 on clean clips).
-- "embedded": our tiny backbone fine-tuned as a judge on the embedded TTS corpus, clean and
-  round-tripped through the TTS codec; built once into `cache_dir` (asr_judge.py).
-- "whisper-tiny.en" or "whisper-base": real Whisper, converted from its PyPI wheel into `cache_dir`
-  on first use (a few seconds: rlhf/model/pretrained/whisper.py); batched, on `device`.
-- a local directory: a speechrl / Qwen2-Audio backbone (its ASR mode, asr_judge.py), or any
-  transformers ASR model saved with save_pretrained (Whisper, wav2vec2-CTC, ...).
-
-Error rates are `asr.py`'s, after the same text normalization.
+reward = -min(error rate of the judge's transcript against `text`, error_cap), with asr.py's rates
+and normalization. The judge is pluggable (`asr=`: pocketsphinx, the default; embedded; whisper-tiny.en
+or whisper-base; a local model directory; see docs/rewards.md) because pocketsphinx, offline and weak,
+cannot hear the embedded espeak-ng corpus (WER 0.93).
 """
 from __future__ import annotations
 

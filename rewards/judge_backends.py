@@ -1,15 +1,8 @@
-"""Where an LLM judge runs: in-process vLLM or transformers on a local model directory, or any
-OpenAI-compatible server (judge_endpoint.py). The persona judge (persona_judge.py) asks each
-backend two things:
+"""Where an LLM judge runs: vLLM or transformers in process, or an OpenAI-compatible server.
 
-- `next_logprobs(prompts, wanted, at_start)`: for each prompt, the log-probability of the next
-  token for (at least) every token whose text is one of `wanted` (e.g. the rating digits), as
-  {token text: logprob}. Local backends read exactly those tokens out of the full distribution;
-  a server returns its top-k, and a wanted token outside them is simply absent.
-- `generate(prompts, max_tokens)`: greedy text, for the judge's short rationale.
-
-`ensure_tiny_judge` builds a tiny randomly initialized judge (Qwen2 text LM) under a cache
-directory, so tests and examples run the real code paths offline. Its scores mean nothing.
+Backends answer `next_logprobs` (the wanted tokens' logprobs, e.g. rating digits: local backends read
+them exactly, a server's top-k may miss some, which are then absent) and `generate` (greedy rationale).
+`ensure_tiny_judge` builds a random tiny judge so tests run the real paths offline; its scores mean nothing.
 """
 from __future__ import annotations
 

@@ -1,16 +1,9 @@
-"""`learned_preference`: a reward model trained on preference pairs (rlhf/trainers/reward_model.py), as a reward.
+"""`learned_preference`: a reward model trained on preference pairs (trainers/reward_model.py) as a reward.
 
-The model is the backbone's decoder under a scalar head (a transformers sequence classifier with
-one label). It reads what the policy wrote: the TTS prompt (the voice prompt when the batch has
-one, then "Say: <text>"), the completion's codec tokens and `<|codec_end|>`; its output at that last
-token is the reward, one batched forward per batch. Higher is preferred. A Bradley–Terry model only
-fixes differences between samples, not the scale, so `normalize: true` suits it.
-
-A model is a directory (a reward-model run's final/: weights, processor and `reward_model.json`)
-or a registered name: `reward_model.register_as: NAME` writes `<cache>/reward_models/NAME.json`,
-which points at the directory. A registered name is also a reward name of its own, so
-`rewards: [{name: NAME}]` works (rewards/registry.py looks there last). Names resolve in the cache
-dir passed as `cache_dir`, else $SPEECHRL_CACHE_DIR, else ~/.cache/speechrl.
+It scores what the policy wrote (TTS prompt, voice prompt, codec tokens) at `<|codec_end|>`, one forward
+per batch. Bradley–Terry fixes only differences between samples, not the scale, so `normalize: true`
+suits it. A model is a directory or a name from `reward_model.register_as` (a pointer in
+`<cache>/reward_models/NAME.json`; cache: `cache_dir`, else $SPEECHRL_CACHE_DIR, else ~/.cache/speechrl).
 """
 from __future__ import annotations
 
@@ -138,10 +131,9 @@ def load_reward_model(model_dir: Path, device: str = "cpu"):
 class LearnedPreferenceReward:
     """reward = the reward model's score of (text, voice prompt, codec tokens); component "reward".
 
-    A sample without codec ids or text is unscored. `model` (a directory or a registered name)
-    resolves when the reward is built, so a wrong name fails at load; the weights load at the first
-    batch. Before that, a reward worker calls `check_codec` with the recipe's codec: a model trained on
-    another codec's ids would score noise (`match_codec: false` skips the check).
+    `model` resolves when the reward is built, so a wrong name fails at load; weights load at the first
+    batch. A reward worker first calls `check_codec`: a model trained on another codec's ids would score
+    noise (`match_codec: false` skips the check). A sample without codec ids or text is unscored.
     """
 
     def __init__(

@@ -1,10 +1,8 @@
 """Text normalization for scoring transcripts: two spellings of the same words must score as equal.
 
-"Go 10 meters." and "go ten meters" are the same transcript; a reward that counts them as
-different teaches the policy a spelling convention instead of listening. The number speller is
-written here (about 40 lines, 0..999,999,999) rather than taken from num2words: we need one
-convention (no "and", no commas) in one language, and a dependency would bring many languages
-and its own output style to pin.
+Counting "Go 10 meters." and "go ten meters" as different teaches the policy a spelling convention
+instead of listening. The number speller (0..999,999,999) is ours, not num2words: we need one
+convention (no "and", no commas) in one language, not many languages and an output style to pin.
 """
 from __future__ import annotations
 
@@ -91,10 +89,9 @@ def _is_separator(ch: str) -> bool:
 def normalize_text(s: str, split_cjk: bool = True) -> str:
     """Canonical form of a transcript for WER/CER.
 
-    NFKC, lowercase, numbers spelled as English words, punctuation and symbols turned into
-    spaces (so "twenty-one" and "well-known" split into words) except apostrophes inside words
-    ("don't"), whitespace collapsed. With split_cjk, every CJK character becomes its own token,
-    so a word error rate over CJK text counts characters, like a character error rate.
+    Punctuation and symbols become spaces (so "twenty-one" splits into words), except apostrophes inside
+    words ("don't"). With split_cjk, each CJK character is its own token, so WER over CJK text counts
+    characters, as CER does.
     """
     s = unicodedata.normalize("NFKC", s).lower()
     s = s.replace("\u2019", "'").replace("\u2018", "'")  # typographic apostrophes; NFKC keeps them

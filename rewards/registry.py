@@ -1,17 +1,9 @@
 """Finding a reward by the name a recipe gives it.
 
-A name is looked up, in order, as (a) a name registered here, (b) a dotted path
-"pkg.module:attr" or "pkg.module.attr", (c) an entry point in the group "speechrl.rewards" of an
-installed package, so a team ships its reward as its own package without editing this repo:
-
-    [project.entry-points."speechrl.rewards"]
-    my_mos = "my_pkg.mos:MosReward"
-
-and last (d) a learned reward model registered under that name (`reward_model.register_as`; a
-pointer in $SPEECHRL_CACHE_DIR or ~/.cache/speechrl, see rewards/learned.py).
-
-Built-in rewards are registered at the bottom of this file rather than decorated where they are
-defined, so reward modules never import this one and there is no import cycle.
+Lookup order: registered name, dotted path, entry point in group "speechrl.rewards" (so a team ships
+a reward as its own package), then a learned reward model registered under that name. Built-ins are
+registered at the bottom of this file, not decorated where defined, so reward modules never import
+this one and there is no import cycle.
 """
 from __future__ import annotations
 

@@ -1,12 +1,9 @@
-"""The `remote` reward: score on a reward server elsewhere (`speechrl serve-reward`, or any server
-speaking the JSON in wire.py).
+"""The `remote` reward: score on a reward server (`speechrl serve-reward`, or any that speaks wire.py).
 
-A slow or dead server must neither hang nor kill a run: every request has a timeout, failed
-requests are retried with exponential backoff, and samples still unscored after the last attempt
-are marked `Unscored(why)` and counted in the step's `rewards/unscored`. So one batch waits at
-most about ceil(chunks / max_concurrency) * (retries + 1) * timeout_s, plus the backoff sleeps.
-A misconfiguration (wrong token, a body over the server's limit, a broken reward on the server)
-raises instead, with what to change: retrying cannot fix it, and hours of unscored steps are worse.
+A slow or dead server must neither hang nor kill a run: timeouts, retries with backoff, then
+`Unscored(why)`, so a batch waits at most about ceil(chunks / max_concurrency) * (retries + 1) *
+timeout_s plus backoff. A misconfiguration (wrong token, body too large, broken server reward) raises
+with what to change: retrying cannot fix it, and hours of unscored steps are worse.
 """
 from __future__ import annotations
 

@@ -1,13 +1,8 @@
 """`speaker_similarity`: does the generated voice sound like the reference voice?
 
-reward = cosine similarity of speaker embeddings of `audio` and `reference_audio`. The encoder is
-resemblyzer's (a 3-layer LSTM d-vector model whose weights ship in its wheel) by default, or a
-transformers x-vector model (`AutoModelForAudioXVector`: WavLM/wav2vec2 speaker verification)
-saved in a local directory.
-
-resemblyzer is installed with `pip install --no-deps resemblyzer` (.ci/install does): its
-metadata asks for `webrtcvad` and `typing`, which PyPI has only as source builds; the
-`webrtcvad-wheels` dependency provides the same `webrtcvad` module as a wheel.
+Cosine of speaker embeddings of `audio` and `reference_audio`: resemblyzer's d-vector (weights in its
+wheel) by default, or a local transformers x-vector model. resemblyzer is installed `--no-deps`: its
+metadata asks for `webrtcvad` and `typing`, source-only on PyPI; `webrtcvad-wheels` gives the module.
 """
 from __future__ import annotations
 

@@ -53,16 +53,11 @@ def frame_levels_db(audio: np.ndarray, rate: int, frame_seconds: float = 0.02) -
 
 
 class SpeechSanityReward:
-    """reward = -(sum of penalties), each a 0/1 indicator also returned as a component:
+    """reward = -(sum of 0/1 penalties): cheap, model-free checks on what model rewards could be gamed with.
 
-    - "bad_rate": characters of text per second of audio outside `chars_per_second` (far too short
-      audio for the text, or a long ramble);
-    - "silent": more than `max_silence` of the frames are `silence_db` below the loudest frame
-      (or the whole clip is below -80 dBFS);
-    - "clipped": more than `max_clipped` of the samples at or above `clip_level`.
-
-    Measured values are returned too: "chars_per_second", "silence_fraction", "clipped_fraction".
-    Cheap and model-free: meant beside the model rewards, to catch what they might be gamed with.
+    "bad_rate" (text characters per audio second outside `chars_per_second`), "silent" (over `max_silence`
+    of frames `silence_db` below the loudest, or all below -80 dBFS), "clipped" (over `max_clipped` of
+    samples at or above `clip_level`); each is a component, as are the measured values.
     """
 
     def __init__(

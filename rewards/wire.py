@@ -1,22 +1,9 @@
 """The JSON a reward server speaks (`speechrl serve-reward` and the `remote` reward).
 
-POST /v1/score, `Authorization: Bearer <token>`, `Content-Type: application/json`:
-
-    {"completions": ["turn left", "go ten meters"],   required: one string per sample
-     "completion_ids": [[17, 4], [9, 9, 30]],         optional: token ids per sample
-     "audio": ["UklGRi...", null],                    optional: base64 WAV per sample, null for none
-     "mode": "asr",                                   any non-list value reaches the reward as is
-     "text": ["turn left", "go ten meters"],          any other list is a per-sample column
-     "id": ["utt-1", "utt-2"]}
-
-The server sets "sample_rate" from the WAV headers (one rate per request). 200 answers
-
-    {"scores": {"reward": [-0.5, null], "wer": [0.5, null]},   one value per sample, null = no score
-     "errors": {"1": "why sample 1 has no score"}}
-
-and errors answer {"error": "what was wrong and what to do"} with 400 (malformed request; the
-message names the field), 401 (missing or wrong token), 413 (body over the server's limit),
-500 (the reward is broken), 503 (busy: retry later).
+POST /v1/score with a bearer token; docs/rewards.md shows a request and its answer. "completions" is
+required, any other list is a per-sample column, any other value reaches the reward as is; audio is
+base64 WAV (one sample rate per request). Errors answer {"error": ...} naming what to fix, with 400,
+401, 413, 500 or 503 (busy: retry later).
 """
 from __future__ import annotations
 

@@ -1,12 +1,8 @@
 """The reward side of the loop: the rewards a recipe names, built once, scoring batch after batch.
 
-`RewardWorker` is a plain class, so it runs in-process (tests, one-machine debugging) or as a Ray
-actor (`make_reward_actor`) beside the rollout and training actors, holding its reward models.
-
-Placement: rewards whose recipe entry declares no `resources` share one light worker. A reward
-that declares some (a GPU for a reward model, CPUs, memory, replicas) gets workers of its own,
-placed by Ray with exactly those resources; a `RewardRouter` then fans each batch out to all the
-workers, splits it among a reward's replicas, and combines the raw scores into one ScoreResult.
+`RewardWorker` is a plain class so it runs in process (tests, debugging) or as a Ray actor. Rewards
+without `resources` share one light worker; one that declares some (a GPU, replicas) gets workers of
+its own, and a `RewardRouter` fans each batch out and combines the raw scores into one ScoreResult.
 """
 from __future__ import annotations
 
@@ -152,10 +148,9 @@ def make_reward_actor(specs: Iterable[Any], num_cpus: float = 0, num_gpus: float
                       codec: Optional[CodecSpec] = None):
     """The recipe's rewards as a Ray actor; call `ray.get(actor.score.remote(batch))`.
 
-    num_cpus=0 by default: scoring text is light and must not hold a CPU the rollouts need. Rewards
-    that declare `resources` in the recipe get workers of their own behind a RewardRouter.
-    Unknown reward names and resources the cluster does not have fail here, before any worker starts.
-    With `codec` (TTS), batches' `codec_ids` are decoded into waveforms there, before scoring.
+    num_cpus=0 by default: scoring text is light and must not hold a CPU the rollouts need. Unknown
+    names and resources the cluster lacks fail here, before any worker starts. With `codec` (TTS),
+    `codec_ids` are decoded into waveforms on the worker, before scoring.
     """
     import ray  # here, so importing this module neither needs Ray nor starts it
 
