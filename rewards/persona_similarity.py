@@ -43,10 +43,9 @@ def persona_entries(text: str) -> list[str]:
 class PersonaSimilarityReward:
     """reward = cosine(embedding(reply), embedding(persona)) in [-1, 1].
 
-    `against="entries"` embeds each card line and takes the best match, so a reply about one fact is not
-    diluted by the rest of the card ("card" embeds it whole, cut at 256 word pieces). An empty reply is
-    unscored, or scores `empty_score`: a spoken reply may have no text, and 0.0 then says "nothing about
-    the persona" instead of leaving it out.
+    `against="entries"` takes the best-matching card line, so a reply about one fact is not diluted by
+    the rest of the card ("card": the whole card, cut at 256 word pieces). An empty reply is unscored, or
+    scores `empty_score`: a spoken reply may have no text, and 0.0 then says "nothing about the persona".
     """
 
     def __init__(self, model: Optional[str] = None,  # local embedding model directory; null: the bundled MiniLM

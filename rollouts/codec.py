@@ -1,18 +1,9 @@
 """The one interface between waveforms and the policy's audio tokens.
 
-A codec turns a waveform into codec-local ids 0..vocab_size-1 and back. Codecs with several
-codebooks (residual VQ) emit, per frame, one unit per codebook; the frames are flattened in time
-order and codebook k's units are offset by k * codebook_size, so one flat id says both which
-codebook and which unit:
-
-    frame 0: [u00, u01] -> [u00, 512 + u01]     (2 codebooks of 512)
-    frame 1: [u10, u11] -> [u10, 512 + u11]     ids = [u00, 512+u01, u10, 512+u11, ...]
-
-`CodecTokens` maps those ids onto the backbone's `<|a0|>..<|aN-1|>` block. Waveforms are decoded
-only where a reward needs them (DESIGN.md: the codec stays out of the policy).
-
-Implementations: `MelUnitCodec` (mel_codec.py, the embedded default: fit on the corpus in seconds,
-no download, no GPU) and `HfCodec` (hf_codec.py: Mimi, DAC, EnCodec from a local directory).
+Multi-codebook (residual VQ) codecs flatten frames in time order with codebook k's units offset by
+k * codebook_size, so one flat id says which codebook and which unit (2 x 512: u00, 512+u01, u10, ...).
+`CodecTokens` maps them onto the backbone's `<|a0|>..` block. Waveforms are decoded only where a
+reward needs them, so the codec stays out of the policy.
 """
 from __future__ import annotations
 

@@ -1,15 +1,9 @@
-"""A vLLM engine hosting the policy, and Ray workers that each hold one.
+"""A vLLM engine hosting the policy, and Ray workers that each hold one; token in, token out.
 
-Token in, token out: every Sample keeps the prompt ids vLLM conditioned on (audio placeholder
-expanded), the completion ids, and the sampling logprob of each completion token.
-
-Logprobs are vLLM's "processed_logprobs": log_softmax(logits / temperature) after top-k/top-p,
-i.e. the distribution actually sampled from. With top_p=1 (the recipes' default) that is exactly
-what the trainer recomputes as log_softmax(logits / temperature); with top_p<1 vLLM's values are
-renormalized over the nucleus and the two differ by the nucleus' log-mass. `allowed_token_ids`
-does the same: logprobs are renormalized over the allowed ids, so the trainer must mask likewise.
-A realtime reply's constraint changes within the completion (text, then audio: rlhf/model/layout.py);
-it is applied by a logits processor every engine loads, and the trainer masks per position.
+Logprobs are vLLM's "processed_logprobs" (after temperature, top-k/top-p and `allowed_token_ids`),
+the distribution actually sampled from. The trainer reproduces them only if it masks the same way and
+top_p = 1 (the default); with top_p < 1 they differ by the nucleus' log-mass. Realtime's per-position
+constraint is a logits processor every engine loads (rlhf/model/layout.py).
 """
 from __future__ import annotations
 
@@ -66,10 +60,9 @@ def _relax_qwen2_audio_frames() -> None:
 def guard_vllm_module_scan() -> None:
     """Let an engine start in a process that has imported numba (librosa does). Idempotent.
 
-    At start-up vLLM 0.32 rebinds kernels by scanning every module's attributes, calling
-    `vars(value).get(...)` on each; llvmlite's `ffi.lib` answers `__dict__` through __getattr__
-    with a non-dict, and the scan dies with AttributeError. The scan is wrapped so that such
-    attributes are set aside while it runs and restored after; vLLM's logic is untouched.
+    vLLM 0.32's start-up scan calls `vars(value).get(...)` on every module attribute; llvmlite's `ffi.lib`
+    answers `__dict__` with a non-dict and the scan dies with AttributeError. Such attributes are set
+    aside during the scan and restored after; vLLM's logic is untouched.
     """
     import sys
 
@@ -168,13 +161,9 @@ class RolloutEngine:
                  stop_token_ids: list[int] | None = None) -> list[Sample]:
         """`n` samples per request, all requests in one vLLM call; grouped by request, in order.
 
-        A request without audio is a text-only prompt (TTS). `allowed_token_ids` is the decoding
-        constraint: a list of ids, or a ReplyLayout (realtime: text, then audio). `stop_token_ids`
-        end a completion besides the end-of-turn (TTS, realtime: `<|codec_end|>`); the stop token is
-        kept in completion_ids.
-
-        With `seed`, request i's samples use seeds seed + i*n + j (vLLM adds j itself), so a
-        batch split across workers (see generate_across) samples exactly as one engine would.
+        `allowed_token_ids` is a list of ids or a ReplyLayout (realtime); extra stop tokens (`<|codec_end|>`)
+        are kept in completion_ids. With `seed`, request i's samples use seed + i*n + j, so a batch split
+        across workers (generate_across) samples exactly as one engine would.
         """
         from vllm import SamplingParams
 
@@ -212,13 +201,11 @@ class RolloutEngine:
         return samples
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Replace weights in place; names in the hub layout (rlhf.backbone.hub_state_dict).
+        """Replace weights in place; names in the hub layout (model/backbone.py's hub_state_dict).
 
-        Layers absent from `named_tensors` keep their weights, but a fused vLLM layer (qkv_proj,
-        gate_up_proj) must get all its parts or the missing ones come back uninitialized (see
-        sync.merged_lora_state). Caches computed by the old weights are dropped: the prefix (KV)
-        cache, and the encoder cache, whose scheduler-side index reload_weights leaves stale
-        (the next request with the same audio then fails with "Encoder cache miss").
+        A fused vLLM layer (qkv_proj, gate_up_proj) must get all its parts, or the missing ones come back
+        uninitialized (see sync.merged_lora_state). Caches are dropped: reload_weights leaves the encoder
+        cache's index stale, and the next request with the same audio fails "Encoder cache miss".
         """
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         self.reset_caches()
@@ -232,10 +219,9 @@ class RolloutEngine:
 def make_rollout_workers(backbone_path: str, cfg, num_workers: int, seed: int) -> list:
     """Start `num_workers` Ray actors, each holding one RolloutEngine (`cfg`: a RolloutConfig).
 
-    On a cluster with GPUs each actor takes `tensor_parallel_size` GPUs; on CPU one core for Ray's
-    bookkeeping, while its engine computes on `cfg.threads_per_worker` threads (0: this machine's
-    cores shared among the workers; generation and training take turns, so they do not compete).
-    Returns once every engine is up, so start-up errors surface here, not at the first generate.
+    On CPU each actor reserves one core for Ray while its engine uses `cfg.threads_per_worker` threads
+    (0: the machine's cores shared among workers; generation and training take turns, so they do not
+    compete). Returns once every engine is up, so start-up errors surface here, not at the first generate.
     """
     import ray
 

@@ -1,15 +1,9 @@
 """The embedded codec: k-means units over spectral-envelope frames, decoded with Griffin-Lim.
 
-No download and no GPU: it is fit on a corpus in seconds and saved as two small arrays.
-
-Encode: log-mel frames, minus the clip's mean (per-utterance mean normalization, so the recording
-channel and loudness do not spend units), truncated to their first `n_cepstra` DCT coefficients
-(the smooth spectral envelope that carries what is said; pitch harmonics would take most of the
-units and say little), then residual VQ: codebook 0 quantizes the frame, codebook k the error left
-by codebooks 0..k-1. Decode: sum the centroids, optionally average them over neighbouring frames
-(`smooth_frames`), back to a log-mel envelope (plus the corpus mean), to an STFT magnitude, and
-Griffin-Lim for a phase. The voice comes out whispery and the speaker is not kept; the words are
-(benchmarks/codec_roundtrip.py measures how well).
+No download, no GPU: fit on a corpus in seconds. Frames are mean-normalized per clip (channel and
+loudness spend no units) and cut to the first `n_cepstra` DCT coefficients (the envelope carries the
+words; pitch harmonics would take most units and say little), then residual VQ. Decoded speech is
+whispery and loses the speaker but keeps the words (benchmarks/codec_roundtrip.py measures how well).
 """
 from __future__ import annotations
 

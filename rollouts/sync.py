@@ -1,20 +1,9 @@
 """How the trainer's weights reach the rollout engines: transports found by name.
 
-A transport is a class with `send(named_tensors, workers)`, which blocks until every engine
-has loaded the weights (names in the hub layout, see rlhf.backbone.hub_state_dict). All end in
-vLLM's own in-place `reload_weights` (RolloutEngine.load_weights).
-
-"object_store" (here): the tensors go through Ray's object store once and every worker reads
-them. Right for CPU and for one machine, where the store is shared memory.
-
-For engines on separate GPUs vLLM 0.32 ships weight-transfer engines
-(vllm/distributed/weight_transfer/: "nccl", "ipc", "sparse_nccl", ...), set with the engine arg
-`weight_transfer_config={"backend": "nccl"}`. They slot in as another transport: the trainer
-side builds a `TrainerWeightTransferEngine` (WeightTransferTrainerFactory) once and the workers
-call `llm.init_weight_transfer_engine(...)` once; each `send` then runs `start_weight_update`,
-`update_weights` (NCCL broadcast / CUDA IPC handles from the trainer's GPU) and
-`finish_weight_update` on the workers while the trainer calls `send_weights()`. Not built here:
-this machine has no GPU to test them on.
+`send(named_tensors, workers)` blocks until every engine has loaded them through vLLM's in-place
+`reload_weights`. "object_store" suits CPU and one machine, where Ray's store is shared memory. For
+separate GPUs, vLLM 0.32's weight-transfer engines (vllm/distributed/weight_transfer/, "nccl", "ipc")
+would slot in as another transport; not built here, as there is no GPU to test them on.
 """
 from __future__ import annotations
 
