@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from speechrl.rlhf.algos.registry import PREFERENCE_LOSSES
+from speechrl.rlhf.algos.registry import PREFERENCE_LOSSES, RECIPE_CHECKS
+from speechrl.rlhf.core.config import RecipeError
 
 
 def _margin(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor) -> Tensor:
@@ -56,3 +57,17 @@ def sft_term(chosen_token_logprobs: Tensor, mask: Tensor) -> Tensor:
     term, Pang et al. 2024): keeps the chosen answers likely while the margin grows."""
     mask = mask.to(chosen_token_logprobs.dtype)
     return -(chosen_token_logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+@RECIPE_CHECKS.register("dpo")
+def check_dpo_beta(cfg, source: str) -> None:
+    if cfg.dpo.beta <= 0:
+        raise RecipeError(f"{source}: `dpo.beta` must be > 0, got {cfg.dpo.beta}")
+
+
+@RECIPE_CHECKS.register("reward_model")
+def check_reward_model(cfg, source: str) -> None:
+    """The reward model trains all weights in one process (TRL's RewardTrainer on the decoder)."""
+    if cfg.model.lora.enabled or cfg.train.deepspeed.enabled:
+        raise RecipeError(f"{source}: `algorithm: reward_model` trains all weights in one process; "
+                          "set model.lora.enabled=false and train.deepspeed.enabled=false")

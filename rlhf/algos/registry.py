@@ -8,3 +8,4 @@ POLICY_LOSSES = Registry("policy loss")
 KL_ESTIMATORS = Registry("KL estimator")
 LOSS_AGGREGATIONS = Registry("loss aggregation")
 PREFERENCE_LOSSES = Registry("preference loss")
+RECIPE_CHECKS = Registry("recipe check")  # algorithm -> check(cfg, source): what it asks of the rest of the recipe

@@ -17,8 +17,10 @@ import torch
 
 from speechrl.rlhf.algos.batch import TrainBatch, sample_batch
 from speechrl.rlhf.algos.estimators import AdvantageInputs
+from speechrl.rlhf.algos.preference import check_dpo_beta
 from speechrl.rlhf.algos.kl_reward import AdaptiveKLController, FixedKLController, kl_penalized_rewards
-from speechrl.rlhf.algos.registry import ADVANTAGES
+from speechrl.rlhf.algos.registry import ADVANTAGES, RECIPE_CHECKS
+from speechrl.rlhf.core.config import RecipeError
 from speechrl.rlhf.core.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,10 @@ class Update:
         """The policy worker keeps a frozen copy of the starting weights."""
         return self.cfg.rl.kl_coef > 0
 
+    @classmethod
+    def check(cls, cfg, source: str) -> None:
+        """What this algorithm asks of the rest of the recipe (RECIPE_CHECKS runs it at load)."""
+
     def prepare(self, samples, scores, requests, policy) -> Prepared:
         raise NotImplementedError
 
@@ -49,8 +55,17 @@ class Update:
         """The update's own state, into a checkpoint (none by default)."""
 
 
+def needs_groups(cfg, source: str) -> None:
+    if cfg.rollout.sampling.n < 2:
+        raise RecipeError(f"{source}: {cfg.algorithm} needs `rollout.sampling.n` >= 2 to form groups")
+
+
 @UPDATES.register("grpo")
 class GRPOUpdate(Update):
+    @classmethod
+    def check(cls, cfg, source: str) -> None:
+        needs_groups(cfg, source)
+
     def prepare(self, samples, scores, requests, policy) -> Prepared:
         groups = torch.tensor([s.prompt_index for s in samples])
         inputs = AdvantageInputs(torch.tensor(np.asarray(scores.total, dtype=np.float32)), groups,
@@ -66,6 +81,12 @@ class GRPOUpdate(Update):
 @UPDATES.register("ppo")
 class PPOUpdate(Update):
     needs_critic = True
+
+    @classmethod
+    def check(cls, cfg, source: str) -> None:
+        if cfg.train.deepspeed.enabled:
+            raise RecipeError(f"{source}: `algorithm: ppo` trains a value head beside the model, which the DeepSpeed "
+                              "wrapper does not hold yet; set train.deepspeed.enabled=false")
 
     def __init__(self, cfg, checkpoint: Optional[Path] = None):
         super().__init__(cfg, checkpoint)
@@ -114,6 +135,11 @@ class OnlineDPOUpdate(Update):
     def needs_reference(self) -> bool:
         return True
 
+    @classmethod
+    def check(cls, cfg, source: str) -> None:
+        needs_groups(cfg, source)
+        check_dpo_beta(cfg, source)
+
     def prepare(self, samples, scores, requests, policy) -> Prepared:
         groups = np.array([s.prompt_index for s in samples])
         total = np.asarray(scores.total, dtype=float)
@@ -126,6 +152,10 @@ class OnlineDPOUpdate(Update):
                            self.cfg.rollout.sampling.temperature,
                            rejected_ids=[samples[r].completion_ids for _, r in pairs], pairs=pairs)
         return batch, {"train/pairs": len(pairs)}
+
+
+for name in UPDATES.names():  # an update's recipe check runs at load, like the offline algorithms' (preference.py)
+    RECIPE_CHECKS.register(name)(UPDATES.get(name).check)
 
 
 def best_worst_pairs(total: np.ndarray, valid: np.ndarray, groups: np.ndarray, min_gap: float = 0.0

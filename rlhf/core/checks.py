@@ -63,10 +63,6 @@ def validate(cfg: RecipeConfig, source: str = "recipe") -> None:
             raise RecipeError(f"{source}: `{key}` must be >= 0 (0 = {zero}), got {_get(cfg, key)}")
     if not 0.0 < cfg.data.synthetic.heldout_fraction < 1.0:
         raise RecipeError(f"{source}: `data.synthetic.heldout_fraction` must be in (0, 1)")
-    if cfg.algorithm in ("grpo", "online_dpo") and cfg.rollout.sampling.n < 2:
-        raise RecipeError(f"{source}: {cfg.algorithm} needs `rollout.sampling.n` >= 2 to form groups")
-    if cfg.algorithm in ("dpo", "online_dpo") and cfg.dpo.beta <= 0:
-        raise RecipeError(f"{source}: `dpo.beta` must be > 0, got {cfg.dpo.beta}")
     texts = cfg.tts.prompt_texts
     if texts and texts != "grammar" and not Path(os.path.expanduser(texts)).is_file():
         raise RecipeError(f"{source}: `tts.prompt_texts` is {texts!r}: neither \"grammar\" nor a text file")
@@ -84,9 +80,6 @@ def _validate_ppo(cfg: RecipeConfig, source: str) -> None:
     if p.kl_target is not None and (p.kl_target <= 0 or cfg.rl.kl_coef <= 0):
         raise RecipeError(f"{source}: adaptive KL (`ppo.kl_target`={p.kl_target}) needs kl_target > 0 and a starting "
                           f"`rl.kl_coef` > 0 (got {cfg.rl.kl_coef})")
-    if cfg.algorithm == "ppo" and cfg.train.deepspeed.enabled:
-        raise RecipeError(f"{source}: `algorithm: ppo` trains a value head beside the model, which the DeepSpeed "
-                          "wrapper does not hold yet; set train.deepspeed.enabled=false")
 
 
 def _validate_reward_model(cfg: RecipeConfig, source: str) -> None:
@@ -101,6 +94,3 @@ def _validate_reward_model(cfg: RecipeConfig, source: str) -> None:
         raise RecipeError(f"{source}: `reward_model.center_coef` must be >= 0, got {rm.center_coef}")
     if rm.register_as is not None and not REWARD_NAME.fullmatch(rm.register_as):
         raise RecipeError(f"{source}: `reward_model.register_as` is {rm.register_as!r}; use letters, digits, _ and -")
-    if cfg.algorithm == "reward_model" and (cfg.model.lora.enabled or cfg.train.deepspeed.enabled):
-        raise RecipeError(f"{source}: `algorithm: reward_model` trains all weights in one process; "
-                          "set model.lora.enabled=false and train.deepspeed.enabled=false")

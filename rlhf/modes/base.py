@@ -12,6 +12,7 @@ from typing import Any, Callable, ClassVar, Optional
 
 import numpy as np
 
+from speechrl.rlhf.algos.registry import RECIPE_CHECKS
 from speechrl.rlhf.core.config import RecipeConfig, RecipeError
 from speechrl.rlhf.core.registry import MODES
 from speechrl.rollouts.types import RolloutRequest
@@ -37,6 +38,8 @@ class Mode:
         if cfg.algorithm not in cls.algorithms:
             raise RecipeError(f"{source}: `algorithm: {cfg.algorithm}` is not implemented for mode {cls.name!r} "
                               f"(it supports {', '.join(cls.algorithms)})")
+        if cfg.algorithm in RECIPE_CHECKS:  # what the algorithm asks of the rest of the recipe
+            RECIPE_CHECKS.get(cfg.algorithm)(cfg, source)
 
     # --- what runs on ----------------------------------------------------------------------------
     def backbone_path(self) -> Path:

@@ -12,6 +12,7 @@ from typing import Optional
 
 import numpy as np
 
+from speechrl.rlhf.algos import UPDATES
 from speechrl.rlhf.core.config import RecipeConfig, RecipeError
 from speechrl.rlhf.core.registry import MODES
 from speechrl.rlhf.model.backbone import IM_END, text_token_ids
@@ -114,7 +115,7 @@ class RealtimeMode(Mode):
         if not 0.0 < r.heldout_fraction < 1.0:
             raise RecipeError(f"{source}: `realtime.heldout_fraction` must be in (0, 1), got {r.heldout_fraction}")
         keys = [spec.key for spec in cfg.rewards]
-        if cfg.algorithm != "sft" and r.drift_judge not in keys:
+        if cfg.algorithm in UPDATES and r.drift_judge not in keys:  # online runs evaluate drift
             raise RecipeError(f"{source}: `realtime.drift_judge` is {r.drift_judge!r}, which is not among the rewards "
                               f"({', '.join(keys)}); drift evaluation reads that reward's score")
 

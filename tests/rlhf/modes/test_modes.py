@@ -35,3 +35,14 @@ def test_get_mode_gives_the_recipes_mode_object():
     cfg = load_recipe("tts/grpo")
     mode = get_mode(cfg)
     assert mode.name == "tts" and mode.cfg is cfg and mode.plot_keys()[0] == "eval/tts_intelligibility/cer"
+
+
+@pytest.mark.parametrize("recipe,overrides,message", [
+    ("realtime/ppo", ["train.deepspeed.enabled=true"], "value head"),
+    ("tts/reward_model", ["model.lora.enabled=true"], "trains all weights in one process"),
+    ("asr/grpo", ["rollout.sampling.n=1"], "needs `rollout.sampling.n` >= 2"),
+    ("tts/dpo", ["dpo.beta=0"], "`dpo.beta` must be > 0"),
+])
+def test_an_algorithms_own_checks_run_at_load(recipe, overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(recipe, overrides)
