@@ -79,6 +79,8 @@ class AsrMode(Mode):
     # SFT stops while the model still confuses words, so GRPO has errors left to remove in the demo
     demo_sft_overrides = ["train.steps=150", "train.eval_every=150", "train.checkpoint_every=150"]
 
+    examples: list = []  # the last offline evaluation's (ref, hyp) pairs, printed by `speechrl eval`
+
     def make_task(self, processor, codec=None) -> AsrTask:
         return AsrTask(self.cfg, processor)
 
@@ -109,5 +111,5 @@ class AsrMode(Mode):
         return log_examples(result, log)
 
     def report_checkpoint(self, metrics: dict, out_dir: Path) -> str:
-        pairs = [f"ref: {ref}\nhyp: {hyp}" for ref, hyp in getattr(self, "examples", [])]
+        pairs = [f"ref: {ref}\nhyp: {hyp}" for ref, hyp in self.examples]
         return "\n".join([*pairs, " ".join(f"{k}={v:.4f}" for k, v in metrics.items())])

@@ -127,6 +127,8 @@ class TtsMode(Mode):
                  ("held-out speaking rate (chars/s)", "eval/speech_sanity/chars_per_second"),
                  ("held-out samples ended by <|codec_end|>", "eval/ended")]
 
+    offline_evaluation: Optional[TtsEvaluation] = None  # SFT/DPO/eval's held-out set, built at the first evaluation
+
     def make_task(self, processor, codec=None) -> TtsTask:
         return TtsTask(self.cfg, processor, codec)
 
@@ -179,7 +181,7 @@ class TtsMode(Mode):
         from speechrl.rewards.worker import RewardWorker
         from speechrl.rollouts.local import synthesize_ids
 
-        if getattr(self, "offline_evaluation", None) is None:  # built once: it writes the reference clips
+        if self.offline_evaluation is None:  # built once: it writes the reference clips
             self.offline_evaluation = TtsEvaluation(self.cfg, self.task, eval_set, run_dir, logger)
             # the rewards, in this process: SFT, offline DPO and `speechrl eval` run without Ray
             self.scorer = RewardWorker(self.cfg.rewards, self.task.codec_spec)

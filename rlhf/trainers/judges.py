@@ -9,7 +9,9 @@ import logging
 import tempfile
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 from speechrl.rewards.asr_judge import (SCORES, JudgeBuild, _codec, _sha1, judge_dir, round_trip_corpus)
 from speechrl.rewards.speech import JUDGE_RATE
@@ -18,23 +20,27 @@ from speechrl.rlhf.core.config import RecipeConfig
 log = logging.getLogger(__name__)
 
 
+def judge_builds(cfg: RecipeConfig) -> list[Callable[[], Path]]:
+    """The builds of the embedded judges the recipe's rewards read (`tts_intelligibility
+    asr=embedded`'s ASR, `persona_judge model=tiny`'s LM), each a call that builds once."""
+    from speechrl.rewards.judge_backends import ensure_tiny_judge
+
+    builds = []
+    for spec in cfg.rewards:
+        if spec.name == "tts_intelligibility" and spec.kwargs.get("asr") == "embedded":
+            builds.append(partial(ensure_embedded_judge, spec.kwargs.get("cache_dir", cfg.run.cache_dir)))
+        if spec.name == "persona_judge" and spec.kwargs.get("model") == "tiny" and spec.kwargs.get("cache_dir"):
+            builds.append(partial(ensure_tiny_judge, spec.kwargs["cache_dir"]))
+    return builds
+
+
 def needs_judges(cfg: RecipeConfig) -> bool:
-    """The recipe's rewards read an embedded judge that may need building."""
-    return any((spec.name == "tts_intelligibility" and spec.kwargs.get("asr") == "embedded")
-               or (spec.name == "persona_judge" and spec.kwargs.get("model") == "tiny" and spec.kwargs.get("cache_dir"))
-               for spec in cfg.rewards)
+    return bool(judge_builds(cfg))
 
 
 def prebuild_judges(cfg: RecipeConfig) -> None:
-    """Build (once) the embedded judges the recipe's rewards ask for (`tts_intelligibility
-    asr=embedded`'s ASR, `persona_judge model=tiny`'s LM)."""
-    for spec in cfg.rewards:
-        if spec.name == "tts_intelligibility" and spec.kwargs.get("asr") == "embedded":
-            ensure_embedded_judge(spec.kwargs.get("cache_dir", cfg.run.cache_dir))
-        if spec.name == "persona_judge" and spec.kwargs.get("model") == "tiny" and spec.kwargs.get("cache_dir"):
-            from speechrl.rewards.judge_backends import ensure_tiny_judge
-
-            ensure_tiny_judge(spec.kwargs["cache_dir"])
+    for build in judge_builds(cfg):
+        build()
 
 
 def ensure_embedded_judge(cache_dir: str | Path = "~/.cache/speechrl", build: JudgeBuild = JudgeBuild()) -> Path:
