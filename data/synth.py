@@ -145,6 +145,24 @@ def synthesize(text: str, voice: str = "en", rate: int = 175, pitch: int = 50,
     return soxr.resample(audio, engine().sample_rate, sample_rate, quality="HQ").astype(np.float32)
 
 
+# --- the Piper voice as a corpus voice -----------------------------------------------------
+PIPER = "piper"  # in `voices`: the Piper voice (data/piper.py); rate sets its speed, pitch is unused
+_PIPER_VOICE = None
+
+
+def _piper_say(text: str, rate: int, name: str, sample_rate: int) -> np.ndarray:
+    """The Piper voice at espeak's `rate` (175 wpm = the voice's own speed), its noise drawn per
+    clip from the clip's name; noise also depends on earlier calls (data/piper.py, Determinism)."""
+    global _PIPER_VOICE
+    from speechrl.data.piper import PiperVoice, draw_prosody
+
+    if _PIPER_VOICE is None:
+        _PIPER_VOICE = PiperVoice()
+    p = draw_prosody(int(_sha1(name)[:8], 16))
+    return _PIPER_VOICE.synthesize(text, noise_scale=p.noise_scale, length_scale=175 / rate, noise_w=p.noise_w,
+                                   sample_rate=sample_rate)
+
+
 # --- the corpus builder --------------------------------------------------------------------
 def build_corpus(
     out_dir: str | Path,
@@ -160,7 +178,8 @@ def build_corpus(
 ) -> tuple[Path, Path]:
     """Synthesize a corpus into `out_dir` (audio/*.wav + train.jsonl + heldout.jsonl).
 
-    Each utterance gets a random voice/rate/pitch (speaker "<voice>-r<rate>-p<pitch>"). The split
+    Each utterance gets a random voice/rate/pitch (speaker "<voice>-r<rate>-p<pitch>"); the voice
+    "piper" is the Piper voice (data/piper.py) at that rate, with noise drawn per clip. The split
     keeps every (text, voice) pair on one side, so held-out clips are never a voice's re-reading
     of a training sentence. Returns (train manifest, held-out manifest).
     """
@@ -212,7 +231,10 @@ def _synthesize_missing(plan: list[Example], sample_rate: int, max_seconds: floa
         path = Path(ex.audio)
         if not path.is_file():  # resume: wavs are written atomically, so one on disk is whole
             x = ex.extra
-            audio = synthesize(ex.text, x["voice"], x["rate"], x["pitch"], sample_rate)
+            if x["voice"] == PIPER:
+                audio = _piper_say(ex.text, x["rate"], path.name, sample_rate)
+            else:
+                audio = synthesize(ex.text, x["voice"], x["rate"], x["pitch"], sample_rate)
             if len(audio) > max_samples:
                 log.warning("dropping %r (%s): %.1f s > %.1f s", ex.text, ex.speaker,
                             len(audio) / sample_rate, max_seconds)

@@ -126,7 +126,8 @@ def cmd_build_corpus(args) -> int:
 
 def cmd_eval(args) -> int:
     """Held-out metrics of a checkpoint, as a run measures them at each evaluation: in this process
-    (a transformers model), or on vLLM engines serving the checkpoint for a mode that evaluates there."""
+    (a transformers model), or on vLLM engines serving the checkpoint for a mode that evaluates there.
+    With --real-speech, also WER/CER per folder of the shared real recordings beside Whisper's."""
     from speechrl.rlhf.modes import get_mode
 
     cfg = load_recipe(args.recipe, args.overrides)
@@ -134,12 +135,34 @@ def cmd_eval(args) -> int:
     if not (checkpoint / "config.json").is_file():
         raise FileNotFoundError(f"eval: {checkpoint} is not a backbone directory (no config.json); point it at a "
                                 "run's final/ or checkpoints/step-N/model/")
+    real = _real_speech_root(args.real_speech, get_mode(cfg)) if args.real_speech is not None else None
     if get_mode(cfg).evaluates_on_engines:
         mode, metrics = _eval_on_engines(cfg, checkpoint)
     else:
-        mode, metrics = _eval_in_process(cfg, checkpoint)
+        mode, metrics, backbone = _eval_in_process(cfg, checkpoint)
     print(mode.report_checkpoint(metrics, checkpoint / "eval"))
+    if real is not None:
+        from speechrl.rlhf.modes.real_speech import real_speech_report
+
+        text, _ = real_speech_report(mode.transcriber(backbone.model, backbone.processor),
+                                     f"checkpoint = {checkpoint}", real,
+                                     sample_rate=cfg.data.sample_rate, max_seconds=backbone.max_audio_seconds,
+                                     cache_dir=cfg.run.cache_dir, out_dir=checkpoint / "eval")
+        print(text)
     return 0
+
+
+def _real_speech_root(given: str, mode) -> Path:
+    """The real-recordings folder --real-speech names, or ../shared/data/real_speech when it names none."""
+    from speechrl.data.real_speech import default_real_speech_dir
+
+    if not mode.transcribes:
+        raise ValueError(f"--real-speech scores transcripts; mode {mode.name!r} does not transcribe (use an asr recipe)")
+    root = Path(given).expanduser() if given else default_real_speech_dir()
+    if root is None or not root.is_dir():
+        raise FileNotFoundError(f"--real-speech: {given or '../shared/data/real_speech'} is not a folder; give the "
+                                "folder holding librivox/, cards/, speechbrain_asr/, misc/ (--real-speech DIR)")
+    return root
 
 
 def _eval_on_engines(cfg, checkpoint: Path):
@@ -172,7 +195,7 @@ def _eval_in_process(cfg, checkpoint: Path):
     prebuild_judges(cfg)
     metrics = mode.evaluate_offline(0, backbone.model, backbone.processor, held, checkpoint / "eval", _Writer)
     _Writer.tb.close()
-    return mode, metrics
+    return mode, metrics, backbone
 
 
 def cmd_serve_reward(args) -> int:
@@ -275,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(--recipe tts/sft): held-out reward components, samples in <checkpoint>/eval/. With a realtime "
                              "recipe (--recipe realtime/ppo): drift by turn on the held-out dialogues, in <checkpoint>/eval/"),
                              "checkpoint")
+    p.add_argument("--real-speech", nargs="?", const="", default=None, metavar="DIR",
+                   help="ASR: also WER/CER per folder of real recordings (default ../shared/data/real_speech), "
+                        "beside Whisper tiny.en's own; transcripts to <checkpoint>/eval/real_speech.json")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("serve-reward", help="serve a reward over HTTP for `remote` rewards (schema: docs/rewards.md)")

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from speechrl.rlhf.core.config import RecipeConfig, RecipeError
+from speechrl.rlhf.core.config import GENERATED_TEXTS, PRETRAINED_BACKBONES, RecipeConfig, RecipeError
 from speechrl.rlhf.core.registry import MODES, REWARD_NAME, Registry
 
 _CHOICES = {
@@ -43,8 +43,13 @@ def validate(cfg: RecipeConfig, source: str = "recipe") -> None:
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
             raise RecipeError(f"{source}: `{key}` is {_get(cfg, key)!r}; choose one of {', '.join(choices)}")
+    if cfg.model.pretrained is not None and cfg.model.pretrained not in PRETRAINED_BACKBONES:
+        raise RecipeError(f"{source}: `model.pretrained` is {cfg.model.pretrained!r}; choose one of "
+                          f"{', '.join(PRETRAINED_BACKBONES)} (see `speechrl recipes`), or null")
     for key in _PATHS:
         value = _get(cfg, key)
+        if key == "data.synthetic.texts" and value == GENERATED_TEXTS:
+            continue
         if value is not None and not Path(os.path.expanduser(value)).exists():
             raise RecipeError(f"{source}: `{key}` points to {value!r}, which does not exist")
     tiny = cfg.model.tiny

@@ -21,6 +21,11 @@ from omegaconf.errors import OmegaConfBaseException
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
+# Names a recipe may give where a path is expected; what they build lives above core.
+PRETRAINED_BACKBONES = ("whisper-tiny.en+smollm2-135m",)  # model.pretrained (model/pretrained/backbone.py)
+GENERATED_TEXTS = "smollm2-sentences"  # data.synthetic.texts: SmolLM2's own sentences (modes/sentences.py)
+
+
 class RecipeError(ValueError):
     """A recipe that cannot run: names the file or key path and what to do."""
 
@@ -58,16 +63,18 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)  # parameter-efficient fine-tuning
     gradient_checkpointing: bool = False  # trade compute for activation memory
     freeze_audio_encoder: bool = False  # train only the adaptor and decoder; the audio tower keeps its weights
+    freeze_language_model: bool = False  # the decoder (embeddings, layers, LM head) keeps its weights; with freeze_audio_encoder only the projector trains
 
 
 @dataclass
 class SyntheticCorpusConfig:
     num_utterances: int = 1200  # utterances synthesized (train + held out)
     heldout_fraction: float = 0.1  # share kept out of training for evaluation
-    voices: list[str] = field(default_factory=lambda: ["en", "en-us", "en-gb-x-rp"])  # espeak-ng voice names
+    voices: list[str] = field(default_factory=lambda: ["en", "en-us", "en-gb-x-rp"])  # espeak-ng voice names; "piper" = the Piper voice (data/piper.py)
     rates: list[int] = field(default_factory=lambda: [140, 175, 210])  # words per minute
     pitches: list[int] = field(default_factory=lambda: [35, 50, 65])  # espeak pitch, 0-99
-    texts: Optional[str] = None  # a text file, one sentence a line; null uses the built-in command grammar
+    texts: Optional[str] = None  # a text file, one sentence a line; "smollm2-sentences" = everyday sentences SmolLM2 writes once into the cache; null = the built-in command grammar
+    num_texts: int = 2000  # "smollm2-sentences": how many distinct sentences to write
     seed: int = 0  # sampling seed for texts and voices
 
 

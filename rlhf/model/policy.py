@@ -17,6 +17,12 @@ def freeze_audio_encoder(model) -> None:
     audio_model(model).audio_tower.requires_grad_(False)
 
 
+def freeze_language_model(model) -> None:
+    """The decoder keeps its weights: embeddings, layers and the LM head (untied in a real backbone)."""
+    audio_model(model).language_model.requires_grad_(False)
+    model.get_output_embeddings().requires_grad_(False)
+
+
 def apply_lora(model, lora_cfg):
     """Wrap the decoder's linear layers with PEFT LoRA; the audio encoder stays frozen."""
     from peft import LoraConfig, get_peft_model
@@ -84,6 +90,8 @@ def build_policy(cfg, base_path: Path, checkpoint: Optional[Path] = None, with_r
     model = backbone.model
     if cfg.model.freeze_audio_encoder:
         freeze_audio_encoder(model)
+    if cfg.model.freeze_language_model:
+        freeze_language_model(model)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if lora:

@@ -79,7 +79,12 @@ class AsrMode(Mode):
     # SFT stops while the model still confuses words, so GRPO has errors left to remove in the demo
     demo_sft_overrides = ["train.steps=150", "train.eval_every=150", "train.checkpoint_every=150"]
 
+    transcribes = True
     examples: list = []  # the last offline evaluation's (ref, hyp) pairs, printed by `speechrl eval`
+
+    def transcriber(self, model, processor):
+        return lambda audios: greedy_transcribe(model, processor, list(audios),
+                                                max_new_tokens=self.cfg.eval_max_new_tokens)
 
     def make_task(self, processor, codec=None) -> AsrTask:
         return AsrTask(self.cfg, processor)

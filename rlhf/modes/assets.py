@@ -11,13 +11,17 @@ from pathlib import Path
 from speechrl.data.manifest import SpeechDataset, read_manifest
 from speechrl.data.synth import build_corpus, command_sentences, read_text_list
 from speechrl.rlhf.model.backbone import default_tiny_dir, ensure_tiny_backbone
-from speechrl.rlhf.core.config import RecipeConfig
+from speechrl.rlhf.core.config import GENERATED_TEXTS, RecipeConfig
 
 log = logging.getLogger(__name__)
 
 
 def corpus_texts(cfg: RecipeConfig) -> list[str] | None:
     s = cfg.data.synthetic
+    if s.texts == GENERATED_TEXTS:  # sentences SmolLM2 writes once into the cache (modes/sentences.py)
+        from speechrl.rlhf.modes.sentences import ensure_sentences
+
+        return read_text_list(ensure_sentences(cfg.run.cache_dir, s.num_texts, s.seed))
     return read_text_list(s.texts) if s.texts else None
 
 

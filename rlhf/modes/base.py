@@ -27,6 +27,7 @@ class Mode:
     headlines: ClassVar[list[tuple[str, str]]]  # (summary label, metric key), the first is the main one
     demo_sft_overrides: ClassVar[list[str]] = []  # the demo's SFT settings on top of <mode>/sft
     evaluates_on_engines: ClassVar[bool] = False  # `speechrl eval` needs vLLM engines (else in-process)
+    transcribes: ClassVar[bool] = False  # its replies are transcripts: `speechrl eval --real-speech` applies
 
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
@@ -97,6 +98,10 @@ class Mode:
     def evaluate_offline(self, step: int, model, processor, eval_set, run_dir: Path, logger) -> dict:
         """Held-out metrics of an in-process transformers model."""
         raise NotImplementedError
+
+    def transcriber(self, model, processor):
+        """audios -> transcripts with `model`, for modes that transcribe (`transcribes`)."""
+        raise NotImplementedError(f"mode {self.name!r} does not transcribe")
 
     def report_checkpoint(self, metrics: dict, out_dir: Path) -> str:
         """What `speechrl eval` prints for a checkpoint's metrics."""

@@ -135,3 +135,17 @@ def test_split_keeps_each_text_voice_pair_on_one_side(tmp_path):
     # Each text was spoken 4 times by the one voice: all 4 go to the same side.
     assert len(heldout_texts) == 1 and not train_texts & heldout_texts
     assert len(read_manifest(heldout)) == 4
+
+
+def test_the_piper_voice_speaks_corpus_clips_at_the_drawn_rate(tmp_path):
+    texts = ["the weather is lovely today", "a small dog sleeps by the fire"]
+    train, _ = synth.build_corpus(tmp_path, num_utterances=4, heldout_fraction=0.0, voices=("piper",),
+                                  rates=(150, 210), texts=texts, seed=0)
+    rows = read_manifest(train)
+    assert {r.extra["voice"] for r in rows} == {"piper"} and all(r.speaker.startswith("piper-r") for r in rows)
+    ds = SpeechDataset(rows, 16000, on_bad="fail")
+    seconds = {(ex.text, ex.extra["rate"]): len(a) / 16000 for ex, a in ds}
+    assert all(0.8 < s < 4.0 for s in seconds.values())
+    for text in texts:  # a faster rate is a shorter clip (length_scale = 175 / rate)
+        if (text, 150) in seconds and (text, 210) in seconds:
+            assert seconds[(text, 210)] < seconds[(text, 150)]

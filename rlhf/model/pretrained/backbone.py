@@ -16,13 +16,15 @@ from pathlib import Path
 
 import torch
 
+from speechrl.rlhf.core.config import PRETRAINED_BACKBONES
 from speechrl.rlhf.model.backbone import CHAT_TEMPLATE, EOT, IM_END, save_backbone
 from speechrl.rlhf.model.pretrained.codec_tokens import extend_vocabulary
 from speechrl.rlhf.model.pretrained.smollm2 import ensure_smollm2
 from speechrl.rlhf.model.pretrained.whisper import SAMPLE_RATE, ensure_whisper
 
 SMALL_REAL = "whisper-tiny.en+smollm2-135m"
-PRETRAINED = (SMALL_REAL,)  # the names `model.pretrained` takes
+PRETRAINED = PRETRAINED_BACKBONES  # the names `model.pretrained` takes (core checks recipes against them)
+assert SMALL_REAL in PRETRAINED
 
 
 def build_small_real_backbone_into(out_dir: Path, whisper_dir: Path, smollm2_dir: Path,

@@ -253,3 +253,15 @@ def test_due_means_every_n_steps_and_the_last():
 
     assert [s for s in range(1, 8) if due(s, 3, 7)] == [3, 6, 7]
     assert [s for s in range(1, 8) if due(s, 0, 7)] == [7]
+
+
+def test_an_unknown_pretrained_backbone_lists_the_known_ones():
+    with pytest.raises(RecipeError, match="`model.pretrained` is 'whisper-huge'; choose one of whisper-tiny.en"):
+        load_recipe("asr/sft", ["model.pretrained=whisper-huge"])
+
+
+def test_generated_texts_are_a_name_not_a_path():
+    cfg = load_recipe("asr/real_sft", [])
+    assert cfg.data.synthetic.texts == "smollm2-sentences" and cfg.model.pretrained == "whisper-tiny.en+smollm2-135m"
+    with pytest.raises(RecipeError, match="`data.synthetic.texts` points to 'smollm2-sentence'"):
+        load_recipe("asr/real_sft", ["data.synthetic.texts=smollm2-sentence"])

@@ -106,3 +106,12 @@ def test_rows_sharing_a_clip_must_share_the_prompt(sft_assets):
     batch.input_ids[2, 1] += 1  # row 2's prompt no longer matches its group's
     with pytest.raises(ValueError, match="row 2 shares clip 0 with row 0 but not its prompt ids"):
         token_logprobs(backbone.model, batch)
+
+
+def test_freezing_encoder_and_decoder_trains_only_the_projector(sft_config, sft_assets):
+    cfg = sft_config("projector-only", "model.freeze_audio_encoder=true", "model.freeze_language_model=true")
+    policy = build_policy(cfg, sft_assets[0])
+    trainable = {k for k, p in policy.model.named_parameters() if p.requires_grad}
+    assert trainable and all("multi_modal_projector" in k for k in trainable), trainable
+    optimized = {id(p) for g in policy.optimizer.optimizer.param_groups for p in g["params"]}
+    assert optimized == {id(p) for p in policy.model.parameters() if p.requires_grad}
