@@ -66,6 +66,9 @@ def test_recipes_lists_shipped_recipes():
     assert {"asr/sft", "asr/grpo"} <= set(names)
     sft_line = next(line for line in proc.stdout.splitlines() if line.startswith("asr/sft "))
     assert "Supervised fine-tuning" in sft_line  # the recipe's first comment line describes it
+    assert {"asr/real_sft", "asr/real_grpo"} <= set(names)
+    listed = proc.stdout.split("pretrained backbones")[1]
+    assert "whisper-tiny.en+smollm2-135m" in listed and "speechrl build-pretrained" in listed
 
 
 def test_build_backbone(tmp_path):

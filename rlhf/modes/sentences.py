@@ -89,6 +89,7 @@ def generate_sentences(model_dir: Path, n: int, seed: int = 0, batch_size: int =
                     seen.add(s.lower())
                     out.append(s)
                     bar.update(1)
+            log.info("sentences: %d of %d kept from %d samples", len(out), n, attempts)  # a log's progress bar
     log.info("%d sentences kept from %d samples", len(out), attempts)
     del llm
     return out
