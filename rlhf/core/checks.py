@@ -1,9 +1,11 @@
 """The checks a recipe passes after it is typed (config.load_recipe calls `validate`): choices,
-files that must exist, positive counts, shapes vLLM's CPU kernels accept, and what each mode and
-algorithm needs. Each failure is a RecipeError naming the key and what to set."""
+files that must exist, the range of every numeric knob, shapes vLLM's CPU kernels accept, and what
+each mode and algorithm needs. Each failure is a RecipeError naming the key and what to set."""
 from __future__ import annotations
 
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,114 @@ _CHOICES = {
 }
 _PATHS = ("model.path", "data.train", "data.eval", "data.synthetic.texts", "run.init_from", "tts.codec", "dpo.data",
           "realtime.dialogues")
+
+# Every numeric knob's range, worded as the error states it, then what an edge value means. Floats
+# must also be finite; a null where the field allows one is never checked (config.py says what it
+# means); a list's rule holds for each item. Checked for every recipe, whether its mode reads the
+# knob or not: a nonsense value is an error wherever it sits.
+_SEED = "in [0, 4294967295] (numpy's seed range)"
+_ESPEAK_RATE = "in [80, 450] (espeak-ng's words per minute)"
+_ESPEAK_PITCH = "in [0, 100] (espeak-ng's pitch)"
+_RANGES = {
+    "seed": _SEED,
+    "run.save_rollouts_every": ">= 0 (0 = never)",
+    "model.tiny.hidden_size": ">= 1",
+    "model.tiny.num_layers": ">= 1",
+    "model.tiny.num_heads": ">= 1",
+    "model.tiny.num_kv_heads": ">= 1",
+    "model.tiny.encoder_layers": ">= 1",
+    "model.tiny.encoder_dim": ">= 1",
+    "model.tiny.num_codec_tokens": ">= 1",
+    "model.tiny.max_audio_seconds": "> 0",
+    "model.tiny.text_vocab_size": ">= 256 (the byte alphabet; 256 = no merges)",
+    "model.tiny.seed": _SEED,
+    "model.lora.r": ">= 1",
+    "model.lora.alpha": ">= 1",
+    "model.lora.dropout": "in [0, 1)",
+    "data.synthetic.num_utterances": ">= 2 (one to train on, one held out)",
+    "data.synthetic.heldout_fraction": "in (0, 1)",
+    "data.synthetic.rates": _ESPEAK_RATE,
+    "data.synthetic.pitches": _ESPEAK_PITCH,
+    "data.synthetic.num_texts": ">= 1",
+    "data.synthetic.seed": _SEED,
+    "data.sample_rate": "in [4000, 192000] (Hz, the rates the audio loader reads)",
+    "data.min_seconds": ">= 0 (0 = no minimum)",
+    "data.max_seconds": "> 0",
+    "data.max_eval_examples": ">= 1",
+    "train.steps": ">= 1",
+    "train.batch_size": ">= 1",
+    "train.lr": "> 0",
+    "train.weight_decay": ">= 0 (0 = none)",
+    "train.warmup_steps": ">= 0 (0 = no warm-up)",
+    "train.lr_min_ratio": "in [0, 1] (0 = decay to 0, 1 = constant after warm-up)",
+    "train.max_grad_norm": "> 0 (gradients are clipped to this norm; there is no 'off')",
+    "train.eval_every": ">= 0 (0 = only at the end)",
+    "train.checkpoint_every": ">= 0 (0 = only at the end)",
+    "train.keep_checkpoints": ">= 0 (0 = keep all)",
+    "train.log_every": ">= 0 (0 = only at the end)",
+    "train.torch_threads": ">= 0 (0 = all CPUs)",
+    "train.deepspeed.zero_stage": "in {0, 1, 2, 3}",
+    "eval_max_new_tokens": ">= 1",
+    "rl.prompts_per_step": ">= 1",
+    "rl.clip_eps": "in (0, 1) (the ratio's lower clip is 1 - clip_eps)",
+    "rl.clip_eps_high": "> 0",
+    "rl.kl_coef": ">= 0 (0 = no KL penalty and no reference model)",
+    "rl.epochs_per_step": ">= 1",
+    "rl.minibatches": ">= 1",
+    "ppo.gamma": "in [0, 1]",
+    "ppo.lam": "in [0, 1] (1 = Monte Carlo returns, 0 = one-step TD)",
+    "ppo.vf_coef": ">= 0 (0 = the critic does not learn)",
+    "ppo.value_clip": ">= 0",
+    "ppo.kl_target": "> 0",
+    "ppo.kl_horizon": "> 0",
+    "rollout.num_workers": ">= 1",
+    "rollout.sampling.n": ">= 1",
+    "rollout.sampling.temperature": "> 0 (the trainer divides logits by it: greedy is no RL setting)",
+    "rollout.sampling.top_p": "in (0, 1] (1 = off)",
+    "rollout.sampling.max_new_tokens": ">= 1",
+    "rollout.kv_cache_gib": "> 0",
+    "rollout.gpu_memory_utilization": "in (0, 1]",
+    "rollout.tensor_parallel_size": ">= 1",
+    "rollout.max_retries": ">= 0 (0 = no retry)",
+    "rollout.max_model_len": ">= 1",
+    "rollout.threads_per_worker": ">= 0 (0 = the machine's CPUs shared among the workers)",
+    "ray.num_cpus": ">= 1",
+    "tts.embedded_codec.hop_length": ">= 1",
+    "tts.embedded_codec.num_codebooks": ">= 1",
+    "tts.embedded_codec.codebook_size": ">= 1",
+    "tts.embedded_codec.n_cepstra": "in [1, 80] (the codec's mel bands)",
+    "tts.embedded_codec.griffin_lim_iters": ">= 1",
+    "tts.max_voice_seconds": ">= 0 (0 = the whole reference clip)",
+    "tts.eval_temperature": ">= 0 (0 = greedy)",
+    "tts.eval_samples": ">= 0 (0 = none written)",
+    "realtime.dialogues_per_persona": ">= 1",
+    "realtime.max_turns": ">= 1",
+    "realtime.heldout_fraction": "in (0, 1)",
+    "realtime.drift_dialogues_per_persona": ">= 1",
+    "realtime.drift_turns": ">= 1",
+    "realtime.ooc_threshold": "finite (compared with the drift judge's scores, on its scale)",
+    "realtime.max_text_tokens": ">= 0 (0 = the reply's audio starts at once)",
+    "realtime.user_rate": _ESPEAK_RATE,
+    "realtime.reply_rate": _ESPEAK_RATE,
+    "realtime.reply_pitch": _ESPEAK_PITCH,
+    "dpo.beta": "> 0",
+    "dpo.label_smoothing": "in [0, 0.5) (0 = plain DPO; 0.5 would teach nothing)",
+    "dpo.sft_weight": ">= 0 (0 = pure DPO)",
+    "dpo.min_reward_gap": ">= 0 (0 = any strict difference)",
+    "reward_model.eval_fraction": "in (0, 1)",
+    "reward_model.center_coef": ">= 0 (0 = no centering term)",
+}
+# the same for each entry of `rewards`, as rewards.<i>.<key>
+_RESOURCES = "(a reward's resources: num_cpus, num_gpus and memory_gib >= 0, replicas >= 1)"
+_REWARD_RANGES = {
+    "weight": "finite (negative = a penalty, 0 = logged but not counted)",
+    "resources.num_cpus": f">= 0 {_RESOURCES}",
+    "resources.num_gpus": f">= 0 {_RESOURCES}",
+    "resources.memory_gib": f">= 0 {_RESOURCES}",
+    "resources.replicas": f">= 1 {_RESOURCES}",
+}
+_RULE = re.compile(r"(?P<op>>=|>) (?P<bound>\S+)|in (?P<open>[\[(])(?P<low>\S+), (?P<high>\S+?)(?P<close>[\])])"
+                   r"|in \{(?P<set>[^}]*)\}|finite")
 
 
 def registered_modes() -> Registry:
@@ -33,6 +143,38 @@ def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
+
+
+def _holds(rule: str, value: float) -> bool:
+    """Whether `value` keeps `rule`, a range as _RANGES words it (its leading words; the rest says why)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    m = _RULE.match(rule)
+    if m["op"]:
+        return value > float(m["bound"]) if m["op"] == ">" else value >= float(m["bound"])
+    if m["low"]:
+        low, high = float(m["low"]), float(m["high"])
+        above = low <= value if m["open"] == "[" else low < value
+        below = value <= high if m["close"] == "]" else value < high
+        return above and below
+    if m["set"] is not None:
+        return value in {int(x) for x in m["set"].split(",")}
+    return True  # "finite"
+
+
+def check_ranges(cfg: Any, source: str = "recipe") -> None:
+    """Every numeric knob within its range (_RANGES); `cfg` is the typed RecipeConfig or the merged tree."""
+    knobs = [(key, _get(cfg, key), rule) for key, rule in _RANGES.items()]
+    knobs += [(f"rewards.{i}.{key}", _get(spec, key), rule) for i, spec in enumerate(cfg.rewards)
+              for key, rule in _REWARD_RANGES.items()]
+    for key, value, rule in knobs:
+        if value is None:
+            continue
+        items = [value] if isinstance(value, (int, float)) else list(value)
+        if all(_holds(rule, v) for v in items):
+            continue
+        finite = "" if rule.startswith("finite") or all(math.isfinite(v) for v in items) else "finite and "
+        raise RecipeError(f"{source}: `{key}` must be {finite}{rule}, got {value}")
 
 
 def validate(cfg: RecipeConfig, source: str = "recipe") -> None:
@@ -52,22 +194,9 @@ def validate(cfg: RecipeConfig, source: str = "recipe") -> None:
             continue
         if value is not None and not Path(os.path.expanduser(value)).exists():
             raise RecipeError(f"{source}: `{key}` points to {value!r}, which does not exist")
-    tiny = cfg.model.tiny
-    for width, key in ((tiny.hidden_size, "model.tiny.hidden_size"), (tiny.encoder_dim, "model.tiny.encoder_dim")):
-        if width % tiny.num_heads or width // tiny.num_heads < 32:
-            raise RecipeError(f"{source}: `{key}`={width} with {tiny.num_heads} heads gives head_dim < 32 "
-                              "or a remainder; vLLM's CPU attention needs head_dim >= 32")
-    positive = ("train.steps", "train.batch_size", "rollout.sampling.n", "rl.prompts_per_step", "rl.minibatches",
-                "rl.epochs_per_step", "rollout.num_workers", "rollout.sampling.max_new_tokens")
-    for key in positive:
-        if _get(cfg, key) < 1:
-            raise RecipeError(f"{source}: `{key}` must be >= 1, got {_get(cfg, key)}")
-    for key, zero in (("train.eval_every", "only at the end"), ("train.checkpoint_every", "only at the end"),
-                      ("train.log_every", "only at the end"), ("run.save_rollouts_every", "never")):
-        if _get(cfg, key) < 0:
-            raise RecipeError(f"{source}: `{key}` must be >= 0 (0 = {zero}), got {_get(cfg, key)}")
-    if not 0.0 < cfg.data.synthetic.heldout_fraction < 1.0:
-        raise RecipeError(f"{source}: `data.synthetic.heldout_fraction` must be in (0, 1)")
+    check_ranges(cfg, source)
+    _validate_tiny_backbone(cfg, source)
+    _validate_lengths(cfg, source)
     texts = cfg.tts.prompt_texts
     if texts and texts != "grammar" and not Path(os.path.expanduser(texts)).is_file():
         raise RecipeError(f"{source}: `tts.prompt_texts` is {texts!r}: neither \"grammar\" nor a text file")
@@ -76,14 +205,37 @@ def validate(cfg: RecipeConfig, source: str = "recipe") -> None:
     modes.get(cfg.mode).check(cfg, source)
 
 
+def _validate_tiny_backbone(cfg: RecipeConfig, source: str) -> None:
+    """The embedded backbone's shape: what its attention and its audio window need."""
+    tiny = cfg.model.tiny
+    for width, key in ((tiny.hidden_size, "model.tiny.hidden_size"), (tiny.encoder_dim, "model.tiny.encoder_dim")):
+        if width % tiny.num_heads or width // tiny.num_heads < 32:
+            raise RecipeError(f"{source}: `{key}`={width} with `model.tiny.num_heads`={tiny.num_heads} gives "
+                              "head_dim < 32 or a remainder; vLLM's CPU attention needs head_dim >= 32")
+    if tiny.num_heads % tiny.num_kv_heads:
+        raise RecipeError(f"{source}: `model.tiny.num_kv_heads`={tiny.num_kv_heads} must divide "
+                          f"`model.tiny.num_heads`={tiny.num_heads} (grouped-query attention)")
+    if tiny.max_audio_seconds * 100 % 4:  # the same test as the backbone's build (model/backbone.py)
+        raise RecipeError(f"{source}: `model.tiny.max_audio_seconds` must be a multiple of 0.04 s (the encoder "
+                          f"halves 10 ms frames twice), got {tiny.max_audio_seconds}")
+
+
+def _validate_lengths(cfg: RecipeConfig, source: str) -> None:
+    """Decoding stays inside the engines' context; the clip length limits leave some clips."""
+    for key in ("rollout.sampling.max_new_tokens", "eval_max_new_tokens"):
+        if _get(cfg, key) >= cfg.rollout.max_model_len:
+            raise RecipeError(f"{source}: `{key}`={_get(cfg, key)} leaves no room for the prompt in "
+                              f"`rollout.max_model_len`={cfg.rollout.max_model_len}; lower it or raise max_model_len")
+    data = cfg.data
+    if data.max_seconds is not None and data.max_seconds <= data.min_seconds:
+        raise RecipeError(f"{source}: `data.max_seconds`={data.max_seconds} must be > "
+                          f"`data.min_seconds`={data.min_seconds}, or every clip is a bad example")
+
+
 def _validate_ppo(cfg: RecipeConfig, source: str) -> None:
     p = cfg.ppo
-    if not (0 <= p.gamma <= 1 and 0 <= p.lam <= 1):
-        raise RecipeError(f"{source}: `ppo.gamma` and `ppo.lam` must be in [0, 1]; got {p.gamma}, {p.lam}")
-    if p.vf_coef < 0 or (p.value_clip is not None and p.value_clip < 0):
-        raise RecipeError(f"{source}: `ppo.vf_coef` and `ppo.value_clip` must be >= 0")
-    if p.kl_target is not None and (p.kl_target <= 0 or cfg.rl.kl_coef <= 0):
-        raise RecipeError(f"{source}: adaptive KL (`ppo.kl_target`={p.kl_target}) needs kl_target > 0 and a starting "
+    if p.kl_target is not None and cfg.rl.kl_coef <= 0:
+        raise RecipeError(f"{source}: adaptive KL (`ppo.kl_target`={p.kl_target}) needs a starting "
                           f"`rl.kl_coef` > 0 (got {cfg.rl.kl_coef})")
 
 
@@ -93,9 +245,5 @@ def _validate_reward_model(cfg: RecipeConfig, source: str) -> None:
     rm = cfg.reward_model
     if rm.data is not None and not glob.glob(os.path.expanduser(rm.data)):
         raise RecipeError(f"{source}: `reward_model.data` is {rm.data!r}: no file or folder matches it")
-    if not 0.0 < rm.eval_fraction < 1.0:
-        raise RecipeError(f"{source}: `reward_model.eval_fraction` must be in (0, 1), got {rm.eval_fraction}")
-    if rm.center_coef < 0:
-        raise RecipeError(f"{source}: `reward_model.center_coef` must be >= 0, got {rm.center_coef}")
     if rm.register_as is not None and not REWARD_NAME.fullmatch(rm.register_as):
         raise RecipeError(f"{source}: `reward_model.register_as` is {rm.register_as!r}; use letters, digits, _ and -")

@@ -7,7 +7,7 @@ A recipe file may start with `defaults: [base.yaml, ...]` (paths relative to the
 listed files are merged first, in order, then the file itself, then command-line overrides
 (`key.path=value`). The merged tree is checked against `RecipeConfig`: unknown keys, wrong
 types and missing files are rejected with the key path before any work starts (the checks
-after typing: recipe_checks.py).
+after typing, the range of every numeric knob among them: checks.py).
 """
 from __future__ import annotations
 
@@ -35,13 +35,13 @@ class TinyBackboneConfig:
     hidden_size: int = 256  # decoder width; head_dim = hidden_size / num_heads must be >= 32 for vLLM's CPU kernels
     num_layers: int = 4  # decoder layers
     num_heads: int = 4  # decoder attention heads
-    num_kv_heads: int = 2  # decoder key/value heads (grouped-query attention)
+    num_kv_heads: int = 2  # decoder key/value heads (grouped-query attention); must divide num_heads
     encoder_layers: int = 2  # audio-encoder layers
     encoder_dim: int = 256  # audio-encoder width (head_dim = encoder_dim / num_heads)
-    num_codec_tokens: int = 1024  # size of the audio-codec token block <|a0|>..<|aN-1|> in the vocabulary
-    max_audio_seconds: float = 4.0  # feature-extractor window; longer clips are rejected by the data loader
-    text_vocab_size: int = 600  # byte-level BPE vocabulary learned from the corpus texts (before specials)
-    seed: int = 0  # initialization seed
+    num_codec_tokens: int = 1024  # size of the audio-codec token block <|a0|>..<|aN-1|> in the vocabulary (>= 1)
+    max_audio_seconds: float = 4.0  # feature-extractor window (a multiple of 0.04 s); longer clips are rejected by the data loader
+    text_vocab_size: int = 600  # byte-level BPE vocabulary learned from the corpus texts (before specials); >= 256 (256 = bytes alone)
+    seed: int = 0  # initialization seed, in [0, 2**32 - 1]
 
 
 @dataclass
@@ -49,7 +49,7 @@ class LoraConfig:
     enabled: bool = False  # train LoRA adapters (PEFT) instead of all weights
     r: int = 16  # adapter rank
     alpha: int = 32  # scaling numerator (scale = alpha / r)
-    dropout: float = 0.0  # dropout on the adapter input
+    dropout: float = 0.0  # dropout on the adapter input, in [0, 1)
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )  # decoder module names that get adapters
@@ -68,14 +68,14 @@ class ModelConfig:
 
 @dataclass
 class SyntheticCorpusConfig:
-    num_utterances: int = 1200  # utterances synthesized (train + held out)
-    heldout_fraction: float = 0.1  # share kept out of training for evaluation
+    num_utterances: int = 1200  # utterances synthesized (train + held out), >= 2
+    heldout_fraction: float = 0.1  # share kept out of training for evaluation, in (0, 1)
     voices: list[str] = field(default_factory=lambda: ["en", "en-us", "en-gb-x-rp"])  # espeak-ng voice names; "piper" = the Piper voice (data/piper.py)
-    rates: list[int] = field(default_factory=lambda: [140, 175, 210])  # words per minute
-    pitches: list[int] = field(default_factory=lambda: [35, 50, 65])  # espeak pitch, 0-99
+    rates: list[int] = field(default_factory=lambda: [140, 175, 210])  # words per minute, 80-450
+    pitches: list[int] = field(default_factory=lambda: [35, 50, 65])  # espeak pitch, 0-100
     texts: Optional[str] = None  # a text file, one sentence a line; "smollm2-sentences" = everyday sentences SmolLM2 writes once into the cache; null = the built-in command grammar
     num_texts: int = 2000  # "smollm2-sentences": how many distinct sentences to write
-    seed: int = 0  # sampling seed for texts and voices
+    seed: int = 0  # sampling seed for texts and voices, in [0, 2**32 - 1]
 
 
 @dataclass
@@ -83,9 +83,9 @@ class DataConfig:
     train: Optional[str] = None  # manifest (.jsonl/.csv) or saved HF dataset dir; null builds the synthetic corpus
     eval: Optional[str] = None  # held-out manifest; null uses the synthetic corpus' held-out split
     synthetic: SyntheticCorpusConfig = field(default_factory=SyntheticCorpusConfig)  # the embedded corpus
-    sample_rate: int = 16000  # audio is resampled to this rate
-    min_seconds: float = 0.2  # shorter clips are bad examples
-    max_seconds: Optional[float] = None  # longer clips are bad examples; null takes the backbone's audio window
+    sample_rate: int = 16000  # audio is resampled to this rate (4000-192000 Hz)
+    min_seconds: float = 0.2  # shorter clips are bad examples; 0 = no minimum
+    max_seconds: Optional[float] = None  # longer clips are bad examples (> min_seconds); null takes the backbone's audio window
     on_bad_example: str = "skip"  # "skip" (report, count, go on) or "fail" (stop at the first bad example)
     max_eval_examples: int = 64  # cap on held-out examples decoded at each evaluation
 
@@ -93,21 +93,21 @@ class DataConfig:
 @dataclass
 class DeepSpeedConfig:
     enabled: bool = False  # wrap the trainer in DeepSpeed (gloo backend on CPU)
-    zero_stage: int = 2  # ZeRO optimization stage (0-3)
+    zero_stage: int = 2  # ZeRO optimization stage: 0, 1, 2 or 3
 
 
 @dataclass
 class TrainConfig:
     steps: int = 300  # optimizer steps
     batch_size: int = 16  # examples per optimizer step (SFT) / sampled sequences per micro-batch (RL)
-    lr: float = 1e-3  # peak AdamW learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 20  # linear warm-up, then cosine decay to lr_min_ratio * lr
-    lr_min_ratio: float = 0.1  # floor of the cosine decay
-    max_grad_norm: float = 1.0  # gradient clipping
+    lr: float = 1e-3  # peak AdamW learning rate, > 0
+    weight_decay: float = 0.0  # AdamW weight decay; 0 = none
+    warmup_steps: int = 20  # linear warm-up, then cosine decay to lr_min_ratio * lr; 0 = no warm-up
+    lr_min_ratio: float = 0.1  # floor of the cosine decay, in [0, 1]: 0 = decay to 0, 1 = constant after warm-up
+    max_grad_norm: float = 1.0  # gradient clipping, > 0 (0 is no "off": clip_grad_norm_ would zero every gradient)
     eval_every: int = 100  # evaluate held-out metrics every N steps and at the end; 0 = only at the end
     checkpoint_every: int = 100  # write a resumable checkpoint every N steps and at the end; 0 = only at the end
-    keep_checkpoints: int = 2  # older checkpoints are deleted
+    keep_checkpoints: int = 2  # older checkpoints are deleted; 0 = keep all
     log_every: int = 10  # write metrics every N steps and at the end; 0 = only at the end
     torch_threads: int = 0  # intra-op threads for the trainer; 0 = all CPUs of the machine (RL phases take turns)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -116,9 +116,9 @@ class TrainConfig:
 @dataclass
 class SamplingConfig:
     n: int = 8  # samples per prompt (the GRPO group size)
-    temperature: float = 1.0  # sampling temperature
-    top_p: float = 1.0  # nucleus sampling
-    max_new_tokens: int = 48  # completion length cap
+    temperature: float = 1.0  # sampling temperature, > 0: the trainer divides logits by it (greedy is for evaluation)
+    top_p: float = 1.0  # nucleus sampling, in (0, 1]; 1 = off
+    max_new_tokens: int = 48  # completion length cap, < rollout.max_model_len
 
 
 @dataclass
@@ -126,8 +126,8 @@ class RLConfig:
     """The online loop's settings, shared by every update (GRPO, PPO, online DPO)."""
     prompts_per_step: int = 8  # prompts per step (realtime: episodes); each gets sampling.n samples
     policy_loss: str = "clipped"  # policy loss, by registered name
-    clip_eps: float = 0.2  # lower clip of the importance ratio (1 - eps)
-    clip_eps_high: Optional[float] = None  # upper clip (1 + eps_high); null uses clip_eps
+    clip_eps: float = 0.2  # lower clip of the importance ratio (1 - eps), in (0, 1)
+    clip_eps_high: Optional[float] = None  # upper clip (1 + eps_high), > 0; null uses clip_eps
     loss_agg: str = "token_mean"  # "token_mean" | "seq_mean_token_mean" | "seq_mean_token_sum" | "seq_mean_token_sum_norm" (Dr. GRPO)
     kl_coef: float = 0.02  # weight of the KL penalty to the frozen reference (PPO: its starting value); 0 skips the reference
     kl_estimator: str = "k3"  # KL estimator, by registered name: "k1" | "k2" | "k3"
@@ -148,31 +148,31 @@ class PPOConfig:
     minibatches, loss aggregation and episodes per step are `rl.*`; rl.kl_coef is beta's starting value."""
     gamma: float = 1.0  # discount per token within a reply (each reply is an episode of its own; docs/realtime.md)
     lam: float = 0.95  # GAE lambda: 1 = Monte Carlo returns, 0 = one-step TD
-    vf_coef: float = 0.1  # weight of the value loss; the critic is a value head on the policy's trunk
+    vf_coef: float = 0.1  # weight of the value loss; the critic is a value head on the policy's trunk (0 = it does not learn)
     value_clip: Optional[float] = 0.2  # the value may move this far from its rollout-time value; null = unclipped
     whiten_advantages: bool = True  # standardize GAE advantages over the step's tokens
     kl_in_reward: bool = True  # KL to the reference as a per-token reward penalty (classic RLHF); false: a loss term as in GRPO
     kl_target: Optional[float] = None  # adaptive KL: per-reply KL the coefficient is steered to; null = fixed coefficient
-    kl_horizon: float = 10000.0  # adaptive KL: samples over which the coefficient may move by about e^0.2
+    kl_horizon: float = 10000.0  # adaptive KL: samples over which the coefficient may move by about e^0.2 (> 0)
 
 
 @dataclass
 class RolloutConfig:
     num_workers: int = 1  # Ray actors, each hosting one vLLM engine
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    kv_cache_gib: float = 1.0  # KV-cache size per engine (CPU: host memory)
-    gpu_memory_utilization: float = 0.5  # GPU engines: fraction of device memory for vLLM
+    kv_cache_gib: float = 1.0  # KV-cache size per engine (CPU: host memory), > 0
+    gpu_memory_utilization: float = 0.5  # GPU engines: fraction of device memory for vLLM, in (0, 1]
     tensor_parallel_size: int = 1  # GPUs per engine
     enforce_eager: bool = True  # no CUDA graphs / compilation (fast start, needed on CPU)
     weight_transport: str = "object_store"  # how the trainer's weights reach the engines, by registered name
-    max_retries: int = 1  # a step whose rollout worker died is retried this many times on a fresh worker
-    max_model_len: int = 1024  # longest prompt + completion an engine accepts, in tokens
+    max_retries: int = 1  # a step whose rollout worker died is retried this many times on a fresh worker; 0 = no retry
+    max_model_len: int = 1024  # longest prompt + completion an engine accepts, in tokens; > the max_new_tokens caps
     threads_per_worker: int = 0  # CPU engines' intra-op threads; 0 = the machine's CPUs shared among the workers
 
 
 @dataclass
 class RewardResources:
-    num_cpus: float = 0  # CPUs Ray reserves for each of this reward's workers
+    num_cpus: float = 0  # CPUs Ray reserves for each of this reward's workers (>= 0)
     num_gpus: float = 0  # GPUs per worker (0.5 packs two reward models on one GPU)
     memory_gib: float = 0  # host memory Ray reserves per worker (for placement; not a hard cap)
     replicas: int = 1  # workers of this reward; each batch is split among them (rewards must score samples independently)
@@ -189,7 +189,7 @@ class RewardResources:
 @dataclass
 class RewardSpec:
     name: str = "asr_wer"  # registered name, dotted path "pkg.module:fn", or entry-point name
-    weight: float = 1.0  # weight in the combined reward
+    weight: float = 1.0  # weight in the combined reward: negative = a penalty, 0 = logged but not counted
     normalize: bool = True  # z-normalize this component over the batch before weighting
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the reward's constructor
     alias: Optional[str] = None  # key in weights and logs (rewards/<alias>/...); null = name. Lets one reward be listed twice
@@ -206,7 +206,7 @@ class EmbeddedCodecConfig:
     hop_length: int = 320  # samples per frame at 16 kHz: 20 ms, 50 frames/s
     num_codebooks: int = 1  # residual VQ stages (ids per frame)
     codebook_size: int = 1024  # units per codebook; num_codebooks * codebook_size <= model.tiny.num_codec_tokens
-    n_cepstra: int = 24  # DCT coefficients of the log-mel envelope kept
+    n_cepstra: int = 24  # DCT coefficients of the log-mel envelope kept, 1-80 (the mel bands)
     griffin_lim_iters: int = 16  # phase-reconstruction iterations when decoding
 
 
@@ -215,9 +215,9 @@ class TTSConfig:
     codec: Optional[str] = None  # local codec dir (Mimi/DAC/EnCodec or a saved MelUnitCodec); null = the embedded one
     embedded_codec: EmbeddedCodecConfig = field(default_factory=EmbeddedCodecConfig)
     voice_prompt: bool = False  # put a reference clip of the same speaker, as codec tokens, in the prompt
-    max_voice_seconds: float = 3.0  # voice prompts are cut to this length
+    max_voice_seconds: float = 3.0  # voice prompts are cut to this length; 0 = not cut
     eval_temperature: float = 0.0  # held-out synthesis: 0 = greedy
-    eval_samples: int = 4  # held-out prompts written as wav files and TensorBoard audio at every evaluation
+    eval_samples: int = 4  # held-out prompts written as wav files and TensorBoard audio at every evaluation; 0 = none
     # RL prompts (GRPO, online DPO) need text only: null = the training set's texts; a text file (one
     # sentence a line); or "grammar" = fresh sentences of the embedded command grammar. Held-out texts
     # are always left out. A policy that memorized its SFT texts learns more from sentences it has not seen.
@@ -236,10 +236,10 @@ class RealtimeConfig:
     drift_dialogues_per_persona: int = 2  # builtin: generated held-out dialogues per persona, for drift evaluation
     drift_turns: int = 6  # user turns of each drift dialogue, played greedily
     drift_judge: str = "persona_judge"  # the reward (its key in `rewards`) whose score drift evaluation reads
-    ooc_threshold: float = 0.5  # drift: a turn whose judge score is below this is out of character
-    max_text_tokens: int = 48  # reply layout: text tokens before the audio must start
-    user_rate: int = 175  # user turns are spoken by espeak-ng at this rate (words per minute), then cut to the backbone's window
-    reply_voice: str = "en-us"  # SFT reference replies: espeak-ng voice, rate, pitch
+    ooc_threshold: float = 0.5  # drift: a turn whose judge score is below this is out of character (on the judge's scale)
+    max_text_tokens: int = 48  # reply layout: text tokens before the audio must start; 0 = the audio starts at once
+    user_rate: int = 175  # user turns are spoken by espeak-ng at this rate (words per minute, 80-450), then cut to the backbone's window
+    reply_voice: str = "en-us"  # SFT reference replies: espeak-ng voice, rate (80-450), pitch (0-100)
     reply_rate: int = 190
     reply_pitch: int = 50
     decode_replies: bool = False  # decode replies to `audio` on the reward side (rewards that listen); off: text, codec ids, reply_seconds
@@ -248,11 +248,11 @@ class RealtimeConfig:
 @dataclass
 class DPOConfig:
     loss: str = "sigmoid"  # preference loss, by registered name: "sigmoid" (DPO) | "ipo"
-    beta: float = 0.1  # strength of the implicit KL to the reference
-    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels (sigmoid only)
+    beta: float = 0.1  # strength of the implicit KL to the reference, > 0
+    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels (sigmoid only), in [0, 0.5)
     sft_weight: float = 0.0  # weight of the chosen completion's NLL (RPO); 0 = pure DPO
     data: Optional[str] = None  # offline DPO: preference pairs (.jsonl or saved HF dataset dir; docs/preferences.md)
-    min_reward_gap: float = 0.0  # online DPO: a prompt forms a pair only if best - worst total reward exceeds this
+    min_reward_gap: float = 0.0  # online DPO: a prompt forms a pair only if best - worst total reward exceeds this (0 = any difference)
 
 
 @dataclass
@@ -260,14 +260,14 @@ class RewardModelConfig:
     """`algorithm: reward_model` (rlhf/reward_model.py); its steps, batch size (pairs) and lr are `train.*`."""
     data: Optional[str] = None  # preference pairs (docs/preferences.md): .jsonl, save_to_disk folder, or a .jsonl glob
     eval_fraction: float = 0.1  # share of the pairs' texts held out (all pairs of a text on one side), drawn by seed
-    center_coef: float = 0.0  # weight of mean((r_chosen + r_rejected)^2): keeps rewards near 0 (TRL's centering term)
+    center_coef: float = 0.0  # weight of mean((r_chosen + r_rejected)^2): keeps rewards near 0 (TRL's centering term); 0 = none
     register_as: Optional[str] = None  # make the final model a reward of this name (<run.cache_dir>/reward_models/)
 
 
 @dataclass
 class RayConfig:
     address: Optional[str] = None  # existing cluster ("auto" or host:port); null starts a local one
-    num_cpus: Optional[int] = None  # CPUs a local cluster may use; null = all
+    num_cpus: Optional[int] = None  # CPUs a local cluster may use (>= 1); null = all
 
 
 @dataclass
@@ -283,12 +283,12 @@ class RunConfig:
 class RecipeConfig:
     mode: str = "asr"  # "asr" (audio in, transcript out), "tts" (text in, codec tokens out), "realtime" (persona dialogue, spoken replies)
     algorithm: str = "sft"  # "sft" | "grpo" | "ppo" | "dpo" (offline, from dpo.data) | "online_dpo" (ranked samples) | "reward_model"
-    seed: int = 0  # seeds torch, numpy, python and data order
+    seed: int = 0  # seeds torch, numpy, python and data order; in [0, 2**32 - 1] (numpy's range)
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval_max_new_tokens: int = 48  # greedy decode length cap at evaluation
+    eval_max_new_tokens: int = 48  # greedy decode length cap at evaluation, < rollout.max_model_len
     rl: RLConfig = field(default_factory=RLConfig)  # the online loop (GRPO, PPO, online DPO)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)  # GRPO's advantages
     ppo: PPOConfig = field(default_factory=PPOConfig)  # PPO's critic, GAE and KL placement
@@ -376,9 +376,13 @@ def load_recipe(name: str, overrides: list[str] = ()) -> RecipeConfig:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise _value_error(str(path), e) from None
-    typed: RecipeConfig = OmegaConf.to_object(cfg)
-    from speechrl.rlhf.core.checks import validate  # it reads the dataclasses above
+    from speechrl.rlhf.core.checks import check_ranges, validate  # they read the dataclasses above
 
+    try:
+        typed: RecipeConfig = OmegaConf.to_object(cfg)
+    except ValueError:  # a dataclass that checks itself when built (RewardResources) cannot name its key
+        check_ranges(cfg, str(path))
+        raise
     validate(typed, source=str(path))
     return typed
 
