@@ -86,11 +86,6 @@ class PiperVoice:
                                             providers=["CPUExecutionProvider"])
         self._lock = threading.Lock()  # the noise generators advance per run: keep runs ordered
 
-        engine = synth.engine()
-        engine.lib.espeak_TextToPhonemes.argtypes = [
-            ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
-        engine.lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
-
     def phonemize(self, text: str) -> list[str]:
         """IPA phonemes per sentence, as Piper makes them: clause by clause from espeak-ng, the
         clause's punctuation kept as a phoneme, a new sentence after . ? ! (so "Dr." splits one)."""

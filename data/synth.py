@@ -2,8 +2,10 @@
 
 The `espeakng-loader` wheel ships libespeak-ng, driven through ctypes; a closed command grammar (33
 words, 2-6 word sentences) lets a tiny model learn ASR in minutes. The build is deterministic in its
-parameters and resumable, but samples are not bit-reproducible: libespeak-ng keeps static state
-(wavegen.c's flutter phase, AGC) no reset or seed clears, so a sentence varies with what came before.
+parameters and resumable. libespeak-ng keeps static state (wavegen.c's flutter phase, AGC) that no
+call resets, so a sentence used to vary with what came before; the engine now reloads the library
+before each clip (3 ms), so a clip's bytes depend on its text and settings alone, in any order or
+process. `corpus.json` records a fingerprint of the finished corpus for comparing machines.
 """
 from __future__ import annotations
 
@@ -22,12 +24,14 @@ import soxr
 from tqdm import tqdm
 
 from speechrl.data.audio import write_wav
+from speechrl.rlhf.core.fingerprint import fingerprint
 from speechrl.data.manifest import Example, write_manifest
 
 log = logging.getLogger(__name__)
 
-# Bump when the grammar or the synthesis changes, so finished corpora are rebuilt.
-BUILDER_VERSION = 1
+# Bump when the grammar or the synthesis changes, so finished corpora are rebuilt (2: each clip
+# synthesized by a freshly loaded espeak-ng, so it no longer depends on the clips before it).
+BUILDER_VERSION = 2
 _MARKER = "corpus.json"
 _WAV_NAME = re.compile(r"^\d{5}_[0-9a-f]{12}\.wav$")
 # Built-in sentences must stay short even at the slowest rate; longer clips are dropped.
@@ -80,7 +84,22 @@ class _Espeak:
     def __init__(self):
         import espeakng_loader
 
-        lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        self.library_path, self.data_path = espeakng_loader.get_library_path(), espeakng_loader.get_data_path()
+        self._chunks: list[np.ndarray] = []
+        self._callback = self._CALLBACK(self._collect)  # kept alive: C holds only the pointer
+        self.lock = threading.Lock()
+        self.lib = None
+        self._load()
+
+    def _load(self) -> None:
+        """(Re)load libespeak-ng: dlclose drops its static state, so the next clip starts afresh.
+        Held under `lock` by callers after the first load."""
+        if self.lib is not None:
+            import _ctypes
+
+            self.lib.espeak_Terminate()
+            _ctypes.dlclose(self.lib._handle)
+        lib = ctypes.CDLL(self.library_path)
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
@@ -88,7 +107,8 @@ class _Espeak:
             ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
             ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
         ]
-        self.data_path = espeakng_loader.get_data_path()
+        lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
+        lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
         # DONT_EXIT: without it espeak calls exit() on a bad data path, killing Python.
         rate = lib.espeak_Initialize(
             self._AUDIO_OUTPUT_SYNCHRONOUS, 0, self.data_path.encode(), self._INIT_DONT_EXIT
@@ -96,10 +116,7 @@ class _Espeak:
         if rate <= 0:
             raise RuntimeError(f"espeak-ng failed to initialise with data at {self.data_path}")
         self.lib, self.sample_rate = lib, rate  # 22050 Hz for every voice
-        self._chunks: list[np.ndarray] = []
-        self._callback = self._CALLBACK(self._collect)  # kept alive: C holds only the pointer
         lib.espeak_SetSynthCallback(self._callback)
-        self.lock = threading.Lock()
 
     def _collect(self, wav, num_samples, events) -> int:
         if num_samples > 0:  # the final call has 0 samples
@@ -107,8 +124,9 @@ class _Espeak:
         return 0  # 0 = continue synthesis
 
     def synth(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
-        """int16 samples at `self.sample_rate`."""
+        """int16 samples at `self.sample_rate`, the same for the same arguments whatever came before."""
         with self.lock:
+            self._load()
             if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
                 raise ValueError(f"espeak-ng voice {voice!r} not found under {self.data_path}/lang")
             self.lib.espeak_SetParameter(self._RATE, rate, 0)
@@ -194,7 +212,8 @@ def build_corpus(
     }
     marker = out_dir / _MARKER
     if marker.is_file() and train_path.is_file() and heldout_path.is_file():
-        if json.loads(marker.read_text()) == params:
+        recorded = json.loads(marker.read_text())
+        if {k: v for k, v in recorded.items() if k != "fingerprint"} == params:
             return train_path, heldout_path
         log.info("%s: build parameters changed, rebuilding", marker)
     marker.unlink(missing_ok=True)
@@ -208,8 +227,21 @@ def build_corpus(
     train, heldout = _split(examples, heldout_fraction, seed)
     write_manifest(train_path, train)
     write_manifest(heldout_path, heldout)
+    params["fingerprint"] = corpus_fingerprint(train, heldout)
+    log.info("corpus %s: %d train + %d held-out clips, fingerprint %s", out_dir, len(train), len(heldout),
+             params["fingerprint"])
     marker.write_text(json.dumps(params, indent=1))  # last: its presence means "finished"
     return train_path, heldout_path
+
+
+def corpus_fingerprint(train: list[Example], heldout: list[Example]) -> str:
+    """Both splits' ids, texts, speakers and wav bytes, in order: equal on two machines exactly when
+    they built the same corpus (wav paths, which name the cache, are left out)."""
+    items = []
+    for split, examples in (("train", train), ("heldout", heldout)):
+        for ex in examples:
+            items += [f"{split}|{ex.id}|{ex.text}|{ex.speaker}", Path(ex.audio)]
+    return fingerprint(*items)
 
 
 def _check_settings(heldout_fraction, voices, rates, pitches) -> None:

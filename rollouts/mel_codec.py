@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,7 +17,10 @@ from typing import Sequence
 
 import numpy as np
 
+from speechrl.rlhf.core.fingerprint import fingerprint
 from speechrl.rollouts.codec import flatten_codes, prepare_waveform, unflatten_ids
+
+log = logging.getLogger(__name__)
 
 # Phonetically balanced English (Harvard sentences, IEEE 1969, public domain): what the default
 # codec is fit on, spoken by espeak-ng in several voices.
@@ -197,7 +201,9 @@ class MelUnitCodec:
 def cache_directory(cache_dir: str | Path, config: MelCodecConfig) -> Path:
     """Where `default_codec` keeps the codec it fits for `config`: named by a hash of the fit."""
     fit_fields = {k: v for k, v in recorded_fields(config).items() if k not in DECODE_ONLY_FIELDS}
-    key = hashlib.sha1(json.dumps([fit_fields, FIT_SENTENCES, FIT_VOICES]).encode()).hexdigest()[:12]
+    from speechrl.data.synth import BUILDER_VERSION  # the fit clips' synthesis
+
+    key = hashlib.sha1(json.dumps([fit_fields, FIT_SENTENCES, FIT_VOICES, BUILDER_VERSION]).encode()).hexdigest()[:12]
     return Path(cache_dir).expanduser() / "codecs" / f"mel-{key}"
 
 
@@ -214,4 +220,5 @@ def default_codec(cache_dir: str | Path, config: MelCodecConfig = MelCodecConfig
              for voice in voices for rate in rates for pitch in pitches for text in FIT_SENTENCES]
     codec = MelUnitCodec.fit(clips, config.sample_rate, config)
     codec.save(directory)
+    log.info("embedded codec fit into %s, fingerprint %s", directory, fingerprint(directory / MelUnitCodec.FILE))
     return codec

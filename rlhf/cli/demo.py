@@ -37,5 +37,29 @@ def run_demo(overrides: list[str], output_dir: str = "runs", mode: str = "asr") 
     print(f"== {stages}/{stages} {algorithm.upper()} through Ray + vLLM ==")
     rl = RUNNERS[algorithm]()(rl_cfg)
     result = cls(rl_cfg).demo_report(sft, rl, (time.time() - start) / 60)
+    result["fingerprints"] = asset_fingerprints(sft_cfg, rl_cfg)
+    print("assets (the same fingerprints = the same build on another machine): "
+          + ", ".join(f"{k} {v}" for k, v in result["fingerprints"].items()))
     print(f"runs: {sft['run']}  {rl['run']}")
     return result
+
+
+def asset_fingerprints(sft_cfg, rl_cfg) -> dict[str, str]:
+    """Fingerprints of what the demo built into run.cache_dir: the backbone it started from, the
+    synthetic corpus and the embedded judges (each build also logs its own when it is made)."""
+    import json
+
+    from speechrl.rlhf.core.fingerprint import fingerprint
+    from speechrl.rlhf.modes.assets import corpus_dir
+    from speechrl.rlhf.modes.base import get_mode
+    from speechrl.rlhf.trainers.judges import judge_builds
+
+    prints = {"backbone": fingerprint(get_mode(sft_cfg).backbone_path() / "model.safetensors")}
+    marker = corpus_dir(sft_cfg) / "corpus.json"
+    if marker.is_file() and "fingerprint" in json.loads(marker.read_text()):
+        prints["corpus"] = json.loads(marker.read_text())["fingerprint"]
+    for i, build in enumerate(judge_builds(rl_cfg)):
+        weights = build() / "model.safetensors"  # already built: this only finds it
+        if weights.is_file():
+            prints["judge" if i == 0 else f"judge{i + 1}"] = fingerprint(weights)
+    return prints

@@ -6,6 +6,7 @@ writes a layout vLLM rejects (see `hub_state_dict`).
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,10 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 from safetensors.torch import save_file
+
+from speechrl.rlhf.core.fingerprint import fingerprint
+
+log = logging.getLogger(__name__)
 
 AUDIO_TOKEN = "<|AUDIO|>"
 AUDIO_BOS, AUDIO_EOS = "<|audio_bos|>", "<|audio_eos|>"
@@ -237,4 +242,6 @@ def ensure_tiny_backbone(cache_dir: str, tiny, texts_fn, sample_rate: int = 1600
         tmp = path.with_name(path.name + ".partial")
         build_tiny_backbone(tmp, texts_fn(), tiny, sample_rate=sample_rate)
         tmp.rename(path)  # atomic: a killed build never leaves a half-written backbone behind
+        log.info("tiny backbone built into %s, fingerprint %s", path,
+                 fingerprint(path / "model.safetensors", path / "tokenizer.json"))
     return path

@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
+from speechrl.rlhf.core.fingerprint import fingerprint
 from speechrl.rewards.asr_judge import (SCORES, JudgeBuild, _codec, _sha1, judge_dir, round_trip_corpus)
 from speechrl.rewards.speech import JUDGE_RATE
 from speechrl.rlhf.core.config import RecipeConfig
@@ -79,11 +80,13 @@ def _build_judge(cache_dir: Path, build: JudgeBuild, path: Path) -> None:
             f"train.eval_every={build.steps}", f"train.checkpoint_every={build.steps}"])
         final = Path(run_sft(cfg)["final weights"])
         scores = judge_scores(final, clean_heldout, coded_heldout)
-        scores.update(build=asdict(build), build_seconds=round(time.perf_counter() - start, 1))
+        scores.update(build=asdict(build), build_seconds=round(time.perf_counter() - start, 1),
+                      fingerprint=fingerprint(final / "model.safetensors"))
         (final / SCORES).write_text(json.dumps(scores, indent=1))
         final.rename(path)  # atomic: the judge appears whole or not at all
-    log.info("embedded ASR judge ready in %.0f s: held-out CER clean %.3f, round-tripped %.3f",
-             scores["build_seconds"], scores["clean"]["cer"], scores["round_trip"]["cer"])
+    log.info("embedded ASR judge ready in %.0f s: held-out CER clean %.3f, round-tripped %.3f; weights "
+             "fingerprint %s", scores["build_seconds"], scores["clean"]["cer"], scores["round_trip"]["cer"],
+             scores["fingerprint"])
 
 
 def judge_corpus(cache_dir: str | Path, build: JudgeBuild = JudgeBuild()) -> tuple[tuple[Path, Path], tuple[Path, Path]]:

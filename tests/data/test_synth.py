@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -12,11 +15,6 @@ from speechrl.data.audio import load_audio
 from speechrl.data.manifest import SpeechDataset, read_manifest
 
 N = 12
-
-
-def _same_clip(a, b) -> bool:
-    x, y = load_audio(a), load_audio(b)
-    return abs(len(x) - len(y)) <= 160 and abs(np.abs(x).max() - np.abs(y).max()) < 0.1
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +92,20 @@ def test_corpus_is_idempotent_and_deterministic(corpus, tmp_path):
     assert time.perf_counter() - start < 0.5
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps  # nothing rewritten
 
-    # Same parameters elsewhere: identical manifests (paths relative) and the same clips, up to
-    # espeak's hidden pitch-flutter state (see synth.py), i.e. lengths within 10 ms.
+    # Same parameters elsewhere, after other speech, in another process with one thread: the same
+    # bytes in every wav, hence the same fingerprint (espeak-ng's static state is reloaded per clip).
+    synth.synthesize("move the red box up", "en-gb-x-rp", 210, 65)
     other = synth.build_corpus(tmp_path / "b", num_utterances=N, heldout_fraction=0.25, seed=3)
     for a, b in zip(paths, other):
         assert a.read_text() == b.read_text()
     for wav in (out / "audio").iterdir():
-        assert _same_clip(wav, tmp_path / "b" / "audio" / wav.name)
+        assert wav.read_bytes() == (tmp_path / "b" / "audio" / wav.name).read_bytes()
+    code = ("import sys; from speechrl.data import synth; "
+            "synth.build_corpus(sys.argv[1], num_utterances=12, heldout_fraction=0.25, seed=3)")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "d")], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    prints = {json.loads((d / "corpus.json").read_text())["fingerprint"] for d in (out, tmp_path / "b", tmp_path / "d")}
+    assert len(prints) == 1 and len(prints.pop()) == 12
     reseeded = synth.build_corpus(tmp_path / "c", num_utterances=N, heldout_fraction=0.25, seed=4)
     assert reseeded[0].read_text() != paths[0].read_text()
 
@@ -108,6 +113,7 @@ def test_corpus_is_idempotent_and_deterministic(corpus, tmp_path):
 def test_corpus_resumes_and_rebuilds_on_new_params(tmp_path):
     out = tmp_path / "c"
     synth.build_corpus(out, num_utterances=6, heldout_fraction=0.2, seed=0)
+    whole = json.loads((out / "corpus.json").read_text())["fingerprint"]
     wavs = sorted((out / "audio").iterdir())
     lost = tmp_path / "lost.wav"
     lost.write_bytes(wavs[2].read_bytes())
@@ -115,8 +121,9 @@ def test_corpus_resumes_and_rebuilds_on_new_params(tmp_path):
     (out / "corpus.json").unlink()  # as if the build was interrupted
     before = {p: p.stat().st_mtime_ns for p in wavs if p.exists()}
     synth.build_corpus(out, num_utterances=6, heldout_fraction=0.2, seed=0)
-    assert _same_clip(wavs[2], lost)
+    assert wavs[2].read_bytes() == lost.read_bytes()  # resynthesized out of order, the same bytes
     assert {p: p.stat().st_mtime_ns for p in before} == before  # the others were kept
+    assert json.loads((out / "corpus.json").read_text())["fingerprint"] == whole
 
     texts = ["open the door", "close the window"]
     train, heldout = synth.build_corpus(out, num_utterances=4, heldout_fraction=0.0, texts=texts)

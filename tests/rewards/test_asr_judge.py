@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,6 +20,7 @@ from speechrl.rewards.api import Unscored
 from speechrl.rewards.asr_judge import SCORES, BackboneAsrJudge, JudgeBuild, is_backbone_dir, judge_dir
 from speechrl.rewards.registry import resolve_reward
 from speechrl.rlhf.core.config import SyntheticCorpusConfig
+from speechrl.rlhf.core.fingerprint import fingerprint
 from speechrl.rlhf.trainers.judges import ensure_embedded_judge
 
 SR = 16000
@@ -62,6 +67,21 @@ def test_embedded_judge_is_built_once_into_the_cache_and_reused(cache, tiny_judg
     assert ensure_embedded_judge(cache, build) == path
     assert time.perf_counter() - start < 30 and (path / SCORES).stat().st_mtime == mtime
     assert judge_dir(cache, JudgeBuild(corpus=TINY_CORPUS, steps=3, batch_size=4)) != path
+
+
+def test_a_judge_rebuilt_in_a_one_thread_process_has_the_same_weights(cache, tiny_judge, tmp_path):
+    path, build = tiny_judge
+    recorded = json.loads((path / SCORES).read_text())["fingerprint"]
+    assert recorded == fingerprint(path / "model.safetensors")
+    shutil.move(path, tmp_path / "first")
+    code = ("import sys; from speechrl.rewards.asr_judge import JudgeBuild; "
+            "from speechrl.rlhf.core.config import SyntheticCorpusConfig as C; "
+            "from speechrl.rlhf.trainers.judges import ensure_embedded_judge; "
+            "corpus = C(num_utterances=40, heldout_fraction=0.1, voices=['en-us'], rates=[175], pitches=[50]); "
+            "ensure_embedded_judge(sys.argv[1], JudgeBuild(corpus=corpus, steps=2, batch_size=4))")
+    subprocess.run([sys.executable, "-c", code, str(cache)], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    assert json.loads((path / SCORES).read_text())["fingerprint"] == recorded
 
 
 def test_backbone_judge_cuts_clips_to_its_audio_window(tiny_judge, sentences):
