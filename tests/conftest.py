@@ -60,7 +60,7 @@ def tiny_overrides(tiny_cache) -> list[str]:
 def tts_overrides(tiny_overrides) -> list[str]:
     """A fast TTS run (tests/rlhf/modes/test_tts.py, tests/e2e/test_tts_e2e.py)."""
     return [*tiny_overrides, "data.synthetic.num_utterances=60", "data.max_eval_examples=4", "eval_max_new_tokens=24",
-            "tts.eval_samples=2", "train.batch_size=4", "train.warmup_steps=2", "train.log_every=1",
+            "tts.eval_samples=2", "tts.eval_repeats=2", "train.batch_size=4", "train.warmup_steps=2", "train.log_every=1",
             "rewards=[{name: speech_sanity}]"]
 
 

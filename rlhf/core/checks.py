@@ -99,6 +99,7 @@ _RANGES = {
     "tts.max_voice_seconds": ">= 0 (0 = the whole reference clip)",
     "tts.eval_temperature": ">= 0 (0 = greedy)",
     "tts.eval_samples": ">= 0 (0 = none written)",
+    "tts.eval_repeats": ">= 1",
     "realtime.dialogues_per_persona": ">= 1",
     "realtime.max_turns": ">= 1",
     "realtime.heldout_fraction": "in (0, 1)",

@@ -216,11 +216,15 @@ class TTSConfig:
     embedded_codec: EmbeddedCodecConfig = field(default_factory=EmbeddedCodecConfig)
     voice_prompt: bool = False  # put a reference clip of the same speaker, as codec tokens, in the prompt
     max_voice_seconds: float = 3.0  # voice prompts are cut to this length; 0 = not cut
-    eval_temperature: float = 0.0  # held-out synthesis: 0 = greedy
+    # held-out synthesis: each text `eval_repeats` times at this temperature, metrics averaged. 1.0 = as the
+    # GRPO rollouts sample; 0 = greedy (one each), whose output jumps between near-ties (±0.1 CER per evaluation)
+    eval_temperature: float = 1.0
+    eval_repeats: int = 4
     eval_samples: int = 4  # held-out prompts written as wav files and TensorBoard audio at every evaluation; 0 = none
     # RL prompts (GRPO, online DPO) need text only: null = the training set's texts; a text file (one
-    # sentence a line); or "grammar" = fresh sentences of the embedded command grammar. Held-out texts
-    # are always left out. A policy that memorized its SFT texts learns more from sentences it has not seen.
+    # sentence a line); or "grammar" = sentences of the embedded command grammar that neither the training
+    # nor the held-out set reads. Held-out texts are always left out. A policy that memorized its SFT
+    # texts learns more from sentences it has not seen.
     prompt_texts: Optional[str] = None
 
 

@@ -1,7 +1,9 @@
 """Held-out evaluation of the TTS mode: synthesize the held-out texts, score them, keep samples.
 
-The same prompts every time (greedy by default), so evaluations compare; each reward component's mean
-is logged as `eval/<reward>/<component>`. The first `tts.eval_samples` go to `samples/step-<N>/<id>.wav`
+The same prompts every time, each synthesized `tts.eval_repeats` times at `tts.eval_temperature`
+(the rollouts' own temperature by default: greedy decoding of codec tokens is not what RL trains, and
+its output jumps between near-ties, ±0.1 CER from one evaluation to the next); each reward
+component's mean over all of them is logged as `eval/<reward>/<component>`. The first `tts.eval_samples` go to `samples/step-<N>/<id>.wav`
 and TensorBoard; `samples/reference/` holds the corpus recordings and their codec round trip (the
 best the policy could do with this codec).
 """
@@ -25,6 +27,7 @@ class TtsEvaluation:
 
     def __init__(self, cfg, task, eval_set, run_dir: Path, logger):
         self.cfg, self.task, self.logger = cfg, task, logger
+        self.repeats = cfg.tts.eval_repeats if cfg.tts.eval_temperature > 0 else 1  # greedy: one is all
         self.items = [eval_set[i] for i in range(min(len(eval_set), cfg.data.max_eval_examples))]
         self.prompt_ids = [task.prompt_ids(ex.text, task.voice(ex, eval_set)) for ex, _ in self.items]
         self.prompts = [task.render(ex.text, task.voice(ex, eval_set)) for ex, _ in self.items]
@@ -32,14 +35,19 @@ class TtsEvaluation:
         self._write_references()
 
     def batch(self, completions: list[list[int]]) -> dict:
-        """The reward batch for these completions (codec ids; the reward side decodes them)."""
-        exs = [ex for ex, _ in self.items]
+        """The reward batch for these completions (codec ids; the reward side decodes them), `repeats`
+        consecutive completions per held-out text."""
+        exs = [ex for ex, _ in self.items for _ in range(self.repeats)]
         return {"completions": [""] * len(completions), "completion_ids": completions, "mode": "tts",
                 "codec_ids": [self.task.codec_ids(c) for c in completions],
                 "id": [ex.id for ex in exs], "text": [ex.text for ex in exs], "speaker": [ex.speaker for ex in exs]}
 
     def evaluate(self, step: int, completions: list[list[int]], score: Callable) -> dict:
-        """Score completions of the held-out prompts with `score(batch) -> ScoreResult`; write samples."""
+        """Score completions of the held-out prompts (`repeats` per prompt, in prompt order) with
+        `score(batch) -> ScoreResult`; write each prompt's first as a sample."""
+        if len(completions) != len(self.items) * self.repeats:
+            raise ValueError(f"TTS evaluation: {len(completions)} completions for {len(self.items)} held-out texts "
+                             f"x {self.repeats} repeats")
         result = score(self.batch(completions))
         metrics = {k.replace("rewards/", "eval/", 1): v for k, v in result.metrics().items()}
         end = self.task.tokens.end_id
@@ -47,7 +55,7 @@ class TtsEvaluation:
         metrics["eval/audio_seconds"] = float(np.mean([
             len(self.task.codec_ids(c)) / (self.task.codec.frame_rate * self.task.codec.num_codebooks)
             for c in completions]))
-        self.write_samples(step, completions)
+        self.write_samples(step, completions[:: self.repeats])
         return metrics
 
     def write_samples(self, step: int, completions: list[list[int]]) -> None:

@@ -21,11 +21,10 @@ def test_trained_judge_hears_the_right_sentence(tmp_path):
     own sentence scores far above the others on average, clean and after the codec round trip
     (the policy's audio), where an untrained judge scores every pair alike (-1).
 
-    Only averages are asserted. espeak-ng does not speak a sentence the same way twice in one
-    process (the wave's length varies by about 1%), so the corpus, and with it the short-trained
-    judge, depends on what the process synthesized before: held-out CER 0.56-0.77 in four builds,
-    each hearing some sentences and not others. Which clip it gets right is not stable; that it
-    hears is."""
+    Only averages are asserted. The build repeats byte for byte (espeak-ng is reloaded per clip),
+    but before it did, four builds of this judge scored held-out CER 0.56-0.77, each hearing some
+    sentences and not others: which clip a short-trained judge gets right is an accident of its
+    corpus; that it hears is not."""
     from dataclasses import asdict
 
     from speechrl.rollouts.mel_codec import MelCodecConfig, default_codec

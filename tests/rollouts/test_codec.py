@@ -43,6 +43,21 @@ def codec(codec_cache):
     return loaded
 
 
+def test_the_codec_fit_repeats_byte_for_byte_in_a_one_thread_process(codec, codec_cache, tmp_path):
+    """Two machines with other core counts fit the same codec: its file is the same bytes."""
+    import os
+    import subprocess
+    import sys
+
+    from speechrl.rollouts.mel_codec import cache_directory
+
+    code = "import sys; from speechrl.rollouts.mel_codec import default_codec; default_codec(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    ours, theirs = (cache_directory(c, MelCodecConfig()) / MelUnitCodec.FILE for c in (codec_cache, tmp_path))
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
 @pytest.mark.parametrize("smooth_frames", [3])
 def test_embedded_codec_round_trip_keeps_the_words(codec, smooth_frames, shared_data):
     """Real speech (an LJSpeech clip) through the codec: pocketsphinx's transcript of the decoded
@@ -88,14 +103,15 @@ def test_embedded_codec_resamples_and_rejects_bad_input(codec):
 
 
 def test_configs_from_before_smoothing_keep_their_cache_keys_and_repr():
-    """The default and the TTS recipe's shape (rlhf/config.py EmbeddedCodecConfig) map to the cache
-    directories they had before `smooth_frames` existed, and print as before (judge keys hash the
-    repr); smoothing, read only by decode, shares its codec's directory."""
+    """The default and the TTS recipe's shape (rlhf/config.py EmbeddedCodecConfig) keep their cache
+    directories (named by the fit and the synthesis version of its clips, data/synth.py
+    BUILDER_VERSION 2) and print as before `smooth_frames` existed (judge keys hash the repr);
+    smoothing, read only by decode, shares its codec's directory."""
     from speechrl.rollouts.mel_codec import cache_directory
 
     tts = MelCodecConfig(hop_length=320, num_codebooks=1, codebook_size=1024, n_cepstra=24, griffin_lim_iters=16)
-    assert cache_directory("c", MelCodecConfig()).name == "mel-8dd1bcdcc9a1"
-    assert cache_directory("c", tts).name == "mel-ea5f913e2b00"
+    assert cache_directory("c", MelCodecConfig()).name == "mel-b3371536dad5"
+    assert cache_directory("c", tts).name == "mel-112a2e538534"
     assert cache_directory("c", replace(tts, smooth_frames=3)) == cache_directory("c", tts)
     assert "smooth_frames" not in repr(tts) and "smooth_frames=3" in repr(replace(tts, smooth_frames=3))
     with pytest.raises(ValueError, match="smooth_frames=2; pass an odd number"):

@@ -99,6 +99,7 @@ EDGES_ALLOWED = {
     "tts.max_voice_seconds": {"0", "huge"},  # 0 = not cut
     "tts.eval_temperature": {"0", "huge"},  # 0 = greedy
     "tts.eval_samples": {"0", "huge"},  # 0 = none written
+    "tts.eval_repeats": {"huge"},
     "realtime.dialogues_per_persona": {"huge"},
     "realtime.max_turns": {"huge"},
     "realtime.heldout_fraction": set(),

@@ -236,3 +236,20 @@ def test_eval_command_scores_a_tts_checkpoint_and_writes_its_samples(tts_base, c
     printed = capsys.readouterr().out
     assert "eval/speech_sanity/reward=" in printed and "eval/ended=" in printed
     assert len(list((backbone / "eval" / "samples" / "step-0").glob("*.wav"))) == 2
+
+
+def test_sampled_evaluation_repeats_each_text_with_the_same_draws_every_time(tts_base, capsys):
+    """Held-out synthesis samples `tts.eval_repeats` per text, seeded, so two evaluations of one
+    checkpoint agree exactly; greedy (temperature 0) makes one per text."""
+    from speechrl.rlhf.modes import assets
+    from speechrl.rlhf.cli.main import main
+
+    backbone = assets.backbone_path(load_recipe("tts/sft", tts_base))
+
+    def printed(*overrides):
+        assert main(["eval", str(backbone), *tts_base, *overrides, "--recipe", "tts/sft"]) == 0
+        return sorted(line for line in capsys.readouterr().out.splitlines() if line.startswith("eval/"))
+
+    sampled = printed("tts.eval_repeats=3")
+    assert sampled and sampled == printed("tts.eval_repeats=3")
+    assert printed("tts.eval_temperature=0") != sampled
