@@ -222,9 +222,8 @@ class TTSConfig:
     eval_repeats: int = 4
     eval_samples: int = 4  # held-out prompts written as wav files and TensorBoard audio at every evaluation; 0 = none
     # RL prompts (GRPO, online DPO) need text only: null = the training set's texts; a text file (one
-    # sentence a line); or "grammar" = sentences of the embedded command grammar that neither the training
-    # nor the held-out set reads. Held-out texts are always left out. A policy that memorized its SFT
-    # texts learns more from sentences it has not seen.
+    # sentence a line); or "grammar" = sentences of the embedded command grammar (about 350, most of
+    # which the SFT corpus also reads). Held-out texts are always left out.
     prompt_texts: Optional[str] = None
 
 
