@@ -233,7 +233,7 @@ def make_rollout_workers(backbone_path: str, cfg, num_workers: int, seed: int) -
     workers = [actor.remote(str(backbone_path), kv_cache_gib=cfg.kv_cache_gib,
                             gpu_memory_utilization=cfg.gpu_memory_utilization,
                             tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager,
-                            max_model_len=cfg.max_model_len, seed=seed + k, threads=threads)
+                            max_model_len=cfg.max_model_len, seed=(seed + k) % 2**32, threads=threads)  # numpy's range
                for k in range(num_workers)]
     ray.get([w.ping.remote() for w in workers])
     return workers

@@ -61,8 +61,13 @@ def sft_term(chosen_token_logprobs: Tensor, mask: Tensor) -> Tensor:
 
 @RECIPE_CHECKS.register("dpo")
 def check_dpo_beta(cfg, source: str) -> None:
+    """beta > 0 (also in core's range table, kept here for the updates that call this directly);
+    IPO has no label smoothing, so a smoothed IPO recipe stops here, not mid-run in `ipo_loss`."""
     if cfg.dpo.beta <= 0:
         raise RecipeError(f"{source}: `dpo.beta` must be > 0, got {cfg.dpo.beta}")
+    if cfg.dpo.loss == "ipo" and cfg.dpo.label_smoothing:
+        raise RecipeError(f"{source}: `dpo.label_smoothing`={cfg.dpo.label_smoothing} has no meaning for "
+                          "`dpo.loss: ipo`; set it to 0 or use `dpo.loss: sigmoid`")
 
 
 @RECIPE_CHECKS.register("reward_model")

@@ -18,7 +18,7 @@ from speechrl.rlhf.core.registry import MODES
 from speechrl.rlhf.model.backbone import IM_END, text_token_ids
 from speechrl.rlhf.model.prompts import render_prompt
 from speechrl.rlhf.modes.base import Mode, batch_indices
-from speechrl.rlhf.modes.tts import SpeakingTask
+from speechrl.rlhf.modes.tts import SpeakingTask, check_codec_fits_the_tiny_backbone
 from speechrl.rollouts.types import RolloutRequest
 
 
@@ -109,11 +109,7 @@ class RealtimeMode(Mode):
         if r.personas not in ("builtin", "personagym") and r.dialogues is None:
             raise RecipeError(f"{source}: cards of your own (`realtime.personas`={r.personas!r}) need their dialogues: "
                               "set `realtime.dialogues` to a dialogues .jsonl (docs/personas.md)")
-        for key in ("max_turns", "drift_turns", "dialogues_per_persona", "drift_dialogues_per_persona"):
-            if getattr(r, key) < 1:
-                raise RecipeError(f"{source}: `realtime.{key}` must be >= 1, got {getattr(r, key)}")
-        if not 0.0 < r.heldout_fraction < 1.0:
-            raise RecipeError(f"{source}: `realtime.heldout_fraction` must be in (0, 1), got {r.heldout_fraction}")
+        check_codec_fits_the_tiny_backbone(cfg, source)
         keys = [spec.key for spec in cfg.rewards]
         if cfg.algorithm in UPDATES and r.drift_judge not in keys:  # online runs evaluate drift
             raise RecipeError(f"{source}: `realtime.drift_judge` is {r.drift_judge!r}, which is not among the rewards "

@@ -37,6 +37,17 @@ class SpeakingTask:
         self._targets: dict[str, list[int]] = {}  # example id -> the completion ids it is trained toward
 
 
+def check_codec_fits_the_tiny_backbone(cfg: RecipeConfig, source: str) -> None:
+    """The embedded codec's ids must fit the embedded backbone's codec-token block; otherwise the
+    run would stop at its first encode (rollouts/codec.py). Other backbones are checked there."""
+    c, tiny = cfg.tts.embedded_codec, cfg.model.tiny
+    embedded = not (cfg.tts.codec or cfg.model.path or cfg.model.pretrained or cfg.run.init_from)
+    if embedded and c.num_codebooks * c.codebook_size > tiny.num_codec_tokens:
+        raise RecipeError(f"{source}: the embedded codec needs `tts.embedded_codec.num_codebooks` x "
+                          f"`tts.embedded_codec.codebook_size` = {c.num_codebooks * c.codebook_size} codec tokens, but "
+                          f"`model.tiny.num_codec_tokens` is {tiny.num_codec_tokens}; lower the codec or raise the backbone's")
+
+
 class TtsTask(SpeakingTask):
     def __init__(self, cfg: RecipeConfig, processor, codec=None):
         from speechrl.rollouts.codec import vocab_size
@@ -133,6 +144,11 @@ class TtsMode(Mode):
                  ("held-out samples ended by <|codec_end|>", "eval/ended")]
 
     offline_evaluation: Optional[TtsEvaluation] = None  # SFT/DPO/eval's held-out set, built at the first evaluation
+
+    @classmethod
+    def check(cls, cfg: RecipeConfig, source: str) -> None:
+        super().check(cfg, source)
+        check_codec_fits_the_tiny_backbone(cfg, source)
 
     def make_task(self, processor, codec=None) -> TtsTask:
         return TtsTask(self.cfg, processor, codec)

@@ -118,7 +118,7 @@ class OnlineRecipe:
                                        f"checkpoint is in {self.run_dir}; continue with --resume") from e
                 log.warning("step %d: %s; restarting it and retrying the step", self.step, e)
                 self.workers[e.worker_index] = make_rollout_workers(
-                    str(self.backbone_path), self.cfg.rollout, 1, self.cfg.seed + 1000 + attempt)[0]
+                    str(self.backbone_path), self.cfg.rollout, 1, (self.cfg.seed + 1000 + attempt) % 2**32)[0]
                 self.sync()
 
     def score(self, samples, requests):

@@ -208,6 +208,19 @@ def test_tts_recipes_validate():
         load_recipe("asr/sft", ["algorithm=online_dpo"])
 
 
+@pytest.mark.parametrize("recipe, overrides, message", [
+    ("tts/grpo", ["tts.embedded_codec.codebook_size=2048"], "needs .* = 2048 codec tokens, but `model.tiny.num_codec_tokens` is 1024"),
+    ("realtime/sft", ["tts.embedded_codec.num_codebooks=2"], "= 2048 codec tokens"),
+    ("tts/dpo", ["dpo.loss=ipo", "dpo.label_smoothing=0.1"], "`dpo.label_smoothing`=0.1 has no meaning for `dpo.loss: ipo`"),
+])
+def test_a_recipe_that_would_stop_mid_run_stops_at_load(recipe, overrides, message):
+    from speechrl.rlhf.core.config import RecipeError
+
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(recipe, overrides)
+    load_recipe(recipe, overrides[:-1])  # without the last override it loads
+
+
 def test_voice_prompt_is_another_clip_of_the_same_speaker_and_reaches_the_reward_side(tts_base):
     from speechrl.rlhf.modes import assets
     from speechrl.rlhf.model.backbone import load_processor
