@@ -50,11 +50,12 @@ def asset_fingerprints(sft_cfg, rl_cfg) -> dict[str, str]:
     import json
 
     from speechrl.rlhf.core.fingerprint import fingerprint
+    from speechrl.rlhf.model.backbone import backbone_fingerprint
     from speechrl.rlhf.modes.assets import corpus_dir
     from speechrl.rlhf.modes.base import get_mode
     from speechrl.rlhf.trainers.judges import judge_builds
 
-    prints = {"backbone": fingerprint(get_mode(sft_cfg).backbone_path() / "model.safetensors")}
+    prints = {"backbone": backbone_fingerprint(get_mode(sft_cfg).backbone_path())}
     marker = corpus_dir(sft_cfg) / "corpus.json"
     if marker.is_file() and "fingerprint" in json.loads(marker.read_text()):
         prints["corpus"] = json.loads(marker.read_text())["fingerprint"]

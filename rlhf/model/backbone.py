@@ -235,6 +235,11 @@ def default_tiny_dir(cache_dir: str, tiny) -> Path:
     return Path(cache_dir).expanduser() / "backbones" / f"tiny-{key}"
 
 
+def backbone_fingerprint(path: Path) -> str:
+    """The weights and, where the directory has one, the tokenizer: what makes two backbones the same."""
+    return fingerprint(*(p for p in (path / "model.safetensors", path / "tokenizer.json") if p.is_file()))
+
+
 def ensure_tiny_backbone(cache_dir: str, tiny, texts_fn, sample_rate: int = 16000,
                          path: Optional[Path] = None) -> Path:
     path = path or default_tiny_dir(cache_dir, tiny)
@@ -242,6 +247,5 @@ def ensure_tiny_backbone(cache_dir: str, tiny, texts_fn, sample_rate: int = 1600
         tmp = path.with_name(path.name + ".partial")
         build_tiny_backbone(tmp, texts_fn(), tiny, sample_rate=sample_rate)
         tmp.rename(path)  # atomic: a killed build never leaves a half-written backbone behind
-        log.info("tiny backbone built into %s, fingerprint %s", path,
-                 fingerprint(path / "model.safetensors", path / "tokenizer.json"))
+        log.info("tiny backbone built into %s, fingerprint %s", path, backbone_fingerprint(path))
     return path

@@ -266,3 +266,16 @@ def test_sampled_evaluation_repeats_each_text_with_the_same_draws_every_time(tts
     sampled = printed("tts.eval_repeats=3")
     assert sampled and sampled == printed("tts.eval_repeats=3")
     assert printed("tts.eval_temperature=0") != sampled
+
+
+def test_the_demo_prints_the_fingerprints_each_build_recorded(tts_base):
+    from speechrl.rlhf.cli.demo import asset_fingerprints
+    from speechrl.rlhf.model.backbone import backbone_fingerprint
+    from speechrl.rlhf.modes import assets
+
+    sft, rl = load_recipe("tts/sft", tts_base), load_recipe("tts/grpo", tts_base)
+    assets.manifests(sft)  # the corpus, built here if no test before did
+    prints = asset_fingerprints(sft, rl)
+    recorded = json.loads((assets.corpus_dir(sft) / "corpus.json").read_text())["fingerprint"]
+    assert prints == {"backbone": backbone_fingerprint(assets.backbone_path(sft)), "corpus": recorded}
+    assert all(len(v) == 12 for v in prints.values())
