@@ -57,8 +57,9 @@ def asset_fingerprints(sft_cfg, rl_cfg) -> dict[str, str]:
 
     prints = {"backbone": backbone_fingerprint(get_mode(sft_cfg).backbone_path())}
     marker = corpus_dir(sft_cfg) / "corpus.json"
-    if marker.is_file() and "fingerprint" in json.loads(marker.read_text()):
-        prints["corpus"] = json.loads(marker.read_text())["fingerprint"]
+    recorded = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
+    if recorded:
+        prints["corpus"] = recorded
     for i, build in enumerate(judge_builds(rl_cfg)):
         weights = build() / "model.safetensors"  # already built: this only finds it
         if weights.is_file():
