@@ -158,14 +158,19 @@ class RolloutEngine:
 
     def generate(self, requests: list[RolloutRequest], *, n: int, temperature: float, top_p: float,
                  max_new_tokens: int, seed: int | None = None, allowed_token_ids: Constraint = None,
-                 stop_token_ids: list[int] | None = None) -> list[Sample]:
+                 stop_token_ids: list[int] | None = None, engine_seed: int | None = None) -> list[Sample]:
         """`n` samples per request, all requests in one vLLM call; grouped by request, in order.
 
         `allowed_token_ids` is a list of ids or a ReplyLayout (realtime); extra stop tokens (`<|codec_end|>`)
         are kept in completion_ids. With `seed`, request i's samples use seed + i*n + j, so a batch split
-        across workers (generate_across) samples exactly as one engine would.
+        across workers (generate_across) samples exactly as one engine would. With `engine_seed`, the
+        engine's own generator is reseeded first, so the call samples the same whatever the engine did
+        before (a resumed run as the run it continues) where per-request seeds cannot be used.
         """
         from vllm import SamplingParams
+
+        if engine_seed is not None:
+            self.reseed(engine_seed)
 
         layout = allowed_token_ids if isinstance(allowed_token_ids, ReplyLayout) else None
         static = None if layout else allowed_token_ids
@@ -200,6 +205,16 @@ class RolloutEngine:
             s.text = text
         return samples
 
+    def reseed(self, seed: int) -> None:
+        """Reseed the generator vLLM samples requests without a seed of their own from (torch's
+        default generator, in every worker process of the engine).
+
+        Per-request seeds would do this without touching the engine, but vLLM 0.32 on CPU fails on
+        them once it splits a prefill ("CPU Generator does not use offset": a CPU generator has no
+        Philox offset to rewind), so reseeding the shared generator before a call is what works on
+        every device."""
+        self.llm.collective_rpc(_seed_torch, args=(seed % 2**63,))
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Replace weights in place; names in the hub layout (model/backbone.py's hub_state_dict).
 
@@ -214,6 +229,11 @@ class RolloutEngine:
         """Forget cached prompts (prefix KV cache) and encoded audio (encoder cache)."""
         self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_prefix_cache()
+
+
+def _seed_torch(worker, seed: int) -> None:
+    """Run in each of an engine's worker processes (collective_rpc passes the worker first)."""
+    torch.manual_seed(seed)  # seeds every CUDA device too
 
 
 def make_rollout_workers(backbone_path: str, cfg, num_workers: int, seed: int) -> list:
@@ -241,9 +261,10 @@ def make_rollout_workers(backbone_path: str, cfg, num_workers: int, seed: int) -
 
 def generate_across(workers: list, requests: list[RolloutRequest], *, n: int, temperature: float,
                     top_p: float, max_new_tokens: int, seed: int | None = None,
-                    allowed_token_ids: Constraint = None, stop_token_ids: list[int] | None = None
-                    ) -> list[Sample]:
-    """Split requests into contiguous chunks, one per worker; samples come back in global order."""
+                    allowed_token_ids: Constraint = None, stop_token_ids: list[int] | None = None,
+                    engine_seed: int | None = None) -> list[Sample]:
+    """Split requests into contiguous chunks, one per worker; samples come back in global order.
+    With `engine_seed`, worker k's engine is reseeded with engine_seed + k first (RolloutEngine.generate)."""
     import ray
     from ray.exceptions import RayActorError
 
@@ -254,7 +275,8 @@ def generate_across(workers: list, requests: list[RolloutRequest], *, n: int, te
     futures = [workers[k].generate.remote(requests[start:start + size], n=n, temperature=temperature,
                                           top_p=top_p, max_new_tokens=max_new_tokens,
                                           seed=None if seed is None else seed + start * n,
-                                          allowed_token_ids=allowed_token_ids, stop_token_ids=stop_token_ids)
+                                          allowed_token_ids=allowed_token_ids, stop_token_ids=stop_token_ids,
+                                          engine_seed=None if engine_seed is None else engine_seed + k)
                for k, start in chunks]
     samples = []
     for (k, start), future in zip(chunks, futures):

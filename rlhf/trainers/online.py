@@ -6,6 +6,7 @@ algos/updates.py), so this file tests neither's name.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -105,13 +106,15 @@ class OnlineRecipe:
         n = s.n if n is None else n
         temperature = s.temperature if temperature is None else temperature
         max_new_tokens = s.max_new_tokens if max_new_tokens is None else max_new_tokens
+        engine_seed = self.next_engine_seed()
         for attempt in range(self.cfg.rollout.max_retries + 1):
             try:
-                # no per-request seed: vLLM 0.32 on CPU fails on them ("CPU Generator does not use
-                # offset"); each engine is seeded at start, so runs are reproducible, resumed ones not bit-exact
+                # The engines are reseeded for every call from (seed, step, call), so a resumed run, or one
+                # whose worker was replaced, samples what the uninterrupted run did. Per-request seeds
+                # would not touch the engines, but vLLM 0.32 on CPU fails on them (RolloutEngine.reseed).
                 return generate_across(self.workers, requests, n=n, temperature=temperature, top_p=s.top_p,
                                        max_new_tokens=max_new_tokens, seed=None, allowed_token_ids=self.task.allowed_ids,
-                                       stop_token_ids=self.task.stop_ids)
+                                       stop_token_ids=self.task.stop_ids, engine_seed=engine_seed)
             except RolloutWorkerDied as e:
                 if attempt == self.cfg.rollout.max_retries:
                     raise RuntimeError(f"step {self.step}: {e}; gave up after {attempt + 1} attempts. The last "
@@ -120,6 +123,15 @@ class OnlineRecipe:
                 self.workers[e.worker_index] = make_rollout_workers(
                     str(self.backbone_path), self.cfg.rollout, 1, (self.cfg.seed + 1000 + attempt) % 2**32)[0]
                 self.sync()
+
+    def next_engine_seed(self) -> int:
+        """The engines' seed for the next generate call: a hash of (run seed, step, the call's number
+        within the step), so it depends on where the run is, not on what the engines did before."""
+        step, calls = getattr(self, "_engine_calls", (self.step, 0))
+        calls = calls if step == self.step else 0
+        self._engine_calls = (self.step, calls + 1)
+        digest = hashlib.sha256(f"{self.cfg.seed}|{self.step}|{calls}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") >> 2  # room for the per-worker offset below 2**63
 
     def score(self, samples, requests):
         batch = {"completions": [s.text for s in samples], "completion_ids": [s.completion_ids for s in samples],

@@ -1,6 +1,7 @@
 """GRPO end to end through real Ray actors and a real vLLM engine, on a tiny backbone.
 
-Covers: a run that checkpoints, is interrupted, and resumes with the step count continuing;
+Covers: a run that checkpoints, is interrupted, and resumes with the step count continuing and the
+same numbers as an uninterrupted run;
 a rollout worker killed mid-run (retried on a fresh worker, or a clear error); per-phase timers.
 """
 from __future__ import annotations
@@ -58,6 +59,14 @@ def test_interrupted_run_resumes_with_step_count_continuing(base, monkeypatch):
     assert "train/kl" in last
     assert (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "curves.png").is_file()
     assert summary["steps"] == 4
+
+    # and it is the run it continues: an uninterrupted run logs the same numbers at every step (the
+    # engines are reseeded per call from seed, step and call, and the driver's RNG is checkpointed)
+    run_online(load_recipe("asr/grpo", [*base, "run.name=straight", "train.steps=4", "train.checkpoint_every=2",
+                                        "train.eval_every=4"]))
+    straight = rows(Path(cfg.run.output_dir) / "straight")
+    numbers = lambda row: {k: v for k, v in row.items() if not k.startswith("time/")}  # noqa: E731
+    assert [numbers(r) for r in rows(run_dir)] == [numbers(r) for r in straight]
 
 
 def test_killed_rollout_worker_is_replaced_and_the_step_retried(base, monkeypatch):

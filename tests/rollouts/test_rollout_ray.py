@@ -56,6 +56,22 @@ def test_generate_across_keeps_global_order(workers, make_requests, tiny_backbon
     assert [s.completion_ids for s in alone] == [s.completion_ids for s in samples]
 
 
+def test_an_engine_seed_makes_a_call_sample_the_same_whatever_came_before(workers, make_requests):
+    """What an exact RL resume needs where per-request seeds fail (vLLM 0.32 on CPU, long prefills):
+    reseeded per call, the engines sample a batch the same way after other work, or none."""
+    from speechrl.rollouts.engine import generate_across
+
+    ids = lambda samples: [s.completion_ids for s in samples]  # noqa: E731
+    requests = make_requests(3)
+    first = generate_across(workers, requests, engine_seed=5, **SAMPLING)
+    generate_across(workers, make_requests(5), **SAMPLING)  # moves the engines' generators on
+    assert ids(generate_across(workers, requests, engine_seed=5, **SAMPLING)) == ids(first)
+    assert ids(generate_across(workers, requests, engine_seed=6, **SAMPLING)) != ids(first)
+    # worker k is reseeded with engine_seed + k: its share does not sample like worker 0's
+    assert ids(generate_across(workers[1:], requests[2:], engine_seed=6, **SAMPLING)) == \
+        ids(generate_across(workers, requests, engine_seed=5, **SAMPLING))[2 * SAMPLING["n"]:]
+
+
 def test_object_store_transport_syncs_every_worker(workers, make_requests, tiny_backbone_dir):
     from speechrl.rollouts.engine import generate_across
     from speechrl.rollouts.sync import TRANSPORTS
