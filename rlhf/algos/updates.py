@@ -60,22 +60,62 @@ def needs_groups(cfg, source: str) -> None:
         raise RecipeError(f"{source}: {cfg.algorithm} needs `rollout.sampling.n` >= 2 to form groups")
 
 
+DYNAMIC_SAMPLING = ("off", "drop")
+
+
 @UPDATES.register("grpo")
 class GRPOUpdate(Update):
     @classmethod
     def check(cls, cfg, source: str) -> None:
         needs_groups(cfg, source)
+        g = cfg.grpo
+        if g.dynamic_sampling not in DYNAMIC_SAMPLING:
+            raise RecipeError(f"{source}: `grpo.dynamic_sampling`={g.dynamic_sampling!r}; choose one of "
+                              f"{', '.join(map(repr, DYNAMIC_SAMPLING))}")
+        if g.overlong_buffer > cfg.rollout.sampling.max_new_tokens:
+            raise RecipeError(f"{source}: `grpo.overlong_buffer`={g.overlong_buffer} is longer than "
+                              f"`rollout.sampling.max_new_tokens`={cfg.rollout.sampling.max_new_tokens}; the buffer is "
+                              "the last tokens before that cap")
 
     def prepare(self, samples, scores, requests, policy) -> Prepared:
+        g = self.cfg.grpo
         groups = torch.tensor([s.prompt_index for s in samples])
-        inputs = AdvantageInputs(torch.tensor(np.asarray(scores.total, dtype=np.float32)), groups,
-                                 torch.tensor(scores.valid, dtype=torch.bool))
-        adv, _ = ADVANTAGES.get(self.cfg.grpo.advantage)(inputs, self.cfg.grpo)
-        keep = [i for i, s in enumerate(samples) if s.completion_ids]  # an empty completion has no tokens to train
+        valid = torch.tensor(scores.valid, dtype=torch.bool)
+        total = np.asarray(scores.total, dtype=np.float32)
+        metrics = {}
+        if g.overlong_buffer:
+            penalty = overlong_penalty([len(s.completion_ids) for s in samples],
+                                       self.cfg.rollout.sampling.max_new_tokens, g.overlong_buffer, g.overlong_penalty)
+            total = total - penalty
+            metrics["grpo/overlong_penalty"] = float(penalty.mean())
+        adv, _ = ADVANTAGES.get(g.advantage)(AdvantageInputs(torch.tensor(total), groups, valid), g)
+        flat = flat_groups(total, groups.numpy(), valid.numpy())
+        metrics["grpo/zero_variance_groups"] = len(flat) / len(set(groups.tolist())) if len(groups) else 0.0
+        dropped = flat if g.dynamic_sampling == "drop" else set()
+        # an empty completion has no tokens to train
+        keep = [i for i, s in enumerate(samples) if s.completion_ids and s.prompt_index not in dropped]
         if not keep:
-            return None, {}
+            return None, metrics
         return sample_batch(samples, requests, keep, self.cfg.rollout.sampling.temperature,
-                            advantages=adv.numpy()[keep].tolist(), kl_coef=self.cfg.rl.kl_coef), {}
+                            advantages=adv.numpy()[keep].tolist(), kl_coef=self.cfg.rl.kl_coef), metrics
+
+
+def overlong_penalty(lengths: list[int], max_tokens: int, buffer: int, penalty: float) -> np.ndarray:
+    """DAPO's soft overlong punishment (Yu et al. 2025): 0 up to max_tokens - buffer tokens, then
+    growing linearly to `penalty` at max_tokens (a sample cut at the cap loses all of it)."""
+    over = np.asarray(lengths, dtype=np.float32) - (max_tokens - buffer)
+    return penalty * np.clip(over / buffer, 0.0, 1.0)
+
+
+def flat_groups(rewards: np.ndarray, groups: np.ndarray, valid: np.ndarray) -> set[int]:
+    """Groups whose scored rewards are all equal (or that have fewer than two scored samples): every
+    advantage in them is 0, so they teach nothing."""
+    flat = set()
+    for g in np.unique(groups):
+        scored = rewards[(groups == g) & valid]
+        if len(scored) < 2 or np.ptp(scored) == 0:
+            flat.add(int(g))
+    return flat
 
 
 @UPDATES.register("ppo")

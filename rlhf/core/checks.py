@@ -73,6 +73,8 @@ _RANGES = {
     "rl.kl_coef": ">= 0 (0 = no KL penalty and no reference model)",
     "rl.epochs_per_step": ">= 1",
     "rl.minibatches": ">= 1",
+    "grpo.overlong_buffer": ">= 0 (0 = no overlong punishment)",
+    "grpo.overlong_penalty": "> 0",
     "ppo.gamma": "in [0, 1]",
     "ppo.lam": "in [0, 1] (1 = Monte Carlo returns, 0 = one-step TD)",
     "ppo.vf_coef": ">= 0 (0 = the critic does not learn)",

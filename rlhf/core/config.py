@@ -140,6 +140,11 @@ class GRPOConfig:
     """`algorithm: grpo`: group-relative advantages."""
     advantage: str = "grpo"  # advantage estimator, by registered name
     std_normalize: bool = True  # divide group-centred rewards by the group std (off = Dr. GRPO)
+    # "drop": leave out groups whose scored rewards are all equal (their advantages are 0: they only dilute
+    # the loss, DAPO's dynamic sampling without the refill); "off" trains on them. Their share is logged.
+    dynamic_sampling: str = "off"
+    overlong_buffer: int = 0  # DAPO's soft overlong punishment over the last N tokens before max_new_tokens; 0 = off
+    overlong_penalty: float = 1.0  # what a sample reaching max_new_tokens loses, on the total reward's scale (> 0)
 
 
 @dataclass

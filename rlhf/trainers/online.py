@@ -64,7 +64,8 @@ class OnlineRecipe:
         self.checkpoint = latest_checkpoint(self.run_dir) if self.resume else None
         self.update = UPDATES.get(cfg.algorithm)(cfg, self.checkpoint)
         self.logger = RunLogger(self.run_dir, cfg, plot_keys=[
-            "rewards/total", *self.mode.plot_keys()[:2], "train/kl", "train/logprob_gap", "rewards/unscored"])
+            "rewards/total", *self.mode.plot_keys()[:2], "train/kl", "train/logprob_gap", "rollout/entropy",
+            "rewards/unscored"])
         self._start_actors()
         self.policy = PolicyClient(make_policy_worker(
             cfg, self.backbone_path, str(self.checkpoint) if self.checkpoint else None, allowed_ids=self.task.allowed_ids,
@@ -200,6 +201,7 @@ class OnlineRecipe:
                 metrics.update(scores.metrics())
                 metrics["rollout/completion_tokens"] = float(np.mean([len(s.completion_ids) for s in samples]))
                 metrics["rollout/truncated"] = float(np.mean([s.finish_reason == "length" for s in samples]))
+                metrics["rollout/entropy"] = sampled_entropy(samples)
                 if due(done, cfg.train.eval_every, cfg.train.steps):
                     metrics.update(self.evaluate(done))
             metrics.update(timer.pop())
@@ -253,6 +255,14 @@ class OnlineRecipe:
 
         if ray.is_initialized() and not self.cfg.ray.address:
             ray.shutdown()
+
+
+def sampled_entropy(samples) -> float:
+    """The policy's per-token entropy (nats) as the rollouts estimate it: the mean of -log p over the
+    sampled tokens, an unbiased estimate of the sampling distribution's entropy (temperature and
+    decoding constraint included) that costs no extra forward pass. Falling towards 0 = collapse."""
+    logprobs = [lp for s in samples for lp in s.logprobs]
+    return float(-np.mean(logprobs)) if logprobs else float("nan")
 
 
 def run_online(cfg: RecipeConfig, resume: Optional[str] = None) -> dict:

@@ -87,3 +87,21 @@ def test_eval_of_the_final_checkpoint_replays_the_runs_last_drift_evaluation(ppo
     assert evaluated["turn"] == logged["turn"] and evaluated["scored"] == logged["scored"]
     assert evaluated["judge"] == pytest.approx(logged["judge"], abs=1e-4)
     assert (final / "eval" / "drift.png").stat().st_size > 1000
+
+
+def test_a_ppo_run_resumed_from_its_step_1_checkpoint_logs_what_the_run_did(ppo_run, tmp_path):
+    """Exact resume with a critic, the adaptive KL controller and multi-turn episodes: the engines
+    are reseeded per generate call from (seed, step, call), so a copy of the run cut back to its
+    step-1 checkpoint and resumed logs at step 2 exactly what the uninterrupted run logged."""
+    import shutil
+
+    from speechrl.rlhf.trainers.online import run_online
+
+    cfg, summary = ppo_run
+    run = Path(summary["run"])
+    copy = tmp_path / run.name
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("step-2", "final"))
+    run_online(cfg, resume=str(copy))
+    numbers = lambda row: {k: v for k, v in row.items() if not k.startswith("time/")}  # noqa: E731
+    assert [r["step"] for r in rows(copy)] == [0, 1, 2]
+    assert [numbers(r) for r in rows(copy)] == [numbers(r) for r in rows(run)]

@@ -52,7 +52,50 @@ def test_grpo_update_gives_group_advantages_and_drops_empty_completions():
     assert batch.completion_ids == [[5], [6, 7], [8]]  # the empty completion has nothing to train
     assert batch.advantages == pytest.approx(expected[[0, 1, 3]].tolist())
     assert batch.audios[2] is REQUESTS[1].audio and batch.kl_coef == 0.05
-    assert not batch.needs_critic and batch.needs_reference and not batch.is_preference and metrics == {}
+    assert not batch.needs_critic and batch.needs_reference and not batch.is_preference
+    assert metrics == {"grpo/zero_variance_groups": 0.0}
+
+
+def test_grpo_dynamic_sampling_drops_groups_that_teach_nothing():
+    samples = [sample(0, [5]), sample(0, [6]), sample(1, [7]), sample(1, [8]), sample(2, [9]), sample(2, [4])]
+    # group 0 all equal; group 2 has one scored sample (nothing to compare with); group 1 differs
+    requests = [*REQUESTS, SimpleNamespace(audio=None)]
+    scores = scored([0.5, 0.5, 1.0, 0.0, 3.0, float("nan")], [True, True, True, True, True, False])
+    kept, metrics = UPDATES.get("grpo")(load_recipe("asr/grpo")).prepare(samples, scores, requests, None)
+    assert metrics["grpo/zero_variance_groups"] == pytest.approx(2 / 3)
+    assert kept.completion_ids == [[5], [6], [7], [8], [9], [4]]  # "off" (the default) trains on them, at 0
+    assert kept.advantages[:2] == [0.0, 0.0] and kept.advantages[4:] == [0.0, 0.0]
+    dropped, metrics = UPDATES.get("grpo")(load_recipe("asr/grpo", ["grpo.dynamic_sampling=drop"])).prepare(
+        samples, scores, requests, None)
+    assert dropped.completion_ids == [[7], [8]] and dropped.advantages == kept.advantages[2:4]
+    assert metrics["grpo/zero_variance_groups"] == pytest.approx(2 / 3)
+    nothing, metrics = UPDATES.get("grpo")(load_recipe("asr/grpo", ["grpo.dynamic_sampling=drop"])).prepare(
+        samples[:2], scored([0.5, 0.5]), requests, None)
+    assert nothing is None and metrics["grpo/zero_variance_groups"] == 1.0
+
+
+def test_grpo_overlong_punishment_is_soft_over_the_buffer():
+    from speechrl.rlhf.algos.updates import overlong_penalty
+
+    assert overlong_penalty([10, 12, 14, 16], 16, 4, 0.5).tolist() == [0.0, 0.0, 0.25, 0.5]
+    cfg = load_recipe("asr/grpo", ["rollout.sampling.max_new_tokens=4", "grpo.overlong_buffer=2"])
+    samples = [sample(0, [1]), sample(0, [1, 2, 3, 4])]  # equal scores: only the length tells them apart
+    batch, metrics = UPDATES.get("grpo")(cfg).prepare(samples, scored([1.0, 1.0]), REQUESTS, None)
+    assert metrics["grpo/overlong_penalty"] == pytest.approx(0.5) and metrics["grpo/zero_variance_groups"] == 0
+    assert batch.advantages[0] > 0 > batch.advantages[1]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("grpo.dynamic_sampling=refill", "`grpo.dynamic_sampling`='refill'; choose one of 'off', 'drop'"),
+    ("grpo.overlong_buffer=500", "`grpo.overlong_buffer`=500 is longer than `rollout.sampling.max_new_tokens`"),
+    ("grpo.overlong_buffer=-1", "grpo.overlong_buffer"),
+    ("grpo.overlong_penalty=0", "grpo.overlong_penalty"),
+])
+def test_grpo_knobs_are_checked_at_load(override, message):
+    from speechrl.rlhf.core.config import RecipeError
+
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_recipe("asr/grpo", [override])
 
 
 def test_ppo_update_returns_gae_targets_and_saves_its_kl_coefficient(tmp_path):

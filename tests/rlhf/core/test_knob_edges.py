@@ -68,6 +68,8 @@ EDGES_ALLOWED = {
     "rl.kl_coef": {"0", "huge"},  # 0 = no KL penalty, no reference
     "rl.epochs_per_step": {"huge"},
     "rl.minibatches": {"huge"},
+    "grpo.overlong_buffer": {"0", "huge"},  # 0 = off; huge: GRPO recipes refuse it (over max_new_tokens)
+    "grpo.overlong_penalty": {"huge"},
     "ppo.gamma": {"0"},
     "ppo.lam": {"0"},  # 0 = one-step TD
     "ppo.vf_coef": {"0", "huge"},
