@@ -89,10 +89,11 @@ class RewardRouter:
     """One batch in, one ScoreResult out, over reward workers placed by their declared resources."""
 
     def __init__(self, specs: Iterable[Any], num_cpus: float = 0, num_gpus: float = 0,
-                 codec: Optional[CodecSpec] = None):
+                 codec: Optional[CodecSpec] = None, retries: int = 0):
         import ray
 
         specs = _checked_specs(specs)
+        restarts = dict(max_restarts=retries, max_task_retries=retries)
         self.decode = AudioDecoder(codec)  # once here, not in every worker
         self.weights = {s.key: float(s.weight) for s in specs}
         self.normalize = {s.key: bool(s.normalize) for s in specs}
@@ -100,11 +101,12 @@ class RewardRouter:
         actor = ray.remote(RewardWorker)
         # a list of groups; a group is the replicas of one worker, each scoring a slice of the batch
         # the codec goes along for `check_codec` only: batches reach the workers decoded
-        self.groups = [[actor.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(shared, codec)]] if shared else []
+        self.groups = [[actor.options(num_cpus=num_cpus, num_gpus=num_gpus, **restarts).remote(shared, codec)]] if shared else []
         for s in specs:
             r = s.resources
             if r.declared():
-                options = actor.options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, memory=int(r.memory_gib * 2**30))
+                options = actor.options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, memory=int(r.memory_gib * 2**30),
+                                        **restarts)
                 self.groups.append([options.remote([s], codec) for _ in range(r.replicas)])
 
     def score(self, batch: Mapping[str, Any]) -> ScoreResult:
@@ -145,22 +147,25 @@ def _concat(slices: list[tuple[int, RawScores]]) -> RawScores:
 
 
 def make_reward_actor(specs: Iterable[Any], num_cpus: float = 0, num_gpus: float = 0,
-                      codec: Optional[CodecSpec] = None):
+                      codec: Optional[CodecSpec] = None, retries: int = 0):
     """The recipe's rewards as a Ray actor; call `ray.get(actor.score.remote(batch))`.
 
     num_cpus=0 by default: scoring text is light and must not hold a CPU the rollouts need. Unknown
     names and resources the cluster lacks fail here, before any worker starts. With `codec` (TTS),
-    `codec_ids` are decoded into waveforms on the worker, before scoring.
+    `codec_ids` are decoded into waveforms on the worker, before scoring. A worker that dies is
+    restarted by Ray and its call retried, up to `retries` times (Ray's max_restarts and
+    max_task_retries: scoring is a pure function of the batch, so a retry scores the same).
     """
+    restarts = dict(max_restarts=retries, max_task_retries=retries)
     import ray  # here, so importing this module neither needs Ray nor starts it
 
     specs = _checked_specs(specs)
     for s in specs:
         find_reward(s.name)
     if not any(s.resources.declared() for s in specs):
-        return ray.remote(RewardWorker).options(num_cpus=num_cpus, num_gpus=num_gpus).remote(specs, codec)
+        return ray.remote(RewardWorker).options(num_cpus=num_cpus, num_gpus=num_gpus, **restarts).remote(specs, codec)
     _check_cluster_has(specs)
-    return ray.remote(RewardRouter).options(num_cpus=0).remote(specs, num_cpus, num_gpus, codec)
+    return ray.remote(RewardRouter).options(num_cpus=0, **restarts).remote(specs, num_cpus, num_gpus, codec, retries)
 
 
 def _check_cluster_has(specs: list[RewardSpec]) -> None:

@@ -170,7 +170,7 @@ class RolloutConfig:
     tensor_parallel_size: int = 1  # GPUs per engine
     enforce_eager: bool = True  # no CUDA graphs / compilation (fast start, needed on CPU)
     weight_transport: str = "object_store"  # how the trainer's weights reach the engines, by registered name
-    max_retries: int = 1  # a step whose rollout worker died is retried this many times on a fresh worker; 0 = no retry
+    max_retries: int = 1  # a rollout or reward worker that died is replaced and its call retried this many times; 0 = no retry
     max_model_len: int = 1024  # longest prompt + completion an engine accepts, in tokens; > the max_new_tokens caps
     threads_per_worker: int = 0  # CPU engines' intra-op threads; 0 = the machine's CPUs shared among the workers
 

@@ -95,7 +95,7 @@ class OnlineRecipe:
         window = processor.feature_extractor.n_samples / processor.feature_extractor.sampling_rate
         self.mode.setup_online(self.run_dir, self.logger, window)
         prebuild_judges(cfg)  # here on every core, not inside a one-thread reward actor
-        self.reward = make_reward_actor(cfg.rewards, codec=self.task.reward_codec)
+        self.reward = make_reward_actor(cfg.rewards, codec=self.task.reward_codec, retries=cfg.rollout.max_retries)
         self.workers = make_rollout_workers(str(self.backbone_path), cfg.rollout, cfg.rollout.num_workers, cfg.seed)
         self.transport = TRANSPORTS.get(cfg.rollout.weight_transport)()
 
@@ -142,9 +142,18 @@ class OnlineRecipe:
         return self.score_batch(batch)
 
     def score_batch(self, batch: dict):
+        """The reward worker's scores. Ray restarts a dead reward worker and retries the call
+        (rollout.max_retries times); past that the run stops with the checkpoint to resume from."""
         import ray
+        from ray.exceptions import RayActorError
 
-        return ray.get(self.reward.score.remote(batch))
+        try:
+            return ray.get(self.reward.score.remote(batch))
+        except RayActorError as e:
+            where = f"the last checkpoint is in {self.run_dir}" if self.policy is not None else "nothing was saved"
+            raise RuntimeError(f"step {self.step}: the reward worker died ({type(e).__name__}) and was not brought "
+                               f"back after rollout.max_retries={self.cfg.rollout.max_retries} restarts; {where}; "
+                               "continue with --resume") from e
 
     def save_rollouts(self, step: int, samples, scores) -> Path:
         """The step's samples with their rewards, one JSON row each: what `speechrl annotate tasks`

@@ -104,3 +104,31 @@ def test_killed_worker_without_retries_fails_clearly(base, monkeypatch):
     monkeypatch.setattr(OnlineRecipe, "generate", kill_before_step_1)
     with pytest.raises(RuntimeError, match=r"rollout worker 0 died.*--resume"):
         run_online(cfg)
+
+
+@pytest.mark.parametrize("retries", [1, 0])
+def test_killed_reward_worker_is_restarted_by_ray_or_the_run_stops_clearly(base, monkeypatch, retries):
+    """The reward worker dies as step 1 scores: Ray restarts it and retries the call (scoring is a
+    pure function of the batch), or, with no retries, the run stops naming the checkpoint to resume."""
+    import ray
+
+    cfg = load_recipe("asr/grpo", [*base, f"run.name=kill-reward-{retries}", "train.steps=2", "train.eval_every=2",
+                                   "train.checkpoint_every=1", f"rollout.max_retries={retries}"])
+    original, killed = OnlineRecipe.score_batch, []
+
+    def kill_while_scoring_step_1(self, batch):
+        if self.step == 1 and not killed:
+            ray.kill(self.reward, no_restart=False)  # as a crash would: Ray may bring it back
+            killed.append(True)
+        return original(self, batch)
+
+    monkeypatch.setattr(OnlineRecipe, "score_batch", kill_while_scoring_step_1)
+    run_dir = Path(cfg.run.output_dir) / f"kill-reward-{retries}"
+    if retries:
+        run_online(cfg)
+        assert killed and [r["step"] for r in rows(run_dir)] == [0, 1, 2]
+        assert all("rewards/asr_wer/reward" in r for r in rows(run_dir)[1:])
+    else:
+        with pytest.raises(RuntimeError, match=r"step 1: the reward worker died.*checkpoint is in .*--resume"):
+            run_online(cfg)
+        assert (run_dir / "checkpoints" / "step-1" / "trainer_state.pt").is_file()
