@@ -102,6 +102,9 @@ def test_a_ppo_run_resumed_from_its_step_1_checkpoint_logs_what_the_run_did(ppo_
     copy = tmp_path / run.name
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("step-2", "final"))
     run_online(cfg, resume=str(copy))
-    numbers = lambda row: {k: v for k, v in row.items() if not k.startswith("time/")}  # noqa: E731
+    # timings differ, and so does the judge cache's hit rate: the resumed step finds the judgments the
+    # first run cached for the same replies (the scores themselves must be equal)
+    numbers = lambda row: {k: v for k, v in row.items()  # noqa: E731
+                           if not k.startswith("time/") and not k.endswith("/cache_hit")}
     assert [r["step"] for r in rows(copy)] == [0, 1, 2]
     assert [numbers(r) for r in rows(copy)] == [numbers(r) for r in rows(run)]
