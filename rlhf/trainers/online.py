@@ -69,7 +69,7 @@ class OnlineRecipe:
         self._start_actors()
         self.policy = PolicyClient(make_policy_worker(
             cfg, self.backbone_path, str(self.checkpoint) if self.checkpoint else None, allowed_ids=self.task.allowed_ids,
-            reference=self.update.needs_reference, critic=self.update.needs_critic))
+            reference=self.update.needs_reference, critic=self.update.needs_critic), run_dir=self.run_dir)
         self.start_step = resume_run(self.checkpoint, self.logger) if self.checkpoint else 0
         if self.checkpoint:
             self.sync()  # engines started from the backbone; give them the resumed weights

@@ -211,8 +211,8 @@ class PolicyClient:
     """The driver's handle on the policy worker: plain calls (each waits for its result), so the
     updates and modes that use it need not know it is a Ray actor."""
 
-    def __init__(self, actor):
-        self.actor = actor
+    def __init__(self, actor, run_dir=None):
+        self.actor, self.run_dir = actor, run_dir
 
     def train(self, batch: TrainBatch) -> dict:
         return self._get(self.actor.train.remote(batch))
@@ -235,8 +235,15 @@ class PolicyClient:
     def ping(self) -> bool:
         return self._get(self.actor.ping.remote())
 
-    @staticmethod
-    def _get(ref):
+    def _get(self, ref):
+        """The call's result. A dead policy worker took its weights and optimizer state since the last
+        checkpoint with it, so nothing is retried: the run stops, saying where to resume from."""
         import ray
+        from ray.exceptions import RayActorError
 
-        return ray.get(ref)
+        try:
+            return ray.get(ref)
+        except RayActorError as e:
+            where = f"the last checkpoint is in {self.run_dir}; " if self.run_dir else ""
+            raise RuntimeError(f"the policy worker died ({type(e).__name__}); its weights and optimizer state since "
+                               f"the last checkpoint are lost; {where}continue with --resume") from e

@@ -132,3 +132,23 @@ def test_killed_reward_worker_is_restarted_by_ray_or_the_run_stops_clearly(base,
         with pytest.raises(RuntimeError, match=r"step 1: the reward worker died.*checkpoint is in .*--resume"):
             run_online(cfg)
         assert (run_dir / "checkpoints" / "step-1" / "trainer_state.pt").is_file()
+
+
+def test_killed_policy_worker_stops_the_run_naming_the_checkpoint(base, monkeypatch):
+    """The policy worker holds the only copy of the weights and optimizer state since the last
+    checkpoint: when it dies nothing is retried, and the run says where to resume from."""
+    import ray
+
+    cfg = load_recipe("asr/grpo", [*base, "run.name=kill-policy", "train.steps=2", "train.eval_every=2",
+                                   "train.checkpoint_every=1"])
+    original = OnlineRecipe.generate
+
+    def kill_policy_at_step_1(self, requests, **kw):
+        if self.step == 1:
+            ray.kill(self.policy.actor)
+        return original(self, requests, **kw)
+
+    monkeypatch.setattr(OnlineRecipe, "generate", kill_policy_at_step_1)
+    with pytest.raises(RuntimeError, match=r"the policy worker died.*last checkpoint is in .*kill-policy.*--resume"):
+        run_online(cfg)
+    assert (Path(cfg.run.output_dir) / "kill-policy" / "checkpoints" / "step-1" / "trainer_state.pt").is_file()
