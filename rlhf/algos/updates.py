@@ -60,18 +60,12 @@ def needs_groups(cfg, source: str) -> None:
         raise RecipeError(f"{source}: {cfg.algorithm} needs `rollout.sampling.n` >= 2 to form groups")
 
 
-DYNAMIC_SAMPLING = ("off", "drop")
-
-
 @UPDATES.register("grpo")
 class GRPOUpdate(Update):
     @classmethod
     def check(cls, cfg, source: str) -> None:
         needs_groups(cfg, source)
-        g = cfg.grpo
-        if g.dynamic_sampling not in DYNAMIC_SAMPLING:
-            raise RecipeError(f"{source}: `grpo.dynamic_sampling`={g.dynamic_sampling!r}; choose one of "
-                              f"{', '.join(map(repr, DYNAMIC_SAMPLING))}")
+        g = cfg.grpo  # grpo.dynamic_sampling's choices are in checks._CHOICES
         if g.overlong_buffer > cfg.rollout.sampling.max_new_tokens:
             raise RecipeError(f"{source}: `grpo.overlong_buffer`={g.overlong_buffer} is longer than "
                               f"`rollout.sampling.max_new_tokens`={cfg.rollout.sampling.max_new_tokens}; the buffer is "

@@ -15,6 +15,7 @@ from speechrl.rlhf.core.registry import MODES, REWARD_NAME, Registry
 _CHOICES = {
     "algorithm": ("sft", "grpo", "ppo", "dpo", "online_dpo", "reward_model"),
     "data.on_bad_example": ("skip", "fail"),
+    "grpo.dynamic_sampling": ("off", "drop"),
     "rl.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"),
 }
 _PATHS = ("model.path", "data.train", "data.eval", "data.synthetic.texts", "run.init_from", "tts.codec", "dpo.data",

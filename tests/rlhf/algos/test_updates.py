@@ -86,7 +86,7 @@ def test_grpo_overlong_punishment_is_soft_over_the_buffer():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("grpo.dynamic_sampling=refill", "`grpo.dynamic_sampling`='refill'; choose one of 'off', 'drop'"),
+    ("grpo.dynamic_sampling=refill", "`grpo.dynamic_sampling` is 'refill'; choose one of off, drop"),
     ("grpo.overlong_buffer=500", "`grpo.overlong_buffer`=500 is longer than `rollout.sampling.max_new_tokens`"),
     ("grpo.overlong_buffer=-1", "grpo.overlong_buffer"),
     ("grpo.overlong_penalty=0", "grpo.overlong_penalty"),
