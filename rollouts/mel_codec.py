@@ -144,6 +144,10 @@ class MelUnitCodec:
         c = self.config
         units = unflatten_ids(ids, self.num_codebooks, self.codebook_size, "MelUnitCodec.decode")
         envelope = sum(book[u] for book, u in zip(self.codebooks, units))  # (frames, n_cepstra)
+        # Griffin-Lim's centered inverse STFT gives hop_length * (frames - 1) samples: a single frame
+        # would decode to no audio at all (a one-token completion), so it is held for two frames
+        if len(envelope) == 1:
+            envelope = np.repeat(envelope, 2, axis=0)
         envelope = convolve1d(envelope, self._smoothing, axis=0, mode="nearest")
         full = np.pad(envelope, ((0, 0), (0, c.n_mels - c.n_cepstra)))
         mel_power = np.exp(idct(full, norm="ortho", axis=1) + self.mean_logmel).T

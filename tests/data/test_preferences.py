@@ -230,6 +230,21 @@ def test_corrupt_audio_drops_only_its_pairs(wavs, codec, caplog):
         encode_pairs(pairs, codec, on_bad="fail")
 
 
+def test_a_short_judged_clip_is_kept_and_an_empty_one_is_bad(wavs, codec, tmp_path):
+    """A policy's sample that stopped after a frame or two is short, and what annotators said of it is
+    data; only a clip with nothing in it cannot be encoded."""
+    hello = str(wavs / "audio" / "hello.wav")
+    short, empty = tmp_path / "short.wav", tmp_path / "empty.wav"
+    write_wav(short, load_audio(hello, SR)[: SR // 50], SR)  # 20 ms: one or two codec frames
+    write_wav(empty, np.zeros(0, np.float32), SR)
+    pairs = [PreferencePair("short", "hi", Speech(audio=hello), Speech(audio=str(short))),
+             PreferencePair("empty", "hi", Speech(audio=hello), Speech(audio=str(empty)))]
+    encoded = encode_pairs(pairs, codec)
+    assert [e.pair.id for e in encoded] == ["short"] and len(encoded[0].rejected) >= codec.num_codebooks
+    assert [(e.where, e.field) for e in encoded.bad] == [("pair 'empty'", "rejected")]
+    assert str(empty) in encoded.summary()["reasons"][0]
+
+
 @pytest.mark.parametrize("ids, message", [
     ((0, 16), r"id 16 at position 1 is outside codebook 1's range \[8, 16\)"),  # past codebook_size * num_codebooks
     ((3, 3), r"id 3 at position 1 is outside codebook 1's range"),  # in range, in codebook 0's slot

@@ -102,6 +102,16 @@ def test_embedded_codec_resamples_and_rejects_bad_input(codec):
         load_codec("/no/such/codec")
 
 
+def test_every_length_of_ids_decodes_to_audio(codec):
+    """One frame is audio too (a completion of one codec token): the centered inverse STFT alone
+    would give hop * (frames - 1) samples, none for one frame, and an empty clip goes unscored."""
+    hop = codec.config.hop_length
+    for frames in (1, 2, 5):
+        units = np.arange(codec.num_codebooks * frames).reshape(codec.num_codebooks, frames) % codec.codebook_size
+        audio = codec.decode(flatten_codes(units, codec.codebook_size))
+        assert len(audio) == hop * max(frames - 1, 1) and np.isfinite(audio).all() and np.abs(audio).max() > 0
+
+
 def test_configs_from_before_smoothing_keep_their_cache_keys_and_repr():
     """The default and the TTS recipe's shape (rlhf/config.py EmbeddedCodecConfig) keep their cache
     directories (named by the fit and the synthesis version of its clips, data/synth.py
