@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from speechrl.rlhf.core.kernels import pin_cpu_kernels
+
+pin_cpu_kernels()  # as the CLI does, before torch computes anything: builds repeat across x86 CPUs
+
 REPO = Path(__file__).resolve().parent.parent
 
 # head_dim 64 (vLLM's CPU kernels need >= 32); about 1M parameters, a training step well under a second

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from speechrl.data.audio import BadExample
-from speechrl.rlhf.core.config import RECIPES_DIR, RecipeError, load_recipe, to_yaml
+from speechrl.rlhf.core.config import RECIPES_DIR, RecipeError, RunStopped, load_recipe, to_yaml
+from speechrl.rlhf.core.kernels import pin_cpu_kernels
 
 EPILOG = """examples:
   speechrl demo                                  SFT warm start then GRPO on the embedded default
@@ -328,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    pin_cpu_kernels()  # before torch computes anything: the same floats on every x86 CPU (core/kernels.py)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # overrides after an option ("eval ckpt --recipe realtime/ppo key=value"): argparse fills a
@@ -346,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, FileNotFoundError, FileExistsError, ValueError, BadExample) as e:
         print(f"speechrl: error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:  # a run that cannot go on (full disk, dead worker): what to do, no traceback
+        print(f"speechrl: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

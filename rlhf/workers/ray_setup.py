@@ -6,6 +6,7 @@ import math
 import os
 
 from speechrl.rlhf.core.config import RecipeConfig, RecipeError
+from speechrl.rlhf.core.kernels import pinned_env
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +17,8 @@ def start_ray(cfg: RecipeConfig) -> None:
     if ray.is_initialized():
         return
     # the policy/reward workers import torch & transformers: keep their logs quiet and threads bounded
-    env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    # and the kernel pinning (core/kernels.py): local workers inherit it, a remote cluster's would not
+    env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **pinned_env()}
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
