@@ -30,6 +30,11 @@ class RecipeError(ValueError):
     """A recipe that cannot run: names the file or key path and what to do."""
 
 
+class RunStopped(RuntimeError):
+    """A run that cannot go on (a full disk, a worker that did not come back): the message says why
+    and where it continues from (run_dir.resume_hint). The CLI prints it without a traceback."""
+
+
 @dataclass
 class TinyBackboneConfig:
     hidden_size: int = 256  # decoder width; head_dim = hidden_size / num_heads must be >= 32 for vLLM's CPU kernels

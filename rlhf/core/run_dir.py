@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from speechrl.rlhf.core.config import RecipeConfig, to_yaml
+from speechrl.rlhf.core.config import RecipeConfig, RunStopped, to_yaml
 from speechrl.rlhf.core.seeding import rng_state, set_rng_state
 
 
@@ -58,6 +59,30 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return complete[-1] if complete else None
 
 
+def resume_hint(run_dir: Path) -> str:
+    """Where a stopped run continues from: its last complete checkpoint, or nowhere yet."""
+    last = latest_checkpoint(run_dir)
+    return (f"the last complete checkpoint is {last}; continue with --resume {run_dir}" if last
+            else f"{run_dir} has no complete checkpoint yet, so the run starts again from the beginning")
+
+
+@contextmanager
+def stop_on_write_error(run_dir: Path, what: str, partial: Optional[Path] = None):
+    """A full disk or a read-only run directory while writing `what` stops the run with a message
+    saying so and where to resume from, never a traceback; `partial` (a checkpoint being written) is
+    removed to give the space back. A checkpoint is complete only once its trainer_state.pt exists,
+    so a half-written one is never resumed from either way."""
+    try:
+        yield
+    except OSError as e:
+        cause = getattr(e, "cause", None) or e  # an error raised in a Ray worker (the policy's save) carries its own
+        why = f"{cause.strerror}: {cause.filename}" if getattr(cause, "strerror", None) else str(cause).strip().splitlines()[-1]
+        if partial is not None and not (partial / "trainer_state.pt").is_file():
+            shutil.rmtree(partial, ignore_errors=True)
+        raise RunStopped(f"could not write {what} ({why}); {resume_hint(run_dir)}, once the disk has room and "
+                         "the run directory is writable") from e
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, cfg: RecipeConfig, plot_keys: list[str]):
         from torch.utils.tensorboard import SummaryWriter
@@ -69,7 +94,7 @@ class RunLogger:
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        with open(self.dir / "metrics.jsonl", "a") as f:
+        with stop_on_write_error(self.dir, f"step {step}'s metrics"), open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)):
@@ -78,7 +103,16 @@ class RunLogger:
 
     def rows(self) -> list[dict]:
         path = self.dir / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        lines = path.read_text().splitlines() if path.exists() else []
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise ValueError(f"{path}: line {i + 1} is not JSON; the metrics log is damaged") from None
+                # the last row was cut off by a full disk: that step is logged again on --resume
+        return rows
 
     def first(self, key: str) -> float:
         """The earliest logged value of `key` (NaN if never logged)."""

@@ -18,9 +18,10 @@ import numpy as np
 from tqdm import tqdm
 
 from speechrl.rlhf.algos import UPDATES
-from speechrl.rlhf.core.config import RecipeConfig
-from speechrl.rlhf.core.run_dir import (RunLogger, due, find_resume_dir, latest_checkpoint, new_run_dir, prune_checkpoints,
-                                        resume_run, write_trainer_state)
+from speechrl.rlhf.core.config import RecipeConfig, RunStopped
+from speechrl.rlhf.core.run_dir import (RunLogger, due, find_resume_dir, latest_checkpoint, new_run_dir,
+                                        prune_checkpoints, resume_hint, resume_run, stop_on_write_error,
+                                        write_trainer_state)
 from speechrl.rlhf.core.seeding import seed_everything
 from speechrl.rlhf.model.backbone import load_processor
 from speechrl.rlhf.modes import get_mode
@@ -118,8 +119,8 @@ class OnlineRecipe:
                                        stop_token_ids=self.task.stop_ids, engine_seed=engine_seed)
             except RolloutWorkerDied as e:
                 if attempt == self.cfg.rollout.max_retries:
-                    raise RuntimeError(f"step {self.step}: {e}; gave up after {attempt + 1} attempts. The last "
-                                       f"checkpoint is in {self.run_dir}; continue with --resume") from e
+                    raise RunStopped(f"step {self.step}: {e}; gave up after {attempt + 1} attempts; "
+                                     f"{self.stopped_hint()}") from e
                 log.warning("step %d: %s; restarting it and retrying the step", self.step, e)
                 self.workers[e.worker_index] = make_rollout_workers(
                     str(self.backbone_path), self.cfg.rollout, 1, (self.cfg.seed + 1000 + attempt) % 2**32)[0]
@@ -150,10 +151,14 @@ class OnlineRecipe:
         try:
             return ray.get(self.reward.score.remote(batch))
         except RayActorError as e:
-            where = f"the last checkpoint is in {self.run_dir}" if self.policy is not None else "nothing was saved"
-            raise RuntimeError(f"step {self.step}: the reward worker died ({type(e).__name__}) and was not brought "
-                               f"back after rollout.max_retries={self.cfg.rollout.max_retries} restarts; {where}; "
-                               "continue with --resume") from e
+            raise RunStopped(f"step {self.step}: the reward worker died ({type(e).__name__}) and was not brought "
+                             f"back after rollout.max_retries={self.cfg.rollout.max_retries} restarts; "
+                             f"{self.stopped_hint()}") from e
+
+    def stopped_hint(self) -> str:
+        """What a stopped run's message ends with: where training continues from (an evaluation of a
+        checkpoint saves nothing and is simply run again)."""
+        return resume_hint(self.run_dir) if self.policy is not None else "nothing was saved; run it again"
 
     def save_rollouts(self, step: int, samples, scores) -> Path:
         """The step's samples with their rewards, one JSON row each: what `speechrl annotate tasks`
@@ -169,8 +174,9 @@ class OnlineRecipe:
                 row["unscored"] = scores.errors[i]
             rows.append(row)
         path = self.run_dir / "rollouts" / f"step-{step:05d}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with stop_on_write_error(self.run_dir, f"step {step}'s rollouts"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return path
 
     def sync(self) -> None:
@@ -229,13 +235,15 @@ class OnlineRecipe:
 
     def save_checkpoint(self, step: int, metrics: dict) -> None:
         path = self.run_dir / "checkpoints" / f"step-{step}"
-        self.policy.save(str(path))
-        self.update.save(path)
-        write_trainer_state(path, step, metrics)  # the row travels with it: see write_trainer_state
+        with stop_on_write_error(self.run_dir, f"the step-{step} checkpoint", partial=path):
+            self.policy.save(str(path))
+            self.update.save(path)
+            write_trainer_state(path, step, metrics)  # the row travels with it: see write_trainer_state
         prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
 
     def finish(self) -> dict:
-        final = self.policy.save_final(str(self.run_dir / "final"))
+        with stop_on_write_error(self.run_dir, "the final weights"):
+            final = self.policy.save_final(str(self.run_dir / "final"))
         last = self.logger.last
         steps = [r for r in self.logger.rows() if "time/step" in r]
         phases = sorted({k for r in steps for k in r if k.startswith("time/")})

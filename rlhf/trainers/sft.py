@@ -24,7 +24,7 @@ from speechrl.rlhf.trainers.judges import prebuild_judges
 from speechrl.rlhf.model.policy import build_policy, exportable_model, save_policy
 from speechrl.rlhf.core.seeding import seed_everything, set_threads
 from speechrl.rlhf.core.run_dir import (RunLogger, due, find_resume_dir, latest_checkpoint, new_run_dir, prune_checkpoints,
-                                   resume_run, write_trainer_state)
+                                   resume_run, stop_on_write_error, write_trainer_state)
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +104,17 @@ class SFTRecipe:
 
     def save_checkpoint(self, step: int) -> Path:
         path = self.run_dir / "checkpoints" / f"step-{step}"
-        save_policy(self.model, self.backbone.processor, self.optimizer, path, self.cfg.model.lora.enabled)
-        write_trainer_state(path, step)
+        with stop_on_write_error(self.run_dir, f"the step-{step} checkpoint", partial=path):
+            save_policy(self.model, self.backbone.processor, self.optimizer, path, self.cfg.model.lora.enabled)
+            write_trainer_state(path, step)
         prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
         return path
 
     def finish(self) -> dict:
         import resource
 
-        final = save_backbone(exportable_model(self.model), self.backbone.processor, self.run_dir / "final")
+        with stop_on_write_error(self.run_dir, "the final weights"):
+            final = save_backbone(exportable_model(self.model), self.backbone.processor, self.run_dir / "final")
         last = self.logger.last
         data = self.train_set.summary()
         table = {

@@ -15,7 +15,8 @@ from speechrl.rlhf.algos import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from speechrl.rlhf.algos.batch import TrainBatch
 from speechrl.rlhf.algos.value_loss import clipped_value_loss
 from speechrl.rlhf.model.backbone import hub_state_dict, save_backbone
-from speechrl.rlhf.core.config import RecipeConfig
+from speechrl.rlhf.core.config import RecipeConfig, RunStopped
+from speechrl.rlhf.core.run_dir import resume_hint
 from speechrl.rlhf.model.critic import ValueHead, token_values
 from speechrl.rlhf.model.logprobs import build_token_batch, token_logprobs, unwrap, vocab_mask
 from speechrl.rlhf.model.policy import build_policy, exportable_model, save_policy
@@ -244,6 +245,6 @@ class PolicyClient:
         try:
             return ray.get(ref)
         except RayActorError as e:
-            where = f"the last checkpoint is in {self.run_dir}; " if self.run_dir else ""
-            raise RuntimeError(f"the policy worker died ({type(e).__name__}); its weights and optimizer state since "
-                               f"the last checkpoint are lost; {where}continue with --resume") from e
+            where = resume_hint(Path(self.run_dir)) if self.run_dir else "continue with --resume"
+            raise RunStopped(f"the policy worker died ({type(e).__name__}); its weights and optimizer state since "
+                             f"the last checkpoint are lost; {where}") from e

@@ -129,7 +129,7 @@ def test_killed_reward_worker_is_restarted_by_ray_or_the_run_stops_clearly(base,
         assert killed and [r["step"] for r in rows(run_dir)] == [0, 1, 2]
         assert all("rewards/asr_wer/reward" in r for r in rows(run_dir)[1:])
     else:
-        with pytest.raises(RuntimeError, match=r"step 1: the reward worker died.*checkpoint is in .*--resume"):
+        with pytest.raises(RuntimeError, match=r"step 1: the reward worker died.*last complete checkpoint is .*step-1; continue with --resume"):
             run_online(cfg)
         assert (run_dir / "checkpoints" / "step-1" / "trainer_state.pt").is_file()
 
@@ -149,6 +149,7 @@ def test_killed_policy_worker_stops_the_run_naming_the_checkpoint(base, monkeypa
         return original(self, requests, **kw)
 
     monkeypatch.setattr(OnlineRecipe, "generate", kill_policy_at_step_1)
-    with pytest.raises(RuntimeError, match=r"the policy worker died.*last checkpoint is in .*kill-policy.*--resume"):
+    with pytest.raises(RuntimeError, match=r"the policy worker died.*last complete checkpoint is .*kill-policy/checkpoints/step-1; "
+                       r"continue with --resume"):
         run_online(cfg)
     assert (Path(cfg.run.output_dir) / "kill-policy" / "checkpoints" / "step-1" / "trainer_state.pt").is_file()
