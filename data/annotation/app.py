@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from speechrl.data.annotation import store
 from speechrl.data.annotation.store import AnnotationError, Submission
@@ -49,6 +50,17 @@ def create_app(engine: Engine) -> FastAPI:
     @app.exception_handler(AnnotationError)
     async def _refused(_: Request, e: AnnotationError):
         return JSONResponse({"error": e.message}, status_code=e.status)
+
+    async def _database_down(_: Request, e: Exception):
+        # the server restarting, a lost connection, a locked SQLite file: nothing was stored, and the
+        # same request (same submission_id) can be sent again; the page does so by itself
+        log.warning("annotation database unreachable: %s", getattr(e, "orig", None) or e)
+        return JSONResponse({"error": "the annotation database cannot be reached just now, so this answer is not "
+                                      "saved yet; it is sent again in a moment (tell the admin if this goes on)"},
+                            status_code=503, headers={"Retry-After": "2"})
+
+    for unreachable in (OperationalError, InterfaceError):
+        app.add_exception_handler(unreachable, _database_down)
 
     @app.exception_handler(RequestValidationError)
     async def _malformed(_: Request, e: RequestValidationError):

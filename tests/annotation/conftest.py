@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(items):
     for item in items:
         names = set(item.fixturenames)
         params = getattr(item, "callspec", None) and item.callspec.params
-        if "postgres_url" in names or (params and params.get("db_url") == "postgresql"):
+        if names & {"postgres_url", "postgres_server"} or (params and params.get("db_url") == "postgresql"):
             item.add_marker("postgres")
         if names & {"browser", "page"}:
             item.add_marker("browser")
@@ -85,10 +85,38 @@ def _admin(url: str, statement: str) -> None:
         engine.dispose()
 
 
+class PostgresServer:
+    """The session's PostgreSQL server: `url` of its empty `speechrl` database; `stop()` aborts it as a
+    crash would (pg_ctl's immediate mode: no clean shutdown, recovery at the next start) and
+    `start()` brings it back on the same port, for the tests of an outage under the app."""
+
+    def __init__(self, bindir: Path, run_as: dict, root: Path):
+        self.bindir, self.run_as, self.root = bindir, run_as, root
+        self.data, self.log, self.port = root / "data", root / "server.log", 0
+
+    def pg(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.bindir / args[0]), *args[1:]], capture_output=True, text=True,
+                              check=check, timeout=120, **self.run_as)
+
+    def start(self) -> subprocess.CompletedProcess:
+        # throwaway data: no fsync; the socket goes in our folder (Debian's /var/run/postgresql may be absent)
+        opts = (f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c synchronous_commit=off "
+                "-c full_page_writes=off")
+        return self.pg("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data), "-l", str(self.log), "-o", opts,
+                       check=False)
+
+    def stop(self, mode: str = "immediate") -> None:
+        self.pg("pg_ctl", "stop", "-w", "-m", mode, "-D", str(self.data), check=False)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/speechrl"
+
+
 @pytest.fixture(scope="session")
-def postgres_url():
-    """A SQLAlchemy URL (postgresql+psycopg://) of an empty database on a PostgreSQL server of its own,
-    listening on 127.0.0.1 with trust auth, for this test session; stopped and deleted afterwards."""
+def postgres_server():
+    """A PostgreSQL server of its own, listening on 127.0.0.1 with trust auth, for this test session;
+    stopped and deleted afterwards."""
     pytest.importorskip("psycopg", reason="psycopg is not installed: pip install 'psycopg[binary]'")
     bindir, run_as = _pg_bindir(), _run_as()
     # Not under tmp_path: pytest's tmp root is private to the user running pytest (mode 700), which
@@ -96,37 +124,36 @@ def postgres_url():
     root = Path(tempfile.mkdtemp(prefix="speechrl-pg-"))
     if run_as:
         os.chown(root, run_as["user"], run_as["group"])
-    data, log = root / "data", root / "server.log"
-
-    def pg(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run([str(bindir / args[0]), *args[1:]], capture_output=True, text=True,
-                              check=check, timeout=120, **run_as)
-
+    server = PostgresServer(bindir, run_as, root)
     try:
         try:
-            pg("initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync")
+            server.pg("initdb", "-D", str(server.data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C",
+                      "--no-sync")
         except PermissionError as e:  # e.g. not allowed to switch user inside this container
             pytest.skip(f"cannot run {bindir}/initdb as the postgres user: {e}")
         except subprocess.CalledProcessError as e:
             pytest.skip(f"{bindir}/initdb failed: {e.stderr.strip()[-500:]}")
-        # throwaway data: no fsync; the socket goes in our folder (Debian's /var/run/postgresql may be absent)
         for _attempt in range(3):  # another process may take the free port before the server binds it
-            port = _free_port()
-            opts = f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-            started = pg("pg_ctl", "start", "-w", "-t", "60", "-D", str(data), "-l", str(log), "-o", opts, check=False)
+            server.port = _free_port()
+            started = server.start()
             if started.returncode == 0:
                 break
         else:
-            tail = log.read_text()[-800:] if log.exists() else started.stderr
+            tail = server.log.read_text()[-800:] if server.log.exists() else started.stderr
             pytest.skip(f"{bindir}/pg_ctl could not start PostgreSQL: {tail}")
         try:
-            url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/speechrl"
-            _admin(f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", "CREATE DATABASE speechrl")
-            yield url
+            _admin(server.url.rsplit("/", 1)[0] + "/postgres", "CREATE DATABASE speechrl")
+            yield server
         finally:
-            pg("pg_ctl", "stop", "-w", "-m", "fast", "-D", str(data), check=False)
+            server.stop("fast")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server) -> str:
+    """A SQLAlchemy URL (postgresql+psycopg://) of an empty database on the session's server."""
+    return postgres_server.url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

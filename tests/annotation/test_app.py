@@ -126,3 +126,32 @@ def test_malformed_submissions_get_a_4xx_naming_the_field_and_change_nothing(set
     raw = client.post("/api/judgments", content=b"{not json", headers={**auth(tokens["alice"]),
                                                                         "Content-Type": "application/json"})
     assert raw.status_code == 422 and store.live_judgments(engine) == []
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_database_outage_is_a_503_and_the_answer_sent_again_is_stored_once(db_url, postgres_server):
+    """The PostgreSQL server under the app is aborted as a crash would: every call is a 503 saying
+    the answer is not saved yet (never a bare 500), and once the server is back the same answer (same
+    submission_id, as the page sends it again) is stored exactly once."""
+    engine = open_db(db_url)
+    tokens, _ = make_batch(engine, ["alice"], n_pairs=2, votes=1)
+    client, alice = TestClient(create_app(engine)), auth(tokens["alice"])
+    try:
+        task = client.get("/api/next", headers=alice).json()["task"]
+        body = {"assignment_id": task["id"], "submission_id": uuid.uuid4().hex, "choice": "A"}
+        with engine.connect() as conn:  # the test server commits asynchronously (no fsync): make the batch durable
+            conn.exec_driver_sql("CHECKPOINT")
+        postgres_server.stop()
+        try:
+            for res in (client.post("/api/judgments", json=body, headers=alice), client.get("/api/next", headers=alice)):
+                assert res.status_code == 503, res.text
+                assert "cannot be reached" in res.json()["error"] and res.headers["retry-after"] == "2"
+        finally:
+            assert postgres_server.start().returncode == 0
+        assert client.post("/api/judgments", json=body, headers=alice).status_code == 201
+        assert client.post("/api/judgments", json=body, headers=alice).status_code == 200  # a retry: stored once
+        assert [j["choice"] for j in store.live_judgments(engine)] == ["A"]
+        assert client.get("/api/next", headers=alice).json()["task"]["id"] != task["id"]
+    finally:
+        client.close()
+        engine.dispose()

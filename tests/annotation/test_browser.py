@@ -109,3 +109,33 @@ def test_admin_page_shows_throughput_and_agreement(tmp_path, page):
         expect(page.locator("#tiles")).to_contain_text("Fleiss")
         expect(page.locator("#people")).to_contain_text("ann")
     engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_an_answer_given_while_the_database_is_down_is_saved_once_it_is_back(db_url, postgres_server, page):
+    """The PostgreSQL server under the app is aborted; the annotator answers anyway. The page says the
+    answer is not saved yet and keeps sending it (same submission_id) until the server is back."""
+    import time
+
+    from playwright.sync_api import expect
+
+    engine = open_db(db_url)
+    tokens, _ = make_batch(engine, ["alice"], n_pairs=2, votes=1)
+    with LiveServer(engine) as server:
+        page.goto(server.url + "/")
+        page.fill("#token", tokens["alice"])
+        page.click("#signin-button")
+        expect(page.locator("#count")).to_have_text("0 / 2")
+        with engine.connect() as conn:  # the test server commits asynchronously (no fsync): make the batch durable
+            conn.exec_driver_sql("CHECKPOINT")
+        postgres_server.stop()
+        try:
+            page.keyboard.press("1")
+            expect(page.locator("#status")).to_contain_text("not saved yet, trying again", timeout=10_000)
+            time.sleep(2)  # a few retries meet the outage
+        finally:
+            assert postgres_server.start().returncode == 0
+        expect(page.locator("#status")).to_contain_text("saved: A", timeout=30_000)
+        expect(page.locator("#count")).to_have_text("1 / 2")
+    assert [j["choice"] for j in store.live_judgments(engine)] == ["A"]
+    engine.dispose()
