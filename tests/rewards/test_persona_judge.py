@@ -225,8 +225,13 @@ def test_pairwise_mode_ranks_within_each_prompt(vllm_reward):
 
 @pytest.mark.vllm
 @pytest.mark.ray
-def test_judge_on_vllm_in_a_ray_reward_worker(ray_cluster, judge_dir, hf_reward):
-    """The deployment path: a reward worker of its own (declared resources), its vLLM engine in-process."""
+def test_judge_on_vllm_in_a_ray_reward_worker_survives_its_engine_being_killed(ray_cluster, judge_dir, hf_reward):
+    """The deployment path: a reward worker of its own (declared resources), its vLLM engine in-process.
+    The engine's process is killed (SIGKILL) while a batch is being scored: Ray restarts the worker,
+    which builds a new engine, and retries the call, which scores what the first call did."""
+    import os
+    import signal
+
     import ray
 
     from speechrl.rewards.worker import make_reward_actor
@@ -235,7 +240,17 @@ def test_judge_on_vllm_in_a_ray_reward_worker(ray_cluster, judge_dir, hf_reward)
               "kwargs": {"model": str(judge_dir), "threads": 1, "rationale": False}},
              {"name": "reply_length", "normalize": False, "kwargs": {"max": 12}}]
     batch = realtime_batch()
-    result = ray.get(make_reward_actor(specs).score.remote(batch), timeout=300)
+    router = make_reward_actor(specs, retries=1)
+    result = ray.get(router.score.remote(batch), timeout=300)
     assert result.valid.all()
     assert result.rewards["persona_judge"] == pytest.approx(hf_reward(**batch)["reward"], abs=1e-4)
     assert result.rewards["reply_length"].tolist() == [0.0] * 4
+
+    judge = ray.get(router.__ray_call__.remote(lambda router: router.groups[-1][0]))  # the declared worker
+    engine_pid = lambda: ray.get(judge.__ray_call__.remote(lambda _: os.getpid()), timeout=300)  # noqa: E731
+    killed = engine_pid()
+    pending = router.score.remote(batch)
+    os.kill(killed, signal.SIGKILL)
+    again = ray.get(pending, timeout=300)
+    assert engine_pid() != killed, "the judge's worker (and its engine) was started again"
+    assert again.valid.all() and again.rewards["persona_judge"] == pytest.approx(result.rewards["persona_judge"], abs=1e-6)
