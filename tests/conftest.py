@@ -120,3 +120,51 @@ def full_run(sft_config, sft_assets):
     cfg = sft_config("full")
     table = run_sft(cfg)
     return cfg, Path(cfg.run.output_dir) / cfg.run.name, table
+
+
+# --- a real file system to fill up or turn read-only (tests of a run's writes failing) ------------
+
+class SmallDisk:
+    """A 64 MiB tmpfs of its own at `path`: `fill()` writes until it is full (`free()` gives the
+    space back), `read_only()` / `writable()` remount it."""
+
+    def __init__(self, path: Path):
+        self.path, self.filler = path, path / "filler"
+
+    def _mount(self, *args: str) -> None:
+        import subprocess
+
+        subprocess.run(["mount", *args, str(self.path)], check=True, capture_output=True)
+
+    def fill(self) -> None:
+        chunk = b"\0" * 2**20
+        with open(self.filler, "wb") as f:
+            try:
+                while True:
+                    f.write(chunk)
+                    f.flush()
+            except OSError:  # ENOSPC: full
+                pass
+
+    def free(self) -> None:
+        self.filler.unlink()
+
+    def read_only(self) -> None:
+        self._mount("-o", "remount,ro")
+
+    def writable(self) -> None:
+        self._mount("-o", "remount,rw")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A SmallDisk; skipped where this process may not mount a tmpfs (it needs root or CAP_SYS_ADMIN)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): needs root or CAP_SYS_ADMIN")
+    yield SmallDisk(mount)
+    subprocess.run(["umount", "-l", str(mount)], check=False)

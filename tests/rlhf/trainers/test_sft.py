@@ -173,55 +173,25 @@ def test_resume_without_checkpoint_is_refused(sft_config):
 
 
 # --- a full disk, a read-only run directory ------------------------------------------------------
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real file system of its own (a 64 MiB tmpfs) to fill up or remount read-only; skipped where
-    this process may not mount one."""
-    import subprocess
-
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}): needs root or CAP_SYS_ADMIN")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(folder: Path) -> Path:
-    """Write a file until the file system is full; returns it (delete it to free the space)."""
-    filler, chunk = folder / "filler", b"\0" * 2**20
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(chunk)
-                f.flush()
-        except OSError:
-            pass
-    return filler
-
-
 @pytest.mark.parametrize("fault", ["full", "read-only"])
 def test_a_full_disk_or_read_only_run_dir_stops_clearly_and_the_run_resumes_exactly(
         fault, small_disk, sft_overrides, full_run, monkeypatch, capsys):
     """The disk fills up (or the run directory turns read-only) after the step-5 checkpoint: the
     step-10 one cannot be written, the CLI says so and where to resume, without a traceback; with
     room again --resume continues from step 5 to the uninterrupted run's final weights."""
-    import subprocess
-
     from speechrl.rlhf.cli.main import main
 
     _, full_dir, _ = full_run
     # metrics are logged only at the end, so the step-10 checkpoint is the first write to fail
-    args = ["train", "asr/sft", *sft_overrides(f"disk-{fault}", f"run.output_dir={small_disk}", "train.log_every=100")]
-    run_dir, original, filler = small_disk / f"disk-{fault}", sft.SFTRecipe.save_checkpoint, []
+    args = ["train", "asr/sft", *sft_overrides(f"disk-{fault}", f"run.output_dir={small_disk.path}", "train.log_every=100")]
+    run_dir, original = small_disk.path / f"disk-{fault}", sft.SFTRecipe.save_checkpoint
 
     def fault_after_step_5(self, step):
         path = original(self, step)
         if step == 5 and fault == "full":
-            filler.append(fill(small_disk))
+            small_disk.fill()
         elif step == 5:
-            subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+            small_disk.read_only()
         return path
 
     monkeypatch.setattr(sft.SFTRecipe, "save_checkpoint", fault_after_step_5)
@@ -235,9 +205,9 @@ def test_a_full_disk_or_read_only_run_dir_stops_clearly_and_the_run_resumes_exac
 
     monkeypatch.setattr(sft.SFTRecipe, "save_checkpoint", original)
     if fault == "full":
-        filler[0].unlink()
+        small_disk.free()
     else:
-        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+        small_disk.writable()
     assert main([*args, "--resume", str(run_dir)]) == 0
     a, b = weights(run_dir / "final"), weights(full_dir / "final")
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
