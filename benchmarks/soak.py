@@ -85,7 +85,10 @@ def soak(args, train: list[str]) -> dict:
                 resume = ["--resume", str(run_dir)] if (run_dir / "checkpoints").is_dir() else []
                 log.write(f"\n=== soak: {' '.join(base[1:] + resume)} ===\n")
                 log.flush()
-                proc = subprocess.Popen(base + resume, stdout=log, stderr=subprocess.STDOUT)
+                # SIGINT at its default: a soak started in the background (`&`) inherits it ignored, and the
+                # run would not take the deadline's Ctrl-C
+                proc = subprocess.Popen(base + resume, stdout=log, stderr=subprocess.STDOUT,
+                                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
             rc = proc.poll()
             if rc is not None:
                 exits.append({"at_min": round((time.time() - began) / 60, 1), "rc": rc, "step": last_step(run_dir)})
@@ -135,11 +138,11 @@ def report(run_dir: Path, reference: Path | None) -> None:
     done = rows(run_dir)
     print(f"run {run_dir}: {last_step(run_dir)} steps in {record.get('hours', '?')} h"
           f"{' (finished)' if record.get('finished') else ''}")
-    print(f"{'kills':<34}{len(record['kills'])}")
+    print(f"{'kills':<38}{len(record['kills'])}")
     for kind in ("rollout", "reward", "policy"):
-        print(f"  {kind + ' worker':<32}{sum(k['worker'] == kind for k in record['kills'])}")
-    print(f"{'rollout steps retried (run log)':<34}{text.count('restarting it and retrying the step')}")
-    print(f"{'run stopped, resumed with --resume':<34}{sum(e['rc'] != 0 for e in record['exits'])}")
+        print(f"  {kind + ' worker':<36}{sum(k['worker'] == kind for k in record['kills'])}")
+    print(f"{'rollout steps retried (run log)':<38}{text.count('restarting it and retrying the step')}")
+    print(f"{'runs stopped, then resumed (--resume)':<38}{sum(e['rc'] != 0 for e in record['exits'])}")
     stopped = [line for line in text.splitlines() if line.startswith("speechrl: error:")]
     for line in stopped[:5]:
         print(f"  {line[:160]}")
