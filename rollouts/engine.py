@@ -25,10 +25,10 @@ LOGPROBS_MODE = "processed_logprobs"
 
 
 class RolloutWorkerDied(RuntimeError):
-    """A rollout actor died mid-generate; the driver may retry on a fresh worker."""
+    """A rollout actor died mid-call (generate, or a weight sync); the driver may retry on a fresh worker."""
 
-    def __init__(self, worker_index: int, cause: BaseException):
-        super().__init__(f"rollout worker {worker_index} died during generate ({type(cause).__name__}: "
+    def __init__(self, worker_index: int, cause: BaseException, during: str = "generate"):
+        super().__init__(f"rollout worker {worker_index} died during {during} ({type(cause).__name__}: "
                          f"{str(cause).splitlines()[0] if str(cause) else ''}); start a fresh worker and retry")
         self.worker_index = worker_index
 

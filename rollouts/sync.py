@@ -33,7 +33,7 @@ class ObjectStoreTransport:
             try:
                 ray.get(future)
             except RayActorError as e:
-                raise RolloutWorkerDied(k, e) from e
+                raise RolloutWorkerDied(k, e, during="the weight sync") from e
 
 
 # vLLM fuses these projections into one tensor (Qwen2's packed_modules_mapping); reloading a

@@ -118,12 +118,7 @@ class OnlineRecipe:
                                        max_new_tokens=max_new_tokens, seed=None, allowed_token_ids=self.task.allowed_ids,
                                        stop_token_ids=self.task.stop_ids, engine_seed=engine_seed)
             except RolloutWorkerDied as e:
-                if attempt == self.cfg.rollout.max_retries:
-                    raise RunStopped(f"step {self.step}: {e}; gave up after {attempt + 1} attempts; "
-                                     f"{self.stopped_hint()}") from e
-                log.warning("step %d: %s; restarting it and retrying the step", self.step, e)
-                self.workers[e.worker_index] = make_rollout_workers(
-                    str(self.backbone_path), self.cfg.rollout, 1, (self.cfg.seed + 1000 + attempt) % 2**32)[0]
+                self.replace_worker(e, attempt)
                 self.sync()
 
     def next_engine_seed(self) -> int:
@@ -179,10 +174,27 @@ class OnlineRecipe:
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return path
 
+    def replace_worker(self, died: RolloutWorkerDied, attempt: int) -> None:
+        """A fresh rollout worker in place of the dead one (it gets the weights at the next sync), or,
+        past rollout.max_retries attempts, the run stops saying where to resume from."""
+        if attempt == self.cfg.rollout.max_retries:
+            raise RunStopped(f"step {self.step}: {died}; gave up after {attempt + 1} attempts; "
+                             f"{self.stopped_hint()}") from died
+        log.warning("step %d: %s; restarting it and retrying the step", self.step, died)
+        self.workers[died.worker_index] = make_rollout_workers(
+            str(self.backbone_path), self.cfg.rollout, 1, (self.cfg.seed + 1000 + attempt) % 2**32)[0]
+
     def sync(self) -> None:
+        """The policy's weights to every engine. An engine that dies while loading them is replaced
+        and the sync sent again (the soak run found this: a kill during the sync stopped the run)."""
         if self.policy is None:  # a checkpoint's evaluation: the engines serve it as saved
             return
-        self.transport.send(self.policy.weights(), self.workers)
+        for attempt in range(self.cfg.rollout.max_retries + 1):
+            try:
+                self.transport.send(self.policy.weights(), self.workers)
+                return
+            except RolloutWorkerDied as e:
+                self.replace_worker(e, attempt)
 
     def evaluate(self, step: int) -> dict:
         return self.mode.evaluate_online(step, self.generate, self.score_batch, self.score, self.policy)

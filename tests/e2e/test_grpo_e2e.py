@@ -63,11 +63,12 @@ def test_interrupted_run_resumes_as_the_run_it_continues_and_killed_workers_chan
 
     # and it is the run it continues: an uninterrupted run logs the same numbers at every step (the
     # engines are reseeded per call from seed, step and call, and the driver's RNG is checkpointed),
-    # even one whose rollout worker dies before step 2 generates and whose reward worker dies as step 3
-    # scores: the first is replaced (and synced), the second restarted by Ray, each call retried
+    # even one whose rollout worker dies before step 2 generates, whose reward worker dies as step 3
+    # scores, and whose rollout worker dies again as step 4's weights are synced: the rollout workers
+    # are replaced (and synced), the reward worker restarted by Ray, each call retried
     import ray
 
-    generate, score_batch, killed = OnlineRecipe.generate, OnlineRecipe.score_batch, []
+    generate, score_batch, sync, killed = OnlineRecipe.generate, OnlineRecipe.score_batch, OnlineRecipe.sync, []
 
     def kill_rollout_before_step_2(self, requests, **kw):
         if self.step == 1 and not killed:
@@ -81,11 +82,18 @@ def test_interrupted_run_resumes_as_the_run_it_continues_and_killed_workers_chan
             killed.append("reward")
         return score_batch(self, batch)
 
+    def kill_rollout_as_step_4_syncs(self):
+        if self.step == 3 and killed == ["rollout", "reward"]:
+            ray.kill(self.workers[0])
+            killed.append("rollout, at the sync")
+        return sync(self)
+
     monkeypatch.setattr(OnlineRecipe, "generate", kill_rollout_before_step_2)
     monkeypatch.setattr(OnlineRecipe, "score_batch", kill_reward_while_scoring_step_3)
+    monkeypatch.setattr(OnlineRecipe, "sync", kill_rollout_as_step_4_syncs)
     run_online(load_recipe("asr/grpo", [*base, "run.name=straight", "train.steps=4", "train.checkpoint_every=2",
                                         "train.eval_every=4", "rollout.max_retries=1"]))
-    assert killed == ["rollout", "reward"]
+    assert killed == ["rollout", "reward", "rollout, at the sync"]
     straight = rows(Path(cfg.run.output_dir) / "straight")
     numbers = lambda row: {k: v for k, v in row.items() if not k.startswith("time/")}  # noqa: E731
     assert [numbers(r) for r in rows(run_dir)] == [numbers(r) for r in straight]

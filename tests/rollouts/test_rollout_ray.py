@@ -97,7 +97,7 @@ def test_object_store_transport_syncs_every_worker(workers, make_requests, tiny_
     assert [s.completion_ids for s in generate_across(workers, requests, **greedy)] == expected
 
 
-def test_dead_worker_raises_naming_it(workers, make_requests):
+def test_dead_worker_raises_naming_it(workers, make_requests, tiny_backbone_dir):
     import ray
 
     from speechrl.rollouts.engine import RolloutWorkerDied, generate_across
@@ -108,3 +108,10 @@ def test_dead_worker_raises_naming_it(workers, make_requests):
         generate_across(workers, make_requests(4), **SAMPLING)
     assert info.value.worker_index == 1
     assert time.perf_counter() - start < 30
+    # and a weight sync names it too, so the driver replaces it and syncs again (OnlineRecipe.sync)
+    from speechrl.rollouts.sync import TRANSPORTS
+
+    with pytest.raises(RolloutWorkerDied, match="rollout worker 1 died during the weight sync") as info:
+        TRANSPORTS.get("object_store")().send(hub_state_dict(load_backbone(tiny_backbone_dir).model.state_dict().items()),
+                                              workers)
+    assert info.value.worker_index == 1
