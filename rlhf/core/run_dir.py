@@ -83,6 +83,16 @@ def stop_on_write_error(run_dir: Path, what: str, partial: Optional[Path] = None
                          "the run directory is writable") from e
 
 
+@contextmanager
+def writing_checkpoint(run_dir: Path, step: int, keep: int):
+    """The step's checkpoint folder to write into (write trainer_state.pt last). A write that fails
+    stops the run (stop_on_write_error); once written, checkpoints beyond the newest `keep` go."""
+    path = run_dir / "checkpoints" / f"step-{step}"
+    with stop_on_write_error(run_dir, f"the step-{step} checkpoint", partial=path):
+        yield path
+    prune_checkpoints(run_dir, keep)
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, cfg: RecipeConfig, plot_keys: list[str]):
         from torch.utils.tensorboard import SummaryWriter

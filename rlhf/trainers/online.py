@@ -20,8 +20,8 @@ from tqdm import tqdm
 from speechrl.rlhf.algos import UPDATES
 from speechrl.rlhf.core.config import RecipeConfig, RunStopped
 from speechrl.rlhf.core.run_dir import (RunLogger, due, find_resume_dir, latest_checkpoint, new_run_dir,
-                                        prune_checkpoints, resume_hint, resume_run, stop_on_write_error,
-                                        write_trainer_state)
+                                        resume_hint, resume_run, stop_on_write_error, write_trainer_state,
+                                        writing_checkpoint)
 from speechrl.rlhf.core.seeding import seed_everything
 from speechrl.rlhf.model.backbone import load_processor
 from speechrl.rlhf.modes import get_mode
@@ -246,12 +246,10 @@ class OnlineRecipe:
         return self.finish()
 
     def save_checkpoint(self, step: int, metrics: dict) -> None:
-        path = self.run_dir / "checkpoints" / f"step-{step}"
-        with stop_on_write_error(self.run_dir, f"the step-{step} checkpoint", partial=path):
+        with writing_checkpoint(self.run_dir, step, self.cfg.train.keep_checkpoints) as path:
             self.policy.save(str(path))
             self.update.save(path)
             write_trainer_state(path, step, metrics)  # the row travels with it: see write_trainer_state
-        prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
 
     def finish(self) -> dict:
         with stop_on_write_error(self.run_dir, "the final weights"):

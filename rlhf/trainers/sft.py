@@ -23,8 +23,8 @@ from speechrl.rlhf.modes.base import batch_indices
 from speechrl.rlhf.trainers.judges import prebuild_judges
 from speechrl.rlhf.model.policy import build_policy, exportable_model, save_policy
 from speechrl.rlhf.core.seeding import seed_everything, set_threads
-from speechrl.rlhf.core.run_dir import (RunLogger, due, find_resume_dir, latest_checkpoint, new_run_dir, prune_checkpoints,
-                                   resume_run, stop_on_write_error, write_trainer_state)
+from speechrl.rlhf.core.run_dir import (RunLogger, due, find_resume_dir, latest_checkpoint, new_run_dir, resume_run,
+                                   stop_on_write_error, write_trainer_state, writing_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +103,9 @@ class SFTRecipe:
         return {}
 
     def save_checkpoint(self, step: int) -> Path:
-        path = self.run_dir / "checkpoints" / f"step-{step}"
-        with stop_on_write_error(self.run_dir, f"the step-{step} checkpoint", partial=path):
+        with writing_checkpoint(self.run_dir, step, self.cfg.train.keep_checkpoints) as path:
             save_policy(self.model, self.backbone.processor, self.optimizer, path, self.cfg.model.lora.enabled)
             write_trainer_state(path, step)
-        prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
         return path
 
     def finish(self) -> dict:
