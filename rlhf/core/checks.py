@@ -94,6 +94,7 @@ _RANGES = {
     "rollout.max_model_len": ">= 1",
     "rollout.threads_per_worker": ">= 0 (0 = the machine's CPUs shared among the workers)",
     "ray.num_cpus": ">= 1",
+    "asr.ctc_weight": ">= 0 (0 = no CTC loss)",
     "tts.embedded_codec.hop_length": ">= 1",
     "tts.embedded_codec.num_codebooks": ">= 1",
     "tts.embedded_codec.codebook_size": ">= 1",

@@ -221,6 +221,15 @@ class EmbeddedCodecConfig:
 
 
 @dataclass
+class AsrConfig:
+    """`mode: asr`. ctc_weight > 0 adds, in SFT, a CTC loss on the projector's output frames against the
+    transcript, each frame classified by the decoder's own input embeddings (blank: the audio
+    placeholder's row): a dense, per-frame signal that teaches a new projector to put the spoken tokens'
+    embeddings where the decoder reads the audio, long before the next-token loss alone does."""
+    ctc_weight: float = 0.0
+
+
+@dataclass
 class TTSConfig:
     codec: Optional[str] = None  # local codec dir (Mimi/DAC/EnCodec or a saved MelUnitCodec); null = the embedded one
     embedded_codec: EmbeddedCodecConfig = field(default_factory=EmbeddedCodecConfig)
@@ -308,6 +317,7 @@ class RecipeConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])  # combined, weighted
     ray: RayConfig = field(default_factory=RayConfig)
+    asr: AsrConfig = field(default_factory=AsrConfig)  # ASR mode: the projector's CTC loss in SFT
     tts: TTSConfig = field(default_factory=TTSConfig)  # TTS mode: codec, voice prompts, held-out synthesis
     realtime: RealtimeConfig = field(default_factory=RealtimeConfig)  # realtime mode: personas, episodes, drift
     dpo: DPOConfig = field(default_factory=DPOConfig)  # offline and online DPO

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from speechrl.rlhf.model.layout import LayoutMask, ReplyLayout
+from speechrl.rlhf.model.tower_cache import cacheable, tower_cache
 
 
 @dataclass
@@ -96,14 +97,12 @@ def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, allowed: 
     if batch.audio_index is not None and not _checkpointing(model):
         logp, hidden = _shared_prompt_logprobs(model, batch, temperature, allowed, with_hidden)
         return (logp, hidden) if with_hidden else logp
-    if batch.audio_index is None:
-        audio = {} if batch.input_features is None else dict(input_features=batch.input_features,
-                                                              feature_attention_mask=batch.feature_attention_mask)
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=with_hidden,
-                    **audio)
-    else:  # gradient checkpointing forbids the KV cache the shared-prompt path needs
-        embeds = _inputs_embeds(model, batch.input_ids, batch.input_features, batch.feature_attention_mask,
-                                batch.audio_index)
+    if batch.input_features is None:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=with_hidden)
+    else:  # every row in full (gradient checkpointing forbids the KV cache the shared-prompt path needs);
+        # encode_audio, not the model's own forward: a frozen tower's outputs are cached (tower_cache.py)
+        index = batch.audio_index if batch.audio_index is not None else torch.arange(len(batch.input_ids))
+        embeds = _inputs_embeds(model, batch.input_ids, batch.input_features, batch.feature_attention_mask, index)
         out = model(inputs_embeds=embeds, attention_mask=batch.attention_mask, output_hidden_states=with_hidden)
     logp = _logprobs(out.logits[:, :-1], batch.input_ids[:, 1:], temperature, allowed, batch.completion_mask)
     return (logp, out.hidden_states[-1][:, :-1]) if with_hidden else logp
@@ -204,13 +203,21 @@ def encode_audio(model, features: torch.Tensor, feature_mask: torch.Tensor) -> l
     tower = inner.audio_tower
     feat_lengths, out_lengths = tower._get_feat_extract_output_lengths(feature_mask.sum(-1))
     frames = (features.shape[-1] - 2) // 2 + 1
-    valid = torch.arange(frames, device=features.device)[None, :] < feat_lengths[:, None]
-    mask = create_bidirectional_mask(config=tower.config,
-                                     inputs_embeds=torch.zeros(len(features), frames, 1, device=features.device),
-                                     attention_mask=valid.long())
+
+    def run(rows: list[int]) -> torch.Tensor:  # the tower's output of clips `rows`, [len(rows), frames, hidden]
+        valid = torch.arange(frames, device=features.device)[None, :] < feat_lengths[rows][:, None]
+        mask = create_bidirectional_mask(config=tower.config,
+                                         inputs_embeds=torch.zeros(len(rows), frames, 1, device=features.device),
+                                         attention_mask=valid.long())
+        return tower(features[rows], attention_mask=mask).last_hidden_state
+
+    if cacheable(tower):  # frozen: each clip's tower output is computed once per process (tower_cache.py)
+        with torch.no_grad():
+            hidden = tower_cache(tower).outputs(tower, features, out_lengths, run)
+        return [inner.multi_modal_projector(h) for h in hidden]
     trainable = any(p.requires_grad for p in tower.parameters())
     with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-        hidden = tower(features, attention_mask=mask).last_hidden_state
+        hidden = run(list(range(len(features))))
     projected = inner.multi_modal_projector(hidden)
     return [projected[i, : int(out_lengths[i])] for i in range(len(projected))]
 

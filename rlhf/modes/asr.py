@@ -46,6 +46,32 @@ class AsrTask:
         return self._prompt_ids[ex.id], target + [self.tokenizer.convert_tokens_to_ids(IM_END)], audio
 
 
+def projector_ctc_loss(model, batch, end_id: int) -> "torch.Tensor":
+    """CTC of each clip's projected audio frames against its transcript (the completion without its
+    end token). A frame's logits are its dot products with the decoder's input embeddings (detached:
+    only what makes the audio embeddings trains), the blank being the audio placeholder's row; so the
+    loss falls as the projector puts each spoken token's own embedding where the decoder reads it."""
+    import torch
+    import torch.nn.functional as F
+
+    from speechrl.rlhf.model.logprobs import audio_model, encode_audio
+
+    inner = audio_model(model)
+    table = inner.get_input_embeddings().weight.detach()
+    clips = encode_audio(model, batch.input_features, batch.feature_attention_mask)  # a frozen tower: cached
+    index = batch.audio_index if batch.audio_index is not None else torch.arange(len(batch.input_ids))
+    targets = {}
+    for row, clip in enumerate(index.tolist()):  # rows sharing a clip share its transcript
+        ids = batch.input_ids[row, 1:][batch.completion_mask[row]]
+        targets.setdefault(clip, ids[:-1] if len(ids) and int(ids[-1]) == end_id else ids)
+    logp = [(c @ table.T).float().log_softmax(-1) for c in clips]
+    frames = max(len(x) for x in logp)
+    padded = torch.stack([F.pad(x, (0, 0, 0, frames - len(x))) for x in logp], dim=1)  # [T, N, V]
+    return F.ctc_loss(padded, torch.cat([targets[i] for i in range(len(clips))]),
+                      torch.tensor([len(x) for x in logp]), torch.tensor([len(targets[i]) for i in range(len(clips))]),
+                      blank=inner.config.audio_token_id, zero_infinity=True)
+
+
 def log_examples(result: dict, log) -> dict:
     """Log (and drop from `result`) the few ref/hyp pairs kept for eyeballing; returns the metrics."""
     for ref, hyp in result.pop("examples"):
@@ -85,6 +111,14 @@ class AsrMode(Mode):
     def transcriber(self, model, processor):
         return lambda audios: greedy_transcribe(model, processor, list(audios),
                                                 max_new_tokens=self.cfg.eval_max_new_tokens)
+
+    def sft_loss(self, model, batch) -> tuple:
+        token_loss, metrics = super().sft_loss(model, batch)
+        weight = self.cfg.asr.ctc_weight
+        if not weight:
+            return token_loss, metrics
+        ctc = projector_ctc_loss(model, batch, self.task.tokenizer.convert_tokens_to_ids(IM_END))
+        return token_loss + weight * ctc, {"token_loss": token_loss.item(), "ctc_loss": ctc.item()}
 
     def make_task(self, processor, codec=None) -> AsrTask:
         return AsrTask(self.cfg, processor)

@@ -95,6 +95,13 @@ class Mode:
         return {}
 
     # --- offline trainers (SFT, DPO) and `speechrl eval` ------------------------------------------
+    def sft_loss(self, model, batch) -> tuple:
+        """SFT's loss on a batch of reference completions and its metrics (floats, logged as train/<name>):
+        the mean next-token loss; a mode may add a term of its own."""
+        from speechrl.rlhf.model.logprobs import sft_loss
+
+        return sft_loss(model, batch), {}
+
     def evaluate_offline(self, step: int, model, processor, eval_set, run_dir: Path, logger) -> dict:
         """Held-out metrics of an in-process transformers model."""
         raise NotImplementedError

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from speechrl.rlhf.core.config import RecipeConfig
 from speechrl.rlhf.model.backbone import save_backbone
-from speechrl.rlhf.model.logprobs import build_token_batch, sft_loss
+from speechrl.rlhf.model.logprobs import build_token_batch
 from speechrl.rlhf.modes import get_mode
 from speechrl.rlhf.modes.base import batch_indices
 from speechrl.rlhf.trainers.judges import prebuild_judges
@@ -96,7 +96,7 @@ class SFTRecipe:
 
     def step_loss(self, step: int) -> tuple:
         """The loss of optimizer step `step` and its metrics (floats, logged as train/<name>)."""
-        return sft_loss(self.model, self._batch(step)), {}
+        return self.mode.sft_loss(self.model, self._batch(step))
 
     def summary_rows(self) -> dict:
         """Rows a subclass adds to the summary table."""

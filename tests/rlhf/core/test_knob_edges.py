@@ -100,6 +100,7 @@ EDGES_ALLOWED = {
     "tts.embedded_codec.griffin_lim_iters": {"huge"},
     "tts.max_voice_seconds": {"0", "huge"},  # 0 = not cut
     "tts.eval_temperature": {"0", "huge"},  # 0 = greedy
+    "asr.ctc_weight": {"0", "huge"},  # 0 = no CTC loss
     "tts.eval_samples": {"0", "huge"},  # 0 = none written
     "tts.eval_repeats": {"huge"},
     "realtime.dialogues_per_persona": {"huge"},

@@ -57,7 +57,7 @@ def test_shared_prompts_run_once_with_the_same_logprobs_and_grads(sft_assets):
     clips = [rng.normal(0, 0.1, 16000 * s).astype(np.float32) for s in (1, 2)]
     prompts, completions, audios, shared = _grpo_like_batch(backbone, clips, n=3)
     assert shared.input_features.shape[0] == 2 and shared.audio_index.tolist() == [0, 0, 0, 1, 1, 1]
-    # the same rows with a private copy of each clip take transformers' own forward
+    # the same rows with a private copy of each clip run in full, each clip encoded for its row
     private = build_token_batch(backbone.processor, prompts, completions, [a.copy() for a in audios],
                                 backbone.tokenizer.pad_token_id)
     assert private.audio_index is None and private.input_features.shape[0] == 6
