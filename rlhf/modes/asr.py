@@ -54,22 +54,46 @@ def projector_ctc_loss(model, batch, end_id: int) -> "torch.Tensor":
     import torch
     import torch.nn.functional as F
 
-    from speechrl.rlhf.model.logprobs import audio_model, encode_audio
+    from speechrl.rlhf.model.logprobs import audio_model
 
-    inner = audio_model(model)
-    table = inner.get_input_embeddings().weight.detach()
-    clips = encode_audio(model, batch.input_features, batch.feature_attention_mask)  # a frozen tower: cached
     index = batch.audio_index if batch.audio_index is not None else torch.arange(len(batch.input_ids))
     targets = {}
     for row, clip in enumerate(index.tolist()):  # rows sharing a clip share its transcript
         ids = batch.input_ids[row, 1:][batch.completion_mask[row]]
         targets.setdefault(clip, ids[:-1] if len(ids) and int(ids[-1]) == end_id else ids)
-    logp = [(c @ table.T).float().log_softmax(-1) for c in clips]
+    logp = _frame_logprobs(model, batch.input_features, batch.feature_attention_mask)
     frames = max(len(x) for x in logp)
     padded = torch.stack([F.pad(x, (0, 0, 0, frames - len(x))) for x in logp], dim=1)  # [T, N, V]
-    return F.ctc_loss(padded, torch.cat([targets[i] for i in range(len(clips))]),
-                      torch.tensor([len(x) for x in logp]), torch.tensor([len(targets[i]) for i in range(len(clips))]),
-                      blank=inner.config.audio_token_id, zero_infinity=True)
+    return F.ctc_loss(padded, torch.cat([targets[i] for i in range(len(logp))]),
+                      torch.tensor([len(x) for x in logp]), torch.tensor([len(targets[i]) for i in range(len(logp))]),
+                      blank=audio_model(model).config.audio_token_id, zero_infinity=True)
+
+
+def _frame_logprobs(model, features, feature_mask) -> list:
+    """Per clip, [frames, vocab] log-probs of the projected audio frames over the decoder's input
+    embeddings (detached), the classifier of projector_ctc_loss."""
+    from speechrl.rlhf.model.logprobs import audio_model, encode_audio
+
+    table = audio_model(model).get_input_embeddings().weight.detach()
+    clips = encode_audio(model, features, feature_mask)  # a frozen tower: cached (tower_cache.py)
+    return [(c @ table.T).float().log_softmax(-1) for c in clips]
+
+
+def ctc_transcribe(model, processor, audios: list) -> list[str]:
+    """Greedy CTC reading of the projector's frames (repeats merged, blanks dropped): what the audio
+    embeddings already say before the decoder reads them; logged as eval/ctc_wer when asr.ctc_weight > 0."""
+    import torch
+
+    from speechrl.rlhf.model.logprobs import audio_features, audio_model
+
+    blank = audio_model(model).config.audio_token_id
+    texts = []
+    with torch.no_grad():
+        for i in range(0, len(audios), 16):
+            for logp in _frame_logprobs(model, *audio_features(processor, audios[i : i + 16])):
+                ids = torch.unique_consecutive(logp.argmax(-1))
+                texts.append(processor.tokenizer.decode(ids[ids != blank].tolist(), skip_special_tokens=True).strip())
+    return texts
 
 
 def log_examples(result: dict, log) -> dict:
@@ -146,6 +170,10 @@ class AsrMode(Mode):
     def evaluate_offline(self, step, model, processor, eval_set, run_dir, logger) -> dict:
         result = evaluate_asr(model, processor, eval_set, max_examples=self.cfg.data.max_eval_examples,
                               max_new_tokens=self.cfg.eval_max_new_tokens)
+        if self.cfg.asr.ctc_weight:
+            items = [eval_set[i] for i in range(min(len(eval_set), self.cfg.data.max_eval_examples))]
+            hyps = ctc_transcribe(model, processor, [a for _, a in items])
+            result["eval/ctc_wer"] = float(np.mean([word_error_rate(h, ex.text) for h, (ex, _) in zip(hyps, items)]))
         self.examples = list(result["examples"])  # what `speechrl eval` prints beside the metrics
         return log_examples(result, log)
 
