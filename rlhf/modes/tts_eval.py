@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -32,15 +32,32 @@ class TtsEvaluation:
         self.prompt_ids = [task.prompt_ids(ex.text, task.voice(ex, eval_set)) for ex, _ in self.items]
         self.prompts = [task.render(ex.text, task.voice(ex, eval_set)) for ex, _ in self.items]
         self.samples_dir = Path(run_dir) / "samples"
+        self.referenced = False
         self._write_references()
 
-    def batch(self, completions: list[list[int]]) -> dict:
+    def batch(self, completions: list[list[int]], repeats: Optional[int] = None) -> dict:
         """The reward batch for these completions (codec ids; the reward side decodes them), `repeats`
         consecutive completions per held-out text."""
-        exs = [ex for ex, _ in self.items for _ in range(self.repeats)]
+        exs = [ex for ex, _ in self.items for _ in range(repeats or self.repeats)]
         return {"completions": [""] * len(completions), "completion_ids": completions, "mode": "tts",
                 "codec_ids": [self.task.codec_ids(c) for c in completions],
                 "id": [ex.id for ex in exs], "text": [ex.text for ex in exs], "speaker": [ex.speaker for ex in exs]}
+
+    def reference(self, score: Callable) -> dict:
+        """What the rewards give the held-out recordings themselves, once a run: `eval_reference/clean/...`
+        (the judge's own error on the targets) and `eval_reference/codec/...` (through the codec: the
+        best the policy can reach), beside the policy's `eval/...`."""
+        codec, rate = self.task.codec, self.cfg.data.sample_rate
+        clean = [audio for _, audio in self.items]
+        completions = [self.task.encode(audio, rate) + [self.task.tokens.end_id] for audio in clean]
+        metrics = {}
+        for name, audios, audio_rate in (("clean", clean, rate),
+                                         ("codec", [codec.decode(self.task.codec_ids(c)) for c in completions],
+                                          codec.sample_rate)):
+            # with `audio` in the batch the reward side scores these waveforms instead of decoding codec ids
+            result = score({**self.batch(completions, repeats=1), "audio": audios, "sample_rate": audio_rate})
+            metrics.update({k.replace("rewards/", f"eval_reference/{name}/", 1): v for k, v in result.metrics().items()})
+        return metrics
 
     def evaluate(self, step: int, completions: list[list[int]], score: Callable) -> dict:
         """Score completions of the held-out prompts (`repeats` per prompt, in prompt order) with
@@ -50,6 +67,9 @@ class TtsEvaluation:
                              f"x {self.repeats} repeats")
         result = score(self.batch(completions))
         metrics = {k.replace("rewards/", "eval/", 1): v for k, v in result.metrics().items()}
+        if not self.referenced:  # the first evaluation of the process
+            metrics.update(self.reference(score))
+            self.referenced = True
         end = self.task.tokens.end_id
         metrics["eval/ended"] = float(np.mean([bool(c) and c[-1] == end for c in completions]))
         metrics["eval/audio_seconds"] = float(np.mean([

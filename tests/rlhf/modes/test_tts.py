@@ -105,6 +105,13 @@ def test_tts_sft_lowers_the_loss_and_writes_samples_at_every_evaluation(tts_base
     assert len(list((run / "samples" / "reference").glob("*.codec.wav"))) == 2
     evals = [r for r in rows if "eval/speech_sanity/reward" in r]
     assert [r["step"] for r in evals] == [0, 15, 30] and all(0 <= r["eval/ended"] <= 1 for r in evals)
+    # the held-out recordings themselves are scored once: clean, and through the codec
+    references = [r for r in rows if any(k.startswith("eval_reference/") for k in r)]
+    assert [r["step"] for r in references] == [0]
+    for name in ("clean", "codec"):
+        assert math.isfinite(references[0][f"eval_reference/{name}/speech_sanity/reward"])
+    # the recordings are sane speech; the untrained policy's 24 codec tokens are not
+    assert references[0]["eval_reference/clean/speech_sanity/reward"] > evals[0]["eval/speech_sanity/reward"]
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"audio": 0}).Reload()
     audio_tags = events.Tags()["audio"]
     assert len(audio_tags) == 2 and len(events.Audio(audio_tags[0])) == 3  # steps 0, 15, 30
