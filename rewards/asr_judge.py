@@ -98,14 +98,27 @@ def embedded_judge(cache_dir: str | Path = "~/.cache/speechrl", build: JudgeBuil
 def judge_dir(cache_dir: str | Path, build: JudgeBuild = JudgeBuild()) -> Path:
     """Where `build`'s judge lives, built or not: keyed by `build` and by what the codec's decoder
     outputs, so a changed corpus, codec or decoder gets a judge of its own."""
-    key = _sha1(JUDGE_VERSION, asdict(build), codec_fingerprint(_codec(cache_dir, build)))
+    fields = asdict(build)
+    fields["codec"] = {k: v for k, v in fields["codec"].items()  # settings added later count only when set
+                       if k not in _ADDED_CODEC_FIELDS or v != _ADDED_CODEC_FIELDS[k]}
+    key = _sha1(JUDGE_VERSION, fields, codec_fingerprint(_codec(cache_dir, build)))
     return Path(cache_dir).expanduser() / "judges" / f"asr-{key}"
+
+
+# EmbeddedCodecConfig fields added after judges were first cached, at their defaults: left out of the
+# judge's key, so judges built before keep their directories
+_ADDED_CODEC_FIELDS = {"smooth_frames": 1, "fit_on": "espeak", "fit_clips": 300}
 
 
 def _codec(cache_dir: str | Path, build: JudgeBuild):
     from speechrl.rollouts.mel_codec import MelCodecConfig, default_codec
 
-    return default_codec(cache_dir, MelCodecConfig(**asdict(build.codec)))
+    settings = asdict(build.codec)
+    if settings.pop("fit_on") != "espeak":
+        raise ValueError("the embedded judge's codec is fit on espeak-ng speech (tts.embedded_codec.fit_on: espeak); "
+                         "with fit_on: corpus judge with Whisper (tts_intelligibility asr: whisper-tiny.en)")
+    settings.pop("fit_clips")
+    return default_codec(cache_dir, MelCodecConfig(**settings))
 
 
 def codec_fingerprint(codec) -> str:

@@ -18,7 +18,7 @@ from speechrl.rewards.api import Unscored
 from speechrl.rlhf.core.registry import REWARD_NAME
 
 META_FILE = "reward_model.json"  # written last into a model directory: marks it whole
-DECODE_ONLY = ("griffin_lim_iters",)  # embedded-codec settings that do not change its ids
+DECODE_ONLY = ("griffin_lim_iters", "smooth_frames")  # embedded-codec settings that do not change its ids
 
 
 def default_cache_dir() -> Path:
@@ -78,7 +78,15 @@ def codec_identity(spec) -> dict:
     directory, or the embedded codec's settings less those only decoding reads."""
     if spec.path:
         return {"path": str(Path(spec.path).expanduser().resolve())}
-    return {"embedded": {k: v for k, v in dict(spec.embedded).items() if k not in DECODE_ONLY}}
+    settings = {k: v for k, v in dict(spec.embedded).items() if k not in DECODE_ONLY}
+    fit_on, clips = settings.pop("fit_on", "espeak"), settings.pop("fit_clips", None)
+    identity = {"embedded": settings}
+    if fit_on == "corpus":  # codebooks fit on the recipe's corpus: its manifest decides them too
+        import hashlib
+
+        manifest = hashlib.sha1(Path(spec.fit_manifest).expanduser().read_bytes()).hexdigest()[:12]
+        identity["fit"] = {"clips": clips, "manifest": manifest}
+    return identity
 
 
 def codec_tokens(tokenizer, meta: dict):

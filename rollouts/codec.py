@@ -150,19 +150,33 @@ class CodecSpec:
     path: Optional[str] = None
     cache_dir: str = "~/.cache/speechrl"
     embedded: tuple[tuple[str, Any], ...] = ()
+    fit_manifest: Optional[str] = None  # fit_on: corpus: the training manifest the codebooks are fit on
 
     @classmethod
     def from_recipe(cls, cfg) -> "CodecSpec":
         from dataclasses import asdict
 
-        return cls(cfg.tts.codec, cfg.run.cache_dir, tuple(sorted(asdict(cfg.tts.embedded_codec).items())))
+        fit_manifest = None
+        if not cfg.tts.codec and cfg.tts.embedded_codec.fit_on == "corpus":
+            from speechrl.rlhf.modes.assets import manifests  # builds the recipe's corpus when it is not yet
+
+            fit_manifest = str(manifests(cfg)[0])
+        return cls(cfg.tts.codec, cfg.run.cache_dir, tuple(sorted(asdict(cfg.tts.embedded_codec).items())),
+                   fit_manifest)
 
     def build(self) -> AudioCodec:
         if self.path:
             return load_codec(self.path)
-        from speechrl.rollouts.mel_codec import MelCodecConfig, default_codec
+        from speechrl.rollouts.mel_codec import MelCodecConfig, corpus_codec, default_codec
 
-        return default_codec(self.cache_dir, MelCodecConfig(**dict(self.embedded)))
+        settings = dict(self.embedded)
+        fit_on, clips = settings.pop("fit_on", "espeak"), settings.pop("fit_clips", 0)
+        config = MelCodecConfig(**settings)
+        if fit_on == "corpus":
+            if not self.fit_manifest:
+                raise ValueError("tts.embedded_codec.fit_on=corpus needs the training manifest to fit on")
+            return corpus_codec(self.cache_dir, config, self.fit_manifest, clips)
+        return default_codec(self.cache_dir, config)
 
 
 def decode_column(codec: AudioCodec, codec_ids: Sequence[Sequence[int]]) -> list:

@@ -211,6 +211,29 @@ def cache_directory(cache_dir: str | Path, config: MelCodecConfig) -> Path:
     return Path(cache_dir).expanduser() / "codecs" / f"mel-{key}"
 
 
+def corpus_codec(cache_dir: str | Path, config: MelCodecConfig, manifest: str | Path, clips: int) -> MelUnitCodec:
+    """The embedded codec fit on a corpus' own speech, the first `clips` clips of `manifest` (the
+    target voice's spectra rather than espeak-ng's), once; cached under a key of the fit settings and
+    the manifest's bytes."""
+    from speechrl.data.audio import load_audio
+    from speechrl.data.manifest import read_manifest
+
+    manifest = Path(manifest).expanduser()
+    fit_fields = {k: v for k, v in recorded_fields(config).items() if k not in DECODE_ONLY_FIELDS}
+    key = hashlib.sha1(json.dumps([fit_fields, clips]).encode() + manifest.read_bytes()).hexdigest()[:12]
+    directory = Path(cache_dir).expanduser() / "codecs" / f"mel-corpus-{key}"
+    if (directory / MelUnitCodec.FILE).is_file():
+        saved = MelUnitCodec.load(directory)
+        return MelUnitCodec(config, saved.codebooks, saved.mean_logmel)
+    rows = read_manifest(manifest)[:clips]
+    codec = MelUnitCodec.fit([load_audio(r.audio, config.sample_rate, min_seconds=0.0) for r in rows],
+                             config.sample_rate, config)
+    codec.save(directory)
+    log.info("embedded codec fit on %d clips of %s into %s, fingerprint %s", len(rows), manifest, directory,
+             fingerprint(directory / MelUnitCodec.FILE))
+    return codec
+
+
 def default_codec(cache_dir: str | Path, config: MelCodecConfig = MelCodecConfig()) -> MelUnitCodec:
     """The embedded codec, fit once on espeak-ng readings of FIT_SENTENCES and cached in `cache_dir`."""
     from speechrl.data.synth import synthesize

@@ -16,6 +16,7 @@ _CHOICES = {
     "algorithm": ("sft", "grpo", "ppo", "dpo", "online_dpo", "reward_model"),
     "data.on_bad_example": ("skip", "fail"),
     "grpo.dynamic_sampling": ("off", "drop"),
+    "tts.embedded_codec.fit_on": ("espeak", "corpus"),
     "rl.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"),
 }
 _PATHS = ("model.path", "data.train", "data.eval", "data.synthetic.texts", "run.init_from", "tts.codec", "dpo.data",
@@ -100,6 +101,8 @@ _RANGES = {
     "tts.embedded_codec.codebook_size": ">= 1",
     "tts.embedded_codec.n_cepstra": "in [1, 80] (the codec's mel bands)",
     "tts.embedded_codec.griffin_lim_iters": ">= 1",
+    "tts.embedded_codec.smooth_frames": "in {1,3,5,7,9} (an odd window of frames; 1 = no smoothing)",
+    "tts.embedded_codec.fit_clips": ">= 1",
     "tts.max_voice_seconds": ">= 0 (0 = the whole reference clip)",
     "tts.eval_temperature": ">= 0 (0 = greedy)",
     "tts.eval_samples": ">= 0 (0 = none written)",

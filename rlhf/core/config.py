@@ -218,6 +218,15 @@ class EmbeddedCodecConfig:
     codebook_size: int = 1024  # units per codebook; num_codebooks * codebook_size <= model.tiny.num_codec_tokens
     n_cepstra: int = 24  # DCT coefficients of the log-mel envelope kept, 1-80 (the mel bands)
     griffin_lim_iters: int = 16  # phase-reconstruction iterations when decoding
+    # decode: each frame's envelope averaged with its neighbours over this many frames (odd; 1 = none).
+    # Decode only: the same ids. Whisper tiny.en's round-trip WER on Piper clips 0.760 -> 0.480 at 3
+    smooth_frames: int = 1
+    # what the codebooks are fit on: "espeak" (espeak-ng readings of the Harvard sentences, the default
+    # the embedded judges were built with) or "corpus" (the first `fit_clips` training clips of the
+    # recipe's own corpus: the target voice's spectra). Whisper tiny.en's round-trip WER on held-out
+    # Piper clips: 0.760 espeak, 0.264 corpus (0.205 with smooth_frames 3; clean 0.058)
+    fit_on: str = "espeak"
+    fit_clips: int = 300
 
 
 @dataclass

@@ -25,15 +25,14 @@ def test_trained_judge_hears_the_right_sentence(tmp_path):
     but before it did, four builds of this judge scored held-out CER 0.56-0.77, each hearing some
     sentences and not others: which clip a short-trained judge gets right is an accident of its
     corpus; that it hears is not."""
-    from dataclasses import asdict
 
-    from speechrl.rollouts.mel_codec import MelCodecConfig, default_codec
+    from speechrl.rewards.asr_judge import _codec
 
     build = JudgeBuild(corpus=SyntheticCorpusConfig(num_utterances=300, heldout_fraction=0.1, voices=["en-us"],
                                                     rates=[175], pitches=[50]), steps=200, lr=3e-3)
     path = ensure_embedded_judge(tmp_path, build)
     assert json.loads((path / SCORES).read_text())["clean"]["cer"] < 0.9  # untrained: above 1
-    codec = default_codec(tmp_path, MelCodecConfig(**asdict(build.codec)))
+    codec = _codec(tmp_path, build)  # the judge's own codec
     texts = ["turn left", "pick up the red ball", "go forward five steps and stop", "put the blue cube on the table",
              "turn right and go back three steps", "stop"]
     clean = [synthesize(t, "en-us", 175, 50, SR) for t in texts]

@@ -228,3 +228,45 @@ def test_transformers_codec_number_of_codebooks(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         from speechrl.rollouts.hf_codec import HfCodec
         HfCodec(tmp_path / "missing")
+
+
+def test_a_codec_fit_on_the_recipe_corpus_is_its_own_and_cached_by_the_manifest(tts_overrides, tmp_path):
+    """tts.embedded_codec.fit_on: corpus fits the codebooks on the recipe's own training clips (the
+    target voice), once per (settings, manifest); its identity names the manifest, so a learned
+    reward trained through it is never paired with another codec."""
+    from speechrl.rewards.learned import codec_identity
+    from speechrl.rlhf.core.config import load_recipe
+    from speechrl.rollouts.codec import CodecSpec
+    from speechrl.rollouts.mel_codec import default_codec
+
+    def spec(*extra):
+        return CodecSpec.from_recipe(load_recipe("tts/sft", [*tts_overrides, f"run.cache_dir={tmp_path}", *extra]))
+
+    corpus = spec("tts.embedded_codec.fit_on=corpus", "tts.embedded_codec.fit_clips=20")
+    assert corpus.fit_manifest and corpus.fit_manifest.endswith("train.jsonl")
+    first = corpus.build()
+    again = corpus.build()  # loaded from the cache, not fit again
+    assert np.array_equal(first.codebooks, again.codebooks)
+    assert len(list(tmp_path.glob("codecs/mel-corpus-*"))) == 1
+    fewer = spec("tts.embedded_codec.fit_on=corpus", "tts.embedded_codec.fit_clips=10").build()
+    assert len(list(tmp_path.glob("codecs/mel-corpus-*"))) == 2 and not np.array_equal(fewer.codebooks, first.codebooks)
+    espeak = spec()
+    assert espeak.fit_manifest is None
+    assert not np.array_equal(default_codec(tmp_path, first.config).codebooks, first.codebooks)
+    # identity: the manifest and clip count for a corpus fit; the espeak fit's is as before (no fit keys)
+    assert codec_identity(corpus)["fit"]["clips"] == 20 and "fit" not in codec_identity(espeak)
+    assert "fit_on" not in codec_identity(espeak)["embedded"] and "smooth_frames" not in codec_identity(espeak)["embedded"]
+    # decode smoothing is decode only: the same cached codebooks
+    smoothed = spec("tts.embedded_codec.fit_on=corpus", "tts.embedded_codec.fit_clips=20",
+                    "tts.embedded_codec.smooth_frames=3").build()
+    assert np.array_equal(smoothed.codebooks, first.codebooks) and smoothed.config.smooth_frames == 3
+    assert len(list(tmp_path.glob("codecs/mel-corpus-*"))) == 2
+
+
+@pytest.mark.parametrize("override, key", [("tts.embedded_codec.fit_on=piper", "tts.embedded_codec.fit_on"),
+                                           ("tts.embedded_codec.smooth_frames=2", "tts.embedded_codec.smooth_frames")])
+def test_bad_codec_fit_settings_are_refused_at_load(tts_overrides, override, key):
+    from speechrl.rlhf.core.config import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
+        load_recipe("tts/sft", [*tts_overrides, override])

@@ -98,6 +98,8 @@ EDGES_ALLOWED = {
     "tts.embedded_codec.codebook_size": {"huge"},
     "tts.embedded_codec.n_cepstra": set(),
     "tts.embedded_codec.griffin_lim_iters": {"huge"},
+    "tts.embedded_codec.smooth_frames": set(),
+    "tts.embedded_codec.fit_clips": {"huge"},  # the whole training manifest
     "tts.max_voice_seconds": {"0", "huge"},  # 0 = not cut
     "tts.eval_temperature": {"0", "huge"},  # 0 = greedy
     "asr.ctc_weight": {"0", "huge"},  # 0 = no CTC loss
