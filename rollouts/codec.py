@@ -153,14 +153,11 @@ class CodecSpec:
     fit_manifest: Optional[str] = None  # fit_on: corpus: the training manifest the codebooks are fit on
 
     @classmethod
-    def from_recipe(cls, cfg) -> "CodecSpec":
+    def from_recipe(cls, cfg, fit_manifest: Optional[str] = None) -> "CodecSpec":
+        """The recipe's codec; `fit_manifest` is its training manifest where `tts.embedded_codec.fit_on`
+        is corpus (rlhf.modes.assets.codec_spec passes it)."""
         from dataclasses import asdict
 
-        fit_manifest = None
-        if not cfg.tts.codec and cfg.tts.embedded_codec.fit_on == "corpus":
-            from speechrl.rlhf.modes.assets import manifests  # builds the recipe's corpus when it is not yet
-
-            fit_manifest = str(manifests(cfg)[0])
         return cls(cfg.tts.codec, cfg.run.cache_dir, tuple(sorted(asdict(cfg.tts.embedded_codec).items())),
                    fit_manifest)
 

@@ -81,6 +81,15 @@ def manifests(cfg: RecipeConfig) -> tuple[Path, Path]:
             Path(cfg.data.eval).expanduser() if cfg.data.eval else heldout)
 
 
+def codec_spec(cfg: RecipeConfig):
+    """The recipe's codec (rollouts.codec.CodecSpec); with `tts.embedded_codec.fit_on: corpus`, fit on
+    the recipe's training manifest (the corpus is built here when it is not yet)."""
+    from speechrl.rollouts.codec import CodecSpec
+
+    corpus_fit = not cfg.tts.codec and cfg.tts.embedded_codec.fit_on == "corpus"
+    return CodecSpec.from_recipe(cfg, str(manifests(cfg)[0]) if corpus_fit else None)
+
+
 def build_synthetic_corpus(cfg: RecipeConfig, out_dir: Path) -> tuple[Path, Path]:
     """The recipe's `data.synthetic` corpus in `out_dir` (reused when already built); (train, held-out)."""
     s = cfg.data.synthetic

@@ -27,10 +27,11 @@ class SpeakingTask:
     given), its tokens in the backbone's vocabulary, and `<|codec_end|>` as the stop token."""
 
     def __init__(self, cfg: RecipeConfig, processor, codec=None):
-        from speechrl.rollouts.codec import CodecSpec, CodecTokens
+        from speechrl.rlhf.modes.assets import codec_spec
+        from speechrl.rollouts.codec import CodecTokens
 
         self.cfg, self.processor, self.tokenizer = cfg, processor, processor.tokenizer
-        self.codec_spec = CodecSpec.from_recipe(cfg)
+        self.codec_spec = codec_spec(cfg)
         self.codec = codec or self.codec_spec.build()
         self.tokens = CodecTokens(self.tokenizer, self.codec)
         self.stop_ids = [self.tokens.end_id]

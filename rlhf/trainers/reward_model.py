@@ -109,7 +109,8 @@ class RewardModelRecipe:
         self.cfg, self.resume = cfg, resume
 
     def setup(self) -> None:
-        from speechrl.rollouts.codec import CodecSpec, CodecTokens
+        from speechrl.rlhf.modes.assets import codec_spec
+        from speechrl.rollouts.codec import CodecTokens
 
         cfg, rm = self.cfg, self.cfg.reward_model
         if not rm.data:  # checked here, not at load: the shipped recipe is completed on the command line
@@ -123,7 +124,7 @@ class RewardModelRecipe:
         self.checkpoint = trainer_checkpoint(self.run_dir) if self.resume else None
         self.init_path = get_mode(cfg).backbone_path()
         self.model, self.processor = build_reward_model(self.init_path)
-        self.codec_spec = CodecSpec.from_recipe(cfg)
+        self.codec_spec = codec_spec(cfg)
         if (self.init_path / META_FILE).is_file():  # continuing a reward model: its ids must be this codec's
             self._check_codec(json.loads((self.init_path / META_FILE).read_text()))
         self.codec = self.codec_spec.build()

@@ -236,11 +236,11 @@ def test_a_codec_fit_on_the_recipe_corpus_is_its_own_and_cached_by_the_manifest(
     reward trained through it is never paired with another codec."""
     from speechrl.rewards.learned import codec_identity
     from speechrl.rlhf.core.config import load_recipe
-    from speechrl.rollouts.codec import CodecSpec
+    from speechrl.rlhf.modes.assets import codec_spec
     from speechrl.rollouts.mel_codec import default_codec
 
     def spec(*extra):
-        return CodecSpec.from_recipe(load_recipe("tts/sft", [*tts_overrides, f"run.cache_dir={tmp_path}", *extra]))
+        return codec_spec(load_recipe("tts/sft", [*tts_overrides, f"run.cache_dir={tmp_path}", *extra]))
 
     corpus = spec("tts.embedded_codec.fit_on=corpus", "tts.embedded_codec.fit_clips=20")
     assert corpus.fit_manifest and corpus.fit_manifest.endswith("train.jsonl")
