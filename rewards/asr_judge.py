@@ -111,14 +111,13 @@ _ADDED_CODEC_FIELDS = {"smooth_frames": 1, "fit_on": "espeak", "fit_clips": 300}
 
 
 def _codec(cache_dir: str | Path, build: JudgeBuild):
-    from speechrl.rollouts.mel_codec import MelCodecConfig, default_codec
+    from speechrl.rollouts.mel_codec import default_codec, embedded_settings
 
-    settings = asdict(build.codec)
-    if settings.pop("fit_on") != "espeak":
+    config, fit_on, _ = embedded_settings(asdict(build.codec))
+    if fit_on != "espeak":
         raise ValueError("the embedded judge's codec is fit on espeak-ng speech (tts.embedded_codec.fit_on: espeak); "
                          "with fit_on: corpus judge with Whisper (tts_intelligibility asr: whisper-tiny.en)")
-    settings.pop("fit_clips")
-    return default_codec(cache_dir, MelCodecConfig(**settings))
+    return default_codec(cache_dir, config)
 
 
 def codec_fingerprint(codec) -> str:

@@ -164,11 +164,9 @@ class CodecSpec:
     def build(self) -> AudioCodec:
         if self.path:
             return load_codec(self.path)
-        from speechrl.rollouts.mel_codec import MelCodecConfig, corpus_codec, default_codec
+        from speechrl.rollouts.mel_codec import corpus_codec, default_codec, embedded_settings
 
-        settings = dict(self.embedded)
-        fit_on, clips = settings.pop("fit_on", "espeak"), settings.pop("fit_clips", 0)
-        config = MelCodecConfig(**settings)
+        config, fit_on, clips = embedded_settings(dict(self.embedded))
         if fit_on == "corpus":
             if not self.fit_manifest:
                 raise ValueError("tts.embedded_codec.fit_on=corpus needs the training manifest to fit on")

@@ -13,7 +13,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -202,13 +202,29 @@ class MelUnitCodec:
             return cls(config, arrays["codebooks"], arrays["mean_logmel"])
 
 
+def _fit_fields(config: MelCodecConfig) -> dict:
+    """The settings that decide the codebooks (what a cache key holds)."""
+    return {k: v for k, v in recorded_fields(config).items() if k not in DECODE_ONLY_FIELDS}
+
+
 def cache_directory(cache_dir: str | Path, config: MelCodecConfig) -> Path:
     """Where `default_codec` keeps the codec it fits for `config`: named by a hash of the fit."""
-    fit_fields = {k: v for k, v in recorded_fields(config).items() if k not in DECODE_ONLY_FIELDS}
     from speechrl.data.synth import BUILDER_VERSION  # the fit clips' synthesis
 
-    key = hashlib.sha1(json.dumps([fit_fields, FIT_SENTENCES, FIT_VOICES, BUILDER_VERSION]).encode()).hexdigest()[:12]
-    return Path(cache_dir).expanduser() / "codecs" / f"mel-{key}"
+    key = hashlib.sha1(json.dumps([_fit_fields(config), FIT_SENTENCES, FIT_VOICES, BUILDER_VERSION]).encode())
+    return Path(cache_dir).expanduser() / "codecs" / f"mel-{key.hexdigest()[:12]}"
+
+
+def _fit_once(directory: Path, config: MelCodecConfig, clips: Callable[[], list], what: str) -> MelUnitCodec:
+    """The codec saved in `directory` (with `config`'s decode-only settings), else fit on `clips()` and saved."""
+    if (directory / MelUnitCodec.FILE).is_file():
+        saved = MelUnitCodec.load(directory)  # its decode-only fields may differ from `config`'s
+        return MelUnitCodec(config, saved.codebooks, saved.mean_logmel)
+    codec = MelUnitCodec.fit(clips(), config.sample_rate, config)
+    codec.save(directory)
+    log.info("embedded codec fit on %s into %s, fingerprint %s", what, directory,
+             fingerprint(directory / MelUnitCodec.FILE))
+    return codec
 
 
 def corpus_codec(cache_dir: str | Path, config: MelCodecConfig, manifest: str | Path, clips: int) -> MelUnitCodec:
@@ -219,33 +235,26 @@ def corpus_codec(cache_dir: str | Path, config: MelCodecConfig, manifest: str | 
     from speechrl.data.manifest import read_manifest
 
     manifest = Path(manifest).expanduser()
-    fit_fields = {k: v for k, v in recorded_fields(config).items() if k not in DECODE_ONLY_FIELDS}
-    key = hashlib.sha1(json.dumps([fit_fields, clips]).encode() + manifest.read_bytes()).hexdigest()[:12]
-    directory = Path(cache_dir).expanduser() / "codecs" / f"mel-corpus-{key}"
-    if (directory / MelUnitCodec.FILE).is_file():
-        saved = MelUnitCodec.load(directory)
-        return MelUnitCodec(config, saved.codebooks, saved.mean_logmel)
-    rows = read_manifest(manifest)[:clips]
-    codec = MelUnitCodec.fit([load_audio(r.audio, config.sample_rate, min_seconds=0.0) for r in rows],
-                             config.sample_rate, config)
-    codec.save(directory)
-    log.info("embedded codec fit on %d clips of %s into %s, fingerprint %s", len(rows), manifest, directory,
-             fingerprint(directory / MelUnitCodec.FILE))
-    return codec
+    key = hashlib.sha1(json.dumps([_fit_fields(config), clips]).encode() + manifest.read_bytes()).hexdigest()[:12]
+    return _fit_once(Path(cache_dir).expanduser() / "codecs" / f"mel-corpus-{key}", config,
+                     lambda: [load_audio(r.audio, config.sample_rate, min_seconds=0.0)
+                              for r in read_manifest(manifest)[:clips]], f"{clips} clips of {manifest}")
 
 
 def default_codec(cache_dir: str | Path, config: MelCodecConfig = MelCodecConfig()) -> MelUnitCodec:
     """The embedded codec, fit once on espeak-ng readings of FIT_SENTENCES and cached in `cache_dir`."""
     from speechrl.data.synth import synthesize
 
-    directory = cache_directory(cache_dir, config)
-    if (directory / MelUnitCodec.FILE).is_file():
-        saved = MelUnitCodec.load(directory)  # its decode-only fields may differ from `config`'s
-        return MelUnitCodec(config, saved.codebooks, saved.mean_logmel)
     voices, rates, pitches = FIT_VOICES
-    clips = [synthesize(text, voice, rate, pitch, config.sample_rate)
-             for voice in voices for rate in rates for pitch in pitches for text in FIT_SENTENCES]
-    codec = MelUnitCodec.fit(clips, config.sample_rate, config)
-    codec.save(directory)
-    log.info("embedded codec fit into %s, fingerprint %s", directory, fingerprint(directory / MelUnitCodec.FILE))
-    return codec
+    return _fit_once(cache_directory(cache_dir, config), config,
+                     lambda: [synthesize(text, voice, rate, pitch, config.sample_rate) for voice in voices
+                              for rate in rates for pitch in pitches for text in FIT_SENTENCES],
+                     "espeak-ng readings of the Harvard sentences")
+
+
+def embedded_settings(settings: dict) -> tuple[MelCodecConfig, str, int]:
+    """`tts.embedded_codec` as (the MelCodecConfig, fit_on, fit_clips): where the codebooks are fit is
+    not a MelCodecConfig field."""
+    settings = dict(settings)
+    fit_on, clips = settings.pop("fit_on", "espeak"), settings.pop("fit_clips", 0)
+    return MelCodecConfig(**settings), fit_on, clips

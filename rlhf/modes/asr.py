@@ -103,14 +103,19 @@ def log_examples(result: dict, log) -> dict:
     return result
 
 
-def evaluate_asr(model, processor, dataset, *, max_examples: int, max_new_tokens: int) -> dict:
-    """Mean WER/CER over the first `max_examples` held-out clips, plus a few examples to eyeball."""
+def evaluate_asr(model, processor, dataset, *, max_examples: int, max_new_tokens: int, ctc: bool = False) -> dict:
+    """Mean WER/CER over the first `max_examples` held-out clips, plus a few examples to eyeball; with
+    `ctc`, also the WER of the projector's greedy CTC reading of the same clips (eval/ctc_wer)."""
     items = [dataset[i] for i in range(min(len(dataset), max_examples))]
-    hyps = greedy_transcribe(model, processor, [a for _, a in items], max_new_tokens=max_new_tokens)
-    refs = [ex.text for ex, _ in items]
+    audios, refs = [a for _, a in items], [ex.text for ex, _ in items]
+    hyps = greedy_transcribe(model, processor, audios, max_new_tokens=max_new_tokens)
     wer = float(np.mean([word_error_rate(h, r) for h, r in zip(hyps, refs)]))
     cer = float(np.mean([char_error_rate(h, r) for h, r in zip(hyps, refs)]))
-    return {"eval/wer": wer, "eval/cer": cer, "examples": list(zip(refs[:3], hyps[:3]))}
+    result = {"eval/wer": wer, "eval/cer": cer, "examples": list(zip(refs[:3], hyps[:3]))}
+    if ctc:
+        result["eval/ctc_wer"] = float(np.mean([word_error_rate(h, r) for h, r in
+                                                zip(ctc_transcribe(model, processor, audios), refs)]))
+    return result
 
 
 def heldout_asr(model, processor, dataset, max_examples: int, max_new_tokens: int) -> dict:
@@ -169,11 +174,7 @@ class AsrMode(Mode):
 
     def evaluate_offline(self, step, model, processor, eval_set, run_dir, logger) -> dict:
         result = evaluate_asr(model, processor, eval_set, max_examples=self.cfg.data.max_eval_examples,
-                              max_new_tokens=self.cfg.eval_max_new_tokens)
-        if self.cfg.asr.ctc_weight:
-            items = [eval_set[i] for i in range(min(len(eval_set), self.cfg.data.max_eval_examples))]
-            hyps = ctc_transcribe(model, processor, [a for _, a in items])
-            result["eval/ctc_wer"] = float(np.mean([word_error_rate(h, ex.text) for h, (ex, _) in zip(hyps, items)]))
+                              max_new_tokens=self.cfg.eval_max_new_tokens, ctc=bool(self.cfg.asr.ctc_weight))
         self.examples = list(result["examples"])  # what `speechrl eval` prints beside the metrics
         return log_examples(result, log)
 
