@@ -125,7 +125,9 @@ class RolloutEngine:
 
     def __init__(self, backbone_path: str, *, kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.5,
                  tensor_parallel_size: int = 1, enforce_eager: bool = True, max_model_len: int = 1024,
-                 seed: int = 0, threads: int = 0):
+                 seed: int = 0, threads: int = 0, sleep_mode: bool = False):
+        """`sleep_mode` (a GPU shared with the trainer): `sleep` frees the engine's GPU memory between
+        generations, `wake_up` brings it back; vLLM offers it on CUDA only."""
         # Keeps the engine core in this process (and actor): load_weights hands vLLM a Python
         # iterator through collective_rpc, which cannot cross into a separate engine process.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -150,11 +152,26 @@ class RolloutEngine:
         self.llm = LLM(model=str(path), dtype="auto" if torch.cuda.is_available() else "float32",
                        enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
                        limit_mm_per_prompt={"audio": 1}, max_model_len=max_model_len, seed=seed,
-                       logprobs_mode=LOGPROBS_MODE, logits_processors=[reply_layout_processor()], **memory)
+                       logprobs_mode=LOGPROBS_MODE, logits_processors=[reply_layout_processor()],
+                       **({"enable_sleep_mode": True} if sleep_mode else {}), **memory)
         quiet_benign_vllm_warnings()
+
+    def sleep(self) -> None:
+        """Level 1: weights to host memory, KV cache dropped (the trainer has the GPU meanwhile)."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+        self.reset_caches()
 
     def ping(self) -> bool:
         return True
+
+    def node_id(self) -> str:
+        """The Ray node this engine runs on (the run's placement.json records it)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def generate(self, requests: list[RolloutRequest], *, n: int, temperature: float, top_p: float,
                  max_new_tokens: int, seed: int | None = None, allowed_token_ids: Constraint = None,
@@ -236,24 +253,29 @@ def _seed_torch(worker, seed: int) -> None:
     torch.manual_seed(seed)  # seeds every CUDA device too
 
 
-def make_rollout_workers(backbone_path: str, cfg, num_workers: int, seed: int) -> list:
+def make_rollout_workers(backbone_path: str, cfg, num_workers: int, seed: int,
+                         placement: list[dict] | None = None, sleep_mode: bool = False) -> list:
     """Start `num_workers` Ray actors, each holding one RolloutEngine (`cfg`: a RolloutConfig).
 
-    On CPU each actor reserves one core for Ray while its engine uses `cfg.threads_per_worker` threads
-    (0: the machine's cores shared among workers; generation and training take turns, so they do not
+    `placement[k]`: worker k's Ray options (resources and placement-group bundle, from the run's
+    layout: rlhf/workers/placement.py); without it each asks for a CPU, and `tensor_parallel_size`
+    GPUs where the cluster has any. `sleep_mode`: the engines share their GPU with the trainer
+    (RolloutEngine.sleep). On CPU the engine uses `cfg.threads_per_worker` threads (0: the
+    machine's cores shared among workers; generation and training take turns, so they do not
     compete). Returns once every engine is up, so start-up errors surface here, not at the first generate.
     """
     import ray
 
-    on_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    if placement is None:
+        gpus = cfg.tensor_parallel_size if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        placement = [{"num_cpus": 1, "num_gpus": gpus}] * num_workers
     threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // num_workers)
-    actor = ray.remote(RolloutEngine).options(
-        num_cpus=1, num_gpus=cfg.tensor_parallel_size if on_gpu else 0,
-        runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
-    workers = [actor.remote(str(backbone_path), kv_cache_gib=cfg.kv_cache_gib,
-                            gpu_memory_utilization=cfg.gpu_memory_utilization,
-                            tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager,
-                            max_model_len=cfg.max_model_len, seed=(seed + k) % 2**32, threads=threads)  # numpy's range
+    actor = ray.remote(RolloutEngine)
+    workers = [actor.options(runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}, **placement[k]).remote(
+                   str(backbone_path), kv_cache_gib=cfg.kv_cache_gib, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                   tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager,
+                   max_model_len=cfg.max_model_len, seed=(seed + k) % 2**32, threads=threads,  # numpy's range
+                   sleep_mode=sleep_mode)
                for k in range(num_workers)]
     ray.get([w.ping.remote() for w in workers])
     return workers

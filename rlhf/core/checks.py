@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from speechrl.rlhf.core.config import GENERATED_TEXTS, PRETRAINED_BACKBONES, RecipeConfig, RecipeError
+from speechrl.rlhf.core.devices import DEVICES, DTYPES
 from speechrl.rlhf.core.registry import MODES, REWARD_NAME, Registry
 
 _CHOICES = {
@@ -17,6 +18,10 @@ _CHOICES = {
     "data.on_bad_example": ("skip", "fail"),
     "grpo.dynamic_sampling": ("off", "drop"),
     "tts.embedded_codec.fit_on": ("espeak", "corpus"),
+    "train.device": DEVICES,
+    "ray.layout": ("colocated", "separate"),
+    "ray.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    "train.dtype": ("auto", *DTYPES),
     "rl.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"),
 }
 _PATHS = ("model.path", "data.train", "data.eval", "data.synthetic.texts", "run.init_from", "tts.codec", "dpo.data",
@@ -95,6 +100,8 @@ _RANGES = {
     "rollout.max_model_len": ">= 1",
     "rollout.threads_per_worker": ">= 0 (0 = the machine's CPUs shared among the workers)",
     "ray.num_cpus": ">= 1",
+    "ray.num_gpus": ">= 0",
+    "ray.placement_timeout_s": "> 0",
     "asr.ctc_weight": ">= 0 (0 = no CTC loss)",
     "tts.embedded_codec.hop_length": ">= 1",
     "tts.embedded_codec.num_codebooks": ">= 1",

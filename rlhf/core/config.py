@@ -115,6 +115,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # older checkpoints are deleted; 0 = keep all
     log_every: int = 10  # write metrics every N steps and at the end; 0 = only at the end
     torch_threads: int = 0  # intra-op threads for the trainer; 0 = all CPUs of the machine (RL phases take turns)
+    device: str = "auto"  # where the policy, reference and critic train: auto (the actor's GPU, else CPU), cpu, cuda
+    dtype: str = "auto"  # forward-pass precision, weights stay fp32: auto (bf16 on a GPU, fp32 on CPU), fp32, bf16
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
@@ -299,6 +301,10 @@ class RewardModelConfig:
 class RayConfig:
     address: Optional[str] = None  # existing cluster ("auto" or host:port); null starts a local one
     num_cpus: Optional[int] = None  # CPUs a local cluster may use (>= 1); null = all
+    num_gpus: Optional[int] = None  # GPUs a local cluster may use; null = all it finds (logical ones on CPU: tests)
+    layout: str = "colocated"  # GPUs: colocated (policy and engines share one) or separate (each its own)
+    placement_strategy: str = "PACK"  # Ray placement group strategy: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
+    placement_timeout_s: float = 120.0  # wait this long for the actors' resources, then stop saying what is free
 
 
 @dataclass

@@ -49,7 +49,8 @@ def token_values(model, value_head: ValueHead, batch: TokenBatch) -> Tensor:
     Runs the base model (audio tower, projector, decoder) without its LM head: a critic needs the
     hidden states, not [B, L, vocab] logits. Rows sharing a clip (`audio_index`) encode it once.
     """
-    index = batch.audio_index if batch.audio_index is not None else torch.arange(len(batch.input_ids))
+    index = batch.audio_index if batch.audio_index is not None else torch.arange(len(batch.input_ids),
+                                                                                 device=batch.input_ids.device)
     embeds = _inputs_embeds(model, batch.input_ids, batch.input_features, batch.feature_attention_mask, index)
     hidden = audio_model(model)(inputs_embeds=embeds, attention_mask=batch.attention_mask).last_hidden_state
     return completion_values(value_head, hidden, batch.completion_mask)

@@ -27,6 +27,12 @@ class TokenBatch:
     # audio, input_features[audio_index[i]] is row i's clip. None: every row has its own prompt.
     audio_index: Optional[torch.Tensor] = None
 
+    def to(self, device: torch.device) -> "TokenBatch":
+        """The same batch on `device` (the model's: core/devices.py)."""
+        return TokenBatch(*(None if t is None else t.to(device) for t in (
+            self.input_ids, self.attention_mask, self.input_features, self.feature_attention_mask,
+            self.completion_mask, self.audio_index)))
+
 
 def audio_features(processor, audios: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     fe = processor.feature_extractor
@@ -101,7 +107,8 @@ def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, allowed: 
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=with_hidden)
     else:  # every row in full (gradient checkpointing forbids the KV cache the shared-prompt path needs);
         # encode_audio, not the model's own forward: a frozen tower's outputs are cached (tower_cache.py)
-        index = batch.audio_index if batch.audio_index is not None else torch.arange(len(batch.input_ids))
+        index = batch.audio_index if batch.audio_index is not None else torch.arange(len(batch.input_ids),
+                                                                                     device=batch.input_ids.device)
         embeds = _inputs_embeds(model, batch.input_ids, batch.input_features, batch.feature_attention_mask, index)
         out = model(inputs_embeds=embeds, attention_mask=batch.attention_mask, output_hidden_states=with_hidden)
     logp = _logprobs(out.logits[:, :-1], batch.input_ids[:, 1:], temperature, allowed, batch.completion_mask)
@@ -140,6 +147,7 @@ def _shared_prompt_logprobs(model, batch: TokenBatch, temperature: float, allowe
     """
     ids, comp, index = batch.input_ids, batch.completion_mask, batch.audio_index
     rows, width = ids.shape
+    device = ids.device
     prompt_len = comp.int().argmax(-1) + 1  # the first completion token sits right after the prompt
     comp_len = comp.sum(-1)
     if bool((comp_len == 0).any()):
@@ -148,22 +156,22 @@ def _shared_prompt_logprobs(model, batch: TokenBatch, temperature: float, allowe
     first_row = torch.stack([(index == g).nonzero()[0, 0] for g in range(groups)])
     longest = int(prompt_len[first_row].max())
     prompt_ids = ids[first_row, :longest]
-    prompt_mask = torch.arange(longest)[None, :] < prompt_len[first_row][:, None]
+    prompt_mask = torch.arange(longest, device=device)[None, :] < prompt_len[first_row][:, None]
     head = first_row[index]  # each row's group representative
     differs = (prompt_len != prompt_len[head]) | ((ids[:, :longest] != ids[head, :longest]) & prompt_mask[index]).any(-1)
     if bool(differs.any()):
         r = int(differs.nonzero()[0, 0])
         raise ValueError(f"row {r} shares clip {int(index[r])} with row {int(head[r])} but not its prompt ids")
     embeds = _inputs_embeds(model, prompt_ids, batch.input_features, batch.feature_attention_mask,
-                            torch.arange(groups))
+                            torch.arange(groups, device=device))
     prompt_out = model(inputs_embeds=embeds, attention_mask=prompt_mask.long(), use_cache=True,
                        output_hidden_states=with_hidden)
     cache = prompt_out.past_key_values
     cache.reorder_cache(index)  # one copy of its prompt's keys/values per row (differentiable)
 
     steps = int(comp_len.max())
-    positions = prompt_len[:, None] + torch.arange(steps)[None, :]  # where completion tokens sit in `ids`
-    valid = torch.arange(steps)[None, :] < comp_len[:, None]
+    positions = prompt_len[:, None] + torch.arange(steps, device=device)[None, :]  # completion tokens in `ids`
+    valid = torch.arange(steps, device=device)[None, :] < comp_len[:, None]
     comp_ids = ids.gather(1, positions.clamp(max=width - 1))
     attention = torch.cat([prompt_mask[index], valid], dim=1).long()
     comp_out = model(input_ids=comp_ids, attention_mask=attention, position_ids=positions,
@@ -176,7 +184,7 @@ def _shared_prompt_logprobs(model, batch: TokenBatch, temperature: float, allowe
     logp = _logprobs(predicting(prompt_out.logits, comp_out.logits), comp_ids, temperature, allowed, valid)
     r, t = valid.nonzero(as_tuple=True)
     where = (r, positions[r, t] - 1)  # back onto the [rows, width - 1] grid of the plain path
-    grid = torch.zeros(rows, width - 1, dtype=logp.dtype).index_put(where, logp[r, t])
+    grid = torch.zeros(rows, width - 1, dtype=logp.dtype, device=device).index_put(where, logp[r, t])
     if not with_hidden:
         return grid, None
     hidden = predicting(prompt_out.hidden_states[-1], comp_out.hidden_states[-1])

@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from speechrl.rlhf.core.devices import autocast, compute_dtype, train_device
 from speechrl.rlhf.model.logprobs import audio_model, unwrap
 from speechrl.rlhf.model.optim import Optimizer
 
@@ -69,16 +70,25 @@ class TrainablePolicy:
     model: torch.nn.Module  # what trains: the backbone's model under PEFT / DeepSpeed wrappers
     optimizer: Optimizer
     reference: Optional[torch.nn.Module]  # frozen starting policy, for KL; None when not asked for
+    device: torch.device = torch.device("cpu")  # where model and reference sit (core/devices.py)
+    dtype: torch.dtype = torch.float32  # the forward passes' precision; the weights stay fp32
+
+    def autocast(self):
+        """The context every forward pass of this policy (and its reference) runs in."""
+        return autocast(self.device, self.dtype)
 
 
 def build_policy(cfg, base_path: Path, checkpoint: Optional[Path] = None, with_reference: bool = False, *,
                  updates_per_step: int = 1, extra_params: Sequence[torch.nn.Parameter] = ()) -> TrainablePolicy:
     """The trainable policy of SFT and RL alike: backbone (from `checkpoint` when resuming),
     gradient checkpointing, LoRA, optimizer, and the checkpoint's adapter/optimizer state.
-    `updates_per_step` and `extra_params` go to the Optimizer (RL's epochs x minibatches, a value head)."""
+    `updates_per_step` and `extra_params` go to the Optimizer (RL's epochs x minibatches, a value head;
+    on the policy's device already). Model and reference move to `train.device` before the optimizer
+    sees their parameters."""
     from speechrl.rlhf.model.backbone import load_backbone
 
     lora = cfg.model.lora.enabled
+    device = train_device(cfg.train.device)
     # LoRA resumes from the base plus the saved adapter; full fine-tuning from the saved weights
     backbone = load_backbone(checkpoint / "model" if checkpoint and not lora else base_path)
     reference = None
@@ -87,7 +97,8 @@ def build_policy(cfg, base_path: Path, checkpoint: Optional[Path] = None, with_r
         # checkpoints would anchor KL to the wrong policy
         start = backbone.model if backbone.path == Path(base_path) else load_backbone(base_path).model
         reference = (copy.deepcopy(start) if start is backbone.model else start).eval().requires_grad_(False)
-    model = backbone.model
+        reference.to(device)
+    model = backbone.model.to(device)
     if cfg.model.freeze_audio_encoder:
         freeze_audio_encoder(model)
     if cfg.model.freeze_language_model:
@@ -101,4 +112,5 @@ def build_policy(cfg, base_path: Path, checkpoint: Optional[Path] = None, with_r
                           extra_params=extra_params)
     if checkpoint:
         load_policy(optimizer.model, optimizer, checkpoint, lora)
-    return TrainablePolicy(backbone, optimizer.model, optimizer, reference)
+    return TrainablePolicy(backbone, optimizer.model, optimizer, reference, device,
+                           compute_dtype(cfg.train.dtype, device))

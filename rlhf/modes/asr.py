@@ -56,7 +56,8 @@ def projector_ctc_loss(model, batch, end_id: int) -> "torch.Tensor":
 
     from speechrl.rlhf.model.logprobs import audio_model
 
-    index = batch.audio_index if batch.audio_index is not None else torch.arange(len(batch.input_ids))
+    index = batch.audio_index if batch.audio_index is not None else torch.arange(len(batch.input_ids),
+                                                                                 device=batch.input_ids.device)
     targets = {}
     for row, clip in enumerate(index.tolist()):  # rows sharing a clip share its transcript
         ids = batch.input_ids[row, 1:][batch.completion_mask[row]]
@@ -90,7 +91,8 @@ def ctc_transcribe(model, processor, audios: list) -> list[str]:
     texts = []
     with torch.no_grad():
         for i in range(0, len(audios), 16):
-            for logp in _frame_logprobs(model, *audio_features(processor, audios[i : i + 16])):
+            features = [t.to(model.device) for t in audio_features(processor, audios[i : i + 16])]
+            for logp in _frame_logprobs(model, *features):
                 ids = torch.unique_consecutive(logp.argmax(-1))
                 texts.append(processor.tokenizer.decode(ids[ids != blank].tolist(), skip_special_tokens=True).strip())
     return texts

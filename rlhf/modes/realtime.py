@@ -231,7 +231,7 @@ def heldout_loss(task, model, processor, eval_set, cfg: RecipeConfig) -> float:
             for start in range(0, n, size):
                 rows = [task.sft_example(*eval_set[i], eval_set) for i in range(start, min(n, start + size))]
                 batch = build_token_batch(processor, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-                                          processor.tokenizer.pad_token_id)
+                                          processor.tokenizer.pad_token_id).to(model.device)
                 losses.append((float(sft_loss(model, batch)), len(rows)))
     finally:
         model.train(was_training)

@@ -87,7 +87,7 @@ class DPORecipe(SFTRecipe):
         return preference_batch(self.backbone.processor, prompts,
                                 [task.tokens.to_backbone(p.chosen) + [end] for p in chosen],
                                 [task.tokens.to_backbone(p.rejected) + [end] for p in chosen],
-                                self.backbone.tokenizer.pad_token_id), len(chosen)
+                                self.backbone.tokenizer.pad_token_id).to(self.policy.device), len(chosen)
 
     def step_loss(self, step: int):
         batch, pairs = self._batch(step)

@@ -27,6 +27,7 @@ from speechrl.rlhf.model.backbone import load_processor
 from speechrl.rlhf.modes import get_mode
 from speechrl.rlhf.modes.base import optional
 from speechrl.rlhf.trainers.judges import prebuild_judges
+from speechrl.rlhf.workers.placement import release, reserve
 from speechrl.rlhf.workers.policy_worker import PolicyClient, make_policy_worker
 from speechrl.rlhf.workers.ray_setup import start_ray
 from speechrl.rollouts.engine import RolloutWorkerDied, generate_across, make_rollout_workers
@@ -70,7 +71,9 @@ class OnlineRecipe:
         self._start_actors()
         self.policy = PolicyClient(make_policy_worker(
             cfg, self.backbone_path, str(self.checkpoint) if self.checkpoint else None, allowed_ids=self.task.allowed_ids,
-            reference=self.update.needs_reference, critic=self.update.needs_critic), run_dir=self.run_dir)
+            reference=self.update.needs_reference, critic=self.update.needs_critic,
+            options=self.placement.options(self.placement.policy)), run_dir=self.run_dir)
+        self.record_placement()
         self.start_step = resume_run(self.checkpoint, self.logger) if self.checkpoint else 0
         if self.checkpoint:
             self.sync()  # engines started from the backbone; give them the resumed weights
@@ -81,15 +84,17 @@ class OnlineRecipe:
         engines serving the backbone as saved (run.init_from), the reward worker and the mode's
         held-out data; no policy worker, no run directory."""
         self.run_dir, self.policy, self.logger = Path(out_dir), None, None
-        self._start_actors()
+        self._start_actors(with_policy=False)
 
-    def _start_actors(self) -> None:
-        """Ray, the mode's task and data, the embedded judges, the reward worker and the engines."""
+    def _start_actors(self, with_policy: bool = True) -> None:
+        """Ray and the run's placement group (a bundle for the policy worker unless `with_policy` is
+        False), the mode's task and data, the embedded judges, the reward worker and the engines."""
         from speechrl.rewards.worker import make_reward_actor
 
         cfg = self.cfg
         seed_everything(cfg.seed)
         start_ray(cfg)
+        self.placement = reserve(cfg, policy=with_policy)
         self.backbone_path = self.mode.backbone_path()
         processor = load_processor(self.backbone_path)  # the driver needs no weights
         self.task = self.mode.setup_task(processor)  # builds the codec, once, before any worker needs it
@@ -97,7 +102,9 @@ class OnlineRecipe:
         self.mode.setup_online(self.run_dir, self.logger, window)
         prebuild_judges(cfg)  # here on every core, not inside a one-thread reward actor
         self.reward = make_reward_actor(cfg.rewards, codec=self.task.reward_codec, retries=cfg.rollout.max_retries)
-        self.workers = make_rollout_workers(str(self.backbone_path), cfg.rollout, cfg.rollout.num_workers, cfg.seed)
+        self.workers = make_rollout_workers(str(self.backbone_path), cfg.rollout, cfg.rollout.num_workers, cfg.seed,
+                                            [self.placement.options(e) for e in self.placement.engines],
+                                            sleep_mode=self.placement.engines_sleep)
         self.transport = TRANSPORTS.get(cfg.rollout.weight_transport)()
 
     def generate(self, requests, n: Optional[int] = None, temperature: Optional[float] = None,
@@ -181,8 +188,11 @@ class OnlineRecipe:
             raise RunStopped(f"step {self.step}: {died}; gave up after {attempt + 1} attempts; "
                              f"{self.stopped_hint()}") from died
         log.warning("step %d: %s; restarting it and retrying the step", self.step, died)
-        self.workers[died.worker_index] = make_rollout_workers(
-            str(self.backbone_path), self.cfg.rollout, 1, (self.cfg.seed + 1000 + attempt) % 2**32)[0]
+        k = died.worker_index
+        self.workers[k] = make_rollout_workers(str(self.backbone_path), self.cfg.rollout, 1,
+                                               (self.cfg.seed + 1000 + attempt) % 2**32,
+                                               [self.placement.options(self.placement.engines[k])],
+                                               sleep_mode=self.placement.engines_sleep)[0]
 
     def sync(self) -> None:
         """The policy's weights to every engine. An engine that dies while loading them is replaced
@@ -195,6 +205,20 @@ class OnlineRecipe:
                 return
             except RolloutWorkerDied as e:
                 self.replace_worker(e, attempt)
+
+    def engines_call(self, method: str) -> None:
+        """`sleep` or `wake_up` on every engine, where the layout shares their GPU with the trainer.
+        A dead engine is left for the next generate or sync to replace."""
+        if not self.placement.engines_sleep:
+            return
+        import ray
+        from ray.exceptions import RayActorError
+
+        for worker in self.workers:
+            try:
+                ray.get(getattr(worker, method).remote())
+            except RayActorError as e:
+                log.warning("step %d: a rollout worker died during %s (%s)", self.step, method, type(e).__name__)
 
     def evaluate(self, step: int) -> dict:
         return self.mode.evaluate_online(step, self.generate, self.score_batch, self.score, self.policy)
@@ -221,8 +245,10 @@ class OnlineRecipe:
             if cfg.run.save_rollouts_every and done % cfg.run.save_rollouts_every == 0:
                 self.save_rollouts(done, samples, scores)
             with timer("update"):
+                self.engines_call("sleep")  # colocated on a GPU: the engines' memory is the trainer's now
                 metrics = {**(self.policy.train(batch) if batch is not None else {}), **update_metrics}
             with timer("sync"):
+                self.engines_call("wake_up")
                 self.sync()
             with timer("log"):
                 metrics.update(scores.metrics())
@@ -277,9 +303,24 @@ class OnlineRecipe:
         self.logger.close()
         return table
 
+    def record_placement(self) -> None:
+        """Which node each actor landed on, in <run>/placement.json (and the log): where a layout
+        or a multi-node cluster put the run."""
+        import ray
+
+        actors = {"policy": self.policy.node_id(),
+                  **{f"engine {k}": n for k, n in enumerate(ray.get([w.node_id.remote() for w in self.workers]))}}
+        record = {"layout": self.placement.layout, "bundles": self.placement.bundles,
+                  "strategy": self.cfg.ray.placement_strategy, "actors": actors,
+                  "nodes": sorted({n for n in actors.values()})}
+        with stop_on_write_error(self.run_dir, "placement.json"):
+            (self.run_dir / "placement.json").write_text(json.dumps(record, indent=1) + "\n")
+        log.info("placement (%s): %d actors on %d node(s)", self.placement.layout, len(actors), len(record["nodes"]))
+
     def cleanup(self) -> None:
         import ray
 
+        release(getattr(self, "placement", None))
         if ray.is_initialized() and not self.cfg.ray.address:
             ray.shutdown()
 

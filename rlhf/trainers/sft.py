@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from speechrl.rlhf.core.config import RecipeConfig
+from speechrl.rlhf.core.devices import peak_memory_gib
 from speechrl.rlhf.model.backbone import save_backbone
 from speechrl.rlhf.model.logprobs import build_token_batch
 from speechrl.rlhf.modes import get_mode
@@ -46,7 +47,7 @@ class SFTRecipe:
         self.mode = get_mode(cfg)
         policy = build_policy(cfg, self.mode.backbone_path(), checkpoint, with_reference=self.with_reference)
         self.backbone, self.model, self.optimizer = policy.backbone, policy.model, policy.optimizer
-        self.reference = policy.reference
+        self.reference, self.policy = policy.reference, policy
         self.train_set, self.eval_set = self.mode.datasets(self.backbone.max_audio_seconds)
         self.logger = RunLogger(self.run_dir, cfg, plot_keys=[*self.plot_keys, *self.mode.plot_keys(), "lr"])
         self.task = self.mode.setup_task(self.backbone.processor)
@@ -59,7 +60,7 @@ class SFTRecipe:
         items = [self.train_set[int(i)] for i in idx]
         rows = [self.task.sft_example(ex, audio, self.train_set) for ex, audio in items]
         return build_token_batch(self.backbone.processor, [r[0] for r in rows], [r[1] for r in rows],
-                                 [r[2] for r in rows], self.backbone.tokenizer.pad_token_id)
+                                 [r[2] for r in rows], self.backbone.tokenizer.pad_token_id).to(self.policy.device)
 
     def evaluate(self, step: int) -> dict:
         return self.mode.evaluate_offline(step, exportable_model(self.model), self.backbone.processor, self.eval_set,
@@ -73,7 +74,8 @@ class SFTRecipe:
         bar = tqdm(range(self.start_step, cfg.steps), initial=self.start_step, total=cfg.steps,
                    desc=self.cfg.algorithm, unit="step", dynamic_ncols=True)
         for step in bar:
-            loss, step_metrics = self.step_loss(step)
+            with self.policy.autocast():
+                loss, step_metrics = self.step_loss(step)
             self.optimizer.backward(loss)
             stats = self.optimizer.step()
             history.append({"loss": loss.item(), **step_metrics})
@@ -81,7 +83,7 @@ class SFTRecipe:
             metrics = {}
             if due(done, cfg.log_every, cfg.steps):
                 metrics = {f"train/{k}": float(np.mean([h[k] for h in history])) for k in history[0]}
-                metrics.update(stats)
+                metrics.update(stats, **peak_memory_gib(self.policy.device))
                 history = []
             if due(done, cfg.eval_every, cfg.steps):
                 metrics.update(self.evaluate(done))

@@ -16,6 +16,7 @@ from speechrl.rlhf.algos.batch import TrainBatch
 from speechrl.rlhf.algos.value_loss import clipped_value_loss
 from speechrl.rlhf.model.backbone import hub_state_dict, save_backbone
 from speechrl.rlhf.core.config import RecipeConfig, RunStopped
+from speechrl.rlhf.core.devices import peak_memory_gib, train_device
 from speechrl.rlhf.core.run_dir import resume_hint
 from speechrl.rlhf.model.critic import ValueHead, token_values
 from speechrl.rlhf.model.logprobs import build_token_batch, token_logprobs, unwrap, vocab_mask
@@ -42,11 +43,13 @@ class PolicyWorker:
             self.value_head = ValueHead(AutoConfig.from_pretrained(backbone_path).text_config.hidden_size)
             if checkpoint:
                 self.value_head.load_state_dict(torch.load(Path(checkpoint) / VALUE_HEAD, weights_only=True))
+            self.value_head.to(train_device(cfg.train.device))
         policy = build_policy(cfg, Path(backbone_path), Path(checkpoint) if checkpoint else None,
                               with_reference=reference, updates_per_step=cfg.rl.epochs_per_step * cfg.rl.minibatches,
                               extra_params=list(self.value_head.parameters()) if critic else ())
         self.backbone, self.model, self.optimizer = policy.backbone, policy.model, policy.optimizer
         self.reference = policy.reference
+        self.policy, self.device = policy, policy.device
         vocab = self.backbone.model.get_output_embeddings().weight.shape[0]
         self.allowed = vocab_mask(allowed_ids, vocab)
         if checkpoint:
@@ -54,6 +57,12 @@ class PolicyWorker:
 
     def ping(self) -> bool:
         return True
+
+    def node_id(self) -> str:
+        """The Ray node this worker runs on (the run's placement.json records it)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def with_model(self, fn, *args):
         """`fn(model, processor, *args)` on the current weights (LoRA merged into a copy): a mode's
@@ -66,18 +75,19 @@ class PolicyWorker:
         g = self.cfg.rl
         mask = batch.completion_mask
         critic = returns is not None
-        out = token_logprobs(self.model, batch, temperature, self.allowed, with_hidden=critic)
+        with self.policy.autocast():
+            out = token_logprobs(self.model, batch, temperature, self.allowed, with_hidden=critic)
         logp, hidden = out if critic else (out, None)
         per_token, metrics = POLICY_LOSSES.get(g.policy_loss)(logp, old_logprobs, advantages, mask,
                                                               clip_eps=g.clip_eps, clip_eps_high=g.clip_eps_high)
         if kl_coef > 0:
-            with torch.no_grad():
+            with torch.no_grad(), self.policy.autocast():
                 ref_logp = token_logprobs(self.reference, batch, temperature, self.allowed)
             kl = KL_ESTIMATORS.get(g.kl_estimator)(logp, ref_logp)
             per_token = per_token + kl_coef * kl
             metrics["kl"] = (kl * mask).sum() / mask.sum().clamp(min=1)
         if critic:
-            value_loss, value_metrics = clipped_value_loss(self.value_head(hidden), old_values, returns, mask,
+            value_loss, value_metrics = clipped_value_loss(self.value_head(hidden.float()), old_values, returns, mask,
                                                            self.cfg.ppo.value_clip)
             per_token = per_token + self.cfg.ppo.vf_coef * value_loss
             metrics.update(value_metrics, value_loss=(value_loss * mask).sum() / mask.sum().clamp(min=1))
@@ -88,9 +98,8 @@ class PolicyWorker:
         """The optimizer step(s) a batch asks for (module docstring); the metrics."""
         if len(batch) == 0:  # every completion was empty or unscored: nothing to step on
             return {}
-        if batch.is_preference:
-            return self._preference_step(batch)
-        return self._policy_steps(batch)
+        metrics = self._preference_step(batch) if batch.is_preference else self._policy_steps(batch)
+        return {**metrics, **peak_memory_gib(self.device)}
 
     def _policy_steps(self, b: TrainBatch) -> dict:
         """`rl.epochs_per_step` passes of `rl.minibatches` shuffled optimizer steps, in micro-batches.
@@ -111,11 +120,11 @@ class PolicyWorker:
                     sl = [int(i) for i in rows[start:start + micro]]
                     batch = build_token_batch(self.backbone.processor, [b.prompt_ids[i] for i in sl],
                                               [b.completion_ids[i] for i in sl], [b.audios[i] for i in sl],
-                                              tok.pad_token_id)
+                                              tok.pad_token_id).to(self.device)
                     mask = batch.completion_mask
                     per_token = not np.isscalar(b.advantages[sl[0]])
                     adv = _on_grid([b.advantages[i] for i in sl], mask) if per_token else \
-                        torch.tensor([b.advantages[i] for i in sl], dtype=torch.float32)
+                        torch.tensor([b.advantages[i] for i in sl], dtype=torch.float32, device=self.device)
                     critic = {} if not b.needs_critic else dict(
                         returns=_on_grid([b.returns[i] for i in sl], mask),
                         old_values=_on_grid([b.old_values[i] for i in sl], mask))
@@ -146,7 +155,9 @@ class PolicyWorker:
             batch = preference_batch(self.backbone.processor, b.prompt_ids[sl], b.completion_ids[sl],
                                      b.rejected_ids[sl], self.backbone.tokenizer.pad_token_id, b.audios[sl])
             pairs = len(b.prompt_ids[sl])
-            loss, metrics = preference_loss(self.model, self.reference, batch, pairs, self.cfg.dpo, self.allowed)
+            with self.policy.autocast():
+                loss, metrics = preference_loss(self.model, self.reference, batch.to(self.device), pairs,
+                                                self.cfg.dpo, self.allowed)
             self.optimizer.backward(loss * pairs / n)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * pairs / n
@@ -162,12 +173,13 @@ class PolicyWorker:
         for start in range(0, len(b), micro):
             sl = slice(start, start + micro)
             batch = build_token_batch(self.backbone.processor, b.prompt_ids[sl], b.completion_ids[sl], b.audios[sl],
-                                      self.backbone.tokenizer.pad_token_id)
+                                      self.backbone.tokenizer.pad_token_id).to(self.device)
             mask = batch.completion_mask
-            v = token_values(self.model, self.value_head, batch)  # the trunk without its LM head: no logits
+            with self.policy.autocast():
+                v = token_values(self.model, self.value_head, batch).float()  # the trunk without its LM head
+                r = None if ref is None else token_logprobs(self.reference, batch, b.temperature, self.allowed)
             values += [v[i][mask[i]].tolist() for i in range(len(mask))]
             if ref is not None:
-                r = token_logprobs(self.reference, batch, b.temperature, self.allowed)
                 ref += [r[i][mask[i]].tolist() for i in range(len(mask))]
         return {"values": values, "ref_logprobs": ref}
 
@@ -193,18 +205,20 @@ class PolicyWorker:
 def _on_grid(rows: list, mask: torch.Tensor) -> torch.Tensor:
     """Per-token values (one list per row, a value per completion token) on the [B, L-1] grid of
     `mask` (completion positions), 0 elsewhere."""
-    out = torch.zeros(mask.shape)
+    out = torch.zeros(mask.shape, device=mask.device)
     for i, values in enumerate(rows):
-        out[i, mask[i]] = torch.tensor(values, dtype=torch.float32)
+        out[i, mask[i]] = torch.tensor(values, dtype=torch.float32, device=mask.device)
     return out
 
 
 def make_policy_worker(cfg: RecipeConfig, backbone_path: str, checkpoint: str | None = None, *,
-                       allowed_ids: list[int] | ReplyLayout, reference: bool = False, critic: bool = False):
+                       allowed_ids: list[int] | ReplyLayout, reference: bool = False, critic: bool = False,
+                       options: dict | None = None):
+    """The policy worker as a Ray actor; `options`: its resources and bundle (workers/placement.py)."""
     import ray
 
-    gpus = 1 if torch.cuda.is_available() else 0
-    return ray.remote(PolicyWorker).options(num_cpus=1, num_gpus=gpus, max_concurrency=1).remote(
+    options = options or {"num_cpus": 1, "num_gpus": 0}
+    return ray.remote(PolicyWorker).options(max_concurrency=1, **options).remote(
         cfg, str(backbone_path), checkpoint, allowed_ids=allowed_ids, reference=reference, critic=critic)
 
 
@@ -235,6 +249,9 @@ class PolicyClient:
 
     def ping(self) -> bool:
         return self._get(self.actor.ping.remote())
+
+    def node_id(self) -> str:
+        return self._get(self.actor.node_id.remote())
 
     def _get(self, ref):
         """The call's result. A dead policy worker took its weights and optimizer state since the last

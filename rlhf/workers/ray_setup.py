@@ -33,5 +33,6 @@ def start_ray(cfg: RecipeConfig) -> None:
                               f"(the policy worker, rollout.num_workers={cfg.rollout.num_workers} engines and "
                               f"{reward_cpus} for rewards' resources); set ray.num_cpus>={actors} or lower "
                               f"rollout.num_workers")
-        ray.init(num_cpus=cfg.ray.num_cpus or max(actors, os.cpu_count() or 2), include_dashboard=False,
+        ray.init(num_cpus=cfg.ray.num_cpus or max(actors, os.cpu_count() or 2), num_gpus=cfg.ray.num_gpus,
+                 include_dashboard=False,
                  runtime_env={"env_vars": env}, log_to_driver=True)

@@ -93,6 +93,8 @@ EDGES_ALLOWED = {
     "rewards.*.resources.memory_gib": {"0", "huge"},
     "rewards.*.resources.replicas": {"huge"},
     "ray.num_cpus": {"huge"},
+    "ray.num_gpus": {"0", "huge"},  # 0 = a CPU cluster even where GPUs are found
+    "ray.placement_timeout_s": {"huge"},
     "tts.embedded_codec.hop_length": {"huge"},
     "tts.embedded_codec.num_codebooks": {"huge"},
     "tts.embedded_codec.codebook_size": {"huge"},

@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from speechrl.rlhf.core.config import RecipeError, load_recipe
+from speechrl.rlhf.core.devices import compute_dtype, train_device
 from speechrl.rlhf.model.policy import build_policy, save_policy
 
 
@@ -115,3 +117,50 @@ def test_freezing_encoder_and_decoder_trains_only_the_projector(sft_config, sft_
     assert trainable and all("multi_modal_projector" in k for k in trainable), trainable
     optimized = {id(p) for g in policy.optimizer.optimizer.param_groups for p in g["params"]}
     assert optimized == {id(p) for p in policy.model.parameters() if p.requires_grad}
+
+
+# --- train.device and train.dtype: one code path for CPU and CUDA, bf16 forwards over fp32 weights ---
+def test_auto_is_cpu_and_fp32_without_a_gpu_and_cuda_is_an_error_naming_the_fix():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: auto means cuda here")
+    assert train_device("auto").type == "cpu" and compute_dtype("auto", train_device("auto")) == torch.float32
+    with pytest.raises(RuntimeError, match=r"train.device=cuda.*train.device=auto"):
+        train_device("cuda")
+    assert compute_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.mark.parametrize("key, value", [("train.dtype", "fp16"), ("train.device", "gpu")])
+def test_unknown_device_or_dtype_is_a_recipe_error_naming_the_key(key, value):
+    with pytest.raises(RecipeError, match=rf"`{key}` is '{value}'; choose one of"):
+        load_recipe("asr/grpo", [f"{key}={value}"])
+
+
+def test_bf16_forwards_keep_fp32_master_weights_and_agree_with_fp32(sft_config, sft_assets):
+    """On CPU too: autocast runs the decoder in bf16; weights, grads and AdamW's state stay fp32,
+    and the logprobs (computed in fp32 from bf16 logits) stay close to the fp32 ones."""
+    import numpy as np
+
+    from speechrl.rlhf.model.logprobs import token_logprobs
+
+    fp32 = build_policy(sft_config("dtype32", "train.dtype=fp32"), sft_assets[0])
+    bf16 = build_policy(sft_config("dtype16", "train.dtype=bf16"), sft_assets[0])
+    assert (fp32.dtype, bf16.dtype) == (torch.float32, torch.bfloat16)
+    rng = np.random.default_rng(0)
+    clips = [rng.normal(0, 0.1, 16000).astype(np.float32) for _ in range(2)]
+    *_, batch = _grpo_like_batch(bf16.backbone, clips, n=2)
+    mask = batch.completion_mask
+
+    with bf16.autocast():
+        logits = bf16.model(input_ids=batch.input_ids[:1, :4]).logits
+        logp16 = token_logprobs(bf16.model, batch.to(bf16.device))
+    assert logits.dtype == torch.bfloat16 and logp16.dtype == torch.float32
+    logp32 = token_logprobs(fp32.model, batch)
+    gap = float(((logp16.detach() - logp32).abs() * mask).sum() / mask.sum())
+    assert 0 < gap < 0.05, f"bf16 vs fp32 mean |logprob gap| {gap:.4f}"
+
+    (-(logp16 * mask).sum() / mask.sum()).backward()
+    bf16.optimizer.step()
+    params = [p for p in bf16.model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in params)
+    state = [s for s in bf16.optimizer.optimizer.state.values() if s]
+    assert state and all(s["exp_avg"].dtype == torch.float32 for s in state)

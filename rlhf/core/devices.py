@@ -1,0 +1,55 @@
+"""Where the trainer's models run and in which precision: one code path for CUDA and CPU.
+
+`train.device: auto` puts the policy, reference, critic and in-process evaluation on the GPU Ray
+gave the actor (CUDA_VISIBLE_DEVICES), or on CPU when there is none. `train.dtype: bf16` runs the
+forward passes under torch.autocast while the weights, their gradients and AdamW's moments stay
+fp32 (the master weights the optimizer needs); `auto` is bf16 on a GPU that has it, fp32 on CPU.
+fp16 is not offered: it needs a loss scaler, and every GPU this targets has bf16.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def train_device(name: str = "auto") -> torch.device:
+    """The device `train.device` names; "cuda" without a visible GPU is an error naming the fix."""
+    if name not in DEVICES:
+        raise ValueError(f"train.device={name!r}: expected one of {', '.join(DEVICES)}")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but torch sees no GPU here (torch.cuda.is_available() is False): "
+                           "install a CUDA build of torch, give the actor a GPU (a cluster with GPU nodes), "
+                           "or set train.device=auto")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The forward passes' precision for `train.dtype` on `device`."""
+    if name == "auto":
+        gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if gpu_bf16 else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"train.dtype={name!r}: expected auto, {' or '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """A context for the forward passes: nothing for fp32, torch.autocast otherwise."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def peak_memory_gib(device: torch.device) -> dict[str, float]:
+    """`perf/peak_gpu_gib` since the last call (and reset) on a GPU; nothing on CPU."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return {"perf/peak_gpu_gib": peak}
