@@ -78,7 +78,7 @@ def bench_rollout_workers(path, clips, n, tokens, temperature, rollout_cfg, repe
     proc = load_backbone(path).processor
     prompt = render_prompt(proc, "asr")
     allowed = text_ids_without_eos(proc.tokenizer)
-    ray.init(num_cpus=max(os.cpu_count() or 1, rollout_cfg.num_workers), include_dashboard=False,
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, rollout_cfg.num_workers), include_dashboard=False,
              log_to_driver=False)
     try:
         start = time.perf_counter()

@@ -57,3 +57,38 @@ def sample_batch(samples, requests, keep: list[int], temperature: float, **field
     return TrainBatch([samples[i].prompt_ids for i in keep], [samples[i].completion_ids for i in keep],
                       [requests[samples[i].prompt_index].audio for i in keep], temperature,
                       sampling_logprobs=[samples[i].logprobs for i in keep], **fields)
+
+
+def micro_batches(prompt_ids: list[list[int]], completion_ids: list[list[int]], rows: list[int], max_rows: int,
+                  max_tokens: int = 0) -> list[list[int]]:
+    """`rows` (sample indices of one minibatch) cut into micro-batches of at most `max_rows` rows and,
+    with `max_tokens` > 0, at most that many tokens in the forward pass (`forward_tokens`).
+
+    Without a token budget rows keep their order. With one, they are bucketed first: sorted by prompt
+    length and completion length, rows sharing a prompt kept together (it then runs once), so a
+    micro-batch holds rows of similar length and pads little. A row over the budget alone is a
+    micro-batch of its own (it has to run); every row is in exactly one micro-batch.
+    """
+    if max_tokens <= 0:
+        return [rows[i:i + max_rows] for i in range(0, len(rows), max_rows)]
+    first_seen: dict[tuple, int] = {}
+    for i in rows:
+        first_seen.setdefault(tuple(prompt_ids[i]), len(first_seen))
+    order = sorted(rows, key=lambda i: (len(prompt_ids[i]), first_seen[tuple(prompt_ids[i])], len(completion_ids[i])))
+    out: list[list[int]] = []
+    for i in order:
+        if out and len(out[-1]) < max_rows and \
+                forward_tokens(prompt_ids, completion_ids, out[-1] + [i]) <= max_tokens:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def forward_tokens(prompt_ids: list[list[int]], completion_ids: list[list[int]], rows: list[int]) -> int:
+    """Positions a micro-batch's forward holds: each distinct prompt once (rows sharing one run it
+    once: model/logprobs.py), plus every row's completion padded to the longest; the activations
+    and the [rows, positions, vocab] logits grow with it."""
+    prompts = {tuple(prompt_ids[i]) for i in rows}
+    return len(prompts) * max(len(p) for p in prompts) + len(rows) * max(len(completion_ids[i]) for i in rows)
+

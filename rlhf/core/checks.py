@@ -62,6 +62,7 @@ _RANGES = {
     "data.max_eval_examples": ">= 1",
     "train.steps": ">= 1",
     "train.batch_size": ">= 1",
+    "train.max_tokens_per_microbatch": ">= 0 (0 = micro-batches of train.batch_size rows, no token cap)",
     "train.lr": "> 0",
     "train.weight_decay": ">= 0 (0 = none)",
     "train.warmup_steps": ">= 0 (0 = no warm-up)",

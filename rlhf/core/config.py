@@ -105,6 +105,7 @@ class DeepSpeedConfig:
 class TrainConfig:
     steps: int = 300  # optimizer steps
     batch_size: int = 16  # examples per optimizer step (SFT) / sampled sequences per micro-batch (RL)
+    max_tokens_per_microbatch: int = 0  # RL: also cap a micro-batch's tokens, rows bucketed by length; 0 = rows only
     lr: float = 1e-3  # peak AdamW learning rate, > 0
     weight_decay: float = 0.0  # AdamW weight decay; 0 = none
     warmup_steps: int = 20  # linear warm-up, then cosine decay to lr_min_ratio * lr; 0 = no warm-up

@@ -33,6 +33,9 @@ def start_ray(cfg: RecipeConfig) -> None:
                               f"(the policy worker, rollout.num_workers={cfg.rollout.num_workers} engines and "
                               f"{reward_cpus} for rewards' resources); set ray.num_cpus>={actors} or lower "
                               f"rollout.num_workers")
-        ray.init(num_cpus=cfg.ray.num_cpus or max(actors, os.cpu_count() or 2), num_gpus=cfg.ray.num_gpus,
-                 include_dashboard=False,
+        # address="local": a cluster of its own, always. A plain ray.init() would join the cluster whose
+        # address the machine's last `ray start` left in /tmp/ray/ray_current_cluster, even a dead one
+        # (a soak's resume failed so: "When connecting to an existing cluster, num_cpus ... must not be provided")
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(actors, os.cpu_count() or 2),
+                 num_gpus=cfg.ray.num_gpus, include_dashboard=False,
                  runtime_env={"env_vars": env}, log_to_driver=True)

@@ -50,6 +50,6 @@ def speech():
 def ray_cluster():
     """A local Ray cluster per test module; 3 CPUs, so rewards declaring resources can be placed."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -19,7 +19,7 @@ def workers(tiny_backbone_dir):
     ray = pytest.importorskip("ray")
     from speechrl.rollouts.engine import make_rollout_workers
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     start = time.perf_counter()
     handles = make_rollout_workers(str(tiny_backbone_dir), RolloutConfig(kv_cache_gib=0.25), num_workers=2, seed=0)
     print(f"\n2 Ray rollout workers up: {time.perf_counter() - start:.1f} s")

@@ -59,6 +59,7 @@ EDGES_ALLOWED = {
     "train.checkpoint_every": {"0", "huge"},
     "train.keep_checkpoints": {"0", "huge"},  # 0 = keep all
     "train.log_every": {"0", "huge"},
+    "train.max_tokens_per_microbatch": {"0", "huge"},  # 0 = no token cap
     "train.torch_threads": {"0", "huge"},  # 0 = all CPUs
     "train.deepspeed.zero_stage": {"0"},
     "eval_max_new_tokens": set(),  # huge: past rollout.max_model_len

@@ -24,7 +24,7 @@ def test_a_checkpoint_write_failing_in_a_ray_worker_stops_the_run_naming_why(sma
 
     run_dir = a_run_with_a_step_5_checkpoint(small_disk.path)
     partial = run_dir / "checkpoints" / "step-10"
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         @ray.remote
         class Saver:  # what the policy worker's save does: a folder, then the weights

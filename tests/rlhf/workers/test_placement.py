@@ -77,7 +77,7 @@ def logical_gpus():
     import ray
 
     def start(n):
-        ray.init(num_cpus=4, num_gpus=n, include_dashboard=False)
+        ray.init(address="local", num_cpus=4, num_gpus=n, include_dashboard=False)
 
     yield start
     ray.shutdown()

@@ -21,3 +21,19 @@ def test_cpus_reserved_by_rewards_count_too():
                                    "rewards=[{name: asr_wer, resources: {num_cpus: 1, replicas: 2}}]"])
     with pytest.raises(RecipeError, match=r"needing 4 CPUs .* 2 for rewards"):
         start_ray(cfg)
+
+
+def test_no_ray_address_starts_a_local_cluster_even_where_ray_start_left_one_behind(monkeypatch):
+    """`ray start` writes its cluster's address to /tmp/ray/ray_current_cluster, and a plain ray.init()
+    joins that cluster, even when it is gone. ray.address: null means a local cluster of the run's own."""
+    import ray
+    from ray._private import services
+
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir=None: "127.0.0.1:1")  # a dead head
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    try:
+        start_ray(load_recipe("asr/grpo", ["ray.num_cpus=3", "rollout.num_workers=1"]))
+        assert ray.cluster_resources()["CPU"] == 3
+    finally:
+        ray.shutdown()
+

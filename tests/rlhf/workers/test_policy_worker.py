@@ -1,0 +1,62 @@
+"""The policy worker's micro-batching by token budget (train.max_tokens_per_microbatch): which rows
+share a forward pass, and that the update does not depend on it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from speechrl.rlhf.algos.batch import TrainBatch, forward_tokens, micro_batches
+
+
+def test_micro_batches_respect_rows_and_tokens_and_keep_shared_prompts_together():
+    prompts = [[1] * 50] * 4 + [[2] * 10] * 4 + [[3] * 30]
+    completions = [[0] * n for n in (5, 40, 6, 7, 3, 4, 60, 5, 8)]
+    rows = list(range(9))
+    assert micro_batches(prompts, completions, rows, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8]], "no budget: in order"
+    parts = micro_batches(prompts, completions, rows, 4, max_tokens=120)
+    assert sorted(i for p in parts for i in p) == rows, "every row exactly once"
+    for part in parts:
+        assert len(part) <= 4
+        assert len(part) == 1 or forward_tokens(prompts, completions, part) <= 120
+    assert [6] in parts, "a row past the budget (10 + 60 tokens, with company more) runs alone"
+    # bucketed: by prompt length, the rows of one prompt neighbours, each prompt's by completion length
+    order = [4, 5, 7, 6, 8, 0, 2, 3, 1]
+    assert [i for p in parts for i in p] == order and parts[0] == [4, 5, 7]
+    assert micro_batches(prompts, completions, rows, 4, max_tokens=1) == [[i] for i in order]
+
+
+def test_the_update_is_the_same_whatever_the_token_budget(sft_config, sft_assets):
+    """Sequence-mean losses weighted by each micro-batch's share of rows: cutting the minibatch by
+    tokens instead of rows moves the weights the same (float summation order aside)."""
+    from speechrl.rlhf.model.logprobs import build_token_batch, prompt_ids_for, token_logprobs
+    from speechrl.rlhf.model.prompts import render_prompt
+    from speechrl.rlhf.workers.policy_worker import PolicyWorker
+
+    rng = np.random.default_rng(0)
+    base = ["rl.loss_agg=seq_mean_token_mean", "train.warmup_steps=0", "train.lr=1e-3", "rl.kl_coef=0",
+            "train.batch_size=6"]
+    workers = {budget: PolicyWorker(sft_config(f"pw-{budget}", *base, f"train.max_tokens_per_microbatch={budget}"),
+                                    str(sft_assets[0]), allowed_ids=list(range(300)))
+               for budget in (0, 150)}
+    proc = workers[0].backbone.processor
+    clips = [rng.normal(0, 0.1, 16000 * s).astype(np.float32) for s in (1, 2)]
+    prompts, completions, audios = [], [], []
+    for clip in clips:
+        ids = prompt_ids_for(proc, render_prompt(proc, "asr"), clip)
+        for j in range(3):
+            prompts.append(ids)
+            completions.append(rng.integers(0, 300, 2 + 5 * j).tolist())
+            audios.append(clip)
+    assert len(micro_batches(prompts, completions, list(range(6)), 6, 150)) > 1, "the budget splits the batch"
+    batch = build_token_batch(proc, prompts, completions, audios, workers[0].backbone.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logp = token_logprobs(workers[0].model, batch, 1.0, workers[0].allowed)
+    sampled = [logp[i][batch.completion_mask[i]].tolist() for i in range(6)]
+    train = TrainBatch(prompts, completions, audios, 1.0, sampling_logprobs=sampled,
+                       advantages=rng.normal(size=6).tolist())
+    metrics = {budget: w.train(train) for budget, w in workers.items()}
+    assert metrics[0]["train/loss"] == pytest.approx(metrics[150]["train/loss"], abs=1e-5)
+    assert metrics[0]["grad_norm"] == pytest.approx(metrics[150]["grad_norm"], rel=1e-4) and metrics[0]["grad_norm"] > 0
+    for (name, a), b in zip(workers[0].model.named_parameters(), workers[150].model.parameters()):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-4, msg=name)
