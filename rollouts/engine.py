@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import weakref
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
 from speechrl.rlhf.model.layout import ReplyLayout, reply_layout_processor
+from speechrl.rollouts.lora import LoraAdapter, adapter_dir, engine_lora_rank, register_lora_model
 from speechrl.rollouts.types import RolloutRequest, Sample
 
 # What constrains a completion's tokens: a static list of allowed ids (ASR, TTS) or a ReplyLayout
@@ -125,9 +128,10 @@ class RolloutEngine:
 
     def __init__(self, backbone_path: str, *, kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.5,
                  tensor_parallel_size: int = 1, enforce_eager: bool = True, max_model_len: int = 1024,
-                 seed: int = 0, threads: int = 0, sleep_mode: bool = False):
+                 seed: int = 0, threads: int = 0, sleep_mode: bool = False, lora_rank: int = 0):
         """`sleep_mode` (a GPU shared with the trainer): `sleep` frees the engine's GPU memory between
-        generations, `wake_up` brings it back; vLLM offers it on CUDA only."""
+        generations, `wake_up` brings it back; vLLM offers it on CUDA only. `lora_rank` > 0: the engine
+        serves the policy's LoRA adapter of that rank (load_adapter); 0: no LoRA."""
         # Keeps the engine core in this process (and actor): load_weights hands vLLM a Python
         # iterator through collective_rpc, which cannot cross into a separate engine process.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -148,12 +152,20 @@ class RolloutEngine:
         # On CPU vLLM's gpu_memory_utilization fails at start-up; a fixed KV-cache size works.
         memory = ({"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available()
                   else {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)})
+        self.lora, self.lora_dir = None, None  # the adapter generate uses (a LoRARequest), where it is written
+        lora = {}
+        if lora_rank > 0:
+            register_lora_model()
+            # one adapter at a time: each sync replaces the last
+            lora = {"enable_lora": True, "max_lora_rank": engine_lora_rank(lora_rank), "max_loras": 1}
+            self.lora_dir = adapter_dir()
+            weakref.finalize(self, shutil.rmtree, self.lora_dir, ignore_errors=True)
         quiet_benign_vllm_warnings()  # start-up warns too; the handler's filter sees every vllm.* logger
         self.llm = LLM(model=str(path), dtype="auto" if torch.cuda.is_available() else "float32",
                        enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
                        limit_mm_per_prompt={"audio": 1}, max_model_len=max_model_len, seed=seed,
                        logprobs_mode=LOGPROBS_MODE, logits_processors=[reply_layout_processor()],
-                       **({"enable_sleep_mode": True} if sleep_mode else {}), **memory)
+                       **({"enable_sleep_mode": True} if sleep_mode else {}), **lora, **memory)
         quiet_benign_vllm_warnings()
 
     def sleep(self) -> None:
@@ -207,7 +219,7 @@ class RolloutEngine:
                                          # detokenizer drops a trailing partial UTF-8 character
                                          detokenize=False, allowed_token_ids=static, extra_args=extra,
                                          stop_token_ids=stop_token_ids))
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        outputs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self.lora)
         samples = []
         for i, (req, out) in enumerate(zip(requests, outputs)):
             for j, c in enumerate(out.outputs):
@@ -236,11 +248,36 @@ class RolloutEngine:
         """Replace weights in place; names in the hub layout (model/backbone.py's hub_state_dict).
 
         A fused vLLM layer (qkv_proj, gate_up_proj) must get all its parts, or the missing ones come back
-        uninitialized (see sync.merged_lora_state). Caches are dropped: reload_weights leaves the encoder
-        cache's index stale, and the next request with the same audio fails "Encoder cache miss".
+        uninitialized. Caches are dropped: reload_weights leaves the encoder cache's index stale, and the
+        next request with the same audio fails "Encoder cache miss". It also unloads LoRA adapters; the
+        next generate reloads the current one from its directory (vLLM loads a requested adapter it lacks).
         """
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         self.reset_caches()
+
+    def load_adapter(self, adapter: LoraAdapter) -> None:
+        """Serve `adapter` (rollouts/lora.py) from the next generate on, in place of the last one.
+
+        vLLM 0.32 loads adapters from a directory only (LoRARequest has no tensors; the in-memory route
+        is internal API), so the adapter, which reached this engine by value (from any node), is written
+        to this engine's own tmpfs directory and loaded through the public add_lora. Each version gets a
+        new name: prefix-cache blocks are keyed by the adapter's name and path, not its weights, so a
+        reused name would serve KV computed under the old adapter. The encoder cache stays valid: the
+        audio tower carries no adapter.
+        """
+        from vllm.lora.request import LoRARequest
+
+        if self.lora_dir is None:
+            raise RuntimeError("load_adapter: this engine was started without LoRA; start it with lora_rank="
+                               "model.lora.r (make_rollout_workers(..., lora_rank=...))")
+        old, version = self.lora, (self.lora.lora_int_id + 1 if self.lora else 1)
+        path = adapter.save(self.lora_dir / f"v{version}")
+        request = LoRARequest(f"policy-v{version}", version, str(path))
+        self.llm.llm_engine.add_lora(request)  # loads now: a bad adapter fails the sync, not the next generate
+        self.lora = request
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
 
     def reset_caches(self) -> None:
         """Forget cached prompts (prefix KV cache) and encoded audio (encoder cache)."""
@@ -254,15 +291,16 @@ def _seed_torch(worker, seed: int) -> None:
 
 
 def make_rollout_workers(backbone_path: str, cfg, num_workers: int, seed: int,
-                         placement: list[dict] | None = None, sleep_mode: bool = False) -> list:
+                         placement: list[dict] | None = None, sleep_mode: bool = False, lora_rank: int = 0) -> list:
     """Start `num_workers` Ray actors, each holding one RolloutEngine (`cfg`: a RolloutConfig).
 
     `placement[k]`: worker k's Ray options (resources and placement-group bundle, from the run's
     layout: rlhf/workers/placement.py); without it each asks for a CPU, and `tensor_parallel_size`
     GPUs where the cluster has any. `sleep_mode`: the engines share their GPU with the trainer
-    (RolloutEngine.sleep). On CPU the engine uses `cfg.threads_per_worker` threads (0: the
-    machine's cores shared among workers; generation and training take turns, so they do not
-    compete). Returns once every engine is up, so start-up errors surface here, not at the first generate.
+    (RolloutEngine.sleep). `lora_rank` > 0 (a LoRA run's model.lora.r): the engines serve the
+    policy's adapter (RolloutEngine.load_adapter). On CPU the engine uses `cfg.threads_per_worker`
+    threads (0: the machine's cores shared among workers; generation and training take turns, so they
+    do not compete). Returns once every engine is up, so start-up errors surface here, not at the first generate.
     """
     import ray
 
@@ -275,7 +313,7 @@ def make_rollout_workers(backbone_path: str, cfg, num_workers: int, seed: int,
                    str(backbone_path), kv_cache_gib=cfg.kv_cache_gib, gpu_memory_utilization=cfg.gpu_memory_utilization,
                    tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager,
                    max_model_len=cfg.max_model_len, seed=(seed + k) % 2**32, threads=threads,  # numpy's range
-                   sleep_mode=sleep_mode)
+                   sleep_mode=sleep_mode, lora_rank=lora_rank)
                for k in range(num_workers)]
     ray.get([w.ping.remote() for w in workers])
     return workers

@@ -102,9 +102,12 @@ class OnlineRecipe:
         self.mode.setup_online(self.run_dir, self.logger, window)
         prebuild_judges(cfg)  # here on every core, not inside a one-thread reward actor
         self.reward = make_reward_actor(cfg.rewards, codec=self.task.reward_codec, retries=cfg.rollout.max_retries)
+        # a LoRA run's engines serve its adapter on the frozen base (sync sends the adapter alone);
+        # an evaluation's engines serve the saved, merged weights as they are
+        self.lora_rank = cfg.model.lora.r if cfg.model.lora.enabled and with_policy else 0
         self.workers = make_rollout_workers(str(self.backbone_path), cfg.rollout, cfg.rollout.num_workers, cfg.seed,
                                             [self.placement.options(e) for e in self.placement.engines],
-                                            sleep_mode=self.placement.engines_sleep)
+                                            sleep_mode=self.placement.engines_sleep, lora_rank=self.lora_rank)
         self.transport = TRANSPORTS.get(cfg.rollout.weight_transport)()
 
     def generate(self, requests, n: Optional[int] = None, temperature: Optional[float] = None,
@@ -192,11 +195,12 @@ class OnlineRecipe:
         self.workers[k] = make_rollout_workers(str(self.backbone_path), self.cfg.rollout, 1,
                                                (self.cfg.seed + 1000 + attempt) % 2**32,
                                                [self.placement.options(self.placement.engines[k])],
-                                               sleep_mode=self.placement.engines_sleep)[0]
+                                               sleep_mode=self.placement.engines_sleep, lora_rank=self.lora_rank)[0]
 
     def sync(self) -> None:
-        """The policy's weights to every engine. An engine that dies while loading them is replaced
-        and the sync sent again (the soak run found this: a kill during the sync stopped the run)."""
+        """The policy's weights to every engine (in a LoRA run its adapter alone: PolicyWorker.weights).
+        An engine that dies while loading them is replaced and the sync sent again (the soak run found
+        this: a kill during the sync stopped the run)."""
         if self.policy is None:  # a checkpoint's evaluation: the engines serve it as saved
             return
         for attempt in range(self.cfg.rollout.max_retries + 1):

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from speechrl.rlhf.algos import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
-from speechrl.rlhf.algos.batch import TrainBatch
+from speechrl.rlhf.algos.batch import TrainBatch, micro_batches
 from speechrl.rlhf.algos.value_loss import clipped_value_loss
 from speechrl.rlhf.model.backbone import hub_state_dict, save_backbone
 from speechrl.rlhf.core.config import RecipeConfig, RunStopped
@@ -23,6 +23,7 @@ from speechrl.rlhf.model.logprobs import build_token_batch, token_logprobs, unwr
 from speechrl.rlhf.model.policy import build_policy, exportable_model, save_policy
 from speechrl.rlhf.core.seeding import seed_everything, set_threads
 from speechrl.rlhf.model.layout import ReplyLayout
+from speechrl.rollouts.lora import LoraAdapter, lora_adapter
 
 VALUE_HEAD = "value_head.pt"  # in a PPO checkpoint, beside the policy
 
@@ -104,9 +105,11 @@ class PolicyWorker:
     def _policy_steps(self, b: TrainBatch) -> dict:
         """`rl.epochs_per_step` passes of `rl.minibatches` shuffled optimizer steps, in micro-batches.
 
-        Micro-batch losses are weighted by their share of the minibatch so accumulation matches one big batch
-        (token_mean is then per micro-batch). Metrics are the first epoch's, except `logprob_gap` (the first
-        minibatch's, before the policy moved: the vLLM/trainer agreement check) and grad_norm/lr (the last).
+        Micro-batches hold train.batch_size rows, and at most train.max_tokens_per_microbatch tokens when
+        set (algos/batch.py: micro_batches). Their losses are weighted by their share of the minibatch so
+        accumulation matches one big batch (token_mean is then per micro-batch). Metrics are the first
+        epoch's, except `logprob_gap` (the first minibatch's, before the policy moved: the vLLM/trainer
+        agreement check) and grad_norm/lr (the last).
         """
         n, micro, g = len(b), self.cfg.train.batch_size, self.cfg.rl
         tok = self.backbone.tokenizer
@@ -116,8 +119,8 @@ class PolicyWorker:
             for part, rows in enumerate(np.array_split(np.asarray(order, dtype=int), g.minibatches)):
                 if len(rows) == 0:
                     continue
-                for start in range(0, len(rows), micro):
-                    sl = [int(i) for i in rows[start:start + micro]]
+                for sl in micro_batches(b.prompt_ids, b.completion_ids, [int(i) for i in rows], micro,
+                                        self.cfg.train.max_tokens_per_microbatch):
                     batch = build_token_batch(self.backbone.processor, [b.prompt_ids[i] for i in sl],
                                               [b.completion_ids[i] for i in sl], [b.audios[i] for i in sl],
                                               tok.pad_token_id).to(self.device)
@@ -183,12 +186,11 @@ class PolicyWorker:
                 ref += [r[i][mask[i]].tolist() for i in range(len(mask))]
         return {"values": values, "ref_logprobs": ref}
 
-    def weights(self) -> list[tuple[str, torch.Tensor]]:
-        """Hub-layout tensors for the rollout engines; LoRA runs send only the adapted layers, merged."""
+    def weights(self) -> list[tuple[str, torch.Tensor]] | LoraAdapter:
+        """What the rollout engines load: hub-layout tensors, or in a LoRA run the adapter alone (the
+        engines hold the frozen base already)."""
         if self.cfg.model.lora.enabled:
-            from speechrl.rollouts.sync import merged_lora_state
-
-            return merged_lora_state(self.model)
+            return lora_adapter(unwrap(self.model))
         return [(k, v.detach().clone()) for k, v in hub_state_dict(unwrap(self.model).state_dict().items())]
 
     def save(self, path: str) -> None:

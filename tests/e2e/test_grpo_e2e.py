@@ -3,7 +3,7 @@
 Covers: a run that checkpoints, is interrupted, and resumes with the step count continuing and the
 same numbers as an uninterrupted run;
 rollout, reward and policy workers killed mid-run (replaced and the step retried, or a clear stop
-naming the checkpoint to resume from); per-phase timers.
+naming the checkpoint to resume from); per-phase timers; a LoRA run syncing its adapter alone.
 """
 from __future__ import annotations
 
@@ -32,22 +32,27 @@ def rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def crash_after_checkpoint(cfg, step: int, monkeypatch) -> None:
+    """Run `cfg` until just after its step-`step` checkpoint is written, then crash it (KeyboardInterrupt)."""
+    original = OnlineRecipe.save_checkpoint
+
+    def stop(self, done, metrics):
+        original(self, done, metrics)
+        if done == step:
+            raise KeyboardInterrupt(f"simulated crash after the step-{step} checkpoint")
+
+    monkeypatch.setattr(OnlineRecipe, "save_checkpoint", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_online(cfg)
+    monkeypatch.setattr(OnlineRecipe, "save_checkpoint", original)
+
+
 def test_interrupted_run_resumes_as_the_run_it_continues_and_killed_workers_change_nothing(base, monkeypatch):
     cfg = load_recipe("asr/grpo", [*base, "run.name=resume", "train.steps=4", "train.checkpoint_every=2",
                                    "train.eval_every=4"])
-    original = OnlineRecipe.save_checkpoint
-
-    def stop_after_step_2(self, step, metrics):
-        original(self, step, metrics)
-        if step == 2:
-            raise KeyboardInterrupt("simulated crash after the step-2 checkpoint")
-
-    monkeypatch.setattr(OnlineRecipe, "save_checkpoint", stop_after_step_2)
-    with pytest.raises(KeyboardInterrupt):
-        run_online(cfg)
+    crash_after_checkpoint(cfg, 2, monkeypatch)
     run_dir = Path(cfg.run.output_dir) / "resume"
     assert [r["step"] for r in rows(run_dir)] == [0, 1], "the crash came before step 2's row was written"
-    monkeypatch.setattr(OnlineRecipe, "save_checkpoint", original)
 
     summary = run_online(cfg, resume=str(run_dir))
     steps = [r["step"] for r in rows(run_dir)]
@@ -156,3 +161,41 @@ def test_killed_policy_worker_stops_the_run_naming_the_checkpoint(base, monkeypa
                        r"continue with --resume"):
         run_online(cfg)
     assert (Path(cfg.run.output_dir) / "kill-policy" / "checkpoints" / "step-1" / "trainer_state.pt").is_file()
+
+
+def test_lora_run_syncs_its_adapter_after_a_resume_and_to_a_replaced_worker(base, monkeypatch):
+    """A LoRA run's engines serve the adapter the policy trains, sent alone: after every step, after a
+    resume (the engines start from the base) and to a worker started in place of a dead one. The
+    logprob gap says the engines sample from the trained policy; the KL to the base, that it moved."""
+    import ray
+
+    from speechrl.rollouts.sync import ObjectStoreTransport
+
+    cfg = load_recipe("asr/grpo", [*base, "run.name=lora", "model.lora.enabled=true", "model.lora.r=8",
+                                   "train.lr=0.02", "train.warmup_steps=0", "train.steps=3",
+                                   "train.checkpoint_every=1", "train.eval_every=3"])
+    sent, send = [], ObjectStoreTransport.send
+
+    def recording_send(self, weights, workers):
+        sent.append(type(weights).__name__)
+        return send(self, weights, workers)
+
+    monkeypatch.setattr(ObjectStoreTransport, "send", recording_send)
+    crash_after_checkpoint(cfg, 1, monkeypatch)
+    generate, killed = OnlineRecipe.generate, []
+
+    def kill_rollout_before_step_3(self, requests, **kw):
+        if self.step == 2 and not killed:
+            ray.kill(self.workers[0])
+            killed.append(self.step)
+        return generate(self, requests, **kw)
+
+    monkeypatch.setattr(OnlineRecipe, "generate", kill_rollout_before_step_3)
+    run_online(cfg, resume=str(Path(cfg.run.output_dir) / "lora"))
+    assert killed == [2]
+    # step 1's sync, the resume's, step 2's, the replaced worker's, step 3's
+    assert sent == ["LoraAdapter"] * 5
+    trained = [r for r in rows(Path(cfg.run.output_dir) / "lora") if "train/logprob_gap" in r]
+    assert [r["step"] for r in trained] == [1, 2, 3]
+    for r in trained[1:]:
+        assert r["train/logprob_gap"] < 1e-3 < r["train/kl"], r

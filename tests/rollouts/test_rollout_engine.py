@@ -1,11 +1,11 @@
-"""One in-process vLLM engine shared by the module: token io, logprobs, weight sync, LoRA sync.
+"""One in-process vLLM engine shared by the module: token io, logprobs, weight sync
+(LoRA's adapter sync: test_lora_sync.py).
 
 Order matters: the weight-sync tests perturb the shared transformers model and then push the
 same weights into the engine, so every test after them still sees the two in agreement.
 """
 from __future__ import annotations
 
-import copy
 import time
 
 import pytest
@@ -120,28 +120,4 @@ def test_weight_sync_makes_greedy_match(engine, backbone, make_requests):
     start = time.perf_counter()
     engine.load_weights(hub_state_dict(backbone.model.state_dict().items()))
     print(f"\nload_weights (full model): {time.perf_counter() - start:.2f} s")
-    assert vllm_greedy(engine, requests) == expected
-
-
-def test_lora_sync_sends_only_adapted_layers(engine, backbone, make_requests):
-    from peft import LoraConfig, get_peft_model
-
-    from speechrl.rollouts.sync import merged_lora_state
-
-    requests = make_requests(3)
-    peft_model = get_peft_model(copy.deepcopy(backbone.model), LoraConfig(
-        r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # B starts at zero (adapter is a no-op); make it a real update
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    peft_model.eval()
-    expected = hf_greedy(peft_model, backbone, requests)
-    assert vllm_greedy(engine, requests) != expected
-
-    state = merged_lora_state(peft_model)
-    full = dict(hub_state_dict(backbone.model.state_dict().items()))
-    assert {n for n, _ in state} < set(full), "a strict subset of the hub names"
-    engine.load_weights(state)
     assert vllm_greedy(engine, requests) == expected
