@@ -307,7 +307,9 @@ def make_rollout_workers(backbone_path: str, cfg, num_workers: int, seed: int,
     if placement is None:
         gpus = cfg.tensor_parallel_size if ray.cluster_resources().get("GPU", 0) > 0 else 0
         placement = [{"num_cpus": 1, "num_gpus": gpus}] * num_workers
-    threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // num_workers)
+    # the run's engine count, not this call's: a replacement for one dead engine (num_workers=1) must
+    # compute with the threads its predecessor had, or its floats, and the run, drift (the soak found it)
+    threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // max(cfg.num_workers, num_workers))
     actor = ray.remote(RolloutEngine)
     workers = [actor.options(runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}, **placement[k]).remote(
                    str(backbone_path), kv_cache_gib=cfg.kv_cache_gib, gpu_memory_utilization=cfg.gpu_memory_utilization,
