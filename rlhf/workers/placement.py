@@ -16,7 +16,7 @@ never a silent wait.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from speechrl.rlhf.core.config import RecipeConfig, RecipeError
@@ -33,7 +33,6 @@ class Placement:
     engines: list[dict]  # of engine k; a replacement engine k gets the same
     layout: str
     group: Optional[object] = None  # ray.util.placement_group.PlacementGroup once reserved
-    nodes: dict = field(default_factory=dict)  # actor name -> Ray node id, filled as actors start
 
     @property
     def on_gpu(self) -> bool:
