@@ -96,7 +96,7 @@ class VllmJudge(_LocalJudge):
         import torch
         from vllm import LLM
 
-        from speechrl.rollouts.engine import guard_vllm_module_scan, quiet_benign_vllm_warnings
+        from speechrl.rollouts.vllm_setup import guard_vllm_module_scan, quiet_benign_vllm_warnings
 
         guard_vllm_module_scan()
         on_gpu = torch.cuda.is_available()

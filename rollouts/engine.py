@@ -7,7 +7,6 @@ constraint is a logits processor every engine loads (rlhf/model/layout.py).
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import weakref
@@ -19,6 +18,7 @@ import torch
 from speechrl.rlhf.model.layout import ReplyLayout, reply_layout_processor
 from speechrl.rollouts.lora import LoraAdapter, adapter_dir, engine_lora_rank, register_lora_model
 from speechrl.rollouts.types import RolloutRequest, Sample
+from speechrl.rollouts.vllm_setup import guard_vllm_module_scan, quiet_benign_vllm_warnings, relax_qwen2_audio_frames
 
 # What constrains a completion's tokens: a static list of allowed ids (ASR, TTS) or a ReplyLayout
 # (realtime), None for no constraint.
@@ -34,93 +34,6 @@ class RolloutWorkerDied(RuntimeError):
         super().__init__(f"rollout worker {worker_index} died during {during} ({type(cause).__name__}: "
                          f"{str(cause).splitlines()[0] if str(cause) else ''}); start a fresh worker and retry")
         self.worker_index = worker_index
-
-
-_QWEN2_AUDIO_PATCHED = False
-
-
-def _relax_qwen2_audio_frames() -> None:
-    """Let vLLM accept audio windows shorter than Whisper's 30 s.
-
-    vLLM 0.32's Qwen2AudioFeatureInputs schema pins 3000 mel frames, but the encoder it runs
-    (transformers' Qwen2AudioEncoder) only needs frames == 2 * max_source_positions. Our tiny
-    backbones use a 4 s window (400 frames), so the frame axis is made symbolic. Idempotent.
-    """
-    global _QWEN2_AUDIO_PATCHED
-    if _QWEN2_AUDIO_PATCHED:
-        return
-    from typing import Annotated
-
-    from vllm.model_executor.models import qwen2_audio
-    from vllm.utils.tensor_schema import TensorShape
-
-    fields = qwen2_audio.Qwen2AudioFeatureInputs.__annotations__
-    fields["input_features"] = Annotated[torch.Tensor | list[torch.Tensor], TensorShape("na", "nmb", "nf")]
-    fields["feature_attention_mask"] = Annotated[torch.Tensor, TensorShape("na", "nf")]
-    _QWEN2_AUDIO_PATCHED = True
-
-
-def guard_vllm_module_scan() -> None:
-    """Let an engine start in a process that has imported numba (librosa does). Idempotent.
-
-    vLLM 0.32's start-up scan calls `vars(value).get(...)` on every module attribute; llvmlite's `ffi.lib`
-    answers `__dict__` with a non-dict and the scan dies with AttributeError. Such attributes are set
-    aside during the scan and restored after; vLLM's logic is untouched.
-    """
-    import sys
-
-    from vllm.triton_utils import dispatcher
-
-    original = dispatcher._rebind_kernels
-    if getattr(original, "speechrl_guarded", False):
-        return
-
-    def guarded(overrides):
-        hidden = []
-        for module in list(sys.modules.values()):
-            namespace = getattr(module, "__dict__", None)
-            if not isinstance(namespace, dict):
-                continue
-            for attr, value in list(namespace.items()):
-                try:  # exactly what the scan does with each attribute
-                    scannable = not hasattr(value, "__dict__") or vars(value).get("kernel") is not Ellipsis
-                except Exception:  # noqa: BLE001 - whatever would crash the scan is set aside
-                    scannable = False
-                if not scannable:
-                    hidden.append((namespace, attr, value))
-                    del namespace[attr]
-        try:
-            return original(overrides)
-        finally:
-            for namespace, attr, value in hidden:
-                namespace[attr] = value
-
-    guarded.speechrl_guarded = True
-    dispatcher._rebind_kernels = guarded
-
-
-class _DropMessages(logging.Filter):
-    def __init__(self, fragments: tuple[str, ...]):
-        super().__init__()
-        self.fragments = fragments
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(f in record.getMessage() for f in self.fragments)
-
-
-def quiet_benign_vllm_warnings() -> None:
-    """Messages vLLM-CPU repeats on every step, none a fault: its engine replaces
-    torch.set_num_threads (and warns at each call from the feature extractor), rotary embeddings
-    have no weights to reload, and every weight sync reports itself. Everything else is kept."""
-    drop = _DropMessages(("doesn't allow to use `torch.set_num_threads`", "RotaryEmbedding: Failed to load",
-                          # a weight sync after every step logs these two lines; the driver times the sync itself
-                          "Reloading weights inplace", "Reloading and processing weights took",
-                          "Successfully reset prefix cache"))
-    loggers = [logging.getLogger("vllm")] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
-                                              if name.startswith("vllm.")]
-    for target in [*logging.getLogger("vllm").handlers, *loggers]:
-        if not any(isinstance(f, _DropMessages) for f in target.filters):  # called before and after start-up
-            target.addFilter(drop)
 
 
 class RolloutEngine:
@@ -143,7 +56,7 @@ class RolloutEngine:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no config.json; not a backbone directory")
         self.sample_rate = AutoFeatureExtractor.from_pretrained(path).sampling_rate
-        _relax_qwen2_audio_frames()
+        relax_qwen2_audio_frames()
         guard_vllm_module_scan()
         if not torch.cuda.is_available() and threads > 0:
             # before LLM(): vLLM's CPU worker then forbids torch.set_num_threads. In a Ray actor

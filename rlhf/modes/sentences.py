@@ -65,7 +65,7 @@ def generate_sentences(model_dir: Path, n: int, seed: int = 0, batch_size: int =
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
-    from speechrl.rollouts.engine import quiet_benign_vllm_warnings
+    from speechrl.rollouts.vllm_setup import quiet_benign_vllm_warnings
 
     tok = TokenizersBackend.from_pretrained(model_dir)  # the chat template, as saved
     quiet_benign_vllm_warnings()

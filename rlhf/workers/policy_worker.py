@@ -88,7 +88,7 @@ class PolicyWorker:
             per_token = per_token + kl_coef * kl
             metrics["kl"] = (kl * mask).sum() / mask.sum().clamp(min=1)
         if critic:
-            value_loss, value_metrics = clipped_value_loss(self.value_head(hidden.float()), old_values, returns, mask,
+            value_loss, value_metrics = clipped_value_loss(self.value_head(hidden), old_values, returns, mask,
                                                            self.cfg.ppo.value_clip)
             per_token = per_token + self.cfg.ppo.vf_coef * value_loss
             metrics.update(value_metrics, value_loss=(value_loss * mask).sum() / mask.sum().clamp(min=1))

@@ -22,7 +22,7 @@ def engine(tiny_backbone_dir):
     from speechrl.rollouts.engine import RolloutEngine
 
     # numba in the process (librosa, the speech rewards' dependency, imports it) used to break
-    # vLLM's start-up: see rollouts/engine.py, guard_vllm_module_scan
+    # vLLM's start-up: see rollouts/vllm_setup.py, guard_vllm_module_scan
     pytest.importorskip("numba")
 
     start = time.perf_counter()
