@@ -41,8 +41,9 @@ class LoraAdapter:
         return path
 
 
-def lora_adapter(peft_model) -> LoraAdapter:
-    """The adapter of a PEFT model (`get_peft_model`), detached CPU copies in the hub layout.
+def lora_adapter(peft_model, state: dict | None = None) -> LoraAdapter:
+    """The adapter of a PEFT model (`get_peft_model`), detached CPU copies in the hub layout; read from
+    `state` (its full state dict) when given: a sharded model's gathered weights.
 
     PEFT names tensors after transformers 5's in-memory modules (model.language_model.*); vLLM's
     Qwen2-Audio has the hub layout (language_model.model.*), as dense syncs do (hub_state_dict).
@@ -56,7 +57,7 @@ def lora_adapter(peft_model) -> LoraAdapter:
     if extra:
         raise ValueError(f"lora_adapter: {len(extra)} trainable weights outside the adapter ({extra[0]}, ...) would "
                          "not reach the rollout engines; freeze them or train without model.lora")
-    state = get_peft_model_state_dict(peft_model)
+    state = get_peft_model_state_dict(peft_model, state_dict=state)
     tensors = {PEFT_PREFIX + name: t.detach().to("cpu", copy=True) for name, t in
                hub_state_dict((k.removeprefix(PEFT_PREFIX), v) for k, v in state.items())}
     config = peft_model.peft_config["default"].to_dict()

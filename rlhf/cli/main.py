@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from speechrl.data.audio import BadExample
+from speechrl.rlhf.core.checks import ONLINE_ALGORITHMS
 from speechrl.rlhf.core.config import RECIPES_DIR, RecipeError, RunStopped, load_recipe, to_yaml
 from speechrl.rlhf.core.kernels import pin_cpu_kernels
 
@@ -52,7 +53,7 @@ def _runner(module: str, name: str):
 # algorithm -> its run function, imported when used (the online loop's brings Ray and vLLM)
 RUNNERS = {"sft": _runner("sft", "run_sft"), "dpo": _runner("dpo", "run_dpo"),
            "reward_model": _runner("reward_model", "run_reward_model"),
-           **{name: _runner("online", "run_online") for name in ("grpo", "ppo", "online_dpo")}}
+           **{name: _runner("online", "run_online") for name in ONLINE_ALGORITHMS}}
 
 
 def cmd_demo(args) -> int:

@@ -74,6 +74,7 @@ _RANGES = {
     "train.log_every": ">= 0 (0 = only at the end)",
     "train.torch_threads": ">= 0 (0 = all CPUs)",
     "train.deepspeed.zero_stage": "in {0, 1, 2, 3}",
+    "train.num_ranks": ">= 1",
     "eval_max_new_tokens": ">= 1",
     "rl.prompts_per_step": ">= 1",
     "rl.clip_eps": "in (0, 1) (the ratio's lower clip is 1 - clip_eps)",
@@ -218,7 +219,22 @@ def validate(cfg: RecipeConfig, source: str = "recipe") -> None:
         raise RecipeError(f"{source}: `tts.prompt_texts` is {texts!r}: neither \"grammar\" nor a text file")
     _validate_reward_model(cfg, source)
     _validate_ppo(cfg, source)
+    _validate_ranks(cfg, source)
     modes.get(cfg.mode).check(cfg, source)
+
+
+ONLINE_ALGORITHMS = ("grpo", "ppo", "online_dpo")
+
+
+def _validate_ranks(cfg: RecipeConfig, source: str) -> None:
+    ranks = cfg.train.num_ranks
+    if ranks > 1 and cfg.algorithm not in ONLINE_ALGORITHMS:
+        raise RecipeError(f"{source}: `train.num_ranks`={ranks} shards the policy worker of an online run "
+                          f"({', '.join(ONLINE_ALGORITHMS)}); algorithm={cfg.algorithm} trains in one process: "
+                          "set train.num_ranks=1")
+    if ranks > 1 and cfg.train.deepspeed.enabled:
+        raise RecipeError(f"{source}: `train.num_ranks`={ranks} shards the policy with torch FSDP2, which replaces "
+                          "DeepSpeed here: set train.deepspeed.enabled=false (DeepSpeed runs one rank)")
 
 
 def _validate_tiny_backbone(cfg: RecipeConfig, source: str) -> None:

@@ -119,6 +119,7 @@ class TrainConfig:
     device: str = "auto"  # where the policy, reference and critic train: auto (the actor's GPU, else CPU), cpu, cuda
     dtype: str = "auto"  # forward-pass precision, weights stay fp32: auto (bf16 on a GPU, fp32 on CPU), fp32, bf16
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    num_ranks: int = 1  # online runs: policy trainer ranks (a Ray actor and a GPU each), data-parallel with weights sharded (FSDP2)
 
 
 @dataclass

@@ -100,12 +100,12 @@ def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, allowed: 
     clip (`batch.audio_index`, GRPO's n samples) run their prompt once; prompt positions are 0.
     `with_hidden` also returns last hidden states [B, L-1, H] on the same grid, for a value head.
     """
-    if batch.audio_index is not None and not _checkpointing(model):
+    if batch.audio_index is not None and _shares_prompts(model):
         logp, hidden = _shared_prompt_logprobs(model, batch, temperature, allowed, with_hidden)
         return (logp, hidden) if with_hidden else logp
     if batch.input_features is None:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=with_hidden)
-    else:  # every row in full (gradient checkpointing forbids the KV cache the shared-prompt path needs);
+    else:  # every row in full (see _shares_prompts);
         # encode_audio, not the model's own forward: a frozen tower's outputs are cached (tower_cache.py)
         index = batch.audio_index if batch.audio_index is not None else torch.arange(len(batch.input_ids),
                                                                                      device=batch.input_ids.device)
@@ -133,8 +133,17 @@ def _logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, a
     return torch.where(torch.isfinite(picked), logp, torch.zeros_like(logp))
 
 
-def _checkpointing(model) -> bool:
-    return bool(getattr(audio_model(model).language_model, "gradient_checkpointing", False))
+def _shares_prompts(model) -> bool:
+    """Whether rows sharing a prompt run it once. The shared prompt's KV cache carries gradients back
+    into the decoder layers after the completions went through them: gradient checkpointing keeps no
+    cache, and a sharded layer (model/sharding.py) frees its gathered weights once the completions'
+    backward is through it, before the prompt's reaches it."""
+    lm = audio_model(model).language_model
+    if getattr(lm, "gradient_checkpointing", False):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return not any(isinstance(layer, FSDPModule) for layer in lm.layers)
 
 
 def _shared_prompt_logprobs(model, batch: TokenBatch, temperature: float, allowed: Allowed,

@@ -8,6 +8,8 @@ from typing import Sequence
 
 import torch
 
+from speechrl.rlhf.model.sharding import full_optimizer_state, shard_optimizer_state, sharded
+
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up then cosine decay to min_ratio (a pure function, so resume is exact)."""
@@ -60,19 +62,31 @@ class Optimizer:
         return {"grad_norm": float(norm), "lr": lr}
 
     def save(self, path: Path) -> None:
+        """optimizer.pt, or DeepSpeed's checkpoint. Sharded (model/sharding.py) every rank gathers its
+        moments to full tensors and rank 0 writes them in the one-rank format, so a checkpoint resumes
+        on any number of ranks. (torch.distributed.checkpoint would reshard too, but in a format of its
+        own that one-rank runs and their older checkpoints do not have.)"""
         if self.engine is not None:
             self.engine.save_checkpoint(str(path / "deepspeed"))
-        else:
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       path / "optimizer.pt")
+            return
+        state = self.optimizer.state_dict()
+        if sharded():
+            state = full_optimizer_state(state)
+            if torch.distributed.get_rank() != 0:
+                return
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save({"optimizer": state, "scheduler": self.scheduler.state_dict()}, path / "optimizer.pt")
 
     def load(self, path: Path) -> None:
         if self.engine is not None:
             self.engine.load_checkpoint(str(path / "deepspeed"), load_module_strict=False)
-        else:
-            state = torch.load(path / "optimizer.pt", weights_only=False)
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            return
+        state = torch.load(path / "optimizer.pt", weights_only=False)
+        if sharded():
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            state["optimizer"] = shard_optimizer_state(state["optimizer"], params)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
 
 def _deepspeed_engine(model, optimizer, scheduler, train_cfg):

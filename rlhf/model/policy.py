@@ -12,6 +12,7 @@ import torch
 from speechrl.rlhf.core.devices import autocast, compute_dtype, train_device
 from speechrl.rlhf.model.logprobs import audio_model, unwrap
 from speechrl.rlhf.model.optim import Optimizer
+from speechrl.rlhf.model.sharding import shard_backbone, sharded
 
 
 def freeze_audio_encoder(model) -> None:
@@ -44,24 +45,41 @@ def exportable_model(model):
 
 def save_policy(model, processor, optimizer: Optimizer, path: Path, lora: bool) -> None:
     """A resumable policy checkpoint: merged backbone (loads in transformers and vLLM), the LoRA
-    adapter when there is one (resume continues training it, not the merged copy), optimizer state."""
+    adapter when there is one (resume continues training it, not the merged copy), optimizer state.
+    Sharded (several ranks): `model` is `unsharded_copy`'s, None on ranks > 0, which still join the
+    optimizer's gather; rank 0 writes. The files are the same whatever the number of ranks."""
     from speechrl.rlhf.model.backbone import save_backbone
 
-    path.mkdir(parents=True, exist_ok=True)
-    save_backbone(exportable_model(model), processor, path / "model")
-    if lora:
-        unwrap(model).save_pretrained(path / "adapter")
+    if model is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        save_backbone(exportable_model(model), processor, path / "model")
+        if lora:
+            unwrap(model).save_pretrained(path / "adapter")
     optimizer.save(path)
 
 
-def load_policy(model, optimizer: Optimizer, path: Path, lora: bool) -> None:
-    """Restore what `save_policy` wrote into a model built from the same base (full weights load with it)."""
-    if lora:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+def load_adapter(model, path: Path) -> None:
+    """A checkpoint's LoRA adapter into a PEFT model built from the same base (before any sharding)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
 
-        set_peft_model_state_dict(unwrap(model), load_file(str(path / "adapter" / "adapter_model.safetensors")))
-    optimizer.load(path)
+    set_peft_model_state_dict(unwrap(model), load_file(str(path / "adapter" / "adapter_model.safetensors")))
+
+
+def unsharded_copy(model, base_path: Path, lora_cfg):
+    """A sharded policy's full weights in a plain model of its own, on rank 0 (None elsewhere): what
+    evaluation, export and the engines read. A collective: every rank calls it."""
+    from speechrl.rlhf.model.backbone import load_backbone
+    from speechrl.rlhf.model.sharding import full_state_dict
+
+    state = full_state_dict(model)
+    if not state:
+        return None
+    copy_ = load_backbone(base_path).model
+    if lora_cfg.enabled:
+        copy_ = apply_lora(copy_, lora_cfg)
+    copy_.load_state_dict(state)
+    return copy_.eval()
 
 
 @dataclass
@@ -107,10 +125,16 @@ def build_policy(cfg, base_path: Path, checkpoint: Optional[Path] = None, with_r
         model.gradient_checkpointing_enable()
     if lora:
         model = apply_lora(model, cfg.model.lora)
+        if checkpoint:
+            load_adapter(model, checkpoint)
     model.train()
+    if sharded():  # several trainer ranks (model/sharding.py); after the weights are final, before the optimizer
+        shard_backbone(model)
+        if reference is not None:
+            shard_backbone(reference)
     optimizer = Optimizer(model, cfg.train, cfg.train.steps, updates_per_step=updates_per_step,
                           extra_params=extra_params)
     if checkpoint:
-        load_policy(optimizer.model, optimizer, checkpoint, lora)
+        optimizer.load(checkpoint)
     return TrainablePolicy(backbone, optimizer.model, optimizer, reference, device,
                            compute_dtype(cfg.train.dtype, device))

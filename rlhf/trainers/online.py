@@ -28,7 +28,7 @@ from speechrl.rlhf.modes import get_mode
 from speechrl.rlhf.modes.base import optional
 from speechrl.rlhf.trainers.judges import prebuild_judges
 from speechrl.rlhf.workers.placement import release, reserve
-from speechrl.rlhf.workers.policy_worker import PolicyClient, make_policy_worker
+from speechrl.rlhf.workers.policy_worker import PolicyClient, make_policy_workers
 from speechrl.rlhf.workers.ray_setup import start_ray
 from speechrl.rollouts.engine import RolloutWorkerDied, generate_across, make_rollout_workers
 from speechrl.rollouts.sync import TRANSPORTS
@@ -69,10 +69,10 @@ class OnlineRecipe:
             "rewards/total", *self.mode.plot_keys()[:2], "train/kl", "train/logprob_gap", "rollout/entropy",
             "rewards/unscored"])
         self._start_actors()
-        self.policy = PolicyClient(make_policy_worker(
+        self.policy = PolicyClient(make_policy_workers(
             cfg, self.backbone_path, str(self.checkpoint) if self.checkpoint else None, allowed_ids=self.task.allowed_ids,
             reference=self.update.needs_reference, critic=self.update.needs_critic,
-            options=self.placement.options(self.placement.policy)), run_dir=self.run_dir)
+            options=[self.placement.options(o) for o in self.placement.policies]), run_dir=self.run_dir)
         self.record_placement()
         self.start_step = resume_run(self.checkpoint, self.logger) if self.checkpoint else 0
         if self.checkpoint:
@@ -312,8 +312,9 @@ class OnlineRecipe:
         or a multi-node cluster put the run."""
         import ray
 
-        actors = {"policy": self.policy.node_id(),
-                  **{f"engine {k}": n for k, n in enumerate(ray.get([w.node_id.remote() for w in self.workers]))}}
+        ranks = self.policy.node_ids()
+        actors = {("policy" if len(ranks) == 1 else f"policy rank {r}"): n for r, n in enumerate(ranks)}
+        actors.update({f"engine {k}": n for k, n in enumerate(ray.get([w.node_id.remote() for w in self.workers]))})
         record = {"layout": self.placement.layout, "bundles": self.placement.bundles,
                   "strategy": self.cfg.ray.placement_strategy, "actors": actors,
                   "nodes": sorted({n for n in actors.values()})}

@@ -2,11 +2,11 @@
 
 Two layouts (`ray.layout`), which differ only where the cluster has GPUs:
 
-- **colocated**: the policy worker and every engine share one GPU (the policy half of it, the engines
-  the other half between them). The phases take turns, so on GPU the engines sleep (vLLM's sleep
-  mode frees their weights and KV cache) while the policy trains. Needs one GPU and
-  rollout.tensor_parallel_size=1.
-- **separate**: the policy worker has a GPU of its own, each engine `rollout.tensor_parallel_size`.
+- **colocated**: each trainer rank (train.num_ranks) shares a GPU with the engines placed on it (the
+  rank half of it, the engines the other half between them). The phases take turns, so on GPU the
+  engines sleep (vLLM's sleep mode frees their weights and KV cache) while the policy trains. Needs
+  one GPU per rank and rollout.tensor_parallel_size=1.
+- **separate**: each trainer rank has a GPU of its own, each engine `rollout.tensor_parallel_size`.
 
 On a CPU cluster both reserve one CPU per actor. Reward workers are placed by their own `resources`
 (rewards/worker.py). Before anything is reserved the request is checked against the cluster: a
@@ -29,7 +29,7 @@ class Placement:
     """The run's placement group and the Ray options that put each actor in its bundle."""
 
     bundles: list[dict]
-    policy: dict  # ray .options() of the policy worker
+    policies: list[dict]  # ray .options() of each trainer rank's policy worker
     engines: list[dict]  # of engine k; a replacement engine k gets the same
     layout: str
     group: Optional[object] = None  # ray.util.placement_group.PlacementGroup once reserved
@@ -47,7 +47,7 @@ class Placement:
         return self.layout == "colocated" and self.on_gpu and torch.cuda.is_available()
 
     def options(self, which: dict) -> dict:
-        """`which` (self.policy or an engine's) with the scheduling strategy of its bundle."""
+        """`which` (a rank's or an engine's options) with the scheduling strategy of its bundle."""
         if self.group is None:
             return dict(which)
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -59,32 +59,37 @@ class Placement:
 
 
 def plan(cfg: RecipeConfig, cluster_gpus: float, policy: bool = True) -> Placement:
-    """The bundles and actor options of the recipe's layout on a cluster with `cluster_gpus` GPUs;
-    `policy=False` (evaluating a checkpoint on the engines): no policy worker, no room kept for it."""
+    """The bundles and actor options of the recipe's layout on a cluster with `cluster_gpus` GPUs: a
+    bundle per trainer rank (train.num_ranks), then the engines'. `policy=False` (evaluating a checkpoint
+    on the engines): no policy worker, no room kept for it."""
     layout, workers, tp = cfg.ray.layout, cfg.rollout.num_workers, cfg.rollout.tensor_parallel_size
-    first = 1 if policy else 0  # the engines' first bundle, after the policy worker's own
+    ranks = cfg.train.num_ranks if policy else 0
     if cluster_gpus <= 0:  # CPU: a CPU per actor, whatever the layout
-        bundles = [{"CPU": 1} for _ in range(first + workers)]
-        return Placement(bundles, {"num_cpus": 1, "num_gpus": 0, "bundle": 0},
-                         [{"num_cpus": 1, "num_gpus": 0, "bundle": first + k} for k in range(workers)], layout)
+        bundles = [{"CPU": 1} for _ in range(ranks + workers)]
+        return Placement(bundles, [{"num_cpus": 1, "num_gpus": 0, "bundle": r} for r in range(ranks)],
+                         [{"num_cpus": 1, "num_gpus": 0, "bundle": ranks + k} for k in range(workers)], layout)
     if layout == "colocated":
         if tp != 1:
             raise RecipeError(f"ray.layout=colocated shares one GPU between the policy and the engines, so "
                               f"rollout.tensor_parallel_size must be 1 (it is {tp}); use ray.layout=separate "
                               "for tensor-parallel engines")
-        share = (1 - COLOCATED_POLICY_GPU) / workers
-        return Placement([{"GPU": 1, "CPU": first + workers}],
-                         {"num_cpus": 1, "num_gpus": COLOCATED_POLICY_GPU, "bundle": 0},
-                         [{"num_cpus": 1, "num_gpus": share, "bundle": 0} for _ in range(workers)], layout)
-    bundles = [{"GPU": 1, "CPU": 1}] * first + [{"GPU": tp, "CPU": 1} for _ in range(workers)]
-    return Placement(bundles, {"num_cpus": 1, "num_gpus": 1, "bundle": 0},
-                     [{"num_cpus": 1, "num_gpus": tp, "bundle": first + k} for k in range(workers)], layout)
+        # a GPU per rank (one without a policy), each shared by its rank and every gpus-th engine
+        gpus = max(ranks, 1)
+        on = [sum(1 for k in range(workers) if k % gpus == g) for g in range(gpus)]
+        bundles = [{"GPU": 1, "CPU": (1 if g < ranks else 0) + on[g]} for g in range(gpus)]
+        return Placement(bundles, [{"num_cpus": 1, "num_gpus": COLOCATED_POLICY_GPU, "bundle": r} for r in range(ranks)],
+                         [{"num_cpus": 1, "num_gpus": (1 - COLOCATED_POLICY_GPU) / on[k % gpus], "bundle": k % gpus}
+                          for k in range(workers)], layout)
+    bundles = [{"GPU": 1, "CPU": 1} for _ in range(ranks)] + [{"GPU": tp, "CPU": 1} for _ in range(workers)]
+    return Placement(bundles, [{"num_cpus": 1, "num_gpus": 1, "bundle": r} for r in range(ranks)],
+                     [{"num_cpus": 1, "num_gpus": tp, "bundle": ranks + k} for k in range(workers)], layout)
 
 
 def check_fits(cfg: RecipeConfig, placement: Placement, totals: dict, nodes: list[dict]) -> None:
     """RecipeError unless the cluster (`totals`: ray.cluster_resources(); `nodes`: each alive node's
     resources) can hold the placement and the rewards' own resources beside it."""
-    what = (f"ray.layout={placement.layout}: the policy worker and rollout.num_workers={cfg.rollout.num_workers} "
+    what = (f"ray.layout={placement.layout}: train.num_ranks={len(placement.policies)} policy worker(s) and "
+            f"rollout.num_workers={cfg.rollout.num_workers} "
             f"engine(s) x rollout.tensor_parallel_size={cfg.rollout.tensor_parallel_size}")
     rewards = {"CPU": sum(r.resources.num_cpus * r.resources.replicas for r in cfg.rewards),
                "GPU": sum(r.resources.num_gpus * r.resources.replicas for r in cfg.rewards)}

@@ -3,6 +3,12 @@
 `train` does what its `TrainBatch` holds, never what an algorithm is called: pairs take the preference
 loss; otherwise epochs of the clipped policy loss, plus KL when kl_coef > 0 and the value loss when it
 carries returns. The critic is a value head on the policy's own trunk (model/critic.py).
+
+With train.num_ranks > 1 the driver starts one worker per rank, each holding a slice of the sharded
+policy (model/sharding.py), and sends every call to all of them (PolicyClient). Each rank runs every
+num_ranks-th micro-batch of a minibatch, weighted by its share of the whole minibatch as one rank
+would weight it, so N ranks take the step one rank takes (float summation order aside). Full weights
+(engines, evaluation, checkpoints) are gathered to rank 0, which alone returns or writes them.
 """
 from __future__ import annotations
 
@@ -20,7 +26,9 @@ from speechrl.rlhf.core.devices import peak_memory_gib, train_device
 from speechrl.rlhf.core.run_dir import resume_hint
 from speechrl.rlhf.model.critic import ValueHead, token_values
 from speechrl.rlhf.model.logprobs import build_token_batch, token_logprobs, unwrap, vocab_mask
-from speechrl.rlhf.model.policy import build_policy, exportable_model, save_policy
+from speechrl.rlhf.model.policy import build_policy, exportable_model, save_policy, unsharded_copy
+from speechrl.rlhf.model.sharding import full_state_dict, shard_module
+from speechrl.rlhf.workers.ranks import join, my_share, rank0_address
 from speechrl.rlhf.core.seeding import seed_everything, set_threads
 from speechrl.rlhf.model.layout import ReplyLayout
 from speechrl.rollouts.lora import LoraAdapter, lora_adapter
@@ -30,21 +38,27 @@ VALUE_HEAD = "value_head.pt"  # in a PPO checkpoint, beside the policy
 
 class PolicyWorker:
     def __init__(self, cfg: RecipeConfig, backbone_path: str, checkpoint: str | None = None, *,
-                 allowed_ids: list[int] | ReplyLayout, reference: bool = False, critic: bool = False):
+                 allowed_ids: list[int] | ReplyLayout, reference: bool = False, critic: bool = False,
+                 rank: int = 0, world: int = 1, address: str | None = None):
         """`allowed_ids`: the mode's decoding constraint (a token list, or the realtime reply layout).
         `reference`: keep the starting weights frozen (KL terms, preference losses); `critic`: a value
-        head on the policy's trunk, one forward for logprobs and values, trained by one optimizer."""
+        head on the policy's trunk, one forward for logprobs and values, trained by one optimizer.
+        `rank` of `world` trainer ranks, meeting at `address` (host:port, workers/ranks.py)."""
         from transformers import AutoConfig
 
         set_threads(cfg.train.torch_threads)
         seed_everything(cfg.seed)
-        self.cfg = cfg
+        self.cfg, self.backbone_path = cfg, Path(backbone_path)
+        self.rank, self.world = rank, world
+        join(rank, world, address, train_device(cfg.train.device))
         self.value_head = None
         if critic:
             self.value_head = ValueHead(AutoConfig.from_pretrained(backbone_path).text_config.hidden_size)
             if checkpoint:
                 self.value_head.load_state_dict(torch.load(Path(checkpoint) / VALUE_HEAD, weights_only=True))
             self.value_head.to(train_device(cfg.train.device))
+            if world > 1:
+                shard_module(self.value_head)
         policy = build_policy(cfg, Path(backbone_path), Path(checkpoint) if checkpoint else None,
                               with_reference=reference, updates_per_step=cfg.rl.epochs_per_step * cfg.rl.minibatches,
                               extra_params=list(self.value_head.parameters()) if critic else ())
@@ -67,8 +81,16 @@ class PolicyWorker:
 
     def with_model(self, fn, *args):
         """`fn(model, processor, *args)` on the current weights (LoRA merged into a copy): a mode's
-        held-out evaluation where it runs on the trainer's model, not on the engines."""
-        return fn(exportable_model(self.model), self.backbone.processor, *args)
+        held-out evaluation where it runs on the trainer's model, not on the engines. Rank 0's result."""
+        model = self._full_model()
+        return None if model is None else fn(exportable_model(model), self.backbone.processor, *args)
+
+    def _full_model(self):
+        """The policy with full weights: itself on one rank; a gathered copy on rank 0 of several (None
+        on the others; every rank must call)."""
+        if self.world == 1:
+            return self.model
+        return unsharded_copy(self.model, self.backbone_path, self.cfg.model.lora)
 
     def _loss(self, batch, old_logprobs, advantages, temperature, kl_coef, returns=None, old_values=None):
         """The aggregated loss of one micro-batch and its metrics. With `returns` and `old_values`
@@ -115,15 +137,16 @@ class PolicyWorker:
         tok = self.backbone.tokenizer
         first_epoch: dict[str, float] = {}
         for epoch in range(g.epochs_per_step):
-            order = torch.randperm(n).tolist() if g.minibatches > 1 else list(range(n))
+            order = self._same_on_all_ranks(torch.randperm(n).tolist() if g.minibatches > 1 else list(range(n)))
             for part, rows in enumerate(np.array_split(np.asarray(order, dtype=int), g.minibatches)):
                 if len(rows) == 0:
                     continue
-                for sl in micro_batches(b.prompt_ids, b.completion_ids, [int(i) for i in rows], micro,
-                                        self.cfg.train.max_tokens_per_microbatch):
-                    batch = build_token_batch(self.backbone.processor, [b.prompt_ids[i] for i in sl],
+                parts = micro_batches(b.prompt_ids, b.completion_ids, [int(i) for i in rows], micro,
+                                      self.cfg.train.max_tokens_per_microbatch)
+                for sl, real in my_share(parts, self.rank, self.world):
+                    batch = (build_token_batch(self.backbone.processor, [b.prompt_ids[i] for i in sl],
                                               [b.completion_ids[i] for i in sl], [b.audios[i] for i in sl],
-                                              tok.pad_token_id).to(self.device)
+                                              tok.pad_token_id).to(self.device))
                     mask = batch.completion_mask
                     per_token = not np.isscalar(b.advantages[sl[0]])
                     adv = _on_grid([b.advantages[i] for i in sl], mask) if per_token else \
@@ -133,9 +156,9 @@ class PolicyWorker:
                         old_values=_on_grid([b.old_values[i] for i in sl], mask))
                     loss, metrics = self._loss(batch, _on_grid([b.sampling_logprobs[i] for i in sl], mask), adv,
                                                b.temperature, b.kl_coef, **critic)
-                    share = len(sl) / len(rows)
+                    share = len(sl) / len(rows) if real else 0.0  # not real: a weight-0 pass (ranks.py)
                     self.optimizer.backward(loss * share)
-                    if epoch == 0:
+                    if epoch == 0 and real:
                         for k, v in {"loss": loss, **metrics}.items():
                             if k == "logprob_gap" and part > 0:
                                 continue
@@ -147,22 +170,31 @@ class PolicyWorker:
         out.update(grad_norm=stats["grad_norm"], lr=stats["lr"])
         return out
 
+    def _same_on_all_ranks(self, value):
+        """Rank 0's `value` on every rank (a shuffled order: the ranks' random streams differ)."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def _preference_step(self, b: TrainBatch) -> dict:
         """One optimizer step on preference pairs, in micro-batches of train.batch_size pairs."""
         from speechrl.rlhf.trainers.dpo import preference_batch, preference_loss
 
         n, micro = len(b), self.cfg.train.batch_size
         sums: dict[str, float] = {}
-        for start in range(0, n, micro):
-            sl = slice(start, start + micro)
+        for sl, real in my_share([slice(s, s + micro) for s in range(0, n, micro)], self.rank, self.world):
             batch = preference_batch(self.backbone.processor, b.prompt_ids[sl], b.completion_ids[sl],
                                      b.rejected_ids[sl], self.backbone.tokenizer.pad_token_id, b.audios[sl])
             pairs = len(b.prompt_ids[sl])
             with self.policy.autocast():
                 loss, metrics = preference_loss(self.model, self.reference, batch.to(self.device), pairs,
                                                 self.cfg.dpo, self.allowed)
-            self.optimizer.backward(loss * pairs / n)
-            for k, v in metrics.items():
+            self.optimizer.backward(loss * (pairs / n if real else 0.0))
+            for k, v in metrics.items() if real else ():
                 sums[k] = sums.get(k, 0.0) + v * pairs / n
         stats = self.optimizer.step()
         return {**{f"train/{k}": v for k, v in sums.items()}, "grad_norm": stats["grad_norm"], "lr": stats["lr"]}
@@ -170,38 +202,53 @@ class PolicyWorker:
     @torch.no_grad()
     def values(self, b: TrainBatch) -> dict:
         """The samples as they were at rollout time, before the update: the critic's value of each
-        completion token's state, and the reference's logprob of each token (None without a reference)."""
-        values, ref = [], [] if self.reference is not None else None
+        completion token's state, and the reference's logprob of each token (None without a reference);
+        `rows`: which of the batch's rows they are (each rank computes its share)."""
+        values, ref, rows = [], [] if self.reference is not None else None, []
         micro = self.cfg.train.batch_size
-        for start in range(0, len(b), micro):
-            sl = slice(start, start + micro)
-            batch = build_token_batch(self.backbone.processor, b.prompt_ids[sl], b.completion_ids[sl], b.audios[sl],
-                                      self.backbone.tokenizer.pad_token_id).to(self.device)
+        for sl, real in my_share([slice(s, s + micro) for s in range(0, len(b), micro)], self.rank, self.world):
+            batch = (build_token_batch(self.backbone.processor, b.prompt_ids[sl], b.completion_ids[sl], b.audios[sl],
+                                      self.backbone.tokenizer.pad_token_id).to(self.device))
             mask = batch.completion_mask
             with self.policy.autocast():
                 v = token_values(self.model, self.value_head, batch).float()  # the trunk without its LM head
                 r = None if ref is None else token_logprobs(self.reference, batch, b.temperature, self.allowed)
+            if not real:
+                continue
+            rows += list(range(len(b)))[sl]
             values += [v[i][mask[i]].tolist() for i in range(len(mask))]
             if ref is not None:
                 ref += [r[i][mask[i]].tolist() for i in range(len(mask))]
-        return {"values": values, "ref_logprobs": ref}
+        return {"values": values, "ref_logprobs": ref, "rows": rows}
 
     def weights(self) -> list[tuple[str, torch.Tensor]] | LoraAdapter:
         """What the rollout engines load: hub-layout tensors, or in a LoRA run the adapter alone (the
-        engines hold the frozen base already)."""
-        if self.cfg.model.lora.enabled:
+        engines hold the frozen base already). Several ranks: gathered, rank 0's (None on the others)."""
+        lora = self.cfg.model.lora.enabled
+        if self.world > 1:
+            state = full_state_dict(self.model)
+            if not state:
+                return None
+            return lora_adapter(unwrap(self.model), state) if lora else list(hub_state_dict(state.items()))
+        if lora:
             return lora_adapter(unwrap(self.model))
         return [(k, v.detach().clone()) for k, v in hub_state_dict(unwrap(self.model).state_dict().items())]
 
     def save(self, path: str) -> None:
+        """A checkpoint in the same files whatever the number of ranks (rank 0 writes them)."""
         path = Path(path)
-        save_policy(self.model, self.backbone.processor, self.optimizer, path, self.cfg.model.lora.enabled)
+        save_policy(self._full_model(), self.backbone.processor, self.optimizer, path, self.cfg.model.lora.enabled)
+        head = None
         if self.value_head is not None:
-            torch.save(self.value_head.state_dict(), path / VALUE_HEAD)
-        torch.save(torch.get_rng_state(), path / "policy_rng.pt")
+            head = self.value_head.state_dict() if self.world == 1 else full_state_dict(self.value_head)
+        if self.rank == 0:
+            if head is not None:
+                torch.save(head, path / VALUE_HEAD)
+            torch.save(torch.get_rng_state(), path / "policy_rng.pt")
 
-    def save_final(self, path: str) -> str:
-        return str(save_backbone(exportable_model(self.model), self.backbone.processor, Path(path)))
+    def save_final(self, path: str) -> str | None:
+        model = self._full_model()
+        return None if model is None else str(save_backbone(exportable_model(model), self.backbone.processor, Path(path)))
 
 
 def _on_grid(rows: list, mask: torch.Tensor) -> torch.Tensor:
@@ -213,57 +260,88 @@ def _on_grid(rows: list, mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def make_policy_worker(cfg: RecipeConfig, backbone_path: str, checkpoint: str | None = None, *,
-                       allowed_ids: list[int] | ReplyLayout, reference: bool = False, critic: bool = False,
-                       options: dict | None = None):
-    """The policy worker as a Ray actor; `options`: its resources and bundle (workers/placement.py)."""
+def make_policy_workers(cfg: RecipeConfig, backbone_path: str, checkpoint: str | None = None, *,
+                        allowed_ids: list[int] | ReplyLayout, reference: bool = False, critic: bool = False,
+                        options: list[dict] | None = None) -> list:
+    """The policy worker of each trainer rank as a Ray actor; `options`: each rank's resources and bundle
+    (workers/placement.py), one per rank (default: train.num_ranks actors of a CPU each)."""
     import ray
 
-    options = options or {"num_cpus": 1, "num_gpus": 0}
-    return ray.remote(PolicyWorker).options(max_concurrency=1, **options).remote(
-        cfg, str(backbone_path), checkpoint, allowed_ids=allowed_ids, reference=reference, critic=critic)
+    options = options or [{"num_cpus": 1, "num_gpus": 0} for _ in range(cfg.train.num_ranks)]
+    world = len(options)
+    address = rank0_address(options[0]) if world > 1 else None
+    return [ray.remote(PolicyWorker).options(max_concurrency=1, **o).remote(
+        cfg, str(backbone_path), checkpoint, allowed_ids=allowed_ids, reference=reference, critic=critic,
+        rank=rank, world=world, address=address) for rank, o in enumerate(options)]
 
 
 class PolicyClient:
-    """The driver's handle on the policy worker: plain calls (each waits for its result), so the
-    updates and modes that use it need not know it is a Ray actor."""
+    """The driver's handle on the policy workers: plain calls (each waits for its result), so the
+    updates and modes that use it need not know they are Ray actors, or how many ranks there are.
+    Every call goes to every rank; results are rank 0's, or the ranks' combined (train, values)."""
 
-    def __init__(self, actor, run_dir=None):
-        self.actor, self.run_dir = actor, run_dir
+    def __init__(self, actors: list, run_dir=None):
+        self.actors, self.run_dir = list(actors), run_dir
 
     def train(self, batch: TrainBatch) -> dict:
-        return self._get(self.actor.train.remote(batch))
+        results = self._all("train", batch)
+        # train/* are each rank's part of the batch's weighted sums; grad_norm and lr are the same on all
+        out = dict(results[0])
+        for key in {k for r in results for k in r}:
+            if key.startswith("train/"):
+                out[key] = sum(r.get(key, 0.0) for r in results)
+            elif key.startswith("perf/"):
+                out[key] = max(r.get(key, 0.0) for r in results)
+        return out
 
     def values(self, batch: TrainBatch) -> dict:
-        return self._get(self.actor.values.remote(batch))
+        results = self._all("values", batch)
+        out = {"values": [None] * len(batch), "ref_logprobs": None if results[0]["ref_logprobs"] is None
+               else [None] * len(batch)}
+        for r in results:
+            for j, row in enumerate(r["rows"]):
+                out["values"][row] = r["values"][j]
+                if out["ref_logprobs"] is not None:
+                    out["ref_logprobs"][row] = r["ref_logprobs"][j]
+        return out
 
     def with_model(self, fn, *args):
-        return self._get(self.actor.with_model.remote(fn, *args))
+        return self._all("with_model", fn, *args)[0]
 
     def weights(self):
-        return self._get(self.actor.weights.remote())
+        return self._all("weights")[0]
 
     def save(self, path: str) -> None:
-        self._get(self.actor.save.remote(path))
+        self._all("save", path)
 
     def save_final(self, path: str) -> str:
-        return self._get(self.actor.save_final.remote(path))
+        return self._all("save_final", path)[0]
 
     def ping(self) -> bool:
-        return self._get(self.actor.ping.remote())
+        return all(self._all("ping"))
 
-    def node_id(self) -> str:
-        return self._get(self.actor.node_id.remote())
+    def node_ids(self) -> list[str]:
+        return self._all("node_id")
 
-    def _get(self, ref):
-        """The call's result. A dead policy worker took its weights and optimizer state since the last
-        checkpoint with it, so nothing is retried: the run stops, saying where to resume from."""
+    def _all(self, method: str, *args) -> list:
+        """`method(*args)` on every rank, their results in rank order. A dead policy worker took its
+        weights and optimizer state since the last checkpoint with it, so nothing is retried: the run
+        stops, saying where to resume from. Its peers would wait in a collective for it, so they go too."""
         import ray
         from ray.exceptions import RayActorError
 
+        if len(args) == 1 and len(self.actors) > 1 and isinstance(args[0], TrainBatch):
+            args = (ray.put(args[0]),)  # one copy in the object store for all ranks
+        refs = [getattr(a, method).remote(*args) for a in self.actors]
+        pending = list(refs)
         try:
-            return ray.get(ref)
+            while pending:  # as they finish, so a dead rank is seen while its peers still wait on it
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done)
+            return ray.get(refs)
         except RayActorError as e:
+            for actor in self.actors:
+                ray.kill(actor)
             where = resume_hint(Path(self.run_dir)) if self.run_dir else "continue with --resume"
-            raise RunStopped(f"the policy worker died ({type(e).__name__}); its weights and optimizer state since "
+            raise RunStopped(f"a policy worker died ({type(e).__name__}); its weights and optimizer state since "
                              f"the last checkpoint are lost; {where}") from e

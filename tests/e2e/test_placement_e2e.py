@@ -105,18 +105,21 @@ def loopback_cluster(tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_a_grpo_run_places_its_actors_on_both_nodes_of_a_loopback_cluster(loopback_cluster, tiny_overrides,
-                                                                          tmp_path):
+def test_a_two_rank_grpo_run_spans_both_nodes_of_a_loopback_cluster(loopback_cluster, tiny_overrides, tmp_path):
     address, env, nodes = loopback_cluster
     assert len(nodes) == 2
     speechrl = shutil.which("speechrl") or str(Path(sys.executable).with_name("speechrl"))
     run = subprocess.run([speechrl, "train", "asr/grpo", *tiny_overrides, *SMALL, f"run.output_dir={tmp_path}",
-                          "run.name=two-nodes", f"ray.address={address}", "ray.placement_strategy=STRICT_SPREAD"],
+                          "run.name=two-nodes", f"ray.address={address}", "train.num_ranks=2",
+                          "ray.placement_strategy=SPREAD"],
                          env=env, capture_output=True, text=True, timeout=1500)
     assert run.returncode == 0, run.stderr[-3000:]
     placement = json.loads((tmp_path / "two-nodes" / "placement.json").read_text())
-    assert sorted(placement["nodes"]) == sorted(nodes), "the policy on one node, the engine on the other"
-    assert placement["actors"]["policy"] != placement["actors"]["engine 0"]
+    assert sorted(placement["nodes"]) == sorted(nodes)
+    actors = placement["actors"]
+    assert set(actors) == {"policy rank 0", "policy rank 1", "engine 0"}
+    # SPREAD deals the bundles over the nodes in turn: the two trainer ranks' process group spans both
+    assert actors["policy rank 0"] != actors["policy rank 1"]
     rows = [json.loads(r) for r in (tmp_path / "two-nodes" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2 and rows[-1]["train/logprob_gap"] < 1e-3
     assert (tmp_path / "two-nodes" / "final" / "model.safetensors").is_file()

@@ -168,6 +168,16 @@ def test_ranges_rejected(override, key):
         load_recipe("asr/sft", [override])
 
 
+def test_several_trainer_ranks_are_for_online_runs_without_deepspeed():
+    assert load_recipe("asr/grpo", ["train.num_ranks=2"]).train.num_ranks == 2
+    with pytest.raises(RecipeError, match=r"`train.num_ranks`.*>= 1"):
+        load_recipe("asr/grpo", ["train.num_ranks=0"])
+    with pytest.raises(RecipeError, match=r"`train.num_ranks`=2 .* algorithm=sft trains in one process"):
+        load_recipe("asr/sft", ["train.num_ranks=2"])
+    with pytest.raises(RecipeError, match=r"set train.deepspeed.enabled=false"):
+        load_recipe("asr/grpo", ["train.num_ranks=2", "train.deepspeed.enabled=true"])
+
+
 def test_grpo_needs_groups():
     with pytest.raises(RecipeError, match="rollout.sampling.n"):
         load_recipe("asr/grpo", ["rollout.sampling.n=1"])

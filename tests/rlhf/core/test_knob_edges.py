@@ -62,6 +62,7 @@ EDGES_ALLOWED = {
     "train.max_tokens_per_microbatch": {"0", "huge"},  # 0 = no token cap
     "train.torch_threads": {"0", "huge"},  # 0 = all CPUs
     "train.deepspeed.zero_stage": {"0"},
+    "train.num_ranks": {"huge"},  # online recipes; the placement check refuses more ranks than the cluster holds
     "eval_max_new_tokens": set(),  # huge: past rollout.max_model_len
     "rl.prompts_per_step": {"huge"},
     "rl.clip_eps": set(),

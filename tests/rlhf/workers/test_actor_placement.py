@@ -24,12 +24,21 @@ def node(cpus, gpus=0):
 def test_colocated_shares_one_gpu_and_separate_gives_each_its_own():
     colocated = plan(recipe("ray.layout=colocated", "rollout.num_workers=2"), cluster_gpus=1)
     assert colocated.bundles == [{"GPU": 1, "CPU": 3}]
-    assert colocated.policy["num_gpus"] + sum(e["num_gpus"] for e in colocated.engines) == pytest.approx(1)
-    assert {colocated.policy["bundle"], *(e["bundle"] for e in colocated.engines)} == {0}
+    assert colocated.policies[0]["num_gpus"] + sum(e["num_gpus"] for e in colocated.engines) == pytest.approx(1)
+    assert {colocated.policies[0]["bundle"], *(e["bundle"] for e in colocated.engines)} == {0}
+    # two trainer ranks: a GPU each, shared with the engines dealt round them, each GPU filled exactly
+    ranks = plan(recipe("ray.layout=colocated", "rollout.num_workers=3", "train.num_ranks=2"), cluster_gpus=2)
+    assert ranks.bundles == [{"GPU": 1, "CPU": 3}, {"GPU": 1, "CPU": 2}]
+    assert [p["bundle"] for p in ranks.policies] == [0, 1] and [e["bundle"] for e in ranks.engines] == [0, 1, 0]
+    for g in (0, 1):
+        assert sum(a["num_gpus"] for a in (*ranks.policies, *ranks.engines) if a["bundle"] == g) == pytest.approx(1)
 
     separate = plan(recipe("ray.layout=separate", "rollout.num_workers=2", "rollout.tensor_parallel_size=2"), 8)
     assert separate.bundles == [{"GPU": 1, "CPU": 1}, {"GPU": 2, "CPU": 1}, {"GPU": 2, "CPU": 1}]
     assert [e["bundle"] for e in separate.engines] == [1, 2] and separate.engines[0]["num_gpus"] == 2
+    separate = plan(recipe("ray.layout=separate", "rollout.num_workers=1", "train.num_ranks=3"), 8)
+    assert separate.bundles == [{"GPU": 1, "CPU": 1}] * 4 and [e["bundle"] for e in separate.engines] == [3]
+    assert [(p["bundle"], p["num_gpus"]) for p in separate.policies] == [(0, 1), (1, 1), (2, 1)]
     # evaluating a checkpoint on the engines: no bundle kept for a policy worker that never starts
     assert plan(recipe("ray.layout=separate", "rollout.num_workers=1"), 8, policy=False).bundles == [{"GPU": 1, "CPU": 1}]
 
@@ -91,7 +100,7 @@ def test_one_gpu_machine_schedules_colocated_and_separate_is_refused_before_anyt
     placement = reserve(cfg)
     try:
         probe = probe_actor()
-        actors = [probe.options(**placement.options(placement.policy)).remote()]
+        actors = [probe.options(**placement.options(placement.policies[0])).remote()]
         actors += [probe.options(**placement.options(e)).remote() for e in placement.engines]
         where = ray.get([a.where.remote() for a in actors], timeout=60)
         assert {w[1] for w in where} == {(0,)}, "policy and both engines share the one GPU"
@@ -115,7 +124,7 @@ def test_separate_layout_gives_the_policy_and_each_engine_a_gpu_of_its_own(logic
     placement = reserve(recipe("ray.layout=separate", "rollout.num_workers=2"))
     try:
         probe = probe_actor()
-        actors = [probe.options(**placement.options(o)).remote() for o in (placement.policy, *placement.engines)]
+        actors = [probe.options(**placement.options(o)).remote() for o in (*placement.policies, *placement.engines)]
         gpus = [w[1] for w in ray.get([a.where.remote() for a in actors], timeout=60)]
         assert sorted(g for ids in gpus for g in ids) == [0, 1, 2] and all(len(ids) == 1 for ids in gpus)
     finally:
