@@ -142,25 +142,32 @@ def test_killed_reward_worker_without_retries_stops_the_run_clearly(base, monkey
     assert (Path(cfg.run.output_dir) / "kill-reward-0" / "checkpoints" / "step-1" / "trainer_state.pt").is_file()
 
 
-def test_killed_policy_worker_stops_the_run_naming_the_checkpoint(base, monkeypatch):
-    """The policy worker holds the only copy of the weights and optimizer state since the last
-    checkpoint: when it dies nothing is retried, and the run says where to resume from."""
+def test_killed_policy_rank_stops_the_run_naming_the_checkpoint_which_resumes_on_one_rank(base, monkeypatch):
+    """The policy workers hold the only copy of the weights and optimizer state since the last
+    checkpoint: when one of two ranks dies nothing is retried (its peer, waiting in a collective, is
+    stopped too), and the run says where to resume from; it resumes there on one rank."""
     import ray
 
-    cfg = load_recipe("asr/grpo", [*base, "run.name=kill-policy", "train.steps=2", "train.eval_every=2",
-                                   "train.checkpoint_every=1"])
+    overrides = [*base, "run.name=kill-policy", "train.steps=2", "train.eval_every=2", "train.checkpoint_every=1",
+                 "ray.num_cpus=4"]
+    cfg = load_recipe("asr/grpo", [*overrides, "train.num_ranks=2"])
     original = OnlineRecipe.generate
 
-    def kill_policy_at_step_1(self, requests, **kw):
+    def kill_rank_1_at_step_1(self, requests, **kw):
         if self.step == 1:
-            ray.kill(self.policy.actor)
+            ray.kill(self.policy.actors[1])
         return original(self, requests, **kw)
 
-    monkeypatch.setattr(OnlineRecipe, "generate", kill_policy_at_step_1)
-    with pytest.raises(RuntimeError, match=r"the policy worker died.*last complete checkpoint is .*kill-policy/checkpoints/step-1; "
+    monkeypatch.setattr(OnlineRecipe, "generate", kill_rank_1_at_step_1)
+    with pytest.raises(RuntimeError, match=r"a policy worker died.*last complete checkpoint is .*kill-policy/checkpoints/step-1; "
                        r"continue with --resume"):
         run_online(cfg)
-    assert (Path(cfg.run.output_dir) / "kill-policy" / "checkpoints" / "step-1" / "trainer_state.pt").is_file()
+    run_dir = Path(cfg.run.output_dir) / "kill-policy"
+    assert (run_dir / "checkpoints" / "step-1" / "trainer_state.pt").is_file()
+    monkeypatch.setattr(OnlineRecipe, "generate", original)
+    summary = run_online(load_recipe("asr/grpo", [*overrides, "train.num_ranks=1"]), resume=str(run_dir))
+    assert summary["steps"] == 2 and [r["step"] for r in rows(run_dir)][-1] == 2
+    assert rows(run_dir)[-1]["train/logprob_gap"] < 1e-3, "the resumed one-rank policy is the one the engines serve"
 
 
 def test_lora_run_syncs_its_adapter_after_a_resume_and_to_a_replaced_worker(base, monkeypatch):

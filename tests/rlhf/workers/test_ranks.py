@@ -128,3 +128,25 @@ def test_two_ranks_give_one_ranks_critic_values_and_ppo_step(sft_config, sft_ass
     head = torch.load(tmp_path / "ppo" / VALUE_HEAD, weights_only=True)
     for name, value in one.value_head.state_dict().items():
         torch.testing.assert_close(head[name], value, atol=2e-6, rtol=1e-4, msg=name)
+
+
+def test_two_ranks_train_a_lora_adapter_as_one_rank_does(sft_config, sft_assets, ray_cpus, tmp_path):
+    """LoRA on sharded layers: the frozen base and the adapter share FSDP units; the engines get the
+    adapter alone, gathered, and the checkpoint resumes on one rank."""
+    from speechrl.rlhf.workers.policy_worker import PolicyClient, PolicyWorker, make_policy_workers
+
+    cfg = sft_config("ranks-lora", "train.warmup_steps=0", "train.lr=1e-3", "train.batch_size=2",
+                     "train.torch_threads=1", "model.lora.enabled=true")
+    backbone, allowed = str(sft_assets[0]), list(range(300))
+    one = PolicyWorker(cfg, backbone, allowed_ids=allowed, reference=True)
+    two = PolicyClient(make_policy_workers(cfg, backbone, allowed_ids=allowed, reference=True,
+                                           options=[{"num_cpus": 1}] * 2))
+    batch = _batch(one, np.random.default_rng(2))
+    a, b = one.train(batch), two.train(batch)
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4) and a["grad_norm"] > 0
+    expected, got = one.weights(), two.weights()
+    assert got.config == expected.config
+    _assert_same_weights(got.tensors, expected.tensors)
+    two.save(str(tmp_path / "lora"))
+    resumed = PolicyWorker(cfg, backbone, str(tmp_path / "lora"), allowed_ids=allowed)
+    _assert_same_weights(resumed.weights().tensors, got.tensors, atol=0)
