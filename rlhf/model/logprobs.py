@@ -100,15 +100,14 @@ def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, allowed: 
     clip (`batch.audio_index`, GRPO's n samples) run their prompt once; prompt positions are 0.
     `with_hidden` also returns last hidden states [B, L-1, H] on the same grid, for a value head.
     """
-    if batch.audio_index is not None and _shares_prompts(model):
+    if batch.audio_index is not None:
         logp, hidden = _shared_prompt_logprobs(model, batch, temperature, allowed, with_hidden)
         return (logp, hidden) if with_hidden else logp
     if batch.input_features is None:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=with_hidden)
-    else:  # every row in full (see _shares_prompts);
+    else:  # every row in full;
         # encode_audio, not the model's own forward: a frozen tower's outputs are cached (tower_cache.py)
-        index = batch.audio_index if batch.audio_index is not None else torch.arange(len(batch.input_ids),
-                                                                                     device=batch.input_ids.device)
+        index = torch.arange(len(batch.input_ids), device=batch.input_ids.device)
         embeds = _inputs_embeds(model, batch.input_ids, batch.input_features, batch.feature_attention_mask, index)
         out = model(inputs_embeds=embeds, attention_mask=batch.attention_mask, output_hidden_states=with_hidden)
     logp = _logprobs(out.logits[:, :-1], batch.input_ids[:, 1:], temperature, allowed, batch.completion_mask)
@@ -133,11 +132,12 @@ def _logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, a
     return torch.where(torch.isfinite(picked), logp, torch.zeros_like(logp))
 
 
-def _shares_prompts(model) -> bool:
-    """Whether rows sharing a prompt run it once. The shared prompt's KV cache carries gradients back
-    into the decoder layers after the completions went through them: gradient checkpointing keeps no
-    cache, and a sharded layer (model/sharding.py) frees its gathered weights once the completions'
-    backward is through it, before the prompt's reaches it."""
+def _cache_carries_gradients(model) -> bool:
+    """Whether the shared prompt can run once with its KV cache reused by the completions. The cache
+    carries gradients back into the decoder layers after the completions went through them: gradient
+    checkpointing keeps no cache, and a sharded layer (model/sharding.py) frees its gathered weights
+    once the completions' backward is through it, before the prompt's reaches it. Otherwise the
+    prompt and its completions run packed in one sequence (model/packing.py)."""
     lm = audio_model(model).language_model
     if getattr(lm, "gradient_checkpointing", False):
         return False
@@ -149,10 +149,11 @@ def _shares_prompts(model) -> bool:
 def _shared_prompt_logprobs(model, batch: TokenBatch, temperature: float, allowed: Allowed,
                             with_hidden: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """token_logprobs for rows grouped by clip: each distinct prompt (audio encoder and decoder)
-    runs once, its KV cache is repeated for the group's rows, and only the completions run per row.
+    runs once, and only the completions run per row: through the prompt's KV cache, repeated for the
+    group's rows, or packed after the prompt in one sequence (`_cache_carries_gradients`).
 
     On a GRPO batch (n samples of ~100 audio tokens + ~10 completion tokens each) this is about n
-    times less decoder work than running every row in full; gradients flow through the shared cache.
+    times less decoder work than running every row in full; gradients flow through the shared prompt.
     """
     ids, comp, index = batch.input_ids, batch.completion_mask, batch.audio_index
     rows, width = ids.shape
@@ -164,24 +165,38 @@ def _shared_prompt_logprobs(model, batch: TokenBatch, temperature: float, allowe
     groups = int(index.max()) + 1
     first_row = torch.stack([(index == g).nonzero()[0, 0] for g in range(groups)])
     longest = int(prompt_len[first_row].max())
-    prompt_ids = ids[first_row, :longest]
     prompt_mask = torch.arange(longest, device=device)[None, :] < prompt_len[first_row][:, None]
     head = first_row[index]  # each row's group representative
     differs = (prompt_len != prompt_len[head]) | ((ids[:, :longest] != ids[head, :longest]) & prompt_mask[index]).any(-1)
     if bool(differs.any()):
         r = int(differs.nonzero()[0, 0])
         raise ValueError(f"row {r} shares clip {int(index[r])} with row {int(head[r])} but not its prompt ids")
-    embeds = _inputs_embeds(model, prompt_ids, batch.input_features, batch.feature_attention_mask,
-                            torch.arange(groups, device=device))
-    prompt_out = model(inputs_embeds=embeds, attention_mask=prompt_mask.long(), use_cache=True,
-                       output_hidden_states=with_hidden)
-    cache = prompt_out.past_key_values
-    cache.reorder_cache(index)  # one copy of its prompt's keys/values per row (differentiable)
-
     steps = int(comp_len.max())
     positions = prompt_len[:, None] + torch.arange(steps, device=device)[None, :]  # completion tokens in `ids`
     valid = torch.arange(steps, device=device)[None, :] < comp_len[:, None]
     comp_ids = ids.gather(1, positions.clamp(max=width - 1))
+    predict = _cache_predictions if _cache_carries_gradients(model) else _packed_predictions
+    logits, hidden = predict(model, batch, prompt_len, comp_len, first_row, prompt_mask, comp_ids, valid, with_hidden)
+    logp = _logprobs(logits, comp_ids, temperature, allowed, valid)
+    r, t = valid.nonzero(as_tuple=True)
+    where = (r, positions[r, t] - 1)  # back onto the [rows, width - 1] grid of the plain path
+    grid = torch.zeros(rows, width - 1, dtype=logp.dtype, device=device).index_put(where, logp[r, t])
+    if not with_hidden:
+        return grid, None
+    return grid, hidden.new_zeros(rows, width - 1, hidden.shape[-1]).index_put(where, hidden[r, t])
+
+
+def _cache_predictions(model, batch, prompt_len, comp_len, first_row, prompt_mask, comp_ids, valid, with_hidden):
+    """Each row's outputs predicting its completion tokens [B, S, ...] (logits, last hidden states or
+    None): the prompts run once, their KV cache repeated for their rows, then the completions."""
+    index = batch.audio_index
+    embeds = _inputs_embeds(model, batch.input_ids[first_row, :prompt_mask.shape[1]], batch.input_features,
+                            batch.feature_attention_mask, torch.arange(len(first_row), device=index.device))
+    prompt_out = model(inputs_embeds=embeds, attention_mask=prompt_mask.long(), use_cache=True,
+                       output_hidden_states=with_hidden)
+    cache = prompt_out.past_key_values
+    cache.reorder_cache(index)  # one copy of its prompt's keys/values per row (differentiable)
+    positions = prompt_len[:, None] + torch.arange(comp_ids.shape[1], device=index.device)[None, :]
     attention = torch.cat([prompt_mask[index], valid], dim=1).long()
     comp_out = model(input_ids=comp_ids, attention_mask=attention, position_ids=positions,
                      past_key_values=cache, output_hidden_states=with_hidden)
@@ -190,14 +205,24 @@ def _shared_prompt_logprobs(model, batch: TokenBatch, temperature: float, allowe
         # completion token t is predicted by the previous position: the prompt's last one for t = 0
         return torch.cat([prompt_part[index, prompt_len - 1][:, None], comp_part[:, :-1]], dim=1)
 
-    logp = _logprobs(predicting(prompt_out.logits, comp_out.logits), comp_ids, temperature, allowed, valid)
-    r, t = valid.nonzero(as_tuple=True)
-    where = (r, positions[r, t] - 1)  # back onto the [rows, width - 1] grid of the plain path
-    grid = torch.zeros(rows, width - 1, dtype=logp.dtype, device=device).index_put(where, logp[r, t])
-    if not with_hidden:
-        return grid, None
-    hidden = predicting(prompt_out.hidden_states[-1], comp_out.hidden_states[-1])
-    return grid, hidden.new_zeros(rows, width - 1, hidden.shape[-1]).index_put(where, hidden[r, t])
+    hidden = predicting(prompt_out.hidden_states[-1], comp_out.hidden_states[-1]) if with_hidden else None
+    return predicting(prompt_out.logits, comp_out.logits), hidden
+
+
+def _packed_predictions(model, batch, prompt_len, comp_len, first_row, prompt_mask, comp_ids, valid, with_hidden):
+    """As `_cache_predictions`, from one forward pass over each group packed in one sequence."""
+    from speechrl.rlhf.model.packing import attention_mask_4d, pack_groups
+
+    index = batch.audio_index
+    packed = pack_groups(batch.input_ids, index, prompt_len, comp_len, first_row)
+    embeds = _inputs_embeds(model, packed.input_ids, batch.input_features, batch.feature_attention_mask,
+                            torch.arange(len(first_row), device=index.device))
+    mask = attention_mask_4d(packed.allowed, audio_model(model).language_model.config._attn_implementation, embeds.dtype)
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=packed.position_ids, use_cache=False,
+                output_hidden_states=with_hidden)
+    rows = index[:, None]
+    hidden = out.hidden_states[-1][rows, packed.predictor] if with_hidden else None
+    return out.logits[rows, packed.predictor], hidden
 
 
 def audio_model(model):

@@ -12,6 +12,7 @@ would weight it, so N ranks take the step one rank takes (float summation order 
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from speechrl.rlhf.core.config import RecipeConfig, RunStopped
 from speechrl.rlhf.core.devices import peak_memory_gib, train_device
 from speechrl.rlhf.core.run_dir import resume_hint
 from speechrl.rlhf.model.critic import ValueHead, token_values
-from speechrl.rlhf.model.logprobs import build_token_batch, token_logprobs, unwrap, vocab_mask
+from speechrl.rlhf.model.logprobs import TokenBatch, build_token_batch, token_logprobs, unwrap, vocab_mask
 from speechrl.rlhf.model.policy import build_policy, exportable_model, save_policy, unsharded_copy
 from speechrl.rlhf.model.sharding import full_state_dict, shard_module
 from speechrl.rlhf.workers.ranks import join, my_share, rank0_address
@@ -144,9 +145,9 @@ class PolicyWorker:
                 parts = micro_batches(b.prompt_ids, b.completion_ids, [int(i) for i in rows], micro,
                                       self.cfg.train.max_tokens_per_microbatch)
                 for sl, real in my_share(parts, self.rank, self.world):
-                    batch = (build_token_batch(self.backbone.processor, [b.prompt_ids[i] for i in sl],
+                    batch = self._on_device(build_token_batch(self.backbone.processor, [b.prompt_ids[i] for i in sl],
                                               [b.completion_ids[i] for i in sl], [b.audios[i] for i in sl],
-                                              tok.pad_token_id).to(self.device))
+                                              tok.pad_token_id))
                     mask = batch.completion_mask
                     per_token = not np.isscalar(b.advantages[sl[0]])
                     adv = _on_grid([b.advantages[i] for i in sl], mask) if per_token else \
@@ -170,6 +171,14 @@ class PolicyWorker:
         out.update(grad_norm=stats["grad_norm"], lr=stats["lr"])
         return out
 
+    def _on_device(self, batch: TokenBatch) -> TokenBatch:
+        """`batch` on the trainer's device. Several ranks: every batch takes the shared-prompt path
+        (a group per row where no rows share a prompt), so every rank runs the same passes whatever its
+        rows: their collectives pair up."""
+        if self.world > 1 and batch.audio_index is None:
+            batch = dataclasses.replace(batch, audio_index=torch.arange(len(batch.input_ids)))
+        return batch.to(self.device)
+
     def _same_on_all_ranks(self, value):
         """Rank 0's `value` on every rank (a shuffled order: the ranks' random streams differ)."""
         if self.world == 1:
@@ -191,7 +200,7 @@ class PolicyWorker:
                                      b.rejected_ids[sl], self.backbone.tokenizer.pad_token_id, b.audios[sl])
             pairs = len(b.prompt_ids[sl])
             with self.policy.autocast():
-                loss, metrics = preference_loss(self.model, self.reference, batch.to(self.device), pairs,
+                loss, metrics = preference_loss(self.model, self.reference, self._on_device(batch), pairs,
                                                 self.cfg.dpo, self.allowed)
             self.optimizer.backward(loss * (pairs / n if real else 0.0))
             for k, v in metrics.items() if real else ():
@@ -207,8 +216,8 @@ class PolicyWorker:
         values, ref, rows = [], [] if self.reference is not None else None, []
         micro = self.cfg.train.batch_size
         for sl, real in my_share([slice(s, s + micro) for s in range(0, len(b), micro)], self.rank, self.world):
-            batch = (build_token_batch(self.backbone.processor, b.prompt_ids[sl], b.completion_ids[sl], b.audios[sl],
-                                      self.backbone.tokenizer.pad_token_id).to(self.device))
+            batch = self._on_device(build_token_batch(self.backbone.processor, b.prompt_ids[sl], b.completion_ids[sl], b.audios[sl],
+                                      self.backbone.tokenizer.pad_token_id))
             mask = batch.completion_mask
             with self.policy.autocast():
                 v = token_values(self.model, self.value_head, batch).float()  # the trunk without its LM head

@@ -80,10 +80,18 @@ def test_shared_prompts_run_once_with_the_same_logprobs_and_grads(sft_assets):
     assert grads[0].keys() == grads[1].keys() and any("audio_tower" in k for k in grads[0])
     for k in grads[0]:
         assert torch.allclose(grads[0][k], grads[1][k], atol=1e-5), k
-    # gradient checkpointing rules out the KV cache: clips are still encoded once, rows run in full
+    # gradient checkpointing rules out the KV cache: each prompt and its rows' completions run packed in
+    # one sequence (model/packing.py), with the same logprobs, hidden states and gradients
     model.gradient_checkpointing_enable()
-    checkpointed = token_logprobs(model, shared).detach()
-    assert torch.allclose(checkpointed[mask], first[mask], atol=1e-5)
+    model.zero_grad()
+    checkpointed, hidden = token_logprobs(model, shared, with_hidden=True)
+    (checkpointed * mask).sum().backward()
+    assert torch.allclose(checkpointed.detach()[mask], first[mask], atol=1e-5)
+    for k in grads[1]:
+        assert torch.allclose(model.get_parameter(k).grad, grads[1][k], atol=1e-5), k
+    model.gradient_checkpointing_disable()
+    _, full_hidden = token_logprobs(model, private, with_hidden=True)
+    assert torch.allclose(hidden[mask], full_hidden[mask], atol=1e-5)
 
 
 def test_freeze_audio_encoder_trains_only_adaptor_and_decoder(sft_config, sft_assets):

@@ -60,6 +60,7 @@ def test_tts_task_prompts_targets_and_constraint(task, clip):
 
 
 def test_text_only_batch_shares_prompts_with_the_same_logprobs_and_gradients(task, tts_base):
+    """Through the KV cache, in full, and packed (gradient checkpointing): the same numbers."""
     from speechrl.rlhf.modes import assets
     from speechrl.rlhf.model.backbone import load_backbone
     from speechrl.rlhf.model.logprobs import build_token_batch, token_logprobs, vocab_mask
@@ -75,15 +76,18 @@ def test_text_only_batch_shares_prompts_with_the_same_logprobs_and_gradients(tas
     allowed = vocab_mask(task.allowed_ids, model.get_output_embeddings().weight.shape[0])
 
     logps, grads = [], []
-    for batch in (grouped, plain):
+    for batch, checkpointing in ((grouped, False), (plain, False), (grouped, True)):  # last: packed (packing.py)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
         model.zero_grad()
         logp = token_logprobs(model, batch, 1.0, allowed)
         (logp * batch.completion_mask).sum().backward()
         logps.append(logp.detach())
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
     mask = grouped.completion_mask
-    assert torch.allclose(logps[0][mask], logps[1][mask], atol=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
+    for other in (1, 2):
+        assert torch.allclose(logps[0][mask], logps[other][mask], atol=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads[0], grads[other]))
     assert bool((logps[0][mask] < 0).all())
 
 
