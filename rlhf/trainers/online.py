@@ -28,7 +28,7 @@ from speechrl.rlhf.modes import get_mode
 from speechrl.rlhf.modes.base import optional
 from speechrl.rlhf.trainers.judges import prebuild_judges
 from speechrl.rlhf.workers.placement import release, reserve
-from speechrl.rlhf.workers.policy_worker import PolicyClient, make_policy_workers
+from speechrl.rlhf.workers.policy_group import PolicyClient, make_policy_workers
 from speechrl.rlhf.workers.ray_setup import start_ray
 from speechrl.rollouts.engine import RolloutWorkerDied, generate_across, make_rollout_workers
 from speechrl.rollouts.sync import TRANSPORTS

@@ -5,7 +5,7 @@ loss; otherwise epochs of the clipped policy loss, plus KL when kl_coef > 0 and 
 carries returns. The critic is a value head on the policy's own trunk (model/critic.py).
 
 With train.num_ranks > 1 the driver starts one worker per rank, each holding a slice of the sharded
-policy (model/sharding.py), and sends every call to all of them (PolicyClient). Each rank runs every
+policy (model/sharding.py), and sends every call to all of them (policy_group.py: PolicyClient). Each rank runs every
 num_ranks-th micro-batch of a minibatch, weighted by its share of the whole minibatch as one rank
 would weight it, so N ranks take the step one rank takes (float summation order aside). Full weights
 (engines, evaluation, checkpoints) are gathered to rank 0, which alone returns or writes them.
@@ -22,14 +22,13 @@ from speechrl.rlhf.algos import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from speechrl.rlhf.algos.batch import TrainBatch, micro_batches
 from speechrl.rlhf.algos.value_loss import clipped_value_loss
 from speechrl.rlhf.model.backbone import hub_state_dict, save_backbone
-from speechrl.rlhf.core.config import RecipeConfig, RunStopped
+from speechrl.rlhf.core.config import RecipeConfig
 from speechrl.rlhf.core.devices import peak_memory_gib, train_device
-from speechrl.rlhf.core.run_dir import resume_hint
 from speechrl.rlhf.model.critic import ValueHead, token_values
 from speechrl.rlhf.model.logprobs import TokenBatch, build_token_batch, token_logprobs, unwrap, vocab_mask
 from speechrl.rlhf.model.policy import build_policy, exportable_model, save_policy, unsharded_copy
 from speechrl.rlhf.model.sharding import full_state_dict, shard_module
-from speechrl.rlhf.workers.ranks import join, my_share, rank0_address
+from speechrl.rlhf.workers.ranks import join, my_share
 from speechrl.rlhf.core.seeding import seed_everything, set_threads
 from speechrl.rlhf.model.layout import ReplyLayout
 from speechrl.rollouts.lora import LoraAdapter, lora_adapter
@@ -267,90 +266,3 @@ def _on_grid(rows: list, mask: torch.Tensor) -> torch.Tensor:
     for i, values in enumerate(rows):
         out[i, mask[i]] = torch.tensor(values, dtype=torch.float32, device=mask.device)
     return out
-
-
-def make_policy_workers(cfg: RecipeConfig, backbone_path: str, checkpoint: str | None = None, *,
-                        allowed_ids: list[int] | ReplyLayout, reference: bool = False, critic: bool = False,
-                        options: list[dict] | None = None) -> list:
-    """The policy worker of each trainer rank as a Ray actor; `options`: each rank's resources and bundle
-    (workers/placement.py), one per rank (default: train.num_ranks actors of a CPU each)."""
-    import ray
-
-    options = options or [{"num_cpus": 1, "num_gpus": 0} for _ in range(cfg.train.num_ranks)]
-    world = len(options)
-    address = rank0_address(options[0]) if world > 1 else None
-    return [ray.remote(PolicyWorker).options(max_concurrency=1, **o).remote(
-        cfg, str(backbone_path), checkpoint, allowed_ids=allowed_ids, reference=reference, critic=critic,
-        rank=rank, world=world, address=address) for rank, o in enumerate(options)]
-
-
-class PolicyClient:
-    """The driver's handle on the policy workers: plain calls (each waits for its result), so the
-    updates and modes that use it need not know they are Ray actors, or how many ranks there are.
-    Every call goes to every rank; results are rank 0's, or the ranks' combined (train, values)."""
-
-    def __init__(self, actors: list, run_dir=None):
-        self.actors, self.run_dir = list(actors), run_dir
-
-    def train(self, batch: TrainBatch) -> dict:
-        results = self._all("train", batch)
-        # train/* are each rank's part of the batch's weighted sums; grad_norm and lr are the same on all
-        out = dict(results[0])
-        for key in {k for r in results for k in r}:
-            if key.startswith("train/"):
-                out[key] = sum(r.get(key, 0.0) for r in results)
-            elif key.startswith("perf/"):
-                out[key] = max(r.get(key, 0.0) for r in results)
-        return out
-
-    def values(self, batch: TrainBatch) -> dict:
-        results = self._all("values", batch)
-        out = {"values": [None] * len(batch), "ref_logprobs": None if results[0]["ref_logprobs"] is None
-               else [None] * len(batch)}
-        for r in results:
-            for j, row in enumerate(r["rows"]):
-                out["values"][row] = r["values"][j]
-                if out["ref_logprobs"] is not None:
-                    out["ref_logprobs"][row] = r["ref_logprobs"][j]
-        return out
-
-    def with_model(self, fn, *args):
-        return self._all("with_model", fn, *args)[0]
-
-    def weights(self):
-        return self._all("weights")[0]
-
-    def save(self, path: str) -> None:
-        self._all("save", path)
-
-    def save_final(self, path: str) -> str:
-        return self._all("save_final", path)[0]
-
-    def ping(self) -> bool:
-        return all(self._all("ping"))
-
-    def node_ids(self) -> list[str]:
-        return self._all("node_id")
-
-    def _all(self, method: str, *args) -> list:
-        """`method(*args)` on every rank, their results in rank order. A dead policy worker took its
-        weights and optimizer state since the last checkpoint with it, so nothing is retried: the run
-        stops, saying where to resume from. Its peers would wait in a collective for it, so they go too."""
-        import ray
-        from ray.exceptions import RayActorError
-
-        if len(args) == 1 and len(self.actors) > 1 and isinstance(args[0], TrainBatch):
-            args = (ray.put(args[0]),)  # one copy in the object store for all ranks
-        refs = [getattr(a, method).remote(*args) for a in self.actors]
-        pending = list(refs)
-        try:
-            while pending:  # as they finish, so a dead rank is seen while its peers still wait on it
-                done, pending = ray.wait(pending, num_returns=1)
-                ray.get(done)
-            return ray.get(refs)
-        except RayActorError as e:
-            for actor in self.actors:
-                ray.kill(actor)
-            where = resume_hint(Path(self.run_dir)) if self.run_dir else "continue with --resume"
-            raise RunStopped(f"a policy worker died ({type(e).__name__}); its weights and optimizer state since "
-                             f"the last checkpoint are lost; {where}") from e

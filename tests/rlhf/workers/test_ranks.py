@@ -62,7 +62,8 @@ def _assert_same_weights(a, b, atol=2e-6):
 
 def test_two_ranks_take_one_ranks_step_and_checkpoints_move_between_rank_counts(sft_config, sft_assets, ray_cpus,
                                                                                 tmp_path):
-    from speechrl.rlhf.workers.policy_worker import PolicyClient, PolicyWorker, make_policy_workers
+    from speechrl.rlhf.workers.policy_group import PolicyClient, make_policy_workers
+    from speechrl.rlhf.workers.policy_worker import PolicyWorker
 
     # batch_size 2: three micro-batches of a 6-row minibatch, so rank 1 runs a weight-0 pass; token_mean:
     # each micro-batch is the one a single rank would run, so even per-micro-batch means agree
@@ -103,7 +104,8 @@ def test_two_ranks_take_one_ranks_step_and_checkpoints_move_between_rank_counts(
 def test_two_ranks_give_one_ranks_critic_values_and_ppo_step(sft_config, sft_assets, ray_cpus, tmp_path):
     """PPO's side: the value head sharded beside the policy, values() gathered in row order from both
     ranks, the value loss in the step, and the head in a two-rank checkpoint."""
-    from speechrl.rlhf.workers.policy_worker import VALUE_HEAD, PolicyClient, PolicyWorker, make_policy_workers
+    from speechrl.rlhf.workers.policy_group import PolicyClient, make_policy_workers
+    from speechrl.rlhf.workers.policy_worker import VALUE_HEAD, PolicyWorker
 
     cfg = sft_config("ranks-ppo", "train.warmup_steps=0", "train.lr=1e-3", "train.batch_size=2",
                      "train.torch_threads=1")
@@ -133,7 +135,8 @@ def test_two_ranks_give_one_ranks_critic_values_and_ppo_step(sft_config, sft_ass
 def test_two_ranks_train_a_lora_adapter_as_one_rank_does(sft_config, sft_assets, ray_cpus, tmp_path):
     """LoRA on sharded layers: the frozen base and the adapter share FSDP units; the engines get the
     adapter alone, gathered, and the checkpoint resumes on one rank."""
-    from speechrl.rlhf.workers.policy_worker import PolicyClient, PolicyWorker, make_policy_workers
+    from speechrl.rlhf.workers.policy_group import PolicyClient, make_policy_workers
+    from speechrl.rlhf.workers.policy_worker import PolicyWorker
 
     cfg = sft_config("ranks-lora", "train.warmup_steps=0", "train.lr=1e-3", "train.batch_size=2",
                      "train.torch_threads=1", "model.lora.enabled=true")
