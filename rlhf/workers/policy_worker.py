@@ -5,8 +5,8 @@ loss; otherwise epochs of the clipped policy loss, plus KL when kl_coef > 0 and 
 carries returns. The critic is a value head on the policy's own trunk (model/critic.py).
 
 With train.num_ranks > 1 the driver starts one worker per rank, each holding a slice of the sharded
-policy (model/sharding.py), and sends every call to all of them (policy_group.py: PolicyClient). Each rank runs every
-num_ranks-th micro-batch of a minibatch, weighted by its share of the whole minibatch as one rank
+policy (model/sharding.py), and sends every call to all of them (policy_group.py: PolicyClient). Each
+rank runs every num_ranks-th micro-batch of a minibatch, weighted by its share of the whole minibatch as one rank
 would weight it, so N ranks take the step one rank takes (float summation order aside). Full weights
 (engines, evaluation, checkpoints) are gathered to rank 0, which alone returns or writes them.
 """
