@@ -217,7 +217,8 @@ def _packed_predictions(model, batch, prompt_len, comp_len, first_row, prompt_ma
     packed = pack_groups(batch.input_ids, index, prompt_len, comp_len, first_row)
     embeds = _inputs_embeds(model, packed.input_ids, batch.input_features, batch.feature_attention_mask,
                             torch.arange(len(first_row), device=index.device))
-    mask = attention_mask_4d(packed.allowed, audio_model(model).language_model.config._attn_implementation, embeds.dtype)
+    attention = audio_model(model).language_model.config._attn_implementation
+    mask = attention_mask_4d(packed.allowed, attention, embeds.dtype)
     out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=packed.position_ids, use_cache=False,
                 output_hidden_states=with_hidden)
     rows = index[:, None]

@@ -77,7 +77,8 @@ def plan(cfg: RecipeConfig, cluster_gpus: float, policy: bool = True) -> Placeme
         gpus = max(ranks, 1)
         on = [sum(1 for k in range(workers) if k % gpus == g) for g in range(gpus)]
         bundles = [{"GPU": 1, "CPU": (1 if g < ranks else 0) + on[g]} for g in range(gpus)]
-        return Placement(bundles, [{"num_cpus": 1, "num_gpus": COLOCATED_POLICY_GPU, "bundle": r} for r in range(ranks)],
+        return Placement(bundles,
+                         [{"num_cpus": 1, "num_gpus": COLOCATED_POLICY_GPU, "bundle": r} for r in range(ranks)],
                          [{"num_cpus": 1, "num_gpus": (1 - COLOCATED_POLICY_GPU) / on[k % gpus], "bundle": k % gpus}
                           for k in range(workers)], layout)
     bundles = [{"GPU": 1, "CPU": 1} for _ in range(ranks)] + [{"GPU": tp, "CPU": 1} for _ in range(workers)]

@@ -6,8 +6,8 @@ carries returns. The critic is a value head on the policy's own trunk (model/cri
 
 With train.num_ranks > 1 the driver starts one worker per rank, each holding a slice of the sharded
 policy (model/sharding.py), and sends every call to all of them (policy_group.py: PolicyClient). Each
-rank runs every num_ranks-th micro-batch of a minibatch, weighted by its share of the whole minibatch as one rank
-would weight it, so N ranks take the step one rank takes (float summation order aside). Full weights
+rank runs every num_ranks-th micro-batch of a minibatch, weighted by its share of the whole minibatch
+as one rank would weight it, so N ranks take the step one rank takes (float summation order aside). Full weights
 (engines, evaluation, checkpoints) are gathered to rank 0, which alone returns or writes them.
 """
 from __future__ import annotations
@@ -144,9 +144,9 @@ class PolicyWorker:
                 parts = micro_batches(b.prompt_ids, b.completion_ids, [int(i) for i in rows], micro,
                                       self.cfg.train.max_tokens_per_microbatch)
                 for sl, real in my_share(parts, self.rank, self.world):
-                    batch = self._on_device(build_token_batch(self.backbone.processor, [b.prompt_ids[i] for i in sl],
-                                              [b.completion_ids[i] for i in sl], [b.audios[i] for i in sl],
-                                              tok.pad_token_id))
+                    batch = self._on_device(build_token_batch(
+                        self.backbone.processor, [b.prompt_ids[i] for i in sl], [b.completion_ids[i] for i in sl],
+                        [b.audios[i] for i in sl], tok.pad_token_id))
                     mask = batch.completion_mask
                     per_token = not np.isscalar(b.advantages[sl[0]])
                     adv = _on_grid([b.advantages[i] for i in sl], mask) if per_token else \
@@ -215,8 +215,8 @@ class PolicyWorker:
         values, ref, rows = [], [] if self.reference is not None else None, []
         micro = self.cfg.train.batch_size
         for sl, real in my_share([slice(s, s + micro) for s in range(0, len(b), micro)], self.rank, self.world):
-            batch = self._on_device(build_token_batch(self.backbone.processor, b.prompt_ids[sl], b.completion_ids[sl], b.audios[sl],
-                                      self.backbone.tokenizer.pad_token_id))
+            batch = self._on_device(build_token_batch(self.backbone.processor, b.prompt_ids[sl], b.completion_ids[sl],
+                                                      b.audios[sl], self.backbone.tokenizer.pad_token_id))
             mask = batch.completion_mask
             with self.policy.autocast():
                 v = token_values(self.model, self.value_head, batch).float()  # the trunk without its LM head
@@ -256,7 +256,9 @@ class PolicyWorker:
 
     def save_final(self, path: str) -> str | None:
         model = self._full_model()
-        return None if model is None else str(save_backbone(exportable_model(model), self.backbone.processor, Path(path)))
+        if model is None:
+            return None
+        return str(save_backbone(exportable_model(model), self.backbone.processor, Path(path)))
 
 
 def _on_grid(rows: list, mask: torch.Tensor) -> torch.Tensor:
