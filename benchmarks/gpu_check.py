@@ -3,6 +3,7 @@ looks at first: step time per phase, the policy's peak GPU memory, vLLM/trainer 
 
     python benchmarks/gpu_check.py                          # asr/grpo on the tiny backbone, both layouts
     python benchmarks/gpu_check.py --recipe asr/real_grpo --layouts separate --steps 5
+    python benchmarks/gpu_check.py --layouts separate train.num_ranks=2   # two trainer ranks (FSDP2), 3 GPUs
     python benchmarks/gpu_check.py --allow-cpu --steps 2    # the script itself, on a CPU machine
 
 Needs a CUDA build of torch and vLLM (README, "On GPUs"). Each layout is a fresh run (its own Ray

@@ -27,11 +27,11 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def set_threads(n: int) -> int:
-    """Intra-op threads: n, or with n=0 every CPU of this machine. Set explicitly because a Ray
-    actor starts with OMP_NUM_THREADS=1 (its num_cpus); the RL phases take turns, so the
-    phase running may use every core."""
+def set_threads(n: int, share: int = 1) -> int:
+    """Intra-op threads: n, or with n=0 every CPU of this machine, divided among `share` processes
+    that compute at once (trainer ranks). Set explicitly because a Ray actor starts with
+    OMP_NUM_THREADS=1 (its num_cpus); the RL phases take turns, so the phase running may use every core."""
     import os
 
-    torch.set_num_threads(n if n > 0 else os.cpu_count() or 1)
+    torch.set_num_threads(n if n > 0 else max(1, (os.cpu_count() or 1) // share))
     return torch.get_num_threads()

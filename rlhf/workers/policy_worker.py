@@ -46,7 +46,7 @@ class PolicyWorker:
         `rank` of `world` trainer ranks, meeting at `address` (host:port, workers/ranks.py)."""
         from transformers import AutoConfig
 
-        set_threads(cfg.train.torch_threads)
+        set_threads(cfg.train.torch_threads, share=world)  # ranks compute at once
         seed_everything(cfg.seed)
         self.cfg, self.backbone_path = cfg, Path(backbone_path)
         self.rank, self.world = rank, world

@@ -20,6 +20,20 @@ def test_every_rank_runs_as_many_passes_and_each_part_runs_once():
     assert [len(my_share(parts, r, 4)) for r in range(4)] == [1, 1, 1, 1], "a rank with none repeats one at weight 0"
 
 
+def test_ranks_share_the_machines_cores_unless_told_a_thread_count():
+    import os
+
+    from speechrl.rlhf.core.seeding import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(0, share=2) == max(1, (os.cpu_count() or 1) // 2)
+        assert set_threads(0, share=10**6) == 1
+        assert set_threads(3, share=2) == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def ray_cpus():
     import ray
