@@ -141,8 +141,8 @@ class PolicyWorker:
             for part, rows in enumerate(np.array_split(np.asarray(order, dtype=int), g.minibatches)):
                 if len(rows) == 0:
                     continue
-                parts = micro_batches(b.prompt_ids, b.completion_ids, [int(i) for i in rows], micro,
-                                      self.cfg.train.max_tokens_per_microbatch)
+                parts = micro_batches(b.prompt_ids, b.completion_ids, [int(i) for i in rows],
+                                      self._micro(len(rows), micro), self.cfg.train.max_tokens_per_microbatch)
                 for sl, real in my_share(parts, self.rank, self.world):
                     batch = self._on_device(build_token_batch(
                         self.backbone.processor, [b.prompt_ids[i] for i in sl], [b.completion_ids[i] for i in sl],
@@ -170,6 +170,11 @@ class PolicyWorker:
         out.update(grad_norm=stats["grad_norm"], lr=stats["lr"])
         return out
 
+    def _micro(self, rows: int, batch_size: int) -> int:
+        """Rows per micro-batch: train.batch_size, but small enough that each of several ranks gets a
+        micro-batch of `rows` (one micro-batch on two ranks would leave one rank a weight-0 pass)."""
+        return min(batch_size, max(1, -(-rows // self.world)))
+
     def _on_device(self, batch: TokenBatch) -> TokenBatch:
         """`batch` on the trainer's device. Several ranks: every batch takes the shared-prompt path
         (a group per row where no rows share a prompt), so every rank runs the same passes whatever its
@@ -192,7 +197,8 @@ class PolicyWorker:
         """One optimizer step on preference pairs, in micro-batches of train.batch_size pairs."""
         from speechrl.rlhf.trainers.dpo import preference_batch, preference_loss
 
-        n, micro = len(b), self.cfg.train.batch_size
+        n = len(b)
+        micro = self._micro(n, self.cfg.train.batch_size)
         sums: dict[str, float] = {}
         for sl, real in my_share([slice(s, s + micro) for s in range(0, n, micro)], self.rank, self.world):
             batch = preference_batch(self.backbone.processor, b.prompt_ids[sl], b.completion_ids[sl],
@@ -213,7 +219,7 @@ class PolicyWorker:
         completion token's state, and the reference's logprob of each token (None without a reference);
         `rows`: which of the batch's rows they are (each rank computes its share)."""
         values, ref, rows = [], [] if self.reference is not None else None, []
-        micro = self.cfg.train.batch_size
+        micro = self._micro(len(b), self.cfg.train.batch_size)
         for sl, real in my_share([slice(s, s + micro) for s in range(0, len(b), micro)], self.rank, self.world):
             batch = self._on_device(build_token_batch(self.backbone.processor, b.prompt_ids[sl], b.completion_ids[sl],
                                                       b.audios[sl], self.backbone.tokenizer.pad_token_id))
