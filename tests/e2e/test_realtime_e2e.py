@@ -1,6 +1,6 @@
 """Realtime PPO end to end through real Ray actors, a real vLLM engine and the tiny judge.
 
-Two PPO steps on the small backbone: multi-turn episodes sampled under the reply layout (text,
+Two PPO steps on the small backbone, on two trainer ranks: multi-turn episodes sampled under the reply layout (text,
 then codec tokens), scored by the recipe's rewards with the tiny persona judge in a reward worker
 of its own (its vLLM engine there), values and GAE, the update, weight sync; drift evaluated before
 and after, the plot written; checkpoints carry the value head and the KL controller, and the
@@ -36,7 +36,9 @@ def rows(run_dir: Path) -> list[dict]:
 def ppo_run(base):
     from speechrl.rlhf.trainers.online import run_online
 
-    cfg = load_recipe("realtime/ppo", [*base, "run.name=ppo"])
+    # on two trainer ranks (FSDP2): the reply layout's mask, the critic and the packed shared prompts
+    # sharded; the single-rank path is the in-process tests' (tests/rlhf/modes/test_realtime.py)
+    cfg = load_recipe("realtime/ppo", [*base, "run.name=ppo", "train.num_ranks=2", "ray.num_cpus=4"])
     return cfg, run_online(cfg)
 
 
