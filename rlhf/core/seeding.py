@@ -31,7 +31,12 @@ def set_threads(n: int, share: int = 1) -> int:
     """Intra-op threads: n, or with n=0 every CPU of this machine, divided among `share` processes
     that compute at once (trainer ranks). Set explicitly because a Ray actor starts with
     OMP_NUM_THREADS=1 (its num_cpus); the RL phases take turns, so the phase running may use every core."""
+    torch.set_num_threads(thread_count(n, share))
+    return torch.get_num_threads()
+
+
+def thread_count(n: int, share: int = 1) -> int:
+    """What `set_threads` asks torch for (it may refuse: vLLM's CPU backend pins its process's threads)."""
     import os
 
-    torch.set_num_threads(n if n > 0 else max(1, (os.cpu_count() or 1) // share))
-    return torch.get_num_threads()
+    return n if n > 0 else max(1, (os.cpu_count() or 1) // share)

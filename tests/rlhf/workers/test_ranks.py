@@ -23,15 +23,12 @@ def test_every_rank_runs_as_many_passes_and_each_part_runs_once():
 def test_ranks_share_the_machines_cores_unless_told_a_thread_count():
     import os
 
-    from speechrl.rlhf.core.seeding import set_threads
+    from speechrl.rlhf.core.seeding import thread_count
 
-    before = torch.get_num_threads()
-    try:
-        assert set_threads(0, share=2) == max(1, (os.cpu_count() or 1) // 2)
-        assert set_threads(0, share=10**6) == 1
-        assert set_threads(3, share=2) == 3
-    finally:
-        torch.set_num_threads(before)
+    assert thread_count(0) == (os.cpu_count() or 1)
+    assert thread_count(0, share=2) == max(1, (os.cpu_count() or 1) // 2)
+    assert thread_count(0, share=10**6) == 1
+    assert thread_count(3, share=2) == 3
 
 
 @pytest.fixture
