@@ -64,7 +64,9 @@ def test_tts_online_dpo_forms_pairs_from_ranked_samples_and_saves_them(base):
     from speechrl.rlhf.trainers.online import run_online
     from speechrl.rollouts.codec import CodecSpec
 
-    cfg = load_recipe("tts/online_dpo", [*base, "run.name=odpo", "dpo.min_reward_gap=0", "tts.prompt_texts=grammar"])
+    # on two trainer ranks: the preference step's micro-batches of pairs split between them
+    cfg = load_recipe("tts/online_dpo", [*base, "run.name=odpo", "dpo.min_reward_gap=0", "tts.prompt_texts=grammar",
+                                         "train.num_ranks=2", "ray.num_cpus=3"])
     summary = run_online(cfg)
     run = Path(summary["run"])
     trained = [r for r in rows(run) if "train/pairs" in r]
