@@ -238,23 +238,26 @@ class PolicyWorker:
     def weights(self) -> list[tuple[str, torch.Tensor]] | LoraAdapter:
         """What the rollout engines load: hub-layout tensors, or in a LoRA run the adapter alone (the
         engines hold the frozen base already). Several ranks: gathered, rank 0's (None on the others)."""
-        lora = self.cfg.model.lora.enabled
-        if self.world > 1:
-            state = full_state_dict(self.model)
-            if not state:
-                return None
-            return lora_adapter(unwrap(self.model), state) if lora else list(hub_state_dict(state.items()))
-        if lora:
-            return lora_adapter(unwrap(self.model))
-        return [(k, v.detach().clone()) for k, v in hub_state_dict(unwrap(self.model).state_dict().items())]
+        state = self._full_state(self.model)
+        if state is None:
+            return None
+        if self.cfg.model.lora.enabled:
+            return lora_adapter(unwrap(self.model), state)
+        live = self.world == 1  # the model's own tensors, which the next step changes: copy them
+        return [(k, v.detach().clone() if live else v) for k, v in hub_state_dict(state.items())]
+
+    def _full_state(self, module) -> dict | None:
+        """`module`'s full state dict: its own tensors on one rank; gathered CPU copies on rank 0 of
+        several, None on the others (every rank must call)."""
+        if self.world == 1:
+            return unwrap(module).state_dict()
+        return full_state_dict(module) or None
 
     def save(self, path: str) -> None:
         """A checkpoint in the same files whatever the number of ranks (rank 0 writes them)."""
         path = Path(path)
         save_policy(self._full_model(), self.backbone.processor, self.optimizer, path, self.cfg.model.lora.enabled)
-        head = None
-        if self.value_head is not None:
-            head = self.value_head.state_dict() if self.world == 1 else full_state_dict(self.value_head)
+        head = None if self.value_head is None else self._full_state(self.value_head)
         if self.rank == 0:
             if head is not None:
                 torch.save(head, path / VALUE_HEAD)
