@@ -100,6 +100,29 @@ def render(card: PersonaCard) -> str:
     return "\n".join(lines)
 
 
+def parse_rendered(text: str, id: str = "rendered") -> PersonaCard:
+    """The card back from its `render` text (id, source and meta are not in it: `id` names it). For a
+    reward that is given the persona column as text but must read the card's entries."""
+    values: dict[str, Any] = {"id": id}
+    titles = {title: name for name, title in _SECTIONS}
+    section = None
+    for line in text.splitlines():
+        if section and line.startswith("- "):
+            values.setdefault(section, []).append(line[2:])
+            continue
+        head, _, rest = line.partition(": ")
+        if line.endswith(":") and line[:-1] in titles:
+            section = titles[line[:-1]]
+        elif head in ("Name", "Identity", "Speaking style"):
+            values[head.lower().replace(" ", "_")], section = rest, None
+        elif head == "Catchphrases":
+            values["catchphrases"], section = re.findall(r'"([^"]+)"', rest), None
+        elif line.strip():
+            raise PersonaError("rendered card", None, f"line {line!r} is not part of a rendered card "
+                                                      "(data.personas.render writes one)")
+    return card_from_row(values, Located("rendered card"))
+
+
 # --- reading ----------------------------------------------------------------------------------------
 _CARD_KEYS = tuple(f.name for f in fields(PersonaCard))
 
