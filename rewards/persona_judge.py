@@ -17,8 +17,9 @@ from speechrl.rewards.judge_backends import TransformersJudge, VllmJudge, ensure
 from speechrl.rewards.judge_cache import JudgeCache, cache_key
 from speechrl.rewards.judge_endpoint import OpenAIJudge
 from speechrl.rewards.learned import default_cache_dir
-from speechrl.rewards.persona_prompts import (ANCHORS, DEFAULT_RUBRIC, PAIR_CUE, PAIR_TASK, RATE_CUE, RATE_TASK,
-                                              dialogue_text, persona_text)
+from speechrl.rewards.trained_judge import PersonaJudgeBuild, read_judge_card, trained_judge_dir
+from speechrl.rewards.persona_prompts import (ANCHORS, DEFAULT_RUBRIC, PAIR_CUE, RATE_CUE, context_text, pair_body,
+                                              rate_body)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ class PersonaJudgeReward:
 
     def __init__(
         self,
-        model: Optional[str] = None,  # local model directory ("tiny": the tiny random judge), or the endpoint's model name
+        model: Optional[str] = None,  # local model directory ("trained": SmolLM2 trained here as a judge; "tiny": a
+        # random tiny LM for tests), or the endpoint's model name
         endpoint: Optional[str] = None,  # OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1; null: run `model` here
         api: str = "completions",  # endpoint API: "completions" (prompt text, cue included) or "chat"
         api_key_env: Optional[str] = "OPENAI_API_KEY",  # environment variable holding the endpoint's API key
@@ -93,6 +95,7 @@ class PersonaJudgeReward:
         retries: int = 2,  # endpoint: further attempts after a timeout, lost connection or 429/5xx
         backoff_s: float = 0.5,  # endpoint: sleep before retry k is backoff_s * 2**k, with jitter
         max_concurrency: int = 8,  # endpoint: requests in flight
+        build: Optional[dict] = None,  # model=trained: settings of its build (rewards/trained_judge.py); null: defaults
     ):
         if scale not in ANCHORS:
             raise ValueError(f"persona_judge: scale={scale}; use one of {sorted(ANCHORS)}")
@@ -100,7 +103,13 @@ class PersonaJudgeReward:
             raise ValueError(f"persona_judge: mode={mode!r}; use one of {', '.join(MODES)}")
         if rubric is not None and rubric.endswith(".txt"):
             rubric = Path(rubric).expanduser().read_text(encoding="utf-8").strip()
-        self.rubric = rubric or DEFAULT_RUBRIC
+        path = self._local_path(model, build, cache_dir) if model and not endpoint else None
+        trained = read_judge_card(path) if path else None
+        if trained and trained["scale"] != scale:
+            raise ValueError(f"persona_judge: scale={scale}, but the judge at {path} was trained to rate 1 to "
+                             f"{trained['scale']}; set scale: {trained['scale']}")
+        # a trained judge is asked as it was trained: with its own rubric, unless the recipe gives one
+        self.rubric = rubric or (trained["rubric"] if trained else DEFAULT_RUBRIC)
         self.scale, self.mode, self.labels = scale, mode, [str(k) for k in range(1, scale + 1)]
         self.rationale, self.max_rationale_tokens, self.log_rationales = rationale, max_rationale_tokens, log_rationales
         self.max_history_chars = max_history_chars
@@ -110,12 +119,11 @@ class PersonaJudgeReward:
                                      timeout_s=timeout_s, retries=retries, backoff_s=backoff_s,
                                      max_concurrency=max_concurrency)
         elif model:
-            path = str(ensure_tiny_judge(cache_dir or default_cache_dir())) if model == "tiny" else model
             if backend == "vllm":
-                self.judge = VllmJudge(path, chat_template=chat_template, max_model_len=max_model_len,
+                self.judge = VllmJudge(str(path), chat_template=chat_template, max_model_len=max_model_len,
                                        kv_cache_gib=kv_cache_gib, threads=threads)
             elif backend == "transformers":
-                self.judge = TransformersJudge(path, chat_template=chat_template)
+                self.judge = TransformersJudge(str(path), chat_template=chat_template)
             else:
                 raise ValueError(f"persona_judge: backend={backend!r}; use 'vllm' or 'transformers'")
         else:
@@ -123,18 +131,29 @@ class PersonaJudgeReward:
                              "(an OpenAI-compatible server and its model name)")
         self.last_rationales: list[Optional[str]] = []  # the latest batch's rationales (None: cached or off)
 
+    @staticmethod
+    def _local_path(model: str, build: Optional[dict], cache_dir: Optional[str]) -> Path:
+        cache = cache_dir or default_cache_dir()
+        if model == "tiny":
+            return ensure_tiny_judge(cache)
+        if model == "trained":
+            path = trained_judge_dir(cache, PersonaJudgeBuild.from_kwargs(build))
+            if read_judge_card(path) is None:
+                raise FileNotFoundError(
+                    f"persona_judge: the trained judge is not built yet ({path}); `speechrl build-judges --recipe "
+                    "<your recipe>` builds it (a trainer builds it before it starts), or give model: <directory>")
+            return path
+        return Path(model).expanduser()
+
     # --- prompts ---------------------------------------------------------------------------------------
     def _context(self, persona: Any, history: Any, user_text: Optional[str]) -> str:
-        return (f"{self.rubric}\n\n# Persona\n{persona_text(persona)}\n\n"
-                f"# Dialogue so far\n{dialogue_text(history, user_text, self.max_history_chars)}\n\n")
+        return context_text(self.rubric, persona, history, user_text, self.max_history_chars)
 
     def rate_prompt(self, context: str, reply: str) -> str:
-        task = RATE_TASK.format(scale=self.scale, anchors=ANCHORS[self.scale])
-        return self.judge.format(f"{context}# Reply to judge\nAssistant: {reply}\n\n{task}", RATE_CUE)
+        return self.judge.format(rate_body(context, reply, self.scale), RATE_CUE)
 
     def pair_prompt(self, context: str, first: str, second: str) -> str:
-        return self.judge.format(f"{context}# Reply 1\nAssistant: {first}\n\n# Reply 2\nAssistant: {second}\n\n"
-                                 f"{PAIR_TASK}", PAIR_CUE)
+        return self.judge.format(pair_body(context, first, second), PAIR_CUE)
 
     # --- asking, through the cache ----------------------------------------------------------------------
     def _ask(self, prompts: list[str], labels: list[str], explain: bool) -> tuple[list[Any], list[bool]]:

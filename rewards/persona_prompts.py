@@ -35,6 +35,22 @@ PAIR_TASK = ("Which reply is more in character? Answer 1 or 2 on the first line 
 RATE_CUE, PAIR_CUE = "Rating: ", "More in character: Reply "
 
 
+def context_text(rubric: str, persona: Any, history: Any, user_text: Optional[str], max_history_chars: int) -> str:
+    """What every question to the judge opens with: the rubric, the persona card and the dialogue so far."""
+    return (f"{rubric}\n\n# Persona\n{persona_text(persona)}\n\n"
+            f"# Dialogue so far\n{dialogue_text(history, user_text, max_history_chars)}\n\n")
+
+
+def rate_body(context: str, reply: str, scale: int) -> str:
+    """The pointwise question (its cue, RATE_CUE, follows it)."""
+    return f"{context}# Reply to judge\nAssistant: {reply}\n\n{RATE_TASK.format(scale=scale, anchors=ANCHORS[scale])}"
+
+
+def pair_body(context: str, first: str, second: str) -> str:
+    """The pairwise question (its cue, PAIR_CUE, follows it)."""
+    return f"{context}# Reply 1\nAssistant: {first}\n\n# Reply 2\nAssistant: {second}\n\n{PAIR_TASK}"
+
+
 def persona_text(persona: Any) -> str:
     """A persona column entry as text: a rendered card (str), a PersonaCard, or a card mapping."""
     from speechrl.data.personas import Located, PersonaCard, card_from_row, render

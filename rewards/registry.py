@@ -20,6 +20,7 @@ from speechrl.rewards.dialogue import EmotionReward, LatencyReward, ReplyLengthR
 from speechrl.rewards.hosted import HfClassifierReward
 from speechrl.rewards.intelligibility import TtsIntelligibilityReward
 from speechrl.rewards.learned import LearnedPreferenceReward, registered_reward, registry_dir
+from speechrl.rewards.persona_consistency import PersonaConsistencyReward
 from speechrl.rewards.persona_judge import PersonaJudgeReward
 from speechrl.rewards.persona_similarity import PersonaSimilarityReward
 from speechrl.rewards.quality import DnsmosReward
@@ -119,6 +120,7 @@ register_reward("speaker_similarity")(SpeakerSimilarityReward)
 register_reward("dnsmos")(DnsmosReward)
 register_reward("speech_sanity")(SpeechSanityReward)
 register_reward("persona_judge")(PersonaJudgeReward)
+register_reward("persona_consistency")(PersonaConsistencyReward)
 register_reward("persona_similarity")(PersonaSimilarityReward)
 register_reward("reply_length")(ReplyLengthReward)
 register_reward("latency")(LatencyReward)
