@@ -112,14 +112,18 @@ def cmd_add_codec_tokens(args) -> int:
 
 
 def cmd_build_judges(args) -> int:
+    from speechrl.rewards.trained_judge import heldout_table, read_judge_card
     from speechrl.rlhf.trainers.judges import needs_judges, prebuild_judges
 
     cfg = load_recipe(args.recipe, args.overrides)
     if not needs_judges(cfg):
         print(f"{args.recipe}: its rewards read no embedded judge; nothing to build")
         return 0
-    prebuild_judges(cfg)
-    print(f"embedded judges of {args.recipe} ready in {Path(cfg.run.cache_dir).expanduser() / 'judges'}")
+    for path in prebuild_judges(cfg):
+        print(f"ready: {path}")
+        trained = read_judge_card(path)
+        if trained:
+            print(heldout_table(trained["heldout"]))
     return 0
 
 

