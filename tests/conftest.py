@@ -74,7 +74,8 @@ def realtime_overrides(tiny_overrides) -> list[str]:
     return [*tiny_overrides, "realtime.dialogues_per_persona=2", "realtime.max_turns=2",
             "realtime.drift_dialogues_per_persona=1", "realtime.drift_turns=3", "data.max_eval_examples=4",
             "eval_max_new_tokens=40", "rollout.sampling.max_new_tokens=40", "train.batch_size=4",
-            "train.torch_threads=1", "rollout.threads_per_worker=1"]
+            "train.torch_threads=1", "rollout.threads_per_worker=1",
+            "rewards.0.kwargs.model=tiny"]  # the random tiny judge: these runs test machinery, not judgment
 
 
 # --- a fast ASR SFT run: the trainer tests, the model tests on its backbone, DeepSpeed's e2e test ----

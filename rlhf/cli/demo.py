@@ -2,7 +2,7 @@
 
 Builds (once) a tiny random backbone, the mode's data, codec and embedded judges, then SFT, then the
 mode's RL recipe as shipped through Ray + vLLM, then the before/after report, so one command shows the
-whole pipeline works. The realtime judge is random: its scores exercise the machinery, nothing more.
+whole pipeline works. The realtime judge is SmolLM2 trained here as a persona judge (rewards/trained_judge.py).
 """
 from __future__ import annotations
 

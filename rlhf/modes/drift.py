@@ -55,15 +55,26 @@ class DriftEvaluation:
         judge = np.asarray(result.rewards[r.drift_judge], dtype=float)
         turns = [int(s.metadata["turn"]) for s in samples]
         curves = drift_curves(turns, judge, r.ooc_threshold)
+        check = np.asarray(result.rewards[r.drift_check], dtype=float) if r.drift_check else None
+        if check is not None:  # the independent check, by turn beside the judge
+            curves["check"] = drift_curves(turns, check, r.ooc_threshold)["judge"]
         scored = judge[np.isfinite(judge)]
         metrics = {"drift/judge": float(scored.mean()) if scored.size else math.nan,
                    "drift/ooc_rate": float((scored < r.ooc_threshold).mean()) if scored.size else math.nan,
                    "drift/judge_last_turn": curves["judge"][-1]}
         for k, mean, ooc in zip(curves["turn"], curves["judge"], curves["ooc"]):
             metrics[f"drift/judge/turn_{k}"], metrics[f"drift/ooc/turn_{k}"] = mean, ooc
+        if check is not None:
+            checked = check[np.isfinite(check)]
+            metrics["drift/check"] = float(checked.mean()) if checked.size else math.nan
+            metrics["drift/check_last_turn"] = curves["check"][-1]
+            metrics.update({f"drift/check/turn_{k}": v for k, v in zip(curves["turn"], curves["check"])})
         replies = [{"id": s.metadata["id"], "user": s.metadata["user_text"], "reply": self.task.parse(s.completion_ids).text,
                     "seconds": s.metadata["reply_seconds"], "judge": None if not np.isfinite(j) else float(j)}
                    for s, j in zip(samples, judge)]
+        if check is not None:
+            for reply, c in zip(replies, check):
+                reply["check"] = None if not np.isfinite(c) else float(c)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / f"step-{step:05d}.json").write_text(json.dumps(
             {"step": step, **({"label": self.label} if self.label else {}), "threshold": r.ooc_threshold, "judge": r.drift_judge, **curves, "replies": replies},
@@ -73,7 +84,8 @@ class DriftEvaluation:
 
 
 def plot_drift(folder: Path, out: Path) -> Path:
-    """Judge score and out-of-character rate against the turn index, one line per `step-*.json`."""
+    """Judge score, out-of-character rate and (where logged) the independent check against the turn
+    index, one line per `step-*.json`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,17 +93,20 @@ def plot_drift(folder: Path, out: Path) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("step-*.json"))]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.7))
+    panels = ["judge", "ooc"] + (["check"] if runs and "check" in runs[-1] else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.7))
     for i, run in enumerate(runs):
         edge = i in (0, len(runs) - 1)
         label = run.get("label") or f"step {run['step']}" + ("" if len(runs) == 1 else " (before)" if i == 0
                                                              else " (after)" if i == len(runs) - 1 else "")
         style = dict(marker="o", linewidth=2.2 if edge else 0.8, alpha=1.0 if edge else 0.45, label=label)
-        axes[0].plot(run["turn"], run["judge"], **style)
-        axes[1].plot(run["turn"], run["ooc"], **style)
+        for ax, panel in zip(axes, panels):
+            if panel in run:
+                ax.plot(run["turn"], run[panel], **style)
     threshold = runs[-1]["threshold"] if runs else 0.5
     axes[0].axhline(threshold, color="grey", linestyle=":", linewidth=1)
-    for ax, title in zip(axes, ("judge score (mean)", f"out-of-character rate (score < {threshold:g})")):
+    titles = ("judge score (mean)", f"out-of-character rate (score < {threshold:g})", "independent check (mean)")
+    for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("turn")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

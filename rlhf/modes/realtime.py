@@ -96,7 +96,8 @@ class RealtimeMode(Mode):
     algorithms = ("sft", "grpo", "ppo", "online_dpo")
     default_algorithm = "ppo"
     headlines = [("drift judge score", "drift/judge"), ("drift out-of-character rate", "drift/ooc_rate"),
-                 ("drift judge score, last turn", "drift/judge_last_turn"), ("held-out reply loss", "eval/loss")]
+                 ("drift judge score, last turn", "drift/judge_last_turn"), ("drift check", "drift/check"),
+                 ("drift check, last turn", "drift/check_last_turn"), ("held-out reply loss", "eval/loss")]
     evaluates_on_engines = True
 
     @classmethod
@@ -111,9 +112,10 @@ class RealtimeMode(Mode):
                               "set `realtime.dialogues` to a dialogues .jsonl (docs/personas.md)")
         check_codec_fits_the_tiny_backbone(cfg, source)
         keys = [spec.key for spec in cfg.rewards]
-        if cfg.algorithm in UPDATES and r.drift_judge not in keys:  # online runs evaluate drift
-            raise RecipeError(f"{source}: `realtime.drift_judge` is {r.drift_judge!r}, which is not among the rewards "
-                              f"({', '.join(keys)}); drift evaluation reads that reward's score")
+        for name, value in (("drift_judge", r.drift_judge), ("drift_check", r.drift_check)):
+            if cfg.algorithm in UPDATES and value is not None and value not in keys:  # online runs evaluate drift
+                raise RecipeError(f"{source}: `realtime.{name}` is {value!r}, which is not among the rewards "
+                                  f"({', '.join(keys)}); drift evaluation reads that reward's score")
 
     def backbone_path(self) -> Path:
         """A tiny backbone whose tokenizer learnt the persona cards and dialogues, so prompts stay short
@@ -151,7 +153,10 @@ class RealtimeMode(Mode):
                             generate, n=self.cfg.rollout.sampling.n)
 
     def reward_columns(self, samples, requests) -> dict:
-        return {"codec_ids": [self.task.codec_ids(s.completion_ids) for s in samples]}  # decoded reward-side
+        """The reply's codec ids (decoded into `audio` reward-side) and its text part (`reply_text`), which
+        a listening reward compares with what the audio says."""
+        parsed = [self.task.parse(s.completion_ids) for s in samples]
+        return {"codec_ids": [p.codec_ids for p in parsed], "reply_text": [p.text for p in parsed]}
 
     def rollout_row(self, sample) -> dict:
         return {"codec_ids": [int(c) for c in self.task.codec_ids(sample.completion_ids)], "completion": sample.text}
@@ -198,20 +203,30 @@ class RealtimeMode(Mode):
         """The drift curves of the RL run's first (before: the SFT weights) and last evaluations."""
         runs = sorted((Path(rl["run"]) / "drift").glob("step-*.json"))
         before, after = (json.loads(p.read_text()) for p in (runs[0], runs[-1]))
-        lines = [f"{'turn':>4}  {'judge before':>12}  {'judge after':>11}  {'OOC before':>10}  {'OOC after':>9}"]
+        checked = "check" in before and "check" in after
+        lines = [f"{'turn':>4}  {'judge before':>12}  {'judge after':>11}  {'OOC before':>10}  {'OOC after':>9}"
+                 + (f"  {'check before':>12}  {'check after':>11}" if checked else "")]
         for k, turn in enumerate(before["turn"]):
             lines.append(f"{turn:>4}  {before['judge'][k]:>12.3f}  {after['judge'][k]:>11.3f}  "
-                         f"{before['ooc'][k]:>10.2f}  {after['ooc'][k]:>9.2f}")
+                         f"{before['ooc'][k]:>10.2f}  {after['ooc'][k]:>9.2f}"
+                         + (f"  {before['check'][k]:>12.3f}  {after['check'][k]:>11.3f}" if checked else ""))
         result = {"sft heldout loss": sft.get("held-out reply loss after", float("nan")),
                   "judge before": rl.get("drift judge score before"), "judge after": rl.get("drift judge score after"),
                   "ooc before": rl.get("drift out-of-character rate before"),
-                  "ooc after": rl.get("drift out-of-character rate after"), "minutes": minutes}
+                  "ooc after": rl.get("drift out-of-character rate after"),
+                  "check before": rl.get("drift check before"), "check after": rl.get("drift check after"),
+                  "minutes": minutes}
         print(f"\ndrift over {len(before['turn'])} turns (judge score in [0, 1]; out of character: score < "
-              f"{before['threshold']:g}), before (step {before['step']}) and after (step {after['step']}) PPO:")
+              f"{before['threshold']:g}; check: {self.cfg.realtime.drift_check}, the rule check beside the judge), "
+              f"before (step {before['step']}) and after (step {after['step']}) PPO:")
         print("\n".join(lines))
+        check = (f", check {result['check before']:.3f} -> {result['check after']:.3f}"
+                 if result["check before"] is not None and result["check after"] is not None else "")
         print(f"all turns: judge {result['judge before']:.3f} -> {result['judge after']:.3f}, out-of-character rate "
-              f"{result['ooc before']:.2f} -> {result['ooc after']:.2f}   ({minutes:.1f} min)")
-        print("The embedded judge is a tiny random LM: these scores exercise the machinery and carry no meaning.")
+              f"{result['ooc before']:.2f} -> {result['ooc after']:.2f}{check}   ({minutes:.1f} min)")
+        judge = next((r for r in self.cfg.rewards if r.key == self.cfg.realtime.drift_judge), None)
+        if judge is not None and (judge.kwargs or {}).get("model") == "tiny":
+            print("The judge is the tiny random LM (model: tiny): its scores exercise the machinery and carry no meaning.")
         print(f"plot: {rl['drift plot']}")
         return result
 

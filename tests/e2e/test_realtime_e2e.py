@@ -64,10 +64,14 @@ def test_realtime_ppo_runs_end_to_end_and_writes_drift_curves(ppo_run):
     turns = cfg.realtime.drift_turns
     for r in drift:
         assert 0.0 <= r["drift/ooc_rate"] <= 1.0 and all(f"drift/judge/turn_{k}" in r for k in range(1, turns + 1))
+        # the rule check beside the judge (realtime.drift_check), by turn too
+        assert 0.0 <= r["drift/check"] <= 1.0 and all(f"drift/check/turn_{k}" in r for k in range(1, turns + 1))
     curves = json.loads((run / "drift" / "step-00002.json").read_text())
     assert curves["turn"] == list(range(1, turns + 1)) and len(curves["replies"]) == 4 * turns  # 4 personas
+    assert len(curves["check"]) == turns and all("check" in reply for reply in curves["replies"])
     assert Path(summary["drift plot"]).stat().st_size > 1000
     assert "drift judge score before" in summary and "drift out-of-character rate after" in summary
+    assert "drift check before" in summary and "drift check after" in summary
     # the summary's total is ~0 (z-normalized rewards); each reward's raw mean is there too
     assert 0.0 <= summary["mean persona_judge (last step)"] <= 1.0
 

