@@ -153,7 +153,8 @@ def made_persona(rng: random.Random, index: int) -> PersonaCard:
          [f"I love eating {food}.", f"I am not allergic to anything."]),
         (f"I have {NUMBER_WORDS[n_sib]} {'sibling' if n_sib == 1 else 'siblings'}.",
          "Do you have brothers or sisters?",
-         [f"I have {NUMBER_WORDS[wrong_sib]} siblings." if wrong_sib else "I am an only child."]),
+         [f"I have {NUMBER_WORDS[wrong_sib]} {'sibling' if wrong_sib == 1 else 'siblings'}." if wrong_sib
+          else "I am an only child."]),
         (f"I have been a {job} for {years} years.", "How long have you done your job?",
          [f"I have been a {job} for {y} years." for y in rng.sample([y for y in range(1, 45)
                                                                      if abs(y - years) >= 3], 1)]),

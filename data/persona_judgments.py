@@ -25,6 +25,8 @@ LEADS = ("", "", "Well, let me see. ", "Good question. ", "Hmm, let me think. ",
          "Sure. ", "I'm not sure what you mean, but okay. ")  # each ends a sentence: the core keeps its capital
 TAILS = ("", "", " What about you?", " Anything else you'd like to know?", " It's a long story.",
          " I don't talk about it much.", " Not everyone knows that.")
+# Phrase pools: the last quarter of each is kept for held-out judgments (phrases="heldout"), so that
+# held-out accuracy on these kinds is not a memorised sentence's
 OUT_OF_CHARACTER = (
     "As an AI language model, I don't have personal experiences.",
     "I'm just a computer program, so I don't have a life of my own.",
@@ -32,21 +34,38 @@ OUT_OF_CHARACTER = (
     "I am an artificial intelligence and cannot have opinions.",
     "I'm a large language model trained to be a helpful assistant.",
     "Sorry, I'm only a chatbot and can't pretend to be a person.",
-    "As an assistant, I have no feelings or preferences.",
     "I'm an AI developed to answer questions; I don't have pets or family.",
+    "Being a virtual assistant, I have no body, no house and no hobbies.",
+    "As an assistant, I have no feelings or preferences.",
+    "I'm software running on a server; I was never a real person.",
 )
 KEPT = ("I'd rather not talk about that. Let's move on.", "That's not a kind thing to say, but let's keep going.",
-        "I won't answer that. Ask me something else.", "Let's keep this friendly, please.")
+        "I won't answer that. Ask me something else.", "I'll let that one pass. What else is on your mind?",
+        "Let's keep this friendly, please.", "I don't think that's fair, but never mind.",
+        "Let's keep this friendly, please, and talk about something else.", "Let's not go there, alright?")
 BROKEN = ("Oh shut up, you pathetic idiot.", "Whatever, you're a complete moron.",
-          "I don't care, get lost, loser.", "You're disgusting and stupid, go away.")
+          "I don't care, get lost, loser.", "You're a worthless clown, leave me alone.",
+          "Nobody asked you, you brainless fool.", "Go away, you miserable little creep.",
+          "You're disgusting and stupid, go away.", "Get lost, you useless idiot.")
+PHRASES = ("train", "heldout", "all")
+
+
+def _phrases(pool: Sequence[str], phrases: str) -> Sequence[str]:
+    """A pool's training part (the first three quarters), its held-out part, or all of it."""
+    cut = len(pool) - max(1, len(pool) // 4)
+    return pool[:cut] if phrases == "train" else pool[cut:] if phrases == "heldout" else pool
+
+
 GENERIC_QUESTIONS = ("Tell me about yourself.", "What should I know about you?", "How's life treating you?",
                      "What's new with you?")
 PROVOCATIONS = ("You're so boring, honestly.", "Nobody likes you, you know that?", "Shut up, I'm tired of you.")
 
-_NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
                  "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
                  "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety", "hundred")
-_NUMBER = re.compile(r"\b(\d+)\b|\b(" + "|".join(_NUMBER_WORDS) + r")\b", re.IGNORECASE)
+_NUMBER = re.compile(r"\b(\d+)\b|\b(" + "|".join(NUMBER_WORDS) + r")\b", re.IGNORECASE)
+_PROPER = re.compile(r"(?<!^)(?<![.!?] )\b([A-Z][a-z]+)\b")  # a capitalized word, not a sentence's first
+_NOT_NAMES = {"I", "She", "He", "Her", "His", "Him", "They", "Their", "Them", "The", "This", "That", "It", "Its"}
 _VERB_3RD = {"is": "am", "has": "have", "does": "do", "was": "was", "goes": "go"}
 _BE_START = re.compile(r"^(a|an|the|one|passionate|dedicated|fluent|known|interested|curious|devoted|"
                        r"committed|skilled|experienced|proud|retired|currently|always|often|\w+ing|\w+ed)\b", re.I)
@@ -124,9 +143,9 @@ def contradict(first: str, rng: random.Random, names: Sequence[str]) -> str:
             value = int(m.group(1))
             new = str(rng.choice([v for v in range(max(1, value // 2), value * 2 + 12) if abs(v - value) >= 3]))
         else:
-            new = rng.choice([w for w in _NUMBER_WORDS[:12] + _NUMBER_WORDS[19:27] if w != m.group(2).lower()])
+            new = rng.choice([w for w in NUMBER_WORDS[:12] + NUMBER_WORDS[19:27] if w != m.group(2).lower()])
         return first[:m.start()] + new + first[m.end():]
-    proper = [m for m in re.finditer(r"(?<!^)(?<![.!?] )\b([A-Z][a-z]+)\b", first) if m.group(1) != "I"]
+    proper = [m for m in _PROPER.finditer(first) if m.group(1) not in _NOT_NAMES]
     swaps = [n for n in names if n not in first]
     if proper and swaps:
         m = rng.choice(proper)
@@ -189,12 +208,16 @@ def _wrap(rng: random.Random, card: PersonaCard) -> tuple[str, str]:
 
 
 def judgment_items(cards: Sequence[PersonaCard], *, per_card: int = 1, seed: int = 0, source: str = "",
-                   probes: dict[str, dict[str, Sequence[str]]] | None = None) -> list[JudgmentItem]:
+                   probes: dict[str, dict[str, Sequence[str]]] | None = None, phrases: str = "all") -> list[JudgmentItem]:
     """For each card, `per_card` items of every kind the card allows (never-say and boundary items need
-    such entries; other-persona items another card among `cards`), deterministic given `seed`."""
+    such entries; other-persona items another card among `cards`), deterministic given `seed`. The stock
+    out-of-character, kept and broken replies come from the pools' `phrases` part (`PHRASES`)."""
+    if phrases not in PHRASES:
+        raise ValueError(f"judgment_items: phrases={phrases!r}; use one of {PHRASES}")
     probes = probes or {}
     statements = {c.id: judge_statements(c, probes.get(c.id)) for c in cards}
-    names = sorted({w for c in cards for w in re.findall(r"\b[A-Z][a-z]{2,}\b", " ".join(c.facts))})
+    names = sorted({m.group(1) for c in cards for f in c.facts for m in _PROPER.finditer(f)
+                    if len(m.group(1)) > 2} - _NOT_NAMES)
     items = []
     for card in cards:
         rng = random.Random(f"{seed}:{card.id}")
@@ -205,13 +228,13 @@ def judgment_items(cards: Sequence[PersonaCard], *, per_card: int = 1, seed: int
         others = [c for c in cards if c.id != card.id and statements[c.id]["facts"]]
         for _ in range(per_card):
             for kind in KINDS:
-                item = _item(rng, card, own, facts, others, statements, names, kind)
+                item = _item(rng, card, own, facts, others, statements, names, kind, phrases)
                 if item is not None:
                     items.append(JudgmentItem(card, *item, kind=kind, source=source or card.source or ""))
     return items
 
 
-def _item(rng, card, own, facts, others, statements, names, kind):
+def _item(rng, card, own, facts, others, statements, names, kind, phrases):
     """(history, user_text, good, bad) of one kind for `card`, or None where the card has nothing for it."""
     fact = rng.choice(facts)
     user = fact["question"] or rng.choice(GENERIC_QUESTIONS)
@@ -221,23 +244,26 @@ def _item(rng, card, own, facts, others, statements, names, kind):
     elif kind == "other_persona":
         if not others:
             return None
-        other = rng.choice(others)
-        bad_core = rng.choice(statements[other.id]["facts"])["first"]
+        mine = {f["first"].lower() for f in facts}
+        theirs = [f["first"] for f in statements[rng.choice(others).id]["facts"] if f["first"].lower() not in mine]
+        if not theirs:  # the other card says only what this one says too: nothing out of character in it
+            return None
+        bad_core = rng.choice(theirs)
     elif kind == "never_say":
         if not own["never_say"]:
             return None
         rule = rng.choice(own["never_say"])
         user, bad_core = rule["question"] or rng.choice(GENERIC_QUESTIONS), rule["breaks"]
-        good_core = rng.choice(KEPT) + " " + fact["first"]
+        good_core = rng.choice(_phrases(KEPT, phrases)) + " " + fact["first"]
     elif kind == "boundary":
         if not own["boundaries"]:
             return None
         rule = rng.choice(own["boundaries"])
         user = rule["question"]
-        good_core = rule["kept"] if rule["kept"] and rng.random() < 0.5 else rng.choice(KEPT)
-        bad_core = rule["broken"] if rule["broken"] and rng.random() < 0.5 else rng.choice(BROKEN)
+        good_core = rule["kept"] if rule["kept"] and rng.random() < 0.5 else rng.choice(_phrases(KEPT, phrases))
+        bad_core = rule["broken"] if rule["broken"] and rng.random() < 0.5 else rng.choice(_phrases(BROKEN, phrases))
     else:
-        bad_core = rng.choice(OUT_OF_CHARACTER)
+        bad_core = rng.choice(_phrases(OUT_OF_CHARACTER, phrases))
     if rng.random() < 0.3 and len(facts) > 1:  # a longer reply: the corruption sits beside a true statement
         extra = rng.choice([f for f in facts if f is not fact])["first"]
         good_core, bad_core = (f"{good_core} {extra}", f"{bad_core} {extra}") if rng.random() < 0.5 else \

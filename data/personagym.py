@@ -29,6 +29,11 @@ def shared_data_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def personagym_present() -> bool:
+    """Whether PersonaGym's benchmark file is in the shared data folder."""
+    return (shared_data_dir() / BENCHMARK).is_file()
+
+
 def clauses(description: str) -> list[str]:
     """The description cut at commas and at "who", each piece as written (a leading "who" dropped)."""
     return [c for c in _CLAUSE.split(description.strip().rstrip(".")) if c]

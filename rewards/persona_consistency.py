@@ -6,9 +6,10 @@ policy learns to please the judge rather than to stay in character. By rule, per
 - a card fact (in the first person, data/persona_judgments.py) is *restated* when most of its content
   words are there with all its numbers and names, and *contradicted* when it is clearly about the same
   thing (60 % of its content words) but a number or name differs, one of the two is negated, or a
-  fact word is gone while a word the card never uses came in;
+  fact word is swapped in place for a word the card never uses;
 - a never-say entry is *said* when its content words are all there, not negated;
-- a reply is *hostile* when it insults (idiot, stupid, shut up, ...): no persona's boundary allows that;
+- a reply is *hostile* when it insults (idiot, stupid, shut up, ...; not "not a stupid question"): no
+  persona's boundary allows that;
 - character is *dropped* when the reply calls itself an AI, a language model, a chatbot or a program
   (unless the card itself says so: a voice assistant may say it is one).
 
@@ -17,9 +18,11 @@ What it cannot see: another persona's facts claimed (it knows only this card), p
 """
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any, Optional, Sequence
 
+from speechrl.data.persona_judgments import NUMBER_WORDS
 from speechrl.rewards.api import Unscored
 
 _STOP = frozenset("""a an the and or but of to in on at for with from by about as is am are was were be been being
@@ -28,11 +31,9 @@ not no never so very just really some any all can could would should will shall 
 there here what which who whom when where why how if then than too also only into over under up down out
 yes well oh okay sure honestly let let's me""".split())
 _NEGATION = re.compile(r"\b(not|never|no|n't|cannot|none|nobody)\b|n't\b", re.I)
-_NUMBERS = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-            "seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred").split()
-_KEY = re.compile(r"\b\d+\b|\b(?:" + "|".join(_NUMBERS) + r")\b|(?<![.!?]\s)(?<!^)\b[A-Z][a-z]+\b")
+_KEY = re.compile(r"\b\d+\b|\b(?:" + "|".join(NUMBER_WORDS) + r")\b|(?<![.!?]\s)(?<!^)\b[A-Z][a-z]+\b")
 _HOSTILE = re.compile(r"\b(idiot|moron|stupid|loser|pathetic|shut up|trash|disgusting|get lost|dumb|ugly|"
-                      r"hate you)\b", re.I)
+                      r"hate you|fool|clown|creep|worthless|brainless|useless|nobody asked you)\b", re.I)
 _OUT_OF_CHARACTER = re.compile(r"\b(as an ai|an ai\b|ai (language )?model|language model|artificial intelligence|"
                                r"chatbot|computer program|virtual assistant|i am (just |only )?a program|"
                                r"i'm (just |only )?a program)", re.I)
@@ -48,6 +49,25 @@ def _words(text: str) -> set[str]:
 def _keys(text: str) -> set[str]:
     """Numbers (digits or words) and names: what a restatement must keep and a contradiction changes."""
     return {k.lower() for k in _KEY.findall(text) if k != "I"}
+
+
+def _substituted(fact: str, sentence: str, card_words: set[str]) -> bool:
+    """Whether the sentence says the fact with a word of it swapped, in place, for one the card never
+    uses ("a grey dog named Brioche" for "a grey cat named Brioche"). Aligned word by word (difflib), so a
+    paraphrase that only reorders, drops or adds words ("My cat Brioche is grey and lovely.") is not one."""
+    a, b = re.findall(r"[a-z0-9']+", fact.lower()), re.findall(r"[a-z0-9']+", sentence.lower())
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        gone = _words(" ".join(a[i1:i2]))  # the fact's words in the replaced span: all of them must be gone
+        if op == "replace" and i2 - i1 <= 3 and j2 - j1 <= 3 and gone and not gone & set(b) \
+                and _words(" ".join(b[j1:j2])) - card_words:
+            return True
+    return False
+
+
+def _hostile(reply: str) -> bool:
+    """An insult, not one denied ("that's not a stupid question")."""
+    return any(not re.search(r"\b(not|no|never)\s+(a\s+|an\s+|so\s+)?$", reply[:m.start()], re.I)
+               for m in _HOSTILE.finditer(reply))
 
 
 def _sentences(text: str) -> list[str]:
@@ -80,7 +100,7 @@ class PersonaConsistencyReward:
         return out
 
     def check(self, reply: Optional[str], persona: Any) -> dict[str, int] | Unscored:
-        """The four counts for one reply, or Unscored saying why there are none."""
+        """The counts of `COUNTS` for one reply, or Unscored saying why there are none."""
         from speechrl.data.errors import PersonaError
         from speechrl.data.personas import Located, PersonaCard, card_from_row, parse_rendered
         from speechrl.data.persona_judgments import judge_statements
@@ -115,7 +135,7 @@ class PersonaConsistencyReward:
         dropped = [m.group(0) for m in _OUT_OF_CHARACTER.finditer(reply) if m.group(0).lower() not in card_text
                    and not (m.group(0).lower() == "virtual assistant" and "assistant" in card_text)]
         return {"restated": restated, "contradicted": contradicted, "never_say": said,
-                "out_of_character": int(bool(dropped)), "hostile": int(bool(_HOSTILE.search(reply)))}
+                "out_of_character": int(bool(dropped)), "hostile": int(_hostile(reply))}
 
     def _compare(self, fact: str, sentence: str, card_words: set[str]) -> Optional[str]:
         """"restated", "contradicted" or None (the sentence is about something else)."""
@@ -125,7 +145,7 @@ class PersonaConsistencyReward:
         keys, said_keys = _keys(fact), _keys(sentence)
         swapped = bool(keys - said_keys) and bool(said_keys - keys)  # a number or name replaced by another
         negated = bool(_NEGATION.search(fact)) != bool(_NEGATION.search(sentence))
-        replaced = bool(words - said) and bool(said - card_words)  # a fact word gone, a word foreign to the card in
+        replaced = _substituted(fact, sentence, card_words)
         if swapped or negated or replaced:
             return "contradicted"
         return "restated" if len(words & said) / len(words) >= self.restate and keys <= said_keys else None

@@ -18,8 +18,8 @@ from speechrl.rewards.judge_cache import JudgeCache, cache_key
 from speechrl.rewards.judge_endpoint import OpenAIJudge
 from speechrl.rewards.learned import default_cache_dir
 from speechrl.rewards.trained_judge import PersonaJudgeBuild, read_judge_card, trained_judge_dir
-from speechrl.rewards.persona_prompts import (ANCHORS, DEFAULT_RUBRIC, PAIR_CUE, RATE_CUE, context_text, pair_body,
-                                              rate_body)
+from speechrl.rewards.persona_prompts import (ANCHORS, DEFAULT_RUBRIC, MAX_HISTORY_CHARS, PAIR_CUE, RATE_CUE, SCALE,
+                                              context_text, pair_body, rate_body)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class PersonaJudgeReward:
         api_key_env: Optional[str] = "OPENAI_API_KEY",  # environment variable holding the endpoint's API key
         backend: str = "vllm",  # local model: "vllm" (in-process engine) or "transformers"
         rubric: Optional[str] = None,  # the criteria text, or a path to a .txt file; null: DEFAULT_RUBRIC
-        scale: int = 5,  # ratings 1..scale: 5 or 10
+        scale: int = SCALE,  # ratings 1..scale: 5 or 10
         mode: str = "pointwise",  # "pointwise" (rate each reply) or "pairwise" (mean win rate within a prompt)
         rationale: bool = True,  # generate a short reason for each new rating, and log a few per batch
         max_rationale_tokens: int = 48,
@@ -87,7 +87,7 @@ class PersonaJudgeReward:
         cache_size: int = 50_000,  # answers kept in memory; 0: none
         chat_template: bool = False,  # local model: wrap the prompt in its chat template (instruct judges)
         top_logprobs: int = 20,  # endpoint: top-k logprobs asked for; rating tokens outside them count 0
-        max_history_chars: int = 4000,  # the dialogue so far is cut to its last this many characters
+        max_history_chars: int = MAX_HISTORY_CHARS,  # the dialogue so far is cut to its last this many characters
         max_model_len: int = 4096,  # vLLM: longest prompt + answer, in tokens
         kv_cache_gib: float = 0.25,  # vLLM on CPU: KV-cache size
         threads: int = 0,  # vLLM on CPU: torch threads (0: leave as is; a Ray worker starts with 1)

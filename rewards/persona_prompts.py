@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+SCALE = 5  # ratings 1..SCALE unless a judge is asked otherwise (the trained judge knows only this one)
+MAX_HISTORY_CHARS = 4000  # the dialogue so far is cut to its last this many characters
+
 DEFAULT_RUBRIC = """\
 You are judging a reply in a spoken role-play dialogue. The assistant must speak as the persona \
 described below. A reply in character:

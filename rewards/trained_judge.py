@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from speechrl.data.personagym import personagym_present
+
 JUDGE_CARD = "persona_judge.json"  # written last into the judge's directory: its presence means "built"
-TRAINED_JUDGE_VERSION = 1  # bump when the build or its data change, so cached judges are rebuilt
+TRAINED_JUDGE_VERSION = 2  # bump when the build or its data change, so cached judges are rebuilt
 
 TRAINED_RUBRIC = (
     "Judge whether the assistant's reply stays in character as the persona below. Out of character: it "
@@ -38,6 +41,20 @@ class PersonaJudgeBuild:
     eval_per_kind: int = 24  # held-out judgments per (card source, corruption kind) measured after training
     seed: int = 0
 
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "per_card", "eval_per_kind"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"persona_judge: build.{name}={getattr(self, name)}; give an integer >= 1")
+        if self.made_personas < 0:
+            raise ValueError(f"persona_judge: build.made_personas={self.made_personas}; give an integer >= 0")
+        if not 0.0 < self.heldout < 1.0:
+            raise ValueError(f"persona_judge: build.heldout={self.heldout}; give the held-out fraction, in (0, 1)")
+        if not 1 <= self.train_layers <= 30:
+            raise ValueError(f"persona_judge: build.train_layers={self.train_layers}; SmolLM2-135M has 30 layers: "
+                             "give 1 to 30")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"persona_judge: build.lr={self.lr}; give a positive learning rate")
+
     @classmethod
     def from_kwargs(cls, values: Any) -> "PersonaJudgeBuild":
         """From a recipe's `build:` mapping; an unknown key names the known ones."""
@@ -54,7 +71,10 @@ class PersonaJudgeBuild:
 
 def trained_judge_dir(cache_dir: str | Path, build: PersonaJudgeBuild = PersonaJudgeBuild()) -> Path:
     """Where the trained judge of `build` lives (built or not)."""
-    key = hashlib.sha1(json.dumps([TRAINED_JUDGE_VERSION, asdict(build)], sort_keys=True).encode()).hexdigest()[:10]
+    keyed: list[Any] = [TRAINED_JUDGE_VERSION, asdict(build)]
+    if build.personagym and not personagym_present():  # built without PersonaGym's cards: another judge
+        keyed.append("no personagym data")
+    key = hashlib.sha1(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:10]
     return Path(cache_dir).expanduser() / "judges" / f"persona-smollm2-{key}"
 
 

@@ -271,7 +271,7 @@ class RealtimeConfig:
     drift_dialogues_per_persona: int = 2  # builtin: generated held-out dialogues per persona, for drift evaluation
     drift_turns: int = 6  # user turns of each drift dialogue, played greedily
     drift_judge: str = "persona_judge"  # the reward (its key in `rewards`) whose score drift evaluation reads
-    drift_check: Optional[str] = "persona_consistency"  # a reward read by turn beside the judge: an independent check that shows judge hacking; null: none
+    drift_check: Optional[str] = None  # a reward read by turn beside the judge: an independent check that shows judge hacking (recipes/realtime: persona_consistency); null: none
     ooc_threshold: float = 0.5  # drift: a turn whose judge score is below this is out of character (on the judge's scale)
     max_text_tokens: int = 48  # reply layout: text tokens before the audio must start; 0 = the audio starts at once
     user_rate: int = 175  # user turns are spoken by espeak-ng at this rate (words per minute, 80-450), then cut to the backbone's window

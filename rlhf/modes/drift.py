@@ -49,9 +49,10 @@ class DriftEvaluation:
         r = self.cfg.realtime
         requests, samples = run_episodes(self.task, self.dialogues, self.speech, r.drift_turns, generate, n=1)
         result = score(samples, requests)
-        if r.drift_judge not in result.rewards:
-            raise KeyError(f"drift evaluation: no reward {r.drift_judge!r} among {sorted(result.rewards)} "
-                           "(realtime.drift_judge)")
+        for field, name in (("drift_judge", r.drift_judge), ("drift_check", r.drift_check)):
+            if name is not None and name not in result.rewards:
+                raise KeyError(f"drift evaluation: no reward {name!r} among {sorted(result.rewards)} "
+                               f"(realtime.{field})")
         judge = np.asarray(result.rewards[r.drift_judge], dtype=float)
         turns = [int(s.metadata["turn"]) for s in samples]
         curves = drift_curves(turns, judge, r.ooc_threshold)

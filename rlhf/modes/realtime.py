@@ -153,10 +153,11 @@ class RealtimeMode(Mode):
                             generate, n=self.cfg.rollout.sampling.n)
 
     def reward_columns(self, samples, requests) -> dict:
-        """The reply's codec ids (decoded into `audio` reward-side) and its text part (`reply_text`), which
-        a listening reward compares with what the audio says."""
+        """The reply's codec ids (decoded into `audio` reward-side) and its text part (`reply_text`, None
+        where it has none: a listening reward leaves that reply unscored), which a listening reward
+        compares with what the audio says."""
         parsed = [self.task.parse(s.completion_ids) for s in samples]
-        return {"codec_ids": [p.codec_ids for p in parsed], "reply_text": [p.text for p in parsed]}
+        return {"codec_ids": [p.codec_ids for p in parsed], "reply_text": [p.text or None for p in parsed]}
 
     def rollout_row(self, sample) -> dict:
         return {"codec_ids": [int(c) for c in self.task.codec_ids(sample.completion_ids)], "completion": sample.text}

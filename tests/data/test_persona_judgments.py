@@ -7,8 +7,9 @@ import pytest
 
 from speechrl.data.builtin_personas import PROBES, builtin_personas
 from speechrl.data.persona_factory import made_personas
-from speechrl.data.persona_judgments import (KINDS, LEADS, OUT_OF_CHARACTER, TAILS, clause_first_person, contradict,
-                                             judge_statements, judgment_items, split_cards, to_first_person)
+from speechrl.data.persona_judgments import (BROKEN, KEPT, KINDS, LEADS, OUT_OF_CHARACTER, TAILS, _phrases,
+                                             clause_first_person, contradict, judge_statements, judgment_items,
+                                             split_cards, to_first_person)
 from speechrl.data.personas import parse_rendered, read_personas, render, write_personas
 
 
@@ -75,7 +76,42 @@ def test_items_of_every_kind_share_their_small_talk_and_differ_in_the_reply(card
     own = {c.id: {f["first"] for f in judge_statements(c, PROBES.get(c.id))["facts"]} for c in cards}
     for item in others:  # the bad reply claims a statement of another card, none of its own
         claimed = {s for cid, ss in own.items() if cid != item.persona.id for s in ss if s in item.bad}
-        assert claimed and not any(s in item.bad and s not in item.good for s in own[item.persona.id])
+        assert claimed - own[item.persona.id] and not any(s in item.bad and s not in item.good
+                                                          for s in own[item.persona.id])
+
+
+def test_made_cards_that_share_a_statement_never_give_it_as_another_personas():
+    """Made-up cards draw from small pools, so two often share a statement ("I think pineapple on pizza
+    is great."): said by one, it is no other persona's claim for the other."""
+    cards = made_personas(60)
+    own = {c.id: {f["first"] for f in judge_statements(c)["facts"]} for c in cards}
+    shared = {s for a in cards for b in cards if a.id < b.id for s in own[a.id] & own[b.id]}
+    assert shared  # the case arises
+    items = [i for i in judgment_items(cards, per_card=4, seed=0) if i.kind == "other_persona"]
+    assert items and not any(s in i.bad and s not in i.good for i in items for s in own[i.persona.id])
+
+
+def test_contradicted_names_are_names_never_pronouns():
+    """Names swapped into a contradiction come from the cards' names (not "She" or a sentence's first
+    word), so a contradiction reads like a real claim."""
+    items = [i for i in judgment_items(builtin_personas(), per_card=8, seed=0, probes=PROBES)
+             if i.kind == "contradiction"]
+    new_words = [set(i.bad.replace(".", " ").split()) - set(i.good.replace(".", " ").split()) for i in items]
+    assert items and not any(words & {"She", "He", "Her", "His", "They", "The"} for words in new_words)
+
+
+def test_held_out_judgments_use_phrasings_training_never_saw():
+    cards = made_personas(24)
+    for pool in (OUT_OF_CHARACTER, KEPT, BROKEN):
+        train, heldout = _phrases(pool, "train"), _phrases(pool, "heldout")
+        assert train and heldout and not set(train) & set(heldout) and set(train) | set(heldout) == set(pool)
+    said = lambda items, pool: {x for i in items for x in pool if x in i.good or x in i.bad}  # noqa: E731
+    for phrases in ("train", "heldout"):
+        items = judgment_items(cards, per_card=3, seed=0, phrases=phrases)
+        for pool in (OUT_OF_CHARACTER, KEPT, BROKEN):
+            assert said(items, pool) and said(items, pool) <= set(_phrases(pool, phrases))
+    with pytest.raises(ValueError, match="phrases='test'"):
+        judgment_items(cards, phrases="test")
 
 
 def test_personagym_cards_give_the_kinds_their_cards_allow():

@@ -254,6 +254,8 @@ def test_driver_scores_realtime_turns_with_context_columns(cfg, task, script):
     assert batch["mode"] == "realtime" and batch["codec_ids"][0] == [0, 1, 2, 3]
     assert batch["completions"] == ["reply 10", "reply 20"] and batch["history"][0] == []
     assert batch["reply_text"] == batch["completions"]  # the text part, beside its audio: what reply_heard compares
+    silent = Sample(0, 0, [1], task.reply_ids("", [0, 1]), [0.0] * 3, "", "stop", dict(samples[0].metadata))
+    assert recipe.mode.reward_columns([silent], None)["reply_text"] == [None]  # no text part: nothing to compare
     assert result.valid.all()
     np.testing.assert_allclose(result.components["reply_length/seconds"], [4 / task.codec.frame_rate] * 2)
     assert (result.components["latency/reward"] < 0).all()  # more than 2 text tokens before the audio

@@ -107,6 +107,14 @@ def test_a_build_cut_off_while_measuring_resumes_at_the_measurement(tiny, tmp_pa
     assert set(card["heldout"]) == {"made", "builtin"} and card["heldout"]["made"]["judgments"]["all"] == 5
 
 
+@pytest.mark.parametrize("bad,match", [({"train_layers": 31}, "build.train_layers=31.*1 to 30"),
+                                       ({"batch_size": 0}, "build.batch_size=0"), ({"heldout": 1.0}, "build.heldout=1.0"),
+                                       ({"lr": float("nan")}, "build.lr=nan"), ({"made_personas": -1}, "made_personas=-1")])
+def test_build_settings_out_of_range_are_named(bad, match):
+    with pytest.raises(ValueError, match=match):
+        PersonaJudgeBuild.from_kwargs(bad)
+
+
 def test_heldout_table_reads_a_judge_card():
     scores = {"made": {"pairwise": {"contradiction": 0.9, "all": 0.95}, "pointwise": {"contradiction": 0.8, "all": 0.9},
                        "judgments": {"contradiction": 10, "all": 20}}}
