@@ -17,7 +17,7 @@ SR = 16000
 
 
 def test_trained_judge_hears_the_right_sentence(tmp_path):
-    """A judge trained briefly (200 steps on 300 clips) hears: paired with every sentence, a clip's
+    """A judge trained briefly (100 steps on 300 clips) hears: paired with every sentence, a clip's
     own sentence scores far above the others on average, clean and after the codec round trip
     (the policy's audio), where an untrained judge scores every pair alike (-1).
 
@@ -29,7 +29,7 @@ def test_trained_judge_hears_the_right_sentence(tmp_path):
     from speechrl.rewards.asr_judge import _codec
 
     build = JudgeBuild(corpus=SyntheticCorpusConfig(num_utterances=300, heldout_fraction=0.1, voices=["en-us"],
-                                                    rates=[175], pitches=[50]), steps=200, lr=3e-3)
+                                                    rates=[175], pitches=[50]), steps=100, lr=3e-3)
     path = ensure_embedded_judge(tmp_path, build)
     assert json.loads((path / SCORES).read_text())["clean"]["cer"] < 0.9  # untrained: above 1
     codec = _codec(tmp_path, build)  # the judge's own codec
@@ -43,7 +43,8 @@ def test_trained_judge_hears_the_right_sentence(tmp_path):
     scores = np.array(out["reward"]).reshape(n, len(texts))
     mask = np.zeros_like(scores, dtype=bool)
     mask[np.arange(n), np.arange(n) % len(texts)] = True
-    # own minus others in two builds: clean 0.28 and 0.34, round-tripped 0.29 and 0.16
+    # own minus others: after 200 steps, in two builds, clean 0.28 and 0.34, round-tripped 0.29 and 0.16;
+    # after 100 steps (held-out CER 0.64), clean 0.36, round-tripped 0.30 (125 s in all)
     margin = lambda rows: scores[rows][mask[rows]].mean() - scores[rows][~mask[rows]].mean()  # noqa: E731
     clean_rows, coded_rows = slice(0, len(texts)), slice(len(texts), n)
     assert margin(clean_rows) > 0.15, scores
