@@ -6,7 +6,6 @@ them exactly, a server's top-k may miss some, which are then absent) and `genera
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from speechrl.rewards.judge_cache import cache_key
+from speechrl.rlhf.core.build_once import build_once
 
 log = logging.getLogger(__name__)
 
@@ -174,16 +174,14 @@ def ensure_tiny_judge(cache_dir: str | Path = "~/.cache/speechrl") -> Path:
     letters are tokens of their own), written once to `<cache_dir>/judges/persona-tiny-v<N>` and
     reused. It loads in vLLM (head_dim 64, as CPU attention needs) and in transformers. It has
     learned nothing: its ratings are noise, good for exercising code paths only."""
-    judges = Path(cache_dir).expanduser() / "judges"
-    judges.mkdir(parents=True, exist_ok=True)
-    path = judges / f"persona-tiny-v{TINY_JUDGE_VERSION}"
-    with open(judges / "build.lock", "w") as lock:  # reward workers starting together build it once
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (path / "model.safetensors").is_file():
-            tmp = path.with_name(path.name + ".partial")
-            _build_tiny_judge(tmp)
-            tmp.rename(path)  # atomic: a killed build never leaves a half-written judge behind
-    return path
+    path = Path(cache_dir).expanduser() / "judges" / f"persona-tiny-v{TINY_JUDGE_VERSION}"
+
+    def build() -> None:  # reward workers starting together build it once
+        tmp = path.with_name(path.name + ".partial")
+        _build_tiny_judge(tmp)
+        tmp.rename(path)  # atomic: a killed build never leaves a half-written judge behind
+
+    return build_once(path, lambda p: (p / "model.safetensors").is_file(), build)
 
 
 def _build_tiny_judge(out: Path) -> None:

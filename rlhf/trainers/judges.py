@@ -4,7 +4,6 @@ persona judge's tiny LM. A trainer builds them
 before its reward workers start, on every core (a one-thread reward actor took ~20 min)."""
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import tempfile
@@ -14,6 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
+from speechrl.rlhf.core.build_once import build_once
 from speechrl.rlhf.core.fingerprint import fingerprint
 from speechrl.rewards.asr_judge import (SCORES, JudgeBuild, _codec, _sha1, judge_dir, round_trip_corpus)
 from speechrl.rewards.speech import JUDGE_RATE
@@ -59,14 +59,9 @@ def ensure_embedded_judge(cache_dir: str | Path = "~/.cache/speechrl", build: Ju
     builds (and fits the codec if need be), the others then find its judge. A build killed
     outright leaves a `.partial-*` directory that nothing reads.
     """
-    judges = Path(cache_dir).expanduser() / "judges"
-    judges.mkdir(parents=True, exist_ok=True)
-    with open(judges / "build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        path = judge_dir(cache_dir, build)
-        if not (path / SCORES).is_file():
-            _build_judge(Path(cache_dir).expanduser(), build, path)
-    return path
+    path = judge_dir(cache_dir, build)
+    return build_once(path, lambda p: (p / SCORES).is_file(),
+                      lambda: _build_judge(Path(cache_dir).expanduser(), build, path))
 
 
 def _build_judge(cache_dir: Path, build: JudgeBuild, path: Path) -> None:

@@ -11,7 +11,6 @@ known position, and SFTTrainer would compute the 49k-way head on every position 
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from speechrl.data.builtin_personas import PROBES, builtin_personas
+from speechrl.rlhf.core.build_once import build_once
 from speechrl.rlhf.core.seeding import thread_count
 from speechrl.data.persona_factory import made_personas
 from speechrl.data.persona_judgments import KINDS, JudgmentItem, judgment_items, split_cards
@@ -44,12 +44,8 @@ def ensure_persona_judge(cache_dir: str | Path = "~/.cache/speechrl", build: Per
     """The trained judge's directory, built on first use (one lock per cache, like the other judges).
     `eval_backend` runs the held-out measurement ("transformers" keeps vLLM out of the process)."""
     path = trained_judge_dir(cache_dir, build)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / "build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if read_judge_card(path) is None:
-            build_persona_judge(Path(cache_dir).expanduser(), build, path, eval_backend)
-    return path
+    return build_once(path, lambda p: read_judge_card(p) is not None,
+                      lambda: build_persona_judge(Path(cache_dir).expanduser(), build, path, eval_backend))
 
 
 def judgment_sets(build: PersonaJudgeBuild) -> tuple[list[JudgmentItem], dict[str, list[JudgmentItem]]]:
