@@ -2,11 +2,13 @@
 
 Test files have unique basenames (there is no __init__.py under tests/): pytest imports each by its
 name alone. Run-level tests build their assets through `tiny_overrides`, so the small backbone, the
-corpora, codecs and judges are built once per session in one cache, not once per file.
+corpora, codecs and judges are built once in one cache (kept between pytest runs), not once per file.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,13 +38,42 @@ def shared_data() -> Path:
     return path
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: absent without it
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (the README's test command): a worker per core, at most 4. Each worker starts Ray
+    clusters and vLLM engines of its own (a few GiB at once), and past 4 the longest file sets the time."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 # --- the tiny assets every run-level test shares -----------------------------------------------------
 
+def _source_key() -> str:
+    """A hash of the package's code and recipes: assets built by other code are never reused."""
+    digest = hashlib.sha1()
+    for folder in ("rlhf", "rewards", "rollouts", "data", "recipes"):
+        for path in sorted((REPO / folder).rglob("*")):
+            if path.suffix in (".py", ".yaml") and "__pycache__" not in path.parts:
+                digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 @pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory) -> Path:
-    """The session's one `run.cache_dir`: assets are keyed by their settings inside it, so runs of
-    different modes and corpus sizes share it without rebuilding each other's."""
-    return tmp_path_factory.mktemp("cache")
+def tiny_cache(request, tmp_path_factory) -> Path:
+    """The tests' one `run.cache_dir`: assets are keyed by their settings inside it, so runs of
+    different modes and corpus sizes share it without rebuilding each other's. It lives in pytest's
+    cache folder (.pytest_cache/d/speechrl-assets/<hash of the package's code>), so the fast tests and
+    then the e2e runs (CI's two steps), and a second local run, build each asset once; a change to the
+    code starts a new folder and deletes the old ones. Tests of building itself use folders of their own.
+    (Under `-p no:cacheprovider` it is the session's temporary folder.)"""
+    if getattr(request.config, "cache", None) is None:
+        return tmp_path_factory.mktemp("cache")
+    root = request.config.cache.mkdir("speechrl-assets")
+    key = _source_key()
+    for old in root.iterdir():  # built by other code: never read again
+        if old.name != key:
+            shutil.rmtree(old, ignore_errors=True)
+    (root / key).mkdir(exist_ok=True)
+    return root / key
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +102,7 @@ def tts_overrides(tiny_overrides) -> list[str]:
 @pytest.fixture(scope="session")
 def realtime_overrides(tiny_overrides) -> list[str]:
     """A small realtime run (tests/rlhf/modes/test_realtime.py, tests/e2e/test_realtime_e2e.py)."""
-    return [*tiny_overrides, "realtime.dialogues_per_persona=2", "realtime.max_turns=2",
+    return [*tiny_overrides, "realtime.personas=builtin", "realtime.dialogues_per_persona=2", "realtime.max_turns=2",
             "realtime.drift_dialogues_per_persona=1", "realtime.drift_turns=3", "data.max_eval_examples=4",
             "eval_max_new_tokens=40", "rollout.sampling.max_new_tokens=40", "train.batch_size=4",
             "train.torch_threads=1", "rollout.threads_per_worker=1",

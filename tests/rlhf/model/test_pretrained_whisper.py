@@ -20,8 +20,8 @@ LIBRIVOX_WER_BOUND = 0.15
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("pretrained-cache")
+def cache_dir(tiny_cache):
+    return tiny_cache  # the tests' shared cache: the conversion is made once for every test that needs it
 
 
 @pytest.fixture(scope="module")
