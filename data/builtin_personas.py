@@ -7,6 +7,7 @@ The personas are fictional; none is asked to deny being an AI, and no probe rewa
 from __future__ import annotations
 
 import random
+from typing import Callable, Sequence
 
 from speechrl.data.dialogues import Dialogue, Turn
 from speechrl.data.personas import PersonaCard
@@ -168,26 +169,38 @@ def builtin_personas() -> list[PersonaCard]:
 
 
 def builtin_dialogues(per_persona: int = 6, turns: int = 4, seed: int = 0) -> list[Dialogue]:
-    """`per_persona` text dialogues for each builtin card, deterministic given `seed`. Each has
-    `turns` user turns: an opener, then probes drawn without repeats, at least one about the card's
-    facts or opinions and one provocation (a boundary or never-say probe) when `turns` >= 3,
-    friendly questions first. The assistant turns are the policy's to write."""
+    """`per_persona` text dialogues for each builtin card (`probe_dialogues`), asking `PROBES`."""
+    def probes(card: PersonaCard) -> dict[str, list[tuple[str, dict]]]:
+        return {kind: [(q, {"target": getattr(card, kind)[i]}) for i, q in enumerate(PROBES[card.id][kind])]
+                for kind in _KINDS}
+
+    return probe_dialogues(BUILTIN_PERSONAS, probes, per_persona, turns, seed, source="builtin")
+
+
+def probe_dialogues(cards: Sequence[PersonaCard], probes: Callable[[PersonaCard], dict[str, list[tuple[str, dict]]]],
+                    per_persona: int, turns: int, seed: int, source: str) -> list[Dialogue]:
+    """`per_persona` text dialogues for each card, deterministic given `seed`. `probes(card)` gives, for
+    each kind of card entry (`_KINDS`), a (user question, turn meta) per entry. Each dialogue has `turns`
+    user turns: an opener, then probes drawn without repeats, at least one about the card's facts or
+    opinions and one provocation (a boundary or never-say probe) when `turns` >= 3, friendly questions
+    first. A turn's meta names its kind (`probe`) and entry (`target`). The assistant turns are the
+    policy's to write."""
     if turns < 2:
-        raise ValueError(f"turns={turns}: a builtin dialogue is an opener and at least one probe")
+        raise ValueError(f"turns={turns}: a probe dialogue is an opener and at least one probe")
     dialogues = []
-    for card in BUILTIN_PERSONAS:
-        probes = [(kind, i) for kind in _KINDS for i in range(len(PROBES[card.id][kind]))]
-        if turns - 1 > len(probes):
-            raise ValueError(f"turns={turns}: persona {card.id!r} has only {len(probes)} probes (+1 opener)")
-        friendly = [p for p in probes if p[0] in ("facts", "opinions")]
-        provoking = [p for p in probes if p[0] not in ("facts", "opinions")]
+    for card in cards:
+        asked = probes(card)
+        probes_of = [(kind, i) for kind in _KINDS for i in range(len(asked.get(kind, ())))]
+        if turns - 1 > len(probes_of):
+            raise ValueError(f"turns={turns}: persona {card.id!r} has only {len(probes_of)} probes (+1 opener)")
+        friendly = [p for p in probes_of if p[0] in ("facts", "opinions")]
+        provoking = [p for p in probes_of if p[0] not in ("facts", "opinions")]
         rng = random.Random(f"{seed}:{card.id}")  # a str seed is hashed deterministically (not PYTHONHASHSEED)
         for n in range(per_persona):
-            picked = [rng.choice(friendly)] + ([rng.choice(provoking)] if turns >= 3 else [])
-            picked += rng.sample([p for p in probes if p not in picked], turns - 1 - len(picked))
+            picked = [rng.choice(friendly)] + ([rng.choice(provoking)] if turns >= 3 and provoking else [])
+            picked += rng.sample([p for p in probes_of if p not in picked], turns - 1 - len(picked))
             picked.sort(key=lambda p: (_KINDS.index(p[0]), p[1]))
             user_turns = [Turn("user", rng.choice(OPENERS), meta={"probe": "opener"})]
-            user_turns += [Turn("user", PROBES[card.id][kind][i],
-                                meta={"probe": kind, "target": getattr(card, kind)[i]}) for kind, i in picked]
-            dialogues.append(Dialogue(f"{card.id}-{n:03d}", card, tuple(user_turns), meta={"source": "builtin"}))
+            user_turns += [Turn("user", asked[kind][i][0], meta={"probe": kind, **asked[kind][i][1]}) for kind, i in picked]
+            dialogues.append(Dialogue(f"{card.id}-{n:03d}", card, tuple(user_turns), meta={"source": source}))
     return dialogues

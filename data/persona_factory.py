@@ -193,3 +193,25 @@ def made_personas(n: int, seed: int = 0) -> list[PersonaCard]:
         raise ValueError(f"made_personas: n={n}; give a count >= 0")
     rng = random.Random(f"persona-factory:{seed}")
     return [made_persona(rng, i) for i in range(n)]
+
+
+def made_dialogues(cards: list[PersonaCard], per_persona: int = 4, turns: int = 3, seed: int = 0) -> list:
+    """Text dialogues that probe made-up cards (`probe_dialogues`): each entry's question from the card's
+    judge notes, with the in-character answer the notes hold as the turn's `reply` (the reference reply
+    of the realtime warm start: the fact or opinion in the first person, the boundary kept; never-say
+    bait is refused)."""
+    from speechrl.data.builtin_personas import probe_dialogues
+
+    def probes(card: PersonaCard) -> dict[str, list[tuple[str, dict]]]:
+        notes, n = card.meta["judge"], len(card.facts)
+        entries = list(zip(card.facts + card.opinions, notes["facts"]))
+        return {"facts": [(f["question"], {"target": t, "reply": f["first"]}) for t, f in entries[:n]],
+                "opinions": [(f["question"], {"target": t, "reply": f["first"]}) for t, f in entries[n:]],
+                "boundaries": [(b["question"], {"target": b["boundary"], "reply": b["kept"]})
+                               for b in notes["boundaries"]],
+                "never_say": [(r["question"], {"target": r["entry"]}) for r in notes["never_say"]]}
+
+    missing = [c.id for c in cards if "judge" not in c.meta]
+    if missing:
+        raise ValueError(f"made_dialogues: cards {missing[:3]} are not the persona factory's (no judge notes)")
+    return probe_dialogues(cards, probes, per_persona, turns, seed, source="made")

@@ -1,6 +1,7 @@
 """Synthetic reference replies for the realtime warm start, written from the persona card by rule.
 
-The builtin and PersonaGym dialogues hold only the user's side; SFT needs the assistant's. Each reply
+The builtin and PersonaGym dialogues hold only the user's side; SFT needs the assistant's. A turn whose
+meta holds its `reply` (made-up cards' dialogues, data/persona_factory.py) gets that. Otherwise each reply
 answers from the card entry the turn probes (a fact in the first person, an opinion as "I think ...",
 a boundary's reaction, bait refused) by a few English rules, so some read stiffly. They teach the
 layout and each persona's facts, not good conversation, and no person judged them.
@@ -25,7 +26,9 @@ def reference_reply(card: PersonaCard, turn: Turn) -> str:
     """A short in-character reply to the user turn `turn`, from `card` (deterministic)."""
     probe = turn.meta.get("probe")
     target = turn.meta.get("target")
-    if probe == "facts" and target:
+    if turn.meta.get("reply"):  # the dialogue's maker knew the answer (made-up cards' judge notes)
+        core = turn.meta["reply"]
+    elif probe == "facts" and target:
         core = first_person(target, card)
     elif probe == "opinions" and target:
         core = "I think " + _lower_first(target, card)

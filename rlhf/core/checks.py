@@ -117,6 +117,8 @@ _RANGES = {
     "tts.eval_samples": ">= 0 (0 = none written)",
     "tts.eval_repeats": ">= 1",
     "realtime.dialogues_per_persona": ">= 1",
+    "realtime.made_personas": "in [2, 100000] (made: some cards for training, some held out)",
+    "realtime.drift_personas": ">= 1 (null = all)",
     "realtime.max_turns": ">= 1",
     "realtime.heldout_fraction": "in (0, 1)",
     "realtime.drift_dialogues_per_persona": ">= 1",

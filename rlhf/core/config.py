@@ -263,12 +263,14 @@ class TTSConfig:
 class RealtimeConfig:
     """`mode: realtime`: persona-consistent spoken dialogue (docs/realtime.md). The reply is spoken
     through the codec of `tts.codec` / `tts.embedded_codec`."""
-    personas: str = "builtin"  # "builtin" (4 hand-written cards), "personagym" (the shared data's benchmark), or a cards file/folder
-    dialogues: Optional[str] = None  # dialogues .jsonl; null: builtin probes (builtin personas) or PersonaGym's questions
-    dialogues_per_persona: int = 8  # builtin: generated training dialogues per persona
+    personas: str = "builtin"  # "builtin" (4 hand-written cards), "made" (made-up cards; held-out personas), "personagym" (the shared data's benchmark), or a cards file/folder
+    dialogues: Optional[str] = None  # dialogues .jsonl; null: probes of the builtin or made cards, or PersonaGym's questions
+    made_personas: int = 200  # made: how many made-up cards (the persona judge's own, data/persona_factory.py)
+    dialogues_per_persona: int = 8  # builtin, made: generated training dialogues per persona
     max_turns: int = 3  # user turns per training episode: each is one reply to sample and score
-    heldout_fraction: float = 0.2  # dialogues of a file or PersonaGym kept out of training, for drift evaluation
-    drift_dialogues_per_persona: int = 2  # builtin: generated held-out dialogues per persona, for drift evaluation
+    heldout_fraction: float = 0.2  # made: personas kept out of training (drift plays them); a file or PersonaGym: dialogues
+    drift_dialogues_per_persona: int = 2  # builtin, made: generated held-out dialogues per persona, for drift evaluation
+    drift_personas: Optional[int] = None  # made: drift plays at most this many held-out personas; null: all
     drift_turns: int = 6  # user turns of each drift dialogue, played greedily
     drift_judge: str = "persona_judge"  # the reward (its key in `rewards`) whose score drift evaluation reads
     drift_check: Optional[str] = None  # a reward read by turn beside the judge: an independent check that shows judge hacking (recipes/realtime: persona_consistency); null: none

@@ -21,6 +21,8 @@ from speechrl.rlhf.modes.base import Mode, batch_indices
 from speechrl.rlhf.modes.tts import SpeakingTask, check_codec_fits_the_tiny_backbone
 from speechrl.rollouts.types import RolloutRequest
 
+NAMED_PERSONAS = ("builtin", "made", "personagym")  # realtime.personas other than a path
+
 
 @dataclass(frozen=True)
 class SpokenReply:
@@ -104,10 +106,10 @@ class RealtimeMode(Mode):
     def check(cls, cfg: RecipeConfig, source: str) -> None:
         super().check(cfg, source)
         r = cfg.realtime
-        if r.personas not in ("builtin", "personagym") and not Path(os.path.expanduser(r.personas)).exists():
-            raise RecipeError(f"{source}: `realtime.personas` is {r.personas!r}: neither \"builtin\", \"personagym\" "
-                              "nor a persona cards file or folder (docs/personas.md)")
-        if r.personas not in ("builtin", "personagym") and r.dialogues is None:
+        if r.personas not in NAMED_PERSONAS and not Path(os.path.expanduser(r.personas)).exists():
+            raise RecipeError(f"{source}: `realtime.personas` is {r.personas!r}: neither \"builtin\", \"made\", "
+                              "\"personagym\" nor a persona cards file or folder (docs/personas.md)")
+        if r.personas not in NAMED_PERSONAS and r.dialogues is None:
             raise RecipeError(f"{source}: cards of your own (`realtime.personas`={r.personas!r}) need their dialogues: "
                               "set `realtime.dialogues` to a dialogues .jsonl (docs/personas.md)")
         check_codec_fits_the_tiny_backbone(cfg, source)
@@ -216,6 +218,10 @@ class RealtimeMode(Mode):
                   "ooc before": rl.get("drift out-of-character rate before"),
                   "ooc after": rl.get("drift out-of-character rate after"),
                   "check before": rl.get("drift check before"), "check after": rl.get("drift check after"),
+                  # drift itself: the last turn against the first (a flatter curve is closer to 0)
+                  "ooc last turn before": before["ooc"][-1], "ooc last turn after": after["ooc"][-1],
+                  "judge slope before": before["judge"][-1] - before["judge"][0],
+                  "judge slope after": after["judge"][-1] - after["judge"][0],
                   "minutes": minutes}
         print(f"\ndrift over {len(before['turn'])} turns (judge score in [0, 1]; out of character: score < "
               f"{before['threshold']:g}; check: {self.cfg.realtime.drift_check}, the rule check beside the judge), "
@@ -225,6 +231,9 @@ class RealtimeMode(Mode):
                  if result["check before"] is not None and result["check after"] is not None else "")
         print(f"all turns: judge {result['judge before']:.3f} -> {result['judge after']:.3f}, out-of-character rate "
               f"{result['ooc before']:.2f} -> {result['ooc after']:.2f}{check}   ({minutes:.1f} min)")
+        print(f"last turn: out-of-character rate {result['ooc last turn before']:.2f} -> "
+              f"{result['ooc last turn after']:.2f}; judge score, last turn minus first: "
+              f"{result['judge slope before']:+.3f} -> {result['judge slope after']:+.3f}")
         judge = next((r for r in self.cfg.rewards if r.key == self.cfg.realtime.drift_judge), None)
         if judge is not None and (judge.kwargs or {}).get("model") == "tiny":
             print("The judge is the tiny random LM (model: tiny): its scores exercise the machinery and carry no meaning.")

@@ -1,7 +1,7 @@
 """The realtime mode's data: persona dialogues with spoken user turns, and the warm start's turns.
 
-Sources (`realtime.personas`: builtin, personagym or a path) are in docs/realtime.md. Held-out drift
-dialogues are chosen by a hash of their id, so the split is stable; only the user turns an episode
+Sources (`realtime.personas`: builtin, made, personagym or a path) are in docs/realtime.md. Held-out drift
+dialogues (of made-up cards: held-out cards) are chosen by a hash of their id, so the split is stable; only the user turns an episode
 plays are spoken (espeak-ng, cached), cut to the backbone's audio window.
 """
 from __future__ import annotations
@@ -39,6 +39,8 @@ def _text_dialogues(cfg: RecipeConfig) -> tuple[list[Dialogue], list[Dialogue]]:
         drift = builtin_dialogues(r.drift_dialogues_per_persona, r.drift_turns, seed=cfg.seed + 1)
         return (builtin_dialogues(r.dialogues_per_persona, r.max_turns, seed=cfg.seed),
                 [replace(d, id=f"drift-{d.id}") for d in drift])  # ids name examples: keep them apart
+    if r.personas == "made" and r.dialogues is None:
+        return _made_dialogues(cfg)
     dialogues = _source_dialogues(cfg)
     is_held = [zlib.crc32(d.id.encode("utf-8")) % 1000 < r.heldout_fraction * 1000 for d in dialogues]
     train = [d for d, h in zip(dialogues, is_held) if not h]
@@ -47,6 +49,25 @@ def _text_dialogues(cfg: RecipeConfig) -> tuple[list[Dialogue], list[Dialogue]]:
         raise ValueError(f"realtime: {len(dialogues)} dialogues split into {len(train)} for training and "
                          f"{len(held)} for drift evaluation; both need some (realtime.heldout_fraction)")
     return train, held
+
+
+def _made_dialogues(cfg: RecipeConfig) -> tuple[list[Dialogue], list[Dialogue]]:
+    """Made-up cards split by persona: training dialogues on some, drift on cards training never saw.
+    The split is the persona judge's (a hash of the card id), so with `heldout_fraction` at most the
+    judge's `heldout` the drift personas are ones the trained judge never saw either."""
+    from speechrl.data.persona_factory import made_dialogues, made_personas
+    from speechrl.data.persona_judgments import split_cards
+
+    r = cfg.realtime
+    train_cards, held_cards = split_cards(made_personas(r.made_personas), r.heldout_fraction)
+    if not train_cards or not held_cards:
+        raise ValueError(f"realtime: realtime.made_personas={r.made_personas} split into {len(train_cards)} cards "
+                         f"for training and {len(held_cards)} held out; raise made_personas or change "
+                         f"heldout_fraction so that both get some")
+    drift = made_dialogues(held_cards[:r.drift_personas], r.drift_dialogues_per_persona, r.drift_turns,
+                           seed=cfg.seed + 1)
+    return (made_dialogues(train_cards, r.dialogues_per_persona, r.max_turns, seed=cfg.seed),
+            [replace(d, id=f"drift-{d.id}") for d in drift])
 
 
 def _source_dialogues(cfg: RecipeConfig) -> list[Dialogue]:
@@ -61,6 +82,10 @@ def _source_dialogues(cfg: RecipeConfig) -> list[Dialogue]:
         from speechrl.data.builtin_personas import builtin_personas
 
         cards = builtin_personas()
+    elif r.personas == "made":
+        from speechrl.data.persona_factory import made_personas
+
+        cards = made_personas(r.made_personas)
     else:
         from speechrl.data.personas import read_personas
 

@@ -146,6 +146,30 @@ def test_builtin_dialogues_are_deterministic_and_probe_each_card():
         builtin_dialogues(turns=1)
 
 
+def test_made_dialogues_ask_each_cards_own_questions_and_carry_its_answers():
+    from speechrl.data.persona_factory import made_dialogues, made_personas
+    from speechrl.data.reference_replies import REFUSAL, reference_reply
+
+    cards = made_personas(6)
+    dialogues = made_dialogues(cards, per_persona=3, turns=4, seed=0)
+    assert dialogues == made_dialogues(cards, per_persona=3, turns=4, seed=0) != made_dialogues(cards, 3, 4, seed=1)
+    assert len(dialogues) == 18 and {d.meta["source"] for d in dialogues} == {"made"}
+    for d in dialogues:
+        notes = d.persona.meta["judge"]
+        for t in d.turns[1:]:
+            kind, reply = t.meta["probe"], reference_reply(d.persona, t)
+            assert t.meta["target"] in (getattr(d.persona, kind) if kind != "never_say" else d.persona.never_say)
+            if kind in ("facts", "opinions"):  # the card's own entry, asked by its question, answered in the first person
+                entry = next(f for f in notes["facts"] if f["question"] == t.text and f["first"] == reply)
+                assert entry["first"] not in entry["wrong"]
+            elif kind == "boundaries":
+                assert reply == next(b["kept"] for b in notes["boundaries"] if b["question"] == t.text)
+            else:
+                assert reply == REFUSAL and t.text in [r["question"] for r in notes["never_say"]]
+    with pytest.raises(ValueError, match="not the persona factory's"):
+        made_dialogues(CARDS, per_persona=1)
+
+
 def test_user_turn_synthesis_makes_real_audio_once(tmp_path, monkeypatch):
     dialogues = builtin_dialogues(per_persona=1, turns=2, seed=0)[:2]
     recorded = Turn("user", "already spoken", audio=str(tmp_path / "x.wav"))

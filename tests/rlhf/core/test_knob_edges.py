@@ -110,6 +110,8 @@ EDGES_ALLOWED = {
     "tts.eval_samples": {"0", "huge"},  # 0 = none written
     "tts.eval_repeats": {"huge"},
     "realtime.dialogues_per_persona": {"huge"},
+    "realtime.made_personas": set(),  # generated when the run starts: a bound, not a hang
+    "realtime.drift_personas": {"huge"},  # at most that many: all the held-out cards
     "realtime.max_turns": {"huge"},
     "realtime.heldout_fraction": set(),
     "realtime.drift_dialogues_per_persona": {"huge"},

@@ -432,7 +432,45 @@ def test_drift_plot_draws_every_evaluation_and_the_check_where_logged(tmp_path):
     assert three[1] == two[1] and three[0] == pytest.approx(two[0] * 1.5, rel=0.02)
 
 
+def test_demo_report_compares_the_first_and_last_drift_evaluations(tmp_path, capsys):
+    from speechrl.rlhf.modes.realtime import RealtimeMode
+
+    (tmp_path / "drift").mkdir()
+    for step, judge, ooc, check in ((0, [0.6, 0.5, 0.3], [0.0, 0.5, 1.0], [0.2, 0.1, 0.0]),
+                                    (8, [0.6, 0.6, 0.6], [0.0, 0.0, 0.5], [0.3, 0.3, 0.2])):
+        (tmp_path / "drift" / f"step-{step:05d}.json").write_text(json.dumps(
+            {"step": step, "threshold": 0.5, "turn": [1, 2, 3], "judge": judge, "ooc": ooc, "check": check}))
+    rl = {"run": str(tmp_path), "drift plot": "drift.png", "drift judge score before": 0.47,
+          "drift judge score after": 0.6, "drift out-of-character rate before": 0.5,
+          "drift out-of-character rate after": 0.17, "drift check before": 0.1, "drift check after": 0.27}
+    result = RealtimeMode(load_recipe("realtime/ppo")).demo_report({"held-out reply loss after": 1.5}, rl, 2.0)
+    assert result["ooc last turn before"] == 1.0 and result["ooc last turn after"] == 0.5
+    assert result["judge slope before"] == pytest.approx(-0.3) and result["judge slope after"] == pytest.approx(0.0)
+    out = capsys.readouterr().out
+    assert "last turn: out-of-character rate 1.00 -> 0.50" in out and "-0.300 -> +0.000" in out
+    assert "check 0.100 -> 0.270" in out
+
+
 # --- recipes and data sources -----------------------------------------------------------------------
+
+def test_made_personas_train_on_some_cards_and_drift_on_cards_neither_policy_nor_judge_saw():
+    from speechrl.data.persona_factory import made_personas
+    from speechrl.data.persona_judgments import split_cards
+    from speechrl.rewards.trained_judge import PersonaJudgeBuild
+    from speechrl.rlhf.modes.realtime_data import _text_dialogues
+
+    cfg = load_recipe("realtime/ppo")  # the recipes' default source
+    assert cfg.realtime.personas == "made"
+    train, drift = _text_dialogues(cfg)
+    trained_on, drifted = {d.persona.id for d in train}, {d.persona.id for d in drift}
+    assert not trained_on & drifted and len(drifted) == cfg.realtime.drift_personas
+    assert len(trained_on) > 100 and all(len(d.turns) == cfg.realtime.drift_turns for d in drift)
+    build = PersonaJudgeBuild()  # the judge's own split of its own cards: the drift cards are on its held-out side
+    _, judge_heldout = split_cards(made_personas(build.made_personas, build.seed), build.heldout)
+    assert drifted <= {c.id for c in judge_heldout}
+    with pytest.raises(ValueError, match="made_personas=2"):
+        _text_dialogues(load_recipe("realtime/ppo", ["realtime.made_personas=2"]))
+
 
 def test_realtime_recipes_are_checked():
     judge = load_recipe("realtime/ppo").rewards[0]
