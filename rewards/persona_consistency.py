@@ -7,6 +7,8 @@ policy learns to please the judge rather than to stay in character. By rule, per
   words are there with all its numbers and names, and *contradicted* when it is clearly about the same
   thing (60 % of its content words) but a number or name differs, one of the two is negated, or a
   fact word is swapped in place for a word the card never uses;
+- a self-introduction ("I'm ...", "my name is ...", "call me ...") restates the card's name where it
+  says the persona's first or last name, and contradicts it where it says another name;
 - a never-say entry is *said* when its content words are all there, not negated;
 - a reply is *hostile* when it insults (idiot, stupid, shut up, ...; not "not a stupid question"): no
   persona's boundary allows that;
@@ -14,7 +16,8 @@ policy learns to please the judge rather than to stay in character. By rule, per
   (unless the card itself says so: a voice assistant may say it is one).
 
 reward = 0 where anything is contradicted, said, hostile or dropped; else 0.5, or 1 where a fact is restated.
-What it cannot see: another persona's facts claimed (it knows only this card), paraphrase, tone.
+What it cannot see: another persona's facts claimed (it knows only this card; a wrong name it does
+see), paraphrase, tone.
 """
 from __future__ import annotations
 
@@ -37,6 +40,11 @@ _HOSTILE = re.compile(r"\b(idiot|moron|stupid|loser|pathetic|shut up|trash|disgu
 _OUT_OF_CHARACTER = re.compile(r"\b(as an ai|an ai\b|ai (language )?model|language model|artificial intelligence|"
                                r"chatbot|computer program|virtual assistant|i am (just |only )?a program|"
                                r"i'm (just |only )?a program)", re.I)
+# a name given for oneself: after "my name is" or "call me"; after "I'm" a full name, or any name in a
+# greeting ("Hi, I'm Sam."), so that "I am Japanese" is no name
+_NAME = r"([A-Z][a-z]+(?:\s+[A-Z][a-z]+)?)\b"
+_INTRODUCTION = re.compile(rf"\b(?:[Mm]y name is|[Mm]y name's|[Cc]all me)\s+{_NAME}|\bI(?:'m| am)\s+([A-Z][a-z]+\s+[A-Z][a-z]+)\b"
+                           rf"|^(?:Hi|Hello|Hey)\b[^.!?]*?\bI(?:'m| am)\s+{_NAME}")
 
 
 COUNTS = ("restated", "contradicted", "never_say", "out_of_character", "hostile")
@@ -123,6 +131,14 @@ class PersonaConsistencyReward:
             verdicts = [self._compare(fact, sentence, card_words) for sentence in _sentences(reply)]
             restated += "contradicted" not in verdicts and "restated" in verdicts
             contradicted += "contradicted" in verdicts
+        own_name = set(persona.name.lower().split())
+        card_text = " ".join((persona.identity, *persona.facts, *persona.opinions)).lower()
+        for m in (m for sentence in _sentences(reply) for m in _INTRODUCTION.finditer(sentence)):
+            claimed = next(g for g in m.groups() if g).lower()
+            if set(claimed.split()) & own_name:
+                restated += 1
+            elif not re.search(rf"\b{re.escape(claimed)}\b", card_text):  # "I am Canadian" where the card says so
+                contradicted += 1
         said = 0
         for entry in persona.never_say:
             words = _words(re.sub(r"^that\s+", "", entry, flags=re.I))
@@ -131,7 +147,6 @@ class PersonaConsistencyReward:
                         and not _NEGATION.search(sentence):
                     said += 1
                     break
-        card_text = " ".join((persona.identity, *persona.facts)).lower()
         dropped = [m.group(0) for m in _OUT_OF_CHARACTER.finditer(reply) if m.group(0).lower() not in card_text
                    and not (m.group(0).lower() == "virtual assistant" and "assistant" in card_text)]
         return {"restated": restated, "contradicted": contradicted, "never_say": said,

@@ -35,6 +35,11 @@ def check():
     ("I have a grey dog named Brioche.", MARGO, {"contradicted": 1}, 0.0),  # a word swapped in place
     ("My cat Brioche is grey and lovely.", MARGO, {"restated": 1}, 1.0),  # a paraphrase: reordered, none swapped
     ("That's not a stupid question at all.", SAM, {}, 0.5),  # an insult denied is none
+    ("Hi, I'm Margo Beaulieu.", MARGO, {"restated": 1}, 1.0),  # its own name
+    ("Hello, my name is Margo.", MARGO, {"restated": 1}, 1.0),
+    ("Hi, I'm Tomas Kowalski.", MARGO, {"contradicted": 1}, 0.0),  # another persona's name
+    ("Call me Aiko.", MARGO, {"contradicted": 1}, 0.0),
+    ("I am Japanese, from Sapporo.", AIKO, {}, 0.5),  # not a name: her card says so
 ])
 def test_hand_worked_replies(check, reply, card, counts, reward):
     out = check([reply], [render(card)])
