@@ -38,6 +38,14 @@ def shared_data() -> Path:
     return path
 
 
+def pytest_collection_modifyitems(config, items):
+    """The whole runs (tests/e2e/, a minute or more each) first, each file's tests in their order: on
+    several workers (-n) the long files start at once and the short tests fill in around them, instead
+    of one long file running alone at the end."""
+    e2e = REPO / "tests" / "e2e"
+    items.sort(key=lambda item: e2e not in Path(item.path).parents)  # a stable sort
+
+
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: absent without it
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto` (the README's test command): a worker per core, at most 4. Each worker starts Ray

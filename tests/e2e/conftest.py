@@ -1,6 +1,6 @@
 """Whole runs: SFT through DeepSpeed, the RL loops through Ray and vLLM, a judge trained to hear, the
 annotation loop. Each takes a minute or more, so every test in this folder is marked `e2e` here:
-`pytest -m "not e2e"` is the fast suite, `pytest -m e2e` these (.ci/run runs both)."""
+`pytest -m "not e2e"` is the fast suite, `pytest -m e2e` these (.ci/run runs all, these first)."""
 from __future__ import annotations
 
 import os
