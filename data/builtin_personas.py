@@ -201,6 +201,7 @@ def probe_dialogues(cards: Sequence[PersonaCard], probes: Callable[[PersonaCard]
             picked += rng.sample([p for p in probes_of if p not in picked], turns - 1 - len(picked))
             picked.sort(key=lambda p: (_KINDS.index(p[0]), p[1]))
             user_turns = [Turn("user", rng.choice(OPENERS), meta={"probe": "opener"})]
-            user_turns += [Turn("user", asked[kind][i][0], meta={"probe": kind, **asked[kind][i][1]}) for kind, i in picked]
+            user_turns += [Turn("user", asked[kind][i][0], meta={"probe": kind, **asked[kind][i][1]})
+                           for kind, i in picked]
             dialogues.append(Dialogue(f"{card.id}-{n:03d}", card, tuple(user_turns), meta={"source": source}))
     return dialogues

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 
+from speechrl.data.dialogues import Dialogue
 from speechrl.data.personas import PersonaCard
 
 FIRST_NAMES = {
@@ -195,7 +196,7 @@ def made_personas(n: int, seed: int = 0) -> list[PersonaCard]:
     return [made_persona(rng, i) for i in range(n)]
 
 
-def made_dialogues(cards: list[PersonaCard], per_persona: int = 4, turns: int = 3, seed: int = 0) -> list:
+def made_dialogues(cards: list[PersonaCard], per_persona: int = 4, turns: int = 3, seed: int = 0) -> list[Dialogue]:
     """Text dialogues that probe made-up cards (`probe_dialogues`): each entry's question from the card's
     judge notes, with the in-character answer the notes hold as the turn's `reply` (the reference reply
     of the realtime warm start: the fact or opinion in the first person, the boundary kept; never-say

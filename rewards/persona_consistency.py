@@ -43,7 +43,8 @@ _OUT_OF_CHARACTER = re.compile(r"\b(as an ai|an ai\b|ai (language )?model|langua
 # a name given for oneself: after "my name is" or "call me"; after "I'm" a full name, or any name in a
 # greeting ("Hi, I'm Sam."), so that "I am Japanese" is no name
 _NAME = r"([A-Z][a-z]+(?:\s+[A-Z][a-z]+)?)\b"
-_INTRODUCTION = re.compile(rf"\b(?:[Mm]y name is|[Mm]y name's|[Cc]all me)\s+{_NAME}|\bI(?:'m| am)\s+([A-Z][a-z]+\s+[A-Z][a-z]+)\b"
+_INTRODUCTION = re.compile(rf"\b(?:[Mm]y name is|[Mm]y name's|[Cc]all me)\s+{_NAME}"
+                           rf"|\bI(?:'m| am)\s+([A-Z][a-z]+\s+[A-Z][a-z]+)\b"
                            rf"|^(?:Hi|Hello|Hey)\b[^.!?]*?\bI(?:'m| am)\s+{_NAME}")
 
 

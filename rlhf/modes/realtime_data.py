@@ -1,8 +1,9 @@
 """The realtime mode's data: persona dialogues with spoken user turns, and the warm start's turns.
 
-Sources (`realtime.personas`: builtin, made, personagym or a path) are in docs/realtime.md. Held-out drift
-dialogues (of made-up cards: held-out cards) are chosen by a hash of their id, so the split is stable; only the user turns an episode
-plays are spoken (espeak-ng, cached), cut to the backbone's audio window.
+Sources (`realtime.personas`: builtin, made, personagym or a path) are in docs/realtime.md. Held-out
+drift dialogues (made-up cards: held-out cards) are chosen by a hash of their id, so the split is
+stable; only the user turns an episode plays are spoken (espeak-ng, cached), cut to the backbone's
+audio window.
 """
 from __future__ import annotations
 
