@@ -66,7 +66,7 @@ def test_the_build_is_reused(cache_dir, tiny_en):
     before = weights.stat().st_mtime_ns
     assert whisper.ensure_whisper(cache_dir) == tiny_en
     assert weights.stat().st_mtime_ns == before
-    assert [p.name for p in tiny_en.parent.iterdir()] == ["whisper-tiny.en"]  # no .partial left behind
+    assert not [p.name for p in tiny_en.parent.iterdir() if "partial" in p.name]  # none left behind
     processor = WhisperProcessor.from_pretrained(tiny_en)
     assert processor.feature_extractor.feature_size == 80 and len(processor.tokenizer) == 51864
 
