@@ -69,9 +69,10 @@ def _source_key() -> str:
 def tiny_cache(request, tmp_path_factory) -> Path:
     """The tests' one `run.cache_dir`: assets are keyed by their settings inside it, so runs of
     different modes and corpus sizes share it without rebuilding each other's. It lives in pytest's
-    cache folder (.pytest_cache/d/speechrl-assets/<hash of the package's code>), so the fast tests and
-    then the e2e runs (CI's two steps), and a second local run, build each asset once; a change to the
-    code starts a new folder and deletes the old ones. Tests of building itself use folders of their own.
+    cache folder (.pytest_cache/d/speechrl-assets/<hash of the package's code>), so every worker of a
+    run (-n), the e2e runs and the fast tests, and a second local run, build each asset once (behind
+    its build lock); a change to the code starts a new folder and deletes the old ones. Tests of
+    building itself use folders of their own.
     (Under `-p no:cacheprovider` it is the session's temporary folder.)"""
     if getattr(request.config, "cache", None) is None:
         return tmp_path_factory.mktemp("cache")
