@@ -140,14 +140,17 @@ class _Espeak:
 
 
 _ENGINE: _Espeak | None = None
+_ENGINE_LOCK = threading.Lock()
 
 
 def engine() -> _Espeak:
     """The process's one espeak-ng engine: the library has a single global voice, so synthesis and
-    phonemizing (data/piper.py) share it and its lock."""
+    phonemizing (data/piper.py) share it and its lock. Made under a lock: two threads making one each
+    initialise the one C library at once, and espeak-ng aborts the process."""
     global _ENGINE
-    if _ENGINE is None:
-        _ENGINE = _Espeak()
+    with _ENGINE_LOCK:
+        if _ENGINE is None:
+            _ENGINE = _Espeak()
     return _ENGINE
 
 

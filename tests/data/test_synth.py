@@ -156,3 +156,16 @@ def test_the_piper_voice_speaks_corpus_clips_at_the_drawn_rate(tmp_path):
     for text in texts:  # a faster rate is a shorter clip (length_scale = 175 / rate)
         if (text, 150) in seconds and (text, 210) in seconds:
             assert seconds[(text, 210)] < seconds[(text, 150)]
+
+
+def test_threads_speaking_first_at_once_share_one_engine_and_hear_what_one_thread_hears():
+    """The first calls in a process, from several threads at once, make one espeak-ng engine (two
+    initialising the C library together abort the process) and say what a lone call says."""
+    code = ("import sys, numpy as np; from concurrent.futures import ThreadPoolExecutor; "
+            "from speechrl.data import synth; "
+            "texts = ['turn left', 'pick up the red ball', 'stop', 'go forward five steps']; "
+            "together = list(ThreadPoolExecutor(4).map(synth.synthesize, texts)); "
+            "assert all(np.array_equal(a, synth.synthesize(t)) for a, t in zip(together, texts)); "
+            "print('same', len(texts))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "same 4", done.stderr[-2000:]
