@@ -9,7 +9,8 @@ for the object store); not built here, as there is no GPU to test them on.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 import torch
 
@@ -20,15 +21,26 @@ from speechrl.rollouts.lora import LoraAdapter
 TRANSPORTS: Registry = Registry("weight transport")
 
 
+@dataclass(frozen=True)
+class StoredWeights:
+    """Hub-layout weights that the policy worker put in Ray's object store itself
+    (PolicyWorker.stored_weights): the driver passes this reference on and never holds the tensors,
+    so a sync copies them once into the store instead of worker -> driver -> store."""
+
+    ref: Any  # a ray.ObjectRef to [(name, tensor), ...]
+
+
 @TRANSPORTS.register("object_store")
 class ObjectStoreTransport:
     """Put the weights in Ray's object store once; every worker loads them from there."""
 
-    def send(self, weights: Iterable[tuple[str, torch.Tensor]] | LoraAdapter, workers: list) -> None:
+    def send(self, weights: Iterable[tuple[str, torch.Tensor]] | StoredWeights | LoraAdapter, workers: list) -> None:
         import ray
         from ray.exceptions import RayActorError
 
-        if isinstance(weights, LoraAdapter):  # already detached CPU copies (lora_adapter)
+        if isinstance(weights, StoredWeights):  # in the store already
+            ref, load = weights.ref, "load_weights"
+        elif isinstance(weights, LoraAdapter):  # already detached CPU copies (lora_adapter)
             ref, load = ray.put(weights), "load_adapter"
         else:  # detached CPU copies: a tensor that requires grad or lives on a GPU does not pickle cheaply
             ref, load = ray.put([(name, t.detach().to("cpu")) for name, t in weights]), "load_weights"

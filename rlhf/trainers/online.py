@@ -93,7 +93,7 @@ class OnlineRecipe:
 
         cfg = self.cfg
         seed_everything(cfg.seed)
-        start_ray(cfg)
+        self.owns_ray = start_ray(cfg)
         self.placement = reserve(cfg, policy=with_policy)
         self.backbone_path = self.mode.backbone_path()
         processor = load_processor(self.backbone_path)  # the driver needs no weights
@@ -205,7 +205,7 @@ class OnlineRecipe:
             return
         for attempt in range(self.cfg.rollout.max_retries + 1):
             try:
-                self.transport.send(self.policy.weights(), self.workers)
+                self.transport.send(self.policy.stored_weights(), self.workers)
                 return
             except RolloutWorkerDied as e:
                 self.replace_worker(e, attempt)
@@ -323,10 +323,21 @@ class OnlineRecipe:
         log.info("placement (%s): %d actors on %d node(s)", self.placement.layout, len(actors), len(record["nodes"]))
 
     def cleanup(self) -> None:
+        """Leave Ray as the run found it: a local cluster the run started is shut down; on a Ray that
+        was up before (`ray.address`, or one the caller started) the run's own actors are killed and
+        its placement group released, so the next run there starts with every resource free."""
         import ray
 
+        if ray.is_initialized() and not getattr(self, "owns_ray", False):
+            policy = getattr(self, "policy", None)
+            for actor in [*(policy.actors if policy else []), *getattr(self, "workers", []),
+                          *filter(None, [getattr(self, "reward", None)])]:
+                try:
+                    ray.kill(actor)  # a reward router's own workers die with it (Ray's ownership)
+                except Exception as err:  # noqa: BLE001 - one that is already gone needs nothing more
+                    log.debug("cleanup: %s", err)
         release(getattr(self, "placement", None))
-        if ray.is_initialized() and not self.cfg.ray.address:
+        if ray.is_initialized() and getattr(self, "owns_ray", False):
             ray.shutdown()
 
 

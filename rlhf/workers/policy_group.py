@@ -63,6 +63,9 @@ class PolicyClient:
     def weights(self):
         return self._all("weights")[0]
 
+    def stored_weights(self):
+        return self._all("stored_weights")[0]
+
     def save(self, path: str) -> None:
         self._all("save", path)
 

@@ -32,6 +32,7 @@ from speechrl.rlhf.workers.ranks import join, my_share
 from speechrl.rlhf.core.seeding import seed_everything, set_threads
 from speechrl.rlhf.model.layout import ReplyLayout
 from speechrl.rollouts.lora import LoraAdapter, lora_adapter
+from speechrl.rollouts.sync import StoredWeights
 
 VALUE_HEAD = "value_head.pt"  # in a PPO checkpoint, beside the policy
 
@@ -235,16 +236,29 @@ class PolicyWorker:
                 ref += [r[i][mask[i]].tolist() for i in range(len(mask))]
         return {"values": values, "ref_logprobs": ref, "rows": rows}
 
-    def weights(self) -> list[tuple[str, torch.Tensor]] | LoraAdapter:
+    def weights(self, copy: bool = True) -> list[tuple[str, torch.Tensor]] | LoraAdapter:
         """What the rollout engines load: hub-layout tensors, or in a LoRA run the adapter alone (the
-        engines hold the frozen base already). Several ranks: gathered, rank 0's (None on the others)."""
+        engines hold the frozen base already). Several ranks: gathered, rank 0's (None on the others).
+        `copy=False`: one rank's tensors may be the model's own, which the next step changes."""
         state = self._full_state(self.model)
         if state is None:
             return None
         if self.cfg.model.lora.enabled:
             return lora_adapter(unwrap(self.model), state)
-        live = self.world == 1  # the model's own tensors, which the next step changes: copy them
-        return [(k, v.detach().clone() if live else v) for k, v in hub_state_dict(state.items())]
+        live = copy and self.world == 1  # the model's own tensors: copy them
+        return [(k, v.detach().clone() if live else v.detach()) for k, v in hub_state_dict(state.items())]
+
+    def stored_weights(self) -> StoredWeights | LoraAdapter | None:
+        """What a sync sends (OnlineRecipe.sync): the dense weights put in Ray's object store from here,
+        which copies them there before the next step can change them (the driver gets the reference
+        only; passing the tensors through it cost two more copies, 12 s a sync for the 30-layer small
+        real backbone); a LoRA adapter, small, by value."""
+        import ray
+
+        weights = self.weights(copy=False)
+        if weights is None or isinstance(weights, LoraAdapter):
+            return weights
+        return StoredWeights(ray.put([(k, v.to("cpu")) for k, v in weights]))
 
     def _full_state(self, module) -> dict | None:
         """`module`'s full state dict: its own tensors on one rank; gathered CPU copies on rank 0 of

@@ -11,16 +11,20 @@ from speechrl.rlhf.core.kernels import pinned_env
 log = logging.getLogger(__name__)
 
 
-def start_ray(cfg: RecipeConfig) -> None:
+def start_ray(cfg: RecipeConfig) -> bool:
+    """Connect to Ray for a run: True where this call started a local cluster, which the run then shuts
+    down; False where Ray was already up in this process (the caller's) or `ray.address` names a
+    cluster, which the run leaves running."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     # the policy/reward workers import torch & transformers: keep their logs quiet and threads bounded
     # and the kernel pinning (core/kernels.py): local workers inherit it, a remote cluster's would not
     env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **pinned_env()}
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, log_to_driver=True)
+        return False
     else:
         # Logical CPUs for the actors' placement. The loop's phases take turns (generate, then score,
         # then update), so every actor may hold a CPU even on a machine with fewer cores.
@@ -39,3 +43,4 @@ def start_ray(cfg: RecipeConfig) -> None:
         ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(actors, os.cpu_count() or 2),
                  num_gpus=cfg.ray.num_gpus, include_dashboard=False,
                  runtime_env={"env_vars": env}, log_to_driver=True)
+        return True

@@ -35,3 +35,22 @@ def example_package(tmp_path_factory):
         mp.syspath_prepend(str(target))
         mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")])))
         yield target
+
+
+@pytest.fixture(scope="module")
+def module_ray():
+    """One local Ray for a test file's runs, started as a run starts its own (the same job environment)
+    and shut down after the file: each run on it kills its own actors and releases its placement
+    (OnlineRecipe.cleanup), and a cluster start is ~5 CPU-seconds a run saves. Files whose tests
+    check how a run starts or places its cluster (test_placement_e2e.py), or that set environment
+    variables the workers must see (test_reward_plugins_e2e.py: Ray's workers get the environment
+    the cluster started with), start their own."""
+    import ray
+
+    from speechrl.rlhf.core.config import load_recipe
+    from speechrl.rlhf.workers.ray_setup import start_ray
+
+    assert not ray.is_initialized(), "a Ray left running by an earlier test"
+    start_ray(load_recipe("asr/grpo", ["ray.num_cpus=4"]))
+    yield
+    ray.shutdown()

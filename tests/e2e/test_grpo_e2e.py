@@ -8,6 +8,7 @@ naming the checkpoint to resume from); per-phase timers; a LoRA run syncing its 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ SMALL = ["data.synthetic.num_utterances=60", "data.max_eval_examples=4",
 
 
 @pytest.fixture(scope="module")
-def base(tiny_overrides, tmp_path_factory):
+def base(tiny_overrides, tmp_path_factory, module_ray):
     return [*tiny_overrides, *SMALL, f"run.output_dir={tmp_path_factory.mktemp('grpo-runs')}"]
 
 
@@ -102,6 +103,16 @@ def test_interrupted_run_resumes_as_the_run_it_continues_and_killed_workers_chan
     straight = rows(Path(cfg.run.output_dir) / "straight")
     numbers = lambda row: {k: v for k, v in row.items() if not k.startswith("time/")}  # noqa: E731
     assert [numbers(r) for r in rows(run_dir)] == [numbers(r) for r in straight]
+
+    # the runs ran on this file's Ray (module_ray), which they left running, each killing its own actors
+    # and releasing its placement as it ended (the crashed one too): the next run finds every CPU free
+    from ray._private.state import actors
+
+    assert ray.is_initialized() and {a["State"] for a in actors().values()} == {"DEAD"}
+    deadline = time.monotonic() + 30  # placement groups are removed asynchronously
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
 
 
 def test_killed_worker_without_retries_fails_clearly(base, monkeypatch):

@@ -24,7 +24,7 @@ RL = ["rl.prompts_per_step=2", "rollout.sampling.max_new_tokens=48", "eval_max_n
 
 
 @pytest.fixture(scope="module")
-def base(realtime_overrides, tmp_path_factory):
+def base(realtime_overrides, tmp_path_factory, module_ray):
     return [*realtime_overrides, *RL, f"run.output_dir={tmp_path_factory.mktemp('realtime-rl-runs')}"]
 
 

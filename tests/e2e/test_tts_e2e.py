@@ -21,7 +21,7 @@ RL = ["rl.prompts_per_step=4", "rollout.sampling.n=4", "rollout.sampling.max_new
 
 
 @pytest.fixture(scope="module")
-def base(tts_overrides, tmp_path_factory):
+def base(tts_overrides, tmp_path_factory, module_ray):
     return [*tts_overrides, *RL, f"run.output_dir={tmp_path_factory.mktemp('tts-rl-runs')}"]
 
 

@@ -99,6 +99,14 @@ def test_two_ranks_take_one_ranks_step_and_checkpoints_move_between_rank_counts(
         assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
     assert expected["grad_norm"] > 0 and expected["train/kl"] > 0, "the step moved the policy away from the reference"
     _assert_same_weights(two.weights(), one.weights())
+    # what a sync sends: rank 0 puts the gathered weights in the object store, the driver gets the reference
+    import ray
+
+    from speechrl.rollouts.sync import StoredWeights
+
+    stored = two.stored_weights()
+    assert isinstance(stored, StoredWeights) and isinstance(stored.ref, ray.ObjectRef)
+    _assert_same_weights(ray.get(stored.ref), one.weights())
 
     # two ranks save (rank 0 writes the one-rank files); one rank resumes and steps as the two do
     two.save(str(tmp_path / "two-ranks"))

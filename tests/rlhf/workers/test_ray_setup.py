@@ -32,8 +32,10 @@ def test_no_ray_address_starts_a_local_cluster_even_where_ray_start_left_one_beh
     monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir=None: "127.0.0.1:1")  # a dead head
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     try:
-        start_ray(load_recipe("asr/grpo", ["ray.num_cpus=3", "rollout.num_workers=1"]))
+        cfg = load_recipe("asr/grpo", ["ray.num_cpus=3", "rollout.num_workers=1"])
+        assert start_ray(cfg) is True, "it started the cluster: the run shuts it down"
         assert ray.cluster_resources()["CPU"] == 3
+        assert start_ray(cfg) is False, "Ray already up in this process: the run leaves it running"
     finally:
         ray.shutdown()
 
