@@ -3,6 +3,7 @@ loads in transformers with every key, hears real audio, and speaks text exactly 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -19,7 +20,6 @@ from speechrl.rlhf.model.pretrained.codec_tokens import add_codec_tokens  # noqa
 from speechrl.rlhf.model.prompts import render_prompt  # noqa: E402
 
 NUM_CODEC = 1024  # the recipes' block (ensure_pretrained's default): the e2e run on this backbone reuses this build
-CLIP = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "real_speech" / "cards" / "001.wav"
 PROMPTS = ["The capital of France is",
            "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n"]
 
@@ -86,10 +86,23 @@ def test_tokenizer_has_specials_codec_block_and_smollm2_ids(real, cache):
     assert tok(text)["input_ids"] == smol(text)["input_ids"]
 
 
-def test_forward_on_real_speech_with_the_asr_prompt(real):
+@pytest.fixture(scope="module")
+def speech():
+    """(audio, rate): a real recording from ../shared/data where it is, else an espeak-ng sentence."""
     import soundfile as sf
 
-    audio, rate = sf.read(str(CLIP), dtype="float32")
+    shared = os.environ.get("SPEECHRL_SHARED_DATA", Path(__file__).resolve().parents[4] / "shared" / "data")
+    clip = Path(shared) / "real_speech" / "cards" / "001.wav"
+    if clip.is_file():
+        audio, rate = sf.read(str(clip), dtype="float32")
+        return audio, rate
+    from speechrl.data.synth import synthesize
+
+    return synthesize("Turn left at the next corner and stop by the red door."), 16000
+
+
+def test_forward_on_real_speech_with_the_asr_prompt(real, speech):
+    audio, rate = speech
     prompt = render_prompt(real.processor, "asr")
     assert AUDIO_TOKEN in prompt
     inputs = real.processor(text=[prompt], audio=[audio], sampling_rate=rate, return_tensors="pt")
@@ -126,14 +139,12 @@ def test_add_codec_tokens_keeps_ids_and_greedy_text(real, tmp_path):
 
 
 @pytest.mark.vllm
-def test_loads_in_stock_vllm_and_matches_transformers(real, monkeypatch):
+def test_loads_in_stock_vllm_and_matches_transformers(real, speech, monkeypatch):
     """Stock vLLM (no speechrl patch) loads the checkpoint; greedy tokens equal transformers', text and audio."""
-    import soundfile as sf
-
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
     from vllm import LLM, SamplingParams
 
-    audio, rate = sf.read(str(CLIP), dtype="float32")
+    audio, rate = speech
     prompt = render_prompt(real.processor, "asr")
     inputs = real.processor(text=[prompt], audio=[audio], sampling_rate=rate, return_tensors="pt")
     with torch.no_grad():
