@@ -58,23 +58,24 @@ class HfAsrJudge:
 class WhisperJudge:
     """A Whisper from its wheel (`ensure_whisper`), greedy, the batch transcribed in passes of `batch_size`."""
 
-    def __init__(self, name: str, cache_dir: str, device: str = "auto", batch_size: int = 32):
+    def __init__(self, name: str, cache_dir: str, device: str = "auto", batch_size: int = 32, window_s: int = 30):
         import torch
 
         from speechrl.rlhf.model.pretrained.whisper import ensure_whisper, load_whisper
 
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        self.path, self.batch_size = ensure_whisper(cache_dir, name), batch_size
-        load_whisper(str(self.path), self.device)  # load now, once per worker, not inside the first batch's timing
+        self.path, self.batch_size, self.window_s = ensure_whisper(cache_dir, name), batch_size, window_s
+        load_whisper(str(self.path), self.device, window_s)  # load now, once per worker, not inside the first batch's timing
 
     def transcribe(self, audio: np.ndarray) -> str:
         return self.transcribe_batch([audio])[0]
 
     def transcribe_batch(self, audios: list[np.ndarray]) -> list[str]:
-        """`audios` at 16 kHz; a clip over Whisper's 30 s window is cut there."""
+        """`audios` at 16 kHz; a clip over the window (`window_s`) is cut there."""
         from speechrl.rlhf.model.pretrained.whisper import transcribe
 
-        return transcribe(self.path, audios, JUDGE_RATE, batch_size=self.batch_size, device=self.device)
+        return transcribe(self.path, audios, JUDGE_RATE, batch_size=self.batch_size, device=self.device,
+                          window_s=self.window_s)
 
 
 def whisper_names() -> list[str]:
@@ -101,6 +102,7 @@ class TtsIntelligibilityReward:
         audio_column: str = "audio",
         device: str = "auto",  # for a model judge: "auto" takes the GPU if there is one
         cache_dir: str = "~/.cache/speechrl",  # where the embedded or Whisper judge lives (run.cache_dir)
+        window_s: int = 30,  # a Whisper judge's window in seconds: 10 hears clips of a few seconds 4x faster
     ):
         if metric not in ("cer", "wer"):
             raise ValueError(f"tts_intelligibility: metric={metric!r}; use 'cer' or 'wer'")
@@ -119,7 +121,10 @@ class TtsIntelligibilityReward:
                                     f"{', '.join(map(repr, whisper_names()))} nor a directory with config.json (a "
                                     "speechrl backbone, or a transformers ASR model saved with save_pretrained)")
         self.asr, self.metric, self.error_cap, self.device = asr, metric, error_cap, device
-        self.cache_dir = cache_dir
+        if not isinstance(window_s, int) or not 1 <= window_s <= 30:
+            raise ValueError(f"tts_intelligibility: window_s={window_s!r}; a whole number of seconds from 1 to 30 "
+                             "(Whisper judges only; 10 suits TTS clips of a few seconds)")
+        self.cache_dir, self.window_s = cache_dir, window_s
         self.text_column, self.audio_column = text_column, audio_column
         self._judge = None
 
@@ -131,7 +136,7 @@ class TtsIntelligibilityReward:
             elif self.asr == "embedded":
                 self._judge = BackboneAsrJudge(embedded_judge(self.cache_dir), self.device)
             elif self.asr.startswith("whisper-") and self.asr in whisper_names():  # a name wins over a folder
-                self._judge = WhisperJudge(self.asr, self.cache_dir, self.device)
+                self._judge = WhisperJudge(self.asr, self.cache_dir, self.device, window_s=self.window_s)
             elif is_backbone_dir(self.asr):
                 self._judge = BackboneAsrJudge(self.asr, self.device)
             else:

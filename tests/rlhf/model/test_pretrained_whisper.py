@@ -80,3 +80,25 @@ def test_a_missing_wheel_names_the_install_command(monkeypatch, tmp_path):
         whisper.ensure_whisper(tmp_path, "whisper-base")
     with pytest.raises(ValueError, match="known: whisper-tiny.en, whisper-base"):
         whisper.ensure_whisper(tmp_path, "whisper-large")
+
+
+def test_a_shorter_window_hears_short_clips_as_well_and_leaves_the_full_model_alone(tiny_en):
+    from speechrl.data.synth import command_sentences, synthesize
+    from speechrl.rewards.asr import char_error_rate
+
+    texts = command_sentences(24, seed=11)
+    clips = [synthesize(t, v) for t, v in zip(texts, ["en", "en-us"] * 12)]
+    full = whisper.transcribe(tiny_en, clips, 16000, batch_size=24)
+    short = whisper.transcribe(tiny_en, clips, 16000, batch_size=24, window_s=15)
+
+    def cer(hyps):
+        return float(np.mean([char_error_rate(h, t) for h, t in zip(hyps, texts)]))
+
+    assert cer(short) <= cer(full) + 0.05, list(zip(texts, full, short))
+    model, processor = whisper.load_whisper(str(tiny_en), "cpu", 15)
+    assert model.model.encoder.embed_positions.weight.shape[0] == 750  # 50 positions a second
+    assert processor.feature_extractor(clips[:1], sampling_rate=16000).input_features[0].shape == (80, 1500)
+    stock, _ = whisper.load_whisper(str(tiny_en), "cpu")  # cached apart: the 30 s model is not cut
+    assert stock.model.encoder.embed_positions.weight.shape[0] == 1500 and stock.config.max_source_positions == 1500
+    with pytest.raises(ValueError, match="window_s=0"):
+        whisper.load_whisper(str(tiny_en), "cpu", 0)
