@@ -65,8 +65,9 @@ class AudioDecoder:
 
 
 class RewardWorker:
-    def __init__(self, specs: Iterable[Any], codec: Optional[CodecSpec] = None):
+    def __init__(self, specs: Iterable[Any], codec: Optional[CodecSpec] = None, threads: Optional[int] = None):
         specs = _checked_specs(specs)
+        _set_threads(threads)
         self.rewards = {s.key: resolve_reward(s.name, **dict(s.kwargs)) for s in specs}
         self.weights = {s.key: float(s.weight) for s in specs}
         self.normalize = {s.key: bool(s.normalize) for s in specs}
@@ -89,10 +90,11 @@ class RewardRouter:
     """One batch in, one ScoreResult out, over reward workers placed by their declared resources."""
 
     def __init__(self, specs: Iterable[Any], num_cpus: float = 0, num_gpus: float = 0,
-                 codec: Optional[CodecSpec] = None, retries: int = 0):
+                 codec: Optional[CodecSpec] = None, retries: int = 0, threads: Optional[int] = None):
         import ray
 
         specs = _checked_specs(specs)
+        _set_threads(threads)  # the router decodes the codec ids
         restarts = dict(max_restarts=retries, max_task_retries=retries)
         self.decode = AudioDecoder(codec)  # once here, not in every worker
         self.weights = {s.key: float(s.weight) for s in specs}
@@ -101,13 +103,15 @@ class RewardRouter:
         actor = ray.remote(RewardWorker)
         # a list of groups; a group is the replicas of one worker, each scoring a slice of the batch
         # the codec goes along for `check_codec` only: batches reach the workers decoded
-        self.groups = [[actor.options(num_cpus=num_cpus, num_gpus=num_gpus, **restarts).remote(shared, codec)]] if shared else []
+        self.groups = ([[actor.options(num_cpus=num_cpus, num_gpus=num_gpus, **restarts).remote(shared, codec, threads)]]
+                       if shared else [])
         for s in specs:
             r = s.resources
             if r.declared():
                 options = actor.options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, memory=int(r.memory_gib * 2**30),
                                         **restarts)
-                self.groups.append([options.remote([s], codec) for _ in range(r.replicas)])
+                share = None if threads is None else _share(threads, r.replicas)
+                self.groups.append([options.remote([s], codec, share) for _ in range(r.replicas)])
 
     def score(self, batch: Mapping[str, Any]) -> ScoreResult:
         import ray
@@ -146,8 +150,25 @@ def _concat(slices: list[tuple[int, RawScores]]) -> RawScores:
     return out
 
 
+def _set_threads(threads: Optional[int]) -> None:
+    """torch's intra-op threads in a reward actor: Ray starts an actor with OMP_NUM_THREADS=1 (its
+    num_cpus), but scoring is a phase of its own (generate, score, update take turns), so a model
+    judge may use every core while it runs. None: leave the process as it is (in-process use)."""
+    if threads is not None:
+        from speechrl.rlhf.core.seeding import set_threads
+
+        set_threads(threads)
+
+
+def _share(threads: int, replicas: int) -> int:
+    """Each of `replicas` workers that score slices of one batch at once gets its part of the cores."""
+    from speechrl.rlhf.core.seeding import thread_count
+
+    return thread_count(threads, replicas)
+
+
 def make_reward_actor(specs: Iterable[Any], num_cpus: float = 0, num_gpus: float = 0,
-                      codec: Optional[CodecSpec] = None, retries: int = 0):
+                      codec: Optional[CodecSpec] = None, retries: int = 0, threads: Optional[int] = None):
     """The recipe's rewards as a Ray actor; call `ray.get(actor.score.remote(batch))`.
 
     num_cpus=0 by default: scoring text is light and must not hold a CPU the rollouts need. Unknown
@@ -155,6 +176,7 @@ def make_reward_actor(specs: Iterable[Any], num_cpus: float = 0, num_gpus: float
     `codec_ids` are decoded into waveforms on the worker, before scoring. A worker that dies is
     restarted by Ray and its call retried, up to `retries` times (Ray's max_restarts and
     max_task_retries: scoring is a pure function of the batch, so a retry scores the same).
+    `threads`: torch threads in each worker (0 = every core, split among a reward's replicas).
     """
     restarts = dict(max_restarts=retries, max_task_retries=retries)
     import ray  # here, so importing this module neither needs Ray nor starts it
@@ -163,9 +185,11 @@ def make_reward_actor(specs: Iterable[Any], num_cpus: float = 0, num_gpus: float
     for s in specs:
         find_reward(s.name)
     if not any(s.resources.declared() for s in specs):
-        return ray.remote(RewardWorker).options(num_cpus=num_cpus, num_gpus=num_gpus, **restarts).remote(specs, codec)
+        return ray.remote(RewardWorker).options(num_cpus=num_cpus, num_gpus=num_gpus, **restarts).remote(
+            specs, codec, threads)
     _check_cluster_has(specs)
-    return ray.remote(RewardRouter).options(num_cpus=0, **restarts).remote(specs, num_cpus, num_gpus, codec, retries)
+    return ray.remote(RewardRouter).options(num_cpus=0, **restarts).remote(specs, num_cpus, num_gpus, codec, retries,
+                                                                          threads)
 
 
 def _check_cluster_has(specs: list[RewardSpec]) -> None:

@@ -115,7 +115,7 @@ class TrainConfig:
     checkpoint_every: int = 100  # write a resumable checkpoint every N steps and at the end; 0 = only at the end
     keep_checkpoints: int = 2  # older checkpoints are deleted; 0 = keep all
     log_every: int = 10  # write metrics every N steps and at the end; 0 = only at the end
-    torch_threads: int = 0  # intra-op threads for the trainer; 0 = all CPUs of the machine (RL phases take turns), shared among train.num_ranks
+    torch_threads: int = 0  # intra-op threads for the trainer and the reward workers; 0 = all CPUs of the machine (RL phases take turns), shared among train.num_ranks
     device: str = "auto"  # where the policy, reference and critic train: auto (the actor's GPU, else CPU), cpu, cuda
     dtype: str = "auto"  # forward-pass precision, weights stay fp32: auto (bf16 on a GPU, fp32 on CPU), fp32, bf16
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

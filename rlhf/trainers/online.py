@@ -101,7 +101,9 @@ class OnlineRecipe:
         window = processor.feature_extractor.n_samples / processor.feature_extractor.sampling_rate
         self.mode.setup_online(self.run_dir, self.logger, window)
         prebuild_judges(cfg)  # here on every core, not inside a one-thread reward actor
-        self.reward = make_reward_actor(cfg.rewards, codec=self.task.reward_codec, retries=cfg.rollout.max_retries)
+        # scoring takes its turn like generation and the update: a model judge may use every core then
+        self.reward = make_reward_actor(cfg.rewards, codec=self.task.reward_codec, retries=cfg.rollout.max_retries,
+                                        threads=cfg.train.torch_threads)
         # a LoRA run's engines serve its adapter on the frozen base (sync sends the adapter alone);
         # an evaluation's engines serve the saved, merged weights as they are
         self.lora_rank = cfg.model.lora.r if cfg.model.lora.enabled and with_policy else 0

@@ -47,3 +47,22 @@ def test_replica_slices_join_in_order_with_reasons_shifted():
     np.testing.assert_array_equal(joined.components["r"]["reward"], [1.0, np.nan, np.nan, 4.0, 5.0])
     np.testing.assert_array_equal(joined.components["r"]["extra"], [5.0, 6.0, np.nan, np.nan, np.nan])
     assert joined.reasons == {1: ["r: no ref"], 2: ["r raised"]}
+
+
+@pytest.mark.ray
+def test_a_reward_actor_computes_on_the_threads_it_is_given(ray_cluster):
+    """Ray starts an actor on one thread (OMP_NUM_THREADS=1, its num_cpus); a run's reward actor
+    gets `train.torch_threads` (0 = every core: scoring is a phase of its own)."""
+    from speechrl.rlhf.core.seeding import thread_count
+
+    def threads(actor):
+        try:
+            return ray_cluster.get(actor.__ray_call__.remote(lambda self: __import__("torch").get_num_threads()),
+                                   timeout=60)
+        finally:
+            ray_cluster.kill(actor)
+
+    spec = [RewardSpec(name="asr_wer")]
+    assert threads(make_reward_actor(spec)) == 1  # the default leaves Ray's setting alone
+    assert threads(make_reward_actor(spec, threads=0)) == thread_count(0)
+    assert threads(make_reward_actor(spec, threads=1)) == 1
