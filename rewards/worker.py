@@ -103,14 +103,16 @@ class RewardRouter:
         actor = ray.remote(RewardWorker)
         # a list of groups; a group is the replicas of one worker, each scoring a slice of the batch
         # the codec goes along for `check_codec` only: batches reach the workers decoded
-        self.groups = ([[actor.options(num_cpus=num_cpus, num_gpus=num_gpus, **restarts).remote(shared, codec, threads)]]
+        # every worker scores its slice at the same time: they split the cores between them
+        at_once = bool(shared) + sum(s.resources.replicas for s in specs if s.resources.declared())
+        share = None if threads is None else _share(threads, at_once)
+        self.groups = ([[actor.options(num_cpus=num_cpus, num_gpus=num_gpus, **restarts).remote(shared, codec, share)]]
                        if shared else [])
         for s in specs:
             r = s.resources
             if r.declared():
                 options = actor.options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, memory=int(r.memory_gib * 2**30),
                                         **restarts)
-                share = None if threads is None else _share(threads, r.replicas)
                 self.groups.append([options.remote([s], codec, share) for _ in range(r.replicas)])
 
     def score(self, batch: Mapping[str, Any]) -> ScoreResult:
@@ -160,11 +162,11 @@ def _set_threads(threads: Optional[int]) -> None:
         set_threads(threads)
 
 
-def _share(threads: int, replicas: int) -> int:
-    """Each of `replicas` workers that score slices of one batch at once gets its part of the cores."""
+def _share(threads: int, workers: int) -> int:
+    """Each of `workers` that score parts of one batch at once gets its part of the cores."""
     from speechrl.rlhf.core.seeding import thread_count
 
-    return thread_count(threads, replicas)
+    return thread_count(threads, workers)
 
 
 def make_reward_actor(specs: Iterable[Any], num_cpus: float = 0, num_gpus: float = 0,
@@ -176,7 +178,7 @@ def make_reward_actor(specs: Iterable[Any], num_cpus: float = 0, num_gpus: float
     `codec_ids` are decoded into waveforms on the worker, before scoring. A worker that dies is
     restarted by Ray and its call retried, up to `retries` times (Ray's max_restarts and
     max_task_retries: scoring is a pure function of the batch, so a retry scores the same).
-    `threads`: torch threads in each worker (0 = every core, split among a reward's replicas).
+    `threads`: torch threads in each worker (0 = every core, split among the workers that score at once).
     """
     restarts = dict(max_restarts=retries, max_task_retries=retries)
     import ray  # here, so importing this module neither needs Ray nor starts it
