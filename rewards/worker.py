@@ -105,7 +105,9 @@ class RewardRouter:
         # the codec goes along for `check_codec` only: batches reach the workers decoded
         # every worker scores its slice at the same time: they split the cores between them
         at_once = bool(shared) + sum(s.resources.replicas for s in specs if s.resources.declared())
-        share = None if threads is None else _share(threads, at_once)
+        from speechrl.rlhf.core.seeding import thread_count
+
+        share = None if threads is None else thread_count(threads, at_once)
         self.groups = ([[actor.options(num_cpus=num_cpus, num_gpus=num_gpus, **restarts).remote(shared, codec, share)]]
                        if shared else [])
         for s in specs:
@@ -157,16 +159,9 @@ def _set_threads(threads: Optional[int]) -> None:
     num_cpus), but scoring is a phase of its own (generate, score, update take turns), so a model
     judge may use every core while it runs. None: leave the process as it is (in-process use)."""
     if threads is not None:
-        from speechrl.rlhf.core.seeding import set_threads
+        from speechrl.rlhf.core.seeding import set_threads  # torch: only where a worker is made
 
         set_threads(threads)
-
-
-def _share(threads: int, workers: int) -> int:
-    """Each of `workers` that score parts of one batch at once gets its part of the cores."""
-    from speechrl.rlhf.core.seeding import thread_count
-
-    return thread_count(threads, workers)
 
 
 def make_reward_actor(specs: Iterable[Any], num_cpus: float = 0, num_gpus: float = 0,

@@ -30,9 +30,15 @@ def _shared_data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
+def shared_data_dir() -> Path:
+    """Where ../shared/data would be, present or not: for tests that fall back to other data."""
+    return _shared_data_dir()
+
+
+@pytest.fixture(scope="session")
+def shared_data(shared_data_dir) -> Path:
     """Real recordings made by other people (see SOURCES.md there); skip where absent."""
-    path = _shared_data_dir()
+    path = shared_data_dir
     if not (path / "real_speech").is_dir():
         pytest.skip(f"real recordings not found at {path} (set SPEECHRL_SHARED_DATA to use them)")
     return path

@@ -3,9 +3,7 @@ loads in transformers with every key, hears real audio, and speaks text exactly 
 from __future__ import annotations
 
 import json
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,12 +85,11 @@ def test_tokenizer_has_specials_codec_block_and_smollm2_ids(real, cache):
 
 
 @pytest.fixture(scope="module")
-def speech():
+def speech(shared_data_dir):
     """(audio, rate): a real recording from ../shared/data where it is, else an espeak-ng sentence."""
     import soundfile as sf
 
-    shared = os.environ.get("SPEECHRL_SHARED_DATA", Path(__file__).resolve().parents[4] / "shared" / "data")
-    clip = Path(shared) / "real_speech" / "cards" / "001.wav"
+    clip = shared_data_dir / "real_speech" / "cards" / "001.wav"
     if clip.is_file():
         audio, rate = sf.read(str(clip), dtype="float32")
         return audio, rate
