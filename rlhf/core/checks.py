@@ -20,6 +20,7 @@ _CHOICES = {
     "tts.embedded_codec.fit_on": ("espeak", "corpus"),
     "train.device": DEVICES,
     "ray.layout": ("colocated", "separate"),
+    "rollout.async.on_stale": ("wait", "drop"),
     "ray.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "train.dtype": ("auto", *DTYPES),
     "rl.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"),
@@ -101,6 +102,7 @@ _RANGES = {
     "rollout.max_retries": ">= 0 (0 = no retry)",
     "rollout.max_model_len": ">= 1",
     "rollout.threads_per_worker": ">= 0 (0 = the machine's CPUs shared among the workers)",
+    "rollout.async.max_staleness": ">= 0 (0 = the synchronous loop)",
     "ray.num_cpus": ">= 1",
     "ray.num_gpus": ">= 0",
     "ray.placement_timeout_s": "> 0",
@@ -159,8 +161,8 @@ def registered_modes() -> Registry:
 
 
 def _get(cfg: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
+    for part in dotted.split("."):  # `rollout.async` is the field async_ (config.py: _KEYWORD_KEYS)
+        cfg = getattr(cfg, part) if part != "async" else getattr(cfg, "async_")
     return cfg
 
 

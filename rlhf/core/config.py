@@ -171,6 +171,19 @@ class PPOConfig:
 
 
 @dataclass
+class AsyncRolloutConfig:
+    """`rollout.async` (written `async_` here: `async` is a Python keyword; recipes and overrides say
+    `rollout.async`): generation and scoring of the next steps' batches run while the trainer updates
+    (trainers/pipeline.py). A batch's staleness is how many updates the policy it trains had made since
+    the weights that sampled it; the importance ratio is against its sampling logprobs either way."""
+    enabled: bool = False
+    max_staleness: int = 1  # updates a batch may lag the policy it trains; 0 = the synchronous loop, sample for sample
+    # wait: generation pauses until the trainer catches up, so no batch is older than max_staleness;
+    # drop: generation never waits (max_staleness + 1 batches queued at most) and an older batch is dropped
+    on_stale: str = "wait"
+
+
+@dataclass
 class RolloutConfig:
     num_workers: int = 1  # Ray actors, each hosting one vLLM engine
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -182,6 +195,7 @@ class RolloutConfig:
     max_retries: int = 1  # a rollout or reward worker that died is replaced and its call retried this many times; 0 = no retry
     max_model_len: int = 1024  # longest prompt + completion an engine accepts, in tokens; > the max_new_tokens caps
     threads_per_worker: int = 0  # CPU engines' intra-op threads; 0 = the machine's CPUs shared among the workers
+    async_: AsyncRolloutConfig = field(default_factory=AsyncRolloutConfig)  # `rollout.async` in recipes
 
 
 @dataclass
@@ -396,6 +410,23 @@ def _check_moved_keys(tree: DictConfig, overrides: list[str], path: Path) -> Non
                 raise RecipeError(f"override {item!r}: `{old}` is now `{new}`; write {new}={item.split('=', 1)[1]}")
 
 
+# a recipe's key -> its field's name where the key is a Python keyword
+_KEYWORD_KEYS = {"rollout.async": "rollout.async_"}
+
+
+def _python_spellings(tree: DictConfig, overrides) -> tuple[DictConfig, list[str]]:
+    """`rollout.async` in a recipe or an override, as the dataclass field `rollout.async_` it is."""
+    overrides = list(overrides)
+    for key, field_name in _KEYWORD_KEYS.items():
+        section, name = key.split(".")
+        node = tree.get(section)
+        if isinstance(node, DictConfig) and name in node:
+            node[field_name.split(".")[1]] = node.pop(name)
+        overrides = [field_name + item[len(key):] if item.startswith((key + ".", key + "=")) else item
+                     for item in overrides]
+    return tree, overrides
+
+
 def load_recipe(name: str, overrides: list[str] = ()) -> RecipeConfig:
     """Load, merge, override and validate a recipe; returns a typed `RecipeConfig`."""
     path = resolve_recipe_path(name)
@@ -404,6 +435,7 @@ def load_recipe(name: str, overrides: list[str] = ()) -> RecipeConfig:
         if "=" not in item:
             raise RecipeError(f"override {item!r} must look like key.path=value")
     _check_moved_keys(tree, list(overrides), path)
+    tree, overrides = _python_spellings(tree, overrides)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(RecipeConfig), tree)
     except OmegaConfBaseException as e:

@@ -6,11 +6,13 @@ algos/updates.py), so this file tests neither's name.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from speechrl.rlhf.algos import UPDATES
-from speechrl.rlhf.core.config import RecipeConfig, RunStopped
+from speechrl.rlhf.core.config import RecipeConfig, RecipeError, RunStopped
 from speechrl.rlhf.core.run_dir import (RunLogger, due, find_resume_dir, latest_checkpoint, new_run_dir,
                                         resume_hint, resume_run, stop_on_write_error, write_trainer_state,
                                         writing_checkpoint)
@@ -27,6 +29,7 @@ from speechrl.rlhf.model.backbone import load_processor
 from speechrl.rlhf.modes import get_mode
 from speechrl.rlhf.modes.base import optional
 from speechrl.rlhf.trainers.judges import prebuild_judges
+from speechrl.rlhf.trainers.pipeline import RolloutPipeline
 from speechrl.rlhf.workers.placement import release, reserve
 from speechrl.rlhf.workers.policy_group import PolicyClient, make_policy_workers
 from speechrl.rlhf.workers.ray_setup import start_ray
@@ -59,6 +62,10 @@ class OnlineRecipe:
         self.cfg, self.resume = cfg, resume
         self.mode = get_mode(cfg)
         self.step = 0
+        self.pipeline: Optional[RolloutPipeline] = None  # rollout.async: batches made while the trainer updates
+        self.engine_weights = None  # what the engines were last sent (None: the backbone they started from)
+        self._engine_calls: dict[int, int] = {}  # generate calls so far, per step (next_engine_seed)
+        self._seed_lock = threading.Lock()
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -95,6 +102,10 @@ class OnlineRecipe:
         seed_everything(cfg.seed)
         self.owns_ray = start_ray(cfg)
         self.placement = reserve(cfg, policy=with_policy)
+        if with_policy and cfg.rollout.async_.enabled and self.placement.engines_sleep:
+            raise RecipeError(f"rollout.async needs engines that stay awake while the trainer updates; ray.layout="
+                              f"{self.placement.layout} puts them to sleep on the trainer's GPU. Use "
+                              "ray.layout=separate, or rollout.async.enabled=false")
         self.backbone_path = self.mode.backbone_path()
         processor = load_processor(self.backbone_path)  # the driver needs no weights
         self.task = self.mode.setup_task(processor)  # builds the codec, once, before any worker needs it
@@ -113,14 +124,15 @@ class OnlineRecipe:
         self.transport = TRANSPORTS.get(cfg.rollout.weight_transport)()
 
     def generate(self, requests, n: Optional[int] = None, temperature: Optional[float] = None,
-                 max_new_tokens: Optional[int] = None):
+                 max_new_tokens: Optional[int] = None, step: Optional[int] = None):
         """n samples per request (default: the recipe's sampling settings); evaluation passes its own.
+        `step`: the batch they are for (default: the loop's step; the async producer's is ahead).
         A rollout worker that dies is replaced and the call retried (rollout.max_retries)."""
         s = self.cfg.rollout.sampling
         n = s.n if n is None else n
         temperature = s.temperature if temperature is None else temperature
         max_new_tokens = s.max_new_tokens if max_new_tokens is None else max_new_tokens
-        engine_seed = self.next_engine_seed()
+        engine_seed = self.next_engine_seed(self.step if step is None else step)
         for attempt in range(self.cfg.rollout.max_retries + 1):
             try:
                 # The engines are reseeded for every call from (seed, step, call), so a resumed run, or one
@@ -131,15 +143,18 @@ class OnlineRecipe:
                                        stop_token_ids=self.task.stop_ids, engine_seed=engine_seed)
             except RolloutWorkerDied as e:
                 self.replace_worker(e, attempt)
-                self.sync()
+                self.sync(self.engine_weights)  # the weights the other engines hold
 
-    def next_engine_seed(self) -> int:
+    def next_engine_seed(self, step: int) -> int:
         """The engines' seed for the next generate call: a hash of (run seed, step, the call's number
-        within the step), so it depends on where the run is, not on what the engines did before."""
-        step, calls = getattr(self, "_engine_calls", (self.step, 0))
-        calls = calls if step == self.step else 0
-        self._engine_calls = (self.step, calls + 1)
-        digest = hashlib.sha256(f"{self.cfg.seed}|{self.step}|{calls}".encode()).digest()
+        within the step), so it depends on where the run is, not on what the engines did before, nor
+        on which thread asked first (the async producer generates for later steps than the loop)."""
+        with self._seed_lock:
+            calls = self._engine_calls.get(step, 0)
+            self._engine_calls[step] = calls + 1
+            if len(self._engine_calls) > 64:  # steps long past; the producer runs at most a few ahead
+                del self._engine_calls[min(self._engine_calls)]
+        digest = hashlib.sha256(f"{self.cfg.seed}|{step}|{calls}".encode()).digest()
         return int.from_bytes(digest[:8], "little") >> 2  # room for the per-worker offset below 2**63
 
     def score(self, samples, requests):
@@ -199,15 +214,17 @@ class OnlineRecipe:
                                                [self.placement.options(self.placement.engines[k])],
                                                sleep_mode=self.placement.engines_sleep, lora_rank=self.lora_rank)[0]
 
-    def sync(self) -> None:
-        """The policy's weights to every engine (in a LoRA run its adapter alone: PolicyWorker.weights).
-        An engine that dies while loading them is replaced and the sync sent again (the soak run found
-        this: a kill during the sync stopped the run)."""
+    def sync(self, weights=None) -> None:
+        """`weights` (default: the policy's now) to every engine (in a LoRA run its adapter alone:
+        PolicyWorker.weights). An engine that dies while loading them is replaced and the sync sent
+        again (the soak run found this: a kill during the sync stopped the run)."""
         if self.policy is None:  # a checkpoint's evaluation: the engines serve it as saved
             return
+        weights = self.policy.stored_weights() if weights is None else weights
+        self.engine_weights = weights
         for attempt in range(self.cfg.rollout.max_retries + 1):
             try:
-                self.transport.send(self.policy.stored_weights(), self.workers)
+                self.transport.send(weights, self.workers)
                 return
             except RolloutWorkerDied as e:
                 self.replace_worker(e, attempt)
@@ -227,7 +244,28 @@ class OnlineRecipe:
                 log.warning("step %d: a rollout worker died during %s (%s)", self.step, method, type(e).__name__)
 
     def evaluate(self, step: int) -> dict:
-        return self.mode.evaluate_online(step, self.generate, self.score_batch, self.score, self.policy)
+        with self.pipeline.engines() if self.pipeline else nullcontext():  # the producer waits meanwhile
+            return self.mode.evaluate_online(step, self.generate, self.score_batch, self.score, self.policy)
+
+    def produce(self, step: int) -> tuple:
+        """Batch `step`'s rollout and scores, and the seconds each took: one step's generate and score
+        phases (the async producer calls it for steps ahead of the loop's)."""
+        began = time.perf_counter()
+        requests, samples = self.mode.rollout(step, functools.partial(self.generate, step=step))
+        generated = time.perf_counter()
+        scores = self.score(samples, requests)
+        return requests, samples, scores, {"generate": generated - began, "score": time.perf_counter() - generated}
+
+    def start_pipeline(self) -> Optional[RolloutPipeline]:
+        """The async producer (rollout.async.enabled), or None for the synchronous loop."""
+        a = self.cfg.rollout.async_
+        if not a.enabled:
+            return None
+        if self.engine_weights is None:  # what a replaced engine must get until the first publish
+            self.engine_weights = self.policy.stored_weights()
+        log.info("async rollouts: max_staleness=%d, on_stale=%s", a.max_staleness, a.on_stale)
+        return RolloutPipeline(self.produce, self.sync, start_step=self.start_step, end_step=self.cfg.train.steps,
+                               max_staleness=a.max_staleness, on_stale=a.on_stale).start()
 
     def train(self) -> dict:
         cfg, timer = self.cfg, PhaseTimer()
@@ -235,14 +273,23 @@ class OnlineRecipe:
         if self.start_step == 0:
             self.logger.log(0, self.evaluate(0))  # the starting policy: "WER before" in the summary
         start = time.time()
+        self.pipeline = self.start_pipeline()
         bar = tqdm(range(self.start_step, cfg.train.steps), initial=self.start_step, total=cfg.train.steps,
                    desc=cfg.algorithm, unit="step", dynamic_ncols=True)
         for step in bar:
             done, self.step = step + 1, step
-            with timer("generate"):
-                requests, samples = self.mode.rollout(step, self.generate)
-            with timer("score"):
-                scores = self.score(samples, requests)
+            if self.pipeline is None:
+                with timer("generate"):
+                    requests, samples = self.mode.rollout(step, self.generate)
+                with timer("score"):
+                    scores = self.score(samples, requests)
+                produced = {}
+            else:  # made while the trainer updated: the loop only waits for what is not ready yet
+                with timer("wait"):
+                    item, dropped = self.pipeline.take(step)
+                requests, samples, scores = item.requests, item.samples, item.scores
+                produced = {"async/staleness": float(step - item.version), "async/dropped": float(dropped),
+                            **{f"async/{k}_s": v for k, v in item.seconds.items()}}
             with timer("advantages"):
                 batch, update_metrics = self.update.prepare(samples, scores, requests, self.policy)
                 if batch is not None and batch.pairs:  # online DPO's pairs, kept in the mode's format
@@ -255,8 +302,12 @@ class OnlineRecipe:
                 metrics = {**(self.policy.train(batch) if batch is not None else {}), **update_metrics}
             with timer("sync"):
                 self.engines_call("wake_up")
-                self.sync()
+                if self.pipeline is None:
+                    self.sync()
+                else:  # the producer loads them before its next batch
+                    self.pipeline.publish(done, self.policy.stored_weights())
             with timer("log"):
+                metrics.update(produced)
                 metrics.update(scores.metrics())
                 metrics["rollout/completion_tokens"] = float(np.mean([len(s.completion_ids) for s in samples]))
                 metrics["rollout/truncated"] = float(np.mean([s.finish_reason == "length" for s in samples]))
@@ -275,7 +326,13 @@ class OnlineRecipe:
                              **{key.split("/")[-1]: f"{metrics[key]:.3f}" for key in self.mode.plot_keys()[:1]
                                 if key in metrics}})
         self.elapsed = time.time() - start
+        self.close_pipeline()
         return self.finish()
+
+    def close_pipeline(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.close()
+            self.pipeline = None
 
     def save_checkpoint(self, step: int, metrics: dict) -> None:
         with writing_checkpoint(self.run_dir, step, self.cfg.train.keep_checkpoints) as path:
@@ -330,6 +387,7 @@ class OnlineRecipe:
         its placement group released, so the next run there starts with every resource free."""
         import ray
 
+        self.close_pipeline()
         if ray.is_initialized() and not getattr(self, "owns_ray", False):
             policy = getattr(self, "policy", None)
             for actor in [*(policy.actors if policy else []), *getattr(self, "workers", []),

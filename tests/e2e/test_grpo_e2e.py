@@ -88,11 +88,11 @@ def test_interrupted_run_resumes_as_the_run_it_continues_and_killed_workers_chan
             killed.append("reward")
         return score_batch(self, batch)
 
-    def kill_rollout_as_step_4_syncs(self):
+    def kill_rollout_as_step_4_syncs(self, *args):
         if self.step == 3 and killed == ["rollout", "reward"]:
             ray.kill(self.workers[0])
             killed.append("rollout, at the sync")
-        return sync(self)
+        return sync(self, *args)
 
     monkeypatch.setattr(OnlineRecipe, "generate", kill_rollout_before_step_2)
     monkeypatch.setattr(OnlineRecipe, "score_batch", kill_reward_while_scoring_step_3)
