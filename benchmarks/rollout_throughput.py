@@ -8,7 +8,6 @@ Prints markdown tables (pasted into the README with the machine they ran on).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from grpo_step import grpo_phase_split  # benchmarks/ is the script's folder
 
 
 def three_second_prompts(count: int, sample_rate: int) -> list[np.ndarray]:
@@ -100,18 +101,6 @@ def bench_rollout_workers(path, clips, n, tokens, temperature, rollout_cfg, repe
             "seconds": seconds, "startup": startup}
 
 
-def grpo_phase_split(path, steps: int, workdir: Path) -> dict:
-    from speechrl.rlhf.core.config import load_recipe
-    from speechrl.rlhf.trainers.grpo import run_grpo
-
-    cfg = load_recipe("asr/grpo", [f"run.init_from={path}", f"train.steps={steps}", f"run.output_dir={workdir}",
-                                   "run.name=bench", f"train.eval_every={steps}", f"train.checkpoint_every={steps}"])
-    run_grpo(cfg)
-    rows = [json.loads(line) for line in (workdir / "bench" / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "time/step" in r][1:]  # step 1 carries vLLM's first-call warm-up
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k.startswith("time/")}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", help="backbone dir (default: the embedded tiny backbone)")
@@ -148,9 +137,10 @@ def main() -> None:
     if args.grpo_steps:
         with tempfile.TemporaryDirectory() as tmp:
             split = grpo_phase_split(path, args.grpo_steps, Path(tmp))
+            split = {k: v for k, v in split.items() if k.startswith("time/")}
         step = split.pop("time/step")
         split.pop("time/checkpoint", None)
-        print(f"\nGRPO step, mean of steps 2..{args.grpo_steps} (recipes/asr/grpo.yaml): {step:.2f} s")
+        print(f"\nGRPO step, mean of steps 2..{args.grpo_steps - 1} (recipes/asr/grpo.yaml): {step:.2f} s")
         print("| phase | seconds | share |")
         print("|---|---:|---:|")
         for k, v in split.items():

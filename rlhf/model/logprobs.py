@@ -103,15 +103,69 @@ def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, allowed: 
     if batch.audio_index is not None:
         logp, hidden = _shared_prompt_logprobs(model, batch, temperature, allowed, with_hidden)
         return (logp, hidden) if with_hidden else logp
+    head = AllowedHead.of(model, allowed)
     if batch.input_features is None:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=with_hidden)
+        kwargs = dict(input_ids=batch.input_ids)
     else:  # every row in full;
         # encode_audio, not the model's own forward: a frozen tower's outputs are cached (tower_cache.py)
         index = torch.arange(len(batch.input_ids), device=batch.input_ids.device)
-        embeds = _inputs_embeds(model, batch.input_ids, batch.input_features, batch.feature_attention_mask, index)
-        out = model(inputs_embeds=embeds, attention_mask=batch.attention_mask, output_hidden_states=with_hidden)
-    logp = _logprobs(out.logits[:, :-1], batch.input_ids[:, 1:], temperature, allowed, batch.completion_mask)
+        kwargs = dict(inputs_embeds=_inputs_embeds(model, batch.input_ids, batch.input_features,
+                                                   batch.feature_attention_mask, index))
+    targets, valid = batch.input_ids[:, 1:], batch.completion_mask
+    if head:  # the decoder's hidden states; logits of the allowed ids at completion positions only
+        hidden = audio_model(model)(attention_mask=batch.attention_mask, **kwargs).last_hidden_state[:, :-1]
+        r, t = valid.nonzero(as_tuple=True)
+        picked = head.logprobs(hidden[r, t], targets[r, t], temperature)
+        logp = torch.zeros(valid.shape, dtype=picked.dtype, device=valid.device).index_put((r, t), picked)
+        return (logp, hidden) if with_hidden else logp
+    out = model(attention_mask=batch.attention_mask, output_hidden_states=with_hidden, **kwargs)
+    logp = _logprobs(out.logits[:, :-1], targets, temperature, allowed, valid)
     return (logp, out.hidden_states[-1][:, :-1]) if with_hidden else logp
+
+
+class AllowedHead:
+    """The LM head's rows for a static decoding constraint: logits over the allowed ids alone.
+
+    With the constraint, the full-vocabulary log-softmax is -inf outside the allowed ids, so the
+    logsumexp over the allowed logits is the same number, at |allowed| / V of the head's work, forward
+    and backward (ASR: 395 of 1425 ids) and no [positions, V] logits tensor; only completion positions
+    are computed. Used on one plain (or PEFT) model; a DeepSpeed- or FSDP-wrapped model computes its
+    head inside its own forward (its hooks gather the weights), and a per-position constraint (realtime's
+    LayoutMask) needs every logit: both keep the full path (`of` returns None).
+    """
+
+    def __init__(self, lm_head: torch.nn.Linear, allowed: torch.Tensor):
+        self.lm_head = lm_head
+        self.ids = allowed.nonzero().squeeze(-1).to(lm_head.weight.device)
+        self.position = torch.full((len(allowed),), -1, dtype=torch.long, device=self.ids.device)
+        self.position[self.ids] = torch.arange(len(self.ids), device=self.ids.device)
+
+    @classmethod
+    def of(cls, model, allowed: Allowed) -> Optional["AllowedHead"]:
+        if not isinstance(allowed, torch.Tensor) or getattr(model, "module", None) is not None:
+            return None  # no static constraint, or a DeepSpeed engine
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        head = getattr(base, "lm_head", None)
+        if type(head) is not torch.nn.Linear or type(head.weight) is not torch.nn.Parameter:
+            return None  # a sharded (DTensor) or adapted head
+        from torch.distributed.fsdp import FSDPModule
+
+        if any(isinstance(m, FSDPModule) for m in base.modules()):
+            return None
+        return cls(head, allowed)
+
+    def logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+        """log p(target) for each row of `hidden` [N, H]; 0 where the target is not allowed (a prompt
+        token: its position is never read, as in `_logprobs`)."""
+        weight = self.lm_head.weight.index_select(0, self.ids)
+        bias = None if self.lm_head.bias is None else self.lm_head.bias.index_select(0, self.ids)
+        logits = torch.nn.functional.linear(hidden, weight, bias).float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        column = self.position[targets]
+        picked = logits.gather(-1, column.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        logp = picked - torch.logsumexp(logits, dim=-1)
+        return torch.where(column >= 0, logp, torch.zeros_like(logp))
 
 
 def _logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, allowed: Allowed,
@@ -176,8 +230,15 @@ def _shared_prompt_logprobs(model, batch: TokenBatch, temperature: float, allowe
     valid = torch.arange(steps, device=device)[None, :] < comp_len[:, None]
     comp_ids = ids.gather(1, positions.clamp(max=width - 1))
     predict = _cache_predictions if _cache_carries_gradients(model) else _packed_predictions
-    logits, hidden = predict(model, batch, prompt_len, comp_len, first_row, prompt_mask, comp_ids, valid, with_hidden)
-    logp = _logprobs(logits, comp_ids, temperature, allowed, valid)
+    head = AllowedHead.of(model, allowed)
+    logits, hidden = predict(model, batch, prompt_len, comp_len, first_row, prompt_mask, comp_ids, valid,
+                             with_hidden or head is not None, head is None)
+    if head is None:
+        logp = _logprobs(logits, comp_ids, temperature, allowed, valid)
+    else:  # the allowed ids' logits at the completion positions alone
+        vr, vt = valid.nonzero(as_tuple=True)
+        logp = torch.zeros(valid.shape, device=device).index_put(
+            (vr, vt), head.logprobs(hidden[vr, vt], comp_ids[vr, vt], temperature))
     r, t = valid.nonzero(as_tuple=True)
     where = (r, positions[r, t] - 1)  # back onto the [rows, width - 1] grid of the plain path
     grid = torch.zeros(rows, width - 1, dtype=logp.dtype, device=device).index_put(where, logp[r, t])
@@ -186,30 +247,36 @@ def _shared_prompt_logprobs(model, batch: TokenBatch, temperature: float, allowe
     return grid, hidden.new_zeros(rows, width - 1, hidden.shape[-1]).index_put(where, hidden[r, t])
 
 
-def _cache_predictions(model, batch, prompt_len, comp_len, first_row, prompt_mask, comp_ids, valid, with_hidden):
-    """Each row's outputs predicting its completion tokens [B, S, ...] (logits, last hidden states or
-    None): the prompts run once, their KV cache repeated for their rows, then the completions."""
+def _cache_predictions(model, batch, prompt_len, comp_len, first_row, prompt_mask, comp_ids, valid, with_hidden,
+                       with_logits=True):
+    """Each row's outputs predicting its completion tokens [B, S, ...] (logits or None, last hidden
+    states or None): the prompts run once, their KV cache repeated for their rows, then the completions.
+    Without logits the decoder runs without its LM head (AllowedHead computes what is needed)."""
     index = batch.audio_index
     embeds = _inputs_embeds(model, batch.input_ids[first_row, :prompt_mask.shape[1]], batch.input_features,
                             batch.feature_attention_mask, torch.arange(len(first_row), device=index.device))
-    prompt_out = model(inputs_embeds=embeds, attention_mask=prompt_mask.long(), use_cache=True,
-                       output_hidden_states=with_hidden)
+    run = model if with_logits else audio_model(model)
+    prompt_out = run(inputs_embeds=embeds, attention_mask=prompt_mask.long(), use_cache=True,
+                     output_hidden_states=with_hidden and with_logits)
     cache = prompt_out.past_key_values
     cache.reorder_cache(index)  # one copy of its prompt's keys/values per row (differentiable)
     positions = prompt_len[:, None] + torch.arange(comp_ids.shape[1], device=index.device)[None, :]
     attention = torch.cat([prompt_mask[index], valid], dim=1).long()
-    comp_out = model(input_ids=comp_ids, attention_mask=attention, position_ids=positions,
-                     past_key_values=cache, output_hidden_states=with_hidden)
+    comp_out = run(input_ids=comp_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                   output_hidden_states=with_hidden and with_logits)
 
     def predicting(prompt_part: torch.Tensor, comp_part: torch.Tensor) -> torch.Tensor:
         # completion token t is predicted by the previous position: the prompt's last one for t = 0
         return torch.cat([prompt_part[index, prompt_len - 1][:, None], comp_part[:, :-1]], dim=1)
 
+    if not with_logits:
+        return None, predicting(prompt_out.last_hidden_state, comp_out.last_hidden_state)
     hidden = predicting(prompt_out.hidden_states[-1], comp_out.hidden_states[-1]) if with_hidden else None
     return predicting(prompt_out.logits, comp_out.logits), hidden
 
 
-def _packed_predictions(model, batch, prompt_len, comp_len, first_row, prompt_mask, comp_ids, valid, with_hidden):
+def _packed_predictions(model, batch, prompt_len, comp_len, first_row, prompt_mask, comp_ids, valid, with_hidden,
+                        with_logits=True):
     """As `_cache_predictions`, from one forward pass over each group packed in one sequence."""
     from speechrl.rlhf.model.packing import attention_mask_4d, pack_groups
 
@@ -219,9 +286,12 @@ def _packed_predictions(model, batch, prompt_len, comp_len, first_row, prompt_ma
                             torch.arange(len(first_row), device=index.device))
     attention = audio_model(model).language_model.config._attn_implementation
     mask = attention_mask_4d(packed.allowed, attention, embeds.dtype)
-    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=packed.position_ids, use_cache=False,
-                output_hidden_states=with_hidden)
+    run = model if with_logits else audio_model(model)
+    out = run(inputs_embeds=embeds, attention_mask=mask, position_ids=packed.position_ids, use_cache=False,
+              output_hidden_states=with_hidden and with_logits)
     rows = index[:, None]
+    if not with_logits:
+        return None, out.last_hidden_state[rows, packed.predictor]
     hidden = out.hidden_states[-1][rows, packed.predictor] if with_hidden else None
     return out.logits[rows, packed.predictor], hidden
 

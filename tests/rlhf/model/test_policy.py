@@ -172,3 +172,50 @@ def test_bf16_forwards_keep_fp32_master_weights_and_agree_with_fp32(sft_config, 
     assert all(p.dtype == torch.float32 for p in params)
     state = [s for s in bf16.optimizer.optimizer.state.values() if s]
     assert state and all(s["exp_avg"].dtype == torch.float32 for s in state)
+
+
+@pytest.mark.parametrize("layout", ["shared", "private", "packed", "text"])
+def test_the_allowed_ids_head_gives_the_full_heads_logprobs_and_grads(sft_assets, monkeypatch, layout):
+    """Under a static decoding constraint the trainer computes the LM head over the allowed ids only
+    (logprobs.AllowedHead); the logprobs, hidden states and gradients are the full head's, masked."""
+    import numpy as np
+
+    from speechrl.rlhf.model import logprobs as lp
+    from speechrl.rlhf.model.backbone import load_backbone
+
+    backbone = load_backbone(sft_assets[0])
+    model = backbone.model
+    rng = np.random.default_rng(1)
+    clips = [rng.normal(0, 0.1, 16000 * s).astype(np.float32) for s in (1, 2)]
+    prompts, completions, audios, batch = _grpo_like_batch(backbone, clips, n=3)
+    if layout == "private":
+        batch = lp.build_token_batch(backbone.processor, prompts, completions, [a.copy() for a in audios],
+                                     backbone.tokenizer.pad_token_id)
+    elif layout == "text":
+        batch = lp.build_token_batch(backbone.processor, [p[-12:] for p in prompts], completions,
+                                     [None] * len(prompts), backbone.tokenizer.pad_token_id)
+        batch.audio_index = None  # every row in full
+    elif layout == "packed":
+        model.gradient_checkpointing_enable()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    allowed = lp.vocab_mask(list(range(300)) + [vocab - 1], vocab)
+    assert lp.AllowedHead.of(model, allowed) is not None
+
+    def run():
+        model.zero_grad()
+        logp, hidden = lp.token_logprobs(model, batch, 0.7, allowed, with_hidden=True)
+        (logp * batch.completion_mask).sum().backward()
+        return logp.detach(), hidden.detach(), {k: p.grad.clone() for k, p in model.named_parameters()
+                                                if p.grad is not None}
+
+    fast = run()
+    monkeypatch.setattr(lp.AllowedHead, "of", classmethod(lambda cls, model, allowed: None))
+    full = run()
+    model.gradient_checkpointing_disable()
+    mask = batch.completion_mask
+    assert torch.allclose(fast[0][mask], full[0][mask], atol=1e-5) and bool((fast[0][mask] < 0).all())
+    assert torch.allclose(fast[1][mask], full[1][mask], atol=1e-5)
+    assert fast[2].keys() == full[2].keys() and "lm_head.weight" in fast[2]
+    for k in full[2]:
+        assert torch.allclose(fast[2][k], full[2][k], atol=1e-5), k
+    assert bool((fast[2]["lm_head.weight"][300:vocab - 1] == 0).all()), "rows outside the constraint get no gradient"
