@@ -15,7 +15,7 @@ from speechrl.rlhf.core.config import RecipeConfig
 from speechrl.rlhf.core.registry import MODES
 from speechrl.rlhf.model.backbone import IM_END, text_token_ids
 from speechrl.rlhf.model.prompts import render_prompt
-from speechrl.rlhf.modes.base import Mode, batch_indices
+from speechrl.rlhf.modes.base import Mode, PreferenceRow, batch_indices
 from speechrl.rollouts.local import greedy_transcribe
 from speechrl.rollouts.types import RolloutRequest
 
@@ -130,7 +130,7 @@ def heldout_asr(model, processor, dataset, max_examples: int, max_new_tokens: in
 @MODES.register("asr")
 class AsrMode(Mode):
     name = "asr"
-    algorithms = ("sft", "grpo", "ppo")
+    algorithms = ("sft", "grpo", "ppo", "online_dpo", "dpo")
     default_algorithm = "grpo"
     headlines = [("held-out WER", "eval/wer"), ("held-out CER", "eval/cer")]
     # SFT stops while the model still confuses words, so GRPO has errors left to remove in the demo
@@ -156,6 +156,7 @@ class AsrMode(Mode):
 
     def setup_online(self, run_dir: Path, logger, window_seconds: float) -> None:
         self.train_set, self.eval_set = self.datasets(window_seconds)
+        self.audio_paths = {ex.id: ex.audio for ex, _ in self.train_set.items}  # for online DPO's saved pairs
 
     def rollout(self, step: int, generate) -> tuple[list[RolloutRequest], list]:
         idx = batch_indices(len(self.train_set), self.cfg.rl.prompts_per_step, step, self.cfg.seed)
@@ -168,6 +169,66 @@ class AsrMode(Mode):
 
     def rollout_row(self, sample) -> dict:
         return {"completion": sample.text}
+
+    def save_pairs(self, path: Path, step: int, samples, total: np.ndarray, pairs: list[tuple[int, int]]) -> None:
+        """Online DPO's pairs of one round, one JSON row each: the clip (its id, corpus audio file and
+        reference transcript) and the better and worse sampled transcripts with their rewards."""
+        import json
+
+        def transcript(i: int) -> dict:
+            return {"text": samples[i].text, "reward": float(total[i])}
+
+        rows = [{"id": samples[c].metadata["id"], "audio": self.audio_paths.get(samples[c].metadata["id"]),
+                 "reference": samples[c].metadata["text"], "chosen": transcript(c), "rejected": transcript(r)}
+                for c, r in pairs]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def preference_rows(self, source: str) -> tuple[list[PreferenceRow], dict]:
+        """Pairs of transcripts of one clip, as `save_pairs` writes them: a .jsonl file, or a folder of
+        them (an online DPO run's `pairs/`). Each row needs `audio` (a file), `chosen.text` and
+        `rejected.text`; a bad row is skipped with a warning naming its file, line and field, or stops
+        the run under data.on_bad_example=fail."""
+        import json
+
+        from speechrl.data.audio import BadExample, load_audio
+        from speechrl.rlhf.model.logprobs import prompt_ids_for
+
+        path = Path(source).expanduser()
+        files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+        if not files:
+            raise ValueError(f"dpo.data={source}: a folder without .jsonl files")
+        end = [self.task.tokenizer.convert_tokens_to_ids(IM_END)]
+        fe = self.task.processor.feature_extractor
+        window = fe.n_samples / fe.sampling_rate  # the encoder's window: a longer clip is a bad row
+        clips: dict[str, tuple] = {}  # audio file -> (clip, prompt ids): each read once, shared by its pairs
+        rows, bad = [], []
+        for f in files:
+            for number, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                where = f"{f}:{number}"
+                try:
+                    row = json.loads(line)
+                    audio, texts = row.get("audio"), [row.get(k, {}).get("text") for k in ("chosen", "rejected")]
+                    if not isinstance(audio, str):
+                        raise ValueError("`audio` must name the clip's file")
+                    if not all(isinstance(t, str) and t.strip() for t in texts):
+                        raise ValueError("`chosen.text` and `rejected.text` must be non-empty transcripts")
+                    if audio not in clips:
+                        clip = load_audio(audio, self.cfg.data.sample_rate, max_seconds=window)
+                        clips[audio] = (clip, prompt_ids_for(self.task.processor, self.task.prompt, clip))
+                    clip, prompt = clips[audio]
+                    chosen, rejected = (self.task.tokenizer(t, add_special_tokens=False)["input_ids"] + end for t in texts)
+                    rows.append(PreferenceRow(prompt, chosen, rejected, clip))
+                except (ValueError, AttributeError, BadExample) as e:  # json errors are ValueErrors
+                    reason = f"{where}: " + (f"{e.source}: {e.reason}" if isinstance(e, BadExample) else str(e))
+                    if self.cfg.data.on_bad_example == "fail":
+                        raise ValueError(f"{reason} (data.on_bad_example=fail; `skip` leaves such rows out)") from e
+                    log.warning("skipping preference pair %s", reason)
+                    bad.append(reason)
+        log.info("preference pairs: %d usable, %d skipped, from %d file(s)", len(rows), len(bad), len(files))
+        return rows, {"pairs": len(rows), "bad": bad[:20], "files": len(files)}
 
     def evaluate_online(self, step, generate, score_batch, score, policy) -> dict:
         c = self.cfg

@@ -8,7 +8,7 @@ mode's name; a new mode is one file here plus its recipes (docs/architecture.md)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, NamedTuple, Optional
 
 import numpy as np
 
@@ -19,6 +19,14 @@ from speechrl.rollouts.types import RolloutRequest
 
 Generate = Callable[..., list]  # generate(requests, n=None, temperature=None, max_new_tokens=None) -> samples
 
+
+
+class PreferenceRow(NamedTuple):
+    """One offline preference pair as the trainer reads it: token in, token out."""
+    prompt_ids: list[int]
+    chosen_ids: list[int]  # completion ids, end token included
+    rejected_ids: list[int]
+    audio: Optional[np.ndarray]  # the prompt's clip (ASR), or None for a text-only prompt (TTS)
 
 class Mode:
     name: ClassVar[str]
@@ -86,6 +94,11 @@ class Mode:
     def save_pairs(self, path: Path, step: int, samples, total: np.ndarray, pairs: list[tuple[int, int]]) -> None:
         """Online DPO's (chosen, rejected) samples of one round, in this mode's format."""
         raise NotImplementedError(f"mode {self.name!r} has no preference-pair format")
+
+    def preference_rows(self, source: str) -> tuple[list["PreferenceRow"], dict]:
+        """Offline DPO's pairs read from `dpo.data` (after `setup_task`), as token rows, and a summary
+        of what was read and left out."""
+        raise NotImplementedError(f"mode {self.name!r} has no offline preference format")
 
     def label_evaluation(self, label: str) -> None:
         """Name the evaluation's outputs (`speechrl eval` names the checkpoint); nothing by default."""

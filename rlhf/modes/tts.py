@@ -15,7 +15,7 @@ from speechrl.rlhf.core.config import RecipeConfig, RecipeError
 from speechrl.rlhf.core.registry import MODES
 from speechrl.rlhf.model.backbone import codec_token_ids
 from speechrl.rlhf.model.prompts import render_tts_prompt
-from speechrl.rlhf.modes.base import Mode, batch_indices
+from speechrl.rlhf.modes.base import Mode, PreferenceRow, batch_indices
 from speechrl.rlhf.modes.tts_eval import TtsEvaluation
 from speechrl.rollouts.types import RolloutRequest
 
@@ -198,6 +198,22 @@ class TtsMode(Mode):
             reason=f"total reward {total[c]:.3f} vs {total[r]:.3f}")
             for c, r in pairs if codec(samples[c].completion_ids) and codec(samples[r].completion_ids)]
         write_preferences(path, rows)
+
+    def preference_rows(self, source: str) -> tuple[list[PreferenceRow], dict]:
+        """The preference format (docs/preferences.md): each pair's text (and voice) as the prompt, its
+        chosen and rejected speech as the recipe codec's ids."""
+        from speechrl.data.preferences import encode_pairs, read_preferences
+
+        on_bad = self.cfg.data.on_bad_example
+        pairs = read_preferences(source, on_bad=on_bad)
+        encoded = encode_pairs(pairs, self.task.codec, on_bad=on_bad)
+        log.info("preference pairs: %d usable of %d (%d bad rows, %d not encodable)", len(encoded),
+                 pairs.num_pairs, len(pairs.bad), len(encoded.bad))
+        task, end = self.task, self.task.tokens.end_id
+        rows = [PreferenceRow(task.prompt_ids(p.pair.text, None if p.voice is None else task.tokens.to_backbone(p.voice)),
+                              task.tokens.to_backbone(p.chosen) + [end], task.tokens.to_backbone(p.rejected) + [end],
+                              None) for p in encoded]
+        return rows, {"read": pairs.summary(), "encoded": encoded.summary()}
 
     def evaluate_offline(self, step, model, processor, eval_set, run_dir, logger) -> dict:
         from speechrl.rewards.worker import RewardWorker

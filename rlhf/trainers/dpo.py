@@ -1,4 +1,5 @@
-"""DPO: offline from a preference dataset (TTS), and the loss both DPO paths share.
+"""DPO: offline from a preference dataset (each mode reads its own: Mode.preference_rows), and the loss
+both DPO paths share.
 
 Offline, against a frozen reference (the starting weights), plus `dpo.sft_weight` times the chosen NLL;
 online DPO (algos/updates.py) calls the same `preference_loss`. Not TRL's DPOTrainer: its batches are
@@ -60,34 +61,28 @@ class DPORecipe(SFTRecipe):
     plot_keys = ["train/loss", "train/reward_margin", "train/reward_accuracy"]
 
     def setup(self) -> None:
-        from speechrl.data.preferences import encode_pairs, read_preferences
         from speechrl.rlhf.model.logprobs import vocab_mask
 
         if not self.cfg.dpo.data:  # checked here, not at load: the shipped recipe is completed on the command line
-            raise RecipeError("offline DPO needs `dpo.data`, a preference file (docs/preferences.md): "
-                              "speechrl train tts/dpo dpo.data=pairs.jsonl run.init_from=<sft run>/final")
+            raise RecipeError(f"offline DPO needs `dpo.data`, a preference file (docs/preferences.md): speechrl train "
+                              f"{self.cfg.mode}/dpo dpo.data=pairs.jsonl run.init_from=<sft run>/final")
         super().setup()
-        pairs = read_preferences(self.cfg.dpo.data, on_bad=self.cfg.data.on_bad_example)
-        self.pairs = encode_pairs(pairs, self.task.codec, on_bad=self.cfg.data.on_bad_example)
-        summary = {"read": pairs.summary(), "encoded": self.pairs.summary()}
+        # the mode reads its own format into token rows (TTS: text -> codec ids; ASR: clip -> transcripts)
+        self.pairs, self.pairs_read = self.mode.preference_rows(self.cfg.dpo.data)
+        summary = self.pairs_read
         if not self.pairs:
             raise ValueError(f"dpo.data={self.cfg.dpo.data}: no usable preference pairs ({summary}); "
                              "see docs/preferences.md for the format")
-        log.info("preference pairs: %d usable of %d (%d bad rows, %d not encodable)", len(self.pairs),
-                 pairs.num_pairs, len(pairs.bad), len(self.pairs.bad))
         vocab = self.backbone.model.get_output_embeddings().weight.shape[0]
         self.allowed = vocab_mask(self.task.allowed_ids, vocab)
 
     def _batch(self, step: int):
-        task, end = self.task, self.task.tokens.end_id
         idx = batch_indices(len(self.pairs), self.cfg.train.batch_size, step, self.cfg.seed)
-        chosen = [self.pairs[int(i)] for i in idx]
-        prompts = [task.prompt_ids(p.pair.text, None if p.voice is None else task.tokens.to_backbone(p.voice))
-                   for p in chosen]
-        return preference_batch(self.backbone.processor, prompts,
-                                [task.tokens.to_backbone(p.chosen) + [end] for p in chosen],
-                                [task.tokens.to_backbone(p.rejected) + [end] for p in chosen],
-                                self.backbone.tokenizer.pad_token_id).to(self.policy.device), len(chosen)
+        rows = [self.pairs[int(i)] for i in idx]
+        audios = None if rows[0].audio is None else [r.audio for r in rows]
+        return preference_batch(self.backbone.processor, [r.prompt_ids for r in rows], [r.chosen_ids for r in rows],
+                                [r.rejected_ids for r in rows], self.backbone.tokenizer.pad_token_id,
+                                audios).to(self.policy.device), len(rows)
 
     def step_loss(self, step: int):
         batch, pairs = self._batch(step)
@@ -95,7 +90,8 @@ class DPORecipe(SFTRecipe):
 
     def summary_rows(self) -> dict:
         last = self.logger.last
-        return {"preference pairs": len(self.pairs), "final reward accuracy": last("train/reward_accuracy"),
+        return {"preference pairs": len(self.pairs), "preference data": self.pairs_read,
+                "final reward accuracy": last("train/reward_accuracy"),
                 "final reward margin": last("train/reward_margin")}
 
 

@@ -1,7 +1,7 @@
 """Asynchronous rollouts end to end (rollout.async, trainers/pipeline.py) through real Ray actors and
 real vLLM engines on the tiny backbone: max_staleness 0 is the synchronous run, number for number;
 with 1 the next batch is sampled during the update, one version behind, with GRPO on two engines and
-with PPO."""
+with PPO (recipes/asr/ppo.yaml)."""
 from __future__ import annotations
 
 import json
@@ -54,14 +54,17 @@ def test_max_staleness_0_is_the_synchronous_run_and_1_overlaps_one_version_behin
     assert "eval/wer" in ahead[-1] and (Path(sync.run.output_dir) / "async1" / "final" / "model.safetensors").is_file()
 
 
-def test_ppo_runs_asynchronously(base):
-    cfg = load_recipe("asr/grpo", [*base, "run.name=ppo1", "algorithm=ppo", "rollout.async.enabled=true",
-                                   "rollout.async.max_staleness=1", "train.steps=2", "train.eval_every=2",
-                                   "train.checkpoint_every=2"])
+def test_asr_ppo_runs_asynchronously(base):
+    """recipes/asr/ppo.yaml (critic and GAE on the WER reward), its next batch sampled during the update."""
+    cfg = load_recipe("asr/ppo", [*base, "run.name=ppo1", "rollout.sampling.n=2", "rollout.async.enabled=true",
+                                  "rollout.async.max_staleness=1", "train.steps=2", "train.eval_every=2",
+                                  "train.checkpoint_every=2"])
+    assert cfg.algorithm == "ppo"
     run_online(cfg)
     ran = rows(cfg, "ppo1")
     assert [r["async/staleness"] for r in ran[1:]] == [0.0, 1.0]
-    assert all("ppo/value_mean" in r for r in ran[1:])
+    assert all(r["ppo/samples"] > 0 and "ppo/value_mean" in r and r["train/value_loss"] >= 0 for r in ran[1:])
+    assert "eval/wer" in ran[-1]
 
 
 def test_async_with_engines_that_sleep_is_refused_before_training(base, monkeypatch):

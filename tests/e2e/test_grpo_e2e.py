@@ -217,3 +217,37 @@ def test_lora_run_syncs_its_adapter_after_a_resume_and_to_a_replaced_worker(base
     assert [r["step"] for r in trained] == [1, 2, 3]
     for r in trained[1:]:
         assert r["train/logprob_gap"] < 1e-3 < r["train/kl"], r
+
+
+def test_asr_online_dpo_pairs_each_clips_best_and_worst_transcript_and_offline_dpo_reads_them(base):
+    """recipes/asr/online_dpo.yaml: two rounds; each round's pairs name their clip and reference, the
+    chosen transcript scored above the rejected one by the WER reward. recipes/asr/dpo.yaml then trains
+    on the run's pairs/ folder, skipping a bad row it names."""
+    cfg = load_recipe("asr/online_dpo", [*base, "run.name=odpo", "dpo.min_reward_gap=0", "train.steps=2",
+                                         "train.eval_every=2", "train.checkpoint_every=2"])
+    run_online(cfg)
+    run_dir = Path(cfg.run.output_dir) / "odpo"
+    logged = [r for r in rows(run_dir) if "time/step" in r]
+    assert len(logged) == 2 and "eval/wer" in logged[-1]
+    pairs = [json.loads(line) for f in sorted((run_dir / "pairs").glob("round-*.jsonl"))
+             for line in f.read_text().splitlines()]
+    assert pairs, "no pairs in two rounds of 4 clips x 4 transcripts"
+    for p in pairs:
+        assert p["chosen"]["reward"] > p["rejected"]["reward"] and p["reference"] and Path(p["audio"]).is_file()
+    assert any(r["train/pairs"] > 0 and "train/reward_margin" in r for r in logged)
+
+    from speechrl.rlhf.trainers.dpo import run_dpo
+
+    with open(run_dir / "pairs" / "zz-bad.jsonl", "w") as f:
+        f.write(json.dumps({"id": "x", "audio": "/nowhere.wav", "chosen": {"text": "go left"},
+                            "rejected": {"text": "go"}}) + "\n")
+    offline = load_recipe("asr/dpo", [*[o for o in base if not o.startswith("rl.")], "run.name=dpo",
+                                      f"dpo.data={run_dir / 'pairs'}", f"run.init_from={run_dir / 'final'}",
+                                      "train.steps=2", "train.batch_size=4", "train.eval_every=2",
+                                      "train.checkpoint_every=2", "train.log_every=1"])
+    summary = run_dpo(offline)
+    assert summary["preference pairs"] == len(pairs)
+    skipped = summary["preference data"]["bad"]  # also logged as a warning
+    assert len(skipped) == 1 and "zz-bad.jsonl:1" in skipped[0] and "/nowhere.wav" in skipped[0]
+    trained = [r for r in rows(Path(offline.run.output_dir) / "dpo") if "train/loss" in r]
+    assert trained and all(0 < r["train/loss"] < 10 for r in trained)

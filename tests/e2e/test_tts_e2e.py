@@ -1,4 +1,4 @@
-"""TTS GRPO and online DPO end to end through real Ray actors and a real vLLM engine, tiny backbone.
+"""TTS GRPO, PPO and online DPO end to end through real Ray actors and a real vLLM engine, tiny backbone.
 
 The engine samples only codec tokens after a text-only prompt and stops at `<|codec_end|>`; the
 reward worker decodes the codec ids to audio; held-out samples are written at every evaluation;
@@ -79,3 +79,16 @@ def test_tts_online_dpo_forms_pairs_from_ranked_samples_and_saves_them(base):
     assert all(len(e.chosen) and len(e.rejected) for e in encoded)
     if any(r["train/pairs"] for r in trained):
         assert any("train/reward_accuracy" in r for r in trained)
+
+
+def test_tts_ppo_trains_a_critic_on_the_speech_rewards(base):
+    """recipes/tts/ppo.yaml: two steps, the value head trained beside the policy on decoded-audio rewards."""
+    from speechrl.rlhf.trainers.online import run_online
+
+    cfg = load_recipe("tts/ppo", [*base, "run.name=ppo", "rollout.sampling.n=2"])
+    assert cfg.algorithm == "ppo"
+    run_online(cfg)
+    logged = [r for r in rows(Path(cfg.run.output_dir) / "ppo") if "time/step" in r]
+    assert len(logged) == 2
+    assert all(r["ppo/samples"] > 0 and r["train/value_loss"] >= 0 and "ppo/reply_kl" in r for r in logged)
+    assert (Path(cfg.run.output_dir) / "ppo" / "final" / "model.safetensors").is_file()

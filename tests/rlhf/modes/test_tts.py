@@ -216,7 +216,7 @@ def test_tts_recipes_validate():
     with pytest.raises(RecipeError, match="dpo.data"):
         run_dpo(load_recipe("tts/dpo"))  # fails before building anything
     with pytest.raises(RecipeError, match="not implemented for mode 'asr'"):
-        load_recipe("asr/sft", ["algorithm=online_dpo"])
+        load_recipe("asr/sft", ["algorithm=reward_model"])
 
 
 @pytest.mark.parametrize("recipe, overrides, message", [
