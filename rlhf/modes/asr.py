@@ -15,7 +15,7 @@ from speechrl.rlhf.core.config import RecipeConfig
 from speechrl.rlhf.core.registry import MODES
 from speechrl.rlhf.model.backbone import IM_END, text_token_ids
 from speechrl.rlhf.model.prompts import render_prompt
-from speechrl.rlhf.modes.base import Mode, PreferenceRow, batch_indices
+from speechrl.rlhf.modes.base import Mode, PreferenceRow, batch_indices, read_pair_rows
 from speechrl.rollouts.local import greedy_transcribe
 from speechrl.rollouts.types import RolloutRequest
 
@@ -189,46 +189,28 @@ class AsrMode(Mode):
         them (an online DPO run's `pairs/`). Each row needs `audio` (a file), `chosen.text` and
         `rejected.text`; a bad row is skipped with a warning naming its file, line and field, or stops
         the run under data.on_bad_example=fail."""
-        import json
-
-        from speechrl.data.audio import BadExample, load_audio
+        from speechrl.data.audio import load_audio
         from speechrl.rlhf.model.logprobs import prompt_ids_for
 
-        path = Path(source).expanduser()
-        files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
-        if not files:
-            raise ValueError(f"dpo.data={source}: a folder without .jsonl files")
         end = [self.task.tokenizer.convert_tokens_to_ids(IM_END)]
         fe = self.task.processor.feature_extractor
         window = fe.n_samples / fe.sampling_rate  # the encoder's window: a longer clip is a bad row
         clips: dict[str, tuple] = {}  # audio file -> (clip, prompt ids): each read once, shared by its pairs
-        rows, bad = [], []
-        for f in files:
-            for number, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                where = f"{f}:{number}"
-                try:
-                    row = json.loads(line)
-                    audio, texts = row.get("audio"), [row.get(k, {}).get("text") for k in ("chosen", "rejected")]
-                    if not isinstance(audio, str):
-                        raise ValueError("`audio` must name the clip's file")
-                    if not all(isinstance(t, str) and t.strip() for t in texts):
-                        raise ValueError("`chosen.text` and `rejected.text` must be non-empty transcripts")
-                    if audio not in clips:
-                        clip = load_audio(audio, self.cfg.data.sample_rate, max_seconds=window)
-                        clips[audio] = (clip, prompt_ids_for(self.task.processor, self.task.prompt, clip))
-                    clip, prompt = clips[audio]
-                    chosen, rejected = (self.task.tokenizer(t, add_special_tokens=False)["input_ids"] + end for t in texts)
-                    rows.append(PreferenceRow(prompt, chosen, rejected, clip))
-                except (ValueError, AttributeError, BadExample) as e:  # json errors are ValueErrors
-                    reason = f"{where}: " + (f"{e.source}: {e.reason}" if isinstance(e, BadExample) else str(e))
-                    if self.cfg.data.on_bad_example == "fail":
-                        raise ValueError(f"{reason} (data.on_bad_example=fail; `skip` leaves such rows out)") from e
-                    log.warning("skipping preference pair %s", reason)
-                    bad.append(reason)
-        log.info("preference pairs: %d usable, %d skipped, from %d file(s)", len(rows), len(bad), len(files))
-        return rows, {"pairs": len(rows), "bad": bad[:20], "files": len(files)}
+
+        def row_of(row: dict) -> PreferenceRow:
+            audio, texts = row.get("audio"), [(row.get(k) or {}).get("text") for k in ("chosen", "rejected")]
+            if not isinstance(audio, str):
+                raise ValueError("`audio` must name the clip's file")
+            if not all(isinstance(t, str) and t.strip() for t in texts):
+                raise ValueError("`chosen.text` and `rejected.text` must be non-empty transcripts")
+            if audio not in clips:
+                clip = load_audio(audio, self.cfg.data.sample_rate, max_seconds=window)
+                clips[audio] = (clip, prompt_ids_for(self.task.processor, self.task.prompt, clip))
+            clip, prompt = clips[audio]
+            chosen, rejected = (self.task.tokenizer(t, add_special_tokens=False)["input_ids"] + end for t in texts)
+            return PreferenceRow(prompt, chosen, rejected, clip)
+
+        return read_pair_rows(source, row_of, self.cfg.data.on_bad_example)
 
     def evaluate_online(self, step, generate, score_batch, score, policy) -> dict:
         c = self.cfg

@@ -28,6 +28,39 @@ class PreferenceRow(NamedTuple):
     rejected_ids: list[int]
     audio: Optional[np.ndarray]  # the prompt's clip (ASR), or None for a text-only prompt (TTS)
 
+
+def read_pair_rows(source: str, row_of: Callable[[dict], PreferenceRow], on_bad: str
+                   ) -> tuple[list[PreferenceRow], dict]:
+    """Preference rows from a .jsonl file, or from every .jsonl file in a folder (an online DPO run's
+    `pairs/`), each line turned into a row by `row_of`. A line that is not JSON, or that `row_of`
+    refuses (ValueError, a BadExample, a missing field), is skipped with a warning naming its file and
+    line, or stops the run with `on_bad` = "fail". Returns the rows and a summary."""
+    import json
+    import logging
+
+    from speechrl.data.audio import BadExample
+
+    log = logging.getLogger(__name__)
+    path = Path(source).expanduser()
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"dpo.data={source}: a folder without .jsonl files")
+    rows, bad = [], []
+    for f in files:
+        for number, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(row_of(json.loads(line)))
+            except (ValueError, AttributeError, KeyError, TypeError, BadExample) as e:  # json errors are ValueErrors
+                reason = f"{f}:{number}: " + (f"{e.source}: {e.reason}" if isinstance(e, BadExample) else str(e))
+                if on_bad == "fail":
+                    raise ValueError(f"{reason} (data.on_bad_example=fail; `skip` leaves such rows out)") from e
+                log.warning("skipping preference pair %s", reason)
+                bad.append(reason)
+    log.info("preference pairs: %d usable, %d skipped, from %d file(s)", len(rows), len(bad), len(files))
+    return rows, {"pairs": len(rows), "bad": bad[:20], "files": len(files)}
+
 class Mode:
     name: ClassVar[str]
     algorithms: ClassVar[tuple[str, ...]]  # the `algorithm:` values this mode's recipes may name

@@ -17,7 +17,7 @@ from speechrl.rlhf.core.config import RecipeConfig, RecipeError
 from speechrl.rlhf.core.registry import MODES
 from speechrl.rlhf.model.backbone import IM_END, text_token_ids
 from speechrl.rlhf.model.prompts import render_prompt
-from speechrl.rlhf.modes.base import Mode, batch_indices
+from speechrl.rlhf.modes.base import Mode, PreferenceRow, batch_indices, read_pair_rows
 from speechrl.rlhf.modes.tts import SpeakingTask, check_codec_fits_the_tiny_backbone
 from speechrl.rollouts.types import RolloutRequest
 
@@ -95,7 +95,7 @@ class RealtimeTask(SpeakingTask):
 @MODES.register("realtime")
 class RealtimeMode(Mode):
     name = "realtime"
-    algorithms = ("sft", "grpo", "ppo", "online_dpo")
+    algorithms = ("sft", "grpo", "ppo", "online_dpo", "dpo")
     default_algorithm = "ppo"
     headlines = [("drift judge score", "drift/judge"), ("drift out-of-character rate", "drift/ooc_rate"),
                  ("drift judge score, last turn", "drift/judge_last_turn"), ("drift check", "drift/check"),
@@ -176,9 +176,47 @@ class RealtimeMode(Mode):
             return {"text": parsed.text, "codec_ids": [int(c) for c in parsed.codec_ids], "reward": float(total[i])}
 
         rows = [{key: samples[c].metadata[key] for key in ("id", "persona", "history", "user_text")}
-                | {"chosen": reply(c), "rejected": reply(r)} for c, r in pairs]
+                | {"user_audio": self.user_audio(samples[c].metadata), "chosen": reply(c), "rejected": reply(r)}
+                for c, r in pairs]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def user_audio(self, columns: dict) -> Optional[str]:
+        """The audio file of a turn's user speech (its dialogue's k-th user turn), or None if unknown."""
+        dialogues = {d.id: d for d in getattr(self, "dialogues", ())}
+        dialogue = dialogues.get(columns.get("dialogue_id"))
+        users = [t for t in dialogue.turns if t.role == "user"] if dialogue else []
+        turn = columns.get("turn")
+        return users[turn].audio if isinstance(turn, int) and turn < len(users) else None
+
+    def preference_rows(self, source: str) -> tuple[list[PreferenceRow], dict]:
+        """Reply pairs as `save_pairs` writes them (a .jsonl file, or a folder of them: an online DPO
+        run's `pairs/`): the prompt rebuilt from the row's card, history and user audio file, each reply
+        as text + codec ids + <|codec_end|> in the reply layout."""
+        from speechrl.rlhf.model.logprobs import prompt_ids_for
+        from speechrl.rlhf.modes.realtime_data import UserSpeech
+
+        fe = self.task.processor.feature_extractor
+        speech = UserSpeech(self.cfg.data.sample_rate, fe.n_samples / fe.sampling_rate)
+        task = self.task
+
+        def row_of(row: dict) -> PreferenceRow:
+            if not isinstance(row.get("persona"), str) or not isinstance(row.get("history", []), list):
+                raise ValueError("`persona` (the rendered card) and `history` (a list of turns) are required")
+            if not isinstance(row.get("user_audio"), str):
+                raise ValueError("`user_audio` must name the user turn's audio file")
+            replies = []
+            for key in ("chosen", "rejected"):
+                reply = row.get(key)
+                if not isinstance(reply, dict) or not isinstance(reply.get("text", ""), str) or \
+                        not isinstance(reply.get("codec_ids", []), list):
+                    raise ValueError(f"`{key}` must be {{\"text\": ..., \"codec_ids\": [...]}}")
+                replies.append(task.reply_ids(reply.get("text", ""), [int(c) for c in reply.get("codec_ids", [])]))
+            clip = speech(row["user_audio"])
+            prompt = prompt_ids_for(task.processor, task.render(row["persona"], row.get("history", [])), clip)
+            return PreferenceRow(prompt, replies[0], replies[1], clip)
+
+        return read_pair_rows(source, row_of, self.cfg.data.on_bad_example)
 
     def label_evaluation(self, label: str) -> None:
         self.drift.label = label

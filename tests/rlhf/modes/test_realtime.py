@@ -529,7 +529,7 @@ def test_grpo_and_online_dpo_updates_train_on_turns_sharing_a_clip(rt_base, task
                                     advantages=[1.0, -1.0, 1.0, -1.0], kl_coef=grpo_cfg.rl.kl_coef))
     assert np.isfinite(metrics["train/loss"]) and metrics["grad_norm"] > 0
 
-    cfg = load_recipe("realtime/dpo", rt_base)
+    cfg = load_recipe("realtime/online_dpo", rt_base)
     dpo = PolicyWorker(cfg, base, allowed_ids=task.layout, reference=True)
     metrics = dpo.train(TrainBatch([prompt, prompt2], [reference, reference2], [clip, clip2], 1.0,
                                    rejected_ids=[other, other]))
@@ -542,3 +542,18 @@ def test_grpo_and_online_dpo_updates_train_on_turns_sharing_a_clip(rt_base, task
     row = json.loads((tmp_path / "pairs" / "round-00003.jsonl").read_text())
     assert row["id"] == "d/t0" and row["chosen"]["text"] == ex.reply_text and row["rejected"]["text"] == "Voila."
     assert row["rejected"]["codec_ids"] == [1, 2, 3] and row["chosen"]["reward"] == pytest.approx(0.9)
+    assert row["user_audio"] is None  # these samples name no dialogue of the run
+
+    # offline DPO (realtime/dpo) reads such rows back: the prompt rebuilt from card, history and user
+    # audio is the SFT example's prompt, the replies the same completion ids; a row without its user
+    # audio file is skipped, named by file and line
+    row["user_audio"] = ex.user_audio
+    row["persona"], row["history"] = ex.persona, list(ex.history)
+    lines = [json.dumps(row), json.dumps({**row, "user_audio": None})]
+    (tmp_path / "pairs" / "round-00003.jsonl").write_text("\n".join(lines) + "\n")
+    offline = get_mode(load_recipe("realtime/dpo", rt_base))
+    offline.task = task
+    read, summary = offline.preference_rows(str(tmp_path / "pairs"))
+    assert len(read) == 1 and read[0].prompt_ids == prompt and read[0].chosen_ids == reference
+    assert read[0].rejected_ids == other and read[0].audio.shape == clip.shape
+    assert len(summary["bad"]) == 1 and "round-00003.jsonl:2" in summary["bad"][0] and "user_audio" in summary["bad"][0]
