@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", dest="settings", help="one configuration's overrides (repeatable)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
+    if args.steps < 3:
+        ap.error("--steps must be >= 3: step 1 warms vLLM up and the last step evaluates; neither is timed")
 
     from speechrl.rlhf.core.kernels import pin_cpu_kernels
 

@@ -420,8 +420,9 @@ def _python_spellings(tree: DictConfig, overrides) -> tuple[DictConfig, list[str
     for key, field_name in _KEYWORD_KEYS.items():
         section, name = key.split(".")
         node = tree.get(section)
-        if isinstance(node, DictConfig) and name in node:
-            node[field_name.split(".")[1]] = node.pop(name)
+        if isinstance(node, DictConfig) and name in node:  # merged over a parent recipe's `async_`, if any
+            field = field_name.split(".")[1]
+            node[field] = OmegaConf.merge(node.get(field) or {}, node.pop(name))
         overrides = [field_name + item[len(key):] if item.startswith((key + ".", key + "=")) else item
                      for item in overrides]
     return tree, overrides

@@ -42,6 +42,20 @@ class ReplyLayout:
             return AUDIO
         return SWITCH if len(generated) >= self.max_text_tokens else TEXT
 
+    def admits(self, ids: list[int]) -> bool:
+        """Whether a whole completion keeps the layout: each token allowed in the phase before it."""
+        text, codec, audio, texts = set(self.text_ids), self.codec_set, False, 0
+        for t in ids:
+            if t == self.end_id and audio:
+                continue
+            if t in codec:
+                audio = True
+            elif t in text and not audio and texts < self.max_text_tokens:
+                texts += 1
+            else:
+                return False
+        return bool(ids)
+
     def masks(self, vocab_size: int) -> torch.Tensor:
         """[3, vocab_size] bool: True where a token is allowed in phase TEXT, SWITCH, AUDIO."""
         out = torch.zeros(3, vocab_size, dtype=torch.bool)

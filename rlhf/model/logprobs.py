@@ -103,7 +103,7 @@ def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, allowed: 
     if batch.audio_index is not None:
         logp, hidden = _shared_prompt_logprobs(model, batch, temperature, allowed, with_hidden)
         return (logp, hidden) if with_hidden else logp
-    head = AllowedHead.of(model, allowed)
+    allowed_head = AllowedHead.of(model, allowed)
     if batch.input_features is None:
         kwargs = dict(input_ids=batch.input_ids)
     else:  # every row in full;
@@ -112,10 +112,10 @@ def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, allowed: 
         kwargs = dict(inputs_embeds=_inputs_embeds(model, batch.input_ids, batch.input_features,
                                                    batch.feature_attention_mask, index))
     targets, valid = batch.input_ids[:, 1:], batch.completion_mask
-    if head:  # the decoder's hidden states; logits of the allowed ids at completion positions only
+    if allowed_head is not None:  # the decoder's hidden states; the allowed ids' logits at completion positions
         hidden = audio_model(model)(attention_mask=batch.attention_mask, **kwargs).last_hidden_state[:, :-1]
         r, t = valid.nonzero(as_tuple=True)
-        picked = head.logprobs(hidden[r, t], targets[r, t], temperature)
+        picked = allowed_head.logprobs(hidden[r, t], targets[r, t], temperature)
         logp = torch.zeros(valid.shape, dtype=picked.dtype, device=valid.device).index_put((r, t), picked)
         return (logp, hidden) if with_hidden else logp
     out = model(attention_mask=batch.attention_mask, output_hidden_states=with_hidden, **kwargs)
@@ -220,26 +220,25 @@ def _shared_prompt_logprobs(model, batch: TokenBatch, temperature: float, allowe
     first_row = torch.stack([(index == g).nonzero()[0, 0] for g in range(groups)])
     longest = int(prompt_len[first_row].max())
     prompt_mask = torch.arange(longest, device=device)[None, :] < prompt_len[first_row][:, None]
-    head = first_row[index]  # each row's group representative
-    differs = (prompt_len != prompt_len[head]) | ((ids[:, :longest] != ids[head, :longest]) & prompt_mask[index]).any(-1)
+    leader = first_row[index]  # each row's group representative
+    differs = (prompt_len != prompt_len[leader]) | ((ids[:, :longest] != ids[leader, :longest]) & prompt_mask[index]).any(-1)
     if bool(differs.any()):
         r = int(differs.nonzero()[0, 0])
-        raise ValueError(f"row {r} shares clip {int(index[r])} with row {int(head[r])} but not its prompt ids")
+        raise ValueError(f"row {r} shares clip {int(index[r])} with row {int(leader[r])} but not its prompt ids")
     steps = int(comp_len.max())
     positions = prompt_len[:, None] + torch.arange(steps, device=device)[None, :]  # completion tokens in `ids`
     valid = torch.arange(steps, device=device)[None, :] < comp_len[:, None]
     comp_ids = ids.gather(1, positions.clamp(max=width - 1))
     predict = _cache_predictions if _cache_carries_gradients(model) else _packed_predictions
-    head = AllowedHead.of(model, allowed)
+    allowed_head = AllowedHead.of(model, allowed)
     logits, hidden = predict(model, batch, prompt_len, comp_len, first_row, prompt_mask, comp_ids, valid,
-                             with_hidden or head is not None, head is None)
-    if head is None:
+                             with_hidden or allowed_head is not None, allowed_head is None)
+    r, t = valid.nonzero(as_tuple=True)
+    if allowed_head is None:
         logp = _logprobs(logits, comp_ids, temperature, allowed, valid)
     else:  # the allowed ids' logits at the completion positions alone
-        vr, vt = valid.nonzero(as_tuple=True)
         logp = torch.zeros(valid.shape, device=device).index_put(
-            (vr, vt), head.logprobs(hidden[vr, vt], comp_ids[vr, vt], temperature))
-    r, t = valid.nonzero(as_tuple=True)
+            (r, t), allowed_head.logprobs(hidden[r, t], comp_ids[r, t], temperature))
     where = (r, positions[r, t] - 1)  # back onto the [rows, width - 1] grid of the plain path
     grid = torch.zeros(rows, width - 1, dtype=logp.dtype, device=device).index_put(where, logp[r, t])
     if not with_hidden:

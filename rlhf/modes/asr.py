@@ -175,8 +175,9 @@ class AsrMode(Mode):
         reference transcript) and the better and worse sampled transcripts with their rewards."""
         import json
 
-        def transcript(i: int) -> dict:
-            return {"text": samples[i].text, "reward": float(total[i])}
+        def transcript(i: int) -> dict:  # the sampled ids too: offline DPO trains on them, not on re-tokenized text
+            return {"text": samples[i].text, "completion_ids": [int(t) for t in samples[i].completion_ids],
+                    "reward": float(total[i])}
 
         rows = [{"id": samples[c].metadata["id"], "audio": self.audio_paths.get(samples[c].metadata["id"]),
                  "reference": samples[c].metadata["text"], "chosen": transcript(c), "rejected": transcript(r)}
@@ -186,9 +187,10 @@ class AsrMode(Mode):
 
     def preference_rows(self, source: str) -> tuple[list[PreferenceRow], dict]:
         """Pairs of transcripts of one clip, as `save_pairs` writes them: a .jsonl file, or a folder of
-        them (an online DPO run's `pairs/`). Each row needs `audio` (a file), `chosen.text` and
-        `rejected.text`; a bad row is skipped with a warning naming its file, line and field, or stops
-        the run under data.on_bad_example=fail."""
+        them (an online DPO run's `pairs/`). Each row needs `audio` (a file) and `chosen`/`rejected`
+        with their sampled `completion_ids` (online DPO saves them) or, in a file made by hand, their
+        `text`; a bad row is skipped with a warning naming its file, line and field, or stops the run
+        under data.on_bad_example=fail."""
         from speechrl.data.audio import load_audio
         from speechrl.rlhf.model.logprobs import prompt_ids_for
 
@@ -196,18 +198,30 @@ class AsrMode(Mode):
         fe = self.task.processor.feature_extractor
         window = fe.n_samples / fe.sampling_rate  # the encoder's window: a longer clip is a bad row
         clips: dict[str, tuple] = {}  # audio file -> (clip, prompt ids): each read once, shared by its pairs
+        allowed = set(self.task.allowed_ids)
+
+        def completion(reply, key: str) -> list[int]:
+            """The sampled ids where the row has them (token in, token out); else the text, tokenized."""
+            if not isinstance(reply, dict):
+                raise ValueError(f"`{key}` must be {{\"text\": ...}} or {{\"completion_ids\": [...]}}")
+            ids = reply.get("completion_ids")
+            if ids is not None:
+                if not ids or not all(isinstance(t, int) and t in allowed for t in ids):
+                    raise ValueError(f"`{key}.completion_ids` must be transcript token ids (ASR's decoding constraint)")
+                return list(ids)
+            if not isinstance(reply.get("text"), str):
+                raise ValueError(f"`{key}.text` must be a transcript (it may be empty)")
+            return self.task.tokenizer(reply["text"], add_special_tokens=False)["input_ids"] + end
 
         def row_of(row: dict) -> PreferenceRow:
-            audio, texts = row.get("audio"), [(row.get(k) or {}).get("text") for k in ("chosen", "rejected")]
+            audio = row.get("audio")
             if not isinstance(audio, str):
                 raise ValueError("`audio` must name the clip's file")
-            if not all(isinstance(t, str) and t.strip() for t in texts):
-                raise ValueError("`chosen.text` and `rejected.text` must be non-empty transcripts")
+            chosen, rejected = (completion(row.get(key), key) for key in ("chosen", "rejected"))
             if audio not in clips:
                 clip = load_audio(audio, self.cfg.data.sample_rate, max_seconds=window)
                 clips[audio] = (clip, prompt_ids_for(self.task.processor, self.task.prompt, clip))
             clip, prompt = clips[audio]
-            chosen, rejected = (self.task.tokenizer(t, add_special_tokens=False)["input_ids"] + end for t in texts)
             return PreferenceRow(prompt, chosen, rejected, clip)
 
         return read_pair_rows(source, row_of, self.cfg.data.on_bad_example)

@@ -173,7 +173,8 @@ class RealtimeMode(Mode):
         """One row per pair: the turn's context (its id, persona, history, user turn) and both replies."""
         def reply(i: int) -> dict:
             parsed = self.task.parse(samples[i].completion_ids)
-            return {"text": parsed.text, "codec_ids": [int(c) for c in parsed.codec_ids], "reward": float(total[i])}
+            return {"text": parsed.text, "codec_ids": [int(c) for c in parsed.codec_ids], "reward": float(total[i]),
+                    "completion_ids": [int(t) for t in samples[i].completion_ids]}  # what offline DPO trains on
 
         rows = [{key: samples[c].metadata[key] for key in ("id", "persona", "history", "user_text")}
                 | {"user_audio": self.user_audio(samples[c].metadata), "chosen": reply(c), "rejected": reply(r)}
@@ -211,7 +212,13 @@ class RealtimeMode(Mode):
                 if not isinstance(reply, dict) or not isinstance(reply.get("text", ""), str) or \
                         not isinstance(reply.get("codec_ids", []), list):
                     raise ValueError(f"`{key}` must be {{\"text\": ..., \"codec_ids\": [...]}}")
-                replies.append(task.reply_ids(reply.get("text", ""), [int(c) for c in reply.get("codec_ids", [])]))
+                # the sampled ids where saved (token in, token out); else text + codec ids in the layout
+                ids = reply.get("completion_ids") or task.reply_ids(reply.get("text", ""),
+                                                                   [int(c) for c in reply.get("codec_ids", [])])
+                if not task.layout.admits(ids):
+                    raise ValueError(f"`{key}` does not fit the reply layout (text tokens, at most "
+                                     f"realtime.max_text_tokens={self.cfg.realtime.max_text_tokens}, then codec tokens)")
+                replies.append(list(ids))
             clip = speech(row["user_audio"])
             prompt = prompt_ids_for(task.processor, task.render(row["persona"], row.get("history", [])), clip)
             return PreferenceRow(prompt, replies[0], replies[1], clip)

@@ -65,7 +65,8 @@ class DPORecipe(SFTRecipe):
 
         if not self.cfg.dpo.data:  # checked here, not at load: the shipped recipe is completed on the command line
             raise RecipeError(f"offline DPO needs `dpo.data`, a preference file (docs/preferences.md): speechrl train "
-                              f"{self.cfg.mode}/dpo dpo.data=pairs.jsonl run.init_from=<sft run>/final")
+                              f"{self.cfg.mode}/dpo dpo.data=pairs.jsonl run.init_from=<sft run>/final. Online DPO, "
+                              f"which makes its own pairs, is {self.cfg.mode}/online_dpo")
         super().setup()
         # the mode reads its own format into token rows (TTS: text -> codec ids; ASR: clip -> transcripts)
         self.pairs, self.pairs_read = self.mode.preference_rows(self.cfg.dpo.data)

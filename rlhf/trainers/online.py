@@ -1,6 +1,8 @@
 """The online loop, one for every online algorithm (GRPO, PPO, online DPO), as timed named phases.
 
-generate, score, advantages, update, sync, log; each is logged as `time/<phase>`. Failed or NaN rewards
+generate, score, advantages, update, sync, log; each is logged as `time/<phase>`. With async rollouts
+(trainers/pipeline.py) generate and score run in a producer thread, and the loop's own first phase is
+`wait`, for a batch not ready yet. Failed or NaN rewards
 are marked, not fatal. Mode and algorithm differences live in the mode and update objects (modes/,
 algos/updates.py), so this file tests neither's name.
 """
@@ -142,8 +144,10 @@ class OnlineRecipe:
                                        max_new_tokens=max_new_tokens, seed=None, allowed_token_ids=self.task.allowed_ids,
                                        stop_token_ids=self.task.stop_ids, engine_seed=engine_seed)
             except RolloutWorkerDied as e:
+                if self.pipeline is not None and self.pipeline.stopping:
+                    raise  # the run is ending: its engines are going, none is started again
                 self.replace_worker(e, attempt)
-                self.sync(self.engine_weights)  # the weights the other engines hold
+                self.sync(self.engine_weights)  # the weights the other engines hold (None: the policy's)
 
     def next_engine_seed(self, step: int) -> int:
         """The engines' seed for the next generate call: a hash of (run seed, step, the call's number
@@ -221,7 +225,9 @@ class OnlineRecipe:
         if self.policy is None:  # a checkpoint's evaluation: the engines serve it as saved
             return
         weights = self.policy.stored_weights() if weights is None else weights
-        self.engine_weights = weights
+        # kept for a replaced engine only where the engines may lag the policy (async): a synchronous
+        # run's engines hold the policy's weights, and the reference would keep a copy in the store
+        self.engine_weights = weights if self.cfg.rollout.async_.enabled else None
         for attempt in range(self.cfg.rollout.max_retries + 1):
             try:
                 self.transport.send(weights, self.workers)

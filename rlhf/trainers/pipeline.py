@@ -10,8 +10,9 @@ version). A batch trained at version v that was sampled at version u has stalene
 
 `on_stale: wait` bounds it: batch j is not started before version j - max_staleness is published, so
 no batch is older than the bound and none is wasted; with max_staleness 0 this is the synchronous loop,
-sample for sample. `on_stale: drop` never makes the producer wait for the trainer (at most
-max_staleness + 1 batches queued), and the loop drops a batch older than the bound when it takes it.
+sample for sample. `on_stale: drop` never makes the producer wait for a version (only for room in
+its queue of max_staleness + 1 batches), and the loop drops a batch older than the bound when it takes
+it; the producer stops once the trainer has published the run's last version.
 
 Why our own thread and not a library: the phases are Ray calls already (vLLM engines and reward
 workers are actors), so the overlap needs only an ordering of those calls with a version counter;
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Rollout:
     """One batch as the producer made it."""
-    step: int  # which batch of prompts (the mode's rollout(step)); also the version it was meant for
+    step: int  # which batch of prompts (the mode's rollout(step)); without drops, the step that trains it
     version: int  # the policy version the engines held while sampling it
     requests: list
     samples: list
@@ -58,8 +59,9 @@ class RolloutPipeline:
             raise ValueError(f"on_stale must be 'wait' or 'drop', got {on_stale!r}")
         self.produce, self.load = produce, load
         self.max_staleness, self.on_stale = max_staleness, on_stale
-        # wait: batches are never dropped, so the producer makes exactly the ones the run trains on
-        self.end_step = end_step if on_stale == "wait" else None
+        # wait: batches are never dropped, so the producer makes exactly the ones the run trains on;
+        # drop: it makes batches until the trainer has published its last version (end_step)
+        self.end_step = end_step
         self.next_step = start_step
         self.published = start_step  # the newest version the trainer has made
         self.weights: Any = None  # its weights (None: the engines hold them already)
@@ -112,8 +114,9 @@ class RolloutPipeline:
             self._catch_up()
             yield
 
-    def close(self) -> None:
-        """Stop the producer (a batch it is making is finished or fails when its actors go)."""
+    def close(self, timeout: float = 120.0) -> None:
+        """Stop the producer and wait for the batch it is making (its engines must not be killed under
+        it: a dead engine would be replaced after the run's cleanup). Past `timeout` s, it is left."""
         with self.changed:
             self.stopping = True
             self.changed.notify_all()
@@ -122,7 +125,9 @@ class RolloutPipeline:
                 self.batches.get_nowait()
             except queue.Empty:
                 break
-        self.thread.join(timeout=0.1)
+        if self.thread.is_alive():
+            log.info("waiting for the rollout producer to finish its batch")
+            self.thread.join(timeout=timeout)
 
     # --- the producer ---------------------------------------------------------------------------
     def _catch_up(self) -> Optional[float]:
@@ -139,7 +144,7 @@ class RolloutPipeline:
 
     def _run(self) -> None:
         try:
-            while self.end_step is None or self.next_step < self.end_step:
+            while self._more():
                 step = self.next_step
                 with self.changed:
                     while (self.on_stale == "wait" and self.published < step - self.max_staleness
@@ -158,6 +163,16 @@ class RolloutPipeline:
         except BaseException as e:  # noqa: BLE001 - handed to the loop's thread, which raises it
             if not self.stopping:
                 self._put(e)
+
+    def _more(self) -> bool:
+        """Whether a next batch may be needed: wait mode makes exactly end_step - start_step batches;
+        drop mode makes them until the last version is published (dropped ones are replaced)."""
+        if self.stopping or self.end_step is None:
+            return not self.stopping
+        if self.on_stale == "wait":
+            return self.next_step < self.end_step
+        with self.changed:
+            return self.published < self.end_step
 
     def _put(self, item) -> None:
         while not self.stopping:

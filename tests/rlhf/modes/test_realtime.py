@@ -557,3 +557,16 @@ def test_grpo_and_online_dpo_updates_train_on_turns_sharing_a_clip(rt_base, task
     assert len(read) == 1 and read[0].prompt_ids == prompt and read[0].chosen_ids == reference
     assert read[0].rejected_ids == other and read[0].audio.shape == clip.shape
     assert len(summary["bad"]) == 1 and "round-00003.jsonl:2" in summary["bad"][0] and "user_audio" in summary["bad"][0]
+
+
+def test_layout_admits_exactly_the_completions_its_phases_allow():
+    """ReplyLayout.admits (offline DPO's check of a saved reply) agrees with the phase rule token by
+    token, on every short sequence over a small layout."""
+    import itertools
+
+    layout = ReplyLayout((1, 2), (10, 11), 99, 2)
+    for n in range(0, 5):
+        for ids in itertools.product((1, 2, 10, 11, 99), repeat=n):
+            ids = list(ids)
+            by_phase = bool(ids) and all(t in layout.allowed(layout.phase(ids[:k])) for k, t in enumerate(ids))
+            assert layout.admits(ids) == by_phase, ids

@@ -145,3 +145,13 @@ def test_close_stops_a_producer_waiting_for_the_trainer():
 def test_bad_settings_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RolloutPipeline(lambda s: None, lambda w: None, start_step=0, end_step=1, **kwargs)
+
+
+def test_drop_mode_stops_making_batches_once_the_last_version_is_published():
+    engines = Engines()
+    pipeline = RolloutPipeline(engines.produce, engines.load, start_step=0, end_step=2, max_staleness=0,
+                               on_stale="drop").start()
+    trained = train(pipeline, 2)  # takes batches 0 and 1 (or later ones), publishes v1 and v2, closes
+    assert len(trained) == 2
+    pipeline.thread.join(timeout=5)
+    assert not pipeline.thread.is_alive(), "the producer stopped after the run's last version"
