@@ -483,7 +483,7 @@ def test_realtime_recipes_are_checked():
     with pytest.raises(RecipeError, match="realtime.dialogues"):
         load_recipe("realtime/sft", [f"realtime.personas={__file__}"])
     with pytest.raises(RecipeError, match="not implemented for mode 'realtime'"):
-        load_recipe("realtime/sft", ["algorithm=dpo"])
+        load_recipe("realtime/sft", ["algorithm=reward_model"])
     with pytest.raises(RecipeError, match="ppo.gamma"):
         load_recipe("realtime/ppo", ["ppo.gamma=1.5"])
 
