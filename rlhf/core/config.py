@@ -11,6 +11,8 @@ after typing, the range of every numeric knob among them: checks.py).
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -469,4 +471,9 @@ def _value_error(where: str, e: OmegaConfBaseException) -> RecipeError:
 
 
 def to_yaml(cfg: RecipeConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The recipe as YAML, with keys spelled as recipes write them (`async`, not the field's `async_`)."""
+    text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    for key, field_name in _KEYWORD_KEYS.items():
+        text = re.sub(rf"^(\s*){re.escape(field_name.split('.')[1])}:", rf"\g<1>{key.split('.')[1]}:", text,
+                      flags=re.MULTILINE)
+    return text
