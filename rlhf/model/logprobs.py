@@ -115,8 +115,7 @@ def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, allowed: 
     if allowed_head is not None:  # the decoder's hidden states; the allowed ids' logits at completion positions
         hidden = audio_model(model)(attention_mask=batch.attention_mask, **kwargs).last_hidden_state[:, :-1]
         r, t = valid.nonzero(as_tuple=True)
-        picked = allowed_head.logprobs(hidden[r, t], targets[r, t], temperature)
-        logp = torch.zeros(valid.shape, dtype=picked.dtype, device=valid.device).index_put((r, t), picked)
+        logp = _on_grid(valid.shape, (r, t), allowed_head.logprobs(hidden[r, t], targets[r, t], temperature))
         return (logp, hidden) if with_hidden else logp
     out = model(attention_mask=batch.attention_mask, output_hidden_states=with_hidden, **kwargs)
     logp = _logprobs(out.logits[:, :-1], targets, temperature, allowed, valid)
@@ -146,12 +145,8 @@ class AllowedHead:
             return None  # no static constraint, or a DeepSpeed engine
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         head = getattr(base, "lm_head", None)
-        if type(head) is not torch.nn.Linear or type(head.weight) is not torch.nn.Parameter:
-            return None  # a sharded (DTensor) or adapted head
-        from torch.distributed.fsdp import FSDPModule
-
-        if any(isinstance(m, FSDPModule) for m in base.modules()):
-            return None
+        if type(head) is not torch.nn.Linear or type(head.weight) is not torch.nn.Parameter or _sharded(model):
+            return None  # an adapted head, or sharded layers whose hooks gather weights in their forward
         return cls(head, allowed)
 
     def logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -166,6 +161,11 @@ class AllowedHead:
         picked = logits.gather(-1, column.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         logp = picked - torch.logsumexp(logits, dim=-1)
         return torch.where(column >= 0, logp, torch.zeros_like(logp))
+
+
+def _on_grid(shape: tuple, where: tuple, values: torch.Tensor) -> torch.Tensor:
+    """`values` [N, ...] placed at the `where` (row, position) indices of a zero [*shape, ...] tensor."""
+    return values.new_zeros(*shape, *values.shape[1:]).index_put(where, values)
 
 
 def _logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, allowed: Allowed,
@@ -192,12 +192,14 @@ def _cache_carries_gradients(model) -> bool:
     checkpointing keeps no cache, and a sharded layer (model/sharding.py) frees its gathered weights
     once the completions' backward is through it, before the prompt's reaches it. Otherwise the
     prompt and its completions run packed in one sequence (model/packing.py)."""
-    lm = audio_model(model).language_model
-    if getattr(lm, "gradient_checkpointing", False):
-        return False
+    return not getattr(audio_model(model).language_model, "gradient_checkpointing", False) and not _sharded(model)
+
+
+def _sharded(model) -> bool:
+    """Whether the decoder's layers are FSDP-sharded (model/sharding.py)."""
     from torch.distributed.fsdp import FSDPModule
 
-    return not any(isinstance(layer, FSDPModule) for layer in lm.layers)
+    return any(isinstance(layer, FSDPModule) for layer in audio_model(model).language_model.layers)
 
 
 def _shared_prompt_logprobs(model, batch: TokenBatch, temperature: float, allowed: Allowed,
@@ -237,13 +239,10 @@ def _shared_prompt_logprobs(model, batch: TokenBatch, temperature: float, allowe
     if allowed_head is None:
         logp = _logprobs(logits, comp_ids, temperature, allowed, valid)
     else:  # the allowed ids' logits at the completion positions alone
-        logp = torch.zeros(valid.shape, device=device).index_put(
-            (r, t), allowed_head.logprobs(hidden[r, t], comp_ids[r, t], temperature))
+        logp = _on_grid(valid.shape, (r, t), allowed_head.logprobs(hidden[r, t], comp_ids[r, t], temperature))
     where = (r, positions[r, t] - 1)  # back onto the [rows, width - 1] grid of the plain path
-    grid = torch.zeros(rows, width - 1, dtype=logp.dtype, device=device).index_put(where, logp[r, t])
-    if not with_hidden:
-        return grid, None
-    return grid, hidden.new_zeros(rows, width - 1, hidden.shape[-1]).index_put(where, hidden[r, t])
+    grid = _on_grid((rows, width - 1), where, logp[r, t])
+    return grid, _on_grid((rows, width - 1), where, hidden[r, t]) if with_hidden else None
 
 
 def _cache_predictions(model, batch, prompt_len, comp_len, first_row, prompt_mask, comp_ids, valid, with_hidden,

@@ -51,6 +51,11 @@ class PhaseTimer:
         yield
         self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - start
 
+    def add(self, seconds: dict[str, float]) -> None:
+        """Phases timed elsewhere (`OnlineRecipe.produce` times its own)."""
+        for phase, value in seconds.items():
+            self.times[phase] = self.times.get(phase, 0.0) + value
+
     def pop(self) -> dict[str, float]:
         total = sum(self.times.values())
         out = {f"time/{k}": v for k, v in self.times.items()}
@@ -262,6 +267,28 @@ class OnlineRecipe:
         scores = self.score(samples, requests)
         return requests, samples, scores, {"generate": generated - began, "score": time.perf_counter() - generated}
 
+    def next_batch(self, step: int, timer: PhaseTimer) -> tuple:
+        """Batch `step`'s requests, samples and scores, and the async statistics to log: made now (the
+        generate and score phases), or taken from the async producer (the `wait` phase: what is not
+        ready yet)."""
+        if self.pipeline is None:
+            requests, samples, scores, seconds = self.produce(step)
+            timer.add(seconds)
+            return requests, samples, scores, {}
+        with timer("wait"):
+            item, dropped = self.pipeline.take(step)
+        return item.requests, item.samples, item.scores, {
+            "async/staleness": float(step - item.version), "async/dropped": float(dropped),
+            **{f"async/{k}_s": v for k, v in item.seconds.items()}}
+
+    def send_weights(self, version: int) -> None:
+        """The updated policy to the engines now, or, with async rollouts, published for the producer,
+        which loads it before its next batch."""
+        if self.pipeline is None:
+            self.sync()
+        else:
+            self.pipeline.publish(version, self.policy.stored_weights())
+
     def start_pipeline(self) -> Optional[RolloutPipeline]:
         """The async producer (rollout.async.enabled), or None for the synchronous loop."""
         a = self.cfg.rollout.async_
@@ -284,18 +311,7 @@ class OnlineRecipe:
                    desc=cfg.algorithm, unit="step", dynamic_ncols=True)
         for step in bar:
             done, self.step = step + 1, step
-            if self.pipeline is None:
-                with timer("generate"):
-                    requests, samples = self.mode.rollout(step, self.generate)
-                with timer("score"):
-                    scores = self.score(samples, requests)
-                produced = {}
-            else:  # made while the trainer updated: the loop only waits for what is not ready yet
-                with timer("wait"):
-                    item, dropped = self.pipeline.take(step)
-                requests, samples, scores = item.requests, item.samples, item.scores
-                produced = {"async/staleness": float(step - item.version), "async/dropped": float(dropped),
-                            **{f"async/{k}_s": v for k, v in item.seconds.items()}}
+            requests, samples, scores, produced = self.next_batch(step, timer)
             with timer("advantages"):
                 batch, update_metrics = self.update.prepare(samples, scores, requests, self.policy)
                 if batch is not None and batch.pairs:  # online DPO's pairs, kept in the mode's format
@@ -308,10 +324,7 @@ class OnlineRecipe:
                 metrics = {**(self.policy.train(batch) if batch is not None else {}), **update_metrics}
             with timer("sync"):
                 self.engines_call("wake_up")
-                if self.pipeline is None:
-                    self.sync()
-                else:  # the producer loads them before its next batch
-                    self.pipeline.publish(done, self.policy.stored_weights())
+                self.send_weights(done)
             with timer("log"):
                 metrics.update(produced)
                 metrics.update(scores.metrics())
