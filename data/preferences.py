@@ -92,7 +92,7 @@ class PairList(list):
 OnBad = Literal["skip", "fail"]
 
 
-def _keep_good(items: list, make: Callable[[Any], Any], on_bad: OnBad, desc: str | None = None) -> PairList:
+def keep_good(items: list, make: Callable[[Any], Any], on_bad: OnBad, desc: str | None = None) -> PairList:
     """make(item) for each item; a PreferenceError drops the item (skip) or is raised (fail)."""
     if on_bad not in ("skip", "fail"):
         raise ValueError(f"on_bad must be 'skip' or 'fail', got {on_bad!r}")
@@ -138,7 +138,7 @@ def read_preferences(source: str | Path, *, on_bad: OnBad = "skip") -> PairList:
         seen[pair.id] = where
         return pair
 
-    return _keep_good(rows, make, on_bad)
+    return keep_good(rows, make, on_bad)
 
 
 def _as_object(row: str | dict, where: str) -> dict:
@@ -295,4 +295,4 @@ def encode_pairs(pairs: Iterable[PreferencePair], codec: AudioCodec, *, on_bad: 
         voice = None if pair.voice is None else ids(pair.voice, pair, "voice")
         return EncodedPair(pair, ids(pair.chosen, pair, "chosen"), ids(pair.rejected, pair, "rejected"), voice)
 
-    return _keep_good(list(pairs), encode, on_bad, desc="encoding preference audio")
+    return keep_good(list(pairs), encode, on_bad, desc="encoding preference audio")

@@ -15,7 +15,8 @@ from speechrl.rlhf.core.config import RecipeConfig
 from speechrl.rlhf.core.registry import MODES
 from speechrl.rlhf.model.backbone import IM_END, text_token_ids
 from speechrl.rlhf.model.prompts import render_prompt
-from speechrl.rlhf.modes.base import Mode, PreferenceRow, batch_indices, read_pair_rows
+from speechrl.rlhf.modes.base import Mode, batch_indices
+from speechrl.rlhf.modes.pairs import PreferenceRow, read_pair_rows
 from speechrl.rollouts.local import greedy_transcribe
 from speechrl.rollouts.types import RolloutRequest
 

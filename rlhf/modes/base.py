@@ -8,58 +8,18 @@ mode's name; a new mode is one file here plus its recipes (docs/architecture.md)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, ClassVar, NamedTuple, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import numpy as np
 
 from speechrl.rlhf.algos.registry import RECIPE_CHECKS
 from speechrl.rlhf.core.config import RecipeConfig, RecipeError
 from speechrl.rlhf.core.registry import MODES
+from speechrl.rlhf.modes.pairs import PreferenceRow
 from speechrl.rollouts.types import RolloutRequest
 
 Generate = Callable[..., list]  # generate(requests, n=None, temperature=None, max_new_tokens=None) -> samples
 
-
-
-class PreferenceRow(NamedTuple):
-    """One offline preference pair as the trainer reads it: token in, token out."""
-    prompt_ids: list[int]
-    chosen_ids: list[int]  # completion ids, end token included
-    rejected_ids: list[int]
-    audio: Optional[np.ndarray]  # the prompt's clip (ASR), or None for a text-only prompt (TTS)
-
-
-def read_pair_rows(source: str, row_of: Callable[[dict], PreferenceRow], on_bad: str
-                   ) -> tuple[list[PreferenceRow], dict]:
-    """Preference rows from a .jsonl file, or from every .jsonl file in a folder (an online DPO run's
-    `pairs/`), each line turned into a row by `row_of`. A line that is not JSON, or that `row_of`
-    refuses (ValueError, a BadExample, a missing field), is skipped with a warning naming its file and
-    line, or stops the run with `on_bad` = "fail". Returns the rows and a summary."""
-    import json
-    import logging
-
-    from speechrl.data.audio import BadExample
-
-    log = logging.getLogger(__name__)
-    path = Path(source).expanduser()
-    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
-    if not files:
-        raise ValueError(f"dpo.data={source}: a folder without .jsonl files")
-    rows, bad = [], []
-    for f in files:
-        for number, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(row_of(json.loads(line)))
-            except (ValueError, AttributeError, KeyError, TypeError, BadExample) as e:  # json errors are ValueErrors
-                reason = f"{f}:{number}: " + (f"{e.source}: {e.reason}" if isinstance(e, BadExample) else str(e))
-                if on_bad == "fail":
-                    raise ValueError(f"{reason} (data.on_bad_example=fail; `skip` leaves such rows out)") from e
-                log.warning("skipping preference pair %s", reason)
-                bad.append(reason)
-    log.info("preference pairs: %d usable, %d skipped, from %d file(s)", len(rows), len(bad), len(files))
-    return rows, {"pairs": len(rows), "bad": bad[:20], "files": len(files)}
 
 class Mode:
     name: ClassVar[str]
@@ -128,7 +88,7 @@ class Mode:
         """Online DPO's (chosen, rejected) samples of one round, in this mode's format."""
         raise NotImplementedError(f"mode {self.name!r} has no preference-pair format")
 
-    def preference_rows(self, source: str) -> tuple[list["PreferenceRow"], dict]:
+    def preference_rows(self, source: str) -> tuple[list[PreferenceRow], dict]:
         """Offline DPO's pairs read from `dpo.data` (after `setup_task`), as token rows, and a summary
         of what was read and left out."""
         raise NotImplementedError(f"mode {self.name!r} has no offline preference format")

@@ -15,7 +15,8 @@ from speechrl.rlhf.core.config import RecipeConfig, RecipeError
 from speechrl.rlhf.core.registry import MODES
 from speechrl.rlhf.model.backbone import codec_token_ids
 from speechrl.rlhf.model.prompts import render_tts_prompt
-from speechrl.rlhf.modes.base import Mode, PreferenceRow, batch_indices
+from speechrl.rlhf.modes.base import Mode, batch_indices
+from speechrl.rlhf.modes.pairs import PreferenceRow
 from speechrl.rlhf.modes.tts_eval import TtsEvaluation
 from speechrl.rollouts.types import RolloutRequest
 
