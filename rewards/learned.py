@@ -1,9 +1,11 @@
 """`learned_preference`: a reward model trained on preference pairs (trainers/reward_model.py) as a reward.
 
-It scores what the policy wrote (TTS prompt, voice prompt, codec tokens) at `<|codec_end|>`, one forward
-per batch. Bradley–Terry fixes only differences between samples, not the scale, so `normalize: true`
-suits it. A model is a directory or a name from `reward_model.register_as` (a pointer in
-`<cache>/reward_models/NAME.json`; cache: `cache_dir`, else $SPEECHRL_CACHE_DIR, else ~/.cache/speechrl).
+It scores what the policy wrote at `<|codec_end|>`, one forward per batch: a TTS model the TTS prompt,
+voice prompt and codec tokens; a realtime model the dialogue as text (card, history, the user's turn)
+and the reply's text and codec tokens. Bradley–Terry fixes only differences between samples, not the
+scale, so `normalize: true` suits it. A model is a directory or a name from `reward_model.register_as`
+(a pointer in `<cache>/reward_models/NAME.json`; cache: `cache_dir`, else $SPEECHRL_CACHE_DIR, else
+~/.cache/speechrl).
 """
 from __future__ import annotations
 
@@ -12,13 +14,14 @@ import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from speechrl.rewards.api import Unscored
 from speechrl.rlhf.core.registry import REWARD_NAME
 
 META_FILE = "reward_model.json"  # written last into a model directory: marks it whole
 DECODE_ONLY = ("griffin_lim_iters", "smooth_frames")  # embedded-codec settings that do not change its ids
+SCORED_MODES = ("tts", "realtime")  # the modes whose replies a reward model can be trained on and score
 
 
 def default_cache_dir() -> Path:
@@ -61,10 +64,10 @@ def resolve_model_dir(model: str, cache_dir: Optional[str | Path] = None) -> Pat
     if path.exists() or not REWARD_NAME.fullmatch(str(model)):
         problem = f"no {META_FILE} in {path}" if path.is_dir() else f"{path} is not a directory"
         raise FileNotFoundError(f"reward model {model!r}: {problem}; point `model` at a reward-model run's final/ "
-                                "(speechrl train tts/reward_model) or at a registered name")
+                                "(speechrl train <mode>/reward_model) or at a registered name")
     raise FileNotFoundError(
         f"reward model {model!r}: not a directory, nor a name registered in {registry_dir(cache_dir)} (registered: "
-        f"{', '.join(registered_names(cache_dir)) or 'none'}). Train one with `speechrl train tts/reward_model "
+        f"{', '.join(registered_names(cache_dir)) or 'none'}). Train one with `speechrl train <tts|realtime>/reward_model "
         f"reward_model.data=pairs.jsonl reward_model.register_as={model}`, or, if it was registered under another "
         "run.cache_dir, pass that as the reward's cache_dir or set SPEECHRL_CACHE_DIR")
 
@@ -108,6 +111,21 @@ def preference_sequence(processor, tokens, text: str, codec_ids: Sequence[int],
     return list(prompt) + tokens.to_backbone(codec_ids) + [tokens.end_id]
 
 
+def dialogue_sequence(processor, tokens, persona: str, history, user_text: str, reply_text: Optional[str],
+                      codec_ids: Sequence[int]) -> list[int]:
+    """What a realtime reward model reads: the realtime prompt with the user's turn as text, then the
+    reply laid out as the policy writes it (its text tokens, codec tokens, `<|codec_end|>`). Rebuilt
+    from text and codec-local ids rather than the sampled ids: the model's tokenizer need not be the
+    policy's, and a pair file and a reward batch then give it one and the same sequence."""
+    from speechrl.rlhf.model.prompts import render_realtime_text_prompt
+
+    tokenizer = processor.tokenizer
+    prompt = tokenizer(render_realtime_text_prompt(processor, persona, history, user_text),
+                       add_special_tokens=False)["input_ids"]
+    reply = tokenizer(reply_text, add_special_tokens=False)["input_ids"] if reply_text else []
+    return list(prompt) + list(reply) + tokens.to_backbone(codec_ids) + [tokens.end_id]
+
+
 def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int = 32):
     """The model's scalar for each token sequence (a float tensor on the CPU), without gradients."""
     import torch
@@ -137,11 +155,14 @@ def load_reward_model(model_dir: Path, device: str = "cpu"):
 
 
 class LearnedPreferenceReward:
-    """reward = the reward model's score of (text, voice prompt, codec tokens); component "reward".
+    """reward = the reward model's score of a reply in its context; component "reward".
 
-    `model` resolves when the reward is built, so a wrong name fails at load; weights load at the first
-    batch. A reward worker first calls `check_codec`: a model trained on another codec's ids would score
-    noise (`match_codec: false` skips the check). A sample without codec ids or text is unscored.
+    A TTS model reads (text, voice prompt, codec tokens); a realtime model (meta "mode": "realtime")
+    reads `persona`, `history`, `user_text`, the reply's `reply_text` and codec ids, the columns the
+    realtime mode hands its rewards. `model` resolves when the reward is built, so a wrong name fails
+    at load; weights load at the first batch. A reward worker given the recipe's codec first calls
+    `check_codec`: a model trained on another codec's ids would score noise (`match_codec: false` skips
+    the check). A sample it cannot read is unscored, saying why.
     """
 
     def __init__(
@@ -151,17 +172,20 @@ class LearnedPreferenceReward:
         batch_size: int = 32,  # sequences per forward pass
         device: str = "auto",  # "auto" takes the GPU if there is one
         match_codec: bool = True,  # refuse a recipe whose codec differs from the one the model was trained with
-        text_column: str = "text",
+        text_column: str = "text",  # TTS: the text said
         codec_column: str = "codec_ids",
-        voice_column: str = "reference_codec_ids",
+        voice_column: str = "reference_codec_ids",  # TTS: the voice prompt
     ):
         self.model_dir = resolve_model_dir(model, cache_dir)
         self.meta = read_meta(self.model_dir)
-        if self.meta.get("mode") != "tts":
-            raise ValueError(f"learned_preference: {self.model_dir} is a {self.meta.get('mode')!r} reward model; "
-                             "only TTS reward models can score for now")
+        self.mode = self.meta.get("mode")
+        if self.mode not in SCORED_MODES:
+            raise ValueError(f"learned_preference: {self.model_dir} is a {self.mode!r} reward model; only "
+                             f"{' and '.join(SCORED_MODES)} reward models can score")
         self.batch_size, self.device, self.match_codec = batch_size, device, match_codec
         self.text_column, self.codec_column, self.voice_column = text_column, codec_column, voice_column
+        self.columns = ((codec_column, text_column) if self.mode == "tts"
+                        else (codec_column, "reply_text", "persona", "user_text"))
         self._loaded = None
 
     def check_codec(self, spec) -> None:
@@ -182,30 +206,59 @@ class LearnedPreferenceReward:
         return self._loaded
 
     def __call__(self, completions: list[str], **columns: Any) -> dict[str, list]:
-        for column in (self.codec_column, self.text_column):
+        if columns.get("mode", self.mode) != self.mode:
+            raise ValueError(f"learned_preference: {self.model_dir} is a {self.mode} reward model; it cannot score "
+                             f"{columns['mode']} replies. Train one on {columns['mode']} pairs "
+                             f"(speechrl train {columns['mode']}/reward_model)")
+        for column in self.columns:
             if column not in columns:
                 raise KeyError(f"learned_preference: no column {column!r} in the batch (columns: "
-                               f"{', '.join(sorted(columns))}); TTS batches carry `codec_ids` and `text`")
+                               f"{', '.join(sorted(columns))}); a {self.mode} reward model reads "
+                               f"{', '.join(self.columns)}")
         model, processor, tokens = self._load()
-        codec_ids, texts = columns[self.codec_column], columns[self.text_column]
-        voices = columns.get(self.voice_column) or [None] * len(codec_ids)
-        out: list[Any] = [None] * len(codec_ids)
+        read = self._tts_sequences if self.mode == "tts" else self._dialogue_sequences
+        out: list[Any] = [None] * len(columns[self.codec_column])
         seqs, where = [], []
-        for i, (ids, text, voice) in enumerate(zip(codec_ids, texts, voices)):
-            if ids is None or len(ids) == 0:
-                out[i] = Unscored("the completion has no audio tokens")
-            elif not isinstance(text, str) or not text.strip():
-                out[i] = Unscored(f"no text in {self.text_column!r}")
+        for i, seq in enumerate(read(processor, tokens, columns)):
+            if isinstance(seq, Unscored):
+                out[i] = seq
             else:
-                try:
-                    seqs.append(preference_sequence(processor, tokens, text, ids, voice))
-                    where.append(i)
-                except ValueError as e:  # ids outside the model's codec
-                    out[i] = Unscored(f"sample {i}: {e}")
+                seqs.append(seq)
+                where.append(i)
         scores = score_sequences(model, seqs, processor.tokenizer.pad_token_id, self.batch_size)
         for i, score in zip(where, scores.tolist()):
             out[i] = score
         return {"reward": out}
+
+    def _tts_sequences(self, processor, tokens, columns) -> Iterator[list[int] | Unscored]:
+        codec_ids, texts = columns[self.codec_column], columns[self.text_column]
+        voices = columns.get(self.voice_column) or [None] * len(codec_ids)
+        for i, (ids, text, voice) in enumerate(zip(codec_ids, texts, voices)):
+            if ids is None or len(ids) == 0:
+                yield Unscored("the completion has no audio tokens")
+            elif not isinstance(text, str) or not text.strip():
+                yield Unscored(f"no text in {self.text_column!r}")
+            else:
+                try:
+                    yield preference_sequence(processor, tokens, text, ids, voice)
+                except ValueError as e:  # ids outside the model's codec
+                    yield Unscored(f"sample {i}: {e}")
+
+    def _dialogue_sequences(self, processor, tokens, columns) -> Iterator[list[int] | Unscored]:
+        # a reply without audio is still scored: it is a reply (a silent one), as in the pairs trained on
+        codec_ids, replies = columns[self.codec_column], columns["reply_text"]
+        histories = columns.get("history") or [None] * len(codec_ids)
+        for i, (ids, reply, persona, history, user) in enumerate(
+                zip(codec_ids, replies, columns["persona"], histories, columns["user_text"])):
+            if not isinstance(persona, str) or not persona.strip():
+                yield Unscored("no persona card in 'persona'")
+            elif not isinstance(user, str) or not user.strip():
+                yield Unscored("no user turn in 'user_text'")
+            else:
+                try:
+                    yield dialogue_sequence(processor, tokens, persona, history, user, reply, [] if ids is None else ids)
+                except ValueError as e:  # ids outside the model's codec, a history turn of another role
+                    yield Unscored(f"sample {i}: {e}")
 
 
 def registered_reward(name: str) -> Optional[type]:

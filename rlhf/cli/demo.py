@@ -13,12 +13,14 @@ from speechrl.rlhf.core.registry import MODES
 
 
 def run_demo(overrides: list[str], output_dir: str = "runs", mode: str = "asr") -> dict:
-    from speechrl.rlhf.cli.main import RUNNERS
+    from speechrl.rlhf.trainers.runners import RUNNERS
     from speechrl.rlhf.core.checks import registered_modes
     from speechrl.rlhf.trainers.judges import needs_judges, prebuild_judges
 
+    if mode == "multi":
+        return run_multi_demo(overrides, output_dir)
     if mode not in registered_modes():
-        raise ValueError(f"demo: no demo for mode {mode!r}; choose one of {', '.join(MODES.names())}")
+        raise ValueError(f"demo: no demo for mode {mode!r}; choose one of {', '.join(MODES.names())} or multi")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     common = [f"run.output_dir={output_dir}", *overrides]
     start = time.time()
@@ -41,6 +43,17 @@ def run_demo(overrides: list[str], output_dir: str = "runs", mode: str = "asr") 
     print("assets (the same fingerprints = the same build on another machine): "
           + ", ".join(f"{k} {v}" for k, v in result["fingerprints"].items()))
     print(f"runs: {sft['run']}  {rl['run']}")
+    return result
+
+
+def run_multi_demo(overrides: list[str], output_dir: str) -> dict:
+    """`speechrl demo multi`: recipes/multi/demo.yaml, a short schedule on one backbone, and its matrix."""
+    from speechrl.rlhf.core.schedule import load_schedule
+    from speechrl.rlhf.trainers.schedule import run_schedule
+
+    start = time.time()
+    result = run_schedule(load_schedule("multi/demo", [f"schedule.output_dir={output_dir}", *overrides]))
+    print(f"({(time.time() - start) / 60:.1f} min)")
     return result
 
 

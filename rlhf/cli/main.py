@@ -8,14 +8,17 @@ import sys
 from pathlib import Path
 
 from speechrl.data.audio import BadExample
-from speechrl.rlhf.core.checks import ONLINE_ALGORITHMS
 from speechrl.rlhf.core.config import RECIPES_DIR, RecipeError, RunStopped, load_recipe, to_yaml
 from speechrl.rlhf.core.kernels import pin_cpu_kernels
+from speechrl.rlhf.core.schedule import is_schedule, load_schedule
+from speechrl.rlhf.trainers.runners import RUNNERS
 
 EPILOG = """examples:
   speechrl demo                                  SFT warm start then GRPO on the embedded default
   speechrl demo tts                              the same for TTS: intelligibility before and after
   speechrl demo realtime                         persona dialogue: SFT warm start, then PPO; drift before/after
+  speechrl demo multi                            one backbone, three modes: a schedule and its interference matrix
+  speechrl train multi/demo --resume runs/<multi run>   continue a schedule where it stopped
   speechrl train realtime/ppo run.init_from=runs/<realtime sft run>/final   realtime PPO (critic, GAE)
   speechrl eval runs/<run>/final --recipe tts/sft  held-out TTS scores and wav samples of any checkpoint
   speechrl eval runs/<run>/final --recipe realtime/ppo   drift by turn (judge score, out-of-character rate)
@@ -37,23 +40,16 @@ def cmd_train(args) -> int:
     if args.resume and "=" in args.resume and not os.path.exists(args.resume):
         args.overrides.append(args.resume)
         args.resume = "latest"
+    if is_schedule(args.recipe):
+        from speechrl.rlhf.trainers.schedule import latest_schedule_run, run_schedule
+
+        schedule = load_schedule(args.recipe, args.overrides)
+        resume = latest_schedule_run(schedule) if args.resume == "latest" else args.resume
+        run_schedule(schedule, resume=resume)
+        return 0
     cfg = _recipe(args)
     RUNNERS[cfg.algorithm]()(cfg, resume=args.resume)
     return 0
-
-
-def _runner(module: str, name: str):
-    def load():
-        import importlib
-
-        return getattr(importlib.import_module(f"speechrl.rlhf.trainers.{module}"), name)
-    return load
-
-
-# algorithm -> its run function, imported when used (the online loop's brings Ray and vLLM)
-RUNNERS = {"sft": _runner("sft", "run_sft"), "dpo": _runner("dpo", "run_dpo"),
-           "reward_model": _runner("reward_model", "run_reward_model"),
-           **{name: _runner("online", "run_online") for name in ONLINE_ALGORITHMS}}
 
 
 def cmd_demo(args) -> int:
@@ -67,6 +63,12 @@ def cmd_demo(args) -> int:
 
 
 def cmd_show(args) -> int:
+    if is_schedule(args.recipe):
+        import yaml
+        from dataclasses import asdict
+
+        print(yaml.safe_dump({"schedule": asdict(load_schedule(args.recipe, args.overrides))}, sort_keys=False), end="")
+        return 0
     print(to_yaml(_recipe(args)), end="")
     return 0
 
@@ -140,6 +142,7 @@ def cmd_eval(args) -> int:
     (a transformers model), or on vLLM engines serving the checkpoint for a mode that evaluates there.
     With --real-speech, also WER/CER per folder of the shared real recordings beside Whisper's."""
     from speechrl.rlhf.modes import get_mode
+    from speechrl.rlhf.trainers.evaluate import evaluate_in_process, evaluate_on_engines
 
     cfg = load_recipe(args.recipe, args.overrides)
     checkpoint = Path(args.checkpoint)
@@ -148,9 +151,9 @@ def cmd_eval(args) -> int:
                                 "run's final/ or checkpoints/step-N/model/")
     real = _real_speech_root(args.real_speech, get_mode(cfg)) if args.real_speech is not None else None
     if get_mode(cfg).evaluates_on_engines:
-        mode, metrics = _eval_on_engines(cfg, checkpoint)
+        mode, metrics = evaluate_on_engines(cfg, checkpoint, checkpoint / "eval")
     else:
-        mode, metrics, backbone = _eval_in_process(cfg, checkpoint)
+        mode, metrics, backbone = evaluate_in_process(cfg, checkpoint, checkpoint / "eval")
     print(mode.report_checkpoint(metrics, checkpoint / "eval"))
     if real is not None:
         from speechrl.rlhf.modes.real_speech import real_speech_report
@@ -174,39 +177,6 @@ def _real_speech_root(given: str, mode) -> Path:
         raise FileNotFoundError(f"--real-speech: {given or '../shared/data/real_speech'} is not a folder; give the "
                                 "folder holding librivox/, cards/, speechbrain_asr/, misc/ (--real-speech DIR)")
     return root
-
-
-def _eval_on_engines(cfg, checkpoint: Path):
-    from speechrl.rlhf.trainers.online import OnlineRecipe
-
-    cfg.run.init_from = str(checkpoint)
-    recipe = OnlineRecipe(cfg)
-    try:
-        recipe.setup_evaluation(checkpoint / "eval")
-        recipe.mode.label_evaluation("/".join(checkpoint.resolve().parts[-2:]))  # e.g. <run>/final
-        metrics = recipe.evaluate(0)
-    finally:
-        recipe.cleanup()
-    return recipe.mode, metrics
-
-
-def _eval_in_process(cfg, checkpoint: Path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    from speechrl.rlhf.model.backbone import load_backbone
-    from speechrl.rlhf.modes import get_mode
-    from speechrl.rlhf.trainers.judges import prebuild_judges
-
-    class _Writer:  # evaluations that write TensorBoard audio do it through a run logger's `tb`
-        tb = SummaryWriter(str(checkpoint / "eval" / "tensorboard"))
-
-    mode, backbone = get_mode(cfg), load_backbone(checkpoint)
-    _, held = mode.datasets(backbone.max_audio_seconds)
-    mode.setup_task(backbone.processor)
-    prebuild_judges(cfg)
-    metrics = mode.evaluate_offline(0, backbone.model, backbone.processor, held, checkpoint / "eval", _Writer)
-    _Writer.tb.close()
-    return mode, metrics, backbone
 
 
 def cmd_serve_reward(args) -> int:
@@ -245,16 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="recipe file, or a shipped recipe name such as asr/sft (see `speechrl recipes`)")
         p.add_argument("overrides", nargs="*", help="key.path=value overrides, applied last")
 
-    p = sub.add_parser("train", help="run a recipe (SFT, GRPO, PPO, DPO or online DPO) and write a run directory")
+    p = sub.add_parser("train", help="run a recipe (SFT, GRPO, PPO, DPO or online DPO) or a schedule (recipes/multi) "
+                       "and write a run directory")
     recipe_args(p)
     p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
                    help="continue from the last checkpoint of RUN_DIR (default: run.name, else the newest run)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("demo", help="a mode's end-to-end demo (asr, the default, tts or realtime): SFT warm start, "
-                       "then RL through Ray + vLLM (GRPO; PPO for realtime)")
+                       "then RL through Ray + vLLM (GRPO; PPO for realtime); multi: the three modes on one "
+                       "backbone, a short schedule and its interference matrix")
     p.add_argument("overrides", nargs="*", metavar="[MODE] OVERRIDES",
-                   help="optionally the mode (asr | tts | realtime), then key.path=value overrides for both stages")
+                   help="optionally the mode (asr | tts | realtime | multi), then key.path=value overrides for "
+                        "every stage")
     p.add_argument("--output-dir", default="runs", help="parent of the demo's run directories")
     p.set_defaults(fn=cmd_demo)
 

@@ -16,6 +16,7 @@ from speechrl.rlhf.core.registry import MODES, REWARD_NAME, Registry
 _CHOICES = {
     "algorithm": ("sft", "grpo", "ppo", "dpo", "online_dpo", "reward_model"),
     "data.on_bad_example": ("skip", "fail"),
+    "model.tiny.texts": ("mode", "all_modes"),
     "grpo.dynamic_sampling": ("off", "drop"),
     "tts.embedded_codec.fit_on": ("espeak", "corpus"),
     "train.device": DEVICES,

@@ -49,6 +49,10 @@ class TinyBackboneConfig:
     max_audio_seconds: float = 4.0  # feature-extractor window (a multiple of 0.04 s); longer clips are rejected by the data loader
     text_vocab_size: int = 600  # byte-level BPE vocabulary learned from the corpus texts (before specials); >= 256 (256 = bytes alone)
     seed: int = 0  # initialization seed, in [0, 2**32 - 1]
+    # what the tokenizer learns from: "mode" = this mode's texts (ASR and TTS: the corpus; realtime: the
+    # persona cards and dialogues, a backbone of its own); "all_modes" = every mode's shipped texts, one
+    # backbone every mode's recipe starts from (recipes/multi; the same build whichever mode builds it)
+    texts: str = "mode"
 
 
 @dataclass
@@ -311,9 +315,10 @@ class DPOConfig:
 
 @dataclass
 class RewardModelConfig:
-    """`algorithm: reward_model` (rlhf/reward_model.py); its steps, batch size (pairs) and lr are `train.*`."""
-    data: Optional[str] = None  # preference pairs (docs/preferences.md): .jsonl, save_to_disk folder, or a .jsonl glob
-    eval_fraction: float = 0.1  # share of the pairs' texts held out (all pairs of a text on one side), drawn by seed
+    """`algorithm: reward_model` (rlhf/trainers/reward_model.py; TTS and realtime); its steps, batch size
+    (pairs) and lr are `train.*`."""
+    data: Optional[str] = None  # preference pairs (docs/preferences.md): TTS .jsonl, save_to_disk folder or .jsonl glob; realtime: online DPO's pair rows (.jsonl, glob, or a run's pairs/)
+    eval_fraction: float = 0.1  # share of the pairs' groups held out (TTS: texts, realtime: personas; all pairs of one on one side), drawn by seed
     center_coef: float = 0.0  # weight of mean((r_chosen + r_rejected)^2): keeps rewards near 0 (TRL's centering term); 0 = none
     register_as: Optional[str] = None  # make the final model a reward of this name (<run.cache_dir>/reward_models/)
 
@@ -357,7 +362,7 @@ class RecipeConfig:
     tts: TTSConfig = field(default_factory=TTSConfig)  # TTS mode: codec, voice prompts, held-out synthesis
     realtime: RealtimeConfig = field(default_factory=RealtimeConfig)  # realtime mode: personas, episodes, drift
     dpo: DPOConfig = field(default_factory=DPOConfig)  # offline and online DPO
-    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)  # a learned preference reward (TTS)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)  # a learned preference reward (TTS, realtime)
 
 
 def resolve_recipe_path(name: str) -> Path:
@@ -434,6 +439,9 @@ def load_recipe(name: str, overrides: list[str] = ()) -> RecipeConfig:
     """Load, merge, override and validate a recipe; returns a typed `RecipeConfig`."""
     path = resolve_recipe_path(name)
     tree = _load_tree(path)
+    if "schedule" in tree:
+        raise RecipeError(f"{path} is a schedule of stages (core/schedule.py), not one recipe: "
+                          f"`speechrl train {name}` runs it, `speechrl show {name}` prints it")
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"override {item!r} must look like key.path=value")

@@ -230,8 +230,9 @@ def backbone_summary(backbone: Backbone) -> dict:
 
 
 def default_tiny_dir(cache_dir: str, tiny) -> Path:
-    """Cache path keyed by the tiny shape, so a changed shape never reuses a stale build."""
-    key = "-".join(str(v) for v in vars(tiny).values()).replace(".", "_")
+    """Cache path keyed by the tiny shape, so a changed shape never reuses a stale build (the tokenizer's
+    texts are named by the caller: modes/assets.py)."""
+    key = "-".join(str(v) for k, v in vars(tiny).items() if k != "texts").replace(".", "_")
     return Path(cache_dir).expanduser() / "backbones" / f"tiny-{key}"
 
 

@@ -73,3 +73,11 @@ def render_tts_prompt(processor, text: str, voice_ids: Optional[list[int]] = Non
         tokenizer = processor.tokenizer
         voice = "".join(tokenizer.convert_ids_to_tokens(list(voice_ids) + [tokenizer.convert_tokens_to_ids(CODEC_END)]))
     return render_prompt(processor, "tts", {"text": text, "voice": voice})
+
+
+def render_realtime_text_prompt(processor, persona: str, history, user_text: str) -> str:
+    """The realtime prompt with the user's latest turn as its text in place of the audio: what a
+    reward model reads, being text-only (its head sits on the decoder, without the audio tower)."""
+    messages = realtime_messages({"persona": persona, "history": list(history or ())})
+    messages[-1] = {"role": "user", "content": user_text}
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

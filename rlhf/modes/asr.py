@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 
 from speechrl.rewards.asr import char_error_rate, word_error_rate
-from speechrl.rlhf.core.config import RecipeConfig
+from speechrl.rlhf.core.config import RecipeConfig, RecipeError
 from speechrl.rlhf.core.registry import MODES
 from speechrl.rlhf.model.backbone import IM_END, text_token_ids
 from speechrl.rlhf.model.prompts import render_prompt
@@ -139,6 +139,15 @@ class AsrMode(Mode):
 
     transcribes = True
     examples: list = []  # the last offline evaluation's (ref, hyp) pairs, printed by `speechrl eval`
+
+    @classmethod
+    def check(cls, cfg: RecipeConfig, source: str) -> None:
+        if cfg.algorithm == "reward_model":  # said before the generic "not implemented": why, and what instead
+            raise RecipeError(f"{source}: `algorithm: reward_model` is not implemented for mode 'asr', and need not "
+                              "be: ASR's reward is verifiable (WER against the reference transcript, `asr_wer`), so "
+                              "there is nothing for a learned reward to add. To learn from ranked transcripts, use "
+                              "asr/online_dpo (pairs from the policy's own samples) or asr/dpo (dpo.data=<pairs>)")
+        super().check(cfg, source)
 
     def transcriber(self, model, processor):
         return lambda audios: greedy_transcribe(model, processor, list(audios),

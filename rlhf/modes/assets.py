@@ -27,7 +27,8 @@ def corpus_texts(cfg: RecipeConfig) -> list[str] | None:
 
 def backbone_path(cfg: RecipeConfig) -> Path:
     """run.init_from, else model.path, else model.pretrained, else the embedded tiny backbone (each
-    built once; a mode with a tokenizer of its own builds its own: Mode.backbone_path)."""
+    built once; a mode with a tokenizer of its own, or `model.tiny.texts: all_modes`, builds its own:
+    Mode.backbone_path)."""
     if cfg.run.init_from:
         path = Path(cfg.run.init_from).expanduser()
         if not (path / "config.json").is_file():
@@ -41,6 +42,27 @@ def backbone_path(cfg: RecipeConfig) -> Path:
 
         return ensure_pretrained(cfg.model.pretrained, cfg.run.cache_dir)
     return ensure_tiny_backbone(cfg.run.cache_dir, cfg.model.tiny, lambda: tokenizer_texts(cfg), cfg.data.sample_rate)
+
+
+def shared_tokenizer_texts(cfg: RecipeConfig) -> list[str]:
+    """`model.tiny.texts: all_modes`: every registered mode's tokenizer texts under its shipped base
+    recipe (`<mode>/base`), so one backbone is built whichever mode's recipe asks for it first."""
+    from speechrl.rlhf.core.config import load_recipe
+    from speechrl.rlhf.core.registry import MODES
+
+    texts = []
+    for name in sorted(MODES.names()):
+        base = load_recipe(f"{name}/base", [f"run.cache_dir={cfg.run.cache_dir}", f"seed={cfg.seed}",
+                                            f"model.tiny.seed={cfg.model.tiny.seed}"])
+        texts += MODES.get(name)(base).tokenizer_texts()
+    return texts
+
+
+def texts_key(texts: list[str]) -> str:
+    """A short hash of tokenizer texts: the cache name of a backbone built from them carries it."""
+    import hashlib
+
+    return hashlib.sha1("\n".join(texts).encode("utf-8")).hexdigest()[:10]
 
 
 def tiny_backbone(cfg: RecipeConfig, texts: list[str], suffix: str) -> Path:

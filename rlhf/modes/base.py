@@ -15,7 +15,7 @@ import numpy as np
 from speechrl.rlhf.algos.registry import RECIPE_CHECKS
 from speechrl.rlhf.core.config import RecipeConfig, RecipeError
 from speechrl.rlhf.core.registry import MODES
-from speechrl.rlhf.modes.pairs import PreferenceRow
+from speechrl.rlhf.modes.pairs import PreferenceRow, RewardModelPairs
 from speechrl.rollouts.types import RolloutRequest
 
 Generate = Callable[..., list]  # generate(requests, n=None, temperature=None, max_new_tokens=None) -> samples
@@ -29,6 +29,7 @@ class Mode:
     demo_sft_overrides: ClassVar[list[str]] = []  # the demo's SFT settings on top of <mode>/sft
     evaluates_on_engines: ClassVar[bool] = False  # `speechrl eval` needs vLLM engines (else in-process)
     transcribes: ClassVar[bool] = False  # its replies are transcripts: `speechrl eval --real-speech` applies
+    offline_evaluation_scores: ClassVar[bool] = False  # evaluate_offline runs the recipe's rewards (their judges are built first)
 
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
@@ -45,9 +46,29 @@ class Mode:
 
     # --- what runs on ----------------------------------------------------------------------------
     def backbone_path(self) -> Path:
+        """What the recipe starts from (modes/assets.py); on the embedded default with
+        `model.tiny.texts: all_modes`, the one tiny backbone whose tokenizer learnt every mode's texts."""
+        from speechrl.rlhf.modes import assets
+
+        cfg = self.cfg
+        if cfg.run.init_from or cfg.model.path or cfg.model.pretrained:
+            return assets.backbone_path(cfg)
+        if cfg.model.tiny.texts == "all_modes":
+            texts = assets.shared_tokenizer_texts(cfg)
+            return assets.tiny_backbone(cfg, texts, suffix=f"shared-{assets.texts_key(texts)}")
+        return self.own_backbone_path()
+
+    def own_backbone_path(self) -> Path:
+        """The embedded tiny backbone for this mode alone (`model.tiny.texts: mode`)."""
         from speechrl.rlhf.modes import assets
 
         return assets.backbone_path(self.cfg)
+
+    def tokenizer_texts(self) -> list[str]:
+        """What a tiny backbone's tokenizer learns from for this mode: the corpus' texts by default."""
+        from speechrl.rlhf.modes import assets
+
+        return assets.tokenizer_texts(self.cfg)
 
     def datasets(self, max_audio_seconds: float):
         """(train, held-out) datasets of (example, audio) pairs."""
@@ -92,6 +113,11 @@ class Mode:
         """Offline DPO's pairs read from `dpo.data` (after `setup_task`), as token rows, and a summary
         of what was read and left out."""
         raise NotImplementedError(f"mode {self.name!r} has no offline preference format")
+
+    def reward_model_pairs(self, source: str, processor, codec) -> "RewardModelPairs":
+        """The reward model's preference pairs read from `reward_model.data`, each side a whole token
+        sequence, grouped (by text, persona) so that held-out pairs are of groups never trained on."""
+        raise NotImplementedError(f"mode {self.name!r} has no reward-model pair format")
 
     def label_evaluation(self, label: str) -> None:
         """Name the evaluation's outputs (`speechrl eval` names the checkpoint); nothing by default."""

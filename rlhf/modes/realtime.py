@@ -16,9 +16,9 @@ from speechrl.rlhf.algos import UPDATES
 from speechrl.rlhf.core.config import RecipeConfig, RecipeError
 from speechrl.rlhf.core.registry import MODES
 from speechrl.rlhf.model.backbone import IM_END, text_token_ids
-from speechrl.rlhf.model.prompts import render_prompt
+from speechrl.rlhf.model.prompts import render_prompt, render_realtime_text_prompt
 from speechrl.rlhf.modes.base import Mode, batch_indices
-from speechrl.rlhf.modes.pairs import PreferenceRow, read_pair_rows
+from speechrl.rlhf.modes.pairs import PreferenceRow, RewardModelPairs, RewardPair, read_pair_rows
 from speechrl.rlhf.modes.tts import SpeakingTask, check_codec_fits_the_tiny_backbone
 from speechrl.rollouts.types import RolloutRequest
 
@@ -96,7 +96,7 @@ class RealtimeTask(SpeakingTask):
 @MODES.register("realtime")
 class RealtimeMode(Mode):
     name = "realtime"
-    algorithms = ("sft", "grpo", "ppo", "online_dpo", "dpo")
+    algorithms = ("sft", "grpo", "ppo", "online_dpo", "dpo", "reward_model")
     default_algorithm = "ppo"
     headlines = [("drift judge score", "drift/judge"), ("drift out-of-character rate", "drift/ooc_rate"),
                  ("drift judge score, last turn", "drift/judge_last_turn"), ("drift check", "drift/check"),
@@ -120,16 +120,18 @@ class RealtimeMode(Mode):
                 raise RecipeError(f"{source}: `realtime.{name}` is {value!r}, which is not among the rewards "
                                   f"({', '.join(keys)}); drift evaluation reads that reward's score")
 
-    def backbone_path(self) -> Path:
+    def own_backbone_path(self) -> Path:
         """A tiny backbone whose tokenizer learnt the persona cards and dialogues, so prompts stay short
         (a given or pretrained backbone keeps its own tokenizer)."""
-        from speechrl.rlhf.modes import assets, realtime_data
+        from speechrl.rlhf.modes import assets
 
-        cfg = self.cfg
-        if cfg.run.init_from or cfg.model.path or cfg.model.pretrained:
-            return assets.backbone_path(cfg)
-        texts = realtime_data.tokenizer_texts(cfg)
-        return assets.tiny_backbone(cfg, texts, suffix=f"realtime-{realtime_data.texts_key(texts)}")
+        texts = self.tokenizer_texts()
+        return assets.tiny_backbone(self.cfg, texts, suffix=f"realtime-{assets.texts_key(texts)}")
+
+    def tokenizer_texts(self) -> list[str]:
+        from speechrl.rlhf.modes import realtime_data
+
+        return realtime_data.tokenizer_texts(self.cfg)
 
     def datasets(self, max_audio_seconds: float):
         from speechrl.rlhf.modes.realtime_data import realtime_datasets
@@ -225,6 +227,39 @@ class RealtimeMode(Mode):
             return PreferenceRow(prompt, replies[0], replies[1], clip)
 
         return read_pair_rows(source, row_of, self.cfg.data.on_bad_example)
+
+    def reward_model_pairs(self, source: str, processor, codec) -> RewardModelPairs:
+        """The reward model's pairs (`reward_model.data`): rows as `save_pairs` writes them (a .jsonl file,
+        a glob of them, or a folder: an online DPO run's `pairs/`), each side the dialogue as text (card,
+        history, the user's turn from `user_text`) then the reply's text and codec tokens; grouped by
+        persona card, so that held-out accuracy is on personas the model never saw."""
+        from speechrl.rewards.learned import dialogue_sequence
+        from speechrl.rollouts.codec import CodecTokens
+
+        tokens = CodecTokens(processor.tokenizer, codec)
+
+        def row_of(row: dict) -> RewardPair:
+            persona, history, user = row.get("persona"), row.get("history", []), row.get("user_text")
+            if not isinstance(persona, str) or not persona.strip() or not isinstance(history, list):
+                raise ValueError("`persona` (the rendered card) and `history` (a list of turns) are required")
+            if not isinstance(user, str) or not user.strip():  # the reward model is text-only: no user_audio
+                raise ValueError("`user_text` (the user's turn as text) is required: the reward model reads the "
+                                 "dialogue as text; add it to the row")
+            sides = []
+            for key in ("chosen", "rejected"):
+                reply = row.get(key)
+                if not isinstance(reply, dict) or not isinstance(reply.get("text", ""), str) or \
+                        not isinstance(reply.get("codec_ids", []), list):
+                    raise ValueError(f"`{key}` must be {{\"text\": ..., \"codec_ids\": [...]}}")
+                sides.append(dialogue_sequence(processor, tokens, persona, history, user, reply.get("text"),
+                                               [int(c) for c in reply.get("codec_ids", [])]))
+            return RewardPair(persona.strip(), *sides)
+
+        pairs, summary = read_pair_rows(source, row_of, self.cfg.data.on_bad_example, key="reward_model.data")
+        context = render_realtime_text_prompt(processor, "<persona card>", [{"role": "user", "text": "<earlier turns>"}],
+                                              "<user turn>")
+        return RewardModelPairs(pairs, summary["read"], summary["bad"], split_by="persona",
+                                sequence=context + "<reply text><codec tokens><|codec_end|>")
 
     def label_evaluation(self, label: str) -> None:
         self.drift.label = label

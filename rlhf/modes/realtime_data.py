@@ -7,7 +7,6 @@ audio window.
 """
 from __future__ import annotations
 
-import hashlib
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -203,8 +202,3 @@ def tokenizer_texts(cfg: RecipeConfig) -> list[str]:
         for turn in d.turns:
             texts.append(turn.text if turn.role == "assistant" else f"{turn.text}\n{reference_reply(d.persona, turn)}")
     return texts
-
-
-def texts_key(texts: list[str]) -> str:
-    """A short hash of the tokenizer texts: a realtime tiny backbone's cache name carries it."""
-    return hashlib.sha1("\n".join(texts).encode("utf-8")).hexdigest()[:10]

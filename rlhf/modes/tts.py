@@ -16,7 +16,7 @@ from speechrl.rlhf.core.registry import MODES
 from speechrl.rlhf.model.backbone import codec_token_ids
 from speechrl.rlhf.model.prompts import render_tts_prompt
 from speechrl.rlhf.modes.base import Mode, batch_indices
-from speechrl.rlhf.modes.pairs import PreferenceRow
+from speechrl.rlhf.modes.pairs import PreferenceRow, RewardModelPairs, RewardPair
 from speechrl.rlhf.modes.tts_eval import TtsEvaluation
 from speechrl.rollouts.types import RolloutRequest
 
@@ -138,6 +138,7 @@ class TtsMode(Mode):
     name = "tts"
     algorithms = ("sft", "grpo", "ppo", "dpo", "online_dpo", "reward_model")
     default_algorithm = "grpo"
+    offline_evaluation_scores = True  # held-out synthesis is scored by the recipe's rewards (the judge ASR)
     headlines = [("held-out intelligibility CER", "eval/tts_intelligibility/cer"),
                  ("held-out intelligibility WER", "eval/tts_intelligibility/wer"),
                  ("held-out DNSMOS", "eval/dnsmos/reward"),
@@ -215,6 +216,29 @@ class TtsMode(Mode):
                               task.tokens.to_backbone(p.chosen) + [end], task.tokens.to_backbone(p.rejected) + [end],
                               None) for p in encoded]
         return rows, {"read": pairs.summary(), "encoded": encoded.summary()}
+
+    def reward_model_pairs(self, source: str, processor, codec) -> RewardModelPairs:
+        """The reward model's pairs (`reward_model.data`: the preference format, a file, folder or glob
+        of them), each side the TTS prompt and its speech as `codec`'s tokens; grouped by text."""
+        import glob
+        import os
+
+        from speechrl.data.preferences import encode_pairs, read_preferences
+        from speechrl.rewards.learned import preference_sequence
+        from speechrl.rollouts.codec import CodecTokens
+
+        on_bad, tokens = self.cfg.data.on_bad_example, CodecTokens(processor.tokenizer, codec)
+        files = [read_preferences(path, on_bad=on_bad) for path in sorted(glob.glob(os.path.expanduser(source)))]
+        read, bad = sum(f.num_pairs for f in files), [str(e) for f in files for e in f.bad]
+        encoded = encode_pairs([p for f in files for p in f], codec, on_bad=on_bad)
+        log.info("preference pairs: %d usable of %d in %d file(s) (%d bad rows, %d not encodable)", len(encoded),
+                 read, len(files), len(bad), len(encoded.bad))
+
+        def seq(p, ids):
+            return preference_sequence(processor, tokens, p.pair.text, ids, p.voice)
+        pairs = [RewardPair(p.pair.text.strip(), seq(p, p.chosen), seq(p, p.rejected)) for p in encoded]
+        return RewardModelPairs(pairs, read, bad + [str(e) for e in encoded.bad], split_by="text",
+                                sequence=render_tts_prompt(processor, "<text>") + "<codec tokens><|codec_end|>")
 
     def evaluate_offline(self, step, model, processor, eval_set, run_dir, logger) -> dict:
         from speechrl.rewards.worker import RewardWorker

@@ -1,17 +1,17 @@
-"""Reward modelling for the TTS mode: a Bradley–Terry reward model trained on preference pairs.
+"""Reward modelling: a Bradley–Terry reward model trained on preference pairs, for the modes that
+have them (TTS, realtime); the mode reads its pairs (`reward_model_pairs`) as whole sequences.
 
 Loss -log σ(r_chosen - r_rejected) + `center_coef` * mean((r_chosen + r_rejected)^2); the head starts
-at zero (all pairs tied) and is read at `<|codec_end|>`; pairs split by text, so held-out accuracy is on
-unseen texts. TRL's RewardTrainer fits where DPOTrainer did not: these sequences are text-only, so its
-collator pads the pretokenized ids as they are; its own checkpoints are what `--resume` continues.
+at zero (all pairs tied) and is read at `<|codec_end|>`; pairs split by the mode's group (TTS: text,
+realtime: persona), so held-out accuracy is on unseen ones. TRL's RewardTrainer fits where DPOTrainer
+did not: these sequences are text-only, so its collator pads the pretokenized ids as they are; its own
+checkpoints are what `--resume` continues.
 """
 from __future__ import annotations
 
 import copy
-import glob
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
-from speechrl.rewards.learned import (META_FILE, codec_identity, load_reward_model, preference_sequence,
-                                      register_model, score_sequences)
+from speechrl.rewards.learned import META_FILE, codec_identity, load_reward_model, register_model, score_sequences
 from speechrl.rlhf.modes import get_mode
 from speechrl.rlhf.core.config import RecipeConfig, RecipeError
 from speechrl.rlhf.core.seeding import seed_everything, set_threads
@@ -40,16 +39,24 @@ def pairwise_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, 
             "loss": float(-F.logsigmoid(margin).mean())}
 
 
+def split_by_group(pairs: list, eval_fraction: float, seed: int, group=lambda p: p.group,
+                   what: str = "group") -> tuple[list, list]:
+    """(train, held-out) pairs: a share `eval_fraction` of the distinct groups (`group(pair)`: a text,
+    a persona card), drawn by `seed`, is held out with all its pairs, so that held-out accuracy is
+    measured on groups the model never saw."""
+    groups = sorted({group(p) for p in pairs})
+    if len(groups) < 2:
+        raise ValueError(f"reward_model.data: all {len(pairs)} usable pairs are of the same {what}; holding pairs "
+                         f"out for held-out accuracy needs pairs of at least 2 {what}s")
+    n_held = min(len(groups) - 1, max(1, round(eval_fraction * len(groups))))
+    held = {groups[i] for i in np.random.default_rng(seed).permutation(len(groups))[:n_held]}
+    return [p for p in pairs if group(p) not in held], [p for p in pairs if group(p) in held]
+
+
 def split_by_text(pairs: list, eval_fraction: float, seed: int) -> tuple[list, list]:
-    """(train, held-out) pairs: a share `eval_fraction` of the distinct texts, drawn by `seed`, is held
-    out with all its pairs, so that held-out accuracy is measured on texts the model never saw."""
-    texts = sorted({p.pair.text.strip() for p in pairs})
-    if len(texts) < 2:
-        raise ValueError(f"reward_model.data: all {len(pairs)} usable pairs say the same text; holding pairs out "
-                         "for held-out accuracy needs pairs of at least 2 texts")
-    n_held = min(len(texts) - 1, max(1, round(eval_fraction * len(texts))))
-    held = {texts[i] for i in np.random.default_rng(seed).permutation(len(texts))[:n_held]}
-    return [p for p in pairs if p.pair.text.strip() not in held], [p for p in pairs if p.pair.text.strip() in held]
+    """The TTS split of encoded preference pairs (data/preferences.py), as the recipe draws it: what
+    benchmarks and tests rebuild to score the run's held-out pairs."""
+    return split_by_group(pairs, eval_fraction, seed, lambda p: p.pair.text.strip(), "text")
 
 
 def build_reward_model(path: Path):
@@ -110,32 +117,33 @@ class RewardModelRecipe:
 
     def setup(self) -> None:
         from speechrl.rlhf.modes.assets import codec_spec
-        from speechrl.rollouts.codec import CodecTokens
 
         cfg, rm = self.cfg, self.cfg.reward_model
         if not rm.data:  # checked here, not at load: the shipped recipe is completed on the command line
-            raise RecipeError("a reward model needs `reward_model.data`, preference pairs (docs/preferences.md): "
-                              "speechrl train tts/reward_model reward_model.data=pairs.jsonl "
-                              "run.init_from=<tts sft run>/final")
+            raise RecipeError(f"a reward model needs `reward_model.data`, preference pairs (docs/preferences.md): "
+                              f"speechrl train {cfg.mode}/reward_model reward_model.data=pairs.jsonl "
+                              f"run.init_from=<{cfg.mode} sft run>/final")
         self._check_name(rm.register_as)
         set_threads(cfg.train.torch_threads)
         seed_everything(cfg.seed)
         self.run_dir = find_resume_dir(cfg, self.resume, trainer_checkpoint) if self.resume else new_run_dir(cfg)
         self.checkpoint = trainer_checkpoint(self.run_dir) if self.resume else None
-        self.init_path = get_mode(cfg).backbone_path()
+        self.mode = get_mode(cfg)
+        self.init_path = self.mode.backbone_path()
         self.model, self.processor = build_reward_model(self.init_path)
         self.codec_spec = codec_spec(cfg)
         if (self.init_path / META_FILE).is_file():  # continuing a reward model: its ids must be this codec's
             self._check_codec(json.loads((self.init_path / META_FILE).read_text()))
         self.codec = self.codec_spec.build()
-        self.tokens = CodecTokens(self.processor.tokenizer, self.codec)
-        self.train_pairs, self.held_pairs = split_by_text(self._read_pairs(), rm.eval_fraction, cfg.seed)
-        self.train_rows = [self._row(p) for p in self.train_pairs]
-        self.held_rows = [self._row(p) for p in self.held_pairs]
+        self.data = self._read_pairs()
+        train, held = split_by_group(self.data.pairs, rm.eval_fraction, cfg.seed, what=self.data.split_by)
+        self.train_rows = [{"chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids} for p in train]
+        self.held_rows = [{"chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids} for p in held]
+        self.held_groups = len({p.group for p in held})
         self.logger = RunLogger(self.run_dir, cfg, plot_keys=self.plot_keys)
         self.start_step = self._resume_log() if self.checkpoint else 0
-        log.info("run directory: %s; %d train pairs, %d held-out pairs", self.run_dir, len(self.train_rows),
-                 len(self.held_rows))
+        log.info("run directory: %s; %d train pairs, %d held-out pairs (%d %ss held out)", self.run_dir,
+                 len(self.train_rows), len(self.held_rows), self.held_groups, self.data.split_by)
 
     def _check_name(self, name: Optional[str]) -> None:
         from speechrl.rewards.registry import REWARDS
@@ -149,27 +157,16 @@ class RewardModelRecipe:
             raise RecipeError(f"run.init_from={self.init_path} is a reward model trained on ids of the codec "
                               f"{meta['codec']}; this recipe's codec is {codec_identity(self.codec_spec)}")
 
-    def _read_pairs(self) -> list:
-        from speechrl.data.preferences import PairList, encode_pairs, read_preferences
-
-        on_bad = self.cfg.data.on_bad_example
-        files = [read_preferences(path, on_bad=on_bad)
-                 for path in sorted(glob.glob(os.path.expanduser(self.cfg.reward_model.data)))]
-        pairs = PairList([p for f in files for p in f], [e for f in files for e in f.bad],
-                         sum(f.num_pairs for f in files))
-        encoded = encode_pairs(pairs, self.codec, on_bad=on_bad)
-        self.bad_pairs = len(pairs.bad) + len(encoded.bad)
-        log.info("preference pairs: %d usable of %d in %d file(s) (%d bad rows, %d not encodable)", len(encoded),
-                 pairs.num_pairs, len(files), len(pairs.bad), len(encoded.bad))
-        if not encoded:
-            raise ValueError(f"reward_model.data={self.cfg.reward_model.data}: no usable preference pairs "
-                             f"({pairs.summary()}); see docs/preferences.md for the format")
-        return encoded
-
-    def _row(self, p) -> dict:
-        def seq(ids):
-            return preference_sequence(self.processor, self.tokens, p.pair.text, ids, p.voice)
-        return {"chosen_ids": seq(p.chosen), "rejected_ids": seq(p.rejected)}
+    def _read_pairs(self):
+        """The mode's pairs as sequences (modes/pairs.py's RewardModelPairs); none usable stops the run."""
+        source = self.cfg.reward_model.data
+        data = self.mode.reward_model_pairs(source, self.processor, self.codec)
+        log.info("preference pairs: %d usable of %d read (%d left out)", len(data.pairs), data.read,
+                 data.read - len(data.pairs))
+        if not data.pairs:
+            raise ValueError(f"reward_model.data={source}: no usable preference pairs of {data.read} read "
+                             f"(first bad ones: {'; '.join(data.bad[:3]) or 'none'}); see docs/preferences.md for the format")
+        return data
 
     def _resume_log(self) -> int:
         step = json.loads((self.checkpoint / "trainer_state.json").read_text())["global_step"]
@@ -219,17 +216,16 @@ class RewardModelRecipe:
         import resource
 
         from speechrl.rewards.asr_judge import codec_fingerprint
-        from speechrl.rlhf.model.prompts import render_tts_prompt
 
         rm, last = self.cfg.reward_model, self.logger.last
         best = max((r for r in self.logger.rows() if "eval/accuracy" in r), key=lambda r: r["eval/accuracy"])
         final = self.run_dir / "final"
         self.model.save_pretrained(final)
         self.processor.save_pretrained(final)
-        meta = {"mode": "tts", "kind": "bradley_terry", "codec": codec_identity(self.codec_spec),
+        meta = {"mode": self.cfg.mode, "kind": "bradley_terry", "codec": codec_identity(self.codec_spec),
                 "codec_fingerprint": codec_fingerprint(self.codec),
                 "codec_shape": {"num_codebooks": self.codec.num_codebooks, "codebook_size": self.codec.codebook_size},
-                "prompt": render_tts_prompt(self.processor, "<text>") + "<codec tokens><|codec_end|>",
+                "prompt": self.data.sequence, "split_by": self.data.split_by, "heldout_groups": self.held_groups,
                 "heldout_accuracy": last("eval/accuracy"), "heldout_pairs": len(self.held_rows),
                 "train_pairs": len(self.train_rows), "steps": self.cfg.train.steps, "data": rm.data,
                 "init_from": str(self.init_path), "run": str(self.run_dir)}
@@ -242,7 +238,9 @@ class RewardModelRecipe:
         table = {
             "run": str(self.run_dir),
             "steps": self.cfg.train.steps,
-            "preference pairs (train/held-out/bad)": f"{len(self.train_rows)}/{len(self.held_rows)}/{self.bad_pairs}",
+            "preference pairs (train/held-out/bad)":
+                f"{len(self.train_rows)}/{len(self.held_rows)}/{self.data.read - len(self.data.pairs)}",
+            f"held-out {self.data.split_by}s": self.held_groups,
             "held-out accuracy at init": self.logger.first("eval/accuracy"),
             "held-out accuracy after": last("eval/accuracy"),
             "best held-out accuracy (step)": "{eval/accuracy:.4f} ({step})".format(**best),

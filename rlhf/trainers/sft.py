@@ -38,12 +38,16 @@ class SFTRecipe:
         self.cfg = cfg
         self.resume = resume
 
+    def open_run(self) -> Optional[Path]:
+        """Threads, seeds and the run directory (new, or the one resumed); the checkpoint to resume from."""
+        set_threads(self.cfg.train.torch_threads)
+        seed_everything(self.cfg.seed)
+        self.run_dir = find_resume_dir(self.cfg, self.resume) if self.resume else new_run_dir(self.cfg)
+        return latest_checkpoint(self.run_dir) if self.resume else None
+
     def setup(self) -> None:
         cfg = self.cfg
-        set_threads(cfg.train.torch_threads)
-        seed_everything(cfg.seed)
-        self.run_dir = find_resume_dir(cfg, self.resume) if self.resume else new_run_dir(cfg)
-        checkpoint = latest_checkpoint(self.run_dir) if self.resume else None
+        checkpoint = self.open_run()
         self.mode = get_mode(cfg)
         policy = build_policy(cfg, self.mode.backbone_path(), checkpoint, with_reference=self.with_reference)
         self.backbone, self.model, self.optimizer = policy.backbone, policy.model, policy.optimizer
@@ -51,7 +55,8 @@ class SFTRecipe:
         self.train_set, self.eval_set = self.mode.datasets(self.backbone.max_audio_seconds)
         self.logger = RunLogger(self.run_dir, cfg, plot_keys=[*self.plot_keys, *self.mode.plot_keys(), "lr"])
         self.task = self.mode.setup_task(self.backbone.processor)
-        prebuild_judges(cfg)  # the evaluation's rewards run in this process
+        if self.mode.offline_evaluation_scores:
+            prebuild_judges(cfg)  # the evaluation's rewards run in this process
         self.start_step = resume_run(checkpoint, self.logger) if checkpoint else 0
         log.info("run directory: %s", self.run_dir)
 
@@ -68,8 +73,8 @@ class SFTRecipe:
 
     def train(self) -> dict:
         cfg = self.cfg.train
-        if self.start_step == 0:
-            self.logger.log(0, self.evaluate(0))  # the untrained baseline: "WER before" in the summary
+        if self.start_step == 0 and (baseline := self.evaluate(0)):
+            self.logger.log(0, baseline)  # the untrained baseline: "WER before" in the summary
         start, history = time.time(), []
         bar = tqdm(range(self.start_step, cfg.steps), initial=self.start_step, total=cfg.steps,
                    desc=self.cfg.algorithm, unit="step", dynamic_ncols=True)
@@ -82,7 +87,8 @@ class SFTRecipe:
             done = step + 1
             metrics = {}
             if due(done, cfg.log_every, cfg.steps):
-                metrics = {f"train/{k}": float(np.mean([h[k] for h in history])) for k in history[0]}
+                keys = dict.fromkeys(k for h in history for k in h)  # a mixture's modes log different terms
+                metrics = {f"train/{k}": float(np.mean([h[k] for h in history if k in h])) for k in keys}
                 metrics.update(stats, **peak_memory_gib(self.policy.device))
                 history = []
             if due(done, cfg.eval_every, cfg.steps):
@@ -90,11 +96,16 @@ class SFTRecipe:
             if metrics:
                 self.logger.log(done, metrics)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in metrics.items()
-                                 if k in ("train/loss", self.mode.headlines[0][1])})
+                                 if k in ("train/loss", self.headline_key)})
             if due(done, cfg.checkpoint_every, cfg.steps):
                 self.save_checkpoint(done)
         self.elapsed = time.time() - start
         return self.finish()
+
+    @property
+    def headline_key(self) -> str:
+        """The metric the progress bar shows beside the loss."""
+        return self.mode.headlines[0][1]
 
     def step_loss(self, step: int) -> tuple:
         """The loss of optimizer step `step` and its metrics (floats, logged as train/<name>)."""
@@ -103,6 +114,13 @@ class SFTRecipe:
     def summary_rows(self) -> dict:
         """Rows a subclass adds to the summary table."""
         return {}
+
+    def data_rows(self) -> dict:
+        """The summary's rows on the data and the held-out metrics before and after."""
+        data = self.train_set.summary()
+        return {"train examples (kept/bad)": f"{data['kept']}/{data['bad']}",
+                "eval examples": min(len(self.eval_set), self.cfg.data.max_eval_examples),
+                **self.mode.headline_rows(self.logger)}
 
     def save_checkpoint(self, step: int) -> Path:
         with writing_checkpoint(self.run_dir, step, self.cfg.train.keep_checkpoints) as path:
@@ -115,15 +133,11 @@ class SFTRecipe:
 
         with stop_on_write_error(self.run_dir, "the final weights"):
             final = save_backbone(exportable_model(self.model), self.backbone.processor, self.run_dir / "final")
-        last = self.logger.last
-        data = self.train_set.summary()
         table = {
             "run": str(self.run_dir),
             "steps": self.cfg.train.steps,
-            "train examples (kept/bad)": f"{data['kept']}/{data['bad']}",
-            "eval examples": min(len(self.eval_set), self.cfg.data.max_eval_examples),
-            **self.mode.headline_rows(self.logger),
-            "final loss": last("train/loss"),
+            **self.data_rows(),
+            "final loss": self.logger.last("train/loss"),
             **self.summary_rows(),
             "train wall time (s)": round(self.elapsed, 1),
             "peak RSS (MiB)": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,

@@ -18,8 +18,7 @@ def test_every_shipped_mode_is_registered_with_what_the_loop_needs():
         assert "sft" in cls.algorithms and cls.default_algorithm in cls.algorithms and cls.headlines
 
 
-@pytest.mark.parametrize("recipe,algorithm", [("asr/sft", "reward_model"), ("asr/grpo", "reward_model"),
-                                              ("realtime/sft", "reward_model")])
+@pytest.mark.parametrize("recipe,algorithm", [("asr/sft", "reward_model"), ("asr/grpo", "reward_model")])
 def test_a_mode_refuses_an_algorithm_it_does_not_support(recipe, algorithm):
     mode = recipe.split("/")[0]
     with pytest.raises(RecipeError, match=f"not implemented for mode '{mode}'"):

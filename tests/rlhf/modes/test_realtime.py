@@ -482,8 +482,7 @@ def test_realtime_recipes_are_checked():
     assert load_recipe("realtime/ppo", ["realtime.drift_check=null"]).realtime.drift_check is None
     with pytest.raises(RecipeError, match="realtime.dialogues"):
         load_recipe("realtime/sft", [f"realtime.personas={__file__}"])
-    with pytest.raises(RecipeError, match="not implemented for mode 'realtime'"):
-        load_recipe("realtime/sft", ["algorithm=reward_model"])
+    assert load_recipe("realtime/reward_model").algorithm == "reward_model"  # tests/rlhf/trainers/test_realtime_reward_model.py
     with pytest.raises(RecipeError, match="ppo.gamma"):
         load_recipe("realtime/ppo", ["ppo.gamma=1.5"])
 
