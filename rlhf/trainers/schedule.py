@@ -70,12 +70,12 @@ class ScheduleRun:
     def __init__(self, schedule: ScheduleConfig, resume: Optional[str] = None, run_name: Optional[str] = None):
         self.schedule = schedule
         if resume:
-            self.root = Path(resume).expanduser()
+            self.root = Path(resume).expanduser().resolve()
             if not (self.root / STATE).is_file():
                 raise FileNotFoundError(f"--resume: {self.root} is not a schedule's run directory (no {STATE})")
         else:
             name = run_name or f"{schedule.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-            self.root = Path(schedule.output_dir).expanduser() / name
+            self.root = (Path(schedule.output_dir).expanduser() / name).resolve()  # the matrix names absolute paths
             if (self.root / STATE).is_file():
                 raise FileExistsError(f"{self.root} already holds a schedule run: pass --resume {self.root} to "
                                       "continue it, or choose another name")
@@ -165,21 +165,21 @@ def read_matrix(root: Path) -> dict:
 
 
 def matrix_table(matrix: dict) -> str:
-    """The matrix as text: a row per evaluation point, a column per metric, each value with its change
-    from the row above (what that stage did to the metric)."""
+    """The matrix as text: a line per metric, a column per evaluation point (the start, then after each
+    stage), each value with its change from the column before: what that stage did to the metric."""
     rows = matrix["rows"]
-    columns = list(dict.fromkeys(k for r in rows for k in r["metrics"]))
-    width = max([len(r["row"]) for r in rows] + [5])
-    cells = [[f"{'after':<{width}}", *(f"{c:>22}" for c in columns)]]
-    for i, r in enumerate(rows):
-        line = [f"{r['row']:<{width}}"]
-        for c in columns:
-            value = r["metrics"].get(c, math.nan)
-            before = rows[i - 1]["metrics"].get(c, math.nan) if i else math.nan
+    metrics = list(dict.fromkeys(k for r in rows for k in r["metrics"]))
+    width = max(len(m) for m in metrics + ["metric"])
+    lines = ["  ".join([f"{'metric':<{width}}", *(f"{r['row']:>17}" for r in rows)])]
+    for metric in metrics:
+        cells = [f"{metric:<{width}}"]
+        for i, r in enumerate(rows):
+            value = r["metrics"].get(metric, math.nan)
+            before = rows[i - 1]["metrics"].get(metric, math.nan) if i else math.nan
             delta = f" ({value - before:+.3f})" if math.isfinite(before) and math.isfinite(value) else ""
-            line.append(f"{value:.3f}{delta}".rjust(22))
-        cells.append(line)
-    return "\n".join("  ".join(line) for line in cells)
+            cells.append(f"{value:.3f}{delta}".rjust(17))
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
 
 
 def plot_matrix(matrix: dict, out: Path) -> Path:
@@ -191,9 +191,13 @@ def plot_matrix(matrix: dict, out: Path) -> Path:
 
     rows = matrix["rows"]
     columns = list(dict.fromkeys(k for r in rows for k in r["metrics"]))
-    fig, axes = plt.subplots(1, max(1, len(columns)), figsize=(4 * max(1, len(columns)), 3.4), squeeze=False)
+    across = min(4, max(1, len(columns)))
+    down = max(1, math.ceil(len(columns) / across))
+    fig, axes = plt.subplots(down, across, figsize=(4 * across, 3.2 * down), squeeze=False)
     names = [r["row"] for r in rows]
-    for ax, column in zip(axes[0], columns):
+    for ax in axes.flat[len(columns):]:
+        ax.set_visible(False)
+    for ax, column in zip(axes.flat, columns):
         ax.plot(range(len(rows)), [r["metrics"].get(column, math.nan) for r in rows], marker="o")
         ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(column, fontsize=9)

@@ -108,6 +108,7 @@ def test_matrix_table_shows_what_each_stage_changed():
     matrix = {"rows": [{"row": "start", "metrics": {"asr/eval/wer": 1.0, "tts/eval/cer": 0.9}},
                        {"row": "sft", "metrics": {"asr/eval/wer": 0.3, "tts/eval/cer": 0.5}},
                        {"row": "asr_grpo", "metrics": {"asr/eval/wer": 0.25, "tts/eval/cer": 0.6}}]}
-    lines = matrix_table(matrix).splitlines()
-    assert "asr/eval/wer" in lines[0] and "tts/eval/cer" in lines[0]
-    assert "0.250 (-0.050)" in lines[3] and "0.600 (+0.100)" in lines[3]
+    header, wer, cer = matrix_table(matrix).splitlines()
+    assert header.split() == ["metric", "start", "sft", "asr_grpo"]
+    assert wer.split()[:3] == ["asr/eval/wer", "1.000", "0.300"] and wer.endswith("0.250 (-0.050)")
+    assert cer.startswith("tts/eval/cer") and cer.endswith("0.600 (+0.100)")
