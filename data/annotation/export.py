@@ -2,6 +2,7 @@
 
 `export` writes the pairs DPO and the reward model train on (`pairs.jsonl`, and a `hf/` copy), their
 audio, every vote (`votes.jsonl`, ties included) and `stats.json`; docs/annotation.md describes each.
+A realtime batch's rows also carry the reply pair as the realtime readers take it (`_realtime`).
 """
 from __future__ import annotations
 
@@ -144,13 +145,14 @@ def export(engine: Engine, out_dir: str | Path, *, batch: Optional[str] = None, 
             continue
         chosen, rejected = ((p["first_clip_id"], p["second_clip_id"]) if pv.majority == "first"
                             else (p["second_clip_id"], p["first_clip_id"]))
+        realtime = {"realtime": _realtime(p, pv.majority == "first")} if p["mode"] == "realtime" else {}
         prefs.append(PreferencePair(
             id=f"{p['batch']}/{p['key']}", text=p["text"], chosen=Speech(audio=clip(chosen)),
             rejected=Speech(audio=clip(rejected)),
             voice=clip(p["voice_clip_id"]) if p["voice_clip_id"] else None,
             annotator=",".join(sorted(pv.by)), reason=sorted(pv.tags) or None, mode=p["mode"],
             extra={"votes": record["votes"], "agreement": record["agreement"], "n_votes": pv.n,
-                   "comments": pv.comments, "context": p["context"]}))
+                   "comments": pv.comments, "context": p["context"], **realtime}))
     write_preferences(out / "pairs.jsonl", prefs)
     (out / "votes.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in all_votes))
     _write_hf(out)
@@ -160,6 +162,23 @@ def export(engine: Engine, out_dir: str | Path, *, batch: Optional[str] = None, 
                           "annotators": annotators, "exclude": exclude})
     (out / "stats.json").write_text(json.dumps(stats, indent=2, default=str))
     return stats
+
+
+def _realtime(p: dict, first_won: bool) -> dict:
+    """A realtime pair as `RealtimeMode.save_pairs` writes it, which the realtime reward model and
+    offline DPO read (docs/annotation.md, "Realtime batches"): the turn from the pair's context, each
+    reply from its side's rollout (tasks.py `_realtime_sample`). Absent fields stay None, for the
+    readers to name."""
+    won, lost = (p["first_meta"], p["second_meta"]) if first_won else (p["second_meta"], p["first_meta"])
+    context = p["context"] or {}
+
+    def reply(meta: dict) -> dict:
+        return {k: meta.get(source) for k, source in (("text", "reply_text"), ("codec_ids", "codec_ids"),
+                                                       ("completion_ids", "completion_ids"), ("reward", "reward"))}
+
+    return {"id": won.get("id"), "persona": context.get("persona"), "history": context.get("history"),
+            "user_text": context.get("user_text", p["text"]), "user_audio": won.get("user_audio"),
+            "chosen": reply(won), "rejected": reply(lost)}
 
 
 def _write_hf(out: Path) -> None:

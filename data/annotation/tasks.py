@@ -67,7 +67,7 @@ def read_samples(source: str | Path, *, steps: Optional[list[int]] = None) -> tu
     if not path.is_dir():
         raise TaskSourceError(f"{path}: no such run directory or samples file")
     mode = _run_mode(path)
-    samples = _read_rollouts(path, steps) + _read_eval_samples(path, steps)
+    samples = _read_rollouts(path, steps, mode) + _read_eval_samples(path, steps)
     if not samples:
         raise TaskSourceError(
             f"{path}: no samples found: expected rollouts/step-N.jsonl (RL runs with run.save_rollouts_every > 0) "
@@ -118,7 +118,8 @@ def _step_of(path: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
-def _read_rollouts(run_dir: Path, steps: Optional[list[int]]) -> list[Sample]:
+def _read_rollouts(run_dir: Path, steps: Optional[list[int]], mode: str) -> list[Sample]:
+    sample_of = _realtime_sample if mode == "realtime" else _tts_sample
     samples = []
     for path in sorted((run_dir / "rollouts").glob("step-*.jsonl"), key=_step_of):
         step = _step_of(path)
@@ -128,12 +129,35 @@ def _read_rollouts(run_dir: Path, steps: Optional[list[int]]) -> list[Sample]:
             row = json.loads(line)
             if "codec_ids" not in row:  # an ASR run's rollouts are transcripts: nothing to listen to
                 continue
-            samples.append(Sample(
-                group=f"step-{step}/prompt-{row['prompt_index']}", text=row["text"], source=f"step-{step}",
-                reward=row.get("reward"), codec_ids=row["codec_ids"], voice_codec_ids=row.get("voice_codec_ids"),
-                meta={"file": f"{path}:{n}", "step": step, "reward": row.get("reward"),
-                      "components": row.get("components", {}), "id": row.get("id")}))
+            samples.append(sample_of(row, f"{path}:{n}", step))
     return samples
+
+
+def _tts_sample(row: dict, where: str, step: int) -> Sample:
+    return Sample(
+        group=f"step-{step}/prompt-{row['prompt_index']}", text=row["text"], source=f"step-{step}",
+        reward=row.get("reward"), codec_ids=row["codec_ids"], voice_codec_ids=row.get("voice_codec_ids"),
+        meta={"file": where, "step": step, "reward": row.get("reward"), "components": row.get("components", {}),
+              "id": row.get("id")})
+
+
+def _realtime_sample(row: dict, where: str, step: int) -> Sample:
+    """A spoken reply to one turn: the prompt shown is the user's turn, the card and the dialogue so far
+    its context; the meta keeps what an export hands the realtime readers (export.py, `_realtime`)."""
+    for name, kind in (("user_text", str), ("persona", str), ("history", list)):
+        if not isinstance(row.get(name), kind):
+            raise TaskSourceError(f"{where}: field {name!r} is missing or not a {kind.__name__}, which a realtime "
+                                  "run's rollout row holds (the turn's context); is recipe.yaml's mode right?")
+    # rollouts saved before `reply_text` was: the engine's decoding skips the codec tokens (special
+    # tokens), so it is the text part
+    reply_text = row["reply_text"] if "reply_text" in row else (row.get("completion") or "").strip()
+    return Sample(
+        group=f"step-{step}/prompt-{row['prompt_index']}", text=row["user_text"], source=f"step-{step}",
+        reward=row.get("reward"), codec_ids=row["codec_ids"],
+        meta={"file": where, "step": step, "reward": row.get("reward"), "components": row.get("components", {}),
+              "id": row.get("id"), "reply_text": reply_text, "codec_ids": row["codec_ids"],
+              "completion_ids": row.get("completion_ids"), "user_audio": row.get("user_audio")},
+        context={"persona": row["persona"], "history": row["history"], "user_text": row["user_text"]})
 
 
 def _read_eval_samples(run_dir: Path, steps: Optional[list[int]]) -> list[Sample]:
@@ -192,8 +216,11 @@ def choose_pairs(samples: list[Sample], strategy: str, *, min_gap: float = 0.0, 
 
 
 def _checkpoint_group(s: Sample) -> str:
-    """Rollout groups are per step; across checkpoints, the same text is the same prompt."""
-    return s.group if s.group.startswith("eval/") or not s.group.startswith("step-") else s.text
+    """Rollout groups are per step; across checkpoints, the same text is the same prompt, and a
+    realtime reply's the same turn of the same dialogue (its id: user turns repeat across personas)."""
+    if s.group.startswith("eval/") or not s.group.startswith("step-"):
+        return s.group
+    return s.meta["id"] if "reply_text" in s.meta and s.meta.get("id") else s.text
 
 
 def _first_and_last(samples: list[Sample]) -> tuple[str, str]:

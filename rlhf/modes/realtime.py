@@ -165,7 +165,12 @@ class RealtimeMode(Mode):
         return {"codec_ids": [p.codec_ids for p in parsed], "reply_text": [p.text or None for p in parsed]}
 
     def rollout_row(self, sample) -> dict:
-        return {"codec_ids": [int(c) for c in self.task.codec_ids(sample.completion_ids)], "completion": sample.text}
+        """The reply (sampled ids, its text part, its codec ids) and the user turn's audio file: what
+        annotation tasks show and an export of them hands to offline DPO (docs/annotation.md)."""
+        reply = self.task.parse(sample.completion_ids)
+        return {"codec_ids": [int(c) for c in reply.codec_ids], "reply_text": reply.text, "completion": sample.text,
+                "completion_ids": [int(t) for t in sample.completion_ids],
+                "user_audio": self.user_audio(sample.metadata)}
 
     def evaluate_online(self, step, generate, score_batch, score, policy) -> dict:
         """Greedy drift dialogues on the engines, which hold the current weights."""
@@ -195,8 +200,9 @@ class RealtimeMode(Mode):
 
     def preference_rows(self, source: str) -> tuple[list[PreferenceRow], dict]:
         """Reply pairs as `save_pairs` writes them (a .jsonl file, or a folder of them: an online DPO
-        run's `pairs/`): the prompt rebuilt from the row's card, history and user audio file, each reply
-        as text + codec ids + <|codec_end|> in the reply layout."""
+        run's `pairs/`), or an annotation export's pairs.jsonl (`reply_pair_fields`): the prompt
+        rebuilt from the row's card, history and user audio file, each reply its sampled ids or, without
+        them, text + codec ids + <|codec_end|> in the reply layout."""
         from speechrl.rlhf.model.logprobs import prompt_ids_for
         from speechrl.rlhf.modes.realtime_data import UserSpeech
 
@@ -205,10 +211,13 @@ class RealtimeMode(Mode):
         task = self.task
 
         def row_of(row: dict) -> PreferenceRow:
+            row = reply_pair_fields(row)
             if not isinstance(row.get("persona"), str) or not isinstance(row.get("history", []), list):
                 raise ValueError("`persona` (the rendered card) and `history` (a list of turns) are required")
             if not isinstance(row.get("user_audio"), str):
-                raise ValueError("`user_audio` must name the user turn's audio file")
+                raise ValueError("`user_audio` must name the user turn's audio file: the prompt holds the user's "
+                                 "turn as audio (rollouts saved before speechrl recorded it lack it; "
+                                 "realtime/reward_model, text-only, reads such rows)")
             replies = []
             for key in ("chosen", "rejected"):
                 reply = row.get(key)
@@ -230,15 +239,17 @@ class RealtimeMode(Mode):
 
     def reward_model_pairs(self, source: str, processor, codec) -> RewardModelPairs:
         """The reward model's pairs (`reward_model.data`): rows as `save_pairs` writes them (a .jsonl file,
-        a glob of them, or a folder: an online DPO run's `pairs/`), each side the dialogue as text (card,
-        history, the user's turn from `user_text`) then the reply's text and codec tokens; grouped by
-        persona card, so that held-out accuracy is on personas the model never saw."""
+        a glob of them, or a folder: an online DPO run's `pairs/`) or an annotation export's pairs.jsonl
+        (`reply_pair_fields`), each side the dialogue as text (card, history, the user's turn from
+        `user_text`) then the reply's text and codec tokens; grouped by persona card, so that held-out
+        accuracy is on personas the model never saw."""
         from speechrl.rewards.learned import dialogue_sequence
         from speechrl.rollouts.codec import CodecTokens
 
         tokens = CodecTokens(processor.tokenizer, codec)
 
         def row_of(row: dict) -> RewardPair:
+            row = reply_pair_fields(row)
             persona, history, user = row.get("persona"), row.get("history", []), row.get("user_text")
             if not isinstance(persona, str) or not persona.strip() or not isinstance(history, list):
                 raise ValueError("`persona` (the rendered card) and `history` (a list of turns) are required")
@@ -320,6 +331,24 @@ class RealtimeMode(Mode):
             print("The judge is the tiny random LM (model: tiny): its scores exercise the machinery and carry no meaning.")
         print(f"plot: {rl['drift plot']}")
         return result
+
+
+def reply_pair_fields(row: dict) -> dict:
+    """A reply pair's fields as `save_pairs` writes them: the row itself, or, in the pairs.jsonl of
+    `speechrl annotate export` (whose top level is the TTS preference format: clips, votes), the
+    row's `realtime` object (docs/annotation.md, "Realtime batches")."""
+    if "realtime" in row:
+        if not isinstance(row["realtime"], dict):
+            raise ValueError(f"`realtime` must be an object (the reply pair's fields), got "
+                             f"{type(row['realtime']).__name__}")
+        return row["realtime"]
+    if row.get("mode") not in (None, "realtime"):
+        raise ValueError(f"a {row['mode']} preference pair (`mode`: {row['mode']!r}); realtime recipes read "
+                         "realtime reply pairs")
+    if row.get("mode") == "realtime" and "persona" not in row:  # an export made before it carried the pair
+        raise ValueError("an annotation export row without its `realtime` object: export the batch again with "
+                         "`speechrl annotate export`")
+    return row
 
 
 def heldout_loss(task, model, processor, eval_set, cfg: RecipeConfig) -> float:

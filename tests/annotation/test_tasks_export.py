@@ -98,6 +98,7 @@ def test_export_votes_agreement_filters_and_formats(tmp_path):
     assert stats["judgments"] == 18 and stats["exported_pairs"] == 5  # p5: first/second/tie, no majority
     pairs = read_preferences(out / "pairs.jsonl", on_bad="fail")
     assert len(pairs) == 5 and not pairs.bad
+    assert not any("realtime" in p.extra for p in pairs)  # only a realtime batch's rows carry the reply pair
     p3 = next(p for p in pairs if p.id.endswith("/p3"))
     assert p3.extra["votes"] == {"first": 2, "second": 0, "tie": 1, "both_bad": 0}
     assert p3.extra["agreement"] == pytest.approx(2 / 3, abs=1e-4) and p3.annotator == "ann,ben,cat"
