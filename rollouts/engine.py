@@ -16,6 +16,7 @@ from typing import Iterable
 import torch
 
 from speechrl.rlhf.model.layout import ReplyLayout, reply_layout_processor
+from speechrl.rlhf.model.mtp import MTP_DIR, MTP_PREFIX, has_heads
 from speechrl.rollouts.lora import LoraAdapter, adapter_dir, engine_lora_rank, register_lora_model
 from speechrl.rollouts.types import RolloutRequest, Sample
 from speechrl.rollouts.vllm_setup import guard_vllm_module_scan, quiet_benign_vllm_warnings, relax_qwen2_audio_frames
@@ -41,10 +42,13 @@ class RolloutEngine:
 
     def __init__(self, backbone_path: str, *, kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.5,
                  tensor_parallel_size: int = 1, enforce_eager: bool = True, max_model_len: int = 1024,
-                 seed: int = 0, threads: int = 0, sleep_mode: bool = False, lora_rank: int = 0):
+                 seed: int = 0, threads: int = 0, sleep_mode: bool = False, lora_rank: int = 0, mtp_tokens: int = 0):
         """`sleep_mode` (a GPU shared with the trainer): `sleep` frees the engine's GPU memory between
         generations, `wake_up` brings it back; vLLM offers it on CUDA only. `lora_rank` > 0: the engine
-        serves the policy's LoRA adapter of that rank (load_adapter); 0: no LoRA."""
+        serves the policy's LoRA adapter of that rank (load_adapter); 0: no LoRA. `mtp_tokens` > 0:
+        verified multi-token decoding, the backbone's first k MTP heads (`<backbone>/mtp`, model/mtp.py)
+        drafting through vLLM's Medusa proposer and its rejection sampler keeping what the policy
+        verifies (greedy output unchanged, samples from the policy's own distribution)."""
         # Keeps the engine core in this process (and actor): load_weights hands vLLM a Python
         # iterator through collective_rpc, which cannot cross into a separate engine process.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -73,12 +77,30 @@ class RolloutEngine:
             lora = {"enable_lora": True, "max_lora_rank": engine_lora_rank(lora_rank), "max_loras": 1}
             self.lora_dir = adapter_dir()
             weakref.finalize(self, shutil.rmtree, self.lora_dir, ignore_errors=True)
+        speculative = {}
+        if mtp_tokens > 0:
+            if not has_heads(path):
+                raise FileNotFoundError(f"{path / MTP_DIR}: no MTP heads for rollout.mtp_tokens={mtp_tokens}; train "
+                                        "them in SFT (model.mtp.num_heads) or set rollout.mtp_tokens=0")
+            from transformers import AutoConfig
+
+            # log stats on: the acceptance counters (spec_stats) come from vLLM's metrics. vLLM reads the
+            # target's vocabulary size from the top of its config, where Qwen2-Audio has none (it sits in
+            # text_config): hf_overrides puts it there for this engine, the files stay as they are
+            vocab = AutoConfig.from_pretrained(path).text_config.vocab_size
+            speculative = {"speculative_config": {"method": "medusa", "model": str(path / MTP_DIR),
+                                                  "num_speculative_tokens": mtp_tokens},
+                           "disable_log_stats": False, "hf_overrides": {"vocab_size": vocab}}
+        self.mtp_tokens = mtp_tokens
         quiet_benign_vllm_warnings()  # start-up warns too; the handler's filter sees every vllm.* logger
         self.llm = LLM(model=str(path), dtype="auto" if torch.cuda.is_available() else "float32",
                        enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
                        limit_mm_per_prompt={"audio": 1}, max_model_len=max_model_len, seed=seed,
-                       logprobs_mode=LOGPROBS_MODE, logits_processors=[reply_layout_processor()],
-                       **({"enable_sleep_mode": True} if sleep_mode else {}), **lora, **memory)
+                       logprobs_mode=LOGPROBS_MODE,
+                       # vLLM's speculative decoding takes no custom logits processor: an engine that
+                       # drafts serves static constraints only (ASR, TTS), not realtime's reply layout
+                       logits_processors=[] if mtp_tokens else [reply_layout_processor()],
+                       **({"enable_sleep_mode": True} if sleep_mode else {}), **lora, **memory, **speculative)
         quiet_benign_vllm_warnings()
 
     def sleep(self) -> None:
@@ -100,7 +122,8 @@ class RolloutEngine:
 
     def generate(self, requests: list[RolloutRequest], *, n: int, temperature: float, top_p: float,
                  max_new_tokens: int, seed: int | None = None, allowed_token_ids: Constraint = None,
-                 stop_token_ids: list[int] | None = None, engine_seed: int | None = None) -> list[Sample]:
+                 stop_token_ids: list[int] | None = None, engine_seed: int | None = None,
+                 unverified_sampling: bool = False) -> list[Sample]:
         """`n` samples per request, all requests in one vLLM call; grouped by request, in order.
 
         `allowed_token_ids` is a list of ids or a ReplyLayout (realtime); extra stop tokens (`<|codec_end|>`)
@@ -108,6 +131,7 @@ class RolloutEngine:
         across workers (generate_across) samples exactly as one engine would. With `engine_seed`, the
         engine's own generator is reseeded first, so the call samples the same whatever the engine did
         before (a resumed run as the run it continues) where per-request seeds cannot be used.
+        `unverified_sampling`: sample with MTP drafts on CPU anyway (tests of that path only).
         """
         from vllm import SamplingParams
 
@@ -115,6 +139,15 @@ class RolloutEngine:
             self.reseed(engine_seed)
 
         layout = allowed_token_ids if isinstance(allowed_token_ids, ReplyLayout) else None
+        if self.mtp_tokens and temperature > 0 and not torch.cuda.is_available() and not unverified_sampling:
+            # measured (tests/rollouts/test_mtp_decoding.py): on CPU vLLM 0.32 keeps drafts far more often
+            # than the policy would sample them, so the samples are not the policy's and RL would be off-policy
+            raise ValueError("rollout.mtp_tokens > 0 samples (temperature > 0) with vLLM's CPU speculative "
+                             "decoding, which does not keep the policy's distribution (docs/mtp.md): on CPU "
+                             "verified decoding is for greedy decoding only; set rollout.mtp_tokens=0")
+        if layout and self.mtp_tokens:
+            raise ValueError("a reply layout (realtime) needs the engine's logits processor, which vLLM's "
+                             "speculative decoding does not take: set rollout.mtp_tokens=0 for this mode")
         static = None if layout else allowed_token_ids
         extra = layout.as_extra_args() if layout else None
         inputs, params = [], []
@@ -165,8 +198,27 @@ class RolloutEngine:
         next request with the same audio fails "Encoder cache miss". It also unloads LoRA adapters; the
         next generate reloads the current one from its directory (vLLM loads a requested adapter it lacks).
         """
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+        named_tensors = list(named_tensors)
+        heads = [(k[len(MTP_PREFIX):], v) for k, v in named_tensors if k.startswith(MTP_PREFIX)]
+        policy = [(k, v) for k, v in named_tensors if not k.startswith(MTP_PREFIX)]
+        if policy:  # an in-place reload with nothing in it would leave every layer unloaded
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(policy)})
+        if heads and self.mtp_tokens:  # the drafter keeps its first mtp_tokens heads; the rest go unused
+            self.llm.collective_rpc(_load_drafter, args=(heads,))
         self.reset_caches()
+
+    def spec_stats(self) -> dict:
+        """Verified decoding's counters since the engine started (vLLM's spec-decode metrics): drafting
+        steps, and per draft position how many of them kept it. Empty without mtp_tokens."""
+        if not self.mtp_tokens:
+            return {}
+        drafts, per_position = 0, [0] * self.mtp_tokens
+        for metric in self.llm.get_metrics():
+            if metric.name == "vllm:spec_decode_num_drafts":
+                drafts = int(metric.value)
+            elif metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+                per_position = [int(v) for v in metric.values]
+        return {"drafts": drafts, "accepted_per_position": per_position}
 
     def load_adapter(self, adapter: LoraAdapter) -> None:
         """Serve `adapter` (rollouts/lora.py) from the next generate on, in place of the last one.
@@ -196,6 +248,16 @@ class RolloutEngine:
         """Forget cached prompts (prefix KV cache) and encoded audio (encoder cache)."""
         self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_prefix_cache()
+
+
+def _load_drafter(worker, heads: list) -> None:
+    """The MTP heads' new weights into the engine's Medusa drafter (collective_rpc passes the worker).
+    Through vLLM's in-place reload, as the policy's weights: it also redoes what loading derives from
+    the weights (on CPU the linear layers' packed copies; a plain load_weights leaves them stale)."""
+    from vllm.model_executor.model_loader.reload.inplace import reload_weights
+
+    reload_weights(worker.model_runner.vllm_config, worker.model_runner.drafter.model, weights_iterator=iter(heads),
+                   weights_path=None, is_checkpoint_format=True)
 
 
 def _seed_torch(worker, seed: int) -> None:
@@ -228,7 +290,7 @@ def make_rollout_workers(backbone_path: str, cfg, num_workers: int, seed: int,
                    str(backbone_path), kv_cache_gib=cfg.kv_cache_gib, gpu_memory_utilization=cfg.gpu_memory_utilization,
                    tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager,
                    max_model_len=cfg.max_model_len, seed=(seed + k) % 2**32, threads=threads,  # numpy's range
-                   sleep_mode=sleep_mode, lora_rank=lora_rank)
+                   sleep_mode=sleep_mode, lora_rank=lora_rank, mtp_tokens=cfg.mtp_tokens)
                for k in range(num_workers)]
     ray.get([w.ping.remote() for w in workers])
     return workers

@@ -103,6 +103,9 @@ _RANGES = {
     "rollout.max_retries": ">= 0 (0 = no retry)",
     "rollout.max_model_len": ">= 1",
     "rollout.threads_per_worker": ">= 0 (0 = the machine's CPUs shared among the workers)",
+    "rollout.mtp_tokens": ">= 0 (0 = plain decoding)",
+    "model.mtp.num_heads": ">= 0 (0 = no heads)",
+    "model.mtp.loss_weight": "> 0",
     "rollout.async.max_staleness": ">= 0 (0 = the synchronous loop)",
     "ray.num_cpus": ">= 1",
     "ray.num_gpus": ">= 0",
@@ -225,6 +228,7 @@ def validate(cfg: RecipeConfig, source: str = "recipe") -> None:
     _validate_reward_model(cfg, source)
     _validate_ppo(cfg, source)
     _validate_ranks(cfg, source)
+    _validate_mtp(cfg, source)
     modes.get(cfg.mode).check(cfg, source)
 
 
@@ -267,6 +271,22 @@ def _validate_lengths(cfg: RecipeConfig, source: str) -> None:
     if data.max_seconds is not None and data.max_seconds <= data.min_seconds:
         raise RecipeError(f"{source}: `data.max_seconds`={data.max_seconds} must be > "
                           f"`data.min_seconds`={data.min_seconds}, or every clip is a bad example")
+
+
+def _validate_mtp(cfg: RecipeConfig, source: str) -> None:
+    """Verified decoding drafts with heads the policy trains and syncs (model/mtp.py)."""
+    k, heads = cfg.rollout.mtp_tokens, cfg.model.mtp.num_heads
+    if k > heads:
+        raise RecipeError(f"{source}: `rollout.mtp_tokens`={k} drafts with more heads than "
+                          f"`model.mtp.num_heads`={heads}; lower it or train more heads")
+    if k and not mtp_trainable(cfg):
+        raise RecipeError(f"{source}: `rollout.mtp_tokens`={k}: MTP heads train on one plain rank only, not with "
+                          "train.num_ranks > 1 or train.deepspeed.enabled; set rollout.mtp_tokens=0")
+
+
+def mtp_trainable(cfg: RecipeConfig) -> bool:
+    """Whether this run's trainer can carry MTP heads: one rank, no DeepSpeed (not supported yet)."""
+    return cfg.train.num_ranks == 1 and not cfg.train.deepspeed.enabled
 
 
 def _validate_ppo(cfg: RecipeConfig, source: str) -> None:

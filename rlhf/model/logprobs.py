@@ -352,8 +352,11 @@ def _inputs_embeds(model, input_ids: torch.Tensor, features: torch.Tensor, featu
 
 def sft_loss(model, batch: TokenBatch) -> torch.Tensor:
     """Mean next-token cross-entropy over completion tokens."""
-    logp = token_logprobs(model, batch)
-    mask = batch.completion_mask
+    return completion_nll(token_logprobs(model, batch), batch.completion_mask)
+
+
+def completion_nll(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean negative logprob over the completion positions of `mask`."""
     return -(logp * mask).sum() / mask.sum().clamp(min=1)
 
 

@@ -26,12 +26,15 @@ class Optimizer:
     """
 
     def __init__(self, model: torch.nn.Module, train_cfg, total_steps: int, *, updates_per_step: int = 1,
-                 extra_params: Sequence[torch.nn.Parameter] = ()):
+                 extra_params: Sequence[torch.nn.Parameter] = (), side_params: Sequence[torch.nn.Parameter] = ()):
         """`updates_per_step`: optimizer steps in one of the run's steps (RL: epochs x minibatches), so
-        warm-up and decay follow the run's steps; `extra_params` train beside the model's (PPO's value head)."""
+        warm-up and decay follow the run's steps; `extra_params` train beside the model's (PPO's value
+        head); `side_params` too, in a group of their own whose gradients are clipped on their own, so
+        they never change the model's update (MTP heads: model/mtp.py)."""
         self.cfg = train_cfg
         params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
-        self.optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        groups = [{"params": params}] + ([{"params": list(side_params)}] if side_params else [])
+        self.optimizer = torch.optim.AdamW(groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
         warmup, total = train_cfg.warmup_steps * updates_per_step, total_steps * updates_per_step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_lambda(s, warmup, total, train_cfg.lr_min_ratio))
@@ -54,8 +57,8 @@ class Optimizer:
             self.engine.step()
             norm = self.engine.get_global_grad_norm()
             return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": lr}
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        norm, *_ = [torch.nn.utils.clip_grad_norm_(g["params"], self.cfg.max_grad_norm)
+                    for g in self.optimizer.param_groups]  # the model's group first; side params alone
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -43,8 +43,9 @@ def exportable_model(model):
     return model
 
 
-def save_policy(model, processor, optimizer: Optimizer, path: Path, lora: bool) -> None:
-    """A resumable policy checkpoint: merged backbone (loads in transformers and vLLM), the LoRA
+def save_policy(model, processor, optimizer: Optimizer, path: Path, lora: bool, mtp=None) -> None:
+    """A resumable policy checkpoint: merged backbone (loads in transformers and vLLM) with its MTP
+    heads when there are some (model/mtp/), the LoRA
     adapter when there is one (resume continues training it, not the merged copy), optimizer state.
     Sharded (several ranks): `model` is `unsharded_copy`'s, None on ranks > 0, which still join the
     optimizer's gather; rank 0 writes. The files are the same whatever the number of ranks."""
@@ -53,6 +54,8 @@ def save_policy(model, processor, optimizer: Optimizer, path: Path, lora: bool) 
     if model is not None:
         path.mkdir(parents=True, exist_ok=True)
         save_backbone(exportable_model(model), processor, path / "model")
+        if mtp is not None:
+            mtp.save(path / "model")
         if lora:
             unwrap(model).save_pretrained(path / "adapter")
     optimizer.save(path)
@@ -90,6 +93,7 @@ class TrainablePolicy:
     reference: Optional[torch.nn.Module]  # frozen starting policy, for KL; None when not asked for
     device: torch.device = torch.device("cpu")  # where model and reference sit (core/devices.py)
     dtype: torch.dtype = torch.float32  # the forward passes' precision; the weights stay fp32
+    mtp: Optional[torch.nn.Module] = None  # model/mtp.py's draft heads (model.mtp.num_heads > 0), saved with the policy
 
     def autocast(self):
         """The context every forward pass of this policy (and its reference) runs in."""
@@ -97,13 +101,16 @@ class TrainablePolicy:
 
 
 def build_policy(cfg, base_path: Path, checkpoint: Optional[Path] = None, with_reference: bool = False, *,
-                 updates_per_step: int = 1, extra_params: Sequence[torch.nn.Parameter] = ()) -> TrainablePolicy:
+                 updates_per_step: int = 1, extra_params: Sequence[torch.nn.Parameter] = (),
+                 train_mtp: bool = True) -> TrainablePolicy:
     """The trainable policy of SFT and RL alike: backbone (from `checkpoint` when resuming),
     gradient checkpointing, LoRA, optimizer, and the checkpoint's adapter/optimizer state.
     `updates_per_step` and `extra_params` go to the Optimizer (RL's epochs x minibatches, a value head;
     on the policy's device already). Model and reference move to `train.device` before the optimizer
-    sees their parameters."""
+    sees their parameters. With model.mtp.num_heads, the MTP heads saved with the weights (or new ones)
+    come too, trained by the same optimizer where `train_mtp`, clipped on their own (side params)."""
     from speechrl.rlhf.model.backbone import load_backbone
+    from speechrl.rlhf.model.mtp import heads_for
 
     lora = cfg.model.lora.enabled
     device = train_device(cfg.train.device)
@@ -117,6 +124,9 @@ def build_policy(cfg, base_path: Path, checkpoint: Optional[Path] = None, with_r
         reference = (copy.deepcopy(start) if start is backbone.model else start).eval().requires_grad_(False)
         reference.to(device)
     model = backbone.model.to(device)
+    mtp = heads_for(cfg, backbone.path, model.get_output_embeddings())
+    if mtp is not None:
+        mtp.requires_grad_(train_mtp)
     if cfg.model.freeze_audio_encoder:
         freeze_audio_encoder(model)
     if cfg.model.freeze_language_model:
@@ -133,8 +143,9 @@ def build_policy(cfg, base_path: Path, checkpoint: Optional[Path] = None, with_r
         if reference is not None:
             shard_backbone(reference)
     optimizer = Optimizer(model, cfg.train, cfg.train.steps, updates_per_step=updates_per_step,
-                          extra_params=extra_params)
+                          extra_params=extra_params,
+                          side_params=list(mtp.parameters()) if mtp is not None and train_mtp else ())
     if checkpoint:
         optimizer.load(checkpoint)
     return TrainablePolicy(backbone, optimizer.model, optimizer, reference, device,
-                           compute_dtype(cfg.train.dtype, device))
+                           compute_dtype(cfg.train.dtype, device), mtp)

@@ -153,13 +153,13 @@ class AsrMode(Mode):
         return lambda audios: greedy_transcribe(model, processor, list(audios),
                                                 max_new_tokens=self.cfg.eval_max_new_tokens)
 
-    def sft_loss(self, model, batch) -> tuple:
-        token_loss, metrics = super().sft_loss(model, batch)
+    def sft_loss(self, model, batch, heads=None) -> tuple:
+        loss, metrics = super().sft_loss(model, batch, heads)
         weight = self.cfg.asr.ctc_weight
         if not weight:
-            return token_loss, metrics
+            return loss, metrics
         ctc = projector_ctc_loss(model, batch, self.task.tokenizer.convert_tokens_to_ids(IM_END))
-        return token_loss + weight * ctc, {"token_loss": token_loss.item(), "ctc_loss": ctc.item()}
+        return loss + weight * ctc, {"token_loss": loss.item(), **metrics, "ctc_loss": ctc.item()}
 
     def make_task(self, processor, codec=None) -> AsrTask:
         return AsrTask(self.cfg, processor)

@@ -127,12 +127,18 @@ class Mode:
         return {}
 
     # --- offline trainers (SFT, DPO) and `speechrl eval` ------------------------------------------
-    def sft_loss(self, model, batch) -> tuple:
+    def sft_loss(self, model, batch, heads=None) -> tuple:
         """SFT's loss on a batch of reference completions and its metrics (floats, logged as train/<name>):
-        the mean next-token loss; a mode may add a term of its own."""
-        from speechrl.rlhf.model.logprobs import sft_loss
+        the mean next-token loss, plus the MTP `heads`' loss (model/mtp.py) weighted by
+        model.mtp.loss_weight where the recipe trains heads; a mode may add a term of its own."""
+        from speechrl.rlhf.model.logprobs import completion_nll, sft_loss, token_logprobs
 
-        return sft_loss(model, batch), {}
+        if heads is None:
+            return sft_loss(model, batch), {}
+        logp, hidden = token_logprobs(model, batch, with_hidden=True)
+        token_loss = completion_nll(logp, batch.completion_mask)
+        mtp_loss, metrics = heads.loss(hidden, batch.input_ids, batch.completion_mask)
+        return token_loss + self.cfg.model.mtp.loss_weight * mtp_loss, {"token_loss": token_loss.item(), **metrics}
 
     def evaluate_offline(self, step: int, model, processor, eval_set, run_dir: Path, logger) -> dict:
         """Held-out metrics of an in-process transformers model."""

@@ -331,8 +331,10 @@ class OnlineRecipe:
                 metrics["rollout/completion_tokens"] = float(np.mean([len(s.completion_ids) for s in samples]))
                 metrics["rollout/truncated"] = float(np.mean([s.finish_reason == "length" for s in samples]))
                 metrics["rollout/entropy"] = sampled_entropy(samples)
+                metrics.update(self.mtp_acceptance("rollout"))
                 if due(done, cfg.train.eval_every, cfg.train.steps):
                     metrics.update(self.evaluate(done))
+                    metrics.update(self.mtp_acceptance("eval"))
             metrics.update(timer.pop())
             if due(done, cfg.train.checkpoint_every, cfg.train.steps):
                 began = time.perf_counter()
@@ -347,6 +349,35 @@ class OnlineRecipe:
         self.elapsed = time.time() - start
         self.close_pipeline()
         return self.finish()
+
+    def mtp_acceptance(self, prefix: str) -> dict:
+        """Verified decoding's acceptance in the engines since the last call (rollout.mtp_tokens > 0):
+        `<prefix>/mtp_emitted`, the mean tokens a decoding step emitted (1 = every draft rejected, k+1 =
+        every draft kept), and `<prefix>/mtp_accepted_<j>`, the share of steps that kept draft j."""
+        if not self.cfg.rollout.mtp_tokens:
+            return {}
+        import ray
+
+        from speechrl.rlhf.model.mtp import acceptance
+
+        try:
+            counters = ray.get([w.spec_stats.remote() for w in self.workers])
+        except Exception as e:  # a dead engine: the next generate replaces it; these counters are lost
+            log.warning("MTP acceptance not read (%s)", e)
+            return {}
+        drafts = sum(c["drafts"] for c in counters)
+        kept = [sum(c["accepted_per_position"][j] for c in counters) for j in range(self.cfg.rollout.mtp_tokens)]
+        last_drafts, last_kept = getattr(self, "_mtp_seen", (0, [0] * len(kept)))
+        self._mtp_seen = (drafts, kept)
+        if drafts < last_drafts:  # an engine was replaced: its counters started again
+            return {}
+        stats = acceptance(drafts - last_drafts, [k - lk for k, lk in zip(kept, last_kept)])
+        if not stats["drafts"]:
+            return {}
+        out = {f"{prefix}/mtp_emitted": stats["mean_emitted"]}
+        out.update({f"{prefix}/mtp_accepted_{j + 1}": (k - lk) / stats["drafts"]
+                    for j, (k, lk) in enumerate(zip(kept, last_kept))})
+        return out
 
     def close_pipeline(self) -> None:
         if self.pipeline is not None:
@@ -374,6 +405,8 @@ class OnlineRecipe:
             "mean reward (last step)": last("rewards/total"),
             **{f"mean {spec.key} (last step)": last(f"rewards/{spec.key}/reward") for spec in self.cfg.rewards},
             "logprob gap vLLM/trainer": last("train/logprob_gap"),
+            **({"MTP tokens per decoding step (last step)": last("rollout/mtp_emitted")}
+               if self.cfg.rollout.mtp_tokens else {}),
             "unscored samples (total)": int(sum(r.get("rewards/unscored", 0) for r in steps)),
             **{f"mean {k} (s)": round(v, 3) for k, v in phase.items()},
             "train wall time (s)": round(self.elapsed, 1),

@@ -109,7 +109,7 @@ class SFTRecipe:
 
     def step_loss(self, step: int) -> tuple:
         """The loss of optimizer step `step` and its metrics (floats, logged as train/<name>)."""
-        return self.mode.sft_loss(self.model, self._batch(step))
+        return self.mode.sft_loss(self.model, self._batch(step), self.policy.mtp)
 
     def summary_rows(self) -> dict:
         """Rows a subclass adds to the summary table."""
@@ -124,7 +124,8 @@ class SFTRecipe:
 
     def save_checkpoint(self, step: int) -> Path:
         with writing_checkpoint(self.run_dir, step, self.cfg.train.keep_checkpoints) as path:
-            save_policy(self.model, self.backbone.processor, self.optimizer, path, self.cfg.model.lora.enabled)
+            save_policy(self.model, self.backbone.processor, self.optimizer, path, self.cfg.model.lora.enabled,
+                        self.policy.mtp)
             write_trainer_state(path, step)
         return path
 
@@ -133,6 +134,8 @@ class SFTRecipe:
 
         with stop_on_write_error(self.run_dir, "the final weights"):
             final = save_backbone(exportable_model(self.model), self.backbone.processor, self.run_dir / "final")
+            if self.policy.mtp is not None:
+                self.policy.mtp.save(final)
         table = {
             "run": str(self.run_dir),
             "steps": self.cfg.train.steps,

@@ -72,7 +72,7 @@ class MixedSFTRecipe(SFTRecipe):
         rows = [task.sft_example(ex, audio, data) for ex, audio in (data[int(i)] for i in idx)]
         batch = build_token_batch(self.backbone.processor, [r[0] for r in rows], [r[1] for r in rows],
                                   [r[2] for r in rows], self.backbone.tokenizer.pad_token_id).to(self.policy.device)
-        loss, metrics = mode.sft_loss(self.model, batch)
+        loss, metrics = mode.sft_loss(self.model, batch, self.policy.mtp)
         return loss, {**metrics, f"{mode.name}_loss": loss.item()}
 
     @property

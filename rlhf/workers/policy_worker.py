@@ -25,6 +25,7 @@ from speechrl.rlhf.model.backbone import hub_state_dict, save_backbone
 from speechrl.rlhf.core.config import RecipeConfig
 from speechrl.rlhf.core.devices import peak_memory_gib, train_device
 from speechrl.rlhf.model.critic import ValueHead, token_values
+from speechrl.rlhf.model.mtp import MTP_PREFIX
 from speechrl.rlhf.model.logprobs import TokenBatch, build_token_batch, token_logprobs, unwrap, vocab_mask
 from speechrl.rlhf.model.policy import build_policy, exportable_model, save_policy, unsharded_copy
 from speechrl.rlhf.model.sharding import full_state_dict, shard_module
@@ -62,8 +63,13 @@ class PolicyWorker:
                 shard_module(self.value_head)
         policy = build_policy(cfg, Path(backbone_path), Path(checkpoint) if checkpoint else None,
                               with_reference=reference, updates_per_step=cfg.rl.epochs_per_step * cfg.rl.minibatches,
-                              extra_params=list(self.value_head.parameters()) if critic else ())
+                              extra_params=list(self.value_head.parameters()) if critic else (),
+                              train_mtp=cfg.model.mtp.train_in_rl)
         self.backbone, self.model, self.optimizer = policy.backbone, policy.model, policy.optimizer
+        # MTP draft heads (model/mtp.py): carried to the engines and checkpoints; trained on the
+        # policy's own samples where model.mtp.train_in_rl, so their drafts follow the moving policy
+        self.mtp = policy.mtp
+        self.train_mtp = self.mtp is not None and cfg.model.mtp.train_in_rl
         self.reference = policy.reference
         self.policy, self.device = policy, policy.device
         vocab = self.backbone.model.get_output_embeddings().weight.shape[0]
@@ -100,8 +106,8 @@ class PolicyWorker:
         mask = batch.completion_mask
         critic = returns is not None
         with self.policy.autocast():
-            out = token_logprobs(self.model, batch, temperature, self.allowed, with_hidden=critic)
-        logp, hidden = out if critic else (out, None)
+            out = token_logprobs(self.model, batch, temperature, self.allowed, with_hidden=critic or self.train_mtp)
+        logp, hidden = out if critic or self.train_mtp else (out, None)
         per_token, metrics = POLICY_LOSSES.get(g.policy_loss)(logp, old_logprobs, advantages, mask,
                                                               clip_eps=g.clip_eps, clip_eps_high=g.clip_eps_high)
         if kl_coef > 0:
@@ -116,7 +122,13 @@ class PolicyWorker:
             per_token = per_token + self.cfg.ppo.vf_coef * value_loss
             metrics.update(value_metrics, value_loss=(value_loss * mask).sum() / mask.sum().clamp(min=1))
         metrics["logprob_gap"] = ((logp.detach() - old_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)
-        return LOSS_AGGREGATIONS.get(g.loss_agg)(per_token, mask), metrics
+        loss = LOSS_AGGREGATIONS.get(g.loss_agg)(per_token, mask)
+        if self.train_mtp:  # on detached hidden states: the heads learn the policy, the policy's update is unchanged
+            with self.policy.autocast():
+                mtp_loss, mtp_metrics = self.mtp.loss(hidden, batch.input_ids, mask)
+            loss = loss + self.cfg.model.mtp.loss_weight * mtp_loss
+            metrics.update(mtp_metrics)
+        return loss, metrics
 
     def train(self, batch: TrainBatch) -> dict:
         """The optimizer step(s) a batch asks for (module docstring); the metrics."""
@@ -246,7 +258,8 @@ class PolicyWorker:
         if self.cfg.model.lora.enabled:
             return lora_adapter(unwrap(self.model), state)
         live = copy and self.world == 1  # the model's own tensors: copy them
-        return [(k, v.detach().clone() if live else v.detach()) for k, v in hub_state_dict(state.items())]
+        heads = [] if self.mtp is None else [(f"{MTP_PREFIX}{k}", v) for k, v in self.mtp.state_dict().items()]
+        return [(k, v.detach().clone() if live else v.detach()) for k, v in [*hub_state_dict(state.items()), *heads]]
 
     def stored_weights(self) -> StoredWeights | LoraAdapter | None:
         """What a sync sends (OnlineRecipe.sync): the dense weights put in Ray's object store from here,
@@ -270,7 +283,8 @@ class PolicyWorker:
     def save(self, path: str) -> None:
         """A checkpoint in the same files whatever the number of ranks (rank 0 writes them)."""
         path = Path(path)
-        save_policy(self._full_model(), self.backbone.processor, self.optimizer, path, self.cfg.model.lora.enabled)
+        save_policy(self._full_model(), self.backbone.processor, self.optimizer, path, self.cfg.model.lora.enabled,
+                    self.mtp)
         head = None if self.value_head is None else self._full_state(self.value_head)
         if self.rank == 0:
             if head is not None:
@@ -281,7 +295,10 @@ class PolicyWorker:
         model = self._full_model()
         if model is None:
             return None
-        return str(save_backbone(exportable_model(model), self.backbone.processor, Path(path)))
+        final = save_backbone(exportable_model(model), self.backbone.processor, Path(path))
+        if self.mtp is not None:
+            self.mtp.save(final)
+        return str(final)
 
 
 def _on_grid(rows: list, mask: torch.Tensor) -> torch.Tensor:

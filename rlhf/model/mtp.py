@@ -1,0 +1,166 @@
+"""Multi-token prediction (MTP) heads: drafts that verified decoding checks against the policy.
+
+Head i reads the decoder's last hidden state at position t (the one whose LM head predicts token
+t+1) and predicts token t+2+i. During decoding the engine samples token t+1 from the policy, the heads
+draft t+2 .. t+k+1 at once, and the next forward pass of the policy verifies them all: it keeps the
+drafted prefix that its own sampler accepts (exactly the policy's distribution: a draft d is kept with
+probability p(d), else the token comes from p with d taken out), so one step emits 1 .. k+1 tokens.
+
+The heads are stored in vLLM's Medusa layout (a residual SiLU block and an LM head per head, a
+`medusa` config) in `<backbone dir>/mtp/`, so vLLM's own speculative decoding (`method: medusa`)
+drafts with them and its rejection sampler verifies: no proposer or sampler of ours. They train on the
+decoder's hidden states *detached*: the heads learn to predict what the policy will say, and never
+change what the policy says (its outputs, its loss and its WER are those of a run without heads).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MTP_DIR = "mtp"  # the heads' folder inside a backbone directory (a checkpoint's model/, a run's final/)
+MTP_PREFIX = "mtp."  # the heads' tensors among the weights a sync sends to the engines (their own names after it)
+
+
+class _Residual(nn.Module):
+    """x + SiLU(W x): vLLM's Medusa ResidualBlock with one layer, parameter names included."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(hidden, hidden, bias=False)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + nn.functional.silu(layer(x))
+        return x
+
+
+class MtpHeads(nn.Module):
+    """`num_heads` draft heads over a decoder of width `hidden` and vocabulary `vocab`."""
+
+    def __init__(self, num_heads: int, hidden: int, vocab: int):
+        super().__init__()
+        if num_heads < 1:
+            raise ValueError(f"MtpHeads: num_heads must be >= 1, got {num_heads}")
+        self.blocks = nn.ModuleList([_Residual(hidden) for _ in range(num_heads)])
+        self.lm_heads = nn.ModuleList([nn.Linear(hidden, vocab, bias=False) for _ in range(num_heads)])
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.blocks)
+
+    @classmethod
+    def like(cls, lm_head: nn.Linear, num_heads: int) -> "MtpHeads":
+        """New heads that start as the policy's own LM head (zero residual blocks): each first predicts
+        token t+1 for t+2+i, a better start than random rows over a large vocabulary."""
+        vocab, hidden = lm_head.weight.shape
+        with torch.random.fork_rng(devices=[]):  # their random init is overwritten: leave the run's stream alone
+            heads = cls(num_heads, hidden, vocab)
+        with torch.no_grad():
+            for block, head in zip(heads.blocks, heads.lm_heads):
+                block.layers[0].weight.zero_()
+                head.weight.copy_(lm_head.weight)
+        return heads.to(lm_head.weight.device)
+
+    def logits(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Each head's logits over the vocabulary, [..., V] per head."""
+        return [head(block(hidden)) for block, head in zip(self.blocks, self.lm_heads)]
+
+    def loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean cross-entropy of every head on the completion tokens, and each head's top-1 accuracy.
+
+        `hidden` [B, L-1, H] and `completion_mask` [B, L-1] are on token_logprobs' grid: position t's
+        hidden state predicts token t+1, so head i's target is input_ids[:, t+2+i], counted where that
+        token is a completion token too. Detached: the heads never move the policy (module docstring).
+        """
+        hidden = hidden.detach()
+        losses, metrics = [], {}
+        width = completion_mask.shape[1]
+        for i, (block, head) in enumerate(zip(self.blocks, self.lm_heads)):
+            shift = i + 1  # head i at position t predicts the token the main head predicts at t + shift
+            if shift >= width:
+                break
+            valid = completion_mask[:, :-shift] & completion_mask[:, shift:]
+            if not bool(valid.any()):
+                break  # completions shorter than this head's reach: it and the heads after it have no target
+            targets = input_ids[:, 1 + shift:][valid]
+            # only the positions with a target: a GRPO batch's grid is mostly prompt (audio) positions
+            head_logits = head(block(hidden[:, :-shift][valid])).float()
+            losses.append(nn.functional.cross_entropy(head_logits, targets))
+            metrics[f"mtp_acc_{i + 1}"] = float((head_logits.argmax(-1) == targets).float().mean())
+        if not losses:
+            return hidden.new_zeros(()), metrics
+        loss = torch.stack(losses).mean()
+        metrics["mtp_loss"] = float(loss.detach())
+        return loss, metrics
+
+    def save(self, backbone_dir: Path) -> Path:
+        """Write the heads into `backbone_dir/mtp` in vLLM's Medusa layout; that folder."""
+        from safetensors.torch import save_file
+
+        out = Path(backbone_dir) / MTP_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        hidden, vocab = self.lm_heads[0].in_features, self.lm_heads[0].out_features
+        config = {"model_type": "medusa", "architectures": ["MedusaModel"], "hidden_size": hidden,
+                  "vocab_size": vocab, "num_heads": self.num_heads, "num_hidden_layers": 1}
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()},
+                  str(out / "model.safetensors"))
+        return out
+
+    @classmethod
+    def load(cls, backbone_dir: Path) -> "MtpHeads":
+        from safetensors.torch import load_file
+
+        folder = Path(backbone_dir) / MTP_DIR
+        config = json.loads((folder / "config.json").read_text())
+        with torch.random.fork_rng(devices=[]):
+            heads = cls(config["num_heads"], config["hidden_size"], config["vocab_size"])
+        heads.load_state_dict(load_file(str(folder / "model.safetensors")))
+        return heads
+
+
+def has_heads(backbone_dir: Path) -> bool:
+    return (Path(backbone_dir) / MTP_DIR / "config.json").is_file()
+
+
+def heads_for(cfg, backbone_dir: Path, lm_head: nn.Linear) -> Optional[MtpHeads]:
+    """The recipe's heads (`model.mtp.num_heads`; None for 0): the ones saved with the backbone, or
+    new ones started from its LM head. Saved heads beyond num_heads are dropped; too few is an error."""
+    from speechrl.rlhf.core.checks import mtp_trainable
+
+    wanted = cfg.model.mtp.num_heads
+    if not wanted:
+        return None
+    if not mtp_trainable(cfg):
+        log.warning("MTP: model.mtp.num_heads=%d ignored: heads train on one plain rank only (not with "
+                    "train.num_ranks > 1 or DeepSpeed yet); this run's checkpoints carry none", wanted)
+        return None
+    if not has_heads(backbone_dir):
+        log.info("MTP: %s has no heads; %d new heads start from the LM head", backbone_dir, wanted)
+        return MtpHeads.like(lm_head, wanted)
+    saved = MtpHeads.load(backbone_dir)
+    if saved.num_heads < wanted:
+        raise ValueError(f"{Path(backbone_dir) / MTP_DIR}: {saved.num_heads} MTP heads saved, "
+                         f"model.mtp.num_heads={wanted} asked; lower it or train the heads anew from a backbone without them")
+    saved.blocks, saved.lm_heads = saved.blocks[:wanted], saved.lm_heads[:wanted]
+    return saved.to(lm_head.weight.device)
+
+
+def acceptance(drafts: int, accepted_per_position: list[int]) -> dict:
+    """Verified decoding's acceptance from an engine's counters: `drafts` steps that drafted, and how
+    many of them kept draft position j (a kept position implies every earlier one kept). The mean
+    tokens a drafting step emits (the verified prefix plus the policy's own token) and its histogram."""
+    if drafts <= 0:
+        return {"drafts": 0, "mean_emitted": float("nan"), "histogram": []}
+    kept = list(accepted_per_position) + [0]
+    # steps that kept exactly j drafts: those that kept j minus those that kept j + 1
+    histogram = [((drafts if j == 0 else kept[j - 1]) - kept[j]) / drafts for j in range(len(kept))]
+    return {"drafts": drafts, "mean_emitted": 1 + sum(accepted_per_position) / drafts, "histogram": histogram}

@@ -1,0 +1,89 @@
+"""MTP heads (model/mtp.py): their targets, their training beside SFT without moving the policy,
+their files, and the recipe checks around them. Decoding with them in vLLM: tests/rollouts/test_mtp_decoding.py."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from speechrl.rlhf.core.config import RecipeError, load_recipe
+from speechrl.rlhf.model.mtp import MTP_DIR, MtpHeads, acceptance
+
+
+def test_head_i_at_position_t_predicts_token_t_plus_2_plus_i():
+    """Heads that copy a one-hot 'hidden state' of token t+2+i reach zero loss only with the right shift."""
+    vocab, width = 6, 7
+    ids = torch.tensor([[5, 0, 1, 2, 3, 4, 1, 2]])  # prompt: 5, 0; completion: 1 2 3 4 1 2
+    comp = torch.zeros(1, width, dtype=torch.bool)
+    comp[0, 1:] = True  # position t predicts token t+1: positions 1..6 predict the completion
+    heads = MtpHeads(2, vocab, vocab)
+    with torch.no_grad():
+        for block in heads.blocks:
+            block.layers[0].weight.zero_()
+    for i, head in enumerate(heads.lm_heads):
+        hidden = torch.zeros(1, width, vocab)
+        for t in range(width - 1 - i):
+            hidden[0, t, ids[0, t + 2 + i]] = 1.0  # the token head i must predict at position t
+        with torch.no_grad():
+            for other in heads.lm_heads:
+                other.weight.copy_(20 * torch.eye(vocab))
+        _, metrics = heads.loss(hidden, ids, comp)
+        assert metrics[f"mtp_acc_{i + 1}"] == 1.0
+        assert metrics[f"mtp_acc_{2 - i}"] < 1.0  # the other head, read with this shift, is wrong
+
+
+def test_heads_on_short_completions_and_acceptance_counts():
+    heads = MtpHeads(3, 8, 10)
+    ids = torch.tensor([[1, 2, 3]])
+    comp = torch.tensor([[False, True]])  # one completion token: no head has a target
+    loss, metrics = heads.loss(torch.randn(1, 2, 8), ids, comp)
+    assert float(loss) == 0.0 and "mtp_loss" not in metrics
+    stats = acceptance(10, [6, 3, 1])  # 10 steps: 6 kept draft 1, 3 kept 1-2, 1 kept all three
+    assert stats["histogram"] == pytest.approx([0.4, 0.3, 0.2, 0.1])
+    assert stats["mean_emitted"] == pytest.approx(2.0)
+    assert acceptance(0, [0, 0])["drafts"] == 0
+
+
+def test_sft_trains_heads_without_moving_the_policy(sft_config):
+    """The same SFT run with and without heads ends with the same policy weights (detached hidden
+    states, clipping of their own, their random init outside the run's generator), and the heads
+    are saved in the checkpoint and the final weights in vLLM's Medusa layout."""
+    from safetensors.torch import load_file
+
+    from speechrl.rlhf.trainers.sft import run_sft
+
+    steps = ["train.steps=4", "train.checkpoint_every=4", "train.log_every=1"]
+    with_heads = load_recipe_dir(sft_config("mtp-on", *steps, "model.mtp.num_heads=3"))
+    without = load_recipe_dir(sft_config("mtp-off", *steps, "model.mtp.num_heads=0"))
+    run_sft(with_heads[0]), run_sft(without[0])
+    a = load_file(str(with_heads[1] / "final" / "model.safetensors"))
+    b = load_file(str(without[1] / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for folder in (with_heads[1] / "final", with_heads[1] / "checkpoints" / "step-4" / "model"):
+        config = json.loads((folder / MTP_DIR / "config.json").read_text())
+        assert config["model_type"] == "medusa" and config["num_heads"] == 3
+    assert not (without[1] / "final" / MTP_DIR).exists()
+    rows = [json.loads(line) for line in (with_heads[1] / "metrics.jsonl").read_text().splitlines()]
+    plain = [json.loads(line) for line in (without[1] / "metrics.jsonl").read_text().splitlines()]
+    # the policy's own loss, step by step, is the run's without heads (train/loss adds the heads' term)
+    assert [r["train/token_loss"] for r in rows if "train/token_loss" in r] == \
+        [r["train/loss"] for r in plain if "train/loss" in r]
+    losses = [r["train/mtp_loss"] for r in rows if "train/mtp_loss" in r]
+    assert len(losses) == 4 and losses[-1] < losses[0], "the heads learn"
+
+
+def load_recipe_dir(cfg):
+    from pathlib import Path
+
+    return cfg, Path(cfg.run.output_dir) / cfg.run.name
+
+
+def test_recipe_checks_name_the_mtp_settings(sft_overrides):
+    with pytest.raises(RecipeError, match="rollout.mtp_tokens.*model.mtp.num_heads"):
+        load_recipe("asr/grpo", [*sft_overrides("x"), "rollout.mtp_tokens=6", "model.mtp.num_heads=5"])
+    with pytest.raises(RecipeError, match="model.mtp.loss_weight"):
+        load_recipe("asr/sft", [*sft_overrides("x"), "model.mtp.loss_weight=0"])
+    with pytest.raises(RecipeError, match="rollout.mtp_tokens.*num_ranks"):
+        load_recipe("asr/grpo", [*sft_overrides("x"), "rollout.mtp_tokens=2", "train.num_ranks=2"])
+    assert load_recipe("asr/sft", sft_overrides("x")).model.mtp.num_heads == 5  # ASR ships five heads
