@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -243,10 +244,16 @@ def backbone_fingerprint(path: Path) -> str:
 
 def ensure_tiny_backbone(cache_dir: str, tiny, texts_fn, sample_rate: int = 16000,
                          path: Optional[Path] = None) -> Path:
+    from speechrl.rlhf.core.build_once import build_once
+
     path = path or default_tiny_dir(cache_dir, tiny)
-    if not (path / "model.safetensors").is_file():
+
+    def build() -> None:
         tmp = path.with_name(path.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed build's leftovers
         build_tiny_backbone(tmp, texts_fn(), tiny, sample_rate=sample_rate)
         tmp.rename(path)  # atomic: a killed build never leaves a half-written backbone behind
         log.info("tiny backbone built into %s, fingerprint %s", path, backbone_fingerprint(path))
-    return path
+
+    # under the folder's lock: processes that start together (test workers, runs) build it once
+    return build_once(path, lambda p: (p / "model.safetensors").is_file(), build)

@@ -88,8 +88,31 @@ class Optimizer:
         if sharded():
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             state["optimizer"] = shard_optimizer_state(state["optimizer"], params)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(self._matching_groups(state["optimizer"]))
         self.scheduler.load_state_dict(state["scheduler"])
+        groups = self.optimizer.param_groups
+        if len(self.scheduler.base_lrs) != len(groups):  # saved with or without the side group
+            self.scheduler.base_lrs = [g["initial_lr"] for g in groups]
+            self.scheduler._last_lr = [g["lr"] for g in groups]
+
+    def _matching_groups(self, state: dict) -> dict:
+        """A saved optimizer state whose groups match this optimizer's: a checkpoint written with side
+        params (MTP heads) that this run does not train, or without those this run trains (a run on
+        several ranks, which skips the heads), resumes with the model's group as saved and the side
+        group fresh."""
+        saved, current = state["param_groups"], self.optimizer.param_groups
+        if len(saved) == len(current):
+            return state
+        if len(saved) == len(current) + 1:  # drop the saved side group and its moments
+            dropped = set(saved[-1]["params"])
+            return {"state": {k: v for k, v in state["state"].items() if k not in dropped},
+                    "param_groups": saved[:-1]}
+        if len(saved) == len(current) - 1:  # add an empty side group: its params start without moments
+            start = 1 + max((i for g in saved for i in g["params"]), default=-1)
+            side = {k: v for k, v in current[-1].items() if k != "params"}
+            side["params"] = list(range(start, start + len(current[-1]["params"])))
+            return {"state": state["state"], "param_groups": [*saved, side]}
+        raise ValueError(f"a checkpoint's optimizer has {len(saved)} parameter groups, this run's {len(current)}")
 
 
 def _deepspeed_engine(model, optimizer, scheduler, train_cfg):

@@ -17,8 +17,10 @@ from speechrl.rlhf.model.backbone import load_backbone
 
 
 def losses(run_dir) -> dict[int, float]:
+    """The policy's own loss per step: without the MTP heads' term where the run trained heads
+    (DeepSpeed runs skip them; model/mtp.py)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    return {r["step"]: r.get("train/token_loss", r["train/loss"]) for r in rows if "train/loss" in r}
 
 
 def _free_port() -> int:

@@ -139,17 +139,17 @@ def test_resume_continues_the_exact_run(full_run, sft_config, monkeypatch):
     cfg = sft_config("interrupted")
     run_dir = run_dir_of(cfg)
 
-    calls, real_loss = itertools.count(), logprobs.sft_loss
+    calls, real_loss = itertools.count(), logprobs.completion_nll
 
-    def crash_at_step_8(model, batch):
+    def crash_at_step_8(logp, mask):  # the token loss of every SFT step, with MTP heads or without
         if next(calls) == 7:  # steps 6 and 7 are logged, the step-5 checkpoint is the latest
             raise Crash
-        return real_loss(model, batch)
+        return real_loss(logp, mask)
 
-    monkeypatch.setattr(logprobs, "sft_loss", crash_at_step_8)
+    monkeypatch.setattr(logprobs, "completion_nll", crash_at_step_8)
     with pytest.raises(Crash):
         run_sft(cfg)
-    monkeypatch.setattr(logprobs, "sft_loss", real_loss)
+    monkeypatch.setattr(logprobs, "completion_nll", real_loss)
     assert max(r["step"] for r in metrics(run_dir)) == 7
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-5"]
     assert not (run_dir / "final").exists()

@@ -78,7 +78,9 @@ def test_two_ranks_take_one_ranks_step_and_checkpoints_move_between_rank_counts(
 
     # batch_size 2: three micro-batches of a 6-row minibatch, so rank 1 runs a weight-0 pass; token_mean:
     # each micro-batch is the one a single rank would run, so even per-micro-batch means agree
-    cfg = sft_config("ranks", "train.warmup_steps=0", "train.lr=1e-3", "train.batch_size=2", "train.torch_threads=1")
+    # no MTP heads: several ranks skip them (model/mtp.py), and one rank's step is the comparison
+    cfg = sft_config("ranks", "train.warmup_steps=0", "train.lr=1e-3", "train.batch_size=2", "train.torch_threads=1",
+                     "model.mtp.num_heads=0")
     backbone, allowed = str(sft_assets[0]), list(range(300))
     one = PolicyWorker(cfg, backbone, allowed_ids=allowed, reference=True)
     rng = np.random.default_rng(0)
@@ -127,7 +129,7 @@ def test_two_ranks_give_one_ranks_critic_values_and_ppo_step(sft_config, sft_ass
     from speechrl.rlhf.workers.policy_worker import VALUE_HEAD, PolicyWorker
 
     cfg = sft_config("ranks-ppo", "train.warmup_steps=0", "train.lr=1e-3", "train.batch_size=2",
-                     "train.torch_threads=1")
+                     "train.torch_threads=1", "model.mtp.num_heads=0")
     backbone, allowed = str(sft_assets[0]), list(range(300))
     one = PolicyWorker(cfg, backbone, allowed_ids=allowed, reference=True, critic=True)
     two = PolicyClient(make_policy_workers(cfg, backbone, allowed_ids=allowed, reference=True, critic=True,
