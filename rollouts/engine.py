@@ -48,7 +48,8 @@ class RolloutEngine:
         serves the policy's LoRA adapter of that rank (load_adapter); 0: no LoRA. `mtp_tokens` > 0:
         verified multi-token decoding, the backbone's first k MTP heads (`<backbone>/mtp`, model/mtp.py)
         drafting through vLLM's Medusa proposer and its rejection sampler keeping what the policy
-        verifies (greedy output unchanged, samples from the policy's own distribution)."""
+        verifies: greedy output is plain decoding's; sampling with drafts is refused on CPU, where
+        vLLM 0.32's sampler does not keep the policy's distribution (generate; docs/mtp.md)."""
         # Keeps the engine core in this process (and actor): load_weights hands vLLM a Python
         # iterator through collective_rpc, which cannot cross into a separate engine process.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
