@@ -104,8 +104,7 @@ def main() -> None:
             acc = out["acceptance"]
             wer = float(np.mean([word_error_rate(h, r) for h, r in zip(out["texts"], refs)]))
             hist = " ".join(f"{h:.2f}" for h in acc["histogram"])
-            kept = [sum(acc["histogram"][j + 1:]) for j in range(k)]
-            print(f"| {label} | {k} | {acc['mean_emitted']:.2f} | {hist} | {' '.join(f'{x:.2f}' for x in kept)} | "
+            print(f"| {label} | {k} | {acc['mean_emitted']:.2f} | {hist} | {' '.join(f'{x:.2f}' for x in acc['kept'])} | "
                   f"{out['batched_s']:.2f} ({plain['batched_s'] / out['batched_s']:.2f}x) | "
                   f"{out['single_s']:.2f} ({plain['single_s'] / out['single_s']:.2f}x) | {wer:.3f} | "
                   f"{'yes' if out['ids'] == plain['ids'] else 'NO'} |", flush=True)

@@ -48,8 +48,10 @@ class MtpHeads(nn.Module):
         super().__init__()
         if num_heads < 1:
             raise ValueError(f"MtpHeads: num_heads must be >= 1, got {num_heads}")
-        self.blocks = nn.ModuleList([_Residual(hidden) for _ in range(num_heads)])
-        self.lm_heads = nn.ModuleList([nn.Linear(hidden, vocab, bias=False) for _ in range(num_heads)])
+        # the random init is always overwritten (`like`, `load`): leave the run's random stream alone
+        with torch.random.fork_rng(devices=[]):
+            self.blocks = nn.ModuleList([_Residual(hidden) for _ in range(num_heads)])
+            self.lm_heads = nn.ModuleList([nn.Linear(hidden, vocab, bias=False) for _ in range(num_heads)])
 
     @property
     def num_heads(self) -> int:
@@ -60,17 +62,12 @@ class MtpHeads(nn.Module):
         """New heads that start as the policy's own LM head (zero residual blocks): each first predicts
         token t+1 for t+2+i, a better start than random rows over a large vocabulary."""
         vocab, hidden = lm_head.weight.shape
-        with torch.random.fork_rng(devices=[]):  # their random init is overwritten: leave the run's stream alone
-            heads = cls(num_heads, hidden, vocab)
+        heads = cls(num_heads, hidden, vocab)
         with torch.no_grad():
             for block, head in zip(heads.blocks, heads.lm_heads):
                 block.layers[0].weight.zero_()
                 head.weight.copy_(lm_head.weight)
         return heads.to(lm_head.weight.device)
-
-    def logits(self, hidden: torch.Tensor) -> list[torch.Tensor]:
-        """Each head's logits over the vocabulary, [..., V] per head."""
-        return [head(block(hidden)) for block, head in zip(self.blocks, self.lm_heads)]
 
     def loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
              ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -121,8 +118,7 @@ class MtpHeads(nn.Module):
 
         folder = Path(backbone_dir) / MTP_DIR
         config = json.loads((folder / "config.json").read_text())
-        with torch.random.fork_rng(devices=[]):
-            heads = cls(config["num_heads"], config["hidden_size"], config["vocab_size"])
+        heads = cls(config["num_heads"], config["hidden_size"], config["vocab_size"])
         heads.load_state_dict(load_file(str(folder / "model.safetensors")))
         return heads
 
@@ -157,10 +153,33 @@ def heads_for(cfg, backbone_dir: Path, lm_head: nn.Linear) -> Optional[MtpHeads]
 def acceptance(drafts: int, accepted_per_position: list[int]) -> dict:
     """Verified decoding's acceptance from an engine's counters: `drafts` steps that drafted, and how
     many of them kept draft position j (a kept position implies every earlier one kept). The mean
-    tokens a drafting step emits (the verified prefix plus the policy's own token) and its histogram."""
+    tokens a drafting step emits (the verified prefix plus the policy's own token), the share of steps
+    that kept each position (`kept`) and the histogram of drafts kept per step (0 .. k)."""
     if drafts <= 0:
-        return {"drafts": 0, "mean_emitted": float("nan"), "histogram": []}
-    kept = list(accepted_per_position) + [0]
+        return {"drafts": 0, "mean_emitted": float("nan"), "kept": [], "histogram": []}
+    kept = [n / drafts for n in accepted_per_position]
     # steps that kept exactly j drafts: those that kept j minus those that kept j + 1
-    histogram = [((drafts if j == 0 else kept[j - 1]) - kept[j]) / drafts for j in range(len(kept))]
-    return {"drafts": drafts, "mean_emitted": 1 + sum(accepted_per_position) / drafts, "histogram": histogram}
+    histogram = [a - b for a, b in zip([1.0, *kept], [*kept, 0.0])]
+    return {"drafts": drafts, "mean_emitted": 1 + sum(kept), "kept": kept, "histogram": histogram}
+
+
+class AcceptanceMeter:
+    """Acceptance over intervals, from engines' counters that only grow (RolloutEngine.spec_stats):
+    each `update` reports the drafting steps since the previous one, summed over the engines."""
+
+    def __init__(self):
+        self.seen: Optional[tuple[int, list[int]]] = None
+
+    def update(self, counters: list[dict], prefix: str) -> dict:
+        """`<prefix>/mtp_emitted` (mean tokens a decoding step emitted) and `<prefix>/mtp_accepted_<j>`
+        (share of steps that kept draft j) since the last call; {} when nothing drafted meanwhile, or
+        when an engine was replaced (its counters started again)."""
+        drafts = sum(c["drafts"] for c in counters)
+        kept = [sum(column) for column in zip(*(c["accepted_per_position"] for c in counters))]
+        last_drafts, last_kept = self.seen or (0, [0] * len(kept))
+        self.seen = (drafts, kept)
+        if drafts <= last_drafts:
+            return {}
+        stats = acceptance(drafts - last_drafts, [a - b for a, b in zip(kept, last_kept)])
+        return {f"{prefix}/mtp_emitted": stats["mean_emitted"],
+                **{f"{prefix}/mtp_accepted_{j + 1}": share for j, share in enumerate(stats["kept"])}}

@@ -49,16 +49,23 @@ def save_policy(model, processor, optimizer: Optimizer, path: Path, lora: bool, 
     adapter when there is one (resume continues training it, not the merged copy), optimizer state.
     Sharded (several ranks): `model` is `unsharded_copy`'s, None on ranks > 0, which still join the
     optimizer's gather; rank 0 writes. The files are the same whatever the number of ranks."""
-    from speechrl.rlhf.model.backbone import save_backbone
-
     if model is not None:
         path.mkdir(parents=True, exist_ok=True)
-        save_backbone(exportable_model(model), processor, path / "model")
-        if mtp is not None:
-            mtp.save(path / "model")
+        save_model(model, processor, path / "model", mtp)
         if lora:
             unwrap(model).save_pretrained(path / "adapter")
     optimizer.save(path)
+
+
+def save_model(model, processor, path: Path, mtp=None) -> Path:
+    """The policy's full weights as a backbone directory (LoRA merged), its MTP heads in `mtp/`: what
+    a checkpoint's model/ and a run's final/ hold, and what the engines and `run.init_from` load."""
+    from speechrl.rlhf.model.backbone import save_backbone
+
+    save_backbone(exportable_model(model), processor, path)
+    if mtp is not None:
+        mtp.save(path)
+    return path
 
 
 def load_adapter(model, path: Path) -> None:

@@ -28,6 +28,7 @@ from speechrl.rlhf.core.run_dir import (RunLogger, due, find_resume_dir, latest_
                                         writing_checkpoint)
 from speechrl.rlhf.core.seeding import seed_everything
 from speechrl.rlhf.model.backbone import load_processor
+from speechrl.rlhf.model.mtp import AcceptanceMeter
 from speechrl.rlhf.modes import get_mode
 from speechrl.rlhf.modes.base import optional
 from speechrl.rlhf.trainers.judges import prebuild_judges
@@ -73,6 +74,7 @@ class OnlineRecipe:
         self.engine_weights = None  # what the engines were last sent (None: the backbone they started from)
         self._engine_calls: dict[int, int] = {}  # generate calls so far, per step (next_engine_seed)
         self._seed_lock = threading.Lock()
+        self.mtp_meter = AcceptanceMeter()  # rollout.mtp_tokens: acceptance between log calls
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -351,33 +353,19 @@ class OnlineRecipe:
         return self.finish()
 
     def mtp_acceptance(self, prefix: str) -> dict:
-        """Verified decoding's acceptance in the engines since the last call (rollout.mtp_tokens > 0):
-        `<prefix>/mtp_emitted`, the mean tokens a decoding step emitted (1 = every draft rejected, k+1 =
-        every draft kept), and `<prefix>/mtp_accepted_<j>`, the share of steps that kept draft j."""
+        """Verified decoding's acceptance in the engines since the last call (rollout.mtp_tokens > 0;
+        model/mtp.py's AcceptanceMeter)."""
         if not self.cfg.rollout.mtp_tokens:
             return {}
         import ray
-
-        from speechrl.rlhf.model.mtp import acceptance
+        from ray.exceptions import RayError
 
         try:
             counters = ray.get([w.spec_stats.remote() for w in self.workers])
-        except Exception as e:  # a dead engine: the next generate replaces it; these counters are lost
+        except RayError as e:  # a dead engine: the next generate replaces it; these counters are lost
             log.warning("MTP acceptance not read (%s)", e)
             return {}
-        drafts = sum(c["drafts"] for c in counters)
-        kept = [sum(c["accepted_per_position"][j] for c in counters) for j in range(self.cfg.rollout.mtp_tokens)]
-        last_drafts, last_kept = getattr(self, "_mtp_seen", (0, [0] * len(kept)))
-        self._mtp_seen = (drafts, kept)
-        if drafts < last_drafts:  # an engine was replaced: its counters started again
-            return {}
-        stats = acceptance(drafts - last_drafts, [k - lk for k, lk in zip(kept, last_kept)])
-        if not stats["drafts"]:
-            return {}
-        out = {f"{prefix}/mtp_emitted": stats["mean_emitted"]}
-        out.update({f"{prefix}/mtp_accepted_{j + 1}": (k - lk) / stats["drafts"]
-                    for j, (k, lk) in enumerate(zip(kept, last_kept))})
-        return out
+        return self.mtp_meter.update(counters, prefix)
 
     def close_pipeline(self) -> None:
         if self.pipeline is not None:

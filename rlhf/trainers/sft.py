@@ -17,12 +17,11 @@ from tqdm import tqdm
 
 from speechrl.rlhf.core.config import RecipeConfig
 from speechrl.rlhf.core.devices import peak_memory_gib
-from speechrl.rlhf.model.backbone import save_backbone
 from speechrl.rlhf.model.logprobs import build_token_batch
 from speechrl.rlhf.modes import get_mode
 from speechrl.rlhf.modes.base import batch_indices
 from speechrl.rlhf.trainers.judges import prebuild_judges
-from speechrl.rlhf.model.policy import build_policy, exportable_model, save_policy
+from speechrl.rlhf.model.policy import build_policy, exportable_model, save_model, save_policy
 from speechrl.rlhf.core.seeding import seed_everything, set_threads
 from speechrl.rlhf.core.run_dir import (RunLogger, due, find_resume_dir, latest_checkpoint, new_run_dir, resume_run,
                                    stop_on_write_error, write_trainer_state, writing_checkpoint)
@@ -133,9 +132,7 @@ class SFTRecipe:
         import resource
 
         with stop_on_write_error(self.run_dir, "the final weights"):
-            final = save_backbone(exportable_model(self.model), self.backbone.processor, self.run_dir / "final")
-            if self.policy.mtp is not None:
-                self.policy.mtp.save(final)
+            final = save_model(self.model, self.backbone.processor, self.run_dir / "final", self.policy.mtp)
         table = {
             "run": str(self.run_dir),
             "steps": self.cfg.train.steps,

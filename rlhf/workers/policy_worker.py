@@ -21,13 +21,13 @@ import torch
 from speechrl.rlhf.algos import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from speechrl.rlhf.algos.batch import TrainBatch, micro_batches
 from speechrl.rlhf.algos.value_loss import clipped_value_loss
-from speechrl.rlhf.model.backbone import hub_state_dict, save_backbone
+from speechrl.rlhf.model.backbone import hub_state_dict
 from speechrl.rlhf.core.config import RecipeConfig
 from speechrl.rlhf.core.devices import peak_memory_gib, train_device
 from speechrl.rlhf.model.critic import ValueHead, token_values
 from speechrl.rlhf.model.mtp import MTP_PREFIX
 from speechrl.rlhf.model.logprobs import TokenBatch, build_token_batch, token_logprobs, unwrap, vocab_mask
-from speechrl.rlhf.model.policy import build_policy, exportable_model, save_policy, unsharded_copy
+from speechrl.rlhf.model.policy import build_policy, exportable_model, save_model, save_policy, unsharded_copy
 from speechrl.rlhf.model.sharding import full_state_dict, shard_module
 from speechrl.rlhf.workers.ranks import join, my_share
 from speechrl.rlhf.core.seeding import seed_everything, set_threads
@@ -105,9 +105,10 @@ class PolicyWorker:
         g = self.cfg.rl
         mask = batch.completion_mask
         critic = returns is not None
+        with_hidden = critic or self.train_mtp  # the value head and the MTP heads read the last hidden states
         with self.policy.autocast():
-            out = token_logprobs(self.model, batch, temperature, self.allowed, with_hidden=critic or self.train_mtp)
-        logp, hidden = out if critic or self.train_mtp else (out, None)
+            out = token_logprobs(self.model, batch, temperature, self.allowed, with_hidden=with_hidden)
+        logp, hidden = out if with_hidden else (out, None)
         per_token, metrics = POLICY_LOSSES.get(g.policy_loss)(logp, old_logprobs, advantages, mask,
                                                               clip_eps=g.clip_eps, clip_eps_high=g.clip_eps_high)
         if kl_coef > 0:
@@ -295,10 +296,7 @@ class PolicyWorker:
         model = self._full_model()
         if model is None:
             return None
-        final = save_backbone(exportable_model(model), self.backbone.processor, Path(path))
-        if self.mtp is not None:
-            self.mtp.save(final)
-        return str(final)
+        return str(save_model(model, self.backbone.processor, Path(path), self.mtp))
 
 
 def _on_grid(rows: list, mask: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,24 @@ def test_heads_on_short_completions_and_acceptance_counts():
     assert acceptance(0, [0, 0])["drafts"] == 0
 
 
+def test_acceptance_meter_reports_intervals_summed_over_engines():
+    from speechrl.rlhf.model.mtp import AcceptanceMeter
+
+    meter = AcceptanceMeter()
+    assert meter.update([{"drafts": 0, "accepted_per_position": [0, 0]}], "rollout") == {}
+    first = meter.update([{"drafts": 4, "accepted_per_position": [2, 1]},
+                          {"drafts": 6, "accepted_per_position": [4, 1]}], "rollout")
+    assert first == pytest.approx({"rollout/mtp_emitted": 1.8, "rollout/mtp_accepted_1": 0.6,
+                                   "rollout/mtp_accepted_2": 0.2})
+    # since the last call: 10 more steps, all keeping both drafts
+    second = meter.update([{"drafts": 9, "accepted_per_position": [7, 6]},
+                           {"drafts": 11, "accepted_per_position": [9, 6]}], "eval")
+    assert second == pytest.approx({"eval/mtp_emitted": 3.0, "eval/mtp_accepted_1": 1.0, "eval/mtp_accepted_2": 1.0})
+    # a replaced engine starts its counters again: that interval is not reported
+    assert meter.update([{"drafts": 9, "accepted_per_position": [7, 6]},
+                         {"drafts": 1, "accepted_per_position": [1, 0]}], "rollout") == {}
+
+
 def test_sft_trains_heads_without_moving_the_policy(sft_config):
     """The same SFT run with and without heads ends with the same policy weights (detached hidden
     states, clipping of their own, their random init outside the run's generator), and the heads
