@@ -44,7 +44,7 @@ class TowerCache:
         if version != self._weights_version:
             self.clear()
             self._weights_version = version
-        keys = [_key(row) for row in features]
+        keys = [_key(row, int(n)) for row, n in zip(features, out_lengths)]
         missing = [i for i, k in enumerate(keys) if k not in self.entries]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
@@ -74,10 +74,12 @@ class TowerCache:
             self.bytes -= old.numel() * old.element_size()
 
 
-def _key(features: torch.Tensor) -> bytes:
-    # the whole row: Whisper's padding frames depend on the clip (the log-mel floor is its max - 8)
+def _key(features: torch.Tensor, frames: int) -> bytes:
+    # the whole row: Whisper's padding frames depend on the clip (the log-mel floor is its max - 8);
+    # and its length: silent clips of different lengths have the same padded features (a duplex
+    # dialogue's first chunks), but not the same number of output frames
     row = features.detach().to("cpu").contiguous()
-    return hashlib.blake2b(row.numpy().tobytes() + str(tuple(row.shape)).encode(), digest_size=16).digest()
+    return hashlib.blake2b(row.numpy().tobytes() + str((tuple(row.shape), frames)).encode(), digest_size=16).digest()
 
 
 _caches: "weakref.WeakKeyDictionary[torch.nn.Module, TowerCache]" = weakref.WeakKeyDictionary()

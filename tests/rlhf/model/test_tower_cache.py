@@ -93,3 +93,24 @@ def test_the_cache_keeps_to_its_byte_budget_least_recently_used_first():
     assert torch.equal(get(0), torch.zeros(4, 4)) and cache.misses == 3
     get(1)
     assert cache.misses == 4, "the evicted entry is computed again"
+
+
+def test_silent_clips_of_different_lengths_are_different_entries(sft_assets):
+    """Silent clips pad to the same features whatever their length (a duplex dialogue's first chunks);
+    each must still get its own number of frames, or a batch holding both cannot be filled."""
+    from speechrl.rlhf.model.backbone import load_backbone
+    from speechrl.rlhf.model.logprobs import audio_model, build_token_batch, prompt_ids_for, token_logprobs
+    from speechrl.rlhf.model.policy import freeze_audio_encoder
+    from speechrl.rlhf.model.prompts import render_prompt
+
+    backbone = load_backbone(sft_assets[0])
+    freeze_audio_encoder(backbone.model)
+    proc = backbone.processor
+    clips = [np.zeros(int(16000 * s), dtype=np.float32) for s in (0.16, 0.32, 0.64)]
+    prompt = render_prompt(proc, "asr")
+    prompts = [prompt_ids_for(proc, prompt, c) for c in clips]
+    assert len({len(p) for p in prompts}) == 3, "each length has its own number of placeholders"
+    batch = build_token_batch(proc, prompts, [[5, 6, 7]] * 3, clips, backbone.tokenizer.pad_token_id)
+    logp = token_logprobs(backbone.model, batch)[batch.completion_mask]
+    assert torch.isfinite(logp).all()
+    assert len(tower_cache(audio_model(backbone.model).audio_tower).entries) == 3
