@@ -17,6 +17,7 @@ from speechrl.rlhf.core.registry import Registry
 
 from speechrl.rewards.asr import AsrWerReward
 from speechrl.rewards.dialogue import EmotionReward, LatencyReward, ReplyLengthReward
+from speechrl.rewards.duplex import DuplexTurnTakingReward
 from speechrl.rewards.hosted import HfClassifierReward
 from speechrl.rewards.intelligibility import TtsIntelligibilityReward
 from speechrl.rewards.learned import LearnedPreferenceReward, registered_reward, registry_dir
@@ -125,3 +126,4 @@ register_reward("persona_similarity")(PersonaSimilarityReward)
 register_reward("reply_length")(ReplyLengthReward)
 register_reward("latency")(LatencyReward)
 register_reward("emotion")(EmotionReward)
+register_reward("duplex_turn_taking")(DuplexTurnTakingReward)

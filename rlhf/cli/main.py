@@ -17,6 +17,7 @@ EPILOG = """examples:
   speechrl demo                                  SFT warm start then GRPO on the embedded default
   speechrl demo tts                              the same for TTS: intelligibility before and after
   speechrl demo realtime                         persona dialogue: SFT warm start, then PPO; drift before/after
+  speechrl demo duplex                           full duplex on a 160 ms clock: SFT, then GRPO; turn-taking before/after
   speechrl demo multi                            one backbone, three modes: a schedule and its interference matrix
   speechrl train multi/demo --resume runs/<multi run>   continue a schedule where it stopped
   speechrl train realtime/ppo run.init_from=runs/<realtime sft run>/final   realtime PPO (critic, GAE)
@@ -205,7 +206,7 @@ def cmd_serve_reward(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="speechrl", description="RLHF post-training for speech models "
-                                     "(ASR, TTS, realtime dialogue) on one audio-language backbone.",
+                                     "(ASR, TTS, realtime and full-duplex dialogue) on one audio-language backbone.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -222,11 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the last checkpoint of RUN_DIR (default: run.name, else the newest run)")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("demo", help="a mode's end-to-end demo (asr, the default, tts or realtime): SFT warm start, "
-                       "then RL through Ray + vLLM (GRPO; PPO for realtime); multi: the three modes on one "
+    p = sub.add_parser("demo", help="a mode's end-to-end demo (asr, the default, tts, realtime or duplex): SFT warm "
+                       "start, then RL through Ray + vLLM (GRPO; PPO for realtime); multi: the three modes on one "
                        "backbone, a short schedule and its interference matrix")
     p.add_argument("overrides", nargs="*", metavar="[MODE] OVERRIDES",
-                   help="optionally the mode (asr | tts | realtime | multi), then key.path=value overrides for "
+                   help="optionally the mode (asr | tts | realtime | duplex | multi), then key.path=value overrides for "
                         "every stage")
     p.add_argument("--output-dir", default="runs", help="parent of the demo's run directories")
     p.set_defaults(fn=cmd_demo)

@@ -314,6 +314,23 @@ class RealtimeConfig:
 
 
 @dataclass
+class DuplexConfig:
+    """`mode: duplex`: listening while speaking on one clock of `chunk_seconds` (docs/duplex.md). Each
+    chunk the model reads the next piece of the user's audio and writes its own: codec tokens of the
+    recipe's codec, nothing (`<|codec_end|>` alone: it listens), or first a tool call as JSON text."""
+    chunk_seconds: float = 0.16  # the clock; a whole number of codec frames (0.16 s = 4 frames of 40 ms)
+    kinds: list[str] = field(default_factory=lambda: ["turn", "pause", "backchannel", "interrupt", "tool"])  # dialogue kinds built (docs/duplex.md)
+    dialogues_per_kind: int = 60  # synthetic training dialogues of each kind
+    heldout_per_kind: int = 12  # held-out dialogues of each kind: evaluation plays them greedily
+    max_action_tokens: int = 24  # the action channel's rate limit: text tokens one chunk may hold before its audio
+    user_voices: list[str] = field(default_factory=lambda: ["en-us", "en", "piper"])  # the user's voices: espeak-ng names, "piper" = the Piper voice
+    user_rates: list[int] = field(default_factory=lambda: [160, 190])  # the user's speed, words per minute (80-450)
+    reply_voice: str = "en-us"  # the assistant's reference speech (SFT): espeak-ng voice and rate
+    reply_rate: int = 190
+    seed: int = 0  # what the dialogues say and when, in [0, 2**32 - 1]
+
+
+@dataclass
 class DPOConfig:
     loss: str = "sigmoid"  # preference loss, by registered name: "sigmoid" (DPO) | "ipo"
     beta: float = 0.1  # strength of the implicit KL to the reference, > 0
@@ -354,7 +371,7 @@ class RunConfig:
 
 @dataclass
 class RecipeConfig:
-    mode: str = "asr"  # "asr" (audio in, transcript out), "tts" (text in, codec tokens out), "realtime" (persona dialogue, spoken replies)
+    mode: str = "asr"  # "asr" (audio in, transcript out), "tts" (text in, codec tokens out), "realtime" (persona dialogue, spoken replies), "duplex" (listening while speaking, 160 ms chunks)
     algorithm: str = "sft"  # "sft" | "grpo" | "ppo" | "dpo" (offline, from dpo.data) | "online_dpo" (ranked samples) | "reward_model"
     seed: int = 0  # seeds torch, numpy, python and data order; in [0, 2**32 - 1] (numpy's range)
     run: RunConfig = field(default_factory=RunConfig)
@@ -371,6 +388,7 @@ class RecipeConfig:
     asr: AsrConfig = field(default_factory=AsrConfig)  # ASR mode: the projector's CTC loss in SFT
     tts: TTSConfig = field(default_factory=TTSConfig)  # TTS mode: codec, voice prompts, held-out synthesis
     realtime: RealtimeConfig = field(default_factory=RealtimeConfig)  # realtime mode: personas, episodes, drift
+    duplex: DuplexConfig = field(default_factory=DuplexConfig)  # duplex mode: the clock, synthetic dialogues
     dpo: DPOConfig = field(default_factory=DPOConfig)  # offline and online DPO
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)  # a learned preference reward (TTS, realtime)
 

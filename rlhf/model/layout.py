@@ -2,8 +2,11 @@
 
 Phases (k = tokens so far): text (no codec yet, k < max_text_tokens: text or codec), switch (no codec
 yet, k >= max_text_tokens: codec only), audio (after a codec token: codec or `<|codec_end|>`), so every
-reply that ends has audio. `ReplyLayoutProcessor` (in vLLM) and `layout_phases` (trainer logprobs)
-must agree token for token, as the static `allowed_token_ids` do in ASR and TTS.
+reply that ends has audio. Two options serve the duplex mode's 160 ms chunks: `silent_end` allows
+`<|codec_end|>` before any audio (a chunk that listens, or holds a tool call only), and
+`max_audio_tokens` caps the audio (full: after that many codec tokens only `<|codec_end|>`).
+`ReplyLayoutProcessor` (in vLLM) and `layout_phases` (trainer logprobs) must agree token for token,
+as the static `allowed_token_ids` do in ASR and TTS.
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from functools import cache, cached_property
 
 import torch
 
-TEXT, SWITCH, AUDIO = 0, 1, 2  # phase indices
+TEXT, SWITCH, AUDIO, FULL = 0, 1, 2, 3  # phase indices
+PHASES = (TEXT, SWITCH, AUDIO, FULL)
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,8 @@ class ReplyLayout:
     codec_ids: tuple[int, ...]  # the codec's tokens; the first one emitted starts the audio
     end_id: int  # <|codec_end|>: ends the reply, allowed once audio has started
     max_text_tokens: int  # text tokens before the audio must start
+    silent_end: bool = False  # `<|codec_end|>` allowed before any audio (an empty or text-only reply)
+    max_audio_tokens: int = 0  # codec tokens after which only `<|codec_end|>` is allowed; 0 = no cap
 
     def __post_init__(self):
         if not self.text_ids or not self.codec_ids:
@@ -31,42 +37,44 @@ class ReplyLayout:
             raise ValueError("ReplyLayout: text ids, codec ids and the end id must be disjoint")
         if self.max_text_tokens < 0:
             raise ValueError(f"ReplyLayout: max_text_tokens must be >= 0, got {self.max_text_tokens}")
+        if self.max_audio_tokens < 0:
+            raise ValueError(f"ReplyLayout: max_audio_tokens must be >= 0 (0 = no cap), got {self.max_audio_tokens}")
 
     def allowed(self, phase: int) -> tuple[int, ...]:
         """The ids allowed in a phase."""
-        return (self.text_ids + self.codec_ids, self.codec_ids, self.codec_ids + (self.end_id,))[phase]
+        end = (self.end_id,) if self.silent_end else ()
+        return (self.text_ids + self.codec_ids + end, self.codec_ids + end, self.codec_ids + (self.end_id,),
+                (self.end_id,))[phase]
 
     def phase(self, generated: list[int]) -> int:
         """The phase after the tokens `generated` so far (the rule in the module docstring)."""
-        if any(t in self.codec_set for t in generated):
-            return AUDIO
-        return SWITCH if len(generated) >= self.max_text_tokens else TEXT
+        return self.phase_of(sum(t in self.codec_set for t in generated), len(generated))
+
+    def phase_of(self, codec_tokens: int, tokens: int) -> int:
+        """The phase after `tokens` tokens of which `codec_tokens` were codec tokens."""
+        if codec_tokens:
+            return FULL if self.max_audio_tokens and codec_tokens >= self.max_audio_tokens else AUDIO
+        return SWITCH if tokens >= self.max_text_tokens else TEXT
 
     def admits(self, ids: list[int]) -> bool:
         """Whether a whole completion keeps the layout: each token allowed in the phase before it."""
-        text, codec, audio, texts = set(self.text_ids), self.codec_set, False, 0
-        for t in ids:
-            if t == self.end_id and audio:
-                continue
-            if t in codec:
-                audio = True
-            elif t in text and not audio and texts < self.max_text_tokens:
-                texts += 1
-            else:
+        for k, t in enumerate(ids):
+            if t not in self.allowed(self.phase(ids[:k])):
                 return False
         return bool(ids)
 
     def masks(self, vocab_size: int) -> torch.Tensor:
-        """[3, vocab_size] bool: True where a token is allowed in phase TEXT, SWITCH, AUDIO."""
-        out = torch.zeros(3, vocab_size, dtype=torch.bool)
-        for phase in (TEXT, SWITCH, AUDIO):
+        """[4, vocab_size] bool: True where a token is allowed in phase TEXT, SWITCH, AUDIO, FULL."""
+        out = torch.zeros(len(PHASES), vocab_size, dtype=torch.bool)
+        for phase in PHASES:
             out[phase, list(self.allowed(phase))] = True
         return out
 
     def as_extra_args(self) -> dict:
         """What a vLLM request carries (SamplingParams.extra_args) for ReplyLayoutProcessor."""
         return {EXTRA_ARGS_KEY: {"text": list(self.text_ids), "codec": list(self.codec_ids), "end": self.end_id,
-                                 "max_text": self.max_text_tokens}}
+                                 "max_text": self.max_text_tokens, "silent_end": self.silent_end,
+                                 "max_audio": self.max_audio_tokens}}
 
     @cached_property
     def codec_set(self) -> frozenset:
@@ -76,11 +84,13 @@ class ReplyLayout:
 EXTRA_ARGS_KEY = "speechrl_reply_layout"
 
 
-def layout_phases(targets: torch.Tensor, valid: torch.Tensor, codec: torch.Tensor, max_text: int) -> torch.Tensor:
+def layout_phases(targets: torch.Tensor, valid: torch.Tensor, codec: torch.Tensor, max_text: int,
+                  max_audio: int = 0) -> torch.Tensor:
     """The phase [B, T] in which each target token was sampled (the trainer's side of the rule).
 
-    `valid` marks completion positions; `codec` [V] is True at codec tokens. A position is AUDIO after any
-    codec token, else SWITCH once `max_text` tokens came before it, else TEXT (invalid positions too).
+    `valid` marks completion positions; `codec` [V] is True at codec tokens. A position is FULL once
+    `max_audio` (> 0) codec tokens came before it, else AUDIO after any codec token, else SWITCH once
+    `max_text` tokens came before it, else TEXT (invalid positions too).
     """
     valid = valid.bool()
     is_codec = codec.to(targets.device)[targets] & valid
@@ -89,6 +99,8 @@ def layout_phases(targets: torch.Tensor, valid: torch.Tensor, codec: torch.Tenso
     phase = torch.full_like(targets, TEXT)
     phase = torch.where(index >= max_text, torch.full_like(phase, SWITCH), phase)
     phase = torch.where(codec_before > 0, torch.full_like(phase, AUDIO), phase)
+    if max_audio:
+        phase = torch.where(codec_before >= max_audio, torch.full_like(phase, FULL), phase)
     return torch.where(valid, phase, torch.full_like(phase, TEXT))
 
 
@@ -97,13 +109,13 @@ class LayoutMask:
 
     def __init__(self, layout: ReplyLayout, vocab_size: int):
         self.layout = layout
-        self.phase_masks = layout.masks(vocab_size)  # [3, V]
+        self.phase_masks = layout.masks(vocab_size)  # [4, V]
         self.codec = torch.zeros(vocab_size, dtype=torch.bool)
         self.codec[list(layout.codec_ids)] = True
 
     def for_targets(self, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """[B, T, V] bool: the tokens allowed at each position, given what the completion held before it."""
-        phases = layout_phases(targets, valid, self.codec, self.layout.max_text_tokens)
+        phases = layout_phases(targets, valid, self.codec, self.layout.max_text_tokens, self.layout.max_audio_tokens)
         return self.phase_masks.to(targets.device)[phases]
 
 
@@ -122,9 +134,9 @@ def reply_layout_processor() -> type:
 
         def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
             self.device = device
-            # batch row -> [layout, its output ids (a live list), phase, ids seen, its masks]
+            # batch row -> [layout, its output ids (a live list), codec tokens among them, ids seen, its masks]
             self.rows: dict[int, list] = {}
-            self.disallowed: dict[ReplyLayout, torch.Tensor] = {}  # layout -> [3, V], True where masked
+            self.disallowed: dict[ReplyLayout, torch.Tensor] = {}  # layout -> [4, V], True where masked
 
         @classmethod
         def validate_params(cls, params) -> None:
@@ -145,7 +157,7 @@ def reply_layout_processor() -> type:
                 if spec is None:
                     self.rows.pop(index, None)
                 else:
-                    self.rows[index] = [_layout_from_args(spec), output_ids, TEXT, 0, None]
+                    self.rows[index] = [_layout_from_args(spec), output_ids, 0, 0, None]
             for a, b, direction in batch_update.moved:
                 row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
                 if row_a is not None:
@@ -155,17 +167,15 @@ def reply_layout_processor() -> type:
 
         def apply(self, logits: torch.Tensor) -> torch.Tensor:
             for index, row in self.rows.items():
-                layout, output_ids, phase, seen, disallowed = row
-                # only the tokens added since the last step can start the audio
-                if phase != AUDIO and any(t in layout.codec_set for t in output_ids[seen:]):
-                    phase = AUDIO
-                if phase != AUDIO:
-                    phase = SWITCH if len(output_ids) >= layout.max_text_tokens else TEXT
-                if disallowed is None:  # one [3, V] mask per distinct layout, shared by its rows
+                layout, output_ids, codec_tokens, seen, disallowed = row
+                # only the tokens added since the last step are new to the count
+                codec_tokens += sum(t in layout.codec_set for t in output_ids[seen:])
+                phase = layout.phase_of(codec_tokens, len(output_ids))
+                if disallowed is None:  # one [4, V] mask per distinct layout, shared by its rows
                     if layout not in self.disallowed:
                         self.disallowed[layout] = ~layout.masks(logits.shape[-1]).to(logits.device)
                     disallowed = self.disallowed[layout]
-                row[2:] = [phase, len(output_ids), disallowed]
+                row[2:] = [codec_tokens, len(output_ids), disallowed]
                 logits[index].masked_fill_(disallowed[phase], float("-inf"))
             return logits
 
@@ -174,6 +184,7 @@ def reply_layout_processor() -> type:
 
 def _layout_from_args(spec: dict) -> ReplyLayout:
     try:
-        return ReplyLayout(tuple(spec["text"]), tuple(spec["codec"]), int(spec["end"]), int(spec["max_text"]))
+        return ReplyLayout(tuple(spec["text"]), tuple(spec["codec"]), int(spec["end"]), int(spec["max_text"]),
+                           bool(spec.get("silent_end", False)), int(spec.get("max_audio", 0)))
     except (KeyError, TypeError) as e:
         raise ValueError(f"{EXTRA_ARGS_KEY}: expected text, codec, end and max_text; got keys {sorted(spec)}") from e

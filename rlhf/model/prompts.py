@@ -15,6 +15,7 @@ ASR_INSTRUCTION = "Transcribe the audio."
 TTS_INSTRUCTION = "Say:"
 VOICE_INSTRUCTION = "Voice:"
 REALTIME_INSTRUCTION = "Stay in character as this persona, and reply to what the user just said."
+DUPLEX_INSTRUCTION = "Listen while you talk. Each chunk: stay silent, speak, or call a tool."
 
 
 @PROMPT_BUILDERS.register("asr")
@@ -52,6 +53,20 @@ def realtime_messages(example=None) -> list[dict]:
         messages.append({"role": turn["role"], "content": turn["text"]})
     messages.append({"role": "user", "content": [{"type": "audio"}]})
     return messages
+
+
+@PROMPT_BUILDERS.register("duplex")
+def duplex_messages(example=None) -> list[dict]:
+    """The duplex instruction, then the user's channel as audio (the one placeholder: what the
+    encoder hears up to now). The assistant's own chunks so far follow the generation prompt
+    (`render_duplex_prompt`): each chunk's tokens, closed by `<|codec_end|>`."""
+    return [{"role": "system", "content": DUPLEX_INSTRUCTION}, {"role": "user", "content": [{"type": "audio"}]}]
+
+
+def render_duplex_prompt(processor, stream_ids) -> str:
+    """The duplex prompt at a chunk: the messages, then the assistant's chunks so far (token ids, as text)."""
+    stream = processor.tokenizer.decode(list(stream_ids), skip_special_tokens=False) if len(stream_ids) else ""
+    return render_prompt(processor, "duplex") + stream
 
 
 def render_prompt(processor, mode: str, example=None) -> str:

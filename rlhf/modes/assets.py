@@ -45,13 +45,15 @@ def backbone_path(cfg: RecipeConfig) -> Path:
 
 
 def shared_tokenizer_texts(cfg: RecipeConfig) -> list[str]:
-    """`model.tiny.texts: all_modes`: every registered mode's tokenizer texts under its shipped base
-    recipe (`<mode>/base`), so one backbone is built whichever mode's recipe asks for it first."""
+    """`model.tiny.texts: all_modes`: every registered mode's tokenizer texts (but those of modes that
+    do not share it: `Mode.shares_backbone`) under its shipped base recipe (`<mode>/base`), so one backbone is built whichever mode's recipe asks for it first."""
     from speechrl.rlhf.core.config import load_recipe
     from speechrl.rlhf.core.registry import MODES
 
     texts = []
     for name in sorted(MODES.names()):
+        if not MODES.get(name).shares_backbone:
+            continue
         base = load_recipe(f"{name}/base", [f"run.cache_dir={cfg.run.cache_dir}", f"seed={cfg.seed}",
                                             f"model.tiny.seed={cfg.model.tiny.seed}"])
         texts += MODES.get(name)(base).tokenizer_texts()

@@ -29,6 +29,7 @@ class Mode:
     demo_sft_overrides: ClassVar[list[str]] = []  # the demo's SFT settings on top of <mode>/sft
     evaluates_on_engines: ClassVar[bool] = False  # `speechrl eval` needs vLLM engines (else in-process)
     transcribes: ClassVar[bool] = False  # its replies are transcripts: `speechrl eval --real-speech` applies
+    shares_backbone: ClassVar[bool] = True  # its texts are among `model.tiny.texts: all_modes` (the shared tokenizer)
     offline_evaluation_scores: ClassVar[bool] = False  # evaluate_offline runs the recipe's rewards (their judges are built first)
 
     def __init__(self, cfg: RecipeConfig):

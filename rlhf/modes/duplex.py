@@ -1,0 +1,376 @@
+"""Full duplex: listening while speaking, on one clock of `duplex.chunk_seconds` (160 ms by default).
+
+Each chunk is one decision: the prompt holds the user's channel up to the chunk's end (the one audio
+placeholder: the encoder's last window of it) and the assistant's own chunks so far (its tokens, each
+chunk closed by `<|codec_end|>`); the completion is the assistant's next chunk, under a reply layout
+(rlhf/model/layout.py) with `silent_end` and `max_audio_tokens`: `<|codec_end|>` alone (listen), up to
+one chunk of codec tokens (speak), or first a tool call as JSON text of at most
+`duplex.max_action_tokens` tokens (the action channel's rate limit). The same layout masks vLLM's
+sampling and the trainer's logprobs.
+
+Rollouts are episodes on the clock: every chunk of a dialogue is a request with n samples (a GRPO
+group), scored by rewards/duplex.py against the chunk's label, and the dialogue goes on with the
+first sample, as realtime episodes do with turns. Held-out evaluation plays the held-out dialogues
+greedily and measures Full-Duplex-Bench-style metrics on the clock (`timeline_metrics`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from speechrl.rlhf.core.config import RecipeConfig, RecipeError
+from speechrl.rlhf.core.registry import MODES
+from speechrl.rlhf.model.backbone import IM_END, text_token_ids
+from speechrl.rlhf.model.prompts import render_duplex_prompt
+from speechrl.rlhf.modes.base import Mode, batch_indices
+from speechrl.rlhf.modes.duplex_data import (ACT, BACKCHANNEL, KINDS, PAUSE, Dialogue, load_dialogues, plan_dialogues,
+                                             plan_texts, same_action, window)
+from speechrl.rlhf.modes.tts import SpeakingTask, check_codec_fits_the_tiny_backbone
+from speechrl.rollouts.types import RolloutRequest
+
+# Full-Duplex-Bench-style targets on held-out dialogues after RL (docs/duplex.md): (metric key, label,
+# target as text, whether it is met)
+TARGETS = (
+    ("duplex/pause_takeover", "pause take-over rate", "<= 0.2", lambda v: v <= 0.2),
+    ("duplex/backchannel_takeover", "backchannel take-over rate", "<= 0.2", lambda v: v <= 0.2),
+    ("duplex/interrupt_stop_2", "interruptions stopped within 2 chunks", ">= 0.9", lambda v: v >= 0.9),
+    ("duplex/response_latency", "response latency, median chunks", "<= 2", lambda v: v <= 2),
+    ("duplex/tool_exact", "tool-call exact match", ">= 0.9", lambda v: v >= 0.9),
+)
+
+
+class ChunkOut(NamedTuple):
+    """A chunk's completion read back."""
+
+    action: Optional[str]  # the action channel's text (a tool call), None without one
+    codec_ids: list[int]  # codec-local ids of its audio
+    speaks: bool  # it holds audio
+
+
+@dataclass(frozen=True)
+class ChunkExample:
+    """One decision of a dialogue, as SFT trains it."""
+
+    id: str  # "<dialogue id>/c<chunk>"
+    dialogue: Dialogue
+    chunk: int
+
+
+class ChunkDataset:
+    """Every chunk of every dialogue, as SFT's loop indexes them: (ChunkExample, what the encoder hears)."""
+
+    def __init__(self, dialogues: list[Dialogue], chunk_samples: int, window_samples: int,
+                 indices: Optional[list[int]] = None):
+        self.dialogues, self.chunk_samples, self.window_samples = dialogues, chunk_samples, window_samples
+        self.index = [(d, c) for d in dialogues for c in range(d.num_chunks)]
+        if indices is not None:
+            self.index = [self.index[i] for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[ChunkExample, np.ndarray]:
+        d, c = self.index[i]
+        return ChunkExample(f"{d.id}/c{c}", d, c), window(d, c, self.chunk_samples, self.window_samples)
+
+    def spread(self, n: int) -> "ChunkDataset":
+        """At most n examples evenly spread over the dialogues (a held-out loss sees every kind)."""
+        picks = np.linspace(0, len(self.index) - 1, num=min(n, len(self.index))).round().astype(int)
+        out = ChunkDataset([], self.chunk_samples, self.window_samples)
+        out.index = [self.index[int(i)] for i in dict.fromkeys(picks.tolist())]
+        return out
+
+    def summary(self) -> dict:
+        return {"examples": len(self), "kept": len(self), "bad": 0, "reasons": []}
+
+
+def chunk_tokens(cfg: RecipeConfig, codec) -> int:
+    """Codec tokens in one chunk of the clock; a RecipeError where the clock is not whole frames."""
+    frames = cfg.duplex.chunk_seconds * codec.frame_rate
+    if abs(frames - round(frames)) > 1e-6 or round(frames) < 1:
+        raise RecipeError(f"duplex.chunk_seconds={cfg.duplex.chunk_seconds} is {frames:g} frames of the codec "
+                          f"({codec.frame_rate:g} frames/s); make it a whole number of frames (0.16 s = 4 frames of 40 ms)")
+    return int(round(frames)) * codec.num_codebooks
+
+
+class DuplexTask(SpeakingTask):
+    """Prompts, references and the chunk layout (the module docstring)."""
+
+    def __init__(self, cfg: RecipeConfig, processor, codec=None):
+        from speechrl.rlhf.model.layout import ReplyLayout
+
+        super().__init__(cfg, processor, codec)
+        d = cfg.duplex
+        self.per_chunk = chunk_tokens(cfg, self.codec)
+        text = [i for i in text_token_ids(self.tokenizer) if i != self.tokenizer.convert_tokens_to_ids(IM_END)]
+        self.layout = ReplyLayout(tuple(text), tuple(int(i) for i in self.tokens.token_ids), self.tokens.end_id,
+                                  d.max_action_tokens, silent_end=True, max_audio_tokens=self.per_chunk)
+        self.allowed_ids = self.layout
+        self.reward_codec = None  # the turn-taking reward reads decisions, not audio
+        rate = cfg.data.sample_rate
+        fe = processor.feature_extractor
+        self.chunk_samples = int(round(d.chunk_seconds * rate))
+        self.window_samples = int(fe.n_samples / fe.sampling_rate * rate)
+        self._codes: dict[str, list[int]] = {}  # reply wav -> its backbone codec ids
+        self._references: dict[str, list[list[int]]] = {}  # dialogue id -> each chunk's reference completion
+
+    # --- prompts and references ------------------------------------------------------------------
+    def prompt(self, stream: list[list[int]]) -> str:
+        return render_duplex_prompt(self.processor, [t for chunk in stream for t in chunk])
+
+    def request(self, dialogue: Dialogue, chunk: int, stream: list[list[int]]) -> RolloutRequest:
+        meta = {"id": f"{dialogue.id}/c{chunk}", "dialogue_id": dialogue.id, "kind": dialogue.kind, "chunk": chunk,
+                "duplex_label": dialogue.labels[chunk],
+                "duplex_action": dialogue.action if dialogue.labels[chunk] == ACT else None}
+        return RolloutRequest(self.prompt(stream), window(dialogue, chunk, self.chunk_samples, self.window_samples),
+                              self.cfg.data.sample_rate, meta)
+
+    def reference(self, dialogue: Dialogue) -> list[list[int]]:
+        """Each chunk's reference completion: the tool call's tokens, or the reply's codec tokens of
+        that chunk, or nothing; each closed by `<|codec_end|>`."""
+        from speechrl.data.audio import load_audio
+
+        if dialogue.id in self._references:
+            return self._references[dialogue.id]
+        out, end = [], self.tokens.end_id
+        for c, label in enumerate(dialogue.labels):
+            ids: list[int] = []
+            if label == ACT:
+                ids = self.tokenizer(dialogue.action, add_special_tokens=False)["input_ids"]
+                if len(ids) > self.layout.max_text_tokens:
+                    raise ValueError(f"duplex dialogue {dialogue.id}: the tool call {dialogue.action} is {len(ids)} "
+                                     f"tokens, over duplex.max_action_tokens={self.layout.max_text_tokens}; raise it")
+            elif c in dialogue.reply:
+                wav, k = dialogue.reply[c]
+                if wav not in self._codes:
+                    rate = self.cfg.data.sample_rate
+                    self._codes[wav] = self.tokens.to_backbone(self.codec.encode(load_audio(wav, rate, min_seconds=0.0), rate))
+                ids = self._codes[wav][k * self.per_chunk:(k + 1) * self.per_chunk]
+            out.append(list(ids) + [end])
+        self._references[dialogue.id] = out
+        return out
+
+    def sft_example(self, ex: ChunkExample, audio: np.ndarray, dataset=None) -> tuple[list[int], list[int], np.ndarray]:
+        from speechrl.rlhf.model.logprobs import prompt_ids_for
+
+        reference = self.reference(ex.dialogue)
+        return prompt_ids_for(self.processor, self.prompt(reference[:ex.chunk]), audio), reference[ex.chunk], audio
+
+    def parse(self, completion_ids: list[int]) -> ChunkOut:
+        codec = self.layout.codec_set
+        first = next((k for k, t in enumerate(completion_ids) if t in codec), len(completion_ids))
+        text = [t for t in completion_ids[:first] if t != self.tokens.end_id]
+        action = self.tokenizer.decode(text, skip_special_tokens=True).strip() or None
+        codec_ids = self.tokens.from_backbone([t for t in completion_ids[first:] if t in codec])
+        return ChunkOut(action, codec_ids, bool(codec_ids))
+
+
+def play(task: DuplexTask, dialogues: list[Dialogue], generate):
+    """Play dialogues on the clock (the module docstring): each chunk of each live dialogue is one request
+    (`generate(requests)` samples n completions of each), and the dialogue goes on with its first sample. Returns (requests, samples, each
+    dialogue's chunks as played: ChunkOuts); a sample's `prompt_index` points into the requests."""
+    streams: list[list[list[int]]] = [[] for _ in dialogues]
+    played: list[list[ChunkOut]] = [[] for _ in dialogues]
+    requests, samples = [], []
+    for chunk in range(max(d.num_chunks for d in dialogues)):
+        live = [i for i, d in enumerate(dialogues) if chunk < d.num_chunks]
+        batch = [task.request(dialogues[i], chunk, streams[i]) for i in live]
+        out = generate(batch)
+        for s in out:
+            s.prompt_index += len(requests)
+        first = {s.prompt_index: s for s in out if s.sample_index == 0}
+        for k, i in enumerate(live):
+            ids = list(first[len(requests) + k].completion_ids)
+            streams[i].append(ids if ids and ids[-1] == task.tokens.end_id else ids + [task.tokens.end_id])
+            played[i].append(task.parse(ids))
+        requests += batch
+        samples += out
+    return requests, samples, played
+
+
+def timeline_metrics(dialogue: Dialogue, played: list[ChunkOut]) -> dict:
+    """One dialogue's turn-taking on the clock (docs/duplex.md): take-overs, latencies, the tool call."""
+    speaks = [c.speaks for c in played]
+    acts = [bool(c.action) for c in played]
+    out: dict = {"kind": dialogue.kind}
+    latencies = []
+    for end in dialogue.events.get("ends", []):
+        after = [c for c in range(end + 1, dialogue.num_chunks) if speaks[c] or acts[c]]
+        latencies.append(after[0] - end if after else dialogue.num_chunks - end)  # never: censored at the end
+    out["latencies"] = latencies
+    if PAUSE in dialogue.labels:
+        out["pause_takeover"] = any(speaks[c] or acts[c] for c, l in enumerate(dialogue.labels) if l == PAUSE)
+    if BACKCHANNEL in dialogue.labels:
+        out["backchannel_takeover"] = any(not speaks[c] for c, l in enumerate(dialogue.labels) if l == BACKCHANNEL)
+    if "interrupt" in dialogue.events:
+        onset = dialogue.events["interrupt"]
+        silent = [c for c in range(onset, dialogue.num_chunks) if not speaks[c]]
+        out["stop_latency"] = silent[0] - onset if silent else dialogue.num_chunks - onset
+    if dialogue.action:
+        said = next((c.action for c in played if c.action), None)
+        out["tool_exact"] = same_action(said, dialogue.action)
+        out["tool_said"] = said
+    else:
+        out["false_call"] = any(acts)
+    out["barge_in"] = any(speaks[c] for c, l in enumerate(dialogue.labels) if l == "listen")
+    out["labels"] = "".join(_LABEL_CHARS[l] for l in dialogue.labels)
+    out["played"] = "".join("A" if a else ("S" if s else ".") for s, a in zip(speaks, acts))
+    return out
+
+
+_LABEL_CHARS = {"listen": ".", "pause": "p", "speak": "S", "backchannel": "b", "stop": "x", "either": "?", "act": "A"}
+
+
+def summarize(rows: list[dict]) -> dict[str, float]:
+    """The held-out metrics over dialogues' `timeline_metrics` (NaN where no dialogue has the event)."""
+    def rate(key: str) -> float:
+        values = [float(r[key]) for r in rows if key in r]
+        return float(np.mean(values)) if values else float("nan")
+
+    stops = [r["stop_latency"] for r in rows if "stop_latency" in r]
+    latencies = [x for r in rows for x in r["latencies"]]
+    return {"duplex/pause_takeover": rate("pause_takeover"), "duplex/backchannel_takeover": rate("backchannel_takeover"),
+            "duplex/interrupt_stop_2": float(np.mean([s <= 2 for s in stops])) if stops else float("nan"),
+            "duplex/interrupt_stop_latency": float(np.median(stops)) if stops else float("nan"),
+            "duplex/response_latency": float(np.median(latencies)) if latencies else float("nan"),
+            "duplex/response_within_2": float(np.mean([x <= 2 for x in latencies])) if latencies else float("nan"),
+            "duplex/tool_exact": rate("tool_exact"), "duplex/false_call": rate("false_call"),
+            "duplex/barge_in": rate("barge_in")}
+
+
+@MODES.register("duplex")
+class DuplexMode(Mode):
+    name = "duplex"
+    algorithms = ("sft", "grpo")
+    default_algorithm = "grpo"
+    headlines = [("pause take-over rate", "duplex/pause_takeover"),
+                 ("backchannel take-over rate", "duplex/backchannel_takeover"),
+                 ("interruptions stopped within 2 chunks", "duplex/interrupt_stop_2"),
+                 ("response latency (median chunks)", "duplex/response_latency"),
+                 ("tool-call exact match", "duplex/tool_exact"), ("barge-in rate", "duplex/barge_in"),
+                 ("held-out chunk loss", "eval/loss")]
+    evaluates_on_engines = True
+    shares_backbone = False  # not (yet) among model.tiny.texts: all_modes (docs/duplex.md)
+
+    @classmethod
+    def check(cls, cfg: RecipeConfig, source: str) -> None:
+        super().check(cfg, source)
+        d = cfg.duplex
+        unknown = [k for k in d.kinds if k not in KINDS]
+        if not d.kinds or unknown or len(set(d.kinds)) != len(d.kinds):
+            raise RecipeError(f"{source}: `duplex.kinds` is {list(d.kinds)}; list each of {', '.join(KINDS)} at most "
+                              "once, at least one")
+        if "tool" in d.kinds and d.max_action_tokens < 1:
+            raise RecipeError(f"{source}: `duplex.kinds` has tool but `duplex.max_action_tokens` is 0: a tool call "
+                              "needs action tokens (about 15)")
+        check_codec_fits_the_tiny_backbone(cfg, source)
+        if not cfg.tts.codec:  # the embedded codec's frame rate is known before it is built
+            hop, rate = cfg.tts.embedded_codec.hop_length, cfg.data.sample_rate
+            frames = d.chunk_seconds * rate / hop
+            if abs(frames - round(frames)) > 1e-6 or round(frames) < 1:
+                raise RecipeError(f"{source}: `duplex.chunk_seconds`={d.chunk_seconds} is {frames:g} frames of the "
+                                  f"embedded codec (tts.embedded_codec.hop_length={hop} at {rate} Hz); make it a whole "
+                                  "number of frames")
+            need = d.max_action_tokens + round(frames) * cfg.tts.embedded_codec.num_codebooks + 1
+            for key, value in (("rollout.sampling.max_new_tokens", cfg.rollout.sampling.max_new_tokens),
+                               ("eval_max_new_tokens", cfg.eval_max_new_tokens)):
+                if value < need:
+                    raise RecipeError(f"{source}: `{key}` is {value}; a chunk can hold {need} tokens "
+                                      f"(duplex.max_action_tokens + one chunk of codec tokens + <|codec_end|>): "
+                                      f"set it to at least {need}")
+
+    def own_backbone_path(self) -> Path:
+        """A tiny backbone whose tokenizer learnt what the dialogues say and the tool calls."""
+        from speechrl.rlhf.modes import assets
+
+        texts = self.tokenizer_texts()
+        return assets.tiny_backbone(self.cfg, texts, suffix=f"duplex-{assets.texts_key(texts)}")
+
+    def tokenizer_texts(self) -> list[str]:
+        from speechrl.rlhf.model.prompts import DUPLEX_INSTRUCTION
+
+        plans = plan_dialogues(self.cfg, "train") + plan_dialogues(self.cfg, "heldout")
+        return [DUPLEX_INSTRUCTION] * 50 + plan_texts(plans)
+
+    def datasets(self, max_audio_seconds: float):
+        train, held = load_dialogues(self.cfg)
+        rate = self.cfg.data.sample_rate
+        chunk, win = int(round(self.cfg.duplex.chunk_seconds * rate)), int(max_audio_seconds * rate)
+        return ChunkDataset(train, chunk, win), ChunkDataset(held, chunk, win)
+
+    def make_task(self, processor, codec=None) -> DuplexTask:
+        return DuplexTask(self.cfg, processor, codec)
+
+    # --- the online loop ---------------------------------------------------------------------------
+    def setup_online(self, run_dir: Path, logger, window_seconds: float) -> None:
+        self.dialogues, self.heldout = load_dialogues(self.cfg)
+        self.out_dir = Path(run_dir) / "duplex"
+        self.label = None
+
+    def rollout(self, step: int, generate):
+        idx = batch_indices(len(self.dialogues), self.cfg.rl.prompts_per_step, step, self.cfg.seed)
+        requests, samples, _ = play(self.task, [self.dialogues[int(i)] for i in idx], generate)
+        return requests, samples
+
+    def reward_columns(self, samples, requests) -> dict:
+        parsed = [self.task.parse(s.completion_ids) for s in samples]
+        return {"speaks": [p.speaks for p in parsed], "action_text": [p.action for p in parsed]}
+
+    def rollout_row(self, sample) -> dict:
+        out = self.task.parse(sample.completion_ids)
+        return {"speaks": out.speaks, "action_text": out.action, "codec_ids": [int(c) for c in out.codec_ids],
+                "completion_ids": [int(t) for t in sample.completion_ids]}
+
+    def evaluate_online(self, step, generate, score_batch, score, policy) -> dict:
+        """The held-out dialogues played greedily; their timelines go to duplex/step-N.json."""
+        def greedy(requests):
+            return generate(requests, n=1, temperature=0.0, max_new_tokens=self.cfg.eval_max_new_tokens)
+
+        _, _, played = play(self.task, self.heldout, greedy)
+        rows = [{"id": d.id, **timeline_metrics(d, p)} for d, p in zip(self.heldout, played)]
+        metrics = summarize(rows)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        name = f"step-{step:05d}.json" if self.label is None else f"{self.label}.json"
+        (self.out_dir / name).write_text(json.dumps({"step": step, "metrics": metrics, "dialogues": rows}, indent=1))
+        return metrics
+
+    def label_evaluation(self, label: str) -> None:
+        self.label = label
+
+    def summary_rows(self) -> dict:
+        return {"duplex timelines": str(self.out_dir)}
+
+    # --- SFT and `speechrl eval` -------------------------------------------------------------------
+    def evaluate_offline(self, step, model, processor, eval_set, run_dir, logger) -> dict:
+        """The reference chunks' loss on held-out chunks spread over every dialogue kind (decisions on
+        the clock are played by the RL drivers' engines)."""
+        from speechrl.rlhf.modes.realtime import heldout_loss
+
+        return {"eval/loss": heldout_loss(self.task, model, processor, eval_set.spread(self.cfg.data.max_eval_examples),
+                                          self.cfg)}
+
+    def report_checkpoint(self, metrics: dict, out_dir: Path) -> str:
+        return "\n".join(f"{label}: {metrics.get(key, float('nan')):.3f}  (target {target})"
+                         for key, label, target, _ in TARGETS) + f"\ntimelines: {self.out_dir}"
+
+    def demo_report(self, sft: dict, rl: dict, minutes: float) -> dict:
+        """Each metric on the held-out dialogues after SFT (the RL run's first evaluation) and after RL."""
+        runs = sorted((Path(rl["run"]) / "duplex").glob("step-*.json"))
+        before, after = (json.loads(p.read_text())["metrics"] for p in (runs[0], runs[-1]))
+        print(f"\nheld-out duplex dialogues ({len(self.cfg.duplex.kinds)} kinds x {self.cfg.duplex.heldout_per_kind}), "
+              f"greedy on the {self.cfg.duplex.chunk_seconds * 1000:.0f} ms clock:")
+        print(f"{'metric':<40} {'target':>7} {'after SFT':>10} {'after GRPO':>11}  met")
+        result = {"minutes": minutes, "sft heldout loss": sft.get("held-out chunk loss after", float("nan"))}
+        for key, label, target, met in TARGETS:
+            b, a = before.get(key, float("nan")), after.get(key, float("nan"))
+            print(f"{label:<40} {target:>7} {b:>10.3f} {a:>11.3f}  {'yes' if np.isfinite(a) and met(a) else 'no'}")
+            result[f"{key} sft"], result[f"{key} rl"] = b, a
+        for key in ("duplex/barge_in", "duplex/false_call", "duplex/interrupt_stop_latency"):
+            print(f"{key.split('/')[1]:<40} {'':>7} {before.get(key, float('nan')):>10.3f} "
+                  f"{after.get(key, float('nan')):>11.3f}")
+        print(f"({minutes:.1f} min)  timelines: {Path(rl['run']) / 'duplex'}")
+        return result
