@@ -124,6 +124,14 @@ def realtime_overrides(tiny_overrides) -> list[str]:
             "rewards.0.kwargs.model=tiny"]  # the random tiny judge: these runs test machinery, not judgment
 
 
+@pytest.fixture(scope="session")
+def duplex_overrides(tiny_overrides) -> list[str]:
+    """A small duplex setup (tests/rlhf/modes/test_duplex.py, tests/e2e/test_duplex_e2e.py): two
+    training dialogues and one held-out of each kind, espeak-ng user speech."""
+    return [*tiny_overrides, "duplex.dialogues_per_kind=2", "duplex.heldout_per_kind=1", "duplex.user_voices=[en-us]",
+            "data.max_eval_examples=8", "train.batch_size=4", "train.torch_threads=1", "rollout.threads_per_worker=1"]
+
+
 # --- a fast ASR SFT run: the trainer tests, the model tests on its backbone, DeepSpeed's e2e test ----
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,10 @@ Phases (k = tokens so far): text (no codec yet, k < max_text_tokens: text or cod
 yet, k >= max_text_tokens: codec only), audio (after a codec token: codec or `<|codec_end|>`), so every
 reply that ends has audio. Two options serve the duplex mode's 160 ms chunks: `silent_end` allows
 `<|codec_end|>` before any audio (a chunk that listens, or holds a tool call only), and
-`max_audio_tokens` caps the audio (full: after that many codec tokens only `<|codec_end|>`).
+`max_audio_tokens` caps the audio (full: after that many codec tokens only `<|codec_end|>`), and
+`audio_start` names a token that must open the audio (codec tokens only after it), so that "speak"
+is one token against "listen" (`<|codec_end|>`) and greedy decoding decides between them, not
+between `<|codec_end|>` and each codec token alone.
 `ReplyLayoutProcessor` (in vLLM) and `layout_phases` (trainer logprobs) must agree token for token,
 as the static `allowed_token_ids` do in ASR and TTS.
 """
@@ -29,6 +32,7 @@ class ReplyLayout:
     max_text_tokens: int  # text tokens before the audio must start
     silent_end: bool = False  # `<|codec_end|>` allowed before any audio (an empty or text-only reply)
     max_audio_tokens: int = 0  # codec tokens after which only `<|codec_end|>` is allowed; 0 = no cap
+    audio_start: int = -1  # the token that opens the audio (then codec tokens); -1: the first codec token opens it
 
     def __post_init__(self):
         if not self.text_ids or not self.codec_ids:
@@ -37,22 +41,26 @@ class ReplyLayout:
             raise ValueError("ReplyLayout: text ids, codec ids and the end id must be disjoint")
         if self.max_text_tokens < 0:
             raise ValueError(f"ReplyLayout: max_text_tokens must be >= 0, got {self.max_text_tokens}")
+        if self.audio_start >= 0 and self.audio_start in self.text_ids + self.codec_ids + (self.end_id,):
+            raise ValueError("ReplyLayout: audio_start must differ from the text, codec and end ids")
         if self.max_audio_tokens < 0:
             raise ValueError(f"ReplyLayout: max_audio_tokens must be >= 0 (0 = no cap), got {self.max_audio_tokens}")
 
     def allowed(self, phase: int) -> tuple[int, ...]:
         """The ids allowed in a phase."""
         end = (self.end_id,) if self.silent_end else ()
-        return (self.text_ids + self.codec_ids + end, self.codec_ids + end, self.codec_ids + (self.end_id,),
-                (self.end_id,))[phase]
+        opens = (self.audio_start,) if self.audio_start >= 0 else self.codec_ids
+        return (self.text_ids + opens + end, opens + end, self.codec_ids + (self.end_id,), (self.end_id,))[phase]
 
     def phase(self, generated: list[int]) -> int:
         """The phase after the tokens `generated` so far (the rule in the module docstring)."""
-        return self.phase_of(sum(t in self.codec_set for t in generated), len(generated))
+        return self.phase_of(sum(t in self.codec_set for t in generated), len(generated),
+                             any(t in self.opens for t in generated))
 
-    def phase_of(self, codec_tokens: int, tokens: int) -> int:
-        """The phase after `tokens` tokens of which `codec_tokens` were codec tokens."""
-        if codec_tokens:
+    def phase_of(self, codec_tokens: int, tokens: int, opened: bool) -> int:
+        """The phase after `tokens` tokens of which `codec_tokens` were codec tokens; `opened`: the
+        audio has started (an `opens` token came)."""
+        if opened:
             return FULL if self.max_audio_tokens and codec_tokens >= self.max_audio_tokens else AUDIO
         return SWITCH if tokens >= self.max_text_tokens else TEXT
 
@@ -74,33 +82,44 @@ class ReplyLayout:
         """What a vLLM request carries (SamplingParams.extra_args) for ReplyLayoutProcessor."""
         return {EXTRA_ARGS_KEY: {"text": list(self.text_ids), "codec": list(self.codec_ids), "end": self.end_id,
                                  "max_text": self.max_text_tokens, "silent_end": self.silent_end,
-                                 "max_audio": self.max_audio_tokens}}
+                                 "max_audio": self.max_audio_tokens, "audio_start": self.audio_start}}
 
     @cached_property
     def codec_set(self) -> frozenset:
         return frozenset(self.codec_ids)
+
+    @cached_property
+    def opens(self) -> frozenset:
+        """The tokens that start the audio phase."""
+        return frozenset((self.audio_start,)) if self.audio_start >= 0 else self.codec_set
 
 
 EXTRA_ARGS_KEY = "speechrl_reply_layout"
 
 
 def layout_phases(targets: torch.Tensor, valid: torch.Tensor, codec: torch.Tensor, max_text: int,
-                  max_audio: int = 0) -> torch.Tensor:
+                  max_audio: int = 0, opens: torch.Tensor | None = None) -> torch.Tensor:
     """The phase [B, T] in which each target token was sampled (the trainer's side of the rule).
 
-    `valid` marks completion positions; `codec` [V] is True at codec tokens. A position is FULL once
-    `max_audio` (> 0) codec tokens came before it, else AUDIO after any codec token, else SWITCH once
+    `valid` marks completion positions; `codec` [V] is True at codec tokens, `opens` [V] at the tokens
+    that start the audio (default: the codec tokens). A position is AUDIO after an opening token, and
+    FULL there once `max_audio` (> 0) codec tokens came before it; before the audio it is SWITCH once
     `max_text` tokens came before it, else TEXT (invalid positions too).
     """
     valid = valid.bool()
     is_codec = codec.to(targets.device)[targets] & valid
     codec_before = torch.cumsum(is_codec.int(), dim=1) - is_codec.int()
+    if opens is not None:
+        is_open = opens.to(targets.device)[targets] & valid
+        opened_before = torch.cumsum(is_open.int(), dim=1) - is_open.int()
+    else:
+        opened_before = codec_before
     index = torch.cumsum(valid.int(), dim=1) - valid.int()  # completion tokens before position t
     phase = torch.full_like(targets, TEXT)
     phase = torch.where(index >= max_text, torch.full_like(phase, SWITCH), phase)
-    phase = torch.where(codec_before > 0, torch.full_like(phase, AUDIO), phase)
+    phase = torch.where(opened_before > 0, torch.full_like(phase, AUDIO), phase)
     if max_audio:
-        phase = torch.where(codec_before >= max_audio, torch.full_like(phase, FULL), phase)
+        phase = torch.where((opened_before > 0) & (codec_before >= max_audio), torch.full_like(phase, FULL), phase)
     return torch.where(valid, phase, torch.full_like(phase, TEXT))
 
 
@@ -112,10 +131,15 @@ class LayoutMask:
         self.phase_masks = layout.masks(vocab_size)  # [4, V]
         self.codec = torch.zeros(vocab_size, dtype=torch.bool)
         self.codec[list(layout.codec_ids)] = True
+        self.opens = None
+        if layout.audio_start >= 0:
+            self.opens = torch.zeros(vocab_size, dtype=torch.bool)
+            self.opens[layout.audio_start] = True
 
     def for_targets(self, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """[B, T, V] bool: the tokens allowed at each position, given what the completion held before it."""
-        phases = layout_phases(targets, valid, self.codec, self.layout.max_text_tokens, self.layout.max_audio_tokens)
+        phases = layout_phases(targets, valid, self.codec, self.layout.max_text_tokens, self.layout.max_audio_tokens,
+                               self.opens)
         return self.phase_masks.to(targets.device)[phases]
 
 
@@ -134,7 +158,8 @@ def reply_layout_processor() -> type:
 
         def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
             self.device = device
-            # batch row -> [layout, its output ids (a live list), codec tokens among them, ids seen, its masks]
+            # batch row -> [layout, its output ids (a live list), codec tokens among them, whether the
+            # audio has opened, ids seen, its masks]
             self.rows: dict[int, list] = {}
             self.disallowed: dict[ReplyLayout, torch.Tensor] = {}  # layout -> [4, V], True where masked
 
@@ -157,7 +182,7 @@ def reply_layout_processor() -> type:
                 if spec is None:
                     self.rows.pop(index, None)
                 else:
-                    self.rows[index] = [_layout_from_args(spec), output_ids, 0, 0, None]
+                    self.rows[index] = [_layout_from_args(spec), output_ids, 0, False, 0, None]
             for a, b, direction in batch_update.moved:
                 row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
                 if row_a is not None:
@@ -167,15 +192,17 @@ def reply_layout_processor() -> type:
 
         def apply(self, logits: torch.Tensor) -> torch.Tensor:
             for index, row in self.rows.items():
-                layout, output_ids, codec_tokens, seen, disallowed = row
+                layout, output_ids, codec_tokens, opened, seen, disallowed = row
                 # only the tokens added since the last step are new to the count
-                codec_tokens += sum(t in layout.codec_set for t in output_ids[seen:])
-                phase = layout.phase_of(codec_tokens, len(output_ids))
+                new = output_ids[seen:]
+                codec_tokens += sum(t in layout.codec_set for t in new)
+                opened = opened or any(t in layout.opens for t in new)
+                phase = layout.phase_of(codec_tokens, len(output_ids), opened)
                 if disallowed is None:  # one [4, V] mask per distinct layout, shared by its rows
                     if layout not in self.disallowed:
                         self.disallowed[layout] = ~layout.masks(logits.shape[-1]).to(logits.device)
                     disallowed = self.disallowed[layout]
-                row[2:] = [codec_tokens, len(output_ids), disallowed]
+                row[2:] = [codec_tokens, opened, len(output_ids), disallowed]
                 logits[index].masked_fill_(disallowed[phase], float("-inf"))
             return logits
 
@@ -185,6 +212,7 @@ def reply_layout_processor() -> type:
 def _layout_from_args(spec: dict) -> ReplyLayout:
     try:
         return ReplyLayout(tuple(spec["text"]), tuple(spec["codec"]), int(spec["end"]), int(spec["max_text"]),
-                           bool(spec.get("silent_end", False)), int(spec.get("max_audio", 0)))
+                           bool(spec.get("silent_end", False)), int(spec.get("max_audio", 0)),
+                           int(spec.get("audio_start", -1)))
     except (KeyError, TypeError) as e:
         raise ValueError(f"{EXTRA_ARGS_KEY}: expected text, codec, end and max_text; got keys {sorted(spec)}") from e

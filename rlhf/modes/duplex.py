@@ -3,10 +3,12 @@
 Each chunk is one decision: the prompt holds the user's channel up to the chunk's end (the one audio
 placeholder: the encoder's last window of it) and the assistant's own chunks so far (its tokens, each
 chunk closed by `<|codec_end|>`); the completion is the assistant's next chunk, under a reply layout
-(rlhf/model/layout.py) with `silent_end` and `max_audio_tokens`: `<|codec_end|>` alone (listen), up to
-one chunk of codec tokens (speak), or first a tool call as JSON text of at most
-`duplex.max_action_tokens` tokens (the action channel's rate limit). The same layout masks vLLM's
-sampling and the trainer's logprobs.
+(rlhf/model/layout.py) with `silent_end`, `audio_start` and `max_audio_tokens`: `<|codec_end|>` alone
+(listen), `<|audio_bos|>` then up to one chunk of codec tokens (speak), either after a tool call as
+JSON text of at most `duplex.max_action_tokens` tokens (the action channel's rate limit). Speaking
+opens with one token so that the decision is one token against another: greedy decoding would
+otherwise weigh `<|codec_end|>` against each codec token alone, and never speak. The same layout
+masks vLLM's sampling and the trainer's logprobs.
 
 Rollouts are episodes on the clock: every chunk of a dialogue is a request with n samples (a GRPO
 group), scored by rewards/duplex.py against the chunk's label, and the dialogue goes on with the
@@ -24,7 +26,7 @@ import numpy as np
 
 from speechrl.rlhf.core.config import RecipeConfig, RecipeError
 from speechrl.rlhf.core.registry import MODES
-from speechrl.rlhf.model.backbone import IM_END, text_token_ids
+from speechrl.rlhf.model.backbone import AUDIO_BOS, IM_END, text_token_ids
 from speechrl.rlhf.model.prompts import render_duplex_prompt
 from speechrl.rlhf.modes.base import Mode, batch_indices
 from speechrl.rlhf.modes.duplex_data import (ACT, BACKCHANNEL, KINDS, PAUSE, Dialogue, load_dialogues, plan_dialogues,
@@ -48,7 +50,7 @@ class ChunkOut(NamedTuple):
 
     action: Optional[str]  # the action channel's text (a tool call), None without one
     codec_ids: list[int]  # codec-local ids of its audio
-    speaks: bool  # it holds audio
+    speaks: bool  # it opens its audio (`<|audio_bos|>`)
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,10 @@ class DuplexTask(SpeakingTask):
         d = cfg.duplex
         self.per_chunk = chunk_tokens(cfg, self.codec)
         text = [i for i in text_token_ids(self.tokenizer) if i != self.tokenizer.convert_tokens_to_ids(IM_END)]
+        self.speak_id = self.tokenizer.convert_tokens_to_ids(AUDIO_BOS)  # opens a chunk's speech
         self.layout = ReplyLayout(tuple(text), tuple(int(i) for i in self.tokens.token_ids), self.tokens.end_id,
-                                  d.max_action_tokens, silent_end=True, max_audio_tokens=self.per_chunk)
+                                  d.max_action_tokens, silent_end=True, max_audio_tokens=self.per_chunk,
+                                  audio_start=self.speak_id)
         self.allowed_ids = self.layout
         self.reward_codec = None  # the turn-taking reward reads decisions, not audio
         rate = cfg.data.sample_rate
@@ -130,8 +134,8 @@ class DuplexTask(SpeakingTask):
                               self.cfg.data.sample_rate, meta)
 
     def reference(self, dialogue: Dialogue) -> list[list[int]]:
-        """Each chunk's reference completion: the tool call's tokens, or the reply's codec tokens of
-        that chunk, or nothing; each closed by `<|codec_end|>`."""
+        """Each chunk's reference completion: the tool call's tokens, or `<|audio_bos|>` and the reply's
+        codec tokens of that chunk, or nothing; each closed by `<|codec_end|>`."""
         from speechrl.data.audio import load_audio
 
         if dialogue.id in self._references:
@@ -149,7 +153,7 @@ class DuplexTask(SpeakingTask):
                 if wav not in self._codes:
                     rate = self.cfg.data.sample_rate
                     self._codes[wav] = self.tokens.to_backbone(self.codec.encode(load_audio(wav, rate, min_seconds=0.0), rate))
-                ids = self._codes[wav][k * self.per_chunk:(k + 1) * self.per_chunk]
+                ids = [self.speak_id] + self._codes[wav][k * self.per_chunk:(k + 1) * self.per_chunk]
             out.append(list(ids) + [end])
         self._references[dialogue.id] = out
         return out
@@ -162,11 +166,12 @@ class DuplexTask(SpeakingTask):
 
     def parse(self, completion_ids: list[int]) -> ChunkOut:
         codec = self.layout.codec_set
-        first = next((k for k, t in enumerate(completion_ids) if t in codec), len(completion_ids))
+        first = next((k for k, t in enumerate(completion_ids) if t in codec or t == self.speak_id),
+                     len(completion_ids))
         text = [t for t in completion_ids[:first] if t != self.tokens.end_id]
         action = self.tokenizer.decode(text, skip_special_tokens=True).strip() or None
         codec_ids = self.tokens.from_backbone([t for t in completion_ids[first:] if t in codec])
-        return ChunkOut(action, codec_ids, bool(codec_ids))
+        return ChunkOut(action, codec_ids, first < len(completion_ids))
 
 
 def play(task: DuplexTask, dialogues: list[Dialogue], generate):
@@ -275,12 +280,12 @@ class DuplexMode(Mode):
                 raise RecipeError(f"{source}: `duplex.chunk_seconds`={d.chunk_seconds} is {frames:g} frames of the "
                                   f"embedded codec (tts.embedded_codec.hop_length={hop} at {rate} Hz); make it a whole "
                                   "number of frames")
-            need = d.max_action_tokens + round(frames) * cfg.tts.embedded_codec.num_codebooks + 1
+            need = d.max_action_tokens + round(frames) * cfg.tts.embedded_codec.num_codebooks + 2
             for key, value in (("rollout.sampling.max_new_tokens", cfg.rollout.sampling.max_new_tokens),
                                ("eval_max_new_tokens", cfg.eval_max_new_tokens)):
                 if value < need:
                     raise RecipeError(f"{source}: `{key}` is {value}; a chunk can hold {need} tokens "
-                                      f"(duplex.max_action_tokens + one chunk of codec tokens + <|codec_end|>): "
+                                      f"(duplex.max_action_tokens, <|audio_bos|>, one chunk of codec tokens, <|codec_end|>): "
                                       f"set it to at least {need}")
 
     def own_backbone_path(self) -> Path:

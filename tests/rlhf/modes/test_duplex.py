@@ -1,0 +1,268 @@
+"""The duplex mode without Ray or vLLM engines: the chunk layout (vLLM's processor and the trainer
+agree), the synthetic dialogues on the clock (real espeak-ng speech where the labels say), the task's
+references and prompts, the turn-taking reward's table, the timeline metrics, and the recipe checks.
+SFT and GRPO end to end through Ray + vLLM are tests/e2e/test_duplex_e2e.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from speechrl.rewards.duplex import (ACT, BACKCHANNEL, EITHER, LISTEN, PAUSE, SPEAK, STOP, DuplexTurnTakingReward,
+                                     chunk_penalties, same_action)
+from speechrl.rlhf.core.config import RecipeError, load_recipe
+from speechrl.rlhf.model.layout import AUDIO, FULL, SWITCH, TEXT, LayoutMask, ReplyLayout, layout_phases
+
+torch.set_num_threads(1)
+
+# text 0-3, codec 4-6, end 7; two action tokens, then two codec tokens a chunk; SPEAK_FIRST: token 8 opens
+# the audio, as `<|audio_bos|>` does in the duplex task
+CHUNK = ReplyLayout(text_ids=(0, 1, 2, 3), codec_ids=(4, 5, 6), end_id=7, max_text_tokens=2, silent_end=True,
+                    max_audio_tokens=2)
+SPEAK_FIRST = ReplyLayout(text_ids=(0, 1, 2, 3), codec_ids=(4, 5, 6), end_id=7, max_text_tokens=2, silent_end=True,
+                          max_audio_tokens=2, audio_start=8)
+
+
+# --- the chunk layout -----------------------------------------------------------------------------------
+
+def test_chunk_layout_listens_speaks_one_chunk_or_acts_first():
+    assert CHUNK.admits([7]), "<|codec_end|> alone: a silent chunk"
+    assert CHUNK.admits([4, 5, 7]) and CHUNK.admits([4, 7]), "a chunk of audio, or less"
+    assert not CHUNK.admits([4, 5, 6]), "no more than max_audio_tokens codec tokens"
+    assert CHUNK.admits([0, 1, 7]) and CHUNK.admits([0, 1, 4, 5, 7]), "a call, then nothing or audio"
+    assert not CHUNK.admits([0, 1, 2]), "the action channel's rate limit"
+    assert not CHUNK.admits([4, 0]), "no text after audio"
+    assert [CHUNK.phase(p) for p in ([], [0], [0, 1], [4], [4, 5])] == [TEXT, TEXT, SWITCH, AUDIO, FULL]
+    masks = CHUNK.masks(8)
+    assert masks[FULL].nonzero().flatten().tolist() == [7]
+    assert masks[TEXT].nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    realtime = ReplyLayout((0, 1), (4, 5), 7, 2)
+    assert not realtime.admits([7]) and realtime.admits([4, 5, 4, 7]), "realtime's layout is unchanged"
+
+
+def test_speaking_opens_with_its_own_token_where_the_layout_names_one():
+    assert SPEAK_FIRST.admits([7]) and SPEAK_FIRST.admits([8, 4, 5, 7]) and SPEAK_FIRST.admits([0, 8, 4, 7])
+    assert not SPEAK_FIRST.admits([4, 5, 7]), "codec tokens only after the opening token"
+    assert not SPEAK_FIRST.admits([8, 4, 5, 6]) and not SPEAK_FIRST.admits([8, 8])
+    assert [SPEAK_FIRST.phase(p) for p in ([], [0, 1], [8], [8, 4], [8, 4, 5])] == [TEXT, SWITCH, AUDIO, AUDIO, FULL]
+    assert SPEAK_FIRST.masks(9)[TEXT].nonzero().flatten().tolist() == [0, 1, 2, 3, 7, 8]
+    assert SPEAK_FIRST.masks(9)[SWITCH].nonzero().flatten().tolist() == [7, 8]
+    with pytest.raises(ValueError, match="audio_start"):
+        ReplyLayout((0, 1), (4, 5), 7, 2, audio_start=4)
+
+
+@pytest.mark.parametrize("layout", [CHUNK, SPEAK_FIRST], ids=["codec-opens", "token-opens"])
+def test_trainer_phases_match_the_python_rule_with_the_audio_cap(layout):
+    gen = torch.Generator().manual_seed(0)
+    codec = torch.zeros(9, dtype=torch.bool)
+    codec[[4, 5, 6]] = True
+    mask = LayoutMask(layout, 9)
+    for _ in range(120):
+        prompt, n = int(torch.randint(1, 4, (1,), generator=gen)), int(torch.randint(1, 7, (1,), generator=gen))
+        completion = torch.randint(0, 9, (n,), generator=gen).tolist()
+        targets = torch.tensor([[3] * prompt + completion + [0]])
+        valid = torch.zeros_like(targets, dtype=torch.bool)
+        valid[0, prompt:prompt + n] = True
+        phases = layout_phases(targets, valid, codec, 2, 2, mask.opens)[0, prompt:prompt + n].tolist()
+        assert phases == [layout.phase(completion[:t]) for t in range(n)], completion
+        allowed = mask.for_targets(targets, valid)[0, prompt:prompt + n]
+        assert allowed.tolist() == [layout.masks(9)[layout.phase(completion[:t])].tolist() for t in range(n)]
+
+
+@pytest.mark.parametrize("layout", [CHUNK, SPEAK_FIRST], ids=["codec-opens", "token-opens"])
+def test_vllm_processor_caps_the_audio_of_a_chunk(layout):
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from speechrl.rlhf.model.layout import reply_layout_processor
+
+    processor = reply_layout_processor()(None, torch.device("cpu"), False)
+    params = SamplingParams(extra_args=layout.as_extra_args())
+    opens = [4] if layout.audio_start < 0 else [8, 4]
+    rows = [[], [0], list(opens), opens + [5]]
+    processor.update_state(BatchUpdate(batch_size=4, removed=[], moved=[],
+                                       added=[(i, params, None, out) for i, out in enumerate(rows)]))
+    logits = processor.apply(torch.zeros(4, 9))
+    for i, out in enumerate(rows):
+        assert torch.isfinite(logits[i]).tolist() == layout.masks(9)[layout.phase(out)].tolist()
+    rows[2].append(6)  # its second codec token: the chunk is full, only <|codec_end|> is left
+    assert torch.isfinite(processor.apply(torch.zeros(4, 9))[2]).nonzero().flatten().tolist() == [7]
+
+
+# --- the reward -----------------------------------------------------------------------------------------
+
+CALL = '{"tool":"weather","city":"oslo"}'
+
+
+@pytest.mark.parametrize("label,speaks,action,component", [
+    (LISTEN, True, None, "response"),  # barge-in
+    (SPEAK, False, None, "response"),  # a late or dropped answer
+    (PAUSE, True, None, "pause"),  # a take-over in a pause
+    (PAUSE, False, CALL, "pause"),
+    (BACKCHANNEL, False, None, "backchannel"),  # stopped for a backchannel
+    (STOP, True, None, "interrupt"),  # still talking over the user
+    (ACT, False, None, "tool"),  # the call is missing
+    (ACT, False, '{"tool":"weather","city":"rome"}', "tool"),  # the wrong call
+    (ACT, True, "not json", "tool"),
+    (LISTEN, False, CALL, "tool"),  # a call nobody asked for
+])
+def test_each_mistake_costs_its_own_component(label, speaks, action, component):
+    scores = chunk_penalties(label, speaks, action, CALL)
+    assert scores[component] == -1.0
+    assert sum(scores.values()) == -1.0 or label == PAUSE and action, scores
+
+
+@pytest.mark.parametrize("label,speaks,action", [
+    (LISTEN, False, None), (PAUSE, False, None), (SPEAK, True, None), (BACKCHANNEL, True, None), (STOP, False, None),
+    (EITHER, True, None), (EITHER, False, None), (ACT, False, CALL), (ACT, True, '{"city": "oslo", "tool": "weather"}')])
+def test_the_right_move_costs_nothing(label, speaks, action):
+    assert set(chunk_penalties(label, speaks, action, CALL).values()) == {0.0}
+
+
+def test_reward_weights_components_and_names_bad_input():
+    reward = DuplexTurnTakingReward(pause=2.0, tool=0.5)
+    out = reward(["", "", ""], duplex_label=[PAUSE, ACT, SPEAK], speaks=[True, False, True],
+                 action_text=[None, None, None], duplex_action=[None, CALL, None])
+    assert out["reward"] == [-2.0, -0.5, 0.0] and out["pause"] == [-1.0, 0.0, 0.0] and out["tool"] == [0.0, -1.0, 0.0]
+    with pytest.raises(KeyError, match="duplex_label"):
+        reward(["x"])
+    with pytest.raises(ValueError, match="'talk'"):
+        reward(["x"], duplex_label=["talk"], speaks=[True])
+    with pytest.raises(ValueError, match="pause"):
+        DuplexTurnTakingReward(pause=-1.0)
+    assert same_action('{"a": 1, "b": 2}', '{"b":2,"a":1}') and not same_action("{", CALL) and not same_action(None, CALL)
+
+
+# --- dialogues on the clock -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cfg(duplex_overrides, tmp_path_factory):
+    return load_recipe("duplex/sft", [*duplex_overrides, f"run.output_dir={tmp_path_factory.mktemp('duplex-runs')}"])
+
+
+@pytest.fixture(scope="module")
+def dialogues(cfg):
+    from speechrl.rlhf.modes.duplex_data import load_dialogues
+
+    return load_dialogues(cfg)
+
+
+def _energy(d, c, chunk=2560):
+    return float(np.abs(d.audio[c * chunk:(c + 1) * chunk]).max()) if c * chunk < len(d.audio) else 0.0
+
+
+def test_plans_are_seeded_and_held_out_ones_differ(cfg):
+    from speechrl.rlhf.modes.duplex_data import plan_dialogues
+
+    assert plan_dialogues(cfg, "train") == plan_dialogues(cfg, "train")
+    assert {p.kind for p in plan_dialogues(cfg, "train")} == set(cfg.duplex.kinds)
+    assert plan_dialogues(cfg, "train") != plan_dialogues(cfg, "heldout")
+    other = load_recipe("duplex/sft", ["duplex.seed=1", "duplex.dialogues_per_kind=2"])
+    assert plan_dialogues(other, "train") != plan_dialogues(cfg, "train")
+
+
+def test_labels_follow_the_speech_on_the_clock(dialogues):
+    train, held = dialogues
+    assert len(train) == 10 and len(held) == 5
+    for d in train + held:
+        labels = d.labels
+        assert len(d.audio) == d.num_chunks * 2560
+        first_end = d.events["ends"][0]
+        assert _energy(d, first_end) > 0.01 and all(l in (LISTEN, PAUSE) for l in labels[:first_end + 1])
+        due = labels[first_end + 1]
+        assert due == (ACT if d.kind == "tool" else SPEAK), (d.kind, labels)
+        if d.kind == "pause":
+            start, stop = d.events["pause"]
+            assert labels[start:stop] == [PAUSE] * (stop - start) and stop - start >= 4
+            assert max(_energy(d, c) for c in range(start, stop)) < 0.01, "the pause is silent"
+            assert _energy(d, stop) > 0.01, "the user goes on"
+        if d.kind == "backchannel":
+            start, stop = d.events["backchannel"]
+            assert BACKCHANNEL in labels and _energy(d, start) > 0.01
+            assert all(l in (SPEAK, BACKCHANNEL) for l in labels[first_end + 1:])
+        if d.kind == "interrupt":
+            onset = d.events["interrupt"]
+            assert labels[onset] == EITHER and labels[onset + 1] == STOP and _energy(d, onset) > 0.01
+            second_end = d.events["ends"][1]
+            assert labels[second_end + 1] == SPEAK and all(l == STOP for l in labels[onset + 1:second_end + 1])
+        if d.kind == "tool":
+            assert same_action(d.action, d.action) and labels.count(ACT) == 1
+        else:
+            assert d.action is None
+
+
+@pytest.fixture(scope="module")
+def task(cfg):
+    from speechrl.rlhf.model.backbone import load_processor
+    from speechrl.rlhf.modes import get_mode
+
+    mode = get_mode(cfg)
+    return mode.make_task(load_processor(mode.backbone_path()))
+
+
+def test_references_fit_the_layout_and_say_what_the_labels_ask(task, dialogues):
+    for d in dialogues[0]:
+        reference = task.reference(d)
+        assert len(reference) == d.num_chunks
+        for c, ids in enumerate(reference):
+            assert task.layout.admits(ids), (d.id, c, ids)
+            out = task.parse(ids)
+            assert out.speaks == (d.labels[c] in (SPEAK, BACKCHANNEL, EITHER)), (d.id, c, d.labels[c])
+            assert len(out.codec_ids) <= task.per_chunk
+            assert (out.action is not None) == (d.labels[c] == ACT)
+            if out.action:
+                assert same_action(out.action, d.action)
+
+
+def test_sft_example_reads_the_window_and_the_assistants_chunks_so_far(task, cfg):
+    from speechrl.rlhf.modes import get_mode
+
+    train, _ = get_mode(cfg).datasets(4.0)
+    assert len(train) == sum(d.num_chunks for d in train.dialogues)
+    ex, audio = train[len(train) - 1]
+    assert len(audio) == min(4 * 16000, (ex.chunk + 1) * 2560)
+    prompt, completion, clip = task.sft_example(ex, audio)
+    assert clip is audio and completion == task.reference(ex.dialogue)[ex.chunk]
+    stream = [t for chunk in task.reference(ex.dialogue)[:ex.chunk] for t in chunk]
+    assert prompt[-len(stream):] == stream, "the assistant's own chunks, token for token, end the prompt"
+    request = task.request(ex.dialogue, ex.chunk, task.reference(ex.dialogue)[:ex.chunk])
+    assert request.metadata["duplex_label"] == ex.dialogue.labels[ex.chunk] and np.array_equal(request.audio, audio)
+
+
+# --- metrics on the clock -------------------------------------------------------------------------------
+
+def _played(task, d, moves):
+    from speechrl.rlhf.modes.duplex import ChunkOut
+
+    return [ChunkOut(d.action if m == "A" else None, [1] if m == "S" else [], m == "S") for m in moves]
+
+
+def test_playing_the_reference_meets_every_target_and_silence_or_chatter_do_not(task, dialogues):
+    from speechrl.rlhf.modes.duplex import summarize, timeline_metrics
+
+    train, _ = dialogues
+    reference = [timeline_metrics(d, [task.parse(ids) for ids in task.reference(d)]) for d in train]
+    m = summarize(reference)
+    assert m["duplex/pause_takeover"] == 0 and m["duplex/backchannel_takeover"] == 0 and m["duplex/barge_in"] == 0
+    assert m["duplex/interrupt_stop_2"] == 1 and m["duplex/response_latency"] == 1 and m["duplex/tool_exact"] == 1
+    silent = summarize([timeline_metrics(d, _played(task, d, "." * d.num_chunks)) for d in train])
+    assert silent["duplex/backchannel_takeover"] == 1 and silent["duplex/tool_exact"] == 0
+    assert silent["duplex/response_latency"] >= 3, "never answering is censored at the dialogue's end"
+    chatty = summarize([timeline_metrics(d, _played(task, d, "S" * d.num_chunks)) for d in train])
+    assert chatty["duplex/pause_takeover"] == 1 and chatty["duplex/barge_in"] == 1
+    assert chatty["duplex/interrupt_stop_2"] == 0
+
+
+def test_duplex_recipes_are_checked():
+    load_recipe("duplex/grpo")
+    with pytest.raises(RecipeError, match="duplex.kinds"):
+        load_recipe("duplex/sft", ["duplex.kinds=[turn,chat]"])
+    with pytest.raises(RecipeError, match="max_action_tokens"):
+        load_recipe("duplex/sft", ["duplex.max_action_tokens=0"])
+    with pytest.raises(RecipeError, match="chunk_seconds"):
+        load_recipe("duplex/sft", ["duplex.chunk_seconds=0.1"])
+    with pytest.raises(RecipeError, match="max_new_tokens"):
+        load_recipe("duplex/grpo", ["rollout.sampling.max_new_tokens=8"])
+    with pytest.raises(RecipeError, match="not implemented for mode 'duplex'"):
+        load_recipe("duplex/sft", ["algorithm=ppo"])
+    load_recipe("duplex/sft", ["duplex.kinds=[turn,pause]", "duplex.max_action_tokens=0"])
