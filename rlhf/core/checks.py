@@ -138,6 +138,7 @@ _RANGES = {
     "duplex.dialogues_per_kind": ">= 1",
     "duplex.heldout_per_kind": ">= 1",
     "duplex.max_action_tokens": ">= 0 (0 = no tool calls)",
+    "duplex.event_repeats": "in [1, 100] (1 = every chunk once)",
     "duplex.user_rates": _ESPEAK_RATE,
     "duplex.reply_rate": _ESPEAK_RATE,
     "duplex.seed": _SEED,

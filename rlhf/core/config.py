@@ -323,6 +323,7 @@ class DuplexConfig:
     dialogues_per_kind: int = 60  # synthetic training dialogues of each kind
     heldout_per_kind: int = 12  # held-out dialogues of each kind: evaluation plays them greedily
     max_action_tokens: int = 24  # the action channel's rate limit: text tokens one chunk may hold before its audio
+    event_repeats: int = 4  # SFT lists each chunk where the decision changes (an answer's start, a stop, a pause, ...) this many times
     user_voices: list[str] = field(default_factory=lambda: ["en-us", "en", "piper"])  # the user's voices: espeak-ng names, "piper" = the Piper voice
     user_rates: list[int] = field(default_factory=lambda: [160, 190])  # the user's speed, words per minute (80-450)
     reply_voice: str = "en-us"  # the assistant's reference speech (SFT): espeak-ng voice and rate

@@ -124,6 +124,14 @@ EDGES_ALLOWED = {
     "realtime.max_text_tokens": {"0", "huge"},  # 0 = the audio starts at once
     "realtime.user_rate": set(),
     "realtime.reply_rate": set(),
+    "duplex.chunk_seconds": set(),  # a whole number of codec frames, at most 2 s
+    "duplex.dialogues_per_kind": {"huge"},
+    "duplex.heldout_per_kind": {"huge"},
+    "duplex.max_action_tokens": {"0", "huge"},  # 0 = no tool calls (refused with the tool kind); huge: max_new_tokens refuses it
+    "duplex.event_repeats": set(),
+    "duplex.user_rates": set(),
+    "duplex.reply_rate": set(),
+    "duplex.seed": {"0"},
     "realtime.reply_pitch": {"0"},
     "dpo.beta": {"huge"},
     "dpo.label_smoothing": {"0"},

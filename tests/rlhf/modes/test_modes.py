@@ -11,7 +11,7 @@ from speechrl.rlhf.modes import Mode, get_mode
 
 def test_every_shipped_mode_is_registered_with_what_the_loop_needs():
     modes = registered_modes()
-    assert modes.names() == ["asr", "realtime", "tts"]
+    assert modes.names() == ["asr", "duplex", "realtime", "tts"]
     for name in modes.names():
         cls = modes.get(name)
         assert issubclass(cls, Mode) and cls.name == name
@@ -26,8 +26,8 @@ def test_a_mode_refuses_an_algorithm_it_does_not_support(recipe, algorithm):
 
 
 def test_an_unknown_mode_lists_the_registered_ones():
-    with pytest.raises(RecipeError, match="choose one of asr, realtime, tts"):
-        load_recipe("asr/sft", ["mode=duplex"])
+    with pytest.raises(RecipeError, match="choose one of asr, duplex, realtime, tts"):
+        load_recipe("asr/sft", ["mode=simplex"])
 
 
 def test_get_mode_gives_the_recipes_mode_object():
