@@ -55,6 +55,29 @@ class Update:
         """The update's own state, into a checkpoint (none by default)."""
 
 
+# A sample's metadata key for the weight of each of its completion tokens in the policy loss (one
+# float per token; absent: 1 each). A mode sets it where the reward judges some tokens and not others
+# (duplex: the decision and the tool call, not the codec tokens of the speech that follows), so the
+# others get no share of the advantage, only the KL; GRPO multiplies it into a sample's advantage.
+TOKEN_CREDIT = "token_credit"
+
+
+def credited(advantages: np.ndarray, samples, keep: list[int]) -> list:
+    """The kept samples' advantages: a float each, or, where a sample carries TOKEN_CREDIT, one per token."""
+    if not any(TOKEN_CREDIT in samples[i].metadata for i in keep):
+        return advantages[keep].tolist()
+    out = []
+    for i in keep:
+        credit = samples[i].metadata.get(TOKEN_CREDIT)
+        if credit is None:
+            credit = [1.0] * len(samples[i].completion_ids)
+        if len(credit) != len(samples[i].completion_ids):
+            raise ValueError(f"sample {i}: {TOKEN_CREDIT} has {len(credit)} weights for "
+                             f"{len(samples[i].completion_ids)} completion tokens")
+        out.append([float(advantages[i]) * float(w) for w in credit])
+    return out
+
+
 def needs_groups(cfg, source: str) -> None:
     if cfg.rollout.sampling.n < 2:
         raise RecipeError(f"{source}: {cfg.algorithm} needs `rollout.sampling.n` >= 2 to form groups")
@@ -91,7 +114,7 @@ class GRPOUpdate(Update):
         if not keep:
             return None, metrics
         return sample_batch(samples, requests, keep, self.cfg.rollout.sampling.temperature,
-                            advantages=adv.numpy()[keep].tolist(), kl_coef=self.cfg.rl.kl_coef), metrics
+                            advantages=credited(adv.numpy(), samples, keep), kl_coef=self.cfg.rl.kl_coef), metrics
 
 
 def overlong_penalty(lengths: list[int], max_tokens: int, buffer: int, penalty: float) -> np.ndarray:

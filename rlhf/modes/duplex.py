@@ -174,6 +174,13 @@ class DuplexTask(SpeakingTask):
         reference = self.reference(ex.dialogue)
         return prompt_ids_for(self.processor, self.prompt(reference[:ex.chunk]), audio), reference[ex.chunk], audio
 
+    def credit(self, completion_ids: list[int]) -> list[float]:
+        """1 for the tokens up to and including `<|audio_bos|>` (the decision and any tool call), 0 for
+        the codec tokens and the `<|codec_end|>` after them; a silent chunk's one token gets 1."""
+        opened = next((k for k, t in enumerate(completion_ids) if t == self.speak_id), None)
+        cut = len(completion_ids) if opened is None else opened + 1
+        return [1.0] * cut + [0.0] * (len(completion_ids) - cut)
+
     def parse(self, completion_ids: list[int]) -> ChunkOut:
         codec = self.layout.codec_set
         first = next((k for k, t in enumerate(completion_ids) if t in codec or t == self.speak_id),
@@ -223,8 +230,11 @@ def timeline_metrics(dialogue: Dialogue, played: list[ChunkOut]) -> dict:
         out["backchannel_takeover"] = any(not speaks[c] for c, l in enumerate(dialogue.labels) if l == BACKCHANNEL)
     if "interrupt" in dialogue.events:
         onset = dialogue.events["interrupt"]
-        silent = [c for c in range(onset, dialogue.num_chunks) if not speaks[c]]
-        out["stop_latency"] = silent[0] - onset if silent else dialogue.num_chunks - onset
+        # a stop is only measured where there was something to stop: speaking as the user cut in
+        out["interrupted_speaking"] = speaks[onset - 1] or speaks[onset]
+        if out["interrupted_speaking"]:
+            silent = [c for c in range(onset, dialogue.num_chunks) if not speaks[c]]
+            out["stop_latency"] = silent[0] - onset if silent else dialogue.num_chunks - onset
     if dialogue.action:
         said = next((c.action for c in played if c.action), None)
         out["tool_exact"] = same_action(said, dialogue.action)
@@ -251,10 +261,49 @@ def summarize(rows: list[dict]) -> dict[str, float]:
     return {"duplex/pause_takeover": rate("pause_takeover"), "duplex/backchannel_takeover": rate("backchannel_takeover"),
             "duplex/interrupt_stop_2": float(np.mean([s <= 2 for s in stops])) if stops else float("nan"),
             "duplex/interrupt_stop_latency": float(np.median(stops)) if stops else float("nan"),
+            "duplex/interrupted_speaking": rate("interrupted_speaking"),
             "duplex/response_latency": float(np.median(latencies)) if latencies else float("nan"),
             "duplex/response_within_2": float(np.mean([x <= 2 for x in latencies])) if latencies else float("nan"),
             "duplex/tool_exact": rate("tool_exact"), "duplex/false_call": rate("false_call"),
             "duplex/barge_in": rate("barge_in")}
+
+
+def decision_scores(task: DuplexTask, model, processor, chunks: ChunkDataset, batch_size: int) -> dict[str, float]:
+    """Teacher-forced decisions of an in-process model on `chunks` (see `DuplexMode.evaluate_offline`):
+    `eval/decision_accuracy` (the likeliest of listen, speak and call, summed over the tokens that
+    start each, against the label; "either" chunks left out) and `eval/onset_speak` (the mean
+    probability of speaking in the chunk an answer is due)."""
+    import torch
+
+    from speechrl.rlhf.model.logprobs import build_token_batch
+
+    layout, right, onsets = task.layout, [], []
+    text = torch.tensor(layout.text_ids)
+    expected = {PAUSE: 0, BACKCHANNEL: 1, ACT: 2, "listen": 0, "stop": 0, "speak": 1}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(chunks), batch_size):
+                items = [chunks[i] for i in range(start, min(len(chunks), start + batch_size))]
+                rows = [task.sft_example(ex, audio) for ex, audio in items]
+                batch = build_token_batch(processor, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+                                          processor.tokenizer.pad_token_id).to(model.device)
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               input_features=batch.input_features,
+                               feature_attention_mask=batch.feature_attention_mask).logits
+                for k, ((ex, _), (prompt, _, _)) in enumerate(zip(items, rows)):
+                    p = logits[k, len(prompt) - 1].float().softmax(-1).cpu()
+                    mass = [float(p[layout.end_id]), float(p[task.speak_id]), float(p[text].sum())]
+                    label = ex.dialogue.labels[ex.chunk]
+                    if label in expected:
+                        right.append(int(np.argmax(mass)) == expected[label])
+                    if label in ("speak", ACT) and is_event(ex.dialogue, ex.chunk):
+                        onsets.append(mass[1] + (mass[2] if label == ACT else 0.0))
+    finally:
+        model.train(was_training)
+    return {"eval/decision_accuracy": float(np.mean(right)) if right else float("nan"),
+            "eval/onset_speak": float(np.mean(onsets)) if onsets else float("nan")}
 
 
 @MODES.register("duplex")
@@ -267,7 +316,8 @@ class DuplexMode(Mode):
                  ("interruptions stopped within 2 chunks", "duplex/interrupt_stop_2"),
                  ("response latency (median chunks)", "duplex/response_latency"),
                  ("tool-call exact match", "duplex/tool_exact"), ("barge-in rate", "duplex/barge_in"),
-                 ("held-out chunk loss", "eval/loss")]
+                 ("held-out chunk loss", "eval/loss"), ("held-out decision accuracy", "eval/decision_accuracy"),
+                 ("P(answer) where an answer starts", "eval/onset_speak")]
     evaluates_on_engines = True
     shares_backbone = False  # not (yet) among model.tiny.texts: all_modes (docs/duplex.md)
 
@@ -328,8 +378,16 @@ class DuplexMode(Mode):
         self.label = None
 
     def rollout(self, step: int, generate):
+        """The step's dialogues played on the clock. Each sample's policy-loss credit is on its decision
+        and its tool call (the tokens before its audio, and `<|audio_bos|>`): the turn-taking reward
+        judges those, not the codec tokens of the speech that follows, which would otherwise share the
+        advantage and its noise (algos/updates.py, TOKEN_CREDIT)."""
+        from speechrl.rlhf.algos.updates import TOKEN_CREDIT
+
         idx = batch_indices(len(self.dialogues), self.cfg.rl.prompts_per_step, step, self.cfg.seed)
         requests, samples, _ = play(self.task, [self.dialogues[int(i)] for i in idx], generate)
+        for s in samples:
+            s.metadata[TOKEN_CREDIT] = self.task.credit(s.completion_ids)
         return requests, samples
 
     def reward_columns(self, samples, requests) -> dict:
@@ -362,12 +420,16 @@ class DuplexMode(Mode):
 
     # --- SFT and `speechrl eval` -------------------------------------------------------------------
     def evaluate_offline(self, step, model, processor, eval_set, run_dir, logger) -> dict:
-        """The reference chunks' loss on held-out chunks spread over every dialogue kind (decisions on
-        the clock are played by the RL drivers' engines)."""
+        """On held-out chunks spread over every dialogue kind: the reference chunks' loss, and the
+        decisions teacher-forced (each chunk after the reference's own chunks so far): how often the
+        likeliest of listen / speak / call is the right one, and the probability of speaking where an
+        answer starts. Decisions on the clock, each after the policy's own, are played by the RL
+        drivers' engines (`evaluate_online`)."""
         from speechrl.rlhf.modes.realtime import heldout_loss
 
-        return {"eval/loss": heldout_loss(self.task, model, processor, eval_set.spread(self.cfg.data.max_eval_examples),
-                                          self.cfg)}
+        spread = eval_set.spread(self.cfg.data.max_eval_examples)
+        return {"eval/loss": heldout_loss(self.task, model, processor, spread, self.cfg),
+                **decision_scores(self.task, model, processor, spread, self.cfg.train.batch_size)}
 
     def report_checkpoint(self, metrics: dict, out_dir: Path) -> str:
         return "\n".join(f"{label}: {metrics.get(key, float('nan')):.3f}  (target {target})"
@@ -385,8 +447,11 @@ class DuplexMode(Mode):
             b, a = before.get(key, float("nan")), after.get(key, float("nan"))
             print(f"{label:<40} {target:>7} {b:>10.3f} {a:>11.3f}  {'yes' if np.isfinite(a) and met(a) else 'no'}")
             result[f"{key} sft"], result[f"{key} rl"] = b, a
-        for key in ("duplex/barge_in", "duplex/false_call", "duplex/interrupt_stop_latency"):
+        for key in ("duplex/response_within_2", "duplex/barge_in", "duplex/false_call", "duplex/interrupted_speaking",
+                    "duplex/interrupt_stop_latency"):
             print(f"{key.split('/')[1]:<40} {'':>7} {before.get(key, float('nan')):>10.3f} "
                   f"{after.get(key, float('nan')):>11.3f}")
+        print("(a policy that never speaks takes over no pause: read the pause rate beside the response latency; "
+              "stops are measured where it was speaking as the user cut in, interrupted_speaking of them)")
         print(f"({minutes:.1f} min)  timelines: {Path(rl['run']) / 'duplex'}")
         return result

@@ -217,8 +217,15 @@ def test_references_fit_the_layout_and_say_what_the_labels_ask(task, dialogues):
 def test_sft_example_reads_the_window_and_the_assistants_chunks_so_far(task, cfg):
     from speechrl.rlhf.modes import get_mode
 
+    from speechrl.rlhf.modes.duplex import is_event
+
     train, _ = get_mode(cfg).datasets(4.0)
-    assert len(train) == sum(d.num_chunks for d in train.dialogues)
+    events = sum(is_event(d, c) for d in train.dialogues for c in range(d.num_chunks))
+    assert len(train) == sum(d.num_chunks for d in train.dialogues) + (cfg.duplex.event_repeats - 1) * events
+    onsets = [(d, c) for d in train.dialogues for c in range(1, d.num_chunks)
+              if d.labels[c] == SPEAK and d.labels[c - 1] == LISTEN]
+    assert onsets and all(train.index.count(o) == cfg.duplex.event_repeats for o in onsets)
+    assert train.index.count((train.dialogues[0], 0)) == 1, "a chunk where nothing changes is listed once"
     ex, audio = train[len(train) - 1]
     assert len(audio) == min(4 * 16000, (ex.chunk + 1) * 2560)
     prompt, completion, clip = task.sft_example(ex, audio)
@@ -245,12 +252,38 @@ def test_playing_the_reference_meets_every_target_and_silence_or_chatter_do_not(
     m = summarize(reference)
     assert m["duplex/pause_takeover"] == 0 and m["duplex/backchannel_takeover"] == 0 and m["duplex/barge_in"] == 0
     assert m["duplex/interrupt_stop_2"] == 1 and m["duplex/response_latency"] == 1 and m["duplex/tool_exact"] == 1
+    assert m["duplex/interrupt_stop_latency"] == 1 and m["duplex/response_within_2"] == 1
     silent = summarize([timeline_metrics(d, _played(task, d, "." * d.num_chunks)) for d in train])
     assert silent["duplex/backchannel_takeover"] == 1 and silent["duplex/tool_exact"] == 0
     assert silent["duplex/response_latency"] >= 3, "never answering is censored at the dialogue's end"
+    assert silent["duplex/interrupted_speaking"] == 0 and np.isnan(silent["duplex/interrupt_stop_2"]), \
+        "nothing to stop: a silent policy gets no stop rate"
     chatty = summarize([timeline_metrics(d, _played(task, d, "S" * d.num_chunks)) for d in train])
     assert chatty["duplex/pause_takeover"] == 1 and chatty["duplex/barge_in"] == 1
-    assert chatty["duplex/interrupt_stop_2"] == 0
+    assert chatty["duplex/interrupted_speaking"] == 1 and chatty["duplex/interrupt_stop_2"] == 0
+
+
+def test_decision_scores_read_the_first_token_of_each_held_out_chunk(task, cfg):
+    from speechrl.rlhf.model.backbone import load_backbone
+    from speechrl.rlhf.modes import get_mode
+    from speechrl.rlhf.modes.duplex import decision_scores
+
+    mode = get_mode(cfg)
+    backbone = load_backbone(mode.backbone_path())
+    _, held = mode.datasets(4.0)
+    scores = decision_scores(task, backbone.model, backbone.processor, held, 16)
+    assert 0.0 <= scores["eval/decision_accuracy"] <= 1.0 and 0.0 < scores["eval/onset_speak"] < 1.0
+    # a model that always opens its speech is right exactly where the labels say speak
+    bias = torch.zeros(backbone.model.config.text_config.vocab_size if hasattr(backbone.model.config, "text_config")
+                       else backbone.model.config.vocab_size)
+    bias[task.speak_id] = 100.0
+    head = backbone.model.get_output_embeddings()
+    head.bias = torch.nn.Parameter(bias)
+    forced = decision_scores(task, backbone.model, backbone.processor, held, 16)
+    labels = [d.labels[c] for d, c in held.index]
+    speak = [l in (SPEAK, BACKCHANNEL) for l in labels if l != EITHER]
+    assert forced["eval/onset_speak"] == pytest.approx(1.0)
+    assert forced["eval/decision_accuracy"] == pytest.approx(np.mean(speak))
 
 
 def test_duplex_recipes_are_checked():
@@ -266,3 +299,24 @@ def test_duplex_recipes_are_checked():
     with pytest.raises(RecipeError, match="not implemented for mode 'duplex'"):
         load_recipe("duplex/sft", ["algorithm=ppo"])
     load_recipe("duplex/sft", ["duplex.kinds=[turn,pause]", "duplex.max_action_tokens=0"])
+
+
+def test_grpo_credits_the_decision_and_the_call_not_the_speech_after_them(task):
+    from speechrl.rlhf.algos.updates import TOKEN_CREDIT, credited
+    from speechrl.rollouts.types import Sample
+
+    bos, end, codec = task.speak_id, task.tokens.end_id, task.layout.codec_ids[:4]
+    call = task.tokenizer('{"tool":"timer","minutes":3}', add_special_tokens=False)["input_ids"]
+    chunks = [[end], [bos, *codec, end], [*call, end], [*call, bos, *codec, end]]
+    credits = [task.credit(ids) for ids in chunks]
+    assert credits[0] == [1.0] and credits[1] == [1.0] + [0.0] * 5 and credits[2] == [1.0] * (len(call) + 1)
+    assert credits[3] == [1.0] * (len(call) + 1) + [0.0] * 5
+    samples = [Sample(0, k, [1], ids, [0.0] * len(ids), "", "stop", {TOKEN_CREDIT: c})
+               for k, (ids, c) in enumerate(zip(chunks, credits))]
+    adv = credited(np.array([2.0, -1.0, 0.5, 1.0]), samples, [1, 3])
+    assert adv == [[-1.0] + [0.0] * 5, [1.0] * (len(call) + 1) + [0.0] * 5]
+    plain = [Sample(0, 0, [1], [end], [0.0], "", "stop", {})]
+    assert credited(np.array([0.3]), plain, [0]) == [pytest.approx(0.3)], "without credit: a float per sample"
+    samples[1].metadata[TOKEN_CREDIT] = [1.0]
+    with pytest.raises(ValueError, match="token_credit"):
+        credited(np.array([2.0, -1.0, 0.5, 1.0]), samples, [1])
