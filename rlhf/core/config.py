@@ -324,6 +324,9 @@ class DuplexConfig:
     heldout_per_kind: int = 12  # held-out dialogues of each kind: evaluation plays them greedily
     max_action_tokens: int = 24  # the action channel's rate limit: text tokens one chunk may hold before its audio
     event_repeats: int = 4  # SFT lists each chunk where the decision changes (an answer's start, a stop, a pause, ...) this many times
+    # held-out dialogues are played at this temperature, as a duplex model runs (sampled; reproducible:
+    # the engines are reseeded per call); 0 = greedy, which turns every near coin-flip into "listen"
+    eval_temperature: float = 1.0
     user_voices: list[str] = field(default_factory=lambda: ["en-us", "en", "piper"])  # the user's voices: espeak-ng names, "piper" = the Piper voice
     user_rates: list[int] = field(default_factory=lambda: [160, 190])  # the user's speed, words per minute (80-450)
     reply_voice: str = "en-us"  # the assistant's reference speech (SFT): espeak-ng voice and rate

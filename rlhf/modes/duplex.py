@@ -13,7 +13,7 @@ masks vLLM's sampling and the trainer's logprobs.
 Rollouts are episodes on the clock: every chunk of a dialogue is a request with n samples (a GRPO
 group), scored by rewards/duplex.py against the chunk's label, and the dialogue goes on with the
 first sample, as realtime episodes do with turns. Held-out evaluation plays the held-out dialogues
-greedily and measures Full-Duplex-Bench-style metrics on the clock (`timeline_metrics`).
+(sampled at `duplex.eval_temperature`, or greedily) and measures Full-Duplex-Bench-style metrics on the clock (`timeline_metrics`).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from speechrl.rlhf.core.config import RecipeConfig, RecipeError
 from speechrl.rlhf.core.registry import MODES
 from speechrl.rlhf.model.backbone import AUDIO_BOS, IM_END, text_token_ids
 from speechrl.rlhf.model.prompts import render_duplex_prompt
-from speechrl.rlhf.modes.base import Mode, batch_indices
+from speechrl.rlhf.modes.base import Mode, batch_indices, safe_name
 from speechrl.rlhf.modes.duplex_data import (ACT, BACKCHANNEL, KINDS, PAUSE, Dialogue, load_dialogues, plan_dialogues,
                                              plan_texts, same_action, window)
 from speechrl.rlhf.modes.tts import SpeakingTask, check_codec_fits_the_tiny_backbone
@@ -400,15 +400,18 @@ class DuplexMode(Mode):
                 "completion_ids": [int(t) for t in sample.completion_ids]}
 
     def evaluate_online(self, step, generate, score_batch, score, policy) -> dict:
-        """The held-out dialogues played greedily; their timelines go to duplex/step-N.json."""
-        def greedy(requests):
-            return generate(requests, n=1, temperature=0.0, max_new_tokens=self.cfg.eval_max_new_tokens)
+        """The held-out dialogues played once each at `duplex.eval_temperature` (sampled, as a duplex
+        model runs; 0 = greedy); their timelines go to duplex/step-N.json."""
+        def once(requests):
+            return generate(requests, n=1, temperature=self.cfg.duplex.eval_temperature,
+                            max_new_tokens=self.cfg.eval_max_new_tokens)
 
-        _, _, played = play(self.task, self.heldout, greedy)
+        _, _, played = play(self.task, self.heldout, once)
         rows = [{"id": d.id, **timeline_metrics(d, p)} for d, p in zip(self.heldout, played)]
         metrics = summarize(rows)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        name = f"step-{step:05d}.json" if self.label is None else f"{self.label}.json"
+        name = f"step-{step:05d}.json" if self.label is None else f"{safe_name(self.label)}.json"
+        self.last_written = self.out_dir / name
         (self.out_dir / name).write_text(json.dumps({"step": step, "metrics": metrics, "dialogues": rows}, indent=1))
         return metrics
 
@@ -433,14 +436,16 @@ class DuplexMode(Mode):
 
     def report_checkpoint(self, metrics: dict, out_dir: Path) -> str:
         return "\n".join(f"{label}: {metrics.get(key, float('nan')):.3f}  (target {target})"
-                         for key, label, target, _ in TARGETS) + f"\ntimelines: {self.out_dir}"
+                         for key, label, target, _ in TARGETS) + f"\ntimelines: {self.last_written}"
 
     def demo_report(self, sft: dict, rl: dict, minutes: float) -> dict:
         """Each metric on the held-out dialogues after SFT (the RL run's first evaluation) and after RL."""
         runs = sorted((Path(rl["run"]) / "duplex").glob("step-*.json"))
         before, after = (json.loads(p.read_text())["metrics"] for p in (runs[0], runs[-1]))
+        t = self.cfg.duplex.eval_temperature
         print(f"\nheld-out duplex dialogues ({len(self.cfg.duplex.kinds)} kinds x {self.cfg.duplex.heldout_per_kind}), "
-              f"greedy on the {self.cfg.duplex.chunk_seconds * 1000:.0f} ms clock:")
+              f"{'greedy' if t == 0 else f'sampled at temperature {t:g}'} on the "
+              f"{self.cfg.duplex.chunk_seconds * 1000:.0f} ms clock:")
         print(f"{'metric':<40} {'target':>7} {'after SFT':>10} {'after GRPO':>11}  met")
         result = {"minutes": minutes, "sft heldout loss": sft.get("held-out chunk loss after", float("nan"))}
         for key, label, target, met in TARGETS:
