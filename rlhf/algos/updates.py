@@ -64,11 +64,11 @@ TOKEN_CREDIT = "token_credit"
 
 def credited(advantages: np.ndarray, samples, keep: list[int]) -> list:
     """The kept samples' advantages: a float each, or, where a sample carries TOKEN_CREDIT, one per token."""
-    if not any(TOKEN_CREDIT in samples[i].metadata for i in keep):
+    credits = [(getattr(samples[i], "metadata", None) or {}).get(TOKEN_CREDIT) for i in keep]
+    if all(c is None for c in credits):
         return advantages[keep].tolist()
     out = []
-    for i in keep:
-        credit = samples[i].metadata.get(TOKEN_CREDIT)
+    for i, credit in zip(keep, credits):
         if credit is None:
             credit = [1.0] * len(samples[i].completion_ids)
         if len(credit) != len(samples[i].completion_ids):

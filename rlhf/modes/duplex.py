@@ -129,12 +129,18 @@ class DuplexTask(SpeakingTask):
         fe = processor.feature_extractor
         self.chunk_samples = int(round(d.chunk_seconds * rate))
         self.window_samples = int(fe.n_samples / fe.sampling_rate * rate)
+        self.history_chunks = max(1, self.window_samples // self.chunk_samples)  # 25 at 4 s and 160 ms
         self._codes: dict[str, list[int]] = {}  # reply wav -> its backbone codec ids
         self._references: dict[str, list[list[int]]] = {}  # dialogue id -> each chunk's reference completion
 
     # --- prompts and references ------------------------------------------------------------------
     def prompt(self, stream: list[list[int]]) -> str:
-        return render_duplex_prompt(self.processor, [t for chunk in stream for t in chunk])
+        """The prompt after the chunks `stream`: the last `history_chunks` of them, the same stretch of
+        the clock as the audio window, so the prompt stays bounded however long the dialogue (a
+        policy that fills every chunk with a tool call and speech would otherwise outgrow
+        rollout.max_model_len)."""
+        recent = stream[-self.history_chunks:] if self.history_chunks else []
+        return render_duplex_prompt(self.processor, [t for chunk in recent for t in chunk])
 
     def request(self, dialogue: Dialogue, chunk: int, stream: list[list[int]]) -> RolloutRequest:
         meta = {"id": f"{dialogue.id}/c{chunk}", "dialogue_id": dialogue.id, "kind": dialogue.kind, "chunk": chunk,

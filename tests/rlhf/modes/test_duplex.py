@@ -230,7 +230,7 @@ def test_sft_example_reads_the_window_and_the_assistants_chunks_so_far(task, cfg
     assert len(audio) == min(4 * 16000, (ex.chunk + 1) * 2560)
     prompt, completion, clip = task.sft_example(ex, audio)
     assert clip is audio and completion == task.reference(ex.dialogue)[ex.chunk]
-    stream = [t for chunk in task.reference(ex.dialogue)[:ex.chunk] for t in chunk]
+    stream = [t for chunk in task.reference(ex.dialogue)[:ex.chunk][-task.history_chunks:] for t in chunk]
     assert prompt[-len(stream):] == stream, "the assistant's own chunks, token for token, end the prompt"
     request = task.request(ex.dialogue, ex.chunk, task.reference(ex.dialogue)[:ex.chunk])
     assert request.metadata["duplex_label"] == ex.dialogue.labels[ex.chunk] and np.array_equal(request.audio, audio)
@@ -261,6 +261,15 @@ def test_playing_the_reference_meets_every_target_and_silence_or_chatter_do_not(
     chatty = summarize([timeline_metrics(d, _played(task, d, "S" * d.num_chunks)) for d in train])
     assert chatty["duplex/pause_takeover"] == 1 and chatty["duplex/barge_in"] == 1
     assert chatty["duplex/interrupted_speaking"] == 1 and chatty["duplex/interrupt_stop_2"] == 0
+
+
+def test_the_prompt_keeps_the_assistants_last_chunks_as_the_audio_window_keeps_the_users(task):
+    assert task.history_chunks == task.window_samples // task.chunk_samples
+    call = task.tokenizer('{"tool":"timer","minutes":3}', add_special_tokens=False)["input_ids"]
+    busy = [[*call, task.speak_id, *task.layout.codec_ids[:4], task.tokens.end_id]] * 100  # the longest chunks
+    short = task.tokenizer(task.prompt(busy[:task.history_chunks]), add_special_tokens=False)["input_ids"]
+    assert task.prompt(busy) == task.prompt(busy[:task.history_chunks])
+    assert len(short) + 100 + 32 <= 1024, "instruction, the chunks, 4 s of audio and one chunk fit max_model_len"
 
 
 def test_decision_scores_read_the_first_token_of_each_held_out_chunk(task, cfg):
