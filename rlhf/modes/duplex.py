@@ -26,7 +26,7 @@ import numpy as np
 
 from speechrl.rlhf.core.config import RecipeConfig, RecipeError
 from speechrl.rlhf.core.registry import MODES
-from speechrl.rlhf.model.backbone import AUDIO_BOS, IM_END, text_token_ids
+from speechrl.rlhf.model.backbone import AUDIO_BOS, AUDIO_TOKEN, IM_END, text_token_ids
 from speechrl.rlhf.model.prompts import render_duplex_prompt
 from speechrl.rlhf.modes.base import Mode, batch_indices, safe_name
 from speechrl.rlhf.modes.duplex_data import (ACT, BACKCHANNEL, KINDS, PAUSE, Dialogue, load_dialogues, plan_dialogues,
@@ -114,6 +114,7 @@ class DuplexTask(SpeakingTask):
 
     def __init__(self, cfg: RecipeConfig, processor, codec=None):
         from speechrl.rlhf.model.layout import ReplyLayout
+        from speechrl.rlhf.model.logprobs import prompt_ids_for
 
         super().__init__(cfg, processor, codec)
         d = cfg.duplex
@@ -130,6 +131,15 @@ class DuplexTask(SpeakingTask):
         self.chunk_samples = int(round(d.chunk_seconds * rate))
         self.window_samples = int(fe.n_samples / fe.sampling_rate * rate)
         self.history_chunks = max(1, self.window_samples // self.chunk_samples)  # 25 at 4 s and 160 ms
+        # the prompt's text tokens: what max_model_len leaves after a whole window of audio and one chunk
+        self.prompt_budget = 10**9
+        audio_tokens = len(prompt_ids_for(processor, AUDIO_TOKEN, np.zeros(self.window_samples, np.float32)))
+        self.prompt_budget = (cfg.rollout.max_model_len - audio_tokens + 1
+                              - max(cfg.rollout.sampling.max_new_tokens, cfg.eval_max_new_tokens))
+        if self.prompt_budget < len(self.tokenizer(self.prompt([]), add_special_tokens=False)["input_ids"]) + 2 * d.max_action_tokens:
+            raise RecipeError(f"rollout.max_model_len={cfg.rollout.max_model_len} leaves {self.prompt_budget} prompt "
+                              f"tokens after {audio_tokens} audio tokens and one chunk: too few for the duplex prompt "
+                              "and the assistant's recent chunks; raise `rollout.max_model_len`")
         self._codes: dict[str, list[int]] = {}  # reply wav -> its backbone codec ids
         self._references: dict[str, list[list[int]]] = {}  # dialogue id -> each chunk's reference completion
 
@@ -139,8 +149,13 @@ class DuplexTask(SpeakingTask):
         the clock as the audio window, so the prompt stays bounded however long the dialogue (a
         policy that fills every chunk with a tool call and speech would otherwise outgrow
         rollout.max_model_len)."""
-        recent = stream[-self.history_chunks:] if self.history_chunks else []
-        return render_duplex_prompt(self.processor, [t for chunk in recent for t in chunk])
+        recent = list(stream[-self.history_chunks:])
+        while True:
+            text = render_duplex_prompt(self.processor, [t for chunk in recent for t in chunk])
+            # sampled text (a tool call) can re-tokenize longer than it was sampled: count the text's tokens
+            if not recent or len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) <= self.prompt_budget:
+                return text
+            recent = recent[1:]
 
     def request(self, dialogue: Dialogue, chunk: int, stream: list[list[int]]) -> RolloutRequest:
         meta = {"id": f"{dialogue.id}/c{chunk}", "dialogue_id": dialogue.id, "kind": dialogue.kind, "chunk": chunk,

@@ -19,7 +19,10 @@ def runs(duplex_overrides, tmp_path_factory, module_ray):
     from speechrl.rlhf.trainers.online import run_online
     from speechrl.rlhf.trainers.sft import run_sft
 
-    base = [*duplex_overrides, f"run.output_dir={tmp_path_factory.mktemp('duplex-e2e')}"]
+    # two kinds (a pause, a tool call) and a shorter action channel keep the untrained policy's chunks
+    # short: each chunk of each dialogue is one generate call, and the other kinds are unit-tested
+    base = [*duplex_overrides, f"run.output_dir={tmp_path_factory.mktemp('duplex-e2e')}", "duplex.kinds=[pause,tool]",
+            "duplex.max_action_tokens=12", "rollout.sampling.max_new_tokens=18", "eval_max_new_tokens=18"]
     sft = run_sft(load_recipe("duplex/sft", [*base, "run.name=sft", "train.steps=2", "train.eval_every=2"]))
     cfg = load_recipe("duplex/grpo", [*base, "run.name=grpo", f"run.init_from={sft['final weights']}",
                                       "train.steps=2", "train.eval_every=2", "rl.prompts_per_step=2",

@@ -270,6 +270,10 @@ def test_the_prompt_keeps_the_assistants_last_chunks_as_the_audio_window_keeps_t
     short = task.tokenizer(task.prompt(busy[:task.history_chunks]), add_special_tokens=False)["input_ids"]
     assert task.prompt(busy) == task.prompt(busy[:task.history_chunks])
     assert len(short) + 100 + 32 <= 1024, "instruction, the chunks, 4 s of audio and one chunk fit max_model_len"
+    # sampled garbage on the action channel re-tokenizes longer than it was sampled: older chunks go
+    garbage = [[*task.layout.text_ids[:24], task.tokens.end_id]] * 100
+    ids = task.tokenizer(task.prompt(garbage), add_special_tokens=False)["input_ids"]
+    assert len(ids) <= task.prompt_budget < 1024
 
 
 def test_decision_scores_read_the_first_token_of_each_held_out_chunk(task, cfg):
