@@ -29,21 +29,11 @@ from speechrl.rlhf.core.registry import MODES
 from speechrl.rlhf.model.backbone import AUDIO_BOS, AUDIO_TOKEN, IM_END, text_token_ids
 from speechrl.rlhf.model.prompts import render_duplex_prompt
 from speechrl.rlhf.modes.base import Mode, batch_indices, safe_name
-from speechrl.rlhf.modes.duplex_data import (ACT, BACKCHANNEL, KINDS, PAUSE, Dialogue, load_dialogues, plan_dialogues,
-                                             plan_texts, same_action, window)
+from speechrl.rlhf.modes.duplex_data import (ACT, KINDS, Dialogue, load_dialogues, plan_dialogues,
+                                             is_event, plan_texts, window)
+from speechrl.rlhf.modes.duplex_eval import TARGETS, decision_scores, summarize, timeline_metrics
 from speechrl.rlhf.modes.tts import SpeakingTask, check_codec_fits_the_tiny_backbone
 from speechrl.rollouts.types import RolloutRequest
-
-# Full-Duplex-Bench-style targets on held-out dialogues after RL (docs/duplex.md): (metric key, label,
-# target as text, whether it is met)
-TARGETS = (
-    ("duplex/pause_takeover", "pause take-over rate", "<= 0.2", lambda v: v <= 0.2),
-    ("duplex/backchannel_takeover", "backchannel take-over rate", "<= 0.2", lambda v: v <= 0.2),
-    ("duplex/interrupt_stop_2", "interruptions stopped within 2 chunks", ">= 0.9", lambda v: v >= 0.9),
-    ("duplex/response_latency", "response latency, median chunks", "<= 2", lambda v: v <= 2),
-    ("duplex/tool_exact", "tool-call exact match", ">= 0.9", lambda v: v >= 0.9),
-)
-
 
 class ChunkOut(NamedTuple):
     """A chunk's completion read back."""
@@ -93,20 +83,13 @@ class ChunkDataset:
         return {"examples": len(self), "kept": len(self), "bad": 0, "reasons": []}
 
 
-def is_event(dialogue: Dialogue, chunk: int) -> bool:
-    """A chunk where what to do changes (its label differs from the chunk before), or one inside a
-    pause, a backchannel or a tool call: the decisions the metrics test."""
-    label = dialogue.labels[chunk]
-    return label in (PAUSE, BACKCHANNEL, ACT) or chunk > 0 and label != dialogue.labels[chunk - 1]
-
-
-def chunk_tokens(cfg: RecipeConfig, codec) -> int:
-    """Codec tokens in one chunk of the clock; a RecipeError where the clock is not whole frames."""
-    frames = cfg.duplex.chunk_seconds * codec.frame_rate
+def chunk_frames(chunk_seconds: float, frame_rate: float, what: str) -> int:
+    """Codec frames in one chunk of the clock; a RecipeError naming `what` (the codec) where it is not whole."""
+    frames = chunk_seconds * frame_rate
     if abs(frames - round(frames)) > 1e-6 or round(frames) < 1:
-        raise RecipeError(f"duplex.chunk_seconds={cfg.duplex.chunk_seconds} is {frames:g} frames of the codec "
-                          f"({codec.frame_rate:g} frames/s); make it a whole number of frames (0.16 s = 4 frames of 40 ms)")
-    return int(round(frames)) * codec.num_codebooks
+        raise RecipeError(f"`duplex.chunk_seconds`={chunk_seconds} is {frames:g} frames of {what} ({frame_rate:g} "
+                          "frames/s); make it a whole number of frames (0.16 s = 4 frames of 40 ms)")
+    return int(round(frames))
 
 
 class DuplexTask(SpeakingTask):
@@ -118,7 +101,7 @@ class DuplexTask(SpeakingTask):
 
         super().__init__(cfg, processor, codec)
         d = cfg.duplex
-        self.per_chunk = chunk_tokens(cfg, self.codec)
+        self.per_chunk = chunk_frames(d.chunk_seconds, self.codec.frame_rate, "the codec") * self.codec.num_codebooks
         text = [i for i in text_token_ids(self.tokenizer) if i != self.tokenizer.convert_tokens_to_ids(IM_END)]
         self.speak_id = self.tokenizer.convert_tokens_to_ids(AUDIO_BOS)  # opens a chunk's speech
         self.layout = ReplyLayout(tuple(text), tuple(int(i) for i in self.tokens.token_ids), self.tokens.end_id,
@@ -235,98 +218,6 @@ def play(task: DuplexTask, dialogues: list[Dialogue], generate):
     return requests, samples, played
 
 
-def timeline_metrics(dialogue: Dialogue, played: list[ChunkOut]) -> dict:
-    """One dialogue's turn-taking on the clock (docs/duplex.md): take-overs, latencies, the tool call."""
-    speaks = [c.speaks for c in played]
-    acts = [bool(c.action) for c in played]
-    out: dict = {"kind": dialogue.kind}
-    latencies = []
-    for end in dialogue.events.get("ends", []):
-        after = [c for c in range(end + 1, dialogue.num_chunks) if speaks[c] or acts[c]]
-        latencies.append(after[0] - end if after else dialogue.num_chunks - end)  # never: censored at the end
-    out["latencies"] = latencies
-    if PAUSE in dialogue.labels:
-        out["pause_takeover"] = any(speaks[c] or acts[c] for c, l in enumerate(dialogue.labels) if l == PAUSE)
-    if BACKCHANNEL in dialogue.labels:
-        out["backchannel_takeover"] = any(not speaks[c] for c, l in enumerate(dialogue.labels) if l == BACKCHANNEL)
-    if "interrupt" in dialogue.events:
-        onset = dialogue.events["interrupt"]
-        # a stop is only measured where there was something to stop: speaking as the user cut in
-        out["interrupted_speaking"] = speaks[onset - 1] or speaks[onset]
-        if out["interrupted_speaking"]:
-            silent = [c for c in range(onset, dialogue.num_chunks) if not speaks[c]]
-            out["stop_latency"] = silent[0] - onset if silent else dialogue.num_chunks - onset
-    if dialogue.action:
-        said = next((c.action for c in played if c.action), None)
-        out["tool_exact"] = same_action(said, dialogue.action)
-        out["tool_said"] = said
-    else:
-        out["false_call"] = any(acts)
-    out["barge_in"] = any(speaks[c] for c, l in enumerate(dialogue.labels) if l == "listen")
-    out["labels"] = "".join(_LABEL_CHARS[l] for l in dialogue.labels)
-    out["played"] = "".join("A" if a else ("S" if s else ".") for s, a in zip(speaks, acts))
-    return out
-
-
-_LABEL_CHARS = {"listen": ".", "pause": "p", "speak": "S", "backchannel": "b", "stop": "x", "either": "?", "act": "A"}
-
-
-def summarize(rows: list[dict]) -> dict[str, float]:
-    """The held-out metrics over dialogues' `timeline_metrics` (NaN where no dialogue has the event)."""
-    def rate(key: str) -> float:
-        values = [float(r[key]) for r in rows if key in r]
-        return float(np.mean(values)) if values else float("nan")
-
-    stops = [r["stop_latency"] for r in rows if "stop_latency" in r]
-    latencies = [x for r in rows for x in r["latencies"]]
-    return {"duplex/pause_takeover": rate("pause_takeover"), "duplex/backchannel_takeover": rate("backchannel_takeover"),
-            "duplex/interrupt_stop_2": float(np.mean([s <= 2 for s in stops])) if stops else float("nan"),
-            "duplex/interrupt_stop_latency": float(np.median(stops)) if stops else float("nan"),
-            "duplex/interrupted_speaking": rate("interrupted_speaking"),
-            "duplex/response_latency": float(np.median(latencies)) if latencies else float("nan"),
-            "duplex/response_within_2": float(np.mean([x <= 2 for x in latencies])) if latencies else float("nan"),
-            "duplex/tool_exact": rate("tool_exact"), "duplex/false_call": rate("false_call"),
-            "duplex/barge_in": rate("barge_in")}
-
-
-def decision_scores(task: DuplexTask, model, processor, chunks: ChunkDataset, batch_size: int) -> dict[str, float]:
-    """Teacher-forced decisions of an in-process model on `chunks` (see `DuplexMode.evaluate_offline`):
-    `eval/decision_accuracy` (the likeliest of listen, speak and call, summed over the tokens that
-    start each, against the label; "either" chunks left out) and `eval/onset_speak` (the mean
-    probability of speaking in the chunk an answer is due)."""
-    import torch
-
-    from speechrl.rlhf.model.logprobs import build_token_batch
-
-    layout, right, onsets = task.layout, [], []
-    text = torch.tensor(layout.text_ids)
-    expected = {PAUSE: 0, BACKCHANNEL: 1, ACT: 2, "listen": 0, "stop": 0, "speak": 1}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(chunks), batch_size):
-                items = [chunks[i] for i in range(start, min(len(chunks), start + batch_size))]
-                rows = [task.sft_example(ex, audio) for ex, audio in items]
-                batch = build_token_batch(processor, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-                                          processor.tokenizer.pad_token_id).to(model.device)
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               input_features=batch.input_features,
-                               feature_attention_mask=batch.feature_attention_mask).logits
-                for k, ((ex, _), (prompt, _, _)) in enumerate(zip(items, rows)):
-                    p = logits[k, len(prompt) - 1].float().softmax(-1).cpu()
-                    mass = [float(p[layout.end_id]), float(p[task.speak_id]), float(p[text].sum())]
-                    label = ex.dialogue.labels[ex.chunk]
-                    if label in expected:
-                        right.append(int(np.argmax(mass)) == expected[label])
-                    if label in ("speak", ACT) and is_event(ex.dialogue, ex.chunk):
-                        onsets.append(mass[1] + (mass[2] if label == ACT else 0.0))
-    finally:
-        model.train(was_training)
-    return {"eval/decision_accuracy": float(np.mean(right)) if right else float("nan"),
-            "eval/onset_speak": float(np.mean(onsets)) if onsets else float("nan")}
-
-
 @MODES.register("duplex")
 class DuplexMode(Mode):
     name = "duplex"
@@ -356,12 +247,12 @@ class DuplexMode(Mode):
         check_codec_fits_the_tiny_backbone(cfg, source)
         if not cfg.tts.codec:  # the embedded codec's frame rate is known before it is built
             hop, rate = cfg.tts.embedded_codec.hop_length, cfg.data.sample_rate
-            frames = d.chunk_seconds * rate / hop
-            if abs(frames - round(frames)) > 1e-6 or round(frames) < 1:
-                raise RecipeError(f"{source}: `duplex.chunk_seconds`={d.chunk_seconds} is {frames:g} frames of the "
-                                  f"embedded codec (`tts.embedded_codec.hop_length`={hop} at {rate} Hz); make it a "
-                                  "whole number of frames")
-            need = d.max_action_tokens + round(frames) * cfg.tts.embedded_codec.num_codebooks + 2
+            try:
+                frames = chunk_frames(d.chunk_seconds, rate / hop, f"the embedded codec (`tts.embedded_codec.hop_length`"
+                                                                  f"={hop} at {rate} Hz)")
+            except RecipeError as e:
+                raise RecipeError(f"{source}: {e}") from None
+            need = d.max_action_tokens + frames * cfg.tts.embedded_codec.num_codebooks + 2
             for key, value in (("rollout.sampling.max_new_tokens", cfg.rollout.sampling.max_new_tokens),
                                ("eval_max_new_tokens", cfg.eval_max_new_tokens)):
                 if value < need:

@@ -267,6 +267,13 @@ def lay_out(plan: Plan, speak: Speaker, reply_speak: Speaker, chunk_seconds: flo
     return Dialogue(plan.id, plan.kind, audio, full, reply, plan.action, events, texts)
 
 
+def is_event(dialogue: Dialogue, chunk: int) -> bool:
+    """A chunk where what to do changes (its label differs from the chunk before), or one inside a
+    pause, a backchannel or a tool call: the decisions the metrics test."""
+    label = dialogue.labels[chunk]
+    return label in (PAUSE, BACKCHANNEL, ACT) or chunk > 0 and label != dialogue.labels[chunk - 1]
+
+
 def load_dialogues(cfg: RecipeConfig) -> tuple[list[Dialogue], list[Dialogue]]:
     """(training, held-out) dialogues on the clock, their speech synthesized once into run.cache_dir."""
     d = cfg.duplex
