@@ -59,20 +59,14 @@ def run_multi_demo(overrides: list[str], output_dir: str) -> dict:
 
 def asset_fingerprints(sft_cfg, rl_cfg) -> dict[str, str]:
     """Fingerprints of what the demo built into run.cache_dir: the backbone it started from, the
-    synthetic corpus and the embedded judges (each build also logs its own when it is made)."""
-    import json
-
+    mode's data (Mode.data_fingerprints) and the embedded judges (each build also logs its own when it is made)."""
     from speechrl.rlhf.core.fingerprint import fingerprint
     from speechrl.rlhf.model.backbone import backbone_fingerprint
-    from speechrl.rlhf.modes.assets import corpus_dir
     from speechrl.rlhf.modes.base import get_mode
     from speechrl.rlhf.trainers.judges import judge_builds
 
-    prints = {"backbone": backbone_fingerprint(get_mode(sft_cfg).backbone_path())}
-    marker = corpus_dir(sft_cfg) / "corpus.json"
-    recorded = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
-    if recorded:
-        prints["corpus"] = recorded
+    mode = get_mode(sft_cfg)
+    prints = {"backbone": backbone_fingerprint(mode.backbone_path()), **mode.data_fingerprints()}
     for i, build in enumerate(judge_builds(rl_cfg)):
         weights = build() / "model.safetensors"  # already built: this only finds it
         if weights.is_file():

@@ -71,6 +71,17 @@ class Mode:
 
         return assets.tokenizer_texts(self.cfg)
 
+    def data_fingerprints(self) -> dict[str, str]:
+        """Fingerprints of the data this mode built into run.cache_dir (the demo prints them): the
+        synthetic corpus's, as its build recorded it, where it was built."""
+        import json
+
+        from speechrl.rlhf.modes.assets import corpus_dir
+
+        marker = corpus_dir(self.cfg) / "corpus.json"
+        recorded = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
+        return {"corpus": recorded} if recorded else {}
+
     def datasets(self, max_audio_seconds: float):
         """(train, held-out) datasets of (example, audio) pairs."""
         from speechrl.rlhf.modes import assets

@@ -29,8 +29,8 @@ from speechrl.rlhf.core.registry import MODES
 from speechrl.rlhf.model.backbone import AUDIO_BOS, AUDIO_TOKEN, IM_END, text_token_ids
 from speechrl.rlhf.model.prompts import render_duplex_prompt
 from speechrl.rlhf.modes.base import Mode, batch_indices, safe_name
-from speechrl.rlhf.modes.duplex_data import (ACT, KINDS, Dialogue, load_dialogues, plan_dialogues,
-                                             is_event, plan_texts, window)
+from speechrl.rlhf.modes.duplex_data import (ACT, KINDS, LISTEN, PAUSE, SPEAK, Dialogue, load_dialogues,
+                                             plan_dialogues, is_event, plan_texts, window)
 from speechrl.rlhf.modes.duplex_eval import TARGETS, decision_scores, summarize, timeline_metrics
 from speechrl.rlhf.modes.tts import SpeakingTask, check_codec_fits_the_tiny_backbone
 from speechrl.rollouts.types import RolloutRequest
@@ -43,13 +43,42 @@ class ChunkOut(NamedTuple):
     speaks: bool  # it opens its audio (`<|audio_bos|>`)
 
 
+# variants of a chunk's example: the reference chunks so far (""), or after a wrong decision of the
+# assistant's own (recovery_examples)
+FALSE_START, LATE_START = "false_start", "late_start"
+
+
 @dataclass(frozen=True)
 class ChunkExample:
     """One decision of a dialogue, as SFT trains it."""
 
-    id: str  # "<dialogue id>/c<chunk>"
+    id: str  # "<dialogue id>/c<chunk>", then "/<variant>" for a recovery example
     dialogue: Dialogue
     chunk: int
+    variant: str = ""  # "", FALSE_START or LATE_START (recovery_examples)
+
+
+def recovery_examples(d: Dialogue) -> list[tuple[int, str]]:
+    """The chunks of `d` where SFT also trains what to do after a wrong decision of the assistant's own,
+    as (chunk, variant). On the clock the policy reads its own chunks, while SFT's prompts hold only
+    the reference's, so a policy that never saw its mistakes in a prompt carries them on: one chunk
+    started too early became a barge-in that went on, one silent chunk where the answer was due
+    became no answer (docs/duplex.md). The two mistakes, where they happen:
+
+      FALSE_START  the chunk before spoke, though the user had the floor (the last chunk of their
+                   speech, or any chunk of a pause): be silent now
+      LATE_START   the chunks since an answer was due were silent (one or two of them): start now,
+                   from the answer's first chunk"""
+    out = []
+    for c in range(1, d.num_chunks):
+        label, before = d.labels[c], d.labels[c - 1]
+        if label == PAUSE or label == LISTEN and before == LISTEN and c + 1 < d.num_chunks and d.labels[c + 1] != LISTEN:
+            out.append((c, FALSE_START))  # a pause, or the chunk the user's speech ends in
+        if label == SPEAK and c in d.reply and d.reply[c][1] in (1, 2):
+            onset = c - d.reply[c][1]
+            if d.labels[onset] == SPEAK and onset in d.reply and d.reply[onset][1] == 0:
+                out.append((c, LATE_START))  # one or two chunks into an answer that was due
+    return out
 
 
 class ChunkDataset:
@@ -58,19 +87,24 @@ class ChunkDataset:
     With `event_repeats` > 1 the chunks where a decision changes (`is_event`) are listed that many
     times: a dialogue has one chunk where the answer starts against a dozen where the user talks,
     and after 600 SFT steps without repeats the policy kept listening where it should have started
-    (P(speak) 0.16 at the onsets of held-out answers, 0.93 once speaking; docs/duplex.md)."""
+    (P(speak) 0.16 at the onsets of held-out answers, 0.93 once speaking; docs/duplex.md). With
+    `recovery_repeats` > 0 the `recovery_examples` are listed that many times each."""
 
-    def __init__(self, dialogues: list[Dialogue], chunk_samples: int, window_samples: int, event_repeats: int = 1):
+    def __init__(self, dialogues: list[Dialogue], chunk_samples: int, window_samples: int, event_repeats: int = 1,
+                 recovery_repeats: int = 0):
         self.dialogues, self.chunk_samples, self.window_samples = dialogues, chunk_samples, window_samples
-        self.index = [(d, c) for d in dialogues for c in range(d.num_chunks)
+        self.index = [(d, c, "") for d in dialogues for c in range(d.num_chunks)
                       for _ in range(event_repeats if is_event(d, c) else 1)]
+        self.index += [(d, c, variant) for d in dialogues for c, variant in recovery_examples(d)
+                       for _ in range(recovery_repeats)]
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int) -> tuple[ChunkExample, np.ndarray]:
-        d, c = self.index[i]
-        return ChunkExample(f"{d.id}/c{c}", d, c), window(d, c, self.chunk_samples, self.window_samples)
+        d, c, variant = self.index[i]
+        return (ChunkExample(f"{d.id}/c{c}" + (f"/{variant}" if variant else ""), d, c, variant),
+                window(d, c, self.chunk_samples, self.window_samples))
 
     def spread(self, n: int) -> "ChunkDataset":
         """At most n examples evenly spread over the dialogues (a held-out loss sees every kind)."""
@@ -175,8 +209,27 @@ class DuplexTask(SpeakingTask):
     def sft_example(self, ex: ChunkExample, audio: np.ndarray, dataset=None) -> tuple[list[int], list[int], np.ndarray]:
         from speechrl.rlhf.model.logprobs import prompt_ids_for
 
-        reference = self.reference(ex.dialogue)
-        return prompt_ids_for(self.processor, self.prompt(reference[:ex.chunk]), audio), reference[ex.chunk], audio
+        history, target = self.history_and_target(ex)
+        return prompt_ids_for(self.processor, self.prompt(history), audio), target, audio
+
+    def history_and_target(self, ex: ChunkExample) -> tuple[list[list[int]], list[int]]:
+        """The assistant's chunks before `ex.chunk` and the chunk to write there: the reference's, or for
+        a recovery example (`recovery_examples`) the reference's with the mistake in it. A false start
+        speaks the answer's first chunk one chunk early; a late start leaves the answer's chunks so
+        far silent, and the target starts the answer from its first chunk."""
+        reference, c = self.reference(ex.dialogue), ex.chunk
+        history, target = [list(x) for x in reference[:c]], reference[c]
+        silent = [self.tokens.end_id]
+        answer = next(reference[k] for k in sorted(ex.dialogue.reply) if ex.dialogue.reply[k][1] == 0)
+        if ex.variant == FALSE_START:
+            history[-1] = list(answer)
+        elif ex.variant == LATE_START:
+            onset = c - ex.dialogue.reply[c][1]
+            history[onset:] = [silent] * (c - onset)
+            target = reference[onset]
+        elif ex.variant:
+            raise ValueError(f"duplex example {ex.id}: unknown variant {ex.variant!r}")
+        return history, target
 
     def credit(self, completion_ids: list[int]) -> list[float]:
         """1 for the tokens up to and including `<|audio_bos|>` (the decision and any tool call), 0 for
@@ -274,11 +327,21 @@ class DuplexMode(Mode):
         plans = plan_dialogues(self.cfg, "train") + plan_dialogues(self.cfg, "heldout")
         return [DUPLEX_INSTRUCTION] * 50 + plan_texts(plans)
 
+    def data_fingerprints(self) -> dict[str, str]:
+        """The dialogues': every dialogue's labels and user channel, and the reference replies' speech."""
+        from speechrl.rlhf.core.fingerprint import fingerprint
+
+        train, held = load_dialogues(self.cfg)
+        replies = sorted({wav for d in train + held for wav, _ in d.reply.values()})
+        return {"dialogues": fingerprint(*(x for d in train + held for x in (d.id, ",".join(d.labels), d.audio.tobytes())),
+                                         *(Path(w) for w in replies))}
+
     def datasets(self, max_audio_seconds: float):
         train, held = load_dialogues(self.cfg)
         rate = self.cfg.data.sample_rate
         chunk, win = int(round(self.cfg.duplex.chunk_seconds * rate)), int(max_audio_seconds * rate)
-        return ChunkDataset(train, chunk, win, self.cfg.duplex.event_repeats), ChunkDataset(held, chunk, win)
+        d = self.cfg.duplex
+        return ChunkDataset(train, chunk, win, d.event_repeats, d.recovery_repeats), ChunkDataset(held, chunk, win)
 
     def make_task(self, processor, codec=None) -> DuplexTask:
         return DuplexTask(self.cfg, processor, codec)

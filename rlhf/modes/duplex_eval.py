@@ -78,13 +78,14 @@ def decision_scores(task, model, processor, chunks, batch_size: int) -> dict[str
     """Teacher-forced decisions of an in-process model on `chunks` (a duplex.ChunkDataset; see
     `DuplexMode.evaluate_offline`):
     `eval/decision_accuracy` (the likeliest of listen, speak and call, summed over the tokens that
-    start each, against the label; "either" chunks left out) and `eval/onset_speak` (the mean
-    probability of speaking in the chunk an answer is due)."""
+    start each, against the label; "either" chunks left out), the same per label
+    (`eval/decision_accuracy/<label>`: where the overall figure hides a kind of chunk) and
+    `eval/onset_speak` (the mean probability of speaking in the chunk an answer is due)."""
     import torch
 
     from speechrl.rlhf.model.logprobs import build_token_batch
 
-    layout, right, onsets = task.layout, [], []
+    layout, right, onsets, by_label = task.layout, [], [], {}
     text = torch.tensor(layout.text_ids)
     expected = {PAUSE: 0, BACKCHANNEL: 1, ACT: 2, "listen": 0, "stop": 0, "speak": 1}
     was_training = model.training
@@ -105,9 +106,11 @@ def decision_scores(task, model, processor, chunks, batch_size: int) -> dict[str
                     label = ex.dialogue.labels[ex.chunk]
                     if label in expected:
                         right.append(int(np.argmax(mass)) == expected[label])
+                        by_label.setdefault(label, []).append(right[-1])
                     if label in ("speak", ACT) and is_event(ex.dialogue, ex.chunk):
                         onsets.append(mass[1] + (mass[2] if label == ACT else 0.0))
     finally:
         model.train(was_training)
     return {"eval/decision_accuracy": float(np.mean(right)) if right else float("nan"),
+            **{f"eval/decision_accuracy/{label}": float(np.mean(v)) for label, v in sorted(by_label.items())},
             "eval/onset_speak": float(np.mean(onsets)) if onsets else float("nan")}

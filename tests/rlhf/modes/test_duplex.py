@@ -161,6 +161,16 @@ def test_plans_are_seeded_and_held_out_ones_differ(cfg):
     assert plan_dialogues(other, "train") != plan_dialogues(cfg, "train")
 
 
+def test_the_demo_prints_the_dialogues_fingerprint_not_a_corpus(cfg, dialogues, duplex_overrides):
+    from speechrl.rlhf.modes import get_mode
+
+    prints = get_mode(cfg).data_fingerprints()
+    assert set(prints) == {"dialogues"} and len(prints["dialogues"]) == 12
+    assert get_mode(cfg).data_fingerprints() == prints, "the cached speech gives the same fingerprint again"
+    other = load_recipe("duplex/sft", [*duplex_overrides, "duplex.seed=1"])
+    assert get_mode(other).data_fingerprints() != prints, "other dialogues, another fingerprint"
+
+
 def test_labels_follow_the_speech_on_the_clock(dialogues):
     train, held = dialogues
     assert len(train) == 10 and len(held) == 5
@@ -219,14 +229,18 @@ def test_sft_example_reads_the_window_and_the_assistants_chunks_so_far(task, cfg
 
     from speechrl.rlhf.modes.duplex import is_event
 
+    from speechrl.rlhf.modes.duplex import recovery_examples
+
     train, _ = get_mode(cfg).datasets(4.0)
     events = sum(is_event(d, c) for d in train.dialogues for c in range(d.num_chunks))
-    assert len(train) == sum(d.num_chunks for d in train.dialogues) + (cfg.duplex.event_repeats - 1) * events
-    onsets = [(d, c) for d in train.dialogues for c in range(1, d.num_chunks)
+    recovery = sum(len(recovery_examples(d)) for d in train.dialogues)
+    assert len(train) == (sum(d.num_chunks for d in train.dialogues) + (cfg.duplex.event_repeats - 1) * events
+                          + cfg.duplex.recovery_repeats * recovery)
+    onsets = [(d, c, "") for d in train.dialogues for c in range(1, d.num_chunks)
               if d.labels[c] == SPEAK and d.labels[c - 1] == LISTEN]
     assert onsets and all(train.index.count(o) == cfg.duplex.event_repeats for o in onsets)
-    assert train.index.count((train.dialogues[0], 0)) == 1, "a chunk where nothing changes is listed once"
-    ex, audio = train[len(train) - 1]
+    assert train.index.count((train.dialogues[0], 0, "")) == 1, "a chunk where nothing changes is listed once"
+    ex, audio = next(train[i] for i in range(len(train) - 1, -1, -1) if not train.index[i][2])
     assert len(audio) == min(4 * 16000, (ex.chunk + 1) * 2560)
     prompt, completion, clip = task.sft_example(ex, audio)
     assert clip is audio and completion == task.reference(ex.dialogue)[ex.chunk]
@@ -276,6 +290,33 @@ def test_the_prompt_keeps_the_assistants_last_chunks_as_the_audio_window_keeps_t
     assert len(ids) <= task.prompt_budget < 1024
 
 
+def test_recovery_examples_put_the_assistants_own_mistake_in_the_prompt(task, dialogues):
+    from speechrl.rlhf.modes.duplex import FALSE_START, LATE_START, ChunkExample, recovery_examples
+
+    silent = [task.tokens.end_id]
+    seen = set()
+    for d in dialogues[0]:
+        reference = task.reference(d)
+        for c, variant in recovery_examples(d):
+            seen.add((d.kind, variant))
+            history, target = task.history_and_target(ChunkExample(f"{d.id}/c{c}/{variant}", d, c, variant))
+            assert len(history) == c and task.layout.admits(target)
+            if variant == FALSE_START:  # it spoke where the user had the floor: be silent now
+                assert d.labels[c] in (LISTEN, PAUSE) and reference[c - 1] == silent and reference[c] == silent
+                assert task.parse(history[-1]).speaks and history[:-1] == reference[:c - 1] and target == silent
+            else:  # it stayed silent where the answer was due: start the answer now, from its beginning
+                k = d.reply[c][1]
+                assert variant == LATE_START and d.labels[c] == SPEAK and k in (1, 2)
+                assert history[c - k:] == [silent] * k and history[:c - k] == reference[:c - k]
+                assert target == reference[c - k] and task.parse(target).speaks and target != reference[c]
+    assert {("pause", FALSE_START), ("turn", FALSE_START), ("turn", LATE_START), ("interrupt", LATE_START)} <= seen
+    pause = next(d for d in dialogues[0] if d.kind == "pause")
+    start, stop = pause.events["pause"]
+    assert {c for c, v in recovery_examples(pause) if v == FALSE_START} >= set(range(start, stop)), "every pause chunk"
+    with pytest.raises(ValueError, match="variant"):
+        task.history_and_target(ChunkExample("x", pause, 3, "early"))
+
+
 def test_decision_scores_read_the_first_token_of_each_held_out_chunk(task, cfg):
     from speechrl.rlhf.model.backbone import load_backbone
     from speechrl.rlhf.modes import get_mode
@@ -293,10 +334,12 @@ def test_decision_scores_read_the_first_token_of_each_held_out_chunk(task, cfg):
     head = backbone.model.get_output_embeddings()
     head.bias = torch.nn.Parameter(bias)
     forced = decision_scores(task, backbone.model, backbone.processor, held, 16)
-    labels = [d.labels[c] for d, c in held.index]
+    labels = [d.labels[c] for d, c, _ in held.index]
     speak = [l in (SPEAK, BACKCHANNEL) for l in labels if l != EITHER]
     assert forced["eval/onset_speak"] == pytest.approx(1.0)
     assert forced["eval/decision_accuracy"] == pytest.approx(np.mean(speak))
+    assert forced["eval/decision_accuracy/speak"] == 1.0 and forced["eval/decision_accuracy/listen"] == 0.0
+    assert set(k.split("/")[-1] for k in forced if k.startswith("eval/decision_accuracy/")) == set(labels) - {EITHER}
 
 
 def test_duplex_recipes_are_checked():
