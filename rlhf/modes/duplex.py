@@ -165,8 +165,11 @@ class DuplexTask(SpeakingTask):
         """The prompt after the chunks `stream`: the last `history_chunks` of them, the same stretch of
         the clock as the audio window, so the prompt stays bounded however long the dialogue (a
         policy that fills every chunk with a tool call and speech would otherwise outgrow
-        rollout.max_model_len)."""
+        rollout.max_model_len). Before the dialogue's start the assistant listened: fewer chunks are
+        preceded by silent ones, so the prompt does not count the chunks since the start (a clock the
+        first demo's policy read instead of the user's audio; `window` keeps the audio's the same way)."""
         recent = list(stream[-self.history_chunks:])
+        recent = [[self.tokens.end_id]] * (self.history_chunks - len(recent)) + recent
         while True:
             text = render_duplex_prompt(self.processor, [t for chunk in recent for t in chunk])
             # sampled text (a tool call) can re-tokenize longer than it was sampled: count the text's tokens

@@ -290,6 +290,15 @@ def load_dialogues(cfg: RecipeConfig) -> tuple[list[Dialogue], list[Dialogue]]:
 
 def window(dialogue: Dialogue, chunk: int, chunk_samples: int, window_samples: int) -> np.ndarray:
     """What the encoder hears at `chunk`'s decision: the user's channel up to the chunk's end, its
-    last `window_samples` (a fresh array: the trainer groups rows by their clip object)."""
+    last `window_samples`, silence before the dialogue's start (a fresh array: the trainer groups rows
+    by their clip object).
+
+    Always the whole window, so that now is always its end. Cut at the dialogue's start, the window
+    was padded after the speech by the feature extractor, and padding reads as silence: early in a
+    dialogue the model could not tell where now was in it, and the first demo's policy started
+    speaking about 10 chunks into every dialogue, wherever the user stopped (docs/duplex.md)."""
     stop = (chunk + 1) * chunk_samples
-    return np.array(dialogue.audio[max(0, stop - window_samples):stop], dtype=np.float32)
+    out = np.zeros(window_samples, dtype=np.float32)
+    heard = dialogue.audio[max(0, stop - window_samples):stop]
+    out[window_samples - len(heard):] = heard
+    return out

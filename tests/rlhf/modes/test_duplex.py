@@ -241,7 +241,10 @@ def test_sft_example_reads_the_window_and_the_assistants_chunks_so_far(task, cfg
     assert onsets and all(train.index.count(o) == cfg.duplex.event_repeats for o in onsets)
     assert train.index.count((train.dialogues[0], 0, "")) == 1, "a chunk where nothing changes is listed once"
     ex, audio = next(train[i] for i in range(len(train) - 1, -1, -1) if not train.index[i][2])
-    assert len(audio) == min(4 * 16000, (ex.chunk + 1) * 2560)
+    heard = min(4 * 16000, (ex.chunk + 1) * 2560)
+    assert len(audio) == 4 * 16000, "always the whole window: now is its end"
+    assert np.array_equal(audio[4 * 16000 - heard:], ex.dialogue.audio[(ex.chunk + 1) * 2560 - heard:(ex.chunk + 1) * 2560])
+    assert not audio[:4 * 16000 - heard].any(), "silence before the dialogue's start"
     prompt, completion, clip = task.sft_example(ex, audio)
     assert clip is audio and completion == task.reference(ex.dialogue)[ex.chunk]
     stream = [t for chunk in task.reference(ex.dialogue)[:ex.chunk][-task.history_chunks:] for t in chunk]
@@ -283,6 +286,10 @@ def test_the_prompt_keeps_the_assistants_last_chunks_as_the_audio_window_keeps_t
     busy = [[*call, task.speak_id, *task.layout.codec_ids[:4], task.tokens.end_id]] * 100  # the longest chunks
     short = task.tokenizer(task.prompt(busy[:task.history_chunks]), add_special_tokens=False)["input_ids"]
     assert task.prompt(busy) == task.prompt(busy[:task.history_chunks])
+    silent = [[task.tokens.end_id]]
+    assert task.prompt([]) == task.prompt(silent * 3) == task.prompt(silent * 80), \
+        "before the start the assistant listened: the prompt does not count chunks since the start"
+    assert task.prompt(busy[:2]) == task.prompt(silent * 30 + busy[:2])
     assert len(short) + 100 + 32 <= 1024, "instruction, the chunks, 4 s of audio and one chunk fit max_model_len"
     # sampled garbage on the action channel re-tokenizes longer than it was sampled: older chunks go
     garbage = [[*task.layout.text_ids[:24], task.tokens.end_id]] * 100
