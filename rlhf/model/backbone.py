@@ -161,8 +161,10 @@ def build_tokenizer(texts: list[str], *, vocab_size: int, num_codec_tokens: int)
     return fast
 
 
-def build_tiny_backbone(out_dir: str | Path, texts: list[str], tiny, *, sample_rate: int = 16000) -> Path:
-    """Write a randomly initialized tiny backbone (`tiny`: a TinyBackboneConfig) to `out_dir`."""
+def build_tiny_backbone(out_dir: str | Path, texts: list[str], tiny, *, sample_rate: int = 16000,
+                        whisper_dir: Optional[Path] = None) -> Path:
+    """Write a randomly initialized tiny backbone (`tiny`: a TinyBackboneConfig) to `out_dir`; with
+    `whisper_dir` (a converted Whisper, `tiny.audio_encoder`) its audio tower is that Whisper's encoder."""
     from transformers import (Qwen2AudioConfig, Qwen2AudioEncoderConfig, Qwen2AudioForConditionalGeneration,
                               Qwen2AudioProcessor, Qwen2Config, WhisperFeatureExtractor)
 
@@ -182,10 +184,21 @@ def build_tiny_backbone(out_dir: str | Path, texts: list[str], tiny, *, sample_r
                                                 chunk_length=int(chunk) if float(chunk).is_integer() else chunk)
     processor = Qwen2AudioProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer,
                                     chat_template=CHAT_TEMPLATE)
-    audio_cfg = Qwen2AudioEncoderConfig(
-        num_mel_bins=80, encoder_layers=tiny.encoder_layers, encoder_attention_heads=tiny.num_heads,
-        encoder_ffn_dim=tiny.encoder_dim * 4, d_model=tiny.encoder_dim,
-        max_source_positions=int(round(chunk * 100)) // 2)
+    positions = int(round(chunk * 100)) // 2
+    whisper = None
+    if whisper_dir is not None:  # Whisper's encoder is Qwen2-Audio's tower (model/pretrained/backbone.py)
+        from transformers import WhisperForConditionalGeneration
+
+        whisper = WhisperForConditionalGeneration.from_pretrained(whisper_dir, dtype=torch.float32)
+        w = whisper.config
+        audio_cfg = Qwen2AudioEncoderConfig(
+            num_mel_bins=w.num_mel_bins, encoder_layers=w.encoder_layers, encoder_attention_heads=w.encoder_attention_heads,
+            encoder_ffn_dim=w.encoder_ffn_dim, d_model=w.d_model, activation_function=w.activation_function,
+            max_source_positions=positions, scale_embedding=w.scale_embedding)
+    else:
+        audio_cfg = Qwen2AudioEncoderConfig(
+            num_mel_bins=80, encoder_layers=tiny.encoder_layers, encoder_attention_heads=tiny.num_heads,
+            encoder_ffn_dim=tiny.encoder_dim * 4, d_model=tiny.encoder_dim, max_source_positions=positions)
     text_cfg = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=tiny.hidden_size, intermediate_size=tiny.hidden_size * 2,
         num_hidden_layers=tiny.num_layers, num_attention_heads=tiny.num_heads,
@@ -195,6 +208,13 @@ def build_tiny_backbone(out_dir: str | Path, texts: list[str], tiny, *, sample_r
                               audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN))
     config.tie_word_embeddings = False
     model = Qwen2AudioForConditionalGeneration(config)
+    if whisper is not None:
+        # the window's first positions of Whisper's 30 s (whisper.cpp's audio_ctx; load_whisper cuts the
+        # judge's window the same way): every other weight loads as it is
+        encoder = whisper.model.encoder.state_dict()
+        encoder["embed_positions.weight"] = encoder["embed_positions.weight"][:positions].clone()
+        model.model.audio_tower.load_state_dict(encoder, strict=True)
+        del whisper
     model.generation_config.eos_token_id = text_cfg.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return save_backbone(model, processor, out_dir)
@@ -233,7 +253,9 @@ def backbone_summary(backbone: Backbone) -> dict:
 def default_tiny_dir(cache_dir: str, tiny) -> Path:
     """Cache path keyed by the tiny shape, so a changed shape never reuses a stale build (the tokenizer's
     texts are named by the caller: modes/assets.py)."""
-    key = "-".join(str(v) for k, v in vars(tiny).items() if k != "texts").replace(".", "_")
+    # a random encoder keeps the names given before `audio_encoder` existed, so caches stay valid
+    key = "-".join(str(v) for k, v in vars(tiny).items()
+                   if k != "texts" and not (k == "audio_encoder" and v == "random")).replace(".", "_")
     return Path(cache_dir).expanduser() / "backbones" / f"tiny-{key}"
 
 
@@ -251,7 +273,12 @@ def ensure_tiny_backbone(cache_dir: str, tiny, texts_fn, sample_rate: int = 1600
     def build() -> None:
         tmp = path.with_name(path.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)  # a killed build's leftovers
-        build_tiny_backbone(tmp, texts_fn(), tiny, sample_rate=sample_rate)
+        whisper_dir = None
+        if tiny.audio_encoder != "random":
+            from speechrl.rlhf.model.pretrained.whisper import ensure_whisper
+
+            whisper_dir = ensure_whisper(cache_dir, tiny.audio_encoder)
+        build_tiny_backbone(tmp, texts_fn(), tiny, sample_rate=sample_rate, whisper_dir=whisper_dir)
         tmp.rename(path)  # atomic: a killed build never leaves a half-written backbone behind
         log.info("tiny backbone built into %s, fingerprint %s", path, backbone_fingerprint(path))
 

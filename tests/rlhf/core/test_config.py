@@ -134,6 +134,7 @@ def test_existing_file_is_accepted(tmp_path):
     ("mode=video", "mode"),
     ("data.on_bad_example=ignore", "data.on_bad_example"),
     ("rl.loss_agg=sum", "rl.loss_agg"),
+    ("model.tiny.audio_encoder=whisper-large", "model.tiny.audio_encoder"),
 ])
 def test_bad_choice_lists_the_choices(override, key):
     with pytest.raises(RecipeError, match=f"`{key}`.*choose one of"):
@@ -149,6 +150,13 @@ def test_bad_choice_lists_the_choices(override, key):
 def test_small_head_dim_rejected(overrides, key):
     with pytest.raises(RecipeError, match=f"`{key}`.*head_dim"):
         load_recipe("asr/sft", overrides)
+
+
+def test_a_whisper_encoder_needs_16_khz_and_frees_the_encoder_shape():
+    with pytest.raises(RecipeError, match="audio_encoder.*16 kHz.*data.sample_rate"):
+        load_recipe("asr/sft", ["model.tiny.audio_encoder=whisper-tiny.en", "data.sample_rate=24000"])
+    cfg = load_recipe("asr/sft", ["model.tiny.audio_encoder=whisper-tiny.en", "model.tiny.encoder_dim=96"])
+    assert cfg.model.tiny.audio_encoder == "whisper-tiny.en", "Whisper's width, not encoder_dim, is the tower's"
 
 
 def test_head_dim_32_accepted():

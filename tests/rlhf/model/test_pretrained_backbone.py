@@ -161,3 +161,31 @@ def test_loads_in_stock_vllm_and_matches_transformers(real, speech, monkeypatch)
     finally:
         del llm
     assert [list(o.outputs[0].token_ids) for o in outs] == expected
+
+
+def test_a_tiny_backbone_hears_through_whisper_tiny_encoder(cache, speech, tmp_path):
+    """model.tiny.audio_encoder: the tower is Whisper's encoder cut to the 4 s window; the rest is tiny."""
+    from dataclasses import replace
+
+    from speechrl.rlhf.core.config import TinyBackboneConfig
+    from speechrl.rlhf.model.backbone import default_tiny_dir, ensure_tiny_backbone
+
+    plain = TinyBackboneConfig()
+    tiny = replace(plain, audio_encoder="whisper-tiny.en")
+    assert "whisper" not in default_tiny_dir(cache, plain).name, "a random encoder keeps its cache name"
+    assert default_tiny_dir(cache, tiny) != default_tiny_dir(cache, plain)
+    path = ensure_tiny_backbone(str(tmp_path), tiny, lambda: ["turn left", "stop here"], path=tmp_path / "tiny-whisper")
+    backbone = load_backbone(path)
+    w_model, w_processor = whisper.load_whisper(str(whisper.ensure_whisper(cache)), window_s=4)
+    config = backbone.model.config
+    assert config.audio_config.d_model == w_model.config.d_model == 384 and config.text_config.hidden_size == 256
+    audio, rate = speech
+    audio = whisper._resample(np.asarray(audio, dtype=np.float32), rate)[: 4 * 16000]
+    ours = backbone.processor.feature_extractor(audio, sampling_rate=16000, return_tensors="pt").input_features
+    theirs = w_processor.feature_extractor(audio, sampling_rate=16000, return_tensors="pt").input_features
+    assert torch.equal(ours, theirs), "the same 4 s log-mel window"
+    with torch.no_grad():
+        a = backbone.model.model.audio_tower(ours, output_hidden_states=True).hidden_states
+        b = w_model.model.encoder(theirs, output_hidden_states=True).hidden_states
+    layers = w_model.config.encoder_layers
+    assert torch.allclose(a[layers - 1], b[layers - 1], atol=1e-5), "Whisper's weights, position for position"
