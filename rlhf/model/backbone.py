@@ -189,12 +189,10 @@ def build_tiny_backbone(out_dir: str | Path, texts: list[str], tiny, *, sample_r
     if whisper_dir is not None:  # Whisper's encoder is Qwen2-Audio's tower (model/pretrained/backbone.py)
         from transformers import WhisperForConditionalGeneration
 
+        from speechrl.rlhf.model.pretrained.whisper import tower_config
+
         whisper = WhisperForConditionalGeneration.from_pretrained(whisper_dir, dtype=torch.float32)
-        w = whisper.config
-        audio_cfg = Qwen2AudioEncoderConfig(
-            num_mel_bins=w.num_mel_bins, encoder_layers=w.encoder_layers, encoder_attention_heads=w.encoder_attention_heads,
-            encoder_ffn_dim=w.encoder_ffn_dim, d_model=w.d_model, activation_function=w.activation_function,
-            max_source_positions=positions, scale_embedding=w.scale_embedding)
+        audio_cfg = tower_config(whisper.config, positions)
     else:
         audio_cfg = Qwen2AudioEncoderConfig(
             num_mel_bins=80, encoder_layers=tiny.encoder_layers, encoder_attention_heads=tiny.num_heads,

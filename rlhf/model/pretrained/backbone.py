@@ -20,7 +20,7 @@ from speechrl.rlhf.core.config import PRETRAINED_BACKBONES
 from speechrl.rlhf.model.backbone import CHAT_TEMPLATE, EOT, IM_END, save_backbone
 from speechrl.rlhf.model.pretrained.codec_tokens import extend_vocabulary
 from speechrl.rlhf.model.pretrained.smollm2 import ensure_smollm2
-from speechrl.rlhf.model.pretrained.whisper import SAMPLE_RATE, ensure_whisper
+from speechrl.rlhf.model.pretrained.whisper import SAMPLE_RATE, ensure_whisper, tower_config
 
 SMALL_REAL = "whisper-tiny.en+smollm2-135m"
 PRETRAINED = PRETRAINED_BACKBONES  # the names `model.pretrained` takes (core checks recipes against them)
@@ -30,17 +30,13 @@ assert SMALL_REAL in PRETRAINED
 def build_small_real_backbone_into(out_dir: Path, whisper_dir: Path, smollm2_dir: Path,
                                    num_codec_tokens: int, seed: int = 0) -> Path:
     """Assemble the backbone from the converted Whisper and SmolLM2 directories and write it."""
-    from transformers import (Qwen2AudioConfig, Qwen2AudioEncoderConfig,
-                              Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor, Qwen2Config,
+    from transformers import (Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor, Qwen2Config,
                               Qwen2ForCausalLM, TokenizersBackend, WhisperFeatureExtractor,
                               WhisperForConditionalGeneration)
 
     whisper = WhisperForConditionalGeneration.from_pretrained(whisper_dir, dtype=torch.float32)
     w = whisper.config
-    audio_cfg = Qwen2AudioEncoderConfig(
-        num_mel_bins=w.num_mel_bins, encoder_layers=w.encoder_layers, encoder_attention_heads=w.encoder_attention_heads,
-        encoder_ffn_dim=w.encoder_ffn_dim, d_model=w.d_model, activation_function=w.activation_function,
-        max_source_positions=w.max_source_positions, scale_embedding=w.scale_embedding)
+    audio_cfg = tower_config(w)
     text_cfg = Qwen2Config(**{k: v for k, v in json.loads((smollm2_dir / "config.json").read_text()).items()
                               if k not in ("architectures", "model_type", "transformers_version")})
     # untied: transformers' Qwen2-Audio always has its own lm_head, while vLLM would tie it to the

@@ -15,7 +15,7 @@ import struct
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -103,6 +103,18 @@ def to_transformers(variables: dict[str, np.ndarray], aliases: dict[str, str]) -
         else:
             out[f"{prefix}{_MODULES[module]}.{leaf}"] = array
     return out
+
+
+def tower_config(w, max_source_positions: Optional[int] = None):
+    """Qwen2-Audio's audio-tower config for the Whisper config `w`: the same modules and keys, so its
+    encoder weights load as they are (the tower adds a weightless pool). `max_source_positions` cuts
+    the window (default: Whisper's own 30 s, 1500 positions)."""
+    from transformers import Qwen2AudioEncoderConfig
+
+    return Qwen2AudioEncoderConfig(
+        num_mel_bins=w.num_mel_bins, encoder_layers=w.encoder_layers, encoder_attention_heads=w.encoder_attention_heads,
+        encoder_ffn_dim=w.encoder_ffn_dim, d_model=w.d_model, activation_function=w.activation_function,
+        max_source_positions=max_source_positions or w.max_source_positions, scale_embedding=w.scale_embedding)
 
 
 def wheel_parts(name: str) -> list[Path]:
