@@ -61,9 +61,9 @@ class ChunkExample:
 def recovery_examples(d: Dialogue) -> list[tuple[int, str]]:
     """The chunks of `d` where SFT also trains what to do after a wrong decision of the assistant's own,
     as (chunk, variant). On the clock the policy reads its own chunks, while SFT's prompts hold only
-    the reference's, so a policy that never saw its mistakes in a prompt carries them on: one chunk
-    started too early became a barge-in that went on, one silent chunk where the answer was due
-    became no answer (docs/duplex.md). The two mistakes, where they happen:
+    the reference's, so a policy that never saw its mistakes in a prompt may carry them on (a chunk
+    started too early going on as a barge-in, a silent chunk where the answer was due followed by
+    more silence; docs/duplex.md). The two mistakes, where they happen:
 
       FALSE_START  the chunk before spoke, though the user had the floor (the last chunk of their
                    speech, or any chunk of a pause): be silent now
