@@ -18,7 +18,6 @@ first sample, as realtime episodes do with turns. Held-out evaluation plays the 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -29,8 +28,9 @@ from speechrl.rlhf.core.registry import MODES
 from speechrl.rlhf.model.backbone import AUDIO_BOS, AUDIO_TOKEN, IM_END, text_token_ids
 from speechrl.rlhf.model.prompts import render_duplex_prompt
 from speechrl.rlhf.modes.base import Mode, batch_indices, safe_name
-from speechrl.rlhf.modes.duplex_data import (ACT, KINDS, LISTEN, PAUSE, SPEAK, Dialogue, load_dialogues,
-                                             plan_dialogues, is_event, plan_texts, window)
+from speechrl.rlhf.modes.duplex_chunks import FALSE_START, LATE_START, ChunkDataset, ChunkExample, recovery_examples  # noqa: F401
+from speechrl.rlhf.modes.duplex_data import (ACT, KINDS, Dialogue, load_dialogues, plan_dialogues, is_event,  # noqa: F401
+                                             plan_texts, window)
 from speechrl.rlhf.modes.duplex_eval import TARGETS, decision_scores, summarize, timeline_metrics
 from speechrl.rlhf.modes.tts import SpeakingTask, check_codec_fits_the_tiny_backbone
 from speechrl.rollouts.types import RolloutRequest
@@ -41,80 +41,6 @@ class ChunkOut(NamedTuple):
     action: Optional[str]  # the action channel's text (a tool call), None without one
     codec_ids: list[int]  # codec-local ids of its audio
     speaks: bool  # it opens its audio (`<|audio_bos|>`)
-
-
-# variants of a chunk's example: the reference chunks so far (""), or after a wrong decision of the
-# assistant's own (recovery_examples)
-FALSE_START, LATE_START = "false_start", "late_start"
-
-
-@dataclass(frozen=True)
-class ChunkExample:
-    """One decision of a dialogue, as SFT trains it."""
-
-    id: str  # "<dialogue id>/c<chunk>", then "/<variant>" for a recovery example
-    dialogue: Dialogue
-    chunk: int
-    variant: str = ""  # "", FALSE_START or LATE_START (recovery_examples)
-
-
-def recovery_examples(d: Dialogue) -> list[tuple[int, str]]:
-    """The chunks of `d` where SFT also trains what to do after a wrong decision of the assistant's own,
-    as (chunk, variant). On the clock the policy reads its own chunks, while SFT's prompts hold only
-    the reference's, so a policy that never saw its mistakes in a prompt may carry them on (a chunk
-    started too early going on as a barge-in, a silent chunk where the answer was due followed by
-    more silence; docs/duplex.md). The two mistakes, where they happen:
-
-      FALSE_START  the chunk before spoke, though the user had the floor (the last chunk of their
-                   speech, or any chunk of a pause): be silent now
-      LATE_START   the chunks since an answer was due were silent (one or two of them): start now,
-                   from the answer's first chunk"""
-    out = []
-    for c in range(1, d.num_chunks):
-        label, before = d.labels[c], d.labels[c - 1]
-        if label == PAUSE or label == LISTEN and before == LISTEN and c + 1 < d.num_chunks and d.labels[c + 1] != LISTEN:
-            out.append((c, FALSE_START))  # a pause, or the chunk the user's speech ends in
-        if label == SPEAK and c in d.reply and d.reply[c][1] in (1, 2):
-            onset = c - d.reply[c][1]
-            if d.labels[onset] == SPEAK and onset in d.reply and d.reply[onset][1] == 0:
-                out.append((c, LATE_START))  # one or two chunks into an answer that was due
-    return out
-
-
-class ChunkDataset:
-    """Every chunk of every dialogue, as SFT's loop indexes them: (ChunkExample, what the encoder hears).
-
-    With `event_repeats` > 1 the chunks where a decision changes (`is_event`) are listed that many
-    times: a dialogue has one chunk where the answer starts against a dozen where the user talks,
-    and after 600 SFT steps without repeats the policy kept listening where it should have started
-    (P(speak) 0.16 at the onsets of held-out answers, 0.93 once speaking; docs/duplex.md). With
-    `recovery_repeats` > 0 the `recovery_examples` are listed that many times each."""
-
-    def __init__(self, dialogues: list[Dialogue], chunk_samples: int, window_samples: int, event_repeats: int = 1,
-                 recovery_repeats: int = 0):
-        self.dialogues, self.chunk_samples, self.window_samples = dialogues, chunk_samples, window_samples
-        self.index = [(d, c, "") for d in dialogues for c in range(d.num_chunks)
-                      for _ in range(event_repeats if is_event(d, c) else 1)]
-        self.index += [(d, c, variant) for d in dialogues for c, variant in recovery_examples(d)
-                       for _ in range(recovery_repeats)]
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> tuple[ChunkExample, np.ndarray]:
-        d, c, variant = self.index[i]
-        return (ChunkExample(f"{d.id}/c{c}" + (f"/{variant}" if variant else ""), d, c, variant),
-                window(d, c, self.chunk_samples, self.window_samples))
-
-    def spread(self, n: int) -> "ChunkDataset":
-        """At most n examples evenly spread over the dialogues (a held-out loss sees every kind)."""
-        picks = np.linspace(0, len(self.index) - 1, num=min(n, len(self.index))).round().astype(int)
-        out = ChunkDataset([], self.chunk_samples, self.window_samples)
-        out.index = [self.index[int(i)] for i in dict.fromkeys(picks.tolist())]
-        return out
-
-    def summary(self) -> dict:
-        return {"examples": len(self), "kept": len(self), "bad": 0, "reasons": []}
 
 
 def chunk_frames(chunk_seconds: float, frame_rate: float, what: str) -> int:
@@ -223,9 +149,8 @@ class DuplexTask(SpeakingTask):
         reference, c = self.reference(ex.dialogue), ex.chunk
         history, target = [list(x) for x in reference[:c]], reference[c]
         silent = [self.tokens.end_id]
-        answer = next(reference[k] for k in sorted(ex.dialogue.reply) if ex.dialogue.reply[k][1] == 0)
-        if ex.variant == FALSE_START:
-            history[-1] = list(answer)
+        if ex.variant == FALSE_START:  # the answer's first chunk, one chunk early
+            history[-1] = list(next(reference[k] for k in sorted(ex.dialogue.reply) if ex.dialogue.reply[k][1] == 0))
         elif ex.variant == LATE_START:
             onset = c - ex.dialogue.reply[c][1]
             history[onset:] = [silent] * (c - onset)
