@@ -332,7 +332,7 @@ class DuplexConfig:
     event_repeats: int = 4  # SFT lists each chunk where the decision changes (an answer's start, a stop, a pause, ...) this many times
     # SFT also lists, this many times each, chunks after a wrong decision of the assistant's own (it spoke
     # as the user's speech ended or in a pause: be silent; it was silent where the answer was due: start
-    # now); on the clock the policy reads its own chunks (recovery_examples in rlhf/modes/duplex.py); 0 = none
+    # now); on the clock the policy reads its own chunks (recovery_examples in rlhf/modes/duplex_chunks.py); 0 = none
     recovery_repeats: int = 2
     # held-out dialogues are played at this temperature, as a duplex model runs (sampled; reproducible:
     # the engines are reseeded per call); 0 = greedy, which turns every near coin-flip into "listen"
