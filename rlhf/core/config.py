@@ -327,7 +327,10 @@ class DuplexConfig:
     chunk_seconds: float = 0.16  # the clock; a whole number of codec frames (0.16 s = 4 frames of 40 ms)
     kinds: list[str] = field(default_factory=lambda: ["turn", "pause", "backchannel", "interrupt", "tool"])  # dialogue kinds built (docs/duplex.md)
     dialogues_per_kind: int = 60  # synthetic training dialogues of each kind
-    heldout_per_kind: int = 12  # held-out dialogues of each kind: evaluation plays them greedily
+    # training dialogues of a kind where it needs another count than dialogues_per_kind, e.g. {tool: 240}:
+    # a tool call hears a city or a number, learnt from its kind's dialogues alone (docs/duplex.md)
+    dialogues_by_kind: dict[str, int] = field(default_factory=dict)
+    heldout_per_kind: int = 12  # held-out dialogues of each kind, played at eval_temperature
     max_action_tokens: int = 24  # the action channel's rate limit: text tokens one chunk may hold before its audio
     event_repeats: int = 4  # SFT lists each chunk where the decision changes (an answer's start, a stop, a pause, ...) this many times
     # SFT also lists, this many times each, chunks after a wrong decision of the assistant's own (it spoke

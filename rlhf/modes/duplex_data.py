@@ -71,13 +71,14 @@ class Plan:
 
 
 def plan_dialogues(cfg: RecipeConfig, split: str) -> list[Plan]:
-    """The split's plans ("train" or "heldout"): `duplex.dialogues_per_kind` (or `heldout_per_kind`)
-    of each kind in `duplex.kinds`, drawn from a generator seeded by (duplex.seed, split, kind). Held-out
-    dialogues use the same grammar with other draws (topics and cities recur: the clock is what is tested)."""
+    """The split's plans ("train" or "heldout"): `duplex.dialogues_per_kind` (`dialogues_by_kind` where
+    it names the kind; `heldout_per_kind` held out) of each kind in `duplex.kinds`, drawn from a generator
+    seeded by (duplex.seed, split, kind), so a kind's first dialogues are the same whatever its count.
+    Held-out dialogues use the same grammar with other draws (topics and cities recur: the clock is what is tested)."""
     d = cfg.duplex
-    count = d.dialogues_per_kind if split == "train" else d.heldout_per_kind
     plans = []
     for kind in d.kinds:
+        count = d.dialogues_by_kind.get(kind, d.dialogues_per_kind) if split == "train" else d.heldout_per_kind
         rng = random.Random(f"{d.seed}|{split}|{kind}")
         for i in range(count):
             plans.append(_plan(kind, f"{split}-{kind}-{i:04d}", rng, d.user_voices, d.user_rates))
