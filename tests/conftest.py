@@ -128,7 +128,8 @@ def realtime_overrides(tiny_overrides) -> list[str]:
 def duplex_overrides(tiny_overrides) -> list[str]:
     """A small duplex setup (tests/rlhf/modes/test_duplex.py, tests/e2e/test_duplex_e2e.py): two
     training dialogues and one held-out of each kind, espeak-ng user speech."""
-    return [*tiny_overrides, "duplex.dialogues_per_kind=2", "duplex.heldout_per_kind=1", "duplex.user_voices=[en-us]",
+    return [*tiny_overrides, "duplex.dialogues_per_kind=2",
+            "duplex.dialogues_by_kind={backchannel: 2, interrupt: 2, tool: 2}", "duplex.heldout_per_kind=1", "duplex.user_voices=[en-us]",
             "data.max_eval_examples=8", "train.batch_size=4", "train.torch_threads=1", "rollout.threads_per_worker=1"]
 
 

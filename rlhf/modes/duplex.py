@@ -222,10 +222,10 @@ class DuplexMode(Mode):
         if not d.kinds or unknown or len(set(d.kinds)) != len(d.kinds):
             raise RecipeError(f"{source}: `duplex.kinds` is {list(d.kinds)}; list each of {', '.join(KINDS)} at most "
                               "once, at least one")
-        for kind, count in d.dialogues_by_kind.items():
-            if kind not in d.kinds or isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 100_000:
-                raise RecipeError(f"{source}: `duplex.dialogues_by_kind.{kind}` is {count!r}; name a kind of "
-                                  f"`duplex.kinds` ({', '.join(d.kinds)}) with a count in [1, 100000]")
+        for kind, count in d.dialogues_by_kind.items():  # a kind not in duplex.kinds is not built: its count is unused
+            if kind not in KINDS or isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 100_000:
+                raise RecipeError(f"{source}: `duplex.dialogues_by_kind.{kind}` is {count!r}; name a dialogue kind "
+                                  f"({', '.join(KINDS)}) with a count in [1, 100000]")
         if "tool" in d.kinds and d.max_action_tokens < 1:
             raise RecipeError(f"{source}: `duplex.kinds` has tool but `duplex.max_action_tokens` is 0: a tool call "
                               "needs action tokens (about 15)")
