@@ -141,6 +141,7 @@ _RANGES = {
     "duplex.heldout_per_kind": ">= 1",
     "duplex.max_action_tokens": ">= 0 (0 = no tool calls)",
     "duplex.event_repeats": "in [1, 100] (1 = every chunk once)",
+    "duplex.call_repeats": "in [1, 100] (1 = once)",
     "duplex.recovery_repeats": "in [0, 100] (0 = none)",
     "duplex.eval_temperature": ">= 0 (0 = greedy)",
     "duplex.user_rates": _ESPEAK_RATE,

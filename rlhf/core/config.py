@@ -333,6 +333,9 @@ class DuplexConfig:
     heldout_per_kind: int = 12  # held-out dialogues of each kind, played at eval_temperature
     max_action_tokens: int = 24  # the action channel's rate limit: text tokens one chunk may hold before its audio
     event_repeats: int = 4  # SFT lists each chunk where the decision changes (an answer's start, a stop, a pause, ...) this many times
+    # ... and each chunk where a tool call is due this many times: its city or number is heard from a few
+    # dozen clips each (docs/duplex.md)
+    call_repeats: int = 4
     # SFT also lists, this many times each, chunks after a wrong decision of the assistant's own (it spoke
     # as the user's speech ended or in a pause: be silent; it was silent where the answer was due: start
     # now); on the clock the policy reads its own chunks (recovery_examples in rlhf/modes/duplex_chunks.py); 0 = none

@@ -273,7 +273,7 @@ class DuplexMode(Mode):
         rate = self.cfg.data.sample_rate
         chunk, win = int(round(self.cfg.duplex.chunk_seconds * rate)), int(max_audio_seconds * rate)
         d = self.cfg.duplex
-        return ChunkDataset(train, chunk, win, d.event_repeats, d.recovery_repeats), ChunkDataset(held, chunk, win)
+        return ChunkDataset(train, chunk, win, d.event_repeats, d.recovery_repeats, d.call_repeats), ChunkDataset(held, chunk, win)
 
     def make_task(self, processor, codec=None) -> DuplexTask:
         return DuplexTask(self.cfg, processor, codec)

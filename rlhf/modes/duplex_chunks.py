@@ -5,10 +5,11 @@ and target (rlhf/modes/duplex.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
-from speechrl.rlhf.modes.duplex_data import LISTEN, PAUSE, SPEAK, Dialogue, is_event, window
+from speechrl.rlhf.modes.duplex_data import ACT, LISTEN, PAUSE, SPEAK, Dialogue, is_event, window
 
 # variants of a chunk's example: the reference chunks so far (""), or after a wrong decision of the
 # assistant's own (recovery_examples)
@@ -55,13 +56,18 @@ class ChunkDataset:
     times: a dialogue has one chunk where the answer starts against a dozen where the user talks,
     and after 600 SFT steps without repeats the policy kept listening where it should have started
     (P(speak) 0.16 at the onsets of held-out answers, 0.93 once speaking; docs/duplex.md). With
-    `recovery_repeats` > 0 the `recovery_examples` are listed that many times each."""
+    `recovery_repeats` > 0 the `recovery_examples` are listed that many times each, and the chunks
+    where a tool call is due `call_repeats` times (None: as other events)."""
 
     def __init__(self, dialogues: list[Dialogue], chunk_samples: int, window_samples: int, event_repeats: int = 1,
-                 recovery_repeats: int = 0):
+                 recovery_repeats: int = 0, call_repeats: Optional[int] = None):
         self.dialogues, self.chunk_samples, self.window_samples = dialogues, chunk_samples, window_samples
-        self.index = [(d, c, "") for d in dialogues for c in range(d.num_chunks)
-                      for _ in range(event_repeats if is_event(d, c) else 1)]
+        calls = event_repeats if call_repeats is None else call_repeats
+
+        def repeats(d: Dialogue, c: int) -> int:
+            return (calls if d.labels[c] == ACT else event_repeats) if is_event(d, c) else 1
+
+        self.index = [(d, c, "") for d in dialogues for c in range(d.num_chunks) for _ in range(repeats(d, c))]
         self.index += [(d, c, variant) for d in dialogues for c, variant in recovery_examples(d)
                        for _ in range(recovery_repeats)]
 

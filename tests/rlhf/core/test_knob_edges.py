@@ -129,6 +129,7 @@ EDGES_ALLOWED = {
     "duplex.heldout_per_kind": {"huge"},
     "duplex.max_action_tokens": {"0", "huge"},  # 0 = no tool calls (refused with the tool kind); huge: max_new_tokens refuses it
     "duplex.event_repeats": set(),
+    "duplex.call_repeats": set(),
     "duplex.recovery_repeats": {"0"},  # 0 = no recovery examples
     "duplex.eval_temperature": {"0", "huge"},  # 0 = greedy
     "duplex.user_rates": set(),

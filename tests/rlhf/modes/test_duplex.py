@@ -249,13 +249,20 @@ def test_sft_example_reads_the_window_and_the_assistants_chunks_so_far(task, cfg
 
     from speechrl.rlhf.modes.duplex import is_event
 
-    from speechrl.rlhf.modes.duplex import recovery_examples
+    from speechrl.rlhf.modes.duplex import ChunkDataset, recovery_examples
 
     train, _ = get_mode(cfg).datasets(4.0)
-    events = sum(is_event(d, c) for d in train.dialogues for c in range(d.num_chunks))
+    calls = sum(d.labels[c] == ACT for d in train.dialogues for c in range(d.num_chunks))
+    events = sum(is_event(d, c) for d in train.dialogues for c in range(d.num_chunks)) - calls
     recovery = sum(len(recovery_examples(d)) for d in train.dialogues)
+    assert calls == sum(d.kind == "tool" for d in train.dialogues)
     assert len(train) == (sum(d.num_chunks for d in train.dialogues) + (cfg.duplex.event_repeats - 1) * events
-                          + cfg.duplex.recovery_repeats * recovery)
+                          + (cfg.duplex.call_repeats - 1) * calls + cfg.duplex.recovery_repeats * recovery)
+    more = ChunkDataset(train.dialogues, train.chunk_samples, train.window_samples, cfg.duplex.event_repeats,
+                        cfg.duplex.recovery_repeats, call_repeats=cfg.duplex.call_repeats + 3)
+    assert len(more) == len(train) + 3 * calls
+    due = next((d, c, "") for d in train.dialogues for c in range(d.num_chunks) if d.labels[c] == ACT)
+    assert more.index.count(due) == cfg.duplex.call_repeats + 3
     onsets = [(d, c, "") for d in train.dialogues for c in range(1, d.num_chunks)
               if d.labels[c] == SPEAK and d.labels[c - 1] == LISTEN]
     assert onsets and all(train.index.count(o) == cfg.duplex.event_repeats for o in onsets)
@@ -367,6 +374,37 @@ def test_decision_scores_read_the_first_token_of_each_held_out_chunk(task, cfg):
     assert forced["eval/decision_accuracy"] == pytest.approx(np.mean(speak))
     assert forced["eval/decision_accuracy/speak"] == 1.0 and forced["eval/decision_accuracy/listen"] == 0.0
     assert set(k.split("/")[-1] for k in forced if k.startswith("eval/decision_accuracy/")) == set(labels) - {EITHER}
+
+
+def test_the_decisions_benchmark_reads_calls_token_by_token_and_speech_after_a_cut_in(task, cfg):
+    import importlib.util
+    from pathlib import Path
+
+    from speechrl.rlhf.model.backbone import load_backbone
+    from speechrl.rlhf.modes import get_mode
+
+    path = Path(__file__).resolve().parents[3] / "benchmarks" / "duplex_decisions.py"
+    spec = importlib.util.spec_from_file_location("duplex_decisions", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    mode = get_mode(cfg)
+    backbone = load_backbone(mode.backbone_path())
+    train, _ = mode.datasets(4.0)
+    head = backbone.model.get_output_embeddings()
+    bias = torch.zeros(head.weight.shape[0])
+    bias[task.speak_id] = 100.0  # always opens its speech: never a call, speaks through every cut-in
+    head.bias = torch.nn.Parameter(bias)
+    calls = bench.tool_calls(task, backbone.model, backbone.processor, train)
+    tools = sum(d.kind == "tool" for d in train.dialogues)
+    assert calls["n"] == tools and calls["call opens where one is due"] == f"0 of {tools}"
+    assert calls["every token of the call right"] == f"0 of {tools}"
+    after = bench.speak_after_cut_in(task, backbone.model, backbone.processor, train, max_offset=2)
+    assert len(after) == 2 and all(k.startswith(("P(speak) backchannel", "P(speak) interrupt")) for k in after)
+    assert all(set(v.split(" / ")) == {"1.00"} for v in after.values())
+    bias[task.speak_id] = -100.0  # never speaks
+    head.bias = torch.nn.Parameter(bias)
+    after = bench.speak_after_cut_in(task, backbone.model, backbone.processor, train, max_offset=2)
+    assert all(set(v.split(" / ")) == {"0.00"} for v in after.values())
 
 
 def test_duplex_recipes_are_checked():

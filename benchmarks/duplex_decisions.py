@@ -1,0 +1,133 @@
+"""Where a duplex policy's teacher-forced decisions go wrong: the tool calls token by token, and
+P(speak) chunk by chunk after the user cuts in (a backchannel: keep speaking; an interruption: stop).
+
+For an SFT (or RL) run's weights, on its recipe's training and held-out dialogues, each decision
+after the reference's own chunks so far (as SFT trains it):
+
+- tool dialogues, the chunk a call is due: how often the call opens (its first token is the argmax,
+  not `<|audio_bos|>`), the tool's name and its city or number are the argmax, and how often every
+  token of the call is;
+- backchannel and interrupt dialogues: the mean P(`<|audio_bos|>`) at each offset from the chunk the
+  user starts in (offset 0; an interruption's offset 0 is free, so it starts at 1).
+
+The played metrics (`<run>/duplex/step-N.json`) say *that* a rate is missed; this says which
+decision, and whether the training dialogues are fit at all (docs/results.md, "More dialogues where
+the words decide").
+
+    python benchmarks/duplex_decisions.py runs/<duplex run> [--max-offset 4] [recipe overrides ...]
+
+Prints markdown tables.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from speechrl.rlhf.core.config import load_recipe
+from speechrl.rlhf.model.backbone import load_backbone
+from speechrl.rlhf.model.logprobs import build_token_batch
+from speechrl.rlhf.modes import get_mode
+from speechrl.rlhf.modes.duplex_chunks import ChunkExample
+from speechrl.rlhf.modes.duplex_data import window
+
+BATCH = 16
+
+
+def next_token_argmax_and_probs(task, model, processor, dataset, items):
+    """For each (dialogue, chunk): the argmax at every position of the reference target (teacher-forced),
+    the target, and the first position's probabilities."""
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(items), BATCH):
+            rows = [task.sft_example(ChunkExample(f"{d.id}/c{c}", d, c),
+                                     window(d, c, dataset.chunk_samples, dataset.window_samples))
+                    for d, c in items[s:s + BATCH]]
+            batch = build_token_batch(processor, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+                                      processor.tokenizer.pad_token_id).to(model.device)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           input_features=batch.input_features,
+                           feature_attention_mask=batch.feature_attention_mask).logits.float()
+            for k, (prompt, target, _) in enumerate(rows):
+                span = logits[k, len(prompt) - 1: len(prompt) - 1 + len(target)]
+                out.append((span.argmax(-1).tolist(), list(target), span[0].softmax(-1).cpu()))
+    return out
+
+
+def tool_calls(task, model, processor, dataset) -> dict:
+    dialogues = [d for d in dataset.dialogues if d.kind == "tool"]
+    if not dialogues:
+        return {}
+    tok = processor.tokenizer
+    rows = next_token_argmax_and_probs(task, model, processor, dataset,
+                                       [(d, d.events["action"]) for d in dialogues])
+    opens = name = field = whole = 0
+    for pred, target, _ in rows:
+        call = target[:-1]  # the call's tokens; the last is <|codec_end|>
+        ok = [p == t for p, t in zip(pred, call)]
+        words = [tok.decode([t]) for t in call]
+        opens += ok[0]
+        whole += all(ok)
+        # `{"tool":"weather","city":"paris"}`: the name is the token after the first `":"`, the
+        # city or number the last word-like token before the closing quote or brace
+        name += ok[words.index('":"') + 1] if '":"' in words else 0
+        field += ok[max(i for i, w in enumerate(words) if w.strip('"{}:,'))]
+    n = len(rows)
+    return {"n": n, "call opens where one is due": f"{opens} of {n}", "the tool's name right": f"{name / n:.2f}",
+            "the city or number right": f"{field / n:.2f}", "every token of the call right": f"{whole} of {n}"}
+
+
+def speak_after_cut_in(task, model, processor, dataset, max_offset: int) -> dict:
+    items, keys = [], []
+    for d in dataset.dialogues:
+        if d.kind not in ("backchannel", "interrupt"):
+            continue
+        onset = d.events["interrupt"] if d.kind == "interrupt" else d.events["backchannel"][0]
+        for c in range(onset, min(d.num_chunks, onset + max_offset + 1)):
+            if d.labels[c] in ("backchannel", "stop"):
+                items.append((d, c))
+                keys.append((d.kind, c - onset))
+    by = defaultdict(list)
+    for key, (_, _, probs) in zip(keys, next_token_argmax_and_probs(task, model, processor, dataset, items)):
+        by[key].append(float(probs[task.speak_id]))
+    return {f"P(speak) {kind}, offsets " + " / ".join(str(o) for o in sorted(o for k, o in by if k == kind)):
+            " / ".join(f"{np.mean(by[(kind, o)]):.2f}" for o in sorted(o for k, o in by if k == kind))
+            for kind in ("backchannel", "interrupt") if any(k == kind for k, _ in by)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path, help="a duplex run directory (its recipe.yaml and final/ weights)")
+    ap.add_argument("--weights", type=Path, default=None, help="another checkpoint's weights (default: <run>/final)")
+    ap.add_argument("--max-offset", type=int, default=4, help="chunks after the cut-in to report (default 4)")
+    ap.add_argument("overrides", nargs="*", help="recipe overrides (key=value)")
+    args = ap.parse_args()
+    recipe = args.run / "recipe.yaml"
+    if not recipe.is_file():
+        raise SystemExit(f"{recipe}: no recipe.yaml; pass a run directory of `speechrl train duplex/...`")
+    cfg = load_recipe(str(recipe), args.overrides)
+    if cfg.mode != "duplex":
+        raise SystemExit(f"{recipe}: mode is {cfg.mode!r}; this benchmark reads duplex runs")
+    weights = args.weights or args.run / "final"
+    backbone = load_backbone(weights)
+    model = backbone.model.eval()
+    mode = get_mode(cfg)
+    train, held = mode.datasets(backbone.max_audio_seconds)
+    task = mode.setup_task(backbone.processor)
+    columns = {}
+    for name, dataset in (("training dialogues", train), ("held-out dialogues", held)):
+        columns[name] = {**tool_calls(task, model, backbone.processor, dataset),
+                         **speak_after_cut_in(task, model, backbone.processor, dataset, args.max_offset)}
+    rows = list(dict.fromkeys(k for col in columns.values() for k in col if k != "n"))
+    print(f"\nteacher-forced decisions of {weights}\n")
+    print("| | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for row in rows:
+        print(f"| {row} | " + " | ".join(str(col.get(row, "")) for col in columns.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()
