@@ -25,36 +25,22 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from speechrl.rlhf.core.config import load_recipe
 from speechrl.rlhf.model.backbone import load_backbone
-from speechrl.rlhf.model.logprobs import build_token_batch
 from speechrl.rlhf.modes import get_mode
 from speechrl.rlhf.modes.duplex_chunks import ChunkExample
 from speechrl.rlhf.modes.duplex_data import window
+from speechrl.rlhf.modes.duplex_eval import teacher_forced
 
 BATCH = 16
 
 
-def next_token_argmax_and_probs(task, model, processor, dataset, items):
-    """For each (dialogue, chunk): the argmax at every position of the reference target (teacher-forced),
-    the target, and the first position's probabilities."""
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(items), BATCH):
-            rows = [task.sft_example(ChunkExample(f"{d.id}/c{c}", d, c),
-                                     window(d, c, dataset.chunk_samples, dataset.window_samples))
-                    for d, c in items[s:s + BATCH]]
-            batch = build_token_batch(processor, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-                                      processor.tokenizer.pad_token_id).to(model.device)
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           input_features=batch.input_features,
-                           feature_attention_mask=batch.feature_attention_mask).logits.float()
-            for k, (prompt, target, _) in enumerate(rows):
-                span = logits[k, len(prompt) - 1: len(prompt) - 1 + len(target)]
-                out.append((span.argmax(-1).tolist(), list(target), span[0].softmax(-1).cpu()))
-    return out
+def teacher_forced_at(task, model, processor, dataset, chunks):
+    """(target ids, logits predicting them) at each (dialogue, chunk) of `chunks`."""
+    items = [(ChunkExample(f"{d.id}/c{c}", d, c), window(d, c, dataset.chunk_samples, dataset.window_samples))
+             for d, c in chunks]
+    return [(target, logits) for _, target, logits in teacher_forced(task, model, processor, items, BATCH)]
 
 
 def tool_calls(task, model, processor, dataset) -> dict:
@@ -62,12 +48,11 @@ def tool_calls(task, model, processor, dataset) -> dict:
     if not dialogues:
         return {}
     tok = processor.tokenizer
-    rows = next_token_argmax_and_probs(task, model, processor, dataset,
-                                       [(d, d.events["action"]) for d in dialogues])
+    rows = teacher_forced_at(task, model, processor, dataset, [(d, d.events["action"]) for d in dialogues])
     opens = name = field = whole = 0
-    for pred, target, _ in rows:
+    for target, logits in rows:
         call = target[:-1]  # the call's tokens; the last is <|codec_end|>
-        ok = [p == t for p, t in zip(pred, call)]
+        ok = [p == t for p, t in zip(logits.argmax(-1).tolist(), call)]
         words = [tok.decode([t]) for t in call]
         opens += ok[0]
         whole += all(ok)
@@ -91,8 +76,8 @@ def speak_after_cut_in(task, model, processor, dataset, max_offset: int) -> dict
                 items.append((d, c))
                 keys.append((d.kind, c - onset))
     by = defaultdict(list)
-    for key, (_, _, probs) in zip(keys, next_token_argmax_and_probs(task, model, processor, dataset, items)):
-        by[key].append(float(probs[task.speak_id]))
+    for key, (_, logits) in zip(keys, teacher_forced_at(task, model, processor, dataset, items)):
+        by[key].append(float(logits[0].softmax(-1)[task.speak_id]))
     return {f"P(speak) {kind}, offsets " + " / ".join(str(o) for o in sorted(o for k, o in by if k == kind)):
             " / ".join(f"{np.mean(by[(kind, o)]):.2f}" for o in sorted(o for k, o in by if k == kind))
             for kind in ("backchannel", "interrupt") if any(k == kind for k, _ in by)}

@@ -28,9 +28,8 @@ from speechrl.rlhf.core.registry import MODES
 from speechrl.rlhf.model.backbone import AUDIO_BOS, AUDIO_TOKEN, IM_END, text_token_ids
 from speechrl.rlhf.model.prompts import render_duplex_prompt
 from speechrl.rlhf.modes.base import Mode, batch_indices, safe_name
-from speechrl.rlhf.modes.duplex_chunks import FALSE_START, LATE_START, ChunkDataset, ChunkExample, recovery_examples  # noqa: F401
-from speechrl.rlhf.modes.duplex_data import (ACT, KINDS, Dialogue, load_dialogues, plan_dialogues, is_event,  # noqa: F401
-                                             plan_texts, window)
+from speechrl.rlhf.modes.duplex_chunks import FALSE_START, LATE_START, ChunkDataset, ChunkExample
+from speechrl.rlhf.modes.duplex_data import ACT, KINDS, Dialogue, load_dialogues, plan_dialogues, plan_texts, window
 from speechrl.rlhf.modes.duplex_eval import TARGETS, decision_scores, summarize, timeline_metrics
 from speechrl.rlhf.modes.tts import SpeakingTask, check_codec_fits_the_tiny_backbone
 from speechrl.rollouts.types import RolloutRequest
@@ -222,8 +221,8 @@ class DuplexMode(Mode):
         if not d.kinds or unknown or len(set(d.kinds)) != len(d.kinds):
             raise RecipeError(f"{source}: `duplex.kinds` is {list(d.kinds)}; list each of {', '.join(KINDS)} at most "
                               "once, at least one")
-        for kind, count in d.dialogues_by_kind.items():  # a kind not in duplex.kinds is not built: its count is unused
-            if kind not in KINDS or isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 100_000:
+        for kind, count in d.dialogues_by_kind.items():  # ints (the typed config); a kind not in duplex.kinds: unused
+            if kind not in KINDS or not 1 <= count <= 100_000:
                 raise RecipeError(f"{source}: `duplex.dialogues_by_kind.{kind}` is {count!r}; name a dialogue kind "
                                   f"({', '.join(KINDS)}) with a count in [1, 100000]")
         if "tool" in d.kinds and d.max_action_tokens < 1:

@@ -55,9 +55,9 @@ class ChunkDataset:
     With `event_repeats` > 1 the chunks where a decision changes (`is_event`) are listed that many
     times: a dialogue has one chunk where the answer starts against a dozen where the user talks,
     and after 600 SFT steps without repeats the policy kept listening where it should have started
-    (P(speak) 0.16 at the onsets of held-out answers, 0.93 once speaking; docs/duplex.md). With
-    `recovery_repeats` > 0 the `recovery_examples` are listed that many times each, and the chunks
-    where a tool call is due `call_repeats` times (None: as other events)."""
+    (P(speak) 0.16 at the onsets of held-out answers, 0.93 once speaking; docs/duplex.md). The chunks
+    where a tool call is due are listed `call_repeats` times (None: `event_repeats`). With
+    `recovery_repeats` > 0 the `recovery_examples` are listed that many times each."""
 
     def __init__(self, dialogues: list[Dialogue], chunk_samples: int, window_samples: int, event_repeats: int = 1,
                  recovery_repeats: int = 0, call_repeats: Optional[int] = None):

@@ -74,6 +74,32 @@ def summarize(rows: list[dict]) -> dict[str, float]:
             "duplex/barge_in": rate("barge_in")}
 
 
+def teacher_forced(task, model, processor, items, batch_size: int):
+    """Each of `items` ((ChunkExample, the window it hears)) teacher-forced, as SFT trains it: yields
+    (example, its target ids, the logits [len(target), vocab] that predict them, float32 on the CPU).
+    In eval mode without gradients; the model's mode is restored after the last item."""
+    import torch
+
+    from speechrl.rlhf.model.logprobs import build_token_batch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(items), batch_size):
+                part = items[start:start + batch_size]
+                rows = [task.sft_example(ex, audio) for ex, audio in part]
+                batch = build_token_batch(processor, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+                                          processor.tokenizer.pad_token_id).to(model.device)
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               input_features=batch.input_features,
+                               feature_attention_mask=batch.feature_attention_mask).logits
+                for k, ((ex, _), (prompt, target, _)) in enumerate(zip(part, rows)):
+                    yield ex, list(target), logits[k, len(prompt) - 1: len(prompt) - 1 + len(target)].float().cpu()
+    finally:
+        model.train(was_training)
+
+
 def decision_scores(task, model, processor, chunks, batch_size: int) -> dict[str, float]:
     """Teacher-forced decisions of an in-process model on `chunks` (a duplex.ChunkDataset; see
     `DuplexMode.evaluate_offline`):
@@ -83,34 +109,18 @@ def decision_scores(task, model, processor, chunks, batch_size: int) -> dict[str
     `eval/onset_speak` (the mean probability of speaking in the chunk an answer is due)."""
     import torch
 
-    from speechrl.rlhf.model.logprobs import build_token_batch
-
     layout, right, onsets, by_label = task.layout, [], [], {}
     text = torch.tensor(layout.text_ids)
     expected = {PAUSE: 0, BACKCHANNEL: 1, ACT: 2, "listen": 0, "stop": 0, "speak": 1}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(chunks), batch_size):
-                items = [chunks[i] for i in range(start, min(len(chunks), start + batch_size))]
-                rows = [task.sft_example(ex, audio) for ex, audio in items]
-                batch = build_token_batch(processor, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-                                          processor.tokenizer.pad_token_id).to(model.device)
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               input_features=batch.input_features,
-                               feature_attention_mask=batch.feature_attention_mask).logits
-                for k, ((ex, _), (prompt, _, _)) in enumerate(zip(items, rows)):
-                    p = logits[k, len(prompt) - 1].float().softmax(-1).cpu()
-                    mass = [float(p[layout.end_id]), float(p[task.speak_id]), float(p[text].sum())]
-                    label = ex.dialogue.labels[ex.chunk]
-                    if label in expected:
-                        right.append(int(np.argmax(mass)) == expected[label])
-                        by_label.setdefault(label, []).append(right[-1])
-                    if label in ("speak", ACT) and is_event(ex.dialogue, ex.chunk):
-                        onsets.append(mass[1] + (mass[2] if label == ACT else 0.0))
-    finally:
-        model.train(was_training)
+    for ex, _, logits in teacher_forced(task, model, processor, [chunks[i] for i in range(len(chunks))], batch_size):
+        p = logits[0].softmax(-1)
+        mass = [float(p[layout.end_id]), float(p[task.speak_id]), float(p[text].sum())]
+        label = ex.dialogue.labels[ex.chunk]
+        if label in expected:
+            right.append(int(np.argmax(mass)) == expected[label])
+            by_label.setdefault(label, []).append(right[-1])
+        if label in ("speak", ACT) and is_event(ex.dialogue, ex.chunk):
+            onsets.append(mass[1] + (mass[2] if label == ACT else 0.0))
     return {"eval/decision_accuracy": float(np.mean(right)) if right else float("nan"),
             **{f"eval/decision_accuracy/{label}": float(np.mean(v)) for label, v in sorted(by_label.items())},
             "eval/onset_speak": float(np.mean(onsets)) if onsets else float("nan")}

@@ -247,9 +247,9 @@ def test_references_fit_the_layout_and_say_what_the_labels_ask(task, dialogues):
 def test_sft_example_reads_the_window_and_the_assistants_chunks_so_far(task, cfg):
     from speechrl.rlhf.modes import get_mode
 
-    from speechrl.rlhf.modes.duplex import is_event
+    from speechrl.rlhf.modes.duplex_data import is_event
 
-    from speechrl.rlhf.modes.duplex import ChunkDataset, recovery_examples
+    from speechrl.rlhf.modes.duplex_chunks import ChunkDataset, recovery_examples
 
     train, _ = get_mode(cfg).datasets(4.0)
     calls = sum(d.labels[c] == ACT for d in train.dialogues for c in range(d.num_chunks))
@@ -289,7 +289,7 @@ def _played(task, d, moves):
 
 
 def test_playing_the_reference_meets_every_target_and_silence_or_chatter_do_not(task, dialogues):
-    from speechrl.rlhf.modes.duplex import summarize, timeline_metrics
+    from speechrl.rlhf.modes.duplex_eval import summarize, timeline_metrics
 
     train, _ = dialogues
     reference = [timeline_metrics(d, [task.parse(ids) for ids in task.reference(d)]) for d in train]
@@ -325,7 +325,7 @@ def test_the_prompt_keeps_the_assistants_last_chunks_as_the_audio_window_keeps_t
 
 
 def test_recovery_examples_put_the_assistants_own_mistake_in_the_prompt(task, dialogues):
-    from speechrl.rlhf.modes.duplex import FALSE_START, LATE_START, ChunkExample, recovery_examples
+    from speechrl.rlhf.modes.duplex_chunks import FALSE_START, LATE_START, ChunkExample, recovery_examples
 
     silent = [task.tokens.end_id]
     seen = set()
@@ -354,7 +354,7 @@ def test_recovery_examples_put_the_assistants_own_mistake_in_the_prompt(task, di
 def test_decision_scores_read_the_first_token_of_each_held_out_chunk(task, cfg):
     from speechrl.rlhf.model.backbone import load_backbone
     from speechrl.rlhf.modes import get_mode
-    from speechrl.rlhf.modes.duplex import decision_scores
+    from speechrl.rlhf.modes.duplex_eval import decision_scores
 
     mode = get_mode(cfg)
     backbone = load_backbone(mode.backbone_path())
