@@ -126,7 +126,7 @@ def realtime_overrides(tiny_overrides) -> list[str]:
 
 @pytest.fixture(scope="session")
 def duplex_overrides(tiny_overrides) -> list[str]:
-    """A small duplex setup (tests/rlhf/modes/test_duplex.py, tests/e2e/test_duplex_e2e.py): two
+    """A small duplex setup (tests/rlhf/modes/test_duplex_data.py, tests/e2e/test_duplex_e2e.py): two
     training dialogues and one held-out of each kind, espeak-ng user speech."""
     return [*tiny_overrides, "duplex.dialogues_per_kind=2",
             "duplex.dialogues_by_kind={backchannel: 2, interrupt: 2, tool: 2}", "duplex.heldout_per_kind=1", "duplex.user_voices=[en-us]",
