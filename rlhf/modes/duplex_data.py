@@ -44,12 +44,16 @@ _BACKCHANNELS = ("mm-hm", "yeah", "okay", "right", "uh-huh", "I see")
 _INTERJECTIONS = ("wait,", "sorry,", "actually,", "hold on,", "no, stop,")
 _CITIES = ("paris", "london", "tokyo", "berlin", "cairo", "lima", "oslo", "rome", "delhi", "sydney")
 _NUMBERS = ("two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-_TOOL_ASKS = (  # (what the user says, the tool call it asks for)
-    ("what is the weather in {city}", lambda city, n: {"tool": "weather", "city": city}),
-    ("is it raining in {city}", lambda city, n: {"tool": "weather", "city": city}),
-    ("what time is it in {city}", lambda city, n: {"tool": "time", "city": city}),
-    ("set a timer for {n} minutes", lambda city, n: {"tool": "timer", "minutes": _NUMBERS.index(n) + 2}),
-)
+# (what the user says, the tool call it asks for), by what the call's argument is. A tool request draws
+# the argument's kind first, then one of its sentences, so that each city and each number is heard about
+# as often: drawing one of the four sentences gave a number of minutes 7 training dialogues to a city's
+# 18, and the held-out calls that missed were minutes (docs/results.md)
+_TOOL_ASKS = {
+    "city": (("what is the weather in {city}", lambda city, n: {"tool": "weather", "city": city}),
+             ("is it raining in {city}", lambda city, n: {"tool": "weather", "city": city}),
+             ("what time is it in {city}", lambda city, n: {"tool": "time", "city": city})),
+    "minutes": (("set a timer for {n} minutes", lambda city, n: {"tool": "timer", "minutes": _NUMBERS.index(n) + 2}),),
+}
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,7 @@ def _plan(kind: str, pid: str, rng: random.Random, voices, rates) -> Plan:
         return Plan(pid, kind, voice, rate, lead, sentence, reply, second=f"{rng.choice(_INTERJECTIONS)} {other}",
                     gap_chunks=rng.randint(2, 4), second_reply=f"okay, {other}.")
     if kind == "tool":
-        template, call = rng.choice(_TOOL_ASKS)
+        template, call = rng.choice(_TOOL_ASKS[rng.choice(sorted(_TOOL_ASKS))])
         city, n = rng.choice(_CITIES), rng.choice(_NUMBERS)
         return Plan(pid, kind, voice, rate, lead, template.format(city=city, n=n), "one moment, let me check.",
                     action=action_text(call(city, n)))

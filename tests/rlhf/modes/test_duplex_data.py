@@ -42,6 +42,23 @@ def test_plans_are_seeded_and_held_out_ones_differ(cfg):
     assert plan_dialogues(other, "train") != plan_dialogues(cfg, "train")
 
 
+def test_tool_requests_hear_each_city_and_each_number_about_as_often():
+    import json
+    from collections import Counter
+
+    from speechrl.rlhf.modes.duplex_data import plan_dialogues
+
+    cfg = load_recipe("duplex/sft", ["duplex.kinds=[tool]", "duplex.dialogues_by_kind={tool: 900}"])
+    calls = [json.loads(p.action) for p in plan_dialogues(cfg, "train")]
+    timers = [c["minutes"] for c in calls if c["tool"] == "timer"]
+    cities = [c["city"] for c in calls if "city" in c]
+    assert len(timers) + len(cities) == 900 and 0.45 < len(timers) / 900 < 0.55, "half ask for minutes"
+    per_number, per_city = Counter(timers), Counter(cities)
+    assert len(per_number) == 9 and len(per_city) == 10
+    # each value about 900 / 2 / 9 = 50 or 900 / 2 / 10 = 45 times; one of four sentences gave a number ~25
+    assert min(per_number.values()) > 35 and min(per_city.values()) > 30, (per_number, per_city)
+
+
 def test_the_demo_prints_the_dialogues_fingerprint_not_a_corpus(cfg, dialogues, duplex_overrides):
     from speechrl.rlhf.modes import get_mode
 
