@@ -6,7 +6,8 @@ after the reference's own chunks so far (as SFT trains it):
 
 - tool dialogues, the chunk a call is due: how often the call opens (its first token is the argmax,
   not `<|audio_bos|>`), the tool's name and its city or number are the argmax, and how often every
-  token of the call is;
+  token of the call is; and the probability of the whole call, token by token, which is how often a
+  sampled evaluation at temperature 1 gets it right (the played metric, without its sampling noise);
 - backchannel and interrupt dialogues: the mean P(`<|audio_bos|>`) at each offset from the chunk the
   user starts in (offset 0; an interruption's offset 0 is free, so it starts at 1).
 
@@ -50,9 +51,11 @@ def tool_calls(task, model, processor, dataset) -> dict:
     tok = processor.tokenizer
     rows = teacher_forced_at(task, model, processor, dataset, [(d, d.events["action"]) for d in dialogues])
     opens = name = field = whole = 0
+    sampled = []  # P(the whole call) at temperature 1: what a sampled evaluation gets right, on average
     for target, logits in rows:
         call = target[:-1]  # the call's tokens; the last is <|codec_end|>
         ok = [p == t for p, t in zip(logits.argmax(-1).tolist(), call)]
+        sampled.append(float(logits[:len(call)].log_softmax(-1)[range(len(call)), call].sum().exp()))
         words = [tok.decode([t]) for t in call]
         opens += ok[0]
         whole += all(ok)
@@ -62,7 +65,8 @@ def tool_calls(task, model, processor, dataset) -> dict:
         field += ok[max(i for i, w in enumerate(words) if w.strip('"{}:,'))]
     n = len(rows)
     return {"n": n, "call opens where one is due": f"{opens} of {n}", "the tool's name right": f"{name / n:.2f}",
-            "the city or number right": f"{field / n:.2f}", "every token of the call right": f"{whole} of {n}"}
+            "the city or number right": f"{field / n:.2f}", "every token of the call right": f"{whole} of {n}",
+            "P(the whole call) sampled at T = 1, mean (min)": f"{np.mean(sampled):.3f} ({min(sampled):.3f})"}
 
 
 def speak_after_cut_in(task, model, processor, dataset, max_offset: int) -> dict:

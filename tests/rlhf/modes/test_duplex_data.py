@@ -276,6 +276,7 @@ def test_the_decisions_benchmark_reads_calls_token_by_token_and_speech_after_a_c
     tools = sum(d.kind == "tool" for d in train.dialogues)
     assert calls["n"] == tools and calls["call opens where one is due"] == f"0 of {tools}"
     assert calls["every token of the call right"] == f"0 of {tools}"
+    assert calls["P(the whole call) sampled at T = 1, mean (min)"] == "0.000 (0.000)"
     after = bench.speak_after_cut_in(task, backbone.model, backbone.processor, train, max_offset=2)
     assert len(after) == 2 and all(k.startswith(("P(speak) backchannel", "P(speak) interrupt")) for k in after)
     assert all(set(v.split(" / ")) == {"1.00"} for v in after.values())
