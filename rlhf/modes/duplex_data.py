@@ -47,7 +47,7 @@ _NUMBERS = ("two", "three", "four", "five", "six", "seven", "eight", "nine", "te
 # (what the user says, the tool call it asks for), by what the call's argument is. A tool request draws
 # the argument's kind first, then one of its sentences, so that each city and each number is heard about
 # as often: drawing one of the four sentences gave a number of minutes 7 training dialogues to a city's
-# 18, and the held-out calls that missed were minutes (docs/results.md)
+# 18, and the held-out calls that missed were minutes (docs/results.md; after the change, the cities)
 _TOOL_ASKS = {
     "city": (("what is the weather in {city}", lambda city, n: {"tool": "weather", "city": city}),
              ("is it raining in {city}", lambda city, n: {"tool": "weather", "city": city}),
