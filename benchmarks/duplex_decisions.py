@@ -51,7 +51,9 @@ def tool_calls(task, model, processor, dataset) -> dict:
     tok = processor.tokenizer
     rows = teacher_forced_at(task, model, processor, dataset, [(d, d.events["action"]) for d in dialogues])
     opens = name = field = whole = 0
-    sampled = []  # P(the whole call) at temperature 1: what a sampled evaluation gets right, on average
+    # P(the whole call) at temperature 1, from the logits `teacher_forced` already gave (token_logprobs would
+    # run the model again); unmasked, so a lower bound on vLLM's, whose layout mask only removes mass
+    sampled = []
     for target, logits in rows:
         call = target[:-1]  # the call's tokens; the last is <|codec_end|>
         ok = [p == t for p, t in zip(logits.argmax(-1).tolist(), call)]
