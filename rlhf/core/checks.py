@@ -107,6 +107,7 @@ _RANGES = {
     "rollout.threads_per_worker": ">= 0 (0 = the machine's CPUs shared among the workers)",
     "rollout.mtp_tokens": ">= 0 (0 = plain decoding)",
     "model.mtp.num_heads": ">= 0 (0 = no heads)",
+    "model.mtp.num_layers": ">= 1",
     "model.mtp.loss_weight": "> 0",
     "rollout.async.max_staleness": ">= 0 (0 = the synchronous loop)",
     "ray.num_cpus": ">= 1",

@@ -76,6 +76,7 @@ class LoraConfig:
 class MtpConfig:
     """Multi-token prediction heads (rlhf/model/mtp.py): drafts for verified decoding (rollout.mtp_tokens)."""
     num_heads: int = 0  # heads predicting tokens t+2 .. t+num_heads+1; 0 = none (the ASR recipes ship 5)
+    num_layers: int = 1  # residual layers in each head's block (vLLM Medusa's num_hidden_layers), >= 1
     loss_weight: float = 0.5  # weight of the heads' mean cross-entropy beside the training loss, > 0
     train_in_rl: bool = True  # RL keeps training the heads on the policy's own samples (else they stay as loaded)
 

@@ -29,11 +29,11 @@ MTP_PREFIX = "mtp."  # the heads' tensors among the weights a sync sends to the 
 
 
 class _Residual(nn.Module):
-    """x + SiLU(W x): vLLM's Medusa ResidualBlock with one layer, parameter names included."""
+    """x + SiLU(W x), `num_layers` times: vLLM's Medusa ResidualBlock, parameter names included."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, num_layers: int = 1):
         super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(hidden, hidden, bias=False)])
+        self.layers = nn.ModuleList([nn.Linear(hidden, hidden, bias=False) for _ in range(num_layers)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -42,30 +42,38 @@ class _Residual(nn.Module):
 
 
 class MtpHeads(nn.Module):
-    """`num_heads` draft heads over a decoder of width `hidden` and vocabulary `vocab`."""
+    """`num_heads` draft heads over a decoder of width `hidden` and vocabulary `vocab`, each a residual
+    block of `num_layers` layers under an LM head of its own."""
 
-    def __init__(self, num_heads: int, hidden: int, vocab: int):
+    def __init__(self, num_heads: int, hidden: int, vocab: int, num_layers: int = 1):
         super().__init__()
         if num_heads < 1:
             raise ValueError(f"MtpHeads: num_heads must be >= 1, got {num_heads}")
+        if num_layers < 1:
+            raise ValueError(f"MtpHeads: num_layers must be >= 1, got {num_layers}")
         # the random init is always overwritten (`like`, `load`): leave the run's random stream alone
         with torch.random.fork_rng(devices=[]):
-            self.blocks = nn.ModuleList([_Residual(hidden) for _ in range(num_heads)])
+            self.blocks = nn.ModuleList([_Residual(hidden, num_layers) for _ in range(num_heads)])
             self.lm_heads = nn.ModuleList([nn.Linear(hidden, vocab, bias=False) for _ in range(num_heads)])
 
     @property
     def num_heads(self) -> int:
         return len(self.blocks)
 
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks[0].layers)
+
     @classmethod
-    def like(cls, lm_head: nn.Linear, num_heads: int) -> "MtpHeads":
+    def like(cls, lm_head: nn.Linear, num_heads: int, num_layers: int = 1) -> "MtpHeads":
         """New heads that start as the policy's own LM head (zero residual blocks): each first predicts
         token t+1 for t+2+i, a better start than random rows over a large vocabulary."""
         vocab, hidden = lm_head.weight.shape
-        heads = cls(num_heads, hidden, vocab)
+        heads = cls(num_heads, hidden, vocab, num_layers)
         with torch.no_grad():
             for block, head in zip(heads.blocks, heads.lm_heads):
-                block.layers[0].weight.zero_()
+                for layer in block.layers:
+                    layer.weight.zero_()
                 head.weight.copy_(lm_head.weight)
         return heads.to(lm_head.weight.device)
 
@@ -106,7 +114,7 @@ class MtpHeads(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         hidden, vocab = self.lm_heads[0].in_features, self.lm_heads[0].out_features
         config = {"model_type": "medusa", "architectures": ["MedusaModel"], "hidden_size": hidden,
-                  "vocab_size": vocab, "num_heads": self.num_heads, "num_hidden_layers": 1}
+                  "vocab_size": vocab, "num_heads": self.num_heads, "num_hidden_layers": self.num_layers}
         (out / "config.json").write_text(json.dumps(config, indent=2))
         save_file({k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()},
                   str(out / "model.safetensors"))
@@ -118,7 +126,7 @@ class MtpHeads(nn.Module):
 
         folder = Path(backbone_dir) / MTP_DIR
         config = json.loads((folder / "config.json").read_text())
-        heads = cls(config["num_heads"], config["hidden_size"], config["vocab_size"])
+        heads = cls(config["num_heads"], config["hidden_size"], config["vocab_size"], config.get("num_hidden_layers", 1))
         heads.load_state_dict(load_file(str(folder / "model.safetensors")))
         return heads
 
@@ -141,8 +149,11 @@ def heads_for(cfg, backbone_dir: Path, lm_head: nn.Linear) -> Optional[MtpHeads]
         return None
     if not has_heads(backbone_dir):
         log.info("MTP: %s has no heads; %d new heads start from the LM head", backbone_dir, wanted)
-        return MtpHeads.like(lm_head, wanted)
+        return MtpHeads.like(lm_head, wanted, cfg.model.mtp.num_layers)
     saved = MtpHeads.load(backbone_dir)
+    if saved.num_layers != cfg.model.mtp.num_layers:
+        raise ValueError(f"{Path(backbone_dir) / MTP_DIR}: heads of {saved.num_layers} layer(s) saved, "
+                         f"model.mtp.num_layers={cfg.model.mtp.num_layers} asked; set it to {saved.num_layers}")
     if saved.num_heads < wanted:
         raise ValueError(f"{Path(backbone_dir) / MTP_DIR}: {saved.num_heads} MTP heads saved, "
                          f"model.mtp.num_heads={wanted} asked; lower it or train the heads anew from a backbone without them")
