@@ -105,3 +105,32 @@ def test_recipe_checks_name_the_mtp_settings(sft_overrides):
     with pytest.raises(RecipeError, match="rollout.mtp_tokens.*num_ranks"):
         load_recipe("asr/grpo", [*sft_overrides("x"), "rollout.mtp_tokens=2", "train.num_ranks=2"])
     assert load_recipe("asr/sft", sft_overrides("x")).model.mtp.num_heads == 5  # ASR ships five heads
+
+
+def test_heads_of_several_layers_start_as_the_lm_head_and_round_trip(tmp_path, sft_overrides):
+    """`model.mtp.num_layers` deepens each head's residual block: new heads still start as the LM head
+    (every layer zero), the Medusa config says how deep they are, and a recipe asking another depth
+    than the saved heads' is told which to set."""
+    from speechrl.rlhf.model.mtp import heads_for
+
+    lm_head = torch.nn.Linear(8, 10, bias=False)
+    heads = MtpHeads.like(lm_head, 3, num_layers=2)
+    hidden = torch.randn(4, 8)
+    for block, head in zip(heads.blocks, heads.lm_heads):
+        assert len(block.layers) == 2
+        assert torch.allclose(head(block(hidden)), lm_head(hidden))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    heads.save(tmp_path)
+    assert json.loads((tmp_path / MTP_DIR / "config.json").read_text())["num_hidden_layers"] == 2
+    loaded = MtpHeads.load(tmp_path)
+    assert loaded.num_layers == 2 and torch.equal(loaded.blocks[1].layers[1].weight, heads.blocks[1].layers[1].weight)
+
+    cfg = load_recipe("asr/sft", [*sft_overrides("x"), "model.mtp.num_heads=3"])  # one layer, the default
+    with pytest.raises(ValueError, match="model.mtp.num_layers=1.*set it to 2"):
+        heads_for(cfg, tmp_path, lm_head)
+    cfg.model.mtp.num_layers = 2
+    assert heads_for(cfg, tmp_path, lm_head).num_layers == 2
+    with pytest.raises(RecipeError, match="model.mtp.num_layers"):
+        load_recipe("asr/sft", [*sft_overrides("x"), "model.mtp.num_layers=0"])
