@@ -37,6 +37,7 @@ EDGES_ALLOWED = {
     "model.tiny.text_vocab_size": {"huge"},  # the BPE stops when the corpus has no more merges
     "model.tiny.seed": {"0"},
     "model.mtp.num_heads": {"0", "huge"},  # 0 = no heads
+    "model.mtp.num_layers": {"huge"},  # the machine decides how deep a head fits
     "model.mtp.loss_weight": {"huge"},
     "rollout.mtp_tokens": {"0"},  # 0 = plain decoding; huge: more than model.mtp.num_heads
     "model.lora.r": {"huge"},
