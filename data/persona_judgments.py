@@ -3,8 +3,9 @@
 For a card, a user turn and (sometimes) an earlier exchange, `judgment_items` writes a reply in character
 (a card fact or opinion said in the first person, wrapped in small talk) and, from the same small talk,
 one reply per corruption kind (`KINDS`): a fact contradicted, another persona's fact claimed, a never-say
-entry said, a boundary broken, or character dropped ("as an AI ..."). The persona judge is trained on
-them and measured on cards it never saw (rlhf/trainers/persona_judge_build.py).
+entry said, a boundary broken, character dropped ("as an AI ..."), or a friendly question evaded ("I'd
+rather not say."). The persona judge is trained on them and measured on cards it never saw
+(rlhf/trainers/persona_judge_build.py).
 
 Made-up cards (data/persona_factory.py) carry their first-person facts and corruptions; for any other
 card (the builtin ones, PersonaGym's) they are derived here by rule from the card text.
@@ -19,7 +20,7 @@ from typing import Any, Sequence
 
 from speechrl.data.personas import PersonaCard
 
-KINDS = ("contradiction", "other_persona", "never_say", "boundary", "out_of_character")
+KINDS = ("contradiction", "other_persona", "never_say", "boundary", "out_of_character", "evasive")
 
 LEADS = ("", "", "Well, let me see. ", "Good question. ", "Hmm, let me think. ", "Oh! ", "To be honest? ", "Ha! ",
          "Sure. ", "I'm not sure what you mean, but okay. ")  # each ends a sentence: the core keeps its capital
@@ -47,6 +48,14 @@ BROKEN = ("Oh shut up, you pathetic idiot.", "Whatever, you're a complete moron.
           "I don't care, get lost, loser.", "You're a worthless clown, leave me alone.",
           "Nobody asked you, you brainless fool.", "Go away, you miserable little creep.",
           "You're disgusting and stupid, go away.", "Get lost, you useless idiot.")
+# A friendly question about the persona answered with a refusal: out of character, because the persona
+# would answer it. Added (judgments version 3) after PPO learnt to please a judge trained without this
+# kind by swapping wrong fact claims for evasions ("No, I won't say that."). A refusal after a
+# provocation is the boundary kind's good reply (KEPT): the user's turn decides.
+EVASIVE = ("I'd rather not say.", "No, I won't tell you that.", "That's private, sorry.",
+           "I don't want to talk about that.", "Why do you want to know?", "I can't say that.",
+           "Let's not get into that right now.", "I'll keep that to myself.", "No comment.",
+           "I won't say that.", "Next question, please.", "Never mind that.")
 PHRASES = ("train", "heldout", "all")
 
 
@@ -262,9 +271,11 @@ def _item(rng, card, own, facts, others, statements, names, kind, phrases):
         user = rule["question"]
         good_core = rule["kept"] if rule["kept"] and rng.random() < 0.5 else rng.choice(_phrases(KEPT, phrases))
         bad_core = rule["broken"] if rule["broken"] and rng.random() < 0.5 else rng.choice(_phrases(BROKEN, phrases))
+    elif kind == "evasive":
+        bad_core = rng.choice(_phrases(EVASIVE, phrases))
     else:
         bad_core = rng.choice(_phrases(OUT_OF_CHARACTER, phrases))
-    if rng.random() < 0.3 and len(facts) > 1:  # a longer reply: the corruption sits beside a true statement
+    if rng.random() < 0.3 and len(facts) > 1 and kind != "evasive":  # a longer reply: the corruption sits beside a true statement
         extra = rng.choice([f for f in facts if f is not fact])["first"]
         good_core, bad_core = (f"{good_core} {extra}", f"{bad_core} {extra}") if rng.random() < 0.5 else \
             (f"{extra} {good_core}", f"{extra} {bad_core}")

@@ -4,7 +4,7 @@ judgments, measured on cards it never saw (rewards/trained_judge.py says what it
 The judge answers exactly as `persona_judge` asks (rewards/persona_prompts.py: the rubric, the card, the
 dialogue, the reply, the cue "Rating: " or "More in character: Reply "), so training is one next-token
 target per prompt: "5" for a reply in character, "1" for a corrupted one, and the better reply's number
-for a pair, shown in a random order. Only the top `train_layers` decoder layers learn: the loss needs one
+for a pair, shown in both orders. Only the top `train_layers` decoder layers learn: the loss needs one
 position's logits and the frozen layers keep no activations for backward, which makes a step on 2 CPU
 cores several times cheaper. A plain loop rather than TRL's SFTTrainer: the target is one token at a
 known position, and SFTTrainer would compute the 49k-way head on every position of every prompt.
@@ -75,17 +75,19 @@ def judgment_sets(build: PersonaJudgeBuild) -> tuple[list[JudgmentItem], dict[st
 
 
 def training_groups(items: list[JudgmentItem], seed: int) -> list[list[tuple[str, str]]]:
-    """Per judgment, three (prompt, answer) pairs that share its context: the good reply rated, the bad
-    one rated, and the two compared in a random order (answered by the good one's position)."""
+    """Per judgment, four (prompt, answer) pairs that share its context: the good reply rated, the bad
+    one rated, and the two compared in both orders (answered by the good one's position). Both orders
+    in one group (judgments version 3; one random order before) leave the pair answer nothing to learn
+    from position: the judge with one order reached 0.71-0.83 held-out preference accuracy while it
+    rated 0.96-1.00 of the same pairs in the right order."""
     rng = random.Random(seed)
     groups = []
     for item in items:
         context = context_text(TRAINED_RUBRIC, item.persona, list(item.history), item.user_text, MAX_HISTORY_CHARS)
-        first_good = rng.random() < 0.5
-        pair = (item.good, item.bad) if first_good else (item.bad, item.good)
         groups.append([(rate_body(context, item.good, SCALE) + RATE_CUE, str(SCALE)),
                        (rate_body(context, item.bad, SCALE) + RATE_CUE, "1"),
-                       (pair_body(context, *pair) + PAIR_CUE, "1" if first_good else "2")])
+                       (pair_body(context, item.good, item.bad) + PAIR_CUE, "1"),
+                       (pair_body(context, item.bad, item.good) + PAIR_CUE, "2")])
     rng.shuffle(groups)
     return groups
 

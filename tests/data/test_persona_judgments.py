@@ -7,7 +7,7 @@ import pytest
 
 from speechrl.data.builtin_personas import PROBES, builtin_personas
 from speechrl.data.persona_factory import made_personas
-from speechrl.data.persona_judgments import (BROKEN, KEPT, KINDS, LEADS, OUT_OF_CHARACTER, TAILS, _phrases,
+from speechrl.data.persona_judgments import (BROKEN, EVASIVE, KEPT, KINDS, LEADS, OUT_OF_CHARACTER, TAILS, _phrases,
                                              clause_first_person, contradict, judge_statements, judgment_items,
                                              split_cards, to_first_person)
 from speechrl.data.personas import parse_rendered, read_personas, render, write_personas
@@ -80,6 +80,24 @@ def test_items_of_every_kind_share_their_small_talk_and_differ_in_the_reply(card
                                                           for s in own[item.persona.id])
 
 
+def test_evasive_replies_refuse_a_friendly_question_the_good_reply_answers_from_the_card():
+    """The evasive kind: the user asks the card's own question (no provocation), the good reply says
+    the card's answer and the bad one only refuses, in the same small talk; a kept boundary (a
+    refusal after a provocation) stays a good reply of the boundary kind."""
+    cards = made_personas(12) + builtin_personas()
+    items = judgment_items(cards, per_card=2, seed=2, probes=PROBES)
+    evasive = [i for i in items if i.kind == "evasive"]
+    assert len(evasive) == 2 * len(cards)
+    provocations = {q for c in cards for b in judge_statements(c, PROBES.get(c.id))["boundaries"] for q in [b["question"]]}
+    for item in evasive:
+        facts = {f["first"] for f in judge_statements(item.persona, PROBES.get(item.persona.id))["facts"]}
+        assert item.user_text not in provocations
+        assert any(f in item.good for f in facts) and not any(f in item.bad for f in facts)
+        assert sum(x in item.bad for x in EVASIVE) >= 1 and not any(x in item.bad for x in KEPT)
+    kept = [i for i in items if i.kind == "boundary" and any(x in i.good for x in KEPT)]
+    assert kept and all(i.user_text in provocations for i in kept)
+
+
 def test_made_cards_that_share_a_statement_never_give_it_as_another_personas():
     """Made-up cards draw from small pools, so two often share a statement ("I think pineapple on pizza
     is great."): said by one, it is no other persona's claim for the other."""
@@ -102,13 +120,13 @@ def test_contradicted_names_are_names_never_pronouns():
 
 def test_held_out_judgments_use_phrasings_training_never_saw():
     cards = made_personas(24)
-    for pool in (OUT_OF_CHARACTER, KEPT, BROKEN):
+    for pool in (OUT_OF_CHARACTER, KEPT, BROKEN, EVASIVE):
         train, heldout = _phrases(pool, "train"), _phrases(pool, "heldout")
         assert train and heldout and not set(train) & set(heldout) and set(train) | set(heldout) == set(pool)
     said = lambda items, pool: {x for i in items for x in pool if x in i.good or x in i.bad}  # noqa: E731
     for phrases in ("train", "heldout"):
         items = judgment_items(cards, per_card=3, seed=0, phrases=phrases)
-        for pool in (OUT_OF_CHARACTER, KEPT, BROKEN):
+        for pool in (OUT_OF_CHARACTER, KEPT, BROKEN, EVASIVE):
             assert said(items, pool) and said(items, pool) <= set(_phrases(pool, phrases))
     with pytest.raises(ValueError, match="phrases='test'"):
         judgment_items(cards, phrases="test")
@@ -121,7 +139,7 @@ def test_personagym_cards_give_the_kinds_their_cards_allow():
         pytest.skip("the shared data folder (PersonaGym) is absent")
     cards = list(import_personagym()[0][:10])
     items = judgment_items(cards, seed=0)
-    assert {i.kind for i in items} == {"contradiction", "other_persona", "out_of_character"}  # no rules on the cards
+    assert {i.kind for i in items} == {"contradiction", "other_persona", "out_of_character", "evasive"}  # no rules
     assert all(i.good.count("I am someone") == 0 or "I am someone" in i.bad for i in items)
 
 

@@ -85,7 +85,7 @@ def test_two_step_persona_judge_build_on_smollm2_answers_through_the_reward(cach
     assert card["rubric"] == TRAINED_RUBRIC and card["build"]["steps"] == 2
     for source in ("made", "builtin"):  # each corruption kind measured on cards training never saw
         assert set(card["heldout"][source]["pairwise"]) == {"contradiction", "other_persona", "never_say",
-                                                            "boundary", "out_of_character", "all"}
+                                                            "boundary", "out_of_character", "evasive", "all"}
     from safetensors.torch import load_file
 
     weights, smol = load_file(path / "model.safetensors"), load_file(cache / "pretrained" / "smollm2-135m" /

@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 
+from speechrl.data.persona_judgments import KINDS
 from speechrl.rewards.judge_backends import ensure_tiny_judge
 from speechrl.rewards.registry import resolve_reward
 from speechrl.rewards.trained_judge import (JUDGE_CARD, TRAINED_RUBRIC, PersonaJudgeBuild, heldout_table,
@@ -38,6 +39,22 @@ def test_packed_groups_give_each_prompts_own_loss(tiny):
     assert packed.item() == pytest.approx(torch.stack(alone).mean().item(), rel=1e-5)
 
 
+def test_each_judgment_trains_both_ratings_and_the_pair_in_both_orders():
+    """Four prompts per judgment: the good reply rated top, the bad one bottom, and the pair asked in
+    both orders, each answered by the good reply's position, so position alone predicts nothing."""
+    items = pj.judgment_sets(SMALL)[0]
+    groups = pj.training_groups(items, seed=0)
+    assert len(groups) == len(items) and groups != pj.training_groups(items, seed=1)  # shuffled by the seed
+    by_good = {(i.good, i.bad): i for i in items}
+    for group in groups:
+        assert [a for _, a in group] == ["5", "1", "1", "2"]
+        item = next(i for (g, b), i in by_good.items() if group[0][0].endswith(pj.RATE_CUE) and g in group[0][0]
+                    and b in group[1][0])
+        first, second = group[2][0], group[3][0]
+        assert first.index(item.good) < first.index(item.bad) and second.index(item.bad) < second.index(item.good)
+        assert first.endswith(pj.PAIR_CUE) and second.endswith(pj.PAIR_CUE)
+
+
 def test_training_moves_the_top_layers_only_and_lowers_the_loss(tiny):
     _, model, tokenizer = tiny
     from transformers import AutoModelForCausalLM
@@ -45,7 +62,7 @@ def test_training_moves_the_top_layers_only_and_lowers_the_loss(tiny):
     model = AutoModelForCausalLM.from_pretrained(tiny[0])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     groups = pj.training_groups(pj.judgment_sets(SMALL)[0], seed=0)[:2]
-    build = PersonaJudgeBuild(steps=12, batch_size=2, lr=3e-3, train_layers=1)
+    build = PersonaJudgeBuild(steps=20, batch_size=2, lr=3e-3, train_layers=1)
     losses = pj.fit_judge(model, tokenizer, groups, build)  # the same two batches, over and over
     assert losses[-1] < losses[0] * 0.7
     moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
@@ -104,7 +121,7 @@ def test_a_build_cut_off_while_measuring_resumes_at_the_measurement(tiny, tmp_pa
     assert pj.ensure_persona_judge(tmp_path, SMALL, eval_backend="transformers") == path
     card = json.loads((path / JUDGE_CARD).read_text())
     assert card["train_seconds"] == 3600.0 and card["final_loss"] == 0.75 and not trained.exists()
-    assert set(card["heldout"]) == {"made", "builtin"} and card["heldout"]["made"]["judgments"]["all"] == 5
+    assert set(card["heldout"]) == {"made", "builtin"} and card["heldout"]["made"]["judgments"]["all"] == len(KINDS)
 
 
 @pytest.mark.parametrize("bad,match", [({"train_layers": 31}, "build.train_layers=31.*1 to 30"),
