@@ -30,7 +30,7 @@ class RewardOutputError(ValueError):
 @dataclass
 class ScoreResult:
     total: np.ndarray  # combined reward per sample; NaN where the sample has no score
-    valid: np.ndarray  # bool per sample: every reward gave it a finite score
+    valid: np.ndarray  # bool per sample: every reward of nonzero weight gave it a finite score
     rewards: dict[str, np.ndarray]  # each reward's "reward" component, as returned (before normalization)
     components: dict[str, np.ndarray]  # every component, keyed "<reward name>/<component>", for logging
     errors: dict[int, str] = field(default_factory=dict)  # sample index -> why it has no score
@@ -155,9 +155,13 @@ def combine_scores(
         weights if weights is not None else dict.fromkeys(per_reward, 1.0),
         normalize if normalize is not None else dict.fromkeys(per_reward, False),
     )
-    errors = {i: "; ".join(why) for i, why in sorted(raw.reasons.items())}
+    errors = {i: "; ".join(why) for i, why in sorted(raw.reasons.items()) if not valid[i]}
     if errors:
         log.warning("%d of %d samples have no reward: %s", len(errors), len(total), _summary(errors, ids))
+    logged_only = {i: "; ".join(why) for i, why in sorted(raw.reasons.items()) if valid[i]}
+    if logged_only:  # a weight-0 reward could not score them: they are scored and trained on all the same
+        log.info("%d of %d samples lack a logged-only (weight 0) reward, trained on anyway: %s", len(logged_only),
+                 len(total), _summary(logged_only, ids))
     components = {f"{name}/{key}": values for name, comps in raw.components.items() for key, values in comps.items()}
     return ScoreResult(total=total, valid=valid, rewards=per_reward, components=components, errors=errors)
 
@@ -200,8 +204,11 @@ def combine(
     """Weighted sum of reward components, each optionally z-normalized over the valid samples
     first, so that rewards on different scales (WER in [0, 1], MOS in [1, 5]) combine by weight.
 
-    Returns (total, valid): a sample is valid when every component is finite; invalid samples get
-    total NaN and take no part in any component's mean or std.
+    Returns (total, valid): a sample is valid when every weighted component is finite; invalid samples
+    get total NaN and take no part in any component's mean or std. A component of weight 0 (logged, not
+    trained on, e.g. the realtime rule check) adds nothing and never invalidates a sample: a check that
+    cannot read a reply (an empty text part) must not take that reply out of training, where the rewards
+    that count can score it. Only where every weight is 0 do all components decide.
     """
     if not components:
         raise ValueError("combine: no reward components; configure at least one reward")
@@ -212,9 +219,10 @@ def combine(
     sizes = {k: a.shape for k, a in arrays.items()}
     if len(set(sizes.values())) != 1 or any(len(shape) != 1 for shape in sizes.values()):
         raise ValueError(f"combine: components must be 1-D arrays of one length; got shapes {sizes}")
-    valid = np.logical_and.reduce([np.isfinite(a) for a in arrays.values()])
+    counted = {k: a for k, a in arrays.items() if weights[k] != 0} or arrays
+    valid = np.logical_and.reduce([np.isfinite(a) for a in counted.values()])
     total = np.zeros(len(valid))
-    for k, x in arrays.items():
+    for k, x in counted.items():
         scaled = _zscore(x, valid) if normalize[k] else x
         total += weights[k] * np.where(valid, scaled, 0.0)
     total[~valid] = math.nan

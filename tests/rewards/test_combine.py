@@ -35,6 +35,25 @@ def test_combine_z_normalizes_over_valid_samples():
     assert math.isnan(total[3])
 
 
+def test_a_logged_only_reward_that_cannot_score_a_sample_keeps_it_in_training(caplog):
+    """Weight 0 = logged, not trained on: its NaN neither drops the sample nor reaches the total; where
+    every weight is 0, the components decide as before."""
+    a, logged = np.array([1.0, 2.0, 3.0]), np.array([0.5, math.nan, 0.5])
+    total, valid = combine({"a": a, "check": logged}, {"a": 1.0, "check": 0.0}, {"a": False, "check": False})
+    assert valid.tolist() == [True, True, True] and total.tolist() == [1.0, 2.0, 3.0]
+    total, valid = combine({"a": np.array([1.0, math.nan, 3.0]), "check": logged}, {"a": 1.0, "check": 0.0},
+                           {"a": False, "check": False})
+    assert valid.tolist() == [True, False, True] and math.isnan(total[1])
+    _, valid = combine({"check": logged}, {"check": 0.0}, {"check": False})
+    assert valid.tolist() == [True, False, True]
+    with caplog.at_level(logging.INFO):
+        result = score_batch({"length": length, "n": nan_on_empty}, {"completions": ["a", "", "b"]},
+                             weights={"length": 1.0, "n": 0.0})
+    assert result.valid.tolist() == [True, True, True] and result.errors == {}
+    assert result.total.tolist() == [1.0, 0.0, 1.0] and math.isnan(result.rewards["n"][1])
+    assert "lack a logged-only (weight 0) reward" in caplog.text and "n returned nan" in caplog.text
+
+
 def test_combine_requires_a_weight_for_every_component():
     with pytest.raises(ValueError, match=r"\['b'\]"):
         combine({"a": np.ones(2), "b": np.ones(2)}, {"a": 1.0}, {"a": True, "b": True})
