@@ -16,7 +16,7 @@ import hashlib
 import random
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 from speechrl.data.personas import PersonaCard
 
