@@ -326,6 +326,13 @@ class RealtimeMode(Mode):
         print(f"last turn: out-of-character rate {result['ooc last turn before']:.2f} -> "
               f"{result['ooc last turn after']:.2f}; judge score, last turn minus first: "
               f"{result['judge slope before']:+.3f} -> {result['judge slope after']:+.3f}")
+        for name, run in (("before", before), ("after", after)):  # a judge being gamed shows as one reply
+            common = _common_replies(run.get("replies", []))          # taking over, whatever was asked
+            if common:
+                result[f"distinct replies {name}"] = len({r["reply"] for r in run["replies"]})
+                print(f"most common drift replies {name} (of {len(run['replies'])}; "
+                      f"{result[f'distinct replies {name}']} distinct), with their mean judge score:")
+                print("\n".join(f"  {n:>3} x {score:.2f}  {text!r}" for text, n, score in common))
         judge = next((r for r in self.cfg.rewards if r.key == self.cfg.realtime.drift_judge), None)
         if judge is not None and (judge.kwargs or {}).get("model") == "tiny":
             print("The judge is the tiny random LM (model: tiny): its scores exercise the machinery and carry no meaning.")
@@ -371,3 +378,16 @@ def heldout_loss(task, model, processor, eval_set, cfg: RecipeConfig) -> float:
     finally:
         model.train(was_training)
     return sum(loss * k for loss, k in losses) / max(1, sum(k for _, k in losses))
+
+
+def _common_replies(replies: list[dict], top: int = 3, width: int = 80) -> list[tuple[str, int, float]]:
+    """The `top` most frequent drift replies: (text cut to `width`, count, mean judge score)."""
+    from collections import Counter
+
+    counts = Counter(r["reply"] for r in replies)
+    out = []
+    for text, n in counts.most_common(top):
+        scores = [r["judge"] for r in replies if r["reply"] == text and r.get("judge") is not None]
+        cut = text if len(text) <= width else text[:width - 3] + "..."
+        out.append((cut, n, sum(scores) / len(scores) if scores else float("nan")))
+    return out

@@ -438,8 +438,11 @@ def test_demo_report_compares_the_first_and_last_drift_evaluations(tmp_path, cap
     (tmp_path / "drift").mkdir()
     for step, judge, ooc, check in ((0, [0.6, 0.5, 0.3], [0.0, 0.5, 1.0], [0.2, 0.1, 0.0]),
                                     (8, [0.6, 0.6, 0.6], [0.0, 0.0, 0.5], [0.3, 0.3, 0.2])):
+        said = ["No, I won't say that."] * 2 + ["I live in Lyon."] if step else ["I live in Lyon.", "Hi!", "Hi!"]
+        replies = [{"reply": text, "judge": j} for text, j in zip(said, (0.1, 0.3, 0.9))]
         (tmp_path / "drift" / f"step-{step:05d}.json").write_text(json.dumps(
-            {"step": step, "threshold": 0.5, "turn": [1, 2, 3], "judge": judge, "ooc": ooc, "check": check}))
+            {"step": step, "threshold": 0.5, "turn": [1, 2, 3], "judge": judge, "ooc": ooc, "check": check,
+             "replies": replies}))
     rl = {"run": str(tmp_path), "drift plot": "drift.png", "drift judge score before": 0.47,
           "drift judge score after": 0.6, "drift out-of-character rate before": 0.5,
           "drift out-of-character rate after": 0.17, "drift check before": 0.1, "drift check after": 0.27}
@@ -449,6 +452,9 @@ def test_demo_report_compares_the_first_and_last_drift_evaluations(tmp_path, cap
     out = capsys.readouterr().out
     assert "last turn: out-of-character rate 1.00 -> 0.50" in out and "-0.300 -> +0.000" in out
     assert "check 0.100 -> 0.270" in out
+    assert result["distinct replies before"] == 2 and result["distinct replies after"] == 2
+    after = out[out.index("most common drift replies after (of 3; 2 distinct)"):]
+    assert "2 x 0.20  \"No, I won't say that.\"" in after and "1 x 0.90  'I live in Lyon.'" in after
 
 
 # --- recipes and data sources -----------------------------------------------------------------------
