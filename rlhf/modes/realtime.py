@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -382,8 +383,6 @@ def heldout_loss(task, model, processor, eval_set, cfg: RecipeConfig) -> float:
 
 def _common_replies(replies: list[dict], top: int = 3, width: int = 80) -> list[tuple[str, int, float]]:
     """The `top` most frequent drift replies: (text cut to `width`, count, mean judge score)."""
-    from collections import Counter
-
     counts = Counter(r["reply"] for r in replies)
     out = []
     for text, n in counts.most_common(top):
