@@ -31,6 +31,32 @@ def drift_curves(turns: list[int], scores: np.ndarray, threshold: float) -> dict
     return out
 
 
+def paired_change(before: list[dict], after: list[dict], key: str = "judge", n_boot: int = 2000,
+                  seed: int = 0) -> dict[str, float]:
+    """How much `key` (judge or check) moved from the `before` drift replies to the `after` ones, with
+    the evaluation's noise: replies are grouped by dialogue (their id up to "/t"), each dialogue's mean
+    taken on both sides, and the mean change bootstrapped over the dialogues both sides scored (a 95 %
+    interval). A change whose interval excludes 0 is larger than what replaying other dialogues of the
+    same kind would give. Resampling whole dialogues keeps a dialogue's turns, which share a context,
+    together. (Written here rather than with scipy.stats.bootstrap: a paired, clustered resample on a
+    dozen dialogues is a few lines of numpy.)"""
+    def by_dialogue(replies: list[dict]) -> dict[str, float]:
+        groups: dict[str, list[float]] = {}
+        for r in replies:
+            if r.get(key) is not None and np.isfinite(r[key]):
+                groups.setdefault(r["id"].rsplit("/t", 1)[0], []).append(float(r[key]))
+        return {d: float(np.mean(v)) for d, v in groups.items()}
+
+    b, a = by_dialogue(before), by_dialogue(after)
+    shared = sorted(set(b) & set(a))
+    if not shared:
+        return {"change": math.nan, "low": math.nan, "high": math.nan, "dialogues": 0}
+    diffs = np.array([a[d] - b[d] for d in shared])
+    picks = np.random.default_rng(seed).integers(0, len(diffs), size=(n_boot, len(diffs)))
+    low, high = np.percentile(diffs[picks].mean(axis=1), [2.5, 97.5])
+    return {"change": float(diffs.mean()), "low": float(low), "high": float(high), "dialogues": len(shared)}
+
+
 class DriftEvaluation:
     """The drift dialogues of a run, how to play and score them, and where the curves go."""
 
