@@ -28,6 +28,11 @@ Constraint = list[int] | ReplyLayout | None
 LOGPROBS_MODE = "processed_logprobs"
 
 
+# vLLM's weight-transfer backends a rollout.weight_transport may name (rollouts/weight_transfer.py);
+# "transfer" picks the one the layout needs
+WEIGHT_TRANSFER = ("nccl", "ipc", "gloo")
+
+
 class RolloutWorkerDied(RuntimeError):
     """A rollout actor died mid-call (generate, or a weight sync); the driver may retry on a fresh worker."""
 
@@ -42,14 +47,17 @@ class RolloutEngine:
 
     def __init__(self, backbone_path: str, *, kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.5,
                  tensor_parallel_size: int = 1, enforce_eager: bool = True, max_model_len: int = 1024,
-                 seed: int = 0, threads: int = 0, sleep_mode: bool = False, lora_rank: int = 0, mtp_tokens: int = 0):
+                 seed: int = 0, threads: int = 0, sleep_mode: bool = False, lora_rank: int = 0, mtp_tokens: int = 0,
+                 weight_transfer: str | None = None):
         """`sleep_mode` (a GPU shared with the trainer): `sleep` frees the engine's GPU memory between
         generations, `wake_up` brings it back; vLLM offers it on CUDA only. `lora_rank` > 0: the engine
         serves the policy's LoRA adapter of that rank (load_adapter); 0: no LoRA. `mtp_tokens` > 0:
         verified multi-token decoding, the backbone's first k MTP heads (`<backbone>/mtp`, model/mtp.py)
         drafting through vLLM's Medusa proposer and its rejection sampler keeping what the policy
         verifies: greedy output is plain decoding's; sampling with drafts is refused on CPU, where
-        vLLM 0.32's sampler does not keep the policy's distribution (generate; docs/mtp.md)."""
+        vLLM 0.32's sampler does not keep the policy's distribution (generate; docs/mtp.md).
+        `weight_transfer`: a rollout.weight_transport of vLLM's weight transfer ("nccl", "ipc", "gloo";
+        rollouts/weight_transfer.py): the engine takes part in the policy worker's broadcasts."""
         # Keeps the engine core in this process (and actor): load_weights hands vLLM a Python
         # iterator through collective_rpc, which cannot cross into a separate engine process.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -93,6 +101,13 @@ class RolloutEngine:
                                                   "num_speculative_tokens": mtp_tokens},
                            "disable_log_stats": False, "hf_overrides": {"vocab_size": vocab}}
         self.mtp_tokens = mtp_tokens
+        transfer = {}
+        if weight_transfer:
+            from speechrl.rollouts.weight_transfer import register_gloo, vllm_backend
+
+            register_gloo()  # before LLM(): the worker builds its transfer engine while loading the model
+            transfer = {"weight_transfer_config": {"backend": vllm_backend(weight_transfer)}}
+        self._transfer = {"joined": False, "updating": False}
         quiet_benign_vllm_warnings()  # start-up warns too; the handler's filter sees every vllm.* logger
         self.llm = LLM(model=str(path), dtype="auto" if torch.cuda.is_available() else "float32",
                        enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
@@ -101,7 +116,7 @@ class RolloutEngine:
                        # vLLM's speculative decoding takes no custom logits processor: an engine that
                        # drafts serves static constraints only (ASR, TTS), not realtime's reply layout
                        logits_processors=[] if mtp_tokens else [reply_layout_processor()],
-                       **({"enable_sleep_mode": True} if sleep_mode else {}), **lora, **memory, **speculative)
+                       **({"enable_sleep_mode": True} if sleep_mode else {}), **lora, **memory, **speculative, **transfer)
         quiet_benign_vllm_warnings()
 
     def sleep(self) -> None:
@@ -208,6 +223,37 @@ class RolloutEngine:
             self.llm.collective_rpc(_load_drafter, args=(heads,))
         self.reset_caches()
 
+    # vLLM's weight-sync calls, for the policy worker's client (rollouts/weight_transfer.py: EnginesClient).
+    # An update a failed sync left open is closed before the next group or update begins: the sync that
+    # follows a failure sends every weight again before anything is generated.
+    def init_weight_transfer_engine(self, request: dict) -> None:
+        self._close_open_update()
+        if self._transfer["joined"]:
+            self.llm.shutdown_weight_transfer_engine()
+        self.llm.init_weight_transfer_engine(request)
+        self._transfer["joined"] = True
+
+    def start_weight_update(self) -> None:
+        self._close_open_update()
+        self.llm.start_weight_update()
+        self._transfer["updating"] = True
+
+    def update_weights(self, request: dict) -> None:
+        try:
+            self.llm.update_weights(request)
+        except BaseException:
+            self._transfer["updating"] = False  # vLLM's worker has ended the update
+            raise
+
+    def finish_weight_update(self) -> None:
+        self.llm.finish_weight_update()
+        self._transfer["updating"] = False
+        self.reset_caches()  # as after load_weights: vLLM's weight transfer resets neither cache
+
+    def _close_open_update(self) -> None:
+        if self._transfer["updating"]:
+            self.finish_weight_update()
+
     def spec_stats(self) -> dict:
         """Verified decoding's counters since the engine started (vLLM's spec-decode metrics): drafting
         steps, and per draft position how many of them kept it. Empty without mtp_tokens."""
@@ -267,14 +313,16 @@ def _seed_torch(worker, seed: int) -> None:
 
 
 def make_rollout_workers(backbone_path: str, cfg, num_workers: int, seed: int,
-                         placement: list[dict] | None = None, sleep_mode: bool = False, lora_rank: int = 0) -> list:
+                         placement: list[dict] | None = None, sleep_mode: bool = False, lora_rank: int = 0,
+                         weight_transfer: str | None = None) -> list:
     """Start `num_workers` Ray actors, each holding one RolloutEngine (`cfg`: a RolloutConfig).
 
     `placement[k]`: worker k's Ray options (resources and placement-group bundle, from the run's
     layout: rlhf/workers/placement.py); without it each asks for a CPU, and `tensor_parallel_size`
     GPUs where the cluster has any. `sleep_mode`: the engines share their GPU with the trainer
     (RolloutEngine.sleep). `lora_rank` > 0 (a LoRA run's model.lora.r): the engines serve the
-    policy's adapter (RolloutEngine.load_adapter). On CPU the engine uses `cfg.threads_per_worker`
+    policy's adapter (RolloutEngine.load_adapter). `weight_transfer` ("nccl", "ipc", "gloo"): the
+    engines join the policy worker's weight-transfer group (rollouts/weight_transfer.py). On CPU the engine uses `cfg.threads_per_worker`
     threads (0: the machine's cores shared among workers; generation and training take turns, so they
     do not compete). Returns once every engine is up, so start-up errors surface here, not at the first generate.
     """
@@ -291,7 +339,8 @@ def make_rollout_workers(backbone_path: str, cfg, num_workers: int, seed: int,
                    str(backbone_path), kv_cache_gib=cfg.kv_cache_gib, gpu_memory_utilization=cfg.gpu_memory_utilization,
                    tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager,
                    max_model_len=cfg.max_model_len, seed=(seed + k) % 2**32, threads=threads,  # numpy's range
-                   sleep_mode=sleep_mode, lora_rank=lora_rank, mtp_tokens=cfg.mtp_tokens)
+                   sleep_mode=sleep_mode, lora_rank=lora_rank, mtp_tokens=cfg.mtp_tokens,
+                   weight_transfer=weight_transfer)
                for k in range(num_workers)]
     ray.get([w.ping.remote() for w in workers])
     return workers

@@ -213,7 +213,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5  # GPU engines: fraction of device memory for vLLM, in (0, 1]
     tensor_parallel_size: int = 1  # GPUs per engine
     enforce_eager: bool = True  # no CUDA graphs / compilation (fast start, needed on CPU)
-    weight_transport: str = "object_store"  # how the trainer's weights reach the engines, by registered name
+    weight_transport: str = "object_store"  # how the trainer's weights reach the engines: object_store, or transfer: vLLM's weight transfer with the backend the run needs (nccl: separate GPUs, ipc: colocated, gloo: CPU; each may be named); rollouts/sync.py
     max_retries: int = 1  # a rollout or reward worker that died is replaced and its call retried this many times; 0 = no retry
     max_model_len: int = 1024  # longest prompt + completion an engine accepts, in tokens; > the max_new_tokens caps
     threads_per_worker: int = 0  # CPU engines' intra-op threads; 0 = the machine's CPUs shared among the workers

@@ -111,6 +111,11 @@ class OnlineRecipe:
         seed_everything(cfg.seed)
         self.owns_ray = start_ray(cfg)
         self.placement = reserve(cfg, policy=with_policy)
+        self.transport = TRANSPORTS.get(cfg.rollout.weight_transport)(cfg.rollout)
+        if with_policy:
+            self.transport.check(cfg, self.placement)
+        # the engines join the policy worker's weight-transfer group (an evaluation's have no policy)
+        self.weight_transfer = self.transport.backend if with_policy and self.transport.direct else None
         if with_policy and cfg.rollout.async_.enabled and self.placement.engines_sleep:
             raise RecipeError(f"rollout.async needs engines that stay awake while the trainer updates; ray.layout="
                               f"{self.placement.layout} puts them to sleep on the trainer's GPU. Use "
@@ -129,8 +134,8 @@ class OnlineRecipe:
         self.lora_rank = cfg.model.lora.r if cfg.model.lora.enabled and with_policy else 0
         self.workers = make_rollout_workers(str(self.backbone_path), cfg.rollout, cfg.rollout.num_workers, cfg.seed,
                                             [self.placement.options(e) for e in self.placement.engines],
-                                            sleep_mode=self.placement.engines_sleep, lora_rank=self.lora_rank)
-        self.transport = TRANSPORTS.get(cfg.rollout.weight_transport)()
+                                            sleep_mode=self.placement.engines_sleep, lora_rank=self.lora_rank,
+                                            weight_transfer=self.weight_transfer)
 
     def generate(self, requests, n: Optional[int] = None, temperature: Optional[float] = None,
                  max_new_tokens: Optional[int] = None, step: Optional[int] = None):
@@ -223,7 +228,8 @@ class OnlineRecipe:
         self.workers[k] = make_rollout_workers(str(self.backbone_path), self.cfg.rollout, 1,
                                                (self.cfg.seed + 1000 + attempt) % 2**32,
                                                [self.placement.options(self.placement.engines[k])],
-                                               sleep_mode=self.placement.engines_sleep, lora_rank=self.lora_rank)[0]
+                                               sleep_mode=self.placement.engines_sleep, lora_rank=self.lora_rank,
+                                               weight_transfer=self.weight_transfer)[0]
 
     def sync(self, weights=None) -> None:
         """`weights` (default: the policy's now) to every engine (in a LoRA run its adapter alone:
@@ -231,13 +237,18 @@ class OnlineRecipe:
         again (the soak run found this: a kill during the sync stopped the run)."""
         if self.policy is None:  # a checkpoint's evaluation: the engines serve it as saved
             return
-        weights = self.policy.stored_weights() if weights is None else weights
+        direct = self.transport.direct and not self.lora_rank  # the policy worker sends (weight transfer)
+        if weights is None and not direct:
+            weights = self.policy.stored_weights()
         # kept for a replaced engine only where the engines may lag the policy (async): a synchronous
         # run's engines hold the policy's weights, and the reference would keep a copy in the store
         self.engine_weights = weights if self.cfg.rollout.async_.enabled else None
         for attempt in range(self.cfg.rollout.max_retries + 1):
             try:
-                self.transport.send(weights, self.workers)
+                if weights is None:
+                    self.transport.sync(self.policy, self.workers)
+                else:
+                    self.transport.send(weights, self.workers)
                 return
             except RolloutWorkerDied as e:
                 self.replace_worker(e, attempt)

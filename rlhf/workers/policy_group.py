@@ -66,6 +66,12 @@ class PolicyClient:
     def stored_weights(self):
         return self._all("stored_weights")[0]
 
+    def connect_engines(self, engines: list, transport: str, tp_sizes: list[int]) -> None:
+        self._all("connect_engines", engines, transport, tp_sizes)
+
+    def push_weights(self):
+        return self._all("push_weights")[0]
+
     def save(self, path: str) -> None:
         self._all("save", path)
 

@@ -72,6 +72,7 @@ class PolicyWorker:
         self.train_mtp = self.mtp is not None and cfg.model.mtp.train_in_rl
         self.reference = policy.reference
         self.policy, self.device = policy, policy.device
+        self.transfer = None  # vLLM's trainer-side weight-transfer engine (connect_engines), if the run uses one
         vocab = self.backbone.model.get_output_embeddings().weight.shape[0]
         self.allowed = vocab_mask(allowed_ids, vocab)
         if checkpoint:
@@ -273,6 +274,50 @@ class PolicyWorker:
         if weights is None or isinstance(weights, LoraAdapter):
             return weights
         return StoredWeights(ray.put([(k, v.to("cpu")) for k, v in weights]))
+
+    def connect_engines(self, engines: list, transport: str, tp_sizes: list[int]) -> None:
+        """Form a weight-transfer group with the rollout `engines` (rollout.weight_transport "nccl",
+        "ipc" or "gloo"; rollouts/weight_transfer.py), replacing any earlier one. Every rank calls;
+        rank 0 opens the group on its node and sends, the others take part in the gather only."""
+        import ray
+
+        from speechrl.rollouts.weight_transfer import PolicySource, free_port, trainer_engine
+
+        self._drop_transfer()
+        device = None if transport == "gloo" else self.device  # NCCL and IPC send from the GPU
+        self.transfer = trainer_engine(transport, engines, tp_sizes, PolicySource(self._main_weights, device),
+                                       rank=self.rank, address=ray.util.get_node_ip_address(), port=free_port())
+
+    def push_weights(self) -> StoredWeights | None:
+        """The policy's weights to the connected engines, sent from here through vLLM's weight transfer;
+        returns the MTP draft heads (in the object store) for the object-store path, None without any."""
+        import ray
+
+        if self.transfer is None:
+            raise RuntimeError("push_weights: no weight-transfer group; connect_engines first")
+        self._heads = None
+        try:
+            self.transfer.send_weights()
+        except BaseException:
+            self._drop_transfer()  # closes the group: an engine still waiting in it fails now, not at its timeout
+            raise
+        return StoredWeights(ray.put(self._heads)) if self._heads else None
+
+    def _main_weights(self) -> list[tuple[str, torch.Tensor]] | None:
+        """The hub-layout weights weight transfer sends (the gather runs on every rank; None on the ranks
+        that hold none after it); the MTP heads are kept aside for the object store."""
+        weights = self.weights(copy=False)
+        if isinstance(weights, LoraAdapter):
+            raise RuntimeError("weight transfer carries dense weights; a LoRA run sends its adapter by the object store")
+        if weights is None:
+            return None
+        self._heads = [(k, v.to("cpu")) for k, v in weights if k.startswith(MTP_PREFIX)]
+        return [(k, v) for k, v in weights if not k.startswith(MTP_PREFIX)]
+
+    def _drop_transfer(self) -> None:
+        if self.transfer is not None:
+            self.transfer.shutdown()
+            self.transfer = None
 
     def _full_state(self, module) -> dict | None:
         """`module`'s full state dict: its own tensors on one rank; gathered CPU copies on rank 0 of

@@ -106,12 +106,15 @@ def loopback_cluster(tmp_path):
 
 
 def test_a_two_rank_grpo_run_spans_both_nodes_of_a_loopback_cluster(loopback_cluster, tiny_overrides, tmp_path):
+    """Two FSDP ranks, one per node, and vLLM's weight transfer (`transfer`: gloo on CPU): both ranks gather,
+    rank 0 broadcasts to the engine on whichever node it landed; step 2's logprob gap shows the engine
+    sampled with the weights step 1 made."""
     address, env, nodes = loopback_cluster
     assert len(nodes) == 2
     speechrl = shutil.which("speechrl") or str(Path(sys.executable).with_name("speechrl"))
     run = subprocess.run([speechrl, "train", "asr/grpo", *tiny_overrides, *SMALL, f"run.output_dir={tmp_path}",
                           "run.name=two-nodes", f"ray.address={address}", "train.num_ranks=2",
-                          "ray.placement_strategy=SPREAD"],
+                          "ray.placement_strategy=SPREAD", "rollout.weight_transport=transfer"],
                          env=env, capture_output=True, text=True, timeout=1500)
     assert run.returncode == 0, run.stderr[-3000:]
     placement = json.loads((tmp_path / "two-nodes" / "placement.json").read_text())

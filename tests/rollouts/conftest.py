@@ -50,3 +50,31 @@ def make_requests(tiny_backbone_dir, clips):
         return [RolloutRequest(prompt=prompt, audio=clips[i], sample_rate=SR, metadata={"id": i, "text": TEXTS[i]})
                 for i in range(k)]
     return requests
+
+
+@pytest.fixture(scope="session")
+def trainer_greedy():
+    """greedy(policy, requests, samples, max_new_tokens) -> the policy worker's own (HF, PEFT or not)
+    greedy tokens from each sample's prompt ids, the engine's, with its clip where it has one: what
+    an engine holding the policy's weights must decode."""
+    import torch
+
+    from speechrl.rlhf.model.logprobs import unwrap
+
+    def greedy(policy, requests, samples, max_new_tokens: int) -> list[list[int]]:
+        model = unwrap(policy.model).eval()
+        out = []
+        for req, s in zip(requests, samples):
+            kw = {}
+            if req.audio is not None:
+                inputs = policy.backbone.processor(text=[req.prompt], audio=[req.audio], sampling_rate=SR,
+                                                   return_tensors="pt")
+                kw = dict(input_features=inputs["input_features"], feature_attention_mask=inputs["feature_attention_mask"])
+            ids = torch.tensor([s.prompt_ids])
+            with torch.no_grad():
+                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=max_new_tokens, **kw)
+            out.append(gen[0, ids.shape[1]:].tolist())
+        model.train()
+        return out
+    return greedy

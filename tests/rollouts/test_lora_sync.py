@@ -65,25 +65,6 @@ def train_step(worker, policy, requests, seed):
     assert policy.train(batch)["grad_norm"] > 0
 
 
-def peft_greedy(policy, requests, samples) -> list[list[int]]:
-    """The HF PEFT model's greedy tokens from each sample's prompt (the engine's prompt ids, audio or not)."""
-    model = unwrap(policy.model).eval()
-    out = []
-    for req, s in zip(requests, samples):
-        kw = {}
-        if req.audio is not None:
-            inputs = policy.backbone.processor(text=[req.prompt], audio=[req.audio], sampling_rate=SR,
-                                               return_tensors="pt")
-            kw = dict(input_features=inputs["input_features"], feature_attention_mask=inputs["feature_attention_mask"])
-        ids = torch.tensor([s.prompt_ids])
-        with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=GREEDY["max_new_tokens"], **kw)
-        out.append(gen[0, ids.shape[1]:].tolist())
-    model.train()
-    return out
-
-
 def logprob_gaps(policy, requests, samples, temperature) -> float:
     """max |engine - HF PEFT| sampled-token logprob, the trainer's log_softmax(logits / T)."""
     model = unwrap(policy.model).eval()
@@ -111,7 +92,8 @@ def engine_adapter(worker) -> dict[str, torch.Tensor]:
     return load_file(str(Path(path) / "adapter_model.safetensors"))
 
 
-def test_a_training_step_reaches_the_engine_as_the_adapter_alone(worker, policy, make_requests, tiny_backbone_dir):
+def test_a_training_step_reaches_the_engine_as_the_adapter_alone(worker, policy, make_requests, tiny_backbone_dir,
+                                                                 trainer_greedy):
     from speechrl.rollouts.lora import LoraAdapter
     from speechrl.rollouts.sync import TRANSPORTS
 
@@ -125,7 +107,7 @@ def test_a_training_step_reaches_the_engine_as_the_adapter_alone(worker, policy,
     TRANSPORTS.get("object_store")().send(adapter, [worker])
     print(f"\nadapter sync ({adapter.nbytes / 2**20:.2f} MiB): {time.perf_counter() - start:.2f} s")
     samples = generate(worker, requests, **GREEDY)
-    expected = peft_greedy(policy, requests, samples)
+    expected = trainer_greedy(policy, requests, samples, GREEDY["max_new_tokens"])
     assert expected != base, "the training step should change greedy output"
     assert [s.completion_ids for s in samples] == expected
 
@@ -147,7 +129,7 @@ def test_a_training_step_reaches_the_engine_as_the_adapter_alone(worker, policy,
     assert adapter.nbytes == sum(t.numel() * t.element_size() for t in received.values()) < model_bytes / 20
 
 
-def test_a_second_sync_replaces_the_adapter_with_no_stale_cache(worker, policy, make_requests):
+def test_a_second_sync_replaces_the_adapter_with_no_stale_cache(worker, policy, make_requests, trainer_greedy):
     import ray
 
     from speechrl.rollouts.sync import TRANSPORTS
@@ -156,13 +138,13 @@ def test_a_second_sync_replaces_the_adapter_with_no_stale_cache(worker, policy, 
     requests = [*make_requests(2), RolloutRequest(prompt=LONG_PROMPT, audio=None, sample_rate=SR)]
     first = generate(worker, requests, **GREEDY)  # the long prompt's KV blocks now cached under adapter v1
     assert len(first[-1].prompt_ids) > 256, "the long prompt should fill two KV blocks"
-    assert [s.completion_ids for s in first] == peft_greedy(policy, requests, first)
+    assert [s.completion_ids for s in first] == trainer_greedy(policy, requests, first, GREEDY["max_new_tokens"])
     v1 = engine_adapter(worker)
 
     train_step(worker, policy, make_requests(4), seed=2)
     TRANSPORTS.get("object_store")().send(policy.weights(), [worker])
     samples = generate(worker, requests, **GREEDY)
-    expected = peft_greedy(policy, requests, samples)
+    expected = trainer_greedy(policy, requests, samples, GREEDY["max_new_tokens"])
     assert expected != [s.completion_ids for s in first], "the second step should change greedy output"
     assert [s.completion_ids for s in samples] == expected
     assert any(not torch.equal(v1[k], t) for k, t in engine_adapter(worker).items())
@@ -172,7 +154,8 @@ def test_a_second_sync_replaces_the_adapter_with_no_stale_cache(worker, policy, 
     assert (loaded, kept) == ({2}, ["v2"])
 
 
-def test_dense_reload_and_constrained_decoding_keep_the_adapter(worker, policy, make_requests, tiny_backbone_dir):
+def test_dense_reload_and_constrained_decoding_keep_the_adapter(worker, policy, make_requests, tiny_backbone_dir,
+                                                               trainer_greedy):
     """vLLM's reload_weights unloads adapters; the next generate brings the current one back. The
     reply-layout logits processor constrains LoRA requests as it does others."""
     import ray
@@ -185,7 +168,7 @@ def test_dense_reload_and_constrained_decoding_keep_the_adapter(worker, policy, 
     ray.get(worker.load_weights.remote(list(hub_state_dict(backbone.model.state_dict().items()))))
     assert ray.get(worker.__ray_call__.remote(lambda self: self.llm.llm_engine.list_loras())) == set()
     samples = generate(worker, requests, **GREEDY)
-    assert [s.completion_ids for s in samples] == peft_greedy(policy, requests, samples)
+    assert [s.completion_ids for s in samples] == trainer_greedy(policy, requests, samples, GREEDY["max_new_tokens"])
 
     codec = backbone.audio_token_ids()
     layout = ReplyLayout(text_ids=tuple(range(100, 300)), codec_ids=tuple(codec),

@@ -12,9 +12,16 @@ from speechrl.rollouts.sync import TRANSPORTS, ObjectStoreTransport
 
 
 def test_transports_registered_by_name():
-    assert TRANSPORTS.get("object_store") is ObjectStoreTransport
-    with pytest.raises(KeyError, match="unknown weight transport 'nccl'; registered: object_store"):
-        TRANSPORTS.get("nccl")
+    from speechrl.rlhf.core.config import RolloutConfig
+    from speechrl.rollouts.sync import WeightTransferTransport
+
+    assert TRANSPORTS.get("object_store") is ObjectStoreTransport and not ObjectStoreTransport.direct
+    for name in ("nccl", "ipc", "gloo", "transfer"):  # vLLM's weight transfer: the policy worker sends
+        transport = TRANSPORTS.get(name)(RolloutConfig(tensor_parallel_size=2))
+        assert isinstance(transport, WeightTransferTransport) and transport.direct
+        assert (transport.backend, transport.tp) == (name, 2)
+    with pytest.raises(KeyError, match="unknown weight transport 'shm'; registered: gloo, ipc, nccl, object_store, transfer"):
+        TRANSPORTS.get("shm")
 
 
 def test_lora_adapter_is_the_adapter_alone_in_hub_layout(tiny_backbone_dir, tmp_path):
