@@ -78,3 +78,34 @@ def trainer_greedy():
         model.train()
         return out
     return greedy
+
+
+@pytest.fixture(scope="session")
+def make_policy(tiny_backbone_dir):
+    """make_policy(*overrides) -> a PolicyWorker (in this process) on the tiny backbone, an asr/grpo
+    recipe with a learning rate that moves greedy output in one step."""
+    def make(*overrides: str):
+        from speechrl.rlhf.core.config import load_recipe
+        from speechrl.rlhf.model.backbone import load_backbone
+        from speechrl.rlhf.workers.policy_worker import PolicyWorker
+
+        cfg = load_recipe("asr/grpo", [f"model.path={tiny_backbone_dir}", "train.lr=0.02", "train.warmup_steps=0",
+                                       "train.batch_size=8", "train.torch_threads=2", *overrides])
+        vocab = load_backbone(tiny_backbone_dir).model.get_output_embeddings().weight.shape[0]
+        return PolicyWorker(cfg, str(tiny_backbone_dir), allowed_ids=list(range(vocab)))
+    return make
+
+
+@pytest.fixture(scope="session")
+def train_step():
+    """train_step(engines, policy, requests, seed): one GRPO-style step on the engines' own samples,
+    advantages +1 / -1 within each prompt's pair."""
+    def step(engines, policy, requests, seed: int) -> None:
+        from speechrl.rlhf.algos.batch import sample_batch
+        from speechrl.rollouts.engine import generate_across
+
+        samples = generate_across(engines, requests, n=2, temperature=1.0, top_p=1.0, max_new_tokens=12, seed=seed)
+        batch = sample_batch(samples, requests, list(range(len(samples))), 1.0,
+                             advantages=[1.0 if s.sample_index == 0 else -1.0 for s in samples])
+        assert policy.train(batch)["grad_norm"] > 0
+    return step

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from speechrl.rlhf.core.config import RolloutConfig, load_recipe
+from speechrl.rlhf.core.config import RolloutConfig
 from speechrl.rlhf.model.backbone import hub_state_dict, load_backbone
 from speechrl.rlhf.model.logprobs import unwrap
 
@@ -38,31 +38,15 @@ def worker(tiny_backbone_dir):
 
 
 @pytest.fixture(scope="module")
-def policy(tiny_backbone_dir):
+def policy(make_policy):
     """The trainer side of a LoRA run (rank 8 on every decoder projection, fused ones included)."""
-    from speechrl.rlhf.workers.policy_worker import PolicyWorker
-
-    cfg = load_recipe("asr/grpo", [f"model.path={tiny_backbone_dir}", "model.lora.enabled=true", "model.lora.r=8",
-                                   "model.lora.alpha=16", "train.lr=0.02", "train.warmup_steps=0",
-                                   "train.batch_size=8", "train.torch_threads=2"])
-    vocab = load_backbone(tiny_backbone_dir).model.get_output_embeddings().weight.shape[0]
-    return PolicyWorker(cfg, str(tiny_backbone_dir), allowed_ids=list(range(vocab)))
+    return make_policy("model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=16")
 
 
 def generate(worker, requests, **kw):
     from speechrl.rollouts.engine import generate_across
 
     return generate_across([worker], requests, **kw)
-
-
-def train_step(worker, policy, requests, seed):
-    """One GRPO-style step on the engine's own samples: advantages +1 / -1 within each prompt's pair."""
-    from speechrl.rlhf.algos.batch import sample_batch
-
-    samples = generate(worker, requests, n=2, temperature=1.0, top_p=1.0, max_new_tokens=12, seed=seed)
-    batch = sample_batch(samples, requests, list(range(len(samples))), 1.0,
-                         advantages=[1.0 if s.sample_index == 0 else -1.0 for s in samples])
-    assert policy.train(batch)["grad_norm"] > 0
 
 
 def logprob_gaps(policy, requests, samples, temperature) -> float:
@@ -93,12 +77,12 @@ def engine_adapter(worker) -> dict[str, torch.Tensor]:
 
 
 def test_a_training_step_reaches_the_engine_as_the_adapter_alone(worker, policy, make_requests, tiny_backbone_dir,
-                                                                 trainer_greedy):
+                                                                 trainer_greedy, train_step):
     from speechrl.rollouts.lora import LoraAdapter
     from speechrl.rollouts.sync import TRANSPORTS
 
     requests = make_requests(4)
-    train_step(worker, policy, requests, seed=1)
+    train_step([worker], policy, requests, seed=1)
     base = [s.completion_ids for s in generate(worker, requests, **GREEDY)]  # no adapter yet: the base model
     adapter = policy.weights()
     assert isinstance(adapter, LoraAdapter)
@@ -129,7 +113,8 @@ def test_a_training_step_reaches_the_engine_as_the_adapter_alone(worker, policy,
     assert adapter.nbytes == sum(t.numel() * t.element_size() for t in received.values()) < model_bytes / 20
 
 
-def test_a_second_sync_replaces_the_adapter_with_no_stale_cache(worker, policy, make_requests, trainer_greedy):
+def test_a_second_sync_replaces_the_adapter_with_no_stale_cache(worker, policy, make_requests, trainer_greedy,
+                                                                train_step):
     import ray
 
     from speechrl.rollouts.sync import TRANSPORTS
@@ -141,7 +126,7 @@ def test_a_second_sync_replaces_the_adapter_with_no_stale_cache(worker, policy, 
     assert [s.completion_ids for s in first] == trainer_greedy(policy, requests, first, GREEDY["max_new_tokens"])
     v1 = engine_adapter(worker)
 
-    train_step(worker, policy, make_requests(4), seed=2)
+    train_step([worker], policy, make_requests(4), seed=2)
     TRANSPORTS.get("object_store")().send(policy.weights(), [worker])
     samples = generate(worker, requests, **GREEDY)
     expected = trainer_greedy(policy, requests, samples, GREEDY["max_new_tokens"])

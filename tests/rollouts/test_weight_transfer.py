@@ -12,7 +12,6 @@ import time
 import pytest
 
 from speechrl.rlhf.core.config import RecipeError, RolloutConfig, load_recipe
-from speechrl.rlhf.model.backbone import load_backbone
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray]
 SR = 16000
@@ -35,13 +34,8 @@ def engines(tiny_backbone_dir):
 
 
 @pytest.fixture(scope="module")
-def policy(tiny_backbone_dir):
-    from speechrl.rlhf.workers.policy_worker import PolicyWorker
-
-    cfg = load_recipe("asr/grpo", [f"model.path={tiny_backbone_dir}", "train.lr=0.02", "train.warmup_steps=0",
-                                   "train.batch_size=8", "train.torch_threads=2"])
-    vocab = load_backbone(tiny_backbone_dir).model.get_output_embeddings().weight.shape[0]
-    return PolicyWorker(cfg, str(tiny_backbone_dir), allowed_ids=list(range(vocab)))
+def policy(make_policy):
+    return make_policy()
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +51,6 @@ def generate(workers, requests, **kw):
     return generate_across(workers, requests, **kw)
 
 
-def train_step(workers, policy, requests, seed):
-    from speechrl.rlhf.algos.batch import sample_batch
-
-    samples = generate(workers, requests, n=2, temperature=1.0, top_p=1.0, max_new_tokens=12, seed=seed)
-    batch = sample_batch(samples, requests, list(range(len(samples))), 1.0,
-                         advantages=[1.0 if s.sample_index == 0 else -1.0 for s in samples])
-    assert policy.train(batch)["grad_norm"] > 0
-
-
 def each_engine_decodes_as_the_policy(engines, policy, requests, greedy) -> list[list[int]]:
     outputs = [[s.completion_ids for s in generate([w], requests, **GREEDY)] for w in engines]
     samples = generate(engines[:1], requests, **GREEDY)
@@ -75,7 +60,7 @@ def each_engine_decodes_as_the_policy(engines, policy, requests, greedy) -> list
 
 
 def test_the_policy_sends_its_weights_to_both_engines(engines, policy, transport, make_requests,
-                                                      trainer_greedy):
+                                                      trainer_greedy, train_step):
     import ray
 
     requests = make_requests(4)
@@ -95,7 +80,7 @@ def test_the_policy_sends_its_weights_to_both_engines(engines, policy, transport
 
 
 def test_later_syncs_reuse_the_group_and_track_every_step(engines, policy, transport, make_requests,
-                                                          trainer_greedy):
+                                                          trainer_greedy, train_step):
     requests = make_requests(4)
     group = policy.transfer
     for seed in (2, 3):
@@ -109,7 +94,7 @@ def test_later_syncs_reuse_the_group_and_track_every_step(engines, policy, trans
 
 
 def test_a_dead_engine_is_named_and_its_replacement_joins_a_new_group(engines, policy, transport, make_requests,
-                                                                      tiny_backbone_dir, trainer_greedy):
+                                                                      tiny_backbone_dir, trainer_greedy, train_step):
     import ray
 
     from speechrl.rollouts.engine import RolloutWorkerDied, make_rollout_workers
