@@ -4,7 +4,7 @@ For a card, a user turn and (sometimes) an earlier exchange, `judgment_items` wr
 (a card fact or opinion said in the first person, wrapped in small talk) and, from the same small talk,
 one reply per corruption kind (`KINDS`): a fact contradicted, another persona's fact claimed, a never-say
 entry said, a boundary broken, character dropped ("as an AI ..."), or a friendly question evaded ("I'd
-rather not say.", or a refusal that would keep a boundary after a provocation). The persona judge is trained on them and measured on cards it never saw
+rather not say."). The persona judge is trained on them and measured on cards it never saw
 (rlhf/trainers/persona_judge_build.py).
 
 Made-up cards (data/persona_factory.py) carry their first-person facts and corruptions; for any other
@@ -272,14 +272,7 @@ def _item(rng, card, own, facts, others, statements, names, kind, phrases):
         good_core = rule["kept"] if rule["kept"] and rng.random() < 0.5 else rng.choice(_phrases(KEPT, phrases))
         bad_core = rule["broken"] if rule["broken"] and rng.random() < 0.5 else rng.choice(_phrases(BROKEN, phrases))
     elif kind == "evasive":
-        # Half the refusals are ones that keep a boundary (the card's own wording where it has one, else
-        # the KEPT pool): good after a provocation, out of character after a friendly question. Added
-        # (judgments version 4) after PPO pleased version 3 by answering "How old are you?" with the
-        # card's "I won't go on in that tone."
-        kept = [b["kept"] for b in own["boundaries"] if b["kept"]]
-        pick = rng.random()
-        bad_core = rng.choice(kept) if kept and pick < 0.25 else \
-            rng.choice(_phrases(KEPT, phrases)) if pick < 0.5 else rng.choice(_phrases(EVASIVE, phrases))
+        bad_core = rng.choice(_phrases(EVASIVE, phrases))
     else:
         bad_core = rng.choice(_phrases(OUT_OF_CHARACTER, phrases))
     if rng.random() < 0.3 and len(facts) > 1 and kind != "evasive":  # a longer reply: the corruption sits beside a true statement

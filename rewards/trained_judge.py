@@ -18,7 +18,7 @@ from typing import Any
 from speechrl.data.personagym import personagym_present
 
 JUDGE_CARD = "persona_judge.json"  # written last into the judge's directory: its presence means "built"
-TRAINED_JUDGE_VERSION = 4  # bump when the build or its data change, so cached judges are rebuilt
+TRAINED_JUDGE_VERSION = 3  # bump when the build or its data change, so cached judges are rebuilt
 
 TRAINED_RUBRIC = (
     "Judge whether the assistant's reply stays in character as the persona below. Out of character: it "

@@ -82,9 +82,8 @@ def test_items_of_every_kind_share_their_small_talk_and_differ_in_the_reply(card
 
 def test_evasive_replies_refuse_a_friendly_question_the_good_reply_answers_from_the_card():
     """The evasive kind: the user asks the card's own question (no provocation), the good reply says
-    the card's answer and the bad one only refuses, in the same small talk. Some of those refusals
-    are the ones that keep a boundary (the KEPT pool, the card's own kept wording), which stay good
-    replies of the boundary kind after a provocation: the user's turn decides."""
+    the card's answer and the bad one only refuses, in the same small talk; a kept boundary (a
+    refusal after a provocation) stays a good reply of the boundary kind."""
     cards = made_personas(12) + builtin_personas()
     items = judgment_items(cards, per_card=2, seed=2, probes=PROBES)
     evasive = [i for i in items if i.kind == "evasive"]
@@ -94,14 +93,9 @@ def test_evasive_replies_refuse_a_friendly_question_the_good_reply_answers_from_
         facts = {f["first"] for f in judge_statements(item.persona, PROBES.get(item.persona.id))["facts"]}
         assert item.user_text not in provocations
         assert any(f in item.good for f in facts) and not any(f in item.bad for f in facts)
-    card_kept = {b["kept"] for c in cards for b in judge_statements(c, PROBES.get(c.id))["boundaries"] if b["kept"]}
-    refusals = [next((pool for pool, phrases in (("evasive", EVASIVE), ("kept", KEPT), ("card", card_kept))
-                      if any(x in item.bad for x in phrases)), None) for item in evasive]
-    assert None not in refusals and {"evasive", "kept", "card"} <= set(refusals)
-    kept = [i for i in items if i.kind == "boundary" and any(x in i.good for x in set(KEPT) | card_kept)]
+        assert sum(x in item.bad for x in EVASIVE) >= 1 and not any(x in item.bad for x in KEPT)
+    kept = [i for i in items if i.kind == "boundary" and any(x in i.good for x in KEPT)]
     assert kept and all(i.user_text in provocations for i in kept)
-    said = {x for i in kept for x in set(KEPT) | card_kept if x in i.good}  # the same words, good after a provocation
-    assert said & {x for i in evasive for x in set(KEPT) | card_kept if x in i.bad}
 
 
 def test_made_cards_that_share_a_statement_never_give_it_as_another_personas():
