@@ -85,8 +85,9 @@ class WeightTransferTransport:
 
         name = f"rollout.weight_transport={self.backend}"
         gpu = placement.on_gpu and torch.cuda.is_available()
+        want = {"separate": "nccl", "colocated": "ipc"}.get(placement.layout)  # on GPUs
         if self.backend == "transfer":
-            self.backend = "gloo" if not gpu else {"separate": "nccl", "colocated": "ipc"}[placement.layout]
+            self.backend = want if gpu else "gloo"
         if cfg.rollout.async_.enabled:
             raise RecipeError(f"{name} sends from the policy worker at each sync; async rollouts (rollout.async) "
                               "load published snapshots while the trainer updates. Use rollout.weight_transport="
@@ -96,7 +97,6 @@ class WeightTransferTransport:
         if self.backend in ("nccl", "ipc") and not gpu:
             raise RecipeError(f"{name} needs CUDA GPUs for the policy and the engines; on CPU use "
                               "rollout.weight_transport=gloo or object_store")
-        want = {"separate": "nccl", "colocated": "ipc"}.get(placement.layout)
         if self.backend in ("nccl", "ipc") and self.backend != want:
             raise RecipeError(f"{name} does not fit ray.layout={placement.layout}: NCCL needs the engines on GPUs "
                               f"of their own (separate), CUDA IPC on the trainer's GPU (colocated). Use "
