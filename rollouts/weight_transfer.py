@@ -24,7 +24,6 @@ weight transfer loads the main model's weights only.
 """
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, ClassVar, Iterator, Optional
@@ -200,13 +199,6 @@ class EnginesClient:
         self._each("finish_weight_update", [()] * len(self.engines))
 
 
-def free_port() -> int:
-    """A port free on this node now, for rank 0's rendezvous store."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def trainer_engine(transport: str, engines: list, tp_sizes: list[int], source: PolicySource, *, rank: int,
                    address: str, port: int, timeout_s: int = GLOO_TIMEOUT_S):
     """The trainer rank's side of a weight-transfer group with `engines` (rank 0 of the group sends;
@@ -214,18 +206,17 @@ def trainer_engine(transport: str, engines: list, tp_sizes: list[int], source: P
     from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
     world_size = 1 + sum(tp_sizes)
-    if transport == "gloo":
+    backend = vllm_backend(transport)  # refuses a name that is not a weight-transfer backend
+    if backend == GLOO:
         register_gloo()
         info = GlooTrainerInitInfo(master_address=address, master_port=port, world_size=world_size, rank=rank,
                                    timeout_s=timeout_s)
-    elif transport == "nccl":
+    elif backend == "nccl":
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
         info = NCCLTrainerInitInfo(master_address=address, master_port=port, world_size=world_size, rank=rank)
-    elif transport == "ipc":
+    else:
         from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
 
         info = IPCTrainerInitInfo(rank=rank)
-    else:
-        raise ValueError(f"{transport!r} is not a weight-transfer transport; use one of {WEIGHT_TRANSFER}")
     return WeightTransferTrainerFactory.trainer_init(info, client=EnginesClient(engines, tp_sizes), source=source)

@@ -29,7 +29,7 @@ from speechrl.rlhf.model.mtp import MTP_PREFIX
 from speechrl.rlhf.model.logprobs import TokenBatch, build_token_batch, token_logprobs, unwrap, vocab_mask
 from speechrl.rlhf.model.policy import build_policy, exportable_model, save_model, save_policy, unsharded_copy
 from speechrl.rlhf.model.sharding import full_state_dict, shard_module
-from speechrl.rlhf.workers.ranks import join, my_share
+from speechrl.rlhf.workers.ranks import free_address, join, my_share
 from speechrl.rlhf.core.seeding import seed_everything, set_threads
 from speechrl.rlhf.model.layout import ReplyLayout
 from speechrl.rollouts.lora import LoraAdapter, lora_adapter
@@ -279,14 +279,13 @@ class PolicyWorker:
         """Form a weight-transfer group with the rollout `engines` (rollout.weight_transport "nccl",
         "ipc" or "gloo"; rollouts/weight_transfer.py), replacing any earlier one. Every rank calls;
         rank 0 opens the group on its node and sends, the others take part in the gather only."""
-        import ray
-
-        from speechrl.rollouts.weight_transfer import PolicySource, free_port, trainer_engine
+        from speechrl.rollouts.weight_transfer import PolicySource, trainer_engine
 
         self._drop_transfer()
         device = None if transport == "gloo" else self.device  # NCCL and IPC send from the GPU
+        host, port = free_address().rsplit(":", 1)  # where rank 0 listens (only rank 0 opens the group)
         self.transfer = trainer_engine(transport, engines, tp_sizes, PolicySource(self._main_weights, device),
-                                       rank=self.rank, address=ray.util.get_node_ip_address(), port=free_port())
+                                       rank=self.rank, address=host, port=int(port))
 
     def push_weights(self) -> StoredWeights | None:
         """The policy's weights to the connected engines, sent from here through vLLM's weight transfer;
