@@ -91,6 +91,9 @@ class ModelConfig:
     freeze_audio_encoder: bool = False  # train only the adaptor and decoder; the audio tower keeps its weights
     mtp: MtpConfig = field(default_factory=MtpConfig)  # multi-token prediction heads, trained beside the policy
     freeze_language_model: bool = False  # the decoder (embeddings, layers, LM head) keeps its weights; with freeze_audio_encoder only the projector trains
+    # everything below decoder layer N keeps its weights (audio tower, projector, token embeddings,
+    # layers 0..N-1): the update's backward stops at layer N. 0 = none; at most the decoder's depth
+    freeze_decoder_layers: int = 0
 
 
 @dataclass

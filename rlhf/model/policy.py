@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from speechrl.rlhf.core.config import RecipeError
 from speechrl.rlhf.core.devices import autocast, compute_dtype, train_device
 from speechrl.rlhf.model.logprobs import audio_model, unwrap
 from speechrl.rlhf.model.optim import Optimizer
@@ -23,6 +24,20 @@ def freeze_language_model(model) -> None:
     """The decoder keeps its weights: embeddings, layers and the LM head (untied in a real backbone)."""
     audio_model(model).language_model.requires_grad_(False)
     model.get_output_embeddings().requires_grad_(False)
+
+
+def freeze_decoder_layers(model, n: int) -> None:
+    """Everything below decoder layer `n` keeps its weights: the audio tower, the projector, the token
+    embeddings and layers 0..n-1 (their LoRA adapters too). No gradient then reaches layer n's input,
+    so autograd runs no backward below it and keeps none of its activations: the update's backward
+    covers the top layers only. n = the decoder's depth leaves its final norm and LM head trained."""
+    inner = audio_model(model)
+    layers = inner.language_model.layers
+    if n > len(layers):
+        raise RecipeError(f"`model.freeze_decoder_layers`={n}, but the decoder has {len(layers)} layers; "
+                          f"set it to at most {len(layers)}")
+    for module in (inner.audio_tower, inner.multi_modal_projector, inner.get_input_embeddings(), *layers[:n]):
+        module.requires_grad_(False)
 
 
 def apply_lora(model, lora_cfg):
@@ -144,6 +159,8 @@ def build_policy(cfg, base_path: Path, checkpoint: Optional[Path] = None, with_r
         model = apply_lora(model, cfg.model.lora)
         if checkpoint:
             load_adapter(model, checkpoint)
+    if cfg.model.freeze_decoder_layers:  # after LoRA: the frozen layers' adapters stay frozen too
+        freeze_decoder_layers(model, cfg.model.freeze_decoder_layers)
     model.train()
     if sharded():  # several trainer ranks (model/sharding.py); after the weights are final, before the optimizer
         shard_backbone(model)

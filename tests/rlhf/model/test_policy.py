@@ -131,6 +131,37 @@ def test_freezing_encoder_and_decoder_trains_only_the_projector(sft_config, sft_
     assert [{id(p) for p in g["params"]} for g in side] == [{id(p) for p in policy.mtp.parameters()}]
 
 
+def test_freezing_the_bottom_decoder_layers_stops_the_backward_there(sft_config, sft_assets):
+    """model.freeze_decoder_layers=1 (of the test backbone's 2): only layer 1, the final norm and the
+    head train; the shared-prompt update's gradients there are the unfrozen model's, and no gradient
+    reaches layer 1's input."""
+    import numpy as np
+
+    from speechrl.rlhf.model.logprobs import audio_model, token_logprobs
+
+    frozen = build_policy(sft_config("bottom-frozen", "model.freeze_decoder_layers=1"), sft_assets[0])
+    whole = build_policy(sft_config("whole"), sft_assets[0])
+    trainable = {k for k, p in frozen.model.named_parameters() if p.requires_grad}
+    assert trainable and all(".layers.1." in k or ".norm." in k or "lm_head" in k for k in trainable), trainable
+    assert any(".layers.1." in k for k in trainable) and any("lm_head" in k for k in trainable)
+    rng = np.random.default_rng(0)
+    *_, batch = _grpo_like_batch(frozen.backbone, [rng.normal(0, 0.1, 16000).astype(np.float32)], n=3)
+    reached = []  # whether layer 0's output (= layer 1's input) carries a gradient
+    layer0 = audio_model(frozen.model).language_model.layers[0]
+    layer0.register_forward_hook(lambda _m, _i, out: reached.append((out[0] if isinstance(out, tuple) else out).requires_grad))
+    grads = []
+    for policy in (frozen, whole):
+        logp = token_logprobs(policy.model, batch)
+        (logp * batch.completion_mask).sum().backward()
+        grads.append({k: p.grad for k, p in policy.model.named_parameters() if p.grad is not None})
+    assert reached and not any(reached), "layer 1's input carries no gradient: no backward below it"
+    assert grads[0].keys() == trainable
+    for k in trainable:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-5), k
+    with pytest.raises(RecipeError, match=r"model.freeze_decoder_layers.*=3.*2 layers"):
+        build_policy(sft_config("too-deep", "model.freeze_decoder_layers=3"), sft_assets[0])
+
+
 # --- train.device and train.dtype: one code path for CPU and CUDA, bf16 forwards over fp32 weights ---
 def test_auto_is_cpu_and_fp32_without_a_gpu_and_cuda_is_an_error_naming_the_fix():
     if torch.cuda.is_available():
