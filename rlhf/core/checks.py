@@ -109,6 +109,7 @@ _RANGES = {
     "model.mtp.num_heads": ">= 0 (0 = no heads)",
     "model.mtp.num_layers": ">= 1",
     "model.mtp.loss_weight": "> 0",
+    "model.mtp.rl_positions": "in (0, 1] (1 = every completion position)",
     "model.freeze_decoder_layers": ">= 0 (0 = none)",
     "rollout.async.max_staleness": ">= 0 (0 = the synchronous loop)",
     "ray.num_cpus": ">= 1",

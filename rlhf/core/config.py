@@ -79,6 +79,9 @@ class MtpConfig:
     num_layers: int = 1  # residual layers in each head's block (vLLM Medusa's num_hidden_layers), >= 1
     loss_weight: float = 0.5  # weight of the heads' mean cross-entropy beside the training loss, > 0
     train_in_rl: bool = True  # RL keeps training the heads on the policy's own samples (else they stay as loaded)
+    # RL trains the heads on this share of the completion positions, drawn anew each micro-batch, in
+    # (0, 1]: they follow a policy that moves slowly, and all positions cost ~25 % of an ASR update
+    rl_positions: float = 0.25
 
 
 @dataclass

@@ -77,22 +77,31 @@ class MtpHeads(nn.Module):
                 head.weight.copy_(lm_head.weight)
         return heads.to(lm_head.weight.device)
 
-    def loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+    def loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor,
+             positions: float = 1.0, generator: Optional[torch.Generator] = None
              ) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean cross-entropy of every head on the completion tokens, and each head's top-1 accuracy.
 
         `hidden` [B, L-1, H] and `completion_mask` [B, L-1] are on token_logprobs' grid: position t's
         hidden state predicts token t+1, so head i's target is input_ids[:, t+2+i], counted where that
         token is a completion token too. Detached: the heads never move the policy (module docstring).
+        `positions` < 1 reads that share of the positions t, drawn at random from `generator` (the
+        caller's own, so the draw never shifts the policy's random stream), the same draw for every
+        head; a draw with none reads them all.
         """
         hidden = hidden.detach()
         losses, metrics = [], {}
         width = completion_mask.shape[1]
+        source = completion_mask  # the positions whose hidden states the heads read
+        if positions < 1.0:
+            draw = torch.rand(completion_mask.shape, generator=generator, device=completion_mask.device)
+            drawn = completion_mask & (draw < positions)
+            source = drawn if bool(drawn.any()) else completion_mask
         for i, (block, head) in enumerate(zip(self.blocks, self.lm_heads)):
             shift = i + 1  # head i at position t predicts the token the main head predicts at t + shift
             if shift >= width:
                 break
-            valid = completion_mask[:, :-shift] & completion_mask[:, shift:]
+            valid = source[:, :-shift] & completion_mask[:, shift:]
             if not bool(valid.any()):
                 break  # completions shorter than this head's reach: it and the heads after it have no target
             targets = input_ids[:, 1 + shift:][valid]

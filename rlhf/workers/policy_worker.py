@@ -70,6 +70,9 @@ class PolicyWorker:
         # policy's own samples where model.mtp.train_in_rl, so their drafts follow the moving policy
         self.mtp = policy.mtp
         self.train_mtp = self.mtp is not None and cfg.model.mtp.train_in_rl
+        # which positions the heads train on (model.mtp.rl_positions): a stream of their own, so the
+        # heads never change the policy's; not checkpointed (a resumed run draws other positions)
+        self.mtp_draws = torch.Generator(policy.device).manual_seed(cfg.seed)
         self.reference = policy.reference
         self.policy, self.device = policy, policy.device
         self.transfer = None  # vLLM's trainer-side weight-transfer engine (connect_engines), if the run uses one
@@ -127,7 +130,8 @@ class PolicyWorker:
         loss = LOSS_AGGREGATIONS.get(g.loss_agg)(per_token, mask)
         if self.train_mtp:  # on detached hidden states: the heads learn the policy, the policy's update is unchanged
             with self.policy.autocast():
-                mtp_loss, mtp_metrics = self.mtp.loss(hidden, batch.input_ids, mask)
+                mtp_loss, mtp_metrics = self.mtp.loss(hidden, batch.input_ids, mask, self.cfg.model.mtp.rl_positions,
+                                                         self.mtp_draws)
             loss = loss + self.cfg.model.mtp.loss_weight * mtp_loss
             metrics.update(mtp_metrics)
         return loss, metrics

@@ -39,6 +39,7 @@ EDGES_ALLOWED = {
     "model.mtp.num_heads": {"0", "huge"},  # 0 = no heads
     "model.mtp.num_layers": {"huge"},  # the machine decides how deep a head fits
     "model.mtp.loss_weight": {"huge"},
+    "model.mtp.rl_positions": set(),
     "model.freeze_decoder_layers": {"0", "huge"},  # 0 = none; the backbone's depth bounds it (checked at build)
     "rollout.mtp_tokens": {"0"},  # 0 = plain decoding; huge: more than model.mtp.num_heads
     "model.lora.r": {"huge"},

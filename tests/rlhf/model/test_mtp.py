@@ -33,6 +33,26 @@ def test_head_i_at_position_t_predicts_token_t_plus_2_plus_i():
         assert metrics[f"mtp_acc_{2 - i}"] < 1.0  # the other head, read with this shift, is wrong
 
 
+def test_heads_read_a_random_share_of_positions_from_their_own_generator():
+    """RL's model.mtp.rl_positions: the loss is the cross-entropy over the drawn positions exactly, the
+    draw comes from the given generator (the global one is not touched), and 1.0 reads every position."""
+    torch.manual_seed(0)
+    heads = MtpHeads(1, 16, 12)
+    hidden, ids = torch.randn(8, 40, 16), torch.randint(0, 12, (8, 41))
+    comp = torch.zeros(8, 40, dtype=torch.bool)
+    comp[:, 5:] = True
+    state = torch.get_rng_state()
+    sub, _ = heads.loss(hidden, ids, comp, 0.25, torch.Generator().manual_seed(3))
+    assert torch.equal(torch.get_rng_state(), state), "the draw leaves the global generator alone"
+    drawn = comp & (torch.rand(comp.shape, generator=torch.Generator().manual_seed(3)) < 0.25)
+    valid = drawn[:, :-1] & comp[:, 1:]
+    assert 0.15 < valid.sum() / (comp[:, :-1] & comp[:, 1:]).sum() < 0.35
+    logits = heads.lm_heads[0](heads.blocks[0](hidden[:, :-1][valid]))
+    assert torch.allclose(sub, torch.nn.functional.cross_entropy(logits, ids[:, 2:][valid]))
+    full, _ = heads.loss(hidden, ids, comp)
+    assert torch.equal(full, heads.loss(hidden, ids, comp, 1.0, torch.Generator())[0]) and not torch.allclose(full, sub)
+
+
 def test_heads_on_short_completions_and_acceptance_counts():
     heads = MtpHeads(3, 8, 10)
     ids = torch.tensor([[1, 2, 3]])
