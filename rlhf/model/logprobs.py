@@ -5,6 +5,7 @@ expanded, exactly as vLLM saw them) and completion ids, never re-tokenized from 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -93,18 +94,23 @@ def vocab_mask(allowed_ids: Union[list[int], ReplyLayout], vocab_size: int) -> U
 
 
 def token_logprobs(model, batch: TokenBatch, temperature: float = 1.0, allowed: Allowed = None,
-                   with_hidden: bool = False):
+                   with_hidden: bool = False, feed: Optional[list[torch.Tensor]] = None):
     """log p(token_{t+1} | <= t) for every position, [B, L-1]; read it where completion_mask is True.
 
     Logits are divided by the temperature so this is the distribution vLLM sampled from. Rows sharing a
     clip (`batch.audio_index`, GRPO's n samples) run their prompt once; prompt positions are 0.
     `with_hidden` also returns last hidden states [B, L-1, H] on the same grid, for a value head.
+    `feed`: the decoder's input for each of its passes, in order, instead of token and audio embeddings:
+    for a model holding only the layers above a frozen bottom (`reference_above`), what
+    `record_inputs` took of the policy's passes over the same batch.
     """
     if batch.audio_index is not None:
-        logp, hidden = _shared_prompt_logprobs(model, batch, temperature, allowed, with_hidden)
+        logp, hidden = _shared_prompt_logprobs(model, batch, temperature, allowed, with_hidden, feed)
         return (logp, hidden) if with_hidden else logp
     allowed_head = AllowedHead.of(model, allowed)
-    if batch.input_features is None:
+    if feed is not None:
+        kwargs = dict(inputs_embeds=_one_pass(feed))
+    elif batch.input_features is None:
         kwargs = dict(input_ids=batch.input_ids)
     else:  # every row in full;
         # encode_audio, not the model's own forward: a frozen tower's outputs are cached (tower_cache.py)
@@ -203,7 +209,8 @@ def _sharded(model) -> bool:
 
 
 def _shared_prompt_logprobs(model, batch: TokenBatch, temperature: float, allowed: Allowed,
-                            with_hidden: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                            with_hidden: bool = False, feed: Optional[list[torch.Tensor]] = None
+                            ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """token_logprobs for rows grouped by clip: each distinct prompt (audio encoder and decoder)
     runs once, and only the completions run per row: through the prompt's KV cache, repeated for the
     group's rows, or packed after the prompt in one sequence (`_cache_carries_gradients`).
@@ -234,7 +241,7 @@ def _shared_prompt_logprobs(model, batch: TokenBatch, temperature: float, allowe
     predict = _cache_predictions if _cache_carries_gradients(model) else _packed_predictions
     allowed_head = AllowedHead.of(model, allowed)
     logits, hidden = predict(model, batch, prompt_len, comp_len, first_row, prompt_mask, comp_ids, valid,
-                             with_hidden or allowed_head is not None, allowed_head is None)
+                             with_hidden or allowed_head is not None, allowed_head is None, feed)
     r, t = valid.nonzero(as_tuple=True)
     if allowed_head is None:
         logp = _logprobs(logits, comp_ids, temperature, allowed, valid)
@@ -246,13 +253,17 @@ def _shared_prompt_logprobs(model, batch: TokenBatch, temperature: float, allowe
 
 
 def _cache_predictions(model, batch, prompt_len, comp_len, first_row, prompt_mask, comp_ids, valid, with_hidden,
-                       with_logits=True):
+                       with_logits=True, feed=None):
     """Each row's outputs predicting its completion tokens [B, S, ...] (logits or None, last hidden
     states or None): the prompts run once, their KV cache repeated for their rows, then the completions.
-    Without logits the decoder runs without its LM head (AllowedHead computes what is needed)."""
+    Without logits the decoder runs without its LM head (AllowedHead computes what is needed).
+    `feed` (token_logprobs): the two passes' inputs, prompts then completions."""
     index = batch.audio_index
-    embeds = _inputs_embeds(model, batch.input_ids[first_row, :prompt_mask.shape[1]], batch.input_features,
-                            batch.feature_attention_mask, torch.arange(len(first_row), device=index.device))
+    if feed is not None and len(feed) != 2:
+        raise ValueError(f"feed: {len(feed)} recorded passes, the prompt-then-completions path runs 2")
+    embeds = feed[0] if feed is not None else _inputs_embeds(
+        model, batch.input_ids[first_row, :prompt_mask.shape[1]], batch.input_features,
+        batch.feature_attention_mask, torch.arange(len(first_row), device=index.device))
     run = model if with_logits else audio_model(model)
     prompt_out = run(inputs_embeds=embeds, attention_mask=prompt_mask.long(), use_cache=True,
                      output_hidden_states=with_hidden and with_logits)
@@ -260,7 +271,8 @@ def _cache_predictions(model, batch, prompt_len, comp_len, first_row, prompt_mas
     cache.reorder_cache(index)  # one copy of its prompt's keys/values per row (differentiable)
     positions = prompt_len[:, None] + torch.arange(comp_ids.shape[1], device=index.device)[None, :]
     attention = torch.cat([prompt_mask[index], valid], dim=1).long()
-    comp_out = run(input_ids=comp_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+    comp_in = dict(input_ids=comp_ids) if feed is None else dict(inputs_embeds=feed[1])
+    comp_out = run(**comp_in, attention_mask=attention, position_ids=positions, past_key_values=cache,
                    output_hidden_states=with_hidden and with_logits)
 
     def predicting(prompt_part: torch.Tensor, comp_part: torch.Tensor) -> torch.Tensor:
@@ -274,14 +286,15 @@ def _cache_predictions(model, batch, prompt_len, comp_len, first_row, prompt_mas
 
 
 def _packed_predictions(model, batch, prompt_len, comp_len, first_row, prompt_mask, comp_ids, valid, with_hidden,
-                        with_logits=True):
+                        with_logits=True, feed=None):
     """As `_cache_predictions`, from one forward pass over each group packed in one sequence."""
     from speechrl.rlhf.model.packing import attention_mask_4d, pack_groups
 
     index = batch.audio_index
     packed = pack_groups(batch.input_ids, index, prompt_len, comp_len, first_row)
-    embeds = _inputs_embeds(model, packed.input_ids, batch.input_features, batch.feature_attention_mask,
-                            torch.arange(len(first_row), device=index.device))
+    embeds = _one_pass(feed) if feed is not None else _inputs_embeds(
+        model, packed.input_ids, batch.input_features, batch.feature_attention_mask,
+        torch.arange(len(first_row), device=index.device))
     attention = audio_model(model).language_model.config._attn_implementation
     mask = attention_mask_4d(packed.allowed, attention, embeds.dtype)
     run = model if with_logits else audio_model(model)
@@ -292,6 +305,28 @@ def _packed_predictions(model, batch, prompt_len, comp_len, first_row, prompt_ma
         return None, out.last_hidden_state[rows, packed.predictor]
     hidden = out.hidden_states[-1][rows, packed.predictor] if with_hidden else None
     return out.logits[rows, packed.predictor], hidden
+
+
+def _one_pass(feed: list[torch.Tensor]) -> torch.Tensor:
+    if len(feed) != 1:
+        raise ValueError(f"feed: {len(feed)} recorded passes, this path runs 1")
+    return feed[0]
+
+
+@contextlib.contextmanager
+def record_inputs(model, layer: int):
+    """Within it, the hidden states entering decoder layer `layer` on each pass of `model`'s decoder,
+    in order (a list, detached): what `token_logprobs(..., feed=)` gives a model of the layers above."""
+    taken: list[torch.Tensor] = []
+
+    def take(_module, args, kwargs):
+        taken.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+    handle = audio_model(model).language_model.layers[layer].register_forward_pre_hook(take, with_kwargs=True)
+    try:
+        yield taken
+    finally:
+        handle.remove()
 
 
 def audio_model(model):

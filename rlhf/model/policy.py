@@ -40,6 +40,26 @@ def freeze_decoder_layers(model, n: int) -> None:
         module.requires_grad_(False)
 
 
+def reference_above(reference, n: int):
+    """The reference from decoder layer `n` up (layers n.., final norm, LM head), for a policy whose
+    weights below layer n are frozen (`freeze_decoder_layers`): below it the two compute the same
+    hidden states, so the reference takes the policy's (`record_inputs`, `token_logprobs(feed=)`) and
+    its forward runs only the layers above. Those layers are copied (renumbered from 0, as the decoder's
+    KV cache and masks count layers from its first); the rest is shared with `reference`, not copied.
+    transformers has no entry point halfway up a decoder, hence this."""
+    inner = audio_model(reference)
+    lm = inner.language_model
+    keep = {id(m): m for m in (inner.audio_tower, inner.multi_modal_projector, lm.embed_tokens, *lm.layers[:n])}
+    top = copy.deepcopy(reference, memo=keep)
+    top_lm = audio_model(top).language_model
+    top_lm.layers = torch.nn.ModuleList(top_lm.layers[n:])
+    top_lm.config.num_hidden_layers = len(top_lm.layers)
+    top_lm.config.layer_types = top_lm.config.layer_types[n:]
+    for i, layer in enumerate(top_lm.layers):
+        layer.self_attn.layer_idx = i
+    return top
+
+
 def apply_lora(model, lora_cfg):
     """Wrap the decoder's linear layers with PEFT LoRA; the audio encoder stays frozen."""
     from peft import LoraConfig, get_peft_model
@@ -116,6 +136,10 @@ class TrainablePolicy:
     device: torch.device = torch.device("cpu")  # where model and reference sit (core/devices.py)
     dtype: torch.dtype = torch.float32  # the forward passes' precision; the weights stay fp32
     mtp: Optional[torch.nn.Module] = None  # model/mtp.py's draft heads (model.mtp.num_heads > 0), saved with the policy
+    # the reference above the frozen bottom (model.freeze_decoder_layers; `reference_above`), fed the
+    # policy's hidden states at `frozen_layers`; None where it cannot be (see build_policy)
+    reference_top: Optional[torch.nn.Module] = None
+    frozen_layers: int = 0
 
     def autocast(self):
         """The context every forward pass of this policy (and its reference) runs in."""
@@ -171,5 +195,24 @@ def build_policy(cfg, base_path: Path, checkpoint: Optional[Path] = None, with_r
                           side_params=list(mtp.parameters()) if mtp is not None and train_mtp else ())
     if checkpoint:
         optimizer.load(checkpoint)
+    n = cfg.model.freeze_decoder_layers
+    top = None
+    # fed hidden states need the policy's own passes to be the reference's (KV-cache path: no gradient
+    # checkpointing, no sharding) and its weights below layer n to be the reference's (not so after a
+    # resume that froze fewer layers before, nor under LoRA, whose adapters sit beside the weights)
+    if reference is not None and 0 < n < len(audio_model(model).language_model.layers) and not lora \
+            and not sharded() and not cfg.model.gradient_checkpointing and _same_below(model, reference, n):
+        top = reference_above(reference, n)
     return TrainablePolicy(backbone, optimizer.model, optimizer, reference, device,
-                           compute_dtype(cfg.train.dtype, device), mtp)
+                           compute_dtype(cfg.train.dtype, device), mtp, top, n if top is not None else 0)
+
+
+def _same_below(model, reference, n: int) -> bool:
+    """Whether everything below decoder layer n holds the same weights in both models."""
+    def below(m):
+        inner = audio_model(m)
+        return [inner.audio_tower, inner.multi_modal_projector, inner.get_input_embeddings(),
+                *inner.language_model.layers[:n]]
+
+    return all(torch.equal(p, q) for a, b in zip(below(model), below(reference))
+               for p, q in zip(a.parameters(), b.parameters()))

@@ -12,6 +12,7 @@ as one rank would weight it, so N ranks take the step one rank takes (float summ
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from speechrl.rlhf.core.config import RecipeConfig
 from speechrl.rlhf.core.devices import peak_memory_gib, train_device
 from speechrl.rlhf.model.critic import ValueHead, token_values
 from speechrl.rlhf.model.mtp import MTP_PREFIX
-from speechrl.rlhf.model.logprobs import TokenBatch, build_token_batch, token_logprobs, unwrap, vocab_mask
+from speechrl.rlhf.model.logprobs import TokenBatch, build_token_batch, record_inputs, token_logprobs, unwrap, vocab_mask
 from speechrl.rlhf.model.policy import build_policy, exportable_model, save_model, save_policy, unsharded_copy
 from speechrl.rlhf.model.sharding import full_state_dict, shard_module
 from speechrl.rlhf.workers.ranks import free_address, join, my_share
@@ -110,14 +111,18 @@ class PolicyWorker:
         mask = batch.completion_mask
         critic = returns is not None
         with_hidden = critic or self.train_mtp  # the value head and the MTP heads read the last hidden states
-        with self.policy.autocast():
+        # below a frozen bottom the reference's hidden states are the policy's: taken from its passes
+        fed = kl_coef > 0 and self.policy.reference_top is not None
+        recording = record_inputs(self.model, self.policy.frozen_layers) if fed else contextlib.nullcontext()
+        with self.policy.autocast(), recording as inputs:
             out = token_logprobs(self.model, batch, temperature, self.allowed, with_hidden=with_hidden)
         logp, hidden = out if with_hidden else (out, None)
         per_token, metrics = POLICY_LOSSES.get(g.policy_loss)(logp, old_logprobs, advantages, mask,
                                                               clip_eps=g.clip_eps, clip_eps_high=g.clip_eps_high)
         if kl_coef > 0:
             with torch.no_grad(), self.policy.autocast():
-                ref_logp = token_logprobs(self.reference, batch, temperature, self.allowed)
+                ref_logp = token_logprobs(self.policy.reference_top, batch, temperature, self.allowed, feed=inputs) \
+                    if fed else token_logprobs(self.reference, batch, temperature, self.allowed)
             kl = KL_ESTIMATORS.get(g.kl_estimator)(logp, ref_logp)
             per_token = per_token + kl_coef * kl
             metrics["kl"] = (kl * mask).sum() / mask.sum().clamp(min=1)

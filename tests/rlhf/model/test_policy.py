@@ -162,6 +162,51 @@ def test_freezing_the_bottom_decoder_layers_stops_the_backward_there(sft_config,
         build_policy(sft_config("too-deep", "model.freeze_decoder_layers=3"), sft_assets[0])
 
 
+def test_the_reference_above_a_frozen_bottom_takes_the_policys_hidden_states(sft_config, sft_assets, tmp_path):
+    """Fed the hidden states the policy's passes took into layer 1, the reference's layers above give
+    the full reference's logprobs (shared prompts and full rows); its bottom is the reference's, not a
+    copy. Where the policy's bottom is not the reference's, or its passes differ, there is none."""
+    import numpy as np
+
+    from speechrl.rlhf.model.logprobs import audio_model, build_token_batch, record_inputs, token_logprobs
+
+    policy = build_policy(sft_config("above", "model.freeze_decoder_layers=1"), sft_assets[0], with_reference=True)
+    top = policy.reference_top
+    assert top is not None and policy.frozen_layers == 1
+    assert len(audio_model(top).language_model.layers) == 1
+    assert audio_model(top).language_model.embed_tokens is audio_model(policy.reference).language_model.embed_tokens
+    with torch.no_grad():  # the policy's top moves away from the reference's, as training would move it
+        for p in audio_model(policy.model).language_model.layers[1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rng = np.random.default_rng(0)
+    clips = [rng.normal(0, 0.1, 16000 * s).astype(np.float32) for s in (1, 2)]
+    prompts, completions, audios, shared = _grpo_like_batch(policy.backbone, clips, n=3)
+    private = build_token_batch(policy.backbone.processor, prompts, completions, [a.copy() for a in audios],
+                                policy.backbone.tokenizer.pad_token_id)
+    for batch, passes in ((shared, 2), (private, 1)):
+        with record_inputs(policy.model, 1) as fed:
+            mine = token_logprobs(policy.model, batch)
+        assert len(fed) == passes
+        with torch.no_grad():
+            full = token_logprobs(policy.reference, batch)
+            above = token_logprobs(top, batch, feed=fed)
+        mask = batch.completion_mask
+        assert torch.allclose(above[mask], full[mask], atol=1e-5)
+        assert not torch.allclose(mine.detach()[mask], full[mask], atol=1e-3), "the policy's top moved"
+    with pytest.raises(ValueError, match="feed: 1 recorded passes"):
+        token_logprobs(top, shared, feed=fed)
+    checkpointed = build_policy(sft_config("above-ckpt", "model.freeze_decoder_layers=1",
+                                           "model.gradient_checkpointing=true"), sft_assets[0], with_reference=True)
+    assert checkpointed.reference_top is None, "checkpointing packs the passes: the reference runs in full"
+    checkpoint = tmp_path / "step-1"  # a run that trained the bottom too, resumed with it frozen
+    with torch.no_grad():
+        audio_model(policy.model).language_model.layers[0].mlp.up_proj.weight.add_(0.01)
+    save_policy(policy.model, policy.backbone.processor, policy.optimizer, checkpoint, lora=False)
+    resumed = build_policy(sft_config("above", "model.freeze_decoder_layers=1"), sft_assets[0], checkpoint,
+                           with_reference=True)
+    assert resumed.reference_top is None
+
+
 # --- train.device and train.dtype: one code path for CPU and CUDA, bf16 forwards over fp32 weights ---
 def test_auto_is_cpu_and_fp32_without_a_gpu_and_cuda_is_an_error_naming_the_fix():
     if torch.cuda.is_available():

@@ -34,8 +34,9 @@ def test_the_update_is_the_same_whatever_the_token_budget(sft_config, sft_assets
     from speechrl.rlhf.workers.policy_worker import PolicyWorker
 
     rng = np.random.default_rng(0)
+    # the MTP heads read every position: a random share of them would be drawn per micro-batch
     base = ["rl.loss_agg=seq_mean_token_mean", "train.warmup_steps=0", "train.lr=1e-3", "rl.kl_coef=0",
-            "train.batch_size=6"]
+            "train.batch_size=6", "model.mtp.rl_positions=1"]
     workers = {budget: PolicyWorker(sft_config(f"pw-{budget}", *base, f"train.max_tokens_per_microbatch={budget}"),
                                     str(sft_assets[0]), allowed_ids=list(range(300)))
                for budget in (0, 150)}
@@ -60,3 +61,36 @@ def test_the_update_is_the_same_whatever_the_token_budget(sft_config, sft_assets
     assert metrics[0]["grad_norm"] == pytest.approx(metrics[150]["grad_norm"], rel=1e-4) and metrics[0]["grad_norm"] > 0
     for (name, a), b in zip(workers[0].model.named_parameters(), workers[150].model.parameters()):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-4, msg=name)
+
+
+def test_a_frozen_bottom_feeds_the_reference_and_the_steps_are_the_full_references(sft_config, sft_assets):
+    """model.freeze_decoder_layers=1 with a KL term: the reference runs from layer 1 on the policy's own
+    hidden states (model/policy.py: reference_above); two GRPO steps give the loss, KL and weights of a
+    worker whose reference runs in full."""
+    from speechrl.rlhf.model.logprobs import build_token_batch, prompt_ids_for, token_logprobs
+    from speechrl.rlhf.model.prompts import render_prompt
+    from speechrl.rlhf.workers.policy_worker import PolicyWorker
+
+    rng = np.random.default_rng(0)
+    cfg = sft_config("pw-frozen", "model.freeze_decoder_layers=1", "train.warmup_steps=0", "train.lr=1e-3",
+                     "model.mtp.num_heads=0")
+    fed, full = (PolicyWorker(cfg, str(sft_assets[0]), allowed_ids=list(range(300)), reference=True) for _ in range(2))
+    full.policy.reference_top = None  # this one runs its whole reference
+    assert fed.policy.reference_top is not None
+    proc = fed.backbone.processor
+    clip = rng.normal(0, 0.1, 16000).astype(np.float32)
+    ids = prompt_ids_for(proc, render_prompt(proc, "asr"), clip)
+    prompts, audios = [ids] * 4, [clip] * 4
+    for _ in range(2):
+        completions = [rng.integers(0, 300, 3 + 2 * j).tolist() for j in range(4)]
+        batch = build_token_batch(proc, prompts, completions, audios, fed.backbone.tokenizer.pad_token_id)
+        with torch.no_grad():
+            logp = token_logprobs(fed.model, batch, 1.0, fed.allowed)
+        train = TrainBatch(prompts, completions, audios, 1.0, advantages=rng.normal(size=4).tolist(), kl_coef=0.1,
+                           sampling_logprobs=[logp[i][batch.completion_mask[i]].tolist() for i in range(4)])
+        a, b = fed.train(train), full.train(train)
+        for key in ("train/loss", "train/kl", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert a["train/kl"] > 0, "the second step's policy has moved from the reference"
+    for (name, p), q in zip(fed.model.named_parameters(), full.model.parameters()):
+        torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-4, msg=name)
