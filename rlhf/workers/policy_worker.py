@@ -37,6 +37,7 @@ from speechrl.rollouts.lora import LoraAdapter, lora_adapter
 from speechrl.rollouts.sync import StoredWeights
 
 VALUE_HEAD = "value_head.pt"  # in a PPO checkpoint, beside the policy
+MTP_DRAWS = "mtp_draws.pt"  # a checkpoint's state of the generator that picks the MTP heads' positions
 
 
 class PolicyWorker:
@@ -72,7 +73,7 @@ class PolicyWorker:
         self.mtp = policy.mtp
         self.train_mtp = self.mtp is not None and cfg.model.mtp.train_in_rl
         # which positions the heads train on (model.mtp.rl_positions): a stream of their own, so the
-        # heads never change the policy's; not checkpointed (a resumed run draws other positions)
+        # heads never change the policy's; checkpointed beside it, so a resumed run draws what it would have
         self.mtp_draws = torch.Generator(policy.device).manual_seed(cfg.seed)
         self.reference = policy.reference
         self.policy, self.device = policy, policy.device
@@ -81,6 +82,8 @@ class PolicyWorker:
         self.allowed = vocab_mask(allowed_ids, vocab)
         if checkpoint:
             torch.set_rng_state(torch.load(Path(checkpoint) / "policy_rng.pt", weights_only=False))
+            if (Path(checkpoint) / MTP_DRAWS).is_file():  # checkpoints from before the draws have none
+                self.mtp_draws.set_state(torch.load(Path(checkpoint) / MTP_DRAWS, weights_only=False))
 
     def ping(self) -> bool:
         return True
@@ -344,6 +347,7 @@ class PolicyWorker:
             if head is not None:
                 torch.save(head, path / VALUE_HEAD)
             torch.save(torch.get_rng_state(), path / "policy_rng.pt")
+            torch.save(self.mtp_draws.get_state(), path / MTP_DRAWS)
 
     def save_final(self, path: str) -> str | None:
         model = self._full_model()
