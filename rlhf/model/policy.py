@@ -31,13 +31,20 @@ def freeze_decoder_layers(model, n: int) -> None:
     embeddings and layers 0..n-1 (their LoRA adapters too). No gradient then reaches layer n's input,
     so autograd runs no backward below it and keeps none of its activations: the update's backward
     covers the top layers only. n = the decoder's depth leaves its final norm and LM head trained."""
-    inner = audio_model(model)
-    layers = inner.language_model.layers
-    if n > len(layers):
-        raise RecipeError(f"`model.freeze_decoder_layers`={n}, but the decoder has {len(layers)} layers; "
-                          f"set it to at most {len(layers)}")
-    for module in (inner.audio_tower, inner.multi_modal_projector, inner.get_input_embeddings(), *layers[:n]):
+    depth = len(audio_model(model).language_model.layers)
+    if n > depth:
+        raise RecipeError(f"`model.freeze_decoder_layers`={n}, but the decoder has {depth} layers; "
+                          f"set it to at most {depth}")
+    for module in _below(model, n):
         module.requires_grad_(False)
+
+
+def _below(model, n: int) -> list[torch.nn.Module]:
+    """What sits below decoder layer `n`: the audio tower, the projector, the token embeddings and
+    layers 0..n-1 (what `freeze_decoder_layers` freezes and `reference_above` shares)."""
+    inner = audio_model(model)
+    return [inner.audio_tower, inner.multi_modal_projector, inner.get_input_embeddings(),
+            *inner.language_model.layers[:n]]
 
 
 def reference_above(reference, n: int):
@@ -47,10 +54,7 @@ def reference_above(reference, n: int):
     its forward runs only the layers above. Those layers are copied (renumbered from 0, as the decoder's
     KV cache and masks count layers from its first); the rest is shared with `reference`, not copied.
     transformers has no entry point halfway up a decoder, hence this."""
-    inner = audio_model(reference)
-    lm = inner.language_model
-    keep = {id(m): m for m in (inner.audio_tower, inner.multi_modal_projector, lm.embed_tokens, *lm.layers[:n])}
-    top = copy.deepcopy(reference, memo=keep)
+    top = copy.deepcopy(reference, memo={id(m): m for m in _below(reference, n)})
     top_lm = audio_model(top).language_model
     top_lm.layers = torch.nn.ModuleList(top_lm.layers[n:])
     top_lm.config.num_hidden_layers = len(top_lm.layers)
@@ -137,13 +141,20 @@ class TrainablePolicy:
     dtype: torch.dtype = torch.float32  # the forward passes' precision; the weights stay fp32
     mtp: Optional[torch.nn.Module] = None  # model/mtp.py's draft heads (model.mtp.num_heads > 0), saved with the policy
     # the reference above the frozen bottom (model.freeze_decoder_layers; `reference_above`), fed the
-    # policy's hidden states at `frozen_layers`; None where it cannot be (see build_policy)
+    # policy's hidden states at `frozen_layers`; None where it cannot be (`_fed_reference`)
     reference_top: Optional[torch.nn.Module] = None
-    frozen_layers: int = 0
 
     def autocast(self):
         """The context every forward pass of this policy (and its reference) runs in."""
         return autocast(self.device, self.dtype)
+
+    @property
+    def frozen_layers(self) -> int:
+        """The decoder layer `reference_top` starts at (0 without one)."""
+        if self.reference_top is None:
+            return 0
+        return len(audio_model(self.reference).language_model.layers) - \
+            len(audio_model(self.reference_top).language_model.layers)
 
 
 def build_policy(cfg, base_path: Path, checkpoint: Optional[Path] = None, with_reference: bool = False, *,
@@ -195,24 +206,19 @@ def build_policy(cfg, base_path: Path, checkpoint: Optional[Path] = None, with_r
                           side_params=list(mtp.parameters()) if mtp is not None and train_mtp else ())
     if checkpoint:
         optimizer.load(checkpoint)
-    n = cfg.model.freeze_decoder_layers
-    top = None
-    # fed hidden states need the policy's own passes to be the reference's (KV-cache path: no gradient
-    # checkpointing, no sharding) and its weights below layer n to be the reference's (not so after a
-    # resume that froze fewer layers before, nor under LoRA, whose adapters sit beside the weights)
-    if reference is not None and 0 < n < len(audio_model(model).language_model.layers) and not lora \
-            and not sharded() and not cfg.model.gradient_checkpointing and _same_below(model, reference, n):
-        top = reference_above(reference, n)
     return TrainablePolicy(backbone, optimizer.model, optimizer, reference, device,
-                           compute_dtype(cfg.train.dtype, device), mtp, top, n if top is not None else 0)
+                           compute_dtype(cfg.train.dtype, device), mtp, _fed_reference(cfg, model, reference))
 
 
-def _same_below(model, reference, n: int) -> bool:
-    """Whether everything below decoder layer n holds the same weights in both models."""
-    def below(m):
-        inner = audio_model(m)
-        return [inner.audio_tower, inner.multi_modal_projector, inner.get_input_embeddings(),
-                *inner.language_model.layers[:n]]
-
-    return all(torch.equal(p, q) for a, b in zip(below(model), below(reference))
+def _fed_reference(cfg, model, reference) -> Optional[torch.nn.Module]:
+    """`reference_above` the frozen bottom where the policy's hidden states can feed it: its passes must be
+    the reference's (the KV-cache path: no gradient checkpointing, no sharding) and its weights below the
+    cut the reference's (not so after a resume that froze fewer layers, nor under LoRA, whose adapters
+    sit beside the weights). None elsewhere: the reference then runs in full."""
+    n = cfg.model.freeze_decoder_layers
+    if reference is None or not 0 < n < len(audio_model(model).language_model.layers) or cfg.model.lora.enabled \
+            or sharded() or cfg.model.gradient_checkpointing:
+        return None
+    same = all(torch.equal(p, q) for a, b in zip(_below(model, n), _below(reference, n))
                for p, q in zip(a.parameters(), b.parameters()))
+    return reference_above(reference, n) if same else None

@@ -26,11 +26,33 @@ def test_micro_batches_respect_rows_and_tokens_and_keep_shared_prompts_together(
     assert micro_batches(prompts, completions, rows, 4, max_tokens=1) == [[i] for i in order]
 
 
+def _grpo_batch(worker, rng, seconds: tuple, lengths: list[int], kl_coef: float = 0.0) -> TrainBatch:
+    """A GRPO batch: one completion of each of `lengths` per clip of each of `seconds`, with its
+    sampling logprobs under `worker`'s policy now and a random advantage per row. (test_ranks.py keeps
+    its own: it draws clips and completions interleaved, and its 2e-6 weight tolerances were set on
+    that data; on this order its LoRA test misses them.)"""
+    from speechrl.rlhf.model.logprobs import build_token_batch, prompt_ids_for, token_logprobs
+    from speechrl.rlhf.model.prompts import render_prompt
+
+    proc = worker.backbone.processor
+    prompts, completions, audios = [], [], []
+    for clip in [rng.normal(0, 0.1, 16000 * s).astype(np.float32) for s in seconds]:
+        ids = prompt_ids_for(proc, render_prompt(proc, "asr"), clip)
+        for n in lengths:
+            prompts.append(ids)
+            completions.append(rng.integers(0, 300, n).tolist())
+            audios.append(clip)
+    batch = build_token_batch(proc, prompts, completions, audios, worker.backbone.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logp = token_logprobs(worker.model, batch, 1.0, worker.allowed)
+    sampled = [logp[i][batch.completion_mask[i]].tolist() for i in range(len(prompts))]
+    return TrainBatch(prompts, completions, audios, 1.0, sampling_logprobs=sampled,
+                      advantages=rng.normal(size=len(prompts)).tolist(), kl_coef=kl_coef)
+
+
 def test_the_update_is_the_same_whatever_the_token_budget(sft_config, sft_assets):
     """Sequence-mean losses weighted by each micro-batch's share of rows: cutting the minibatch by
     tokens instead of rows moves the weights the same (float summation order aside)."""
-    from speechrl.rlhf.model.logprobs import build_token_batch, prompt_ids_for, token_logprobs
-    from speechrl.rlhf.model.prompts import render_prompt
     from speechrl.rlhf.workers.policy_worker import PolicyWorker
 
     rng = np.random.default_rng(0)
@@ -40,22 +62,9 @@ def test_the_update_is_the_same_whatever_the_token_budget(sft_config, sft_assets
     workers = {budget: PolicyWorker(sft_config(f"pw-{budget}", *base, f"train.max_tokens_per_microbatch={budget}"),
                                     str(sft_assets[0]), allowed_ids=list(range(300)))
                for budget in (0, 150)}
-    proc = workers[0].backbone.processor
-    clips = [rng.normal(0, 0.1, 16000 * s).astype(np.float32) for s in (1, 2)]
-    prompts, completions, audios = [], [], []
-    for clip in clips:
-        ids = prompt_ids_for(proc, render_prompt(proc, "asr"), clip)
-        for j in range(3):
-            prompts.append(ids)
-            completions.append(rng.integers(0, 300, 2 + 5 * j).tolist())
-            audios.append(clip)
-    assert len(micro_batches(prompts, completions, list(range(6)), 6, 150)) > 1, "the budget splits the batch"
-    batch = build_token_batch(proc, prompts, completions, audios, workers[0].backbone.tokenizer.pad_token_id)
-    with torch.no_grad():
-        logp = token_logprobs(workers[0].model, batch, 1.0, workers[0].allowed)
-    sampled = [logp[i][batch.completion_mask[i]].tolist() for i in range(6)]
-    train = TrainBatch(prompts, completions, audios, 1.0, sampling_logprobs=sampled,
-                       advantages=rng.normal(size=6).tolist())
+    train = _grpo_batch(workers[0], rng, (1, 2), [2, 7, 12])
+    assert len(micro_batches(train.prompt_ids, train.completion_ids, list(range(6)), 6, 150)) > 1, \
+        "the budget splits the batch"
     metrics = {budget: w.train(train) for budget, w in workers.items()}
     assert metrics[0]["train/loss"] == pytest.approx(metrics[150]["train/loss"], abs=1e-5)
     assert metrics[0]["grad_norm"] == pytest.approx(metrics[150]["grad_norm"], rel=1e-4) and metrics[0]["grad_norm"] > 0
@@ -67,8 +76,6 @@ def test_a_frozen_bottom_feeds_the_reference_and_the_steps_are_the_full_referenc
     """model.freeze_decoder_layers=1 with a KL term: the reference runs from layer 1 on the policy's own
     hidden states (model/policy.py: reference_above); two GRPO steps give the loss, KL and weights of a
     worker whose reference runs in full."""
-    from speechrl.rlhf.model.logprobs import build_token_batch, prompt_ids_for, token_logprobs
-    from speechrl.rlhf.model.prompts import render_prompt
     from speechrl.rlhf.workers.policy_worker import PolicyWorker
 
     rng = np.random.default_rng(0)
@@ -77,17 +84,8 @@ def test_a_frozen_bottom_feeds_the_reference_and_the_steps_are_the_full_referenc
     fed, full = (PolicyWorker(cfg, str(sft_assets[0]), allowed_ids=list(range(300)), reference=True) for _ in range(2))
     full.policy.reference_top = None  # this one runs its whole reference
     assert fed.policy.reference_top is not None
-    proc = fed.backbone.processor
-    clip = rng.normal(0, 0.1, 16000).astype(np.float32)
-    ids = prompt_ids_for(proc, render_prompt(proc, "asr"), clip)
-    prompts, audios = [ids] * 4, [clip] * 4
     for _ in range(2):
-        completions = [rng.integers(0, 300, 3 + 2 * j).tolist() for j in range(4)]
-        batch = build_token_batch(proc, prompts, completions, audios, fed.backbone.tokenizer.pad_token_id)
-        with torch.no_grad():
-            logp = token_logprobs(fed.model, batch, 1.0, fed.allowed)
-        train = TrainBatch(prompts, completions, audios, 1.0, advantages=rng.normal(size=4).tolist(), kl_coef=0.1,
-                           sampling_logprobs=[logp[i][batch.completion_mask[i]].tolist() for i in range(4)])
+        train = _grpo_batch(fed, rng, (1,), [3, 5, 7, 9], kl_coef=0.1)
         a, b = fed.train(train), full.train(train)
         for key in ("train/loss", "train/kl", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
