@@ -15,7 +15,8 @@ from speechrl.rlhf.core.devices import DEVICES, DTYPES
 from speechrl.rlhf.core.registry import MODES, REWARD_NAME, Registry
 
 _CHOICES = {
-    "algorithm": ("sft", "grpo", "ppo", "dpo", "online_dpo", "reward_model"),
+    "algorithm": ("sft", "grpo", "ppo", "dpo", "online_dpo", "reward_model", "mtp_heads"),
+    "mtp_heads.targets": ("policy", "reference"),
     "data.on_bad_example": ("skip", "fail"),
     "model.tiny.texts": ("mode", "all_modes"),
     "model.tiny.audio_encoder": TINY_AUDIO_ENCODERS,
@@ -156,6 +157,7 @@ _RANGES = {
     "dpo.min_reward_gap": ">= 0 (0 = any strict difference)",
     "reward_model.eval_fraction": "in (0, 1)",
     "reward_model.center_coef": ">= 0 (0 = no centering term)",
+    "mtp_heads.max_examples": ">= 0 (0 = the whole training set)",
 }
 # the same for each entry of `rewards`, as rewards.<i>.<key>
 _RESOURCES = "(a reward's resources: num_cpus, num_gpus and memory_gib >= 0, replicas >= 1)"
@@ -304,6 +306,12 @@ def _validate_mtp(cfg: RecipeConfig, source: str) -> None:
     if k and not mtp_trainable(cfg):
         raise RecipeError(f"{source}: `rollout.mtp_tokens`={k}: MTP heads train on one plain rank only, not with "
                           "train.num_ranks > 1 or train.deepspeed.enabled; set rollout.mtp_tokens=0")
+    if cfg.algorithm == "mtp_heads" and not heads:
+        raise RecipeError(f"{source}: algorithm mtp_heads trains MTP heads, but `model.mtp.num_heads` is 0; set "
+                          "how many (the ASR recipes use 5)")
+    if cfg.algorithm == "mtp_heads" and cfg.train.deepspeed.enabled:
+        raise RecipeError(f"{source}: algorithm mtp_heads trains the heads alone, on one plain rank: set "
+                          "train.deepspeed.enabled=false")
 
 
 def mtp_trainable(cfg: RecipeConfig) -> bool:

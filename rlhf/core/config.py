@@ -378,6 +378,15 @@ class RewardModelConfig:
 
 
 @dataclass
+class MtpHeadsConfig:
+    """`algorithm: mtp_heads` (rlhf/trainers/mtp_heads.py; ASR and TTS): the checkpoint's MTP heads
+    (model.mtp.*) trained alone, the policy unchanged; steps, batch size (continuations) and lr are `train.*`."""
+    targets: str = "policy"  # what head i learns to draft: "policy" (its own greedy continuations: what verification keeps) or "reference" (the dataset's completions)
+    max_examples: int = 0  # training prompts decoded and learnt from, >= 0; 0 = the whole training set
+    measure: bool = True  # at the end, decode the held-out set on a vLLM engine drafting with the heads (before and after): tokens per decoding step
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = None  # existing cluster ("auto" or host:port); null starts a local one
     num_cpus: Optional[int] = None  # CPUs a local cluster may use (>= 1); null = all
@@ -399,7 +408,7 @@ class RunConfig:
 @dataclass
 class RecipeConfig:
     mode: str = "asr"  # "asr" (audio in, transcript out), "tts" (text in, codec tokens out), "realtime" (persona dialogue, spoken replies), "duplex" (listening while speaking, 160 ms chunks)
-    algorithm: str = "sft"  # "sft" | "grpo" | "ppo" | "dpo" (offline, from dpo.data) | "online_dpo" (ranked samples) | "reward_model"
+    algorithm: str = "sft"  # "sft" | "grpo" | "ppo" | "dpo" (offline, from dpo.data) | "online_dpo" (ranked samples) | "reward_model" | "mtp_heads" (draft heads alone)
     seed: int = 0  # seeds torch, numpy, python and data order; in [0, 2**32 - 1] (numpy's range)
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -418,6 +427,7 @@ class RecipeConfig:
     duplex: DuplexConfig = field(default_factory=DuplexConfig)  # duplex mode: the clock, synthetic dialogues
     dpo: DPOConfig = field(default_factory=DPOConfig)  # offline and online DPO
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)  # a learned preference reward (TTS, realtime)
+    mtp_heads: MtpHeadsConfig = field(default_factory=MtpHeadsConfig)  # MTP heads self-distilled on the policy's own output
 
 
 def resolve_recipe_path(name: str) -> Path:

@@ -46,6 +46,13 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def peak_rss_mib() -> int:
+    """This process's peak resident memory so far (the summaries' "peak RSS (MiB)")."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
 def peak_memory_gib(device: torch.device) -> dict[str, float]:
     """`perf/peak_gpu_gib` since the last call (and reset) on a GPU; nothing on CPU."""
     if device.type != "cuda":

@@ -168,6 +168,13 @@ class RunLogger:
     def close(self) -> None:
         self.tb.close()
 
+    def finish(self, table: dict) -> dict:
+        """The run's end: curves plotted, the summary table printed (and written), the log closed."""
+        self.plot()
+        print(self.summary(table))
+        self.close()
+        return table
+
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     steps = sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))

@@ -131,7 +131,7 @@ def heldout_asr(model, processor, dataset, max_examples: int, max_new_tokens: in
 @MODES.register("asr")
 class AsrMode(Mode):
     name = "asr"
-    algorithms = ("sft", "grpo", "ppo", "online_dpo", "dpo")
+    algorithms = ("sft", "grpo", "ppo", "online_dpo", "dpo", "mtp_heads")
     default_algorithm = "grpo"
     headlines = [("held-out WER", "eval/wer"), ("held-out CER", "eval/cer")]
     # SFT stops while the model still confuses words, so GRPO has errors left to remove in the demo

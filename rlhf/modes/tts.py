@@ -136,7 +136,7 @@ def rl_prompt_pool(cfg: RecipeConfig, eval_set) -> Optional[list]:
 @MODES.register("tts")
 class TtsMode(Mode):
     name = "tts"
-    algorithms = ("sft", "grpo", "ppo", "dpo", "online_dpo", "reward_model")
+    algorithms = ("sft", "grpo", "ppo", "dpo", "online_dpo", "reward_model", "mtp_heads")
     default_algorithm = "grpo"
     offline_evaluation_scores = True  # held-out synthesis is scored by the recipe's rewards (the judge ASR)
     headlines = [("held-out intelligibility CER", "eval/tts_intelligibility/cer"),

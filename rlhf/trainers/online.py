@@ -412,10 +412,7 @@ class OnlineRecipe:
             "final weights": final,
             **self.mode.summary_rows(),
         }
-        self.logger.plot()
-        print(self.logger.summary(table))
-        self.logger.close()
-        return table
+        return self.logger.finish(table)
 
     def record_placement(self) -> None:
         """Which node each actor landed on, in <run>/placement.json (and the log): where a layout

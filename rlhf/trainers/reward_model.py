@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 from speechrl.rewards.learned import META_FILE, codec_identity, load_reward_model, register_model, score_sequences
 from speechrl.rlhf.modes import get_mode
 from speechrl.rlhf.core.config import RecipeConfig, RecipeError
+from speechrl.rlhf.core.devices import peak_rss_mib
 from speechrl.rlhf.core.seeding import seed_everything, set_threads
 from speechrl.rlhf.core.run_dir import RunLogger, due, find_resume_dir, new_run_dir
 
@@ -213,8 +214,6 @@ class RewardModelRecipe:
         return self.finish()
 
     def finish(self) -> dict:
-        import resource
-
         from speechrl.rewards.asr_judge import codec_fingerprint
 
         rm, last = self.cfg.reward_model, self.logger.last
@@ -247,14 +246,11 @@ class RewardModelRecipe:
             "held-out margin after": last("eval/margin"),
             "final loss": last("train/loss"),
             "train wall time (s)": round(self.elapsed, 1),
-            "peak RSS (MiB)": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+            "peak RSS (MiB)": peak_rss_mib(),
             "reward model": str(final),
             "registered as": f"{rm.register_as} ({pointer})" if pointer else "-",
         }
-        self.logger.plot()
-        print(self.logger.summary(table))
-        self.logger.close()
-        return table
+        return self.logger.finish(table)
 
 
 def run_reward_model(cfg: RecipeConfig, resume: Optional[str] = None) -> dict:

@@ -14,5 +14,5 @@ def _runner(module: str, name: str):
 
 
 RUNNERS = {"sft": _runner("sft", "run_sft"), "dpo": _runner("dpo", "run_dpo"),
-           "reward_model": _runner("reward_model", "run_reward_model"),
+           "reward_model": _runner("reward_model", "run_reward_model"), "mtp_heads": _runner("mtp_heads", "run_mtp_heads"),
            **{name: _runner("online", "run_online") for name in ONLINE_ALGORITHMS}}

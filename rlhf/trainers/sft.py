@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from speechrl.rlhf.core.config import RecipeConfig
-from speechrl.rlhf.core.devices import peak_memory_gib
+from speechrl.rlhf.core.devices import peak_memory_gib, peak_rss_mib
 from speechrl.rlhf.model.logprobs import build_token_batch
 from speechrl.rlhf.modes import get_mode
 from speechrl.rlhf.modes.base import batch_indices
@@ -129,8 +129,6 @@ class SFTRecipe:
         return path
 
     def finish(self) -> dict:
-        import resource
-
         with stop_on_write_error(self.run_dir, "the final weights"):
             final = save_model(self.model, self.backbone.processor, self.run_dir / "final", self.policy.mtp)
         table = {
@@ -140,13 +138,10 @@ class SFTRecipe:
             "final loss": self.logger.last("train/loss"),
             **self.summary_rows(),
             "train wall time (s)": round(self.elapsed, 1),
-            "peak RSS (MiB)": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+            "peak RSS (MiB)": peak_rss_mib(),
             "final weights": str(final),
         }
-        self.logger.plot()
-        print(self.logger.summary(table))
-        self.logger.close()
-        return table
+        return self.logger.finish(table)
 
 
 def run_sft(cfg: RecipeConfig, resume: Optional[str] = None) -> dict:

@@ -145,6 +145,7 @@ EDGES_ALLOWED = {
     "dpo.min_reward_gap": {"0", "huge"},
     "reward_model.eval_fraction": set(),
     "reward_model.center_coef": {"0", "huge"},
+    "mtp_heads.max_examples": {"0", "huge"},  # 0 = the whole training set; huge: all of it too
 }
 
 

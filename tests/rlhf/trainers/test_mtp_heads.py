@@ -1,0 +1,125 @@
+"""`algorithm: mtp_heads`: a checkpoint's MTP heads trained alone on the policy's own greedy continuations
+(rlhf/trainers/mtp_heads.py), on the tiny backbone, a real vLLM engine decoding."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from speechrl.rlhf.core.config import RecipeError, load_recipe
+from speechrl.rlhf.model.mtp import MTP_DIR
+
+
+@pytest.fixture(scope="module")
+def heads_overrides(small_backbone_dir, sft_overrides):
+    """mtp_heads overrides from the fast recipe's untrained backbone, which has no heads yet (five new
+    ones start from its LM head) and whose greedy continuations run to the cap: every head has targets.
+    (The fast SFT run's model says only its end token after 15 steps.)"""
+    start = small_backbone_dir
+    return lambda name, *extra: [*sft_overrides(name), f"run.init_from={start}", "train.steps=30",
+                                 "train.batch_size=8", "train.warmup_steps=3", "train.eval_every=10",
+                                 "train.checkpoint_every=10", "train.log_every=10", "train.keep_checkpoints=0",
+                                 "mtp_heads.max_examples=40",
+                                 *extra]
+
+
+@pytest.fixture(scope="module")
+def distilled(heads_overrides):
+    from speechrl.rlhf.trainers.mtp_heads import run_mtp_heads
+
+    cfg = load_recipe("asr/mtp_heads", heads_overrides("mtp-heads"))
+    table = run_mtp_heads(cfg)
+    return cfg, Path(cfg.run.output_dir) / cfg.run.name, table
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_heads_learn_the_policys_greedy_output_and_the_policy_is_untouched(distilled, small_backbone_dir):
+    from speechrl.rlhf.model.backbone import load_backbone
+    from speechrl.rlhf.modes import get_mode
+    from speechrl.rollouts.local import greedy_transcribe
+
+    cfg, run_dir, table = distilled
+    start, final = small_backbone_dir, run_dir / "final"
+    before, after = load_file(str(start / "model.safetensors")), load_file(str(final / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    config = json.loads((final / MTP_DIR / "config.json").read_text())
+    assert config["model_type"] == "medusa" and config["num_heads"] == 5
+
+    # the targets are what the policy itself says greedily (transformers, in process), not the references
+    rows = _rows(run_dir / "train" / "continuations.jsonl")
+    train_set, _ = get_mode(cfg).datasets(cfg.model.tiny.max_audio_seconds)
+    items = [train_set[i] for i in range(len(rows))]
+    assert [r["id"] for r in rows] == [ex.id for ex, _ in items]
+    backbone = load_backbone(start)
+    said = greedy_transcribe(backbone.model, backbone.processor, [a for _, a in items],
+                             max_new_tokens=cfg.eval_max_new_tokens)
+    decoded = [t.strip() for t in backbone.tokenizer.batch_decode([r["completion_ids"] for r in rows],
+                                                                  skip_special_tokens=True)]
+    assert sum(a == b for a, b in zip(said, decoded)) >= 0.9 * len(rows)
+    assert decoded != [ex.text for ex, _ in items]
+
+    metrics = _rows(run_dir / "metrics.jsonl")
+    train_loss = [r["train/mtp_loss"] for r in metrics if "train/mtp_loss" in r]
+    assert len(train_loss) == 3 and train_loss[-1] < train_loss[0]
+    kept = [r["eval/mtp_acc_1"] for r in metrics if "eval/mtp_acc_1" in r]
+    assert [r["step"] for r in metrics if "eval/mtp_acc_1" in r] == [0, 10, 20, 30]
+    assert all(0.0 <= k <= 1.0 for k in kept)
+    learnt = [r["train/mtp_acc_1"] for r in metrics if "train/mtp_acc_1" in r]
+    assert learnt[-1] > learnt[0], "the first head learns to draft the policy's next greedy token"
+    # measured on a vLLM engine drafting with the heads (the start had none to measure before)
+    emitted = [r for r in metrics if "eval/mtp_emitted_after" in r][0]
+    assert 1.0 <= emitted["eval/mtp_emitted_after"] <= 6.0 and "eval/mtp_emitted_before" not in emitted
+    assert "held-out tokens per decoding step, k=5 (vLLM, greedy)" in table
+
+
+def test_a_resumed_run_ends_with_the_uninterrupted_runs_heads(distilled, heads_overrides, tmp_path, monkeypatch):
+    """Stopped after its step-20 checkpoint, the run resumes there, reuses its decoded continuations
+    (no engine decodes them again) and ends with the very heads of the run that was not stopped."""
+    from speechrl.rlhf.trainers import mtp_heads
+
+    cfg, run_dir, _ = distilled
+    copy = tmp_path / "resumed"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-30")
+    shutil.rmtree(copy / "final")
+    resumed = load_recipe("asr/mtp_heads", heads_overrides("resumed", f"run.output_dir={tmp_path}",
+                                                           "mtp_heads.measure=false"))
+    started, original = [], mtp_heads.MtpHeadsRecipe.engine  # a spy: engines still start where asked
+    monkeypatch.setattr(mtp_heads.MtpHeadsRecipe, "engine", lambda self, *a: started.append(a) or original(self, *a))
+    mtp_heads.run_mtp_heads(resumed, resume=str(copy))
+    assert started == []
+    a = load_file(str(run_dir / "final" / MTP_DIR / "model.safetensors"))
+    b = load_file(str(copy / "final" / MTP_DIR / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reference_targets_train_on_the_datasets_completions(heads_overrides):
+    """`mtp_heads.targets: reference` decodes only the held-out prompts (what a kept draft is measured
+    against), and learns from the training set's transcripts."""
+    from speechrl.rlhf.trainers.mtp_heads import run_mtp_heads
+
+    cfg = load_recipe("asr/mtp_heads", heads_overrides("mtp-reference", "mtp_heads.targets=reference",
+                                                       "train.steps=5", "mtp_heads.measure=false"))
+    run_mtp_heads(cfg)
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    assert (run_dir / "eval" / "continuations.jsonl").is_file()
+    assert not (run_dir / "train").exists()
+    assert (run_dir / "final" / MTP_DIR / "model.safetensors").is_file()
+
+
+def test_recipe_checks_name_what_to_set(heads_overrides, realtime_overrides):
+    with pytest.raises(RecipeError, match="model.mtp.num_heads"):
+        load_recipe("asr/mtp_heads", heads_overrides("x", "model.mtp.num_heads=0"))
+    with pytest.raises(RecipeError, match="mtp_heads.targets"):
+        load_recipe("asr/mtp_heads", heads_overrides("x", "mtp_heads.targets=truth"))
+    with pytest.raises(RecipeError, match="mtp_heads.max_examples"):
+        load_recipe("asr/mtp_heads", heads_overrides("x", "mtp_heads.max_examples=-1"))
+    with pytest.raises(RecipeError, match="mtp_heads.*not implemented for mode 'realtime'"):
+        load_recipe("realtime/sft", [*realtime_overrides, "algorithm=mtp_heads", "model.mtp.num_heads=2"])
