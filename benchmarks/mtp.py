@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     from speechrl.rewards.asr import word_error_rate
+    from speechrl.rlhf.model.mtp import saved_heads
 
     clips, refs, max_new = heldout(args.recipe, args.overrides)
     ks = [int(k) for k in args.ks.split(",")]
@@ -100,6 +101,9 @@ def main() -> None:
         wer = float(np.mean([word_error_rate(h, r) for h, r in zip(plain["texts"], refs)]))
         print(f"| {label} | 0 | 1 | | | {plain['batched_s']:.2f} | {plain['single_s']:.2f} | {wer:.3f} | |", flush=True)
         for k in ks:
+            if k > saved_heads(path):
+                print(f"| {label} | {k} | (skipped: the checkpoint has {saved_heads(path)} heads) | | | | | | |", flush=True)
+                continue
             out = decode(path, k, clips, max_new, args.repeats, args.threads)
             acc = out["acceptance"]
             wer = float(np.mean([word_error_rate(h, r) for h, r in zip(out["texts"], refs)]))

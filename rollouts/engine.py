@@ -16,7 +16,7 @@ from typing import Iterable
 import torch
 
 from speechrl.rlhf.model.layout import ReplyLayout, reply_layout_processor
-from speechrl.rlhf.model.mtp import MTP_DIR, MTP_PREFIX, has_heads
+from speechrl.rlhf.model.mtp import MTP_DIR, MTP_PREFIX, has_heads, saved_heads
 from speechrl.rollouts.lora import LoraAdapter, adapter_dir, engine_lora_rank, register_lora_model
 from speechrl.rollouts.types import RolloutRequest, Sample
 from speechrl.rollouts.vllm_setup import guard_vllm_module_scan, quiet_benign_vllm_warnings, relax_qwen2_audio_frames
@@ -91,6 +91,9 @@ class RolloutEngine:
             if not has_heads(path):
                 raise FileNotFoundError(f"{path / MTP_DIR}: no MTP heads for rollout.mtp_tokens={mtp_tokens}; train "
                                         "them in SFT (model.mtp.num_heads) or set rollout.mtp_tokens=0")
+            if (saved := saved_heads(path)) < mtp_tokens:
+                raise ValueError(f"{path / MTP_DIR}: {saved} MTP heads, fewer than rollout.mtp_tokens={mtp_tokens} "
+                                 f"drafts a step; set it to at most {saved}")
             from transformers import AutoConfig
 
             # log stats on: the acceptance counters (spec_stats) come from vLLM's metrics. vLLM reads the

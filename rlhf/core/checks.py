@@ -17,6 +17,7 @@ from speechrl.rlhf.core.registry import MODES, REWARD_NAME, Registry
 _CHOICES = {
     "algorithm": ("sft", "grpo", "ppo", "dpo", "online_dpo", "reward_model", "mtp_heads"),
     "mtp_heads.targets": ("policy", "reference"),
+    "model.mtp.rl_targets": ("greedy", "sampled"),
     "data.on_bad_example": ("skip", "fail"),
     "model.tiny.texts": ("mode", "all_modes"),
     "model.tiny.audio_encoder": TINY_AUDIO_ENCODERS,

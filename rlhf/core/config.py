@@ -82,6 +82,9 @@ class MtpConfig:
     # RL trains the heads on this share of the completion positions, drawn anew each micro-batch, in
     # (0, 1]: they follow a policy that moves slowly, and all positions cost ~25 % of an ASR update
     rl_positions: float = 0.25
+    # RL's targets for the heads: "greedy" (the policy's own argmax at each position: what greedy
+    # verification keeps) or "sampled" (the tokens the rollouts sampled)
+    rl_targets: str = "greedy"
 
 
 @dataclass

@@ -78,8 +78,8 @@ class MtpHeads(nn.Module):
         return heads.to(lm_head.weight.device)
 
     def loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor,
-             positions: float = 1.0, generator: Optional[torch.Generator] = None
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+             positions: float = 1.0, generator: Optional[torch.Generator] = None,
+             next_tokens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean cross-entropy of every head on the completion tokens, and each head's top-1 accuracy.
 
         `hidden` [B, L-1, H] and `completion_mask` [B, L-1] are on token_logprobs' grid: position t's
@@ -87,9 +87,12 @@ class MtpHeads(nn.Module):
         token is a completion token too. Detached: the heads never move the policy (module docstring).
         `positions` < 1 reads that share of the positions t, drawn at random from `generator` (the
         caller's own, so the draw never shifts the policy's random stream), the same draw for every
-        head; a draw with none reads them all.
+        head; a draw with none reads them all. `next_tokens` [B, L-1], on the same grid: the token each
+        position's target is, in place of the batch's own next token (`input_ids[:, 1:]`): in RL, the
+        policy's greedy choice there (`greedy_next_tokens`) rather than the token it sampled.
         """
         hidden = hidden.detach()
+        following = input_ids[:, 1:] if next_tokens is None else next_tokens
         losses, metrics = [], {}
         width = completion_mask.shape[1]
         source = completion_mask  # the positions whose hidden states the heads read
@@ -104,7 +107,7 @@ class MtpHeads(nn.Module):
             valid = source[:, :-shift] & completion_mask[:, shift:]
             if not bool(valid.any()):
                 break  # completions shorter than this head's reach: it and the heads after it have no target
-            targets = input_ids[:, 1 + shift:][valid]
+            targets = following[:, shift:][valid]
             # only the positions with a target: a GRPO batch's grid is mostly prompt (audio) positions
             head_logits = head(block(hidden[:, :-shift][valid])).float()
             losses.append(nn.functional.cross_entropy(head_logits, targets))
@@ -140,8 +143,30 @@ class MtpHeads(nn.Module):
         return heads
 
 
+@torch.no_grad()
+def greedy_next_tokens(lm_head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
+                       completion_mask: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, L-1]: at each completion position the token the policy would choose greedily there (its LM
+    head's argmax over the `allowed` ids, a bool mask over the vocabulary), elsewhere the batch's own
+    next token. Verified decoding keeps a draft where it equals that choice, so in RL, where the batch's
+    tokens are samples, these are the targets that keep the heads' greedy acceptance up."""
+    following = input_ids[:, 1:].clone()
+    logits = lm_head(hidden.detach()[completion_mask]).float()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+    following[completion_mask] = logits.argmax(-1)
+    return following
+
+
 def has_heads(backbone_dir: Path) -> bool:
     return (Path(backbone_dir) / MTP_DIR / "config.json").is_file()
+
+
+def saved_heads(backbone_dir: Path) -> int:
+    """How many MTP heads `backbone_dir` holds (0 without any)."""
+    if not has_heads(backbone_dir):
+        return 0
+    return int(json.loads((Path(backbone_dir) / MTP_DIR / "config.json").read_text())["num_heads"])
 
 
 def heads_for(cfg, backbone_dir: Path, lm_head: nn.Linear) -> Optional[MtpHeads]:

@@ -26,7 +26,7 @@ from speechrl.rlhf.model.backbone import hub_state_dict
 from speechrl.rlhf.core.config import RecipeConfig
 from speechrl.rlhf.core.devices import peak_memory_gib, train_device
 from speechrl.rlhf.model.critic import ValueHead, token_values
-from speechrl.rlhf.model.mtp import MTP_PREFIX
+from speechrl.rlhf.model.mtp import MTP_PREFIX, greedy_next_tokens
 from speechrl.rlhf.model.logprobs import TokenBatch, build_token_batch, record_inputs, token_logprobs, unwrap, vocab_mask
 from speechrl.rlhf.model.policy import build_policy, exportable_model, save_model, save_policy, unsharded_copy
 from speechrl.rlhf.model.sharding import full_state_dict, shard_module
@@ -137,9 +137,13 @@ class PolicyWorker:
         metrics["logprob_gap"] = ((logp.detach() - old_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)
         loss = LOSS_AGGREGATIONS.get(g.loss_agg)(per_token, mask)
         if self.train_mtp:  # on detached hidden states: the heads learn the policy, the policy's update is unchanged
+            greedy = self.cfg.model.mtp.rl_targets == "greedy"
             with self.policy.autocast():
+                following = greedy_next_tokens(self.model.get_output_embeddings(), hidden, batch.input_ids, mask,
+                                               self.allowed if isinstance(self.allowed, torch.Tensor) else None) \
+                    if greedy else None
                 mtp_loss, mtp_metrics = self.mtp.loss(hidden, batch.input_ids, mask, self.cfg.model.mtp.rl_positions,
-                                                         self.mtp_draws)
+                                                         self.mtp_draws, following)
             loss = loss + self.cfg.model.mtp.loss_weight * mtp_loss
             metrics.update(mtp_metrics)
         return loss, metrics

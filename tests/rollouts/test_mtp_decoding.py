@@ -89,6 +89,13 @@ def test_greedy_output_is_plain_decodings_with_drafts_kept(engine, mtp_backbone,
     assert abs(sum(stats["histogram"]) - 1) < 1e-9 and len(stats["histogram"]) == K + 1
 
 
+def test_more_drafts_than_saved_heads_is_an_error_naming_both(mtp_backbone):
+    from speechrl.rollouts.engine import RolloutEngine
+
+    with pytest.raises(ValueError, match=f"{K} MTP heads, fewer than rollout.mtp_tokens={K + 2}.*at most {K}"):
+        RolloutEngine(str(mtp_backbone[0]), kv_cache_gib=0.25, max_model_len=512, mtp_tokens=K + 2)
+
+
 def test_a_weight_sync_reaches_the_drafter(engine, mtp_backbone, make_requests):
     """New heads in the sync (their `mtp.` names) replace the drafter's: zero heads draft token 0 every
     time, which these completions rarely hold, so acceptance falls; the output stays plain greedy."""

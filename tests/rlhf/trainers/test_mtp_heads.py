@@ -123,3 +123,25 @@ def test_recipe_checks_name_what_to_set(heads_overrides, realtime_overrides):
         load_recipe("asr/mtp_heads", heads_overrides("x", "mtp_heads.max_examples=-1"))
     with pytest.raises(RecipeError, match="mtp_heads.*not implemented for mode 'realtime'"):
         load_recipe("realtime/sft", [*realtime_overrides, "algorithm=mtp_heads", "model.mtp.num_heads=2"])
+
+
+def test_tts_heads_learn_the_policys_codec_tokens(tts_overrides, tmp_path):
+    """The same stage in TTS: the continuations are the policy's greedy codec tokens under the mode's
+    constraint (codec tokens and `<|codec_end|>` only), and the heads learn them."""
+    from speechrl.rlhf.model.backbone import load_backbone
+    from speechrl.rlhf.modes import get_mode
+    from speechrl.rlhf.trainers.mtp_heads import run_mtp_heads
+
+    cfg = load_recipe("tts/sft", [*tts_overrides, "algorithm=mtp_heads", "model.mtp.num_heads=2",
+                                  f"run.output_dir={tmp_path}", "run.name=tts-heads", "train.steps=10",
+                                  "train.eval_every=10", "train.log_every=5", "mtp_heads.max_examples=16"])
+    run_mtp_heads(cfg)
+    run_dir = tmp_path / "tts-heads"
+    allowed = set(get_mode(cfg).setup_task(load_backbone(run_dir / "final").processor).allowed_ids)
+    rows = _rows(run_dir / "train" / "continuations.jsonl")
+    assert len(rows) == 16 and all(r["completion_ids"] and set(r["completion_ids"]) <= allowed for r in rows)
+    metrics = _rows(run_dir / "metrics.jsonl")
+    losses = [r["train/mtp_loss"] for r in metrics if "train/mtp_loss" in r]
+    assert len(losses) == 2 and losses[-1] < losses[0]
+    assert json.loads((run_dir / "final" / MTP_DIR / "config.json").read_text())["num_heads"] == 2
+    assert 1.0 <= [r for r in metrics if "eval/mtp_emitted_after" in r][0]["eval/mtp_emitted_after"] <= 3.0
