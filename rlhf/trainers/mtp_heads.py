@@ -111,17 +111,18 @@ class MtpHeadsRecipe:
         """{split: [(prompt ids, completion ids, clip)]} for {split: (items, dataset)}: the policy's greedy
         continuations, all splits on one engine, written to the run directory once and read back on resume."""
         cache = {name: self.run_dir / name / CONTINUATIONS for name in splits}
+        requests = {name: [self.task.request(ex, audio, dataset) for ex, audio in items]
+                    for name, (items, dataset) in splits.items()}
         missing = [name for name in splits if not cache[name].is_file()]
         if missing:
             engine = self.engine(self.path, 0)
             for name in missing:
-                items, dataset = splits[name]
-                samples = self.greedy(engine, items, dataset)
+                samples = self.greedy(engine, requests[name])
                 cache[name].parent.mkdir(parents=True, exist_ok=True)
                 with stop_on_write_error(self.run_dir, f"the {name} continuations"):
                     cache[name].write_text("".join(
                         json.dumps({"id": ex.id, "prompt_ids": s.prompt_ids, "completion_ids": s.completion_ids}) + "\n"
-                        for s, (ex, _) in zip(samples, items)))
+                        for s, (ex, _) in zip(samples, splits[name][0])))
             del engine
         out = {}
         for name, (items, _) in splits.items():
@@ -129,7 +130,8 @@ class MtpHeadsRecipe:
             if [r["id"] for r in rows] != [ex.id for ex, _ in items]:
                 raise RecipeError(f"{cache[name]}: decoded for other examples than this recipe's {name} set; resume "
                                   "with the recipe the run started with, or start a new run")
-            out[name] = [(r["prompt_ids"], r["completion_ids"], audio) for r, (_, audio) in zip(rows, items)]
+            # the prompt's clip (ASR), or none (TTS: the example's audio is the target, not the prompt)
+            out[name] = [(r["prompt_ids"], r["completion_ids"], req.audio) for r, req in zip(rows, requests[name])]
         return out
 
     def engine(self, path: Path, k: int):
@@ -141,9 +143,8 @@ class MtpHeadsRecipe:
                              enforce_eager=r.enforce_eager, max_model_len=r.max_model_len,
                              threads=torch.get_num_threads(), mtp_tokens=k)
 
-    def greedy(self, engine, items: list, dataset) -> list:
-        return engine.generate([self.task.request(ex, audio, dataset) for ex, audio in items], n=1, temperature=0.0,
-                               top_p=1.0, max_new_tokens=self.cfg.eval_max_new_tokens,
+    def greedy(self, engine, requests: list) -> list:
+        return engine.generate(requests, n=1, temperature=0.0, top_p=1.0, max_new_tokens=self.cfg.eval_max_new_tokens,
                                allowed_token_ids=self.task.allowed_ids, stop_token_ids=self.task.stop_ids)
 
     def emitted(self, path: Path, items: list, dataset) -> float:
@@ -151,7 +152,7 @@ class MtpHeadsRecipe:
         engine = self.engine(path, self.heads.num_heads)
         meter = AcceptanceMeter()
         meter.update([engine.spec_stats()], "eval")  # from the engine's start: zero drafts so far
-        self.greedy(engine, items, dataset)
+        self.greedy(engine, [self.task.request(ex, audio, dataset) for ex, audio in items])
         return meter.update([engine.spec_stats()], "eval").get("eval/mtp_emitted", float("nan"))
 
     @torch.no_grad()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from speechrl.rlhf.core.config import RecipeError, load_recipe
-from speechrl.rlhf.model.mtp import MTP_DIR, MtpHeads, acceptance
+from speechrl.rlhf.model.mtp import MTP_DIR, MtpHeads, acceptance, greedy_next_tokens
 
 
 def test_head_i_at_position_t_predicts_token_t_plus_2_plus_i():
@@ -51,6 +51,30 @@ def test_heads_read_a_random_share_of_positions_from_their_own_generator():
     assert torch.allclose(sub, torch.nn.functional.cross_entropy(logits, ids[:, 2:][valid]))
     full, _ = heads.loss(hidden, ids, comp)
     assert torch.equal(full, heads.loss(hidden, ids, comp, 1.0, torch.Generator())[0]) and not torch.allclose(full, sub)
+
+
+def test_rl_targets_are_the_policys_greedy_choice_among_the_allowed_ids():
+    """model.mtp.rl_targets: greedy. Each completion position's target is the LM head's argmax over the
+    allowed ids (what greedy verification keeps), the prompt's tokens stay the batch's own, and the
+    heads' loss is the cross-entropy against those targets, shifted as for the batch's tokens."""
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(16, 12, bias=False)
+    hidden, ids = torch.randn(4, 20, 16), torch.randint(0, 12, (4, 21))
+    comp = torch.zeros(4, 20, dtype=torch.bool)
+    comp[:, 6:] = True
+    allowed = torch.zeros(12, dtype=torch.bool)
+    allowed[:7] = True
+    following = greedy_next_tokens(lm_head, hidden, ids, comp, allowed)
+    with torch.no_grad():
+        best = lm_head(hidden).masked_fill(~allowed, float("-inf")).argmax(-1)
+    assert torch.equal(following[comp], best[comp]) and bool((following[comp] < 7).all())
+    assert torch.equal(following[~comp], ids[:, 1:][~comp])
+    assert not torch.equal(following[comp], ids[:, 1:][comp]), "sampled tokens are not the greedy ones"
+    heads = MtpHeads.like(lm_head, 1)
+    loss, _ = heads.loss(hidden, ids, comp, next_tokens=following)
+    valid = comp[:, :-1] & comp[:, 1:]
+    logits = heads.lm_heads[0](heads.blocks[0](hidden[:, :-1][valid]))
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, following[:, 1:][valid]))
 
 
 def test_heads_on_short_completions_and_acceptance_counts():
