@@ -27,11 +27,12 @@ def heldout(recipe: str, overrides: list[str]):
     """(clips, reference texts, eval_max_new_tokens) of the recipe's held-out set."""
     from speechrl.rlhf.core.config import load_recipe
     from speechrl.rlhf.modes import get_mode
+    from speechrl.rlhf.modes.base import first
 
     cfg = load_recipe(recipe, overrides)
     mode = get_mode(cfg)
     _, eval_set = mode.datasets(cfg.model.tiny.max_audio_seconds)
-    items = [eval_set[i] for i in range(min(len(eval_set), cfg.data.max_eval_examples))]
+    items = first(eval_set, cfg.data.max_eval_examples)
     return [a for _, a in items], [ex.text for ex, _ in items], cfg.eval_max_new_tokens
 
 
@@ -101,8 +102,8 @@ def main() -> None:
         wer = float(np.mean([word_error_rate(h, r) for h, r in zip(plain["texts"], refs)]))
         print(f"| {label} | 0 | 1 | | | {plain['batched_s']:.2f} | {plain['single_s']:.2f} | {wer:.3f} | |", flush=True)
         for k in ks:
-            if k > saved_heads(path):
-                print(f"| {label} | {k} | (skipped: the checkpoint has {saved_heads(path)} heads) | | | | | | |", flush=True)
+            if k > (saved := saved_heads(path)):
+                print(f"| {label} | {k} | (skipped: the checkpoint has {saved} heads) | | | | | | |", flush=True)
                 continue
             out = decode(path, k, clips, max_new, args.repeats, args.threads)
             acc = out["acceptance"]

@@ -60,3 +60,12 @@ def peak_memory_gib(device: torch.device) -> dict[str, float]:
     peak = torch.cuda.max_memory_allocated(device) / 2**30
     torch.cuda.reset_peak_memory_stats(device)
     return {"perf/peak_gpu_gib": peak}
+
+
+def release_memory(device: torch.device) -> None:
+    """Collect what a dropped engine or model left, so that the next one finds the GPU's memory free."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

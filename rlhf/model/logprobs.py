@@ -155,12 +155,20 @@ class AllowedHead:
             return None  # an adapted head, or sharded layers whose hooks gather weights in their forward
         return cls(head, allowed)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, |allowed|] fp32 logits of the rows of `hidden` [N, H], columns in `ids` order."""
+        weight = self.lm_head.weight.index_select(0, self.ids)
+        bias = None if self.lm_head.bias is None else self.lm_head.bias.index_select(0, self.ids)
+        return torch.nn.functional.linear(hidden, weight, bias).float()
+
+    def argmax(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N]: the allowed id with the highest logit for each row of `hidden` (greedy decoding's choice)."""
+        return self.ids[self.logits(hidden).argmax(-1)]
+
     def logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
         """log p(target) for each row of `hidden` [N, H]; 0 where the target is not allowed (a prompt
         token: its position is never read, as in `_logprobs`)."""
-        weight = self.lm_head.weight.index_select(0, self.ids)
-        bias = None if self.lm_head.bias is None else self.lm_head.bias.index_select(0, self.ids)
-        logits = torch.nn.functional.linear(hidden, weight, bias).float()
+        logits = self.logits(hidden)
         if temperature != 1.0:
             logits = logits / temperature
         column = self.position[targets]

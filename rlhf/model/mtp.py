@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from speechrl.rlhf.model.logprobs import AllowedHead
+
 log = logging.getLogger(__name__)
 
 MTP_DIR = "mtp"  # the heads' folder inside a backbone directory (a checkpoint's model/, a run's final/)
@@ -151,7 +153,11 @@ def greedy_next_tokens(lm_head: nn.Module, hidden: torch.Tensor, input_ids: torc
     next token. Verified decoding keeps a draft where it equals that choice, so in RL, where the batch's
     tokens are samples, these are the targets that keep the heads' greedy acceptance up."""
     following = input_ids[:, 1:].clone()
-    logits = lm_head(hidden.detach()[completion_mask]).float()
+    states = hidden.detach()[completion_mask]
+    if allowed is not None and type(lm_head) is nn.Linear:  # the allowed rows alone: no [positions, V] logits
+        following[completion_mask] = AllowedHead(lm_head, allowed.to(lm_head.weight.device)).argmax(states)
+        return following
+    logits = lm_head(states).float()
     if allowed is not None:
         logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
     following[completion_mask] = logits.argmax(-1)

@@ -15,7 +15,7 @@ from speechrl.rlhf.core.config import RecipeConfig, RecipeError
 from speechrl.rlhf.core.registry import MODES
 from speechrl.rlhf.model.backbone import IM_END, text_token_ids
 from speechrl.rlhf.model.prompts import render_prompt
-from speechrl.rlhf.modes.base import Mode, batch_indices
+from speechrl.rlhf.modes.base import Mode, batch_indices, first
 from speechrl.rlhf.modes.pairs import PreferenceRow, read_pair_rows
 from speechrl.rollouts.local import greedy_transcribe
 from speechrl.rollouts.types import RolloutRequest
@@ -109,7 +109,7 @@ def log_examples(result: dict, log) -> dict:
 def evaluate_asr(model, processor, dataset, *, max_examples: int, max_new_tokens: int, ctc: bool = False) -> dict:
     """Mean WER/CER over the first `max_examples` held-out clips, plus a few examples to eyeball; with
     `ctc`, also the WER of the projector's greedy CTC reading of the same clips (eval/ctc_wer)."""
-    items = [dataset[i] for i in range(min(len(dataset), max_examples))]
+    items = first(dataset, max_examples)
     audios, refs = [a for _, a in items], [ex.text for ex, _ in items]
     hyps = greedy_transcribe(model, processor, audios, max_new_tokens=max_new_tokens)
     wer = float(np.mean([word_error_rate(h, r) for h, r in zip(hyps, refs)]))

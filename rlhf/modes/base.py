@@ -198,6 +198,11 @@ def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))[:80]
 
 
+def first(dataset, n: int) -> list:
+    """The first `n` (example, audio) items of `dataset` (all of them where it has fewer)."""
+    return [dataset[i] for i in range(min(len(dataset), n))]
+
+
 def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     """The examples of step `step`: epoch-wise permutations seeded by (seed, epoch), so a resumed
     run draws what the uninterrupted one would have."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from speechrl.data.audio import write_wav
-from speechrl.rlhf.modes.base import safe_name
+from speechrl.rlhf.modes.base import first, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class TtsEvaluation:
     def __init__(self, cfg, task, eval_set, run_dir: Path, logger):
         self.cfg, self.task, self.logger = cfg, task, logger
         self.repeats = cfg.tts.eval_repeats if cfg.tts.eval_temperature > 0 else 1  # greedy: one is all
-        self.items = [eval_set[i] for i in range(min(len(eval_set), cfg.data.max_eval_examples))]
+        self.items = first(eval_set, cfg.data.max_eval_examples)
         self.prompt_ids = [task.prompt_ids(ex.text, task.voice(ex, eval_set)) for ex, _ in self.items]
         self.prompts = [task.render(ex.text, task.voice(ex, eval_set)) for ex, _ in self.items]
         self.samples_dir = Path(run_dir) / "samples"

@@ -137,11 +137,12 @@ class PolicyWorker:
         metrics["logprob_gap"] = ((logp.detach() - old_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)
         loss = LOSS_AGGREGATIONS.get(g.loss_agg)(per_token, mask)
         if self.train_mtp:  # on detached hidden states: the heads learn the policy, the policy's update is unchanged
-            greedy = self.cfg.model.mtp.rl_targets == "greedy"
             with self.policy.autocast():
-                following = greedy_next_tokens(self.model.get_output_embeddings(), hidden, batch.input_ids, mask,
-                                               self.allowed if isinstance(self.allowed, torch.Tensor) else None) \
-                    if greedy else None
+                following = None  # rl_targets: sampled, the batch's own tokens
+                if self.cfg.model.mtp.rl_targets == "greedy":
+                    allowed = self.allowed if isinstance(self.allowed, torch.Tensor) else None
+                    following = greedy_next_tokens(self.model.get_output_embeddings(), hidden, batch.input_ids, mask,
+                                                   allowed)
                 mtp_loss, mtp_metrics = self.mtp.loss(hidden, batch.input_ids, mask, self.cfg.model.mtp.rl_positions,
                                                          self.mtp_draws, following)
             loss = loss + self.cfg.model.mtp.loss_weight * mtp_loss

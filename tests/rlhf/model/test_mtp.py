@@ -70,6 +70,8 @@ def test_rl_targets_are_the_policys_greedy_choice_among_the_allowed_ids():
     assert torch.equal(following[comp], best[comp]) and bool((following[comp] < 7).all())
     assert torch.equal(following[~comp], ids[:, 1:][~comp])
     assert not torch.equal(following[comp], ids[:, 1:][comp]), "sampled tokens are not the greedy ones"
+    # a head that is not a plain Linear (an adapted one) takes the full-vocabulary path: the same choice
+    assert torch.equal(greedy_next_tokens(torch.nn.Sequential(lm_head), hidden, ids, comp, allowed), following)
     heads = MtpHeads.like(lm_head, 1)
     loss, _ = heads.loss(hidden, ids, comp, next_tokens=following)
     valid = comp[:, :-1] & comp[:, 1:]
