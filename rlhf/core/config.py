@@ -85,6 +85,9 @@ class MtpConfig:
     # RL's targets for the heads: "greedy" (the policy's own argmax at each position: what greedy
     # verification keeps) or "sampled" (the tokens the rollouts sampled)
     rl_targets: str = "greedy"
+    # one LM head for every head, the policy's own as it was when the heads began, frozen (vLLM Medusa's
+    # original_lm_head): a large vocabulary's heads then cost one head's rows, not num_heads of them
+    shared_lm_head: bool = False
 
 
 @dataclass

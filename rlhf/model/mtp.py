@@ -45,18 +45,30 @@ class _Residual(nn.Module):
 
 class MtpHeads(nn.Module):
     """`num_heads` draft heads over a decoder of width `hidden` and vocabulary `vocab`, each a residual
-    block of `num_layers` layers under an LM head of its own."""
+    block of `num_layers` layers under an LM head of its own, or (`shared_lm_head`, Medusa-1) all of
+    them under one frozen LM head, which only the blocks learn to read."""
 
-    def __init__(self, num_heads: int, hidden: int, vocab: int, num_layers: int = 1):
+    def __init__(self, num_heads: int, hidden: int, vocab: int, num_layers: int = 1, shared_lm_head: bool = False):
         super().__init__()
         if num_heads < 1:
             raise ValueError(f"MtpHeads: num_heads must be >= 1, got {num_heads}")
         if num_layers < 1:
             raise ValueError(f"MtpHeads: num_layers must be >= 1, got {num_layers}")
+        self.shared_lm_head = shared_lm_head
         # the random init is always overwritten (`like`, `load`): leave the run's random stream alone
         with torch.random.fork_rng(devices=[]):
             self.blocks = nn.ModuleList([_Residual(hidden, num_layers) for _ in range(num_heads)])
-            self.lm_heads = nn.ModuleList([nn.Linear(hidden, vocab, bias=False) for _ in range(num_heads)])
+            if shared_lm_head:  # one module, saved once as `lm_head` (vLLM's name for it)
+                self.lm_head = nn.Linear(hidden, vocab, bias=False).requires_grad_(False)
+                self.lm_heads = [self.lm_head] * num_heads
+            else:
+                self.lm_heads = nn.ModuleList([nn.Linear(hidden, vocab, bias=False) for _ in range(num_heads)])
+
+    def requires_grad_(self, requires_grad: bool = True) -> "MtpHeads":
+        super().requires_grad_(requires_grad)
+        if self.shared_lm_head:
+            self.lm_head.requires_grad_(False)  # the policy's LM head as it was: the blocks adapt to it
+        return self
 
     @property
     def num_heads(self) -> int:
@@ -67,11 +79,11 @@ class MtpHeads(nn.Module):
         return len(self.blocks[0].layers)
 
     @classmethod
-    def like(cls, lm_head: nn.Linear, num_heads: int, num_layers: int = 1) -> "MtpHeads":
+    def like(cls, lm_head: nn.Linear, num_heads: int, num_layers: int = 1, shared_lm_head: bool = False) -> "MtpHeads":
         """New heads that start as the policy's own LM head (zero residual blocks): each first predicts
         token t+1 for t+2+i, a better start than random rows over a large vocabulary."""
         vocab, hidden = lm_head.weight.shape
-        heads = cls(num_heads, hidden, vocab, num_layers)
+        heads = cls(num_heads, hidden, vocab, num_layers, shared_lm_head)
         with torch.no_grad():
             for block, head in zip(heads.blocks, heads.lm_heads):
                 for layer in block.layers:
@@ -128,7 +140,8 @@ class MtpHeads(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         hidden, vocab = self.lm_heads[0].in_features, self.lm_heads[0].out_features
         config = {"model_type": "medusa", "architectures": ["MedusaModel"], "hidden_size": hidden,
-                  "vocab_size": vocab, "num_heads": self.num_heads, "num_hidden_layers": self.num_layers}
+                  "vocab_size": vocab, "num_heads": self.num_heads, "num_hidden_layers": self.num_layers,
+                  "original_lm_head": self.shared_lm_head}
         (out / "config.json").write_text(json.dumps(config, indent=2))
         save_file({k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()},
                   str(out / "model.safetensors"))
@@ -140,7 +153,8 @@ class MtpHeads(nn.Module):
 
         folder = Path(backbone_dir) / MTP_DIR
         config = json.loads((folder / "config.json").read_text())
-        heads = cls(config["num_heads"], config["hidden_size"], config["vocab_size"], config.get("num_hidden_layers", 1))
+        heads = cls(config["num_heads"], config["hidden_size"], config["vocab_size"], config.get("num_hidden_layers", 1),
+                    config.get("original_lm_head", False))
         heads.load_state_dict(load_file(str(folder / "model.safetensors")))
         return heads
 
@@ -187,13 +201,18 @@ def heads_for(cfg, backbone_dir: Path, lm_head: nn.Linear) -> Optional[MtpHeads]
         log.warning("MTP: model.mtp.num_heads=%d ignored: heads train on one plain rank only (not with "
                     "train.num_ranks > 1 or DeepSpeed yet); this run's checkpoints carry none", wanted)
         return None
+    shared = cfg.model.mtp.shared_lm_head
     if not has_heads(backbone_dir):
         log.info("MTP: %s has no heads; %d new heads start from the LM head", backbone_dir, wanted)
-        return MtpHeads.like(lm_head, wanted, cfg.model.mtp.num_layers)
+        return MtpHeads.like(lm_head, wanted, cfg.model.mtp.num_layers, shared)
     saved = MtpHeads.load(backbone_dir)
     if saved.num_layers != cfg.model.mtp.num_layers:
         raise ValueError(f"{Path(backbone_dir) / MTP_DIR}: heads of {saved.num_layers} layer(s) saved, "
                          f"model.mtp.num_layers={cfg.model.mtp.num_layers} asked; set it to {saved.num_layers}")
+    if saved.shared_lm_head != shared:
+        raise ValueError(f"{Path(backbone_dir) / MTP_DIR}: heads saved with{'' if saved.shared_lm_head else 'out'} one "
+                         f"shared LM head, model.mtp.shared_lm_head={str(shared).lower()} asked; set it to "
+                         f"{str(saved.shared_lm_head).lower()}")
     if saved.num_heads < wanted:
         raise ValueError(f"{Path(backbone_dir) / MTP_DIR}: {saved.num_heads} MTP heads saved, "
                          f"model.mtp.num_heads={wanted} asked; lower it or train the heads anew from a backbone without them")

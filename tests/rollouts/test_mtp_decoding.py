@@ -33,29 +33,42 @@ def _greedy_rows(backbone, requests, max_new_tokens=16):
     return completions, batch
 
 
+def _own_completions(source, path, requests):
+    """A copy of the backbone at `source` in `path`: (backbone, its greedy completions of `requests`,
+    their token batch, its last hidden states on that batch)."""
+    from speechrl.rlhf.model.logprobs import token_logprobs
+
+    shutil.copytree(source, path)
+    backbone = load_backbone(path)
+    backbone.model.eval()
+    completions, batch = _greedy_rows(backbone, requests)
+    with torch.no_grad():
+        _, hidden = token_logprobs(backbone.model, batch, with_hidden=True)
+    return backbone, completions, batch, hidden
+
+
+def _fit(heads: MtpHeads, hidden: torch.Tensor, batch, steps: int = 150) -> tuple[float, float]:
+    """Adam on the heads' trainable weights against a batch's completions: (first loss, last loss)."""
+    opt = torch.optim.Adam([p for p in heads.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss, _ = heads.loss(hidden, batch.input_ids, batch.completion_mask)
+        losses.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return losses[0], losses[-1]
+
+
 @pytest.fixture(scope="module")
 def mtp_backbone(tiny_backbone_dir, make_requests, tmp_path_factory):
     """The tiny backbone with K heads distilled on its own greedy completions of the test prompts (so
     their drafts are mostly right there), and those completions."""
-    from speechrl.rlhf.model.logprobs import token_logprobs
-
     path = tmp_path_factory.mktemp("mtp") / "backbone"
-    shutil.copytree(tiny_backbone_dir, path)
-    backbone = load_backbone(path)
-    backbone.model.eval()
-    completions, batch = _greedy_rows(backbone, make_requests(4))
-    with torch.no_grad():
-        _, hidden = token_logprobs(backbone.model, batch, with_hidden=True)
+    backbone, completions, batch, hidden = _own_completions(tiny_backbone_dir, path, make_requests(4))
     heads = MtpHeads.like(backbone.model.get_output_embeddings(), K)
-    opt = torch.optim.Adam(heads.parameters(), lr=1e-2)
-    first = None
-    for _ in range(150):
-        loss, metrics = heads.loss(hidden, batch.input_ids, batch.completion_mask)
-        first = first if first is not None else float(loss.detach())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert metrics["mtp_loss"] < 0.2 * first, "the heads fit their targets"
+    first, last = _fit(heads, hidden, batch)
+    assert last < 0.2 * first, "the heads fit their targets"
     heads.save(path)
     return path, completions, heads
 
@@ -164,3 +177,32 @@ def test_sampling_follows_the_policys_own_distribution(engine, mtp_backbone, mak
 
 
 
+
+
+def test_heads_under_one_shared_lm_head_draft_in_vllm(tiny_backbone_dir, make_requests, tmp_path):
+    """`model.mtp.shared_lm_head` (vLLM Medusa's original_lm_head): the blocks alone fit the policy's
+    greedy completions under one frozen copy of its LM head, saved once; vLLM drafts with them and the
+    greedy output stays plain decoding's."""
+    from safetensors.torch import load_file
+
+    from speechrl.rollouts.engine import RolloutEngine
+
+    path = tmp_path / "backbone"
+    backbone, completions, batch, hidden = _own_completions(tiny_backbone_dir, path, make_requests(4))
+    lm_head = backbone.model.get_output_embeddings()
+    heads = MtpHeads.like(lm_head, K, shared_lm_head=True).requires_grad_(True)
+    assert [n for n, p in heads.named_parameters() if p.requires_grad] == [f"blocks.{i}.layers.0.weight" for i in range(K)]
+    first, last = _fit(heads, hidden, batch)
+    assert last < 0.5 * first, "the blocks learn to read the shared head"
+    assert torch.equal(heads.lm_head.weight, lm_head.weight), "the shared head stays the policy's"
+    heads.save(path)
+    saved = load_file(str(path / "mtp" / "model.safetensors"))
+    assert sorted(saved) == sorted([*(f"blocks.{i}.layers.0.weight" for i in range(K)), "lm_head.weight"])
+    eng = RolloutEngine(str(path), kv_cache_gib=0.25, max_model_len=512, mtp_tokens=K)
+    try:
+        before = eng.spec_stats()
+        assert _greedy(eng, make_requests(4)) == completions
+        stats = _delta(before, eng.spec_stats())
+        assert stats["drafts"] > 0 and stats["mean_emitted"] > 1.5, stats
+    finally:
+        del eng

@@ -180,3 +180,32 @@ def test_heads_of_several_layers_start_as_the_lm_head_and_round_trip(tmp_path, s
     assert heads_for(cfg, tmp_path, lm_head).num_layers == 2
     with pytest.raises(RecipeError, match="model.mtp.num_layers"):
         load_recipe("asr/sft", [*sft_overrides("x"), "model.mtp.num_layers=0"])
+
+
+def test_heads_under_one_shared_lm_head_save_it_once_and_keep_it_frozen(tmp_path):
+    """`model.mtp.shared_lm_head`: one frozen LM head for every head (vLLM Medusa's original_lm_head),
+    saved once as `lm_head`; a load gives the same heads; a recipe that asks otherwise is told which."""
+    from speechrl.rlhf.model.mtp import heads_for
+
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(8, 20, bias=False)
+    heads = MtpHeads.like(lm_head, 3, shared_lm_head=True).requires_grad_(True)
+    assert not heads.lm_head.weight.requires_grad and all(h is heads.lm_head for h in heads.lm_heads)
+    with torch.no_grad():
+        for block in heads.blocks:
+            block.layers[0].weight.normal_()
+    heads.save(tmp_path)
+    config = json.loads((tmp_path / MTP_DIR / "config.json").read_text())
+    assert config["original_lm_head"] is True and config["num_heads"] == 3
+    loaded = MtpHeads.load(tmp_path)
+    assert loaded.shared_lm_head and loaded.state_dict().keys() == heads.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), heads.state_dict().values()))
+    hidden, ids = torch.randn(2, 6, 8), torch.randint(0, 20, (2, 7))
+    comp = torch.ones(2, 6, dtype=torch.bool)
+    assert torch.equal(loaded.loss(hidden, ids, comp)[0], heads.loss(hidden, ids, comp)[0])
+
+    cfg = load_recipe("asr/sft", ["model.mtp.num_heads=3"])
+    with pytest.raises(ValueError, match="model.mtp.shared_lm_head=false asked; set it to true"):
+        heads_for(cfg, tmp_path, lm_head)
+    cfg.model.mtp.shared_lm_head = True
+    assert heads_for(cfg, tmp_path, lm_head).shared_lm_head

@@ -123,8 +123,6 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_heads(distilled, heads_o
 def test_reference_targets_train_on_the_datasets_completions(heads_overrides):
     """`mtp_heads.targets: reference` decodes only the held-out prompts (what a kept draft is measured
     against), and learns from the training set's transcripts."""
-    from speechrl.rlhf.trainers.mtp_heads import run_mtp_heads
-
     from speechrl.rlhf.trainers.mtp_heads import MtpHeadsRecipe
 
     cfg = load_recipe("asr/mtp_heads", heads_overrides("mtp-reference", "mtp_heads.targets=reference",
