@@ -86,8 +86,9 @@ class MtpConfig:
     # verification keeps) or "sampled" (the tokens the rollouts sampled)
     rl_targets: str = "greedy"
     # one LM head for every head, the policy's own as it was when the heads began, frozen (vLLM Medusa's
-    # original_lm_head): a large vocabulary's heads then cost one head's rows, not num_heads of them
-    shared_lm_head: bool = False
+    # original_lm_head): a large vocabulary's heads then cost one head's rows, not num_heads of them.
+    # null: as the checkpoint's saved heads are; new heads get an LM head each
+    shared_lm_head: Optional[bool] = None
 
 
 @dataclass

@@ -43,6 +43,19 @@ class _Residual(nn.Module):
         return x
 
 
+class _FrozenHead(nn.Module):
+    """An LM head whose weight is a buffer: it moves, saves and loads as `weight` (vLLM's name), and no
+    optimizer or `requires_grad_` anywhere can make it train."""
+
+    def __init__(self, hidden: int, vocab: int):
+        super().__init__()
+        self.in_features, self.out_features = hidden, vocab
+        self.register_buffer("weight", torch.empty(vocab, hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight)
+
+
 class MtpHeads(nn.Module):
     """`num_heads` draft heads over a decoder of width `hidden` and vocabulary `vocab`, each a residual
     block of `num_layers` layers under an LM head of its own, or (`shared_lm_head`, Medusa-1) all of
@@ -58,17 +71,11 @@ class MtpHeads(nn.Module):
         # the random init is always overwritten (`like`, `load`): leave the run's random stream alone
         with torch.random.fork_rng(devices=[]):
             self.blocks = nn.ModuleList([_Residual(hidden, num_layers) for _ in range(num_heads)])
-            if shared_lm_head:  # one module, saved once as `lm_head` (vLLM's name for it)
-                self.lm_head = nn.Linear(hidden, vocab, bias=False).requires_grad_(False)
+            if shared_lm_head:  # one frozen module, saved once as `lm_head` (vLLM's name for it)
+                self.lm_head = _FrozenHead(hidden, vocab)
                 self.lm_heads = [self.lm_head] * num_heads
             else:
                 self.lm_heads = nn.ModuleList([nn.Linear(hidden, vocab, bias=False) for _ in range(num_heads)])
-
-    def requires_grad_(self, requires_grad: bool = True) -> "MtpHeads":
-        super().requires_grad_(requires_grad)
-        if self.shared_lm_head:
-            self.lm_head.requires_grad_(False)  # the policy's LM head as it was: the blocks adapt to it
-        return self
 
     @property
     def num_heads(self) -> int:
@@ -201,15 +208,15 @@ def heads_for(cfg, backbone_dir: Path, lm_head: nn.Linear) -> Optional[MtpHeads]
         log.warning("MTP: model.mtp.num_heads=%d ignored: heads train on one plain rank only (not with "
                     "train.num_ranks > 1 or DeepSpeed yet); this run's checkpoints carry none", wanted)
         return None
-    shared = cfg.model.mtp.shared_lm_head
+    shared = cfg.model.mtp.shared_lm_head  # None: as the saved heads are (new ones: an LM head each)
     if not has_heads(backbone_dir):
         log.info("MTP: %s has no heads; %d new heads start from the LM head", backbone_dir, wanted)
-        return MtpHeads.like(lm_head, wanted, cfg.model.mtp.num_layers, shared)
+        return MtpHeads.like(lm_head, wanted, cfg.model.mtp.num_layers, bool(shared))
     saved = MtpHeads.load(backbone_dir)
     if saved.num_layers != cfg.model.mtp.num_layers:
         raise ValueError(f"{Path(backbone_dir) / MTP_DIR}: heads of {saved.num_layers} layer(s) saved, "
                          f"model.mtp.num_layers={cfg.model.mtp.num_layers} asked; set it to {saved.num_layers}")
-    if saved.shared_lm_head != shared:
+    if shared is not None and saved.shared_lm_head != shared:
         raise ValueError(f"{Path(backbone_dir) / MTP_DIR}: heads saved with{'' if saved.shared_lm_head else 'out'} one "
                          f"shared LM head, model.mtp.shared_lm_head={str(shared).lower()} asked; set it to "
                          f"{str(saved.shared_lm_head).lower()}")

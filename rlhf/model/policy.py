@@ -181,7 +181,8 @@ def build_policy(cfg, base_path: Path, checkpoint: Optional[Path] = None, with_r
         reference = (copy.deepcopy(start) if start is backbone.model else start).eval().requires_grad_(False)
         reference.to(device)
     model = backbone.model.to(device)
-    mtp = heads_for(cfg, backbone.path, model.get_output_embeddings())
+    # a LoRA run resumes from the base weights, but its heads are the checkpoint's
+    mtp = heads_for(cfg, checkpoint / "model" if checkpoint else backbone.path, model.get_output_embeddings())
     if mtp is not None:
         mtp.requires_grad_(train_mtp)
     if cfg.model.freeze_audio_encoder:

@@ -77,6 +77,10 @@ class MtpHeadsRecipe(SFTRecipe):
         self.start_step = resume_run(checkpoint, self.logger) if checkpoint else 0
         log.info("run directory: %s", self.run_dir)
         self.eval_items = first(self.eval_set, cfg.data.max_eval_examples)
+        # checks.py made sure heads_for has heads to give (model.mtp.num_heads > 0, one plain rank); taken
+        # before decoding, so that heads the recipe cannot use stop the run before the engine's minutes
+        heads = heads_for(cfg, checkpoint / "model" if checkpoint else self.path,
+                          self.backbone.model.get_output_embeddings())
         train_items = first(self.train_set, cfg.mtp_heads.max_examples or len(self.train_set))
         # held-out rows are always the policy's own continuations: what a kept draft must match
         own = cfg.mtp_heads.targets == "policy"
@@ -87,8 +91,7 @@ class MtpHeadsRecipe(SFTRecipe):
 
         device = train_device(cfg.train.device)  # after decoding: the engine had the GPU to itself
         model = self.backbone.model.to(device).eval().requires_grad_(False)
-        # checks.py made sure heads_for has heads to give (model.mtp.num_heads > 0, one plain rank)
-        heads = heads_for(cfg, checkpoint / "model" if checkpoint else self.path, model.get_output_embeddings())
+        heads.to(device)
         optimizer = Optimizer(heads, cfg.train, cfg.train.steps)
         if checkpoint:
             optimizer.load(checkpoint)

@@ -205,7 +205,11 @@ def test_heads_under_one_shared_lm_head_save_it_once_and_keep_it_frozen(tmp_path
     assert torch.equal(loaded.loss(hidden, ids, comp)[0], heads.loss(hidden, ids, comp)[0])
 
     cfg = load_recipe("asr/sft", ["model.mtp.num_heads=3"])
+    assert heads_for(cfg, tmp_path, lm_head).shared_lm_head, "unset, it follows the saved heads"
+    assert not heads_for(cfg, tmp_path / "none", lm_head).shared_lm_head, "new heads: an LM head each"
+    cfg.model.mtp.shared_lm_head = False
     with pytest.raises(ValueError, match="model.mtp.shared_lm_head=false asked; set it to true"):
         heads_for(cfg, tmp_path, lm_head)
-    cfg.model.mtp.shared_lm_head = True
-    assert heads_for(cfg, tmp_path, lm_head).shared_lm_head
+    # no optimizer sees the shared head: it is a buffer, whatever requires_grad_ a caller asks
+    assert [n for n, _ in torch.nn.Sequential(heads).requires_grad_(True).named_parameters()] == \
+        [f"0.blocks.{i}.layers.0.weight" for i in range(3)]

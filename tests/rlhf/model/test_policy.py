@@ -28,6 +28,20 @@ def test_resumed_policy_keeps_the_starting_weights_as_kl_reference(sft_config, s
     assert not any(p.requires_grad for p in resumed.reference.parameters())
 
 
+def test_a_resumed_lora_run_keeps_its_checkpoints_mtp_heads(sft_config, sft_assets, tmp_path):
+    """LoRA resumes from the base weights plus the adapter; the MTP heads come from the checkpoint."""
+    cfg = sft_config("lora-heads", "model.lora.enabled=true", "model.lora.r=4", "model.mtp.num_heads=2")
+    first = build_policy(cfg, sft_assets[0])
+    with torch.no_grad():  # stand in for training
+        for p in first.mtp.parameters():
+            p.add_(0.01)
+    checkpoint = tmp_path / "step-1"
+    save_policy(first.model, first.backbone.processor, first.optimizer, checkpoint, lora=True, mtp=first.mtp)
+    resumed = build_policy(cfg, sft_assets[0], checkpoint)
+    saved, loaded = first.mtp.state_dict(), resumed.mtp.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+
 def _grpo_like_batch(backbone, clips, n):
     """n completions of different lengths per clip, each row holding a reference to its prompt's clip
     (as GRPO's update does); clips of different lengths, so prompts differ in length too."""
