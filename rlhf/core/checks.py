@@ -248,6 +248,10 @@ def validate(cfg: RecipeConfig, source: str = "recipe") -> None:
     _validate_ppo(cfg, source)
     _validate_ranks(cfg, source)
     _validate_mtp(cfg, source)
+    # the algorithm's own section (`mtp_heads:`, ...) checks what it needs of the rest, where it has a check
+    section_check = getattr(getattr(cfg, cfg.algorithm, None), "check", None)
+    if section_check is not None:
+        section_check(cfg, source)
     modes.get(cfg.mode).check(cfg, source)
 
 
@@ -307,12 +311,6 @@ def _validate_mtp(cfg: RecipeConfig, source: str) -> None:
     if k and not mtp_trainable(cfg):
         raise RecipeError(f"{source}: `rollout.mtp_tokens`={k}: MTP heads train on one plain rank only, not with "
                           "train.num_ranks > 1 or train.deepspeed.enabled; set rollout.mtp_tokens=0")
-    if cfg.algorithm == "mtp_heads" and not heads:
-        raise RecipeError(f"{source}: algorithm mtp_heads trains MTP heads, but `model.mtp.num_heads` is 0; set "
-                          "how many (the ASR recipes use 5)")
-    if cfg.algorithm == "mtp_heads" and cfg.train.deepspeed.enabled:
-        raise RecipeError(f"{source}: algorithm mtp_heads trains the heads alone, on one plain rank: set "
-                          "train.deepspeed.enabled=false")
 
 
 def mtp_trainable(cfg: RecipeConfig) -> bool:

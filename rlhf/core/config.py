@@ -392,6 +392,16 @@ class MtpHeadsConfig:
     max_examples: int = 0  # training prompts decoded and learnt from, >= 0; 0 = the whole training set
     measure: bool = True  # at the end, decode the held-out set on a vLLM engine drafting with the heads (before and after): tokens per decoding step
 
+    def check(self, cfg: "RecipeConfig", source: str) -> None:
+        """What the algorithm needs of the rest of the recipe (core/checks.py calls the section named
+        by `algorithm`)."""
+        if not cfg.model.mtp.num_heads:
+            raise RecipeError(f"{source}: algorithm mtp_heads trains MTP heads, but `model.mtp.num_heads` is 0; set "
+                              "how many (the ASR recipes use 5)")
+        if cfg.train.deepspeed.enabled:
+            raise RecipeError(f"{source}: algorithm mtp_heads trains the heads alone, on one plain rank: set "
+                              "train.deepspeed.enabled=false")
+
 
 @dataclass
 class RayConfig:
