@@ -6,9 +6,11 @@ tokenizer, prompt token ids, prompts per step, group size, completion length, KL
 speechrl runs recipes/asr/grpo.yaml through `run_online` (Ray, vLLM rollout workers, audio prompts).
 TRL trains a text-only copy of the backbone's decoder on text prompts that are speechrl's prompt ids
 token for token (the audio placeholders stay placeholder tokens), scored by the same asr_wer reward:
-first with transformers generation, then in its vLLM colocate mode where that runs. Both sides use the
-CPU kernels `speechrl train` pins (AVX2; SPEECHRL_CPU_KERNELS=native: the CPU's own). Prints a markdown
-table (for the README, with the machine it ran on).
+first with transformers generation, then in its vLLM colocate mode where that runs. The driver pins the
+CPU kernels as `speechrl train` does (AVX2; SPEECHRL_CPU_KERNELS=native: the CPU's own); the recipe's
+actors run this CPU's own (run.cpu_kernels: native), in bf16 where it has a bf16 dot product. TRL then
+also runs that way (native kernels, `bf16=True`), beside its pinned fp32 run. Prints a markdown table
+(for the README, with the machine it ran on).
 """
 from __future__ import annotations
 
@@ -49,8 +51,9 @@ def speechrl_side(overrides: list[str], steps: int, workdir: Path) -> dict:
     rows = [json.loads(line) for line in (workdir / "bench" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "time/step" in r][1:-1]
     phases = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k.startswith("time/")}
+    precision = json.loads((workdir / "bench" / "placement.json").read_text())["precision"]
     return {"seconds": phases.pop("time/step"), "steps": len(rows),
-            "phases": {k[len("time/"):]: v for k, v in phases.items()}}
+            "phases": {k[len("time/"):]: v for k, v in phases.items()}, "precision": precision["policy"]}
 
 
 # --- the TRL job: the same decoder and prompts, written down for a child process ----------------------
@@ -127,7 +130,7 @@ def run_trl(job: dict, use_vllm: bool) -> dict:
     # accumulation makes one optimizer step (and one generation batch) of all P*N, as in speechrl
     micro = math.gcd(job["micro_batch"], P * N)
     args = GRPOConfig(
-        output_dir=job["out"], use_cpu=True, bf16=False, gradient_checkpointing=False,  # speechrl's CPU defaults
+        output_dir=job["out"], use_cpu=True, bf16=job.get("bf16", False), gradient_checkpointing=False,
         per_device_train_batch_size=micro, gradient_accumulation_steps=P * N // micro, num_generations=N,
         max_completion_length=job["tokens"], temperature=1.0, top_p=1.0, beta=job["kl_coef"],
         learning_rate=job["lr"], max_grad_norm=job["max_grad_norm"], epsilon=job["clip_eps"],
@@ -184,10 +187,14 @@ def step_timer(phases: dict):
     return StepTimer()
 
 
-def trl_child(job_path: Path, use_vllm: bool, timeout: float, native: bool = False) -> dict:
+def trl_child(job_path: Path, use_vllm: bool, timeout: float, native: bool = False, bf16: bool = False) -> dict:
     """run_trl in a fresh process (TRL's vLLM engine may crash or hang it); {"error": ...} if it fails.
-    It inherits main()'s kernel pinning, unless `native`."""
-    out = job_path.with_name(f"trl-{'vllm' if use_vllm else 'hf'}{'-native' if native else ''}.json")
+    It inherits main()'s kernel pinning, unless `native`; `bf16`: TRL's bf16=True (autocast)."""
+    out = job_path.with_name(f"trl-{'vllm' if use_vllm else 'hf'}{'-native' if native else ''}"
+                             f"{'-bf16' if bf16 else ''}.json")
+    if bf16:
+        job_path.with_name("job-bf16.json").write_text(json.dumps({**json.loads(job_path.read_text()), "bf16": True}))
+        job_path = job_path.with_name("job-bf16.json")
     cmd = [sys.executable, __file__, "--trl-job", str(job_path), "--result", str(out)] + (["--vllm"] if use_vllm else [])
     env = {k: v for k, v in os.environ.items() if not (native and k in pinned_env())}
     try:
@@ -248,6 +255,8 @@ def print_table(results: dict, samples: int, workload: str, info: dict) -> None:
             print(f"\n{side}: {r['error']}")
     ours = results["speechrl"]["phases"]
     print("\nspeechrl phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in ours.items()))
+    print("speechrl's policy worker computed in {dtype} on torch's {cpu_kernels} CPU kernels".format(
+        **results["speechrl"]["precision"]))
 
 
 def main() -> None:
@@ -304,6 +313,10 @@ def main() -> None:
         results["speechrl"] = speechrl_side(overrides, args.steps, tmp / "speechrl")
         print("TRL GRPOTrainer, transformers generation ...", flush=True)
         results["trl (transformers generate)"] = trl_child(tmp / "job.json", use_vllm=False, timeout=24 * 3600)
+        if results["speechrl"]["precision"]["dtype"] == "bfloat16":  # like for like: TRL as speechrl's actors ran
+            print("TRL GRPOTrainer, transformers generation, native CPU kernels, bf16 ...", flush=True)
+            results["trl (transformers generate, native CPU kernels, bf16)"] = trl_child(
+                tmp / "job.json", use_vllm=False, timeout=24 * 3600, native=True, bf16=True)
         print("TRL GRPOTrainer, vLLM colocate ...", flush=True)
         results["trl (vLLM colocate)"] = trl_child(tmp / "job.json", use_vllm=True, timeout=args.vllm_timeout)
         if pinned_env():

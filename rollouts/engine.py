@@ -15,6 +15,8 @@ from typing import Iterable
 
 import torch
 
+from speechrl.rlhf.core.devices import compute_dtype
+from speechrl.rlhf.core.kernels import precision_report
 from speechrl.rlhf.model.layout import ReplyLayout, reply_layout_processor
 from speechrl.rlhf.model.mtp import MTP_DIR, MTP_PREFIX, has_heads, saved_heads
 from speechrl.rollouts.lora import LoraAdapter, adapter_dir, engine_lora_rank, register_lora_model
@@ -48,7 +50,7 @@ class RolloutEngine:
     def __init__(self, backbone_path: str, *, kv_cache_gib: float = 1.0, gpu_memory_utilization: float = 0.5,
                  tensor_parallel_size: int = 1, enforce_eager: bool = True, max_model_len: int = 1024,
                  seed: int = 0, threads: int = 0, sleep_mode: bool = False, lora_rank: int = 0, mtp_tokens: int = 0,
-                 weight_transfer: str | None = None):
+                 weight_transfer: str | None = None, dtype: str = "auto"):
         """`sleep_mode` (a GPU shared with the trainer): `sleep` frees the engine's GPU memory between
         generations, `wake_up` brings it back; vLLM offers it on CUDA only. `lora_rank` > 0: the engine
         serves the policy's LoRA adapter of that rank (load_adapter); 0: no LoRA. `mtp_tokens` > 0:
@@ -57,7 +59,8 @@ class RolloutEngine:
         verifies: greedy output is plain decoding's; sampling with drafts is refused on CPU, where
         vLLM 0.32's sampler does not keep the policy's distribution (generate; docs/mtp.md).
         `weight_transfer`: a rollout.weight_transport of vLLM's weight transfer ("nccl", "ipc", "gloo";
-        rollouts/weight_transfer.py): the engine takes part in the policy worker's broadcasts."""
+        rollouts/weight_transfer.py): the engine takes part in the policy worker's broadcasts.
+        `dtype`: rollout.dtype (`vllm_dtype`); the trainer's fp32 weights are cast as they load."""
         # Keeps the engine core in this process (and actor): load_weights hands vLLM a Python
         # iterator through collective_rpc, which cannot cross into a separate engine process.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -112,7 +115,8 @@ class RolloutEngine:
             transfer = {"weight_transfer_config": {"backend": vllm_backend(weight_transfer)}}
         self._transfer = {"joined": False, "updating": False}
         quiet_benign_vllm_warnings()  # start-up warns too; the handler's filter sees every vllm.* logger
-        self.llm = LLM(model=str(path), dtype="auto" if torch.cuda.is_available() else "float32",
+        self.dtype = vllm_dtype(dtype)
+        self.llm = LLM(model=str(path), dtype=self.dtype,
                        enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
                        limit_mm_per_prompt={"audio": 1}, max_model_len=max_model_len, seed=seed,
                        logprobs_mode=LOGPROBS_MODE,
@@ -138,6 +142,10 @@ class RolloutEngine:
         import ray
 
         return ray.get_runtime_context().get_node_id()
+
+    def precision(self) -> dict[str, str]:
+        """vLLM's dtype and the CPU kernels this engine computes on (placement.json)."""
+        return precision_report(self.dtype)
 
     def generate(self, requests: list[RolloutRequest], *, n: int, temperature: float, top_p: float,
                  max_new_tokens: int, seed: int | None = None, allowed_token_ids: Constraint = None,
@@ -315,6 +323,24 @@ def _seed_torch(worker, seed: int) -> None:
     torch.manual_seed(seed)  # seeds every CUDA device too
 
 
+def vllm_dtype(name: str) -> str:
+    """vLLM's `dtype` for rollout.dtype `name`: on a GPU "auto" is vLLM's own choice, as it always was;
+    on CPU the policy's rule (core/devices.py: compute_dtype), bf16 only where this engine's kernels
+    compute it natively, else fp32."""
+    if name == "auto" and torch.cuda.is_available():
+        return "auto"
+    chosen = compute_dtype(name, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return {torch.float32: "float32", torch.bfloat16: "bfloat16"}[chosen]
+
+
+def _with_env(options: dict, env: dict[str, str]) -> dict:
+    """Ray `options` with `env` added to its runtime_env's variables (the placement's own, such as
+    run.cpu_kernels' native kernels, win where both set one)."""
+    runtime = dict(options.get("runtime_env") or {})
+    runtime["env_vars"] = {**env, **runtime.get("env_vars", {})}
+    return {**options, "runtime_env": runtime}
+
+
 def make_rollout_workers(backbone_path: str, cfg, num_workers: int, seed: int,
                          placement: list[dict] | None = None, sleep_mode: bool = False, lora_rank: int = 0,
                          weight_transfer: str | None = None) -> list:
@@ -338,12 +364,12 @@ def make_rollout_workers(backbone_path: str, cfg, num_workers: int, seed: int,
     # compute with the threads its predecessor had, or its floats, and the run, drift (the soak found it)
     threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // max(cfg.num_workers, num_workers))
     actor = ray.remote(RolloutEngine)
-    workers = [actor.options(runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}, **placement[k]).remote(
+    workers = [actor.options(**_with_env(placement[k], {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})).remote(
                    str(backbone_path), kv_cache_gib=cfg.kv_cache_gib, gpu_memory_utilization=cfg.gpu_memory_utilization,
                    tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager,
                    max_model_len=cfg.max_model_len, seed=(seed + k) % 2**32, threads=threads,  # numpy's range
                    sleep_mode=sleep_mode, lora_rank=lora_rank, mtp_tokens=cfg.mtp_tokens,
-                   weight_transfer=weight_transfer)
+                   weight_transfer=weight_transfer, dtype=cfg.dtype)
                for k in range(num_workers)]
     ray.get([w.ping.remote() for w in workers])
     return workers

@@ -86,7 +86,9 @@ def quiet_benign_vllm_warnings() -> None:
     drop = _DropMessages(("doesn't allow to use `torch.set_num_threads`", "RotaryEmbedding: Failed to load",
                           # a weight sync after every step logs these two lines; the driver times the sync itself
                           "Reloading weights inplace", "Reloading and processing weights took",
-                          "Successfully reset prefix cache"))
+                          "Successfully reset prefix cache",
+                          # a bf16 engine (rollout.dtype) loading the trainer's fp32 weights casts them, as it should
+                          "into parameter with dtype torch.bfloat16"))
     loggers = [logging.getLogger("vllm")] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
                                               if name.startswith("vllm.")]
     for target in [*logging.getLogger("vllm").handlers, *loggers]:

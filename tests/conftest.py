@@ -16,6 +16,10 @@ import pytest
 from speechrl.rlhf.core.kernels import pin_cpu_kernels
 
 pin_cpu_kernels()  # as the CLI does, before torch computes anything: builds repeat across x86 CPUs
+# ... and every run's actors too, whatever its recipe's run.cpu_kernels (asr/grpo's is native): the
+# tests' floats, and their vLLM/trainer agreement bounds, are the same on every x86 CPU. A test of the
+# native path takes this away (tests/e2e/test_placement_e2e.py).
+os.environ.setdefault("SPEECHRL_CPU_KERNELS", "avx2")
 
 REPO = Path(__file__).resolve().parent.parent
 

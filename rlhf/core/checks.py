@@ -12,6 +12,7 @@ from typing import Any
 from speechrl.rlhf.core.config import (GENERATED_TEXTS, PRETRAINED_BACKBONES, TINY_AUDIO_ENCODERS, RecipeConfig,
                                        RecipeError)
 from speechrl.rlhf.core.devices import DEVICES, DTYPES
+from speechrl.rlhf.core.kernels import CPU_KERNELS
 from speechrl.rlhf.core.registry import MODES, REWARD_NAME, Registry
 
 _CHOICES = {
@@ -28,6 +29,8 @@ _CHOICES = {
     "rollout.async.on_stale": ("wait", "drop"),
     "ray.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "train.dtype": ("auto", *DTYPES),
+    "rollout.dtype": ("auto", *DTYPES),
+    "run.cpu_kernels": CPU_KERNELS,
     "rl.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"),
 }
 _PATHS = ("model.path", "data.train", "data.eval", "data.synthetic.texts", "run.init_from", "tts.codec", "dpo.data",

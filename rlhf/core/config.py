@@ -152,7 +152,7 @@ class TrainConfig:
     log_every: int = 10  # write metrics every N steps and at the end; 0 = only at the end
     torch_threads: int = 0  # intra-op threads for the trainer and the reward workers; 0 = all CPUs of the machine (RL phases take turns), shared among train.num_ranks
     device: str = "auto"  # where the policy, reference and critic train: auto (the actor's GPU, else CPU), cpu, cuda
-    dtype: str = "auto"  # forward-pass precision, weights stay fp32: auto (bf16 on a GPU, fp32 on CPU), fp32, bf16
+    dtype: str = "auto"  # forward-pass precision, weights stay fp32: auto (bf16 where computed natively: a GPU with bf16, a CPU with AVX512-BF16/AMX on unpinned kernels, see run.cpu_kernels; else fp32), fp32, bf16
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     num_ranks: int = 1  # online runs: policy trainer ranks (a Ray actor and a GPU each), data-parallel with weights sharded (FSDP2)
 
@@ -226,6 +226,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5  # GPU engines: fraction of device memory for vLLM, in (0, 1]
     tensor_parallel_size: int = 1  # GPUs per engine
     enforce_eager: bool = True  # no CUDA graphs / compilation (fast start, needed on CPU)
+    dtype: str = "auto"  # the engines' precision: auto (GPU: vLLM's choice; CPU: as train.dtype's auto), fp32, bf16
     weight_transport: str = "object_store"  # how the trainer's weights reach the engines: object_store, or transfer: vLLM's weight transfer with the backend the run needs (nccl: separate GPUs, ipc: colocated, gloo: CPU; each may be named); rollouts/sync.py
     max_retries: int = 1  # a rollout or reward worker that died is replaced and its call retried this many times; 0 = no retry
     max_model_len: int = 1024  # longest prompt + completion an engine accepts, in tokens; > the max_new_tokens caps
@@ -420,6 +421,7 @@ class RunConfig:
     cache_dir: str = "~/.cache/speechrl"  # where the embedded backbone and corpus are built once
     init_from: Optional[str] = None  # start from this checkpoint dir (e.g. an SFT run's final/) instead of model.path
     save_rollouts_every: int = 0  # RL: write every Nth step's samples and rewards to rollouts/step-N.jsonl (0 = never)
+    cpu_kernels: str = "pinned"  # online runs' policy workers and engines on CPU: pinned (the driver's AVX2 kernels: the same floats on any x86 CPU) or native (this CPU's own; bf16 where it has AVX512-BF16/AMX); rlhf/core/kernels.py
 
 
 @dataclass

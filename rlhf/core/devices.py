@@ -3,14 +3,18 @@
 `train.device: auto` puts the policy, reference, critic and in-process evaluation on the GPU Ray
 gave the actor (CUDA_VISIBLE_DEVICES), or on CPU when there is none. `train.dtype: bf16` runs the
 forward passes under torch.autocast while the weights, their gradients and AdamW's moments stay
-fp32 (the master weights the optimizer needs); `auto` is bf16 on a GPU that has it, fp32 on CPU.
-fp16 is not offered: it needs a loss scaler, and every GPU this targets has bf16.
+fp32 (the master weights the optimizer needs); `auto` is bf16 where the hardware computes it
+natively: a GPU that has it, or a CPU with a bf16 dot product (AVX512-BF16, AMX) whose kernels are not
+pinned to AVX2 (core/kernels.py: `run.cpu_kernels: native` unpins an online run's actors); fp32
+elsewhere, so the pinned CLI and test suite stay fp32 on CPU. fp16 is not offered: it needs a loss scaler, and every GPU this targets has bf16.
 """
 from __future__ import annotations
 
 import contextlib
 
 import torch
+
+from speechrl.rlhf.core.kernels import native_bf16
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -32,8 +36,9 @@ def train_device(name: str = "auto") -> torch.device:
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     """The forward passes' precision for `train.dtype` on `device`."""
     if name == "auto":
-        gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if gpu_bf16 else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if device.type == "cpu" and native_bf16() else torch.float32
     if name not in DTYPES:
         raise ValueError(f"train.dtype={name!r}: expected auto, {' or '.join(DTYPES)}")
     return DTYPES[name]

@@ -11,6 +11,12 @@ covered: rollouts sampled on vLLM may still differ between CPUs.
 The CLI pins at start (and the test suite, in tests/conftest.py); a library user calls
 `pin_cpu_kernels()` before torch runs anything, or sets the variables. SPEECHRL_CPU_KERNELS=native
 keeps each CPU's own fastest paths.
+
+An online run can unpin the Ray actors that train and generate while the driver, which builds the
+assets, stays pinned: `run.cpu_kernels: native` (`actor_env`). Only the CPU's own kernels compute
+bf16 at speed where the CPU has bf16 dot products (AVX512-BF16, AMX): `train.dtype`/`rollout.dtype`
+`auto` are bf16 there (`native_bf16`). AVX2 has none; bf16 on the pinned path is emulated, about ten
+times slower than fp32 (docs/results.md, "Asynchronous rollouts and a faster update").
 """
 from __future__ import annotations
 
@@ -19,16 +25,27 @@ import platform
 from pathlib import Path
 
 PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+CPU_KERNELS = ("pinned", "native")  # run.cpu_kernels
+BF16_DOT_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of a native bf16 dot product
+# what torch's ATen needs for its AVX-512 code path (cpuinfo's check); else its AVX2 path
+ATEN_AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
 
 
 def has_avx2() -> bool:
     """Whether this is an x86-64 CPU with AVX2 (Linux: /proc/cpuinfo's flags)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    try:
-        return " avx2" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    return "avx2" in cpu_flags()
 
 
 def pin_cpu_kernels() -> dict[str, str]:
@@ -45,3 +62,49 @@ def pin_cpu_kernels() -> dict[str, str]:
 def pinned_env() -> dict[str, str]:
     """The pinning variables as this process has them: what a remote Ray cluster's workers need too."""
     return {k: os.environ[k] for k in PINNED if k in os.environ}
+
+
+def pinned(env=None) -> bool:
+    """Whether `env` (default: this process's environment) pins the kernels to AVX2."""
+    env = os.environ if env is None else env
+    return any(env.get(k) == v for k, v in PINNED.items())
+
+
+def native_env(flags: set[str] | None = None) -> dict[str, str]:
+    """The variables that give a child process the CPU's own fastest kernels although its parent's
+    environment pins them (a Ray actor's runtime_env overrides what it inherits): ATen's best code path
+    for `flags` (an invalid value would only warn, and "avx512" on a CPU without it would not run), MKL's
+    and oneDNN's defaults. Empty off x86-64, where nothing is pinned."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return {}
+    flags = cpu_flags() if flags is None else flags
+    aten = "avx512" if all(f in flags for f in ATEN_AVX512_FLAGS) else "avx2" if "avx2" in flags else "default"
+    return {"ATEN_CPU_CAPABILITY": aten, "MKL_CBWR": "AUTO", "ONEDNN_MAX_CPU_ISA": "ALL"}
+
+
+def actor_env(cpu_kernels: str) -> dict[str, str]:
+    """Environment variables for an online run's policy workers and engines under `run.cpu_kernels`:
+    "pinned" (nothing: they inherit the driver's kernels, pinned by the CLI) or "native" (the CPU's
+    own, `native_env`). SPEECHRL_CPU_KERNELS, where set, decides for every process instead: the test
+    suite sets it to avx2 so that its runs compute the same floats on any machine."""
+    forced = os.environ.get("SPEECHRL_CPU_KERNELS", "").lower()
+    if cpu_kernels not in CPU_KERNELS:
+        raise ValueError(f"run.cpu_kernels={cpu_kernels!r}: expected one of {', '.join(CPU_KERNELS)}")
+    if forced == "avx2" or (not forced and cpu_kernels == "pinned"):
+        return {}
+    return native_env()
+
+
+def native_bf16(env=None, flags: set[str] | None = None) -> bool:
+    """Whether this process computes bf16 at speed on CPU: the CPU has a bf16 dot product and its
+    kernels are not pinned to AVX2 (`env`, default this process's environment)."""
+    flags = cpu_flags() if flags is None else flags
+    return any(f in flags for f in BF16_DOT_FLAGS) and not pinned(env)
+
+
+def precision_report(dtype) -> dict[str, str]:
+    """What a process computes in (`dtype`: a torch dtype or vLLM's name for one) and on which of
+    torch's CPU code paths: an online run records it per actor in <run>/placement.json."""
+    import torch
+
+    return {"dtype": str(dtype).removeprefix("torch."), "cpu_kernels": torch.backends.cpu.get_cpu_capability()}

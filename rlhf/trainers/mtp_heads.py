@@ -138,7 +138,7 @@ class MtpHeadsRecipe(SFTRecipe):
         r = self.cfg.rollout
         return RolloutEngine(str(path), kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization,
                              enforce_eager=r.enforce_eager, max_model_len=r.max_model_len,
-                             threads=torch.get_num_threads(), mtp_tokens=k)
+                             threads=torch.get_num_threads(), mtp_tokens=k, dtype=r.dtype)
 
     def greedy(self, engine, requests: list) -> list:
         return engine.generate(requests, n=1, temperature=0.0, top_p=1.0, max_new_tokens=self.cfg.eval_max_new_tokens,

@@ -422,12 +422,15 @@ class OnlineRecipe:
         ranks = self.policy.node_ids()
         actors = {("policy" if len(ranks) == 1 else f"policy rank {r}"): n for r, n in enumerate(ranks)}
         actors.update({f"engine {k}": n for k, n in enumerate(ray.get([w.node_id.remote() for w in self.workers]))})
+        # what each computes in: run.cpu_kernels and the dtypes' auto decide it per machine
+        precision = dict(zip(actors, [*self.policy.precisions(), *ray.get([w.precision.remote() for w in self.workers])]))
         record = {"layout": self.placement.layout, "bundles": self.placement.bundles,
                   "strategy": self.cfg.ray.placement_strategy, "actors": actors,
-                  "nodes": sorted({n for n in actors.values()})}
+                  "nodes": sorted({n for n in actors.values()}), "precision": precision}
         with stop_on_write_error(self.run_dir, "placement.json"):
             (self.run_dir / "placement.json").write_text(json.dumps(record, indent=1) + "\n")
-        log.info("placement (%s): %d actors on %d node(s)", self.placement.layout, len(actors), len(record["nodes"]))
+        log.info("placement (%s): %d actors on %d node(s); %s", self.placement.layout, len(actors), len(record["nodes"]),
+                 ", ".join(f"{a} {p['dtype']} ({p['cpu_kernels']} kernels)" for a, p in precision.items()))
 
     def cleanup(self) -> None:
         """Leave Ray as the run found it: a local cluster the run started is shut down; on a Ray that

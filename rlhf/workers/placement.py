@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from speechrl.rlhf.core.config import RecipeConfig, RecipeError
+from speechrl.rlhf.core.kernels import actor_env
 
 COLOCATED_POLICY_GPU = 0.5  # the policy worker's share of a colocated GPU; the engines split the rest
 
@@ -61,7 +62,17 @@ class Placement:
 def plan(cfg: RecipeConfig, cluster_gpus: float, policy: bool = True) -> Placement:
     """The bundles and actor options of the recipe's layout on a cluster with `cluster_gpus` GPUs: a
     bundle per trainer rank (train.num_ranks), then the engines'. `policy=False` (evaluating a checkpoint
-    on the engines): no policy worker, no room kept for it."""
+    on the engines): no policy worker, no room kept for it. Under `run.cpu_kernels: native` the policy
+    workers and engines get the CPU's own kernels through their runtime_env (core/kernels.py)."""
+    placement = _layout(cfg, cluster_gpus, policy)
+    env = actor_env(cfg.run.cpu_kernels)
+    if env:
+        for options in (*placement.policies, *placement.engines):
+            options["runtime_env"] = {"env_vars": dict(env)}
+    return placement
+
+
+def _layout(cfg: RecipeConfig, cluster_gpus: float, policy: bool) -> Placement:
     layout, workers, tp = cfg.ray.layout, cfg.rollout.num_workers, cfg.rollout.tensor_parallel_size
     ranks = cfg.train.num_ranks if policy else 0
     if cluster_gpus <= 0:  # CPU: a CPU per actor, whatever the layout

@@ -84,6 +84,9 @@ class PolicyClient:
     def node_ids(self) -> list[str]:
         return self._all("node_id")
 
+    def precisions(self) -> list[dict]:
+        return self._all("precision")
+
     def _all(self, method: str, *args) -> list:
         """`method(*args)` on every rank, their results in rank order. A dead policy worker took its
         weights and optimizer state since the last checkpoint with it, so nothing is retried: the run

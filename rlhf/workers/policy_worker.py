@@ -25,6 +25,7 @@ from speechrl.rlhf.algos.value_loss import clipped_value_loss
 from speechrl.rlhf.model.backbone import hub_state_dict
 from speechrl.rlhf.core.config import RecipeConfig
 from speechrl.rlhf.core.devices import peak_memory_gib, train_device
+from speechrl.rlhf.core.kernels import precision_report
 from speechrl.rlhf.model.critic import ValueHead, token_values
 from speechrl.rlhf.model.mtp import MTP_PREFIX, greedy_next_tokens
 from speechrl.rlhf.model.logprobs import TokenBatch, build_token_batch, record_inputs, token_logprobs, unwrap, vocab_mask
@@ -93,6 +94,10 @@ class PolicyWorker:
         import ray
 
         return ray.get_runtime_context().get_node_id()
+
+    def precision(self) -> dict[str, str]:
+        """The forward passes' dtype and the CPU kernels this worker computes on (placement.json)."""
+        return precision_report(self.policy.dtype)
 
     def with_model(self, fn, *args):
         """`fn(model, processor, *args)` on the current weights (LoRA merged into a copy): a mode's

@@ -4,6 +4,7 @@ cluster's users start theirs. Each run's placement.json says where its actors la
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from speechrl.rlhf.core.config import RecipeError, load_recipe
+from speechrl.rlhf.core.kernels import BF16_DOT_FLAGS, cpu_flags, has_avx2, native_env, pinned
 from speechrl.rlhf.trainers.online import run_online
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray]
@@ -38,6 +40,28 @@ def test_a_one_gpu_machine_runs_colocated_and_refuses_separate_before_starting(t
     assert placement["layout"] == "colocated" and placement["bundles"] == [{"GPU": 1, "CPU": 2}]
     assert set(placement["actors"]) == {"policy", "engine 0"} and len(placement["nodes"]) == 1
     assert summary["steps"] == 2 and summary["logprob gap vLLM/trainer"] < 1e-3
+    if has_avx2():  # the suite pins every run's actors (tests/conftest.py), whatever asr/grpo's run.cpu_kernels
+        assert set(map(json.dumps, placement["precision"].values())) == \
+            {json.dumps({"dtype": "float32", "cpu_kernels": "AVX2"})}, placement["precision"]
+
+
+@pytest.mark.skipif(not has_avx2(), reason="the kernels are pinned on x86-64 CPUs with AVX2 only")
+def test_native_cpu_kernels_give_the_actors_the_cpus_own_path_and_bf16_where_it_has_a_dot_product(
+        tiny_overrides, tmp_path, monkeypatch):
+    """run.cpu_kernels=native (asr/grpo's own setting) with the driver pinned: the policy worker and the
+    engine compute on the CPU's best code path, in bf16 where the CPU has AVX512-BF16 or AMX (fp32
+    elsewhere); the engine samples what the trainer scores within bf16's rounding."""
+    monkeypatch.delenv("SPEECHRL_CPU_KERNELS")  # the suite's "pin everything" (tests/conftest.py)
+    summary = run_online(load_recipe("asr/grpo", [*tiny_overrides, *SMALL, f"run.output_dir={tmp_path}",
+                                                  "run.name=native", "ray.num_cpus=2", "run.cpu_kernels=native"]))
+    placement = json.loads((tmp_path / "native" / "placement.json").read_text())
+    bf16 = any(f in cpu_flags() for f in BF16_DOT_FLAGS)
+    expected = {"dtype": "bfloat16" if bf16 else "float32", "cpu_kernels": native_env()["ATEN_CPU_CAPABILITY"].upper()}
+    assert placement["precision"] == {"policy": expected, "engine 0": expected}
+    assert pinned(), "the driver, which builds the assets, stays pinned"
+    assert summary["steps"] == 2 and 0 <= summary["logprob gap vLLM/trainer"] < (0.05 if bf16 else 1e-3)
+    rows = [json.loads(r) for r in (tmp_path / "native" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
 
 
 def _free_port() -> int:

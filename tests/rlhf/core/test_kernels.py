@@ -1,0 +1,72 @@
+"""The CPU kernels' pinning (core/kernels.py): which variables undo it for an online run's actors, and
+that a child process given them really computes on the CPU's own code path."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from speechrl.rlhf.core.devices import compute_dtype
+from speechrl.rlhf.core.kernels import (PINNED, actor_env, cpu_flags, has_avx2, native_bf16, native_env, pinned,
+                                        precision_report)
+
+AVX512 = {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq"}
+
+
+def test_native_env_names_the_best_aten_path_the_flags_allow(monkeypatch):
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    assert native_env(AVX512 | {"avx512_bf16"}) == {"ATEN_CPU_CAPABILITY": "avx512", "MKL_CBWR": "AUTO",
+                                                    "ONEDNN_MAX_CPU_ISA": "ALL"}
+    assert native_env({"avx2", "avx512f"})["ATEN_CPU_CAPABILITY"] == "avx2", "AVX-512 without BW/VL/DQ is not ATen's"
+    assert native_env({"sse4_2"})["ATEN_CPU_CAPABILITY"] == "default"
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    assert native_env(AVX512) == {}, "nothing is pinned off x86-64"
+
+
+def test_bf16_counts_as_native_only_with_a_bf16_dot_product_and_unpinned_kernels():
+    assert native_bf16(env={}, flags=AVX512 | {"avx512_bf16"})
+    assert native_bf16(env={}, flags={"avx2", "amx_bf16"})
+    assert not native_bf16(env=dict(PINNED), flags=AVX512 | {"avx512_bf16"}), "AVX2 has no bf16 dot product"
+    assert not native_bf16(env={}, flags=AVX512)
+    assert pinned(dict(PINNED)) and pinned({"MKL_CBWR": "AVX2"}) and not pinned({"MKL_CBWR": "AUTO"})
+
+
+def test_actor_env_follows_the_recipe_unless_the_environment_decides(monkeypatch):
+    monkeypatch.delenv("SPEECHRL_CPU_KERNELS", raising=False)
+    assert actor_env("pinned") == {}, "pinned: the actors inherit the driver's kernels"
+    assert actor_env("native") == native_env()
+    monkeypatch.setenv("SPEECHRL_CPU_KERNELS", "avx2")  # as the test suite sets it
+    assert actor_env("native") == {}
+    monkeypatch.setenv("SPEECHRL_CPU_KERNELS", "native")
+    assert actor_env("pinned") == native_env()
+    with pytest.raises(ValueError, match="run.cpu_kernels='fast'"):
+        actor_env("fast")
+
+
+@pytest.mark.skipif(not has_avx2(), reason="the pinning applies to x86-64 CPUs with AVX2")
+def test_a_child_given_native_env_computes_on_the_cpus_own_path_and_a_pinned_one_on_avx2():
+    """What a Ray actor's runtime_env does: its variables override the pinned ones it inherits."""
+    code = ("import torch; torch.ones(4).sum(); "
+            "from speechrl.rlhf.core.devices import compute_dtype; "
+            "print(torch.backends.cpu.get_cpu_capability(), compute_dtype('auto', torch.device('cpu')))")
+    env = {**os.environ, **PINNED}
+
+    def child(extra):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()
+
+    assert child({}) == ["AVX2", "torch.float32"], "pinned: AVX2, and auto stays fp32"
+    best = native_env()["ATEN_CPU_CAPABILITY"].upper()
+    bf16 = any(f in cpu_flags() for f in ("avx512_bf16", "amx_bf16"))
+    assert child(native_env()) == [best, "torch.bfloat16" if bf16 else "torch.float32"]
+
+
+def test_this_pinned_test_process_computes_fp32_under_auto():
+    if has_avx2():
+        assert pinned() and precision_report(torch.float32) == {"dtype": "float32", "cpu_kernels": "AVX2"}
+    assert compute_dtype("auto", torch.device("cpu")) == torch.float32
