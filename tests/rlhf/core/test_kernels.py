@@ -70,3 +70,11 @@ def test_this_pinned_test_process_computes_fp32_under_auto():
     if has_avx2():
         assert pinned() and precision_report(torch.float32) == {"dtype": "float32", "cpu_kernels": "AVX2"}
     assert compute_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_the_engines_dtype_follows_the_same_rule():
+    from speechrl.rollouts.engine import vllm_dtype
+
+    if not torch.cuda.is_available():
+        assert vllm_dtype("auto") == "float32", "a pinned process: fp32, as the engines always ran on CPU"
+    assert vllm_dtype("bf16") == "bfloat16" and vllm_dtype("fp32") == "float32"
