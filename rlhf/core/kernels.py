@@ -74,10 +74,12 @@ def native_env(flags: set[str] | None = None) -> dict[str, str]:
     """The variables that give a child process the CPU's own fastest kernels although its parent's
     environment pins them (a Ray actor's runtime_env overrides what it inherits): ATen's best code path
     for `flags` (an invalid value would only warn, and "avx512" on a CPU without it would not run), MKL's
-    and oneDNN's defaults. Empty off x86-64, where nothing is pinned."""
+    and oneDNN's defaults. Empty off x86-64 and where the flags cannot be read: nothing is pinned there."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return {}
     flags = cpu_flags() if flags is None else flags
+    if not flags:
+        return {}
     aten = "avx512" if all(f in flags for f in ATEN_AVX512_FLAGS) else "avx2" if "avx2" in flags else "default"
     return {"ATEN_CPU_CAPABILITY": aten, "MKL_CBWR": "AUTO", "ONEDNN_MAX_CPU_ISA": "ALL"}
 

@@ -22,6 +22,7 @@ def test_native_env_names_the_best_aten_path_the_flags_allow(monkeypatch):
                                                     "ONEDNN_MAX_CPU_ISA": "ALL"}
     assert native_env({"avx2", "avx512f"})["ATEN_CPU_CAPABILITY"] == "avx2", "AVX-512 without BW/VL/DQ is not ATen's"
     assert native_env({"sse4_2"})["ATEN_CPU_CAPABILITY"] == "default"
+    assert native_env(set()) == {}, "flags unread (not Linux): nothing was pinned, nothing to undo"
     monkeypatch.setattr("platform.machine", lambda: "aarch64")
     assert native_env(AVX512) == {}, "nothing is pinned off x86-64"
 
