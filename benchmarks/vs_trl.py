@@ -53,7 +53,7 @@ def speechrl_side(overrides: list[str], steps: int, workdir: Path) -> dict:
     phases = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k.startswith("time/")}
     precision = json.loads((workdir / "bench" / "placement.json").read_text())["precision"]
     return {"seconds": phases.pop("time/step"), "steps": len(rows),
-            "phases": {k[len("time/"):]: v for k, v in phases.items()}, "precision": precision["policy"]}
+            "phases": {k[len("time/"):]: v for k, v in phases.items()}, "precision": precision.get("policy") or precision["policy rank 0"]}
 
 
 # --- the TRL job: the same decoder and prompts, written down for a child process ----------------------

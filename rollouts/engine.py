@@ -145,7 +145,7 @@ class RolloutEngine:
 
     def precision(self) -> dict[str, str]:
         """vLLM's dtype and the CPU kernels this engine computes on (placement.json)."""
-        return precision_report(self.dtype)
+        return precision_report(self.llm.model_config.dtype)  # what vLLM chose, where it was "auto"
 
     def generate(self, requests: list[RolloutRequest], *, n: int, temperature: float, top_p: float,
                  max_new_tokens: int, seed: int | None = None, allowed_token_ids: Constraint = None,
@@ -346,9 +346,9 @@ def make_rollout_workers(backbone_path: str, cfg, num_workers: int, seed: int,
                          weight_transfer: str | None = None) -> list:
     """Start `num_workers` Ray actors, each holding one RolloutEngine (`cfg`: a RolloutConfig).
 
-    `placement[k]`: worker k's Ray options (resources and placement-group bundle, from the run's
-    layout: rlhf/workers/placement.py); without it each asks for a CPU, and `tensor_parallel_size`
-    GPUs where the cluster has any. `sleep_mode`: the engines share their GPU with the trainer
+    `placement[k]`: worker k's Ray options (resources, placement-group bundle and run.cpu_kernels'
+    runtime_env, from the run's layout: rlhf/workers/placement.py); without it each asks for a CPU, and
+    `tensor_parallel_size` GPUs where the cluster has any, and inherits this process's kernels. `sleep_mode`: the engines share their GPU with the trainer
     (RolloutEngine.sleep). `lora_rank` > 0 (a LoRA run's model.lora.r): the engines serve the
     policy's adapter (RolloutEngine.load_adapter). `weight_transfer` ("nccl", "ipc", "gloo"): the
     engines join the policy worker's weight-transfer group (rollouts/weight_transfer.py). On CPU the engine uses `cfg.threads_per_worker`

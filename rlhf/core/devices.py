@@ -4,9 +4,10 @@
 gave the actor (CUDA_VISIBLE_DEVICES), or on CPU when there is none. `train.dtype: bf16` runs the
 forward passes under torch.autocast while the weights, their gradients and AdamW's moments stay
 fp32 (the master weights the optimizer needs); `auto` is bf16 where the hardware computes it
-natively: a GPU that has it, or a CPU with a bf16 dot product (AVX512-BF16, AMX) whose kernels are not
-pinned to AVX2 (core/kernels.py: `run.cpu_kernels: native` unpins an online run's actors); fp32
-elsewhere, so the pinned CLI and test suite stay fp32 on CPU. fp16 is not offered: it needs a loss scaler, and every GPU this targets has bf16.
+natively: a GPU that has it, or a CPU with a bf16 dot product (AVX512-BF16, AMX) in a process that
+opted in to the CPU's own kernels (core/kernels.py: `run.cpu_kernels: native` gives them to an online
+run's actors, SPEECHRL_CPU_KERNELS=native to every process); fp32 elsewhere, so the CLI's driver, the
+test suite and a library user who never opted in stay fp32 on CPU. fp16 is not offered: it needs a loss scaler, and every GPU this targets has bf16.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ keeps each CPU's own fastest paths.
 An online run can unpin the Ray actors that train and generate while the driver, which builds the
 assets, stays pinned: `run.cpu_kernels: native` (`actor_env`). Only the CPU's own kernels compute
 bf16 at speed where the CPU has bf16 dot products (AVX512-BF16, AMX): `train.dtype`/`rollout.dtype`
-`auto` are bf16 there (`native_bf16`). AVX2 has none; bf16 on the pinned path is emulated, about ten
+`auto` are bf16 there (`native_bf16`), and in any process started with SPEECHRL_CPU_KERNELS=native. AVX2 has none; bf16 on the pinned path is emulated, about ten
 times slower than fp32 (docs/results.md, "Asynchronous rollouts and a faster update").
 """
 from __future__ import annotations
@@ -48,11 +48,23 @@ def has_avx2() -> bool:
     return "avx2" in cpu_flags()
 
 
+def kernels_override() -> str:
+    """SPEECHRL_CPU_KERNELS as "native", "pinned" ("avx2" too) or "" (unset: the CLI pins its process,
+    a run's actors follow run.cpu_kernels); any other value is an error naming the choices."""
+    value = os.environ.get("SPEECHRL_CPU_KERNELS", "").strip().lower()
+    if value in ("", "native", "pinned"):
+        return value
+    if value == "avx2":
+        return "pinned"
+    raise ValueError(f"SPEECHRL_CPU_KERNELS={os.environ['SPEECHRL_CPU_KERNELS']!r}: expected native (the CPU's own "
+                     "kernels everywhere), avx2 or pinned (every process and run actor pinned), or unset")
+
+
 def pin_cpu_kernels() -> dict[str, str]:
     """Set the variables that pin torch, MKL and oneDNN to their AVX2 paths, where not set already,
     on an x86-64 CPU with AVX2; child processes (Ray's workers) inherit them. Returns what it set.
     It must run before torch's first computation in this process: later, the paths are chosen."""
-    if os.environ.get("SPEECHRL_CPU_KERNELS", "avx2").lower() == "native" or not has_avx2():
+    if kernels_override() == "native" or not has_avx2():
         return {}
     added = {k: v for k, v in PINNED.items() if k not in os.environ}
     os.environ.update(added)
@@ -70,38 +82,49 @@ def pinned(env=None) -> bool:
     return any(env.get(k) == v for k, v in PINNED.items())
 
 
-def native_env(flags: set[str] | None = None) -> dict[str, str]:
-    """The variables that give a child process the CPU's own fastest kernels although its parent's
-    environment pins them (a Ray actor's runtime_env overrides what it inherits): ATen's best code path
-    for `flags` (an invalid value would only warn, and "avx512" on a CPU without it would not run), MKL's
-    and oneDNN's defaults. Empty off x86-64 and where the flags cannot be read: nothing is pinned there."""
+def native_env(flags: set[str] | None = None, aten: bool = True) -> dict[str, str]:
+    """The variables that give a child process the CPU's own kernels although its parent's environment
+    pins them (a Ray actor's runtime_env overrides what it inherits): MKL's and oneDNN's defaults, which
+    pick their paths by the CPU they run on (oneDNN's carry the bf16 matrix products), and
+    SPEECHRL_CPU_KERNELS=native, the opt-in that lets `auto` precision choose bf16 (`native_bf16`).
+    `aten`: also ATen's best path for `flags` (default: this CPU's), for a child on this machine only:
+    ATen takes "avx512" without checking the CPU, so on another node it could not run; there ATen
+    keeps the AVX2 pin, which costs the element-wise ops a little and the matrix products nothing.
+    Empty off x86-64 and where the flags cannot be read: nothing is pinned there."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return {}
     flags = cpu_flags() if flags is None else flags
     if not flags:
         return {}
-    aten = "avx512" if all(f in flags for f in ATEN_AVX512_FLAGS) else "avx2" if "avx2" in flags else "default"
-    return {"ATEN_CPU_CAPABILITY": aten, "MKL_CBWR": "AUTO", "ONEDNN_MAX_CPU_ISA": "ALL"}
+    env = {"MKL_CBWR": "AUTO", "ONEDNN_MAX_CPU_ISA": "ALL", "SPEECHRL_CPU_KERNELS": "native"}
+    if aten:
+        env["ATEN_CPU_CAPABILITY"] = ("avx512" if all(f in flags for f in ATEN_AVX512_FLAGS)
+                                      else "avx2" if "avx2" in flags else "default")
+    return env
 
 
-def actor_env(cpu_kernels: str) -> dict[str, str]:
+def actor_env(cpu_kernels: str, one_node: bool = True) -> dict[str, str]:
     """Environment variables for an online run's policy workers and engines under `run.cpu_kernels`:
     "pinned" (nothing: they inherit the driver's kernels, pinned by the CLI) or "native" (the CPU's
-    own, `native_env`). SPEECHRL_CPU_KERNELS, where set, decides for every process instead: the test
-    suite sets it to avx2 so that its runs compute the same floats on any machine."""
-    forced = os.environ.get("SPEECHRL_CPU_KERNELS", "").lower()
+    own, `native_env`; ATen's too where the cluster is `one_node`, this machine). SPEECHRL_CPU_KERNELS,
+    where set, decides for every process instead: the test suite sets it to avx2 so that its runs
+    compute the same floats on any machine."""
     if cpu_kernels not in CPU_KERNELS:
         raise ValueError(f"run.cpu_kernels={cpu_kernels!r}: expected one of {', '.join(CPU_KERNELS)}")
-    if forced == "avx2" or (not forced and cpu_kernels == "pinned"):
+    if (kernels_override() or cpu_kernels) == "pinned":
         return {}
-    return native_env()
+    return native_env(aten=one_node)
 
 
 def native_bf16(env=None, flags: set[str] | None = None) -> bool:
-    """Whether this process computes bf16 at speed on CPU: the CPU has a bf16 dot product and its
-    kernels are not pinned to AVX2 (`env`, default this process's environment)."""
+    """Whether `auto` precision is bf16 on this CPU: it has a bf16 dot product (AVX512-BF16, AMX), the
+    process opted in to native kernels (SPEECHRL_CPU_KERNELS=native, as `native_env` sets for a run's
+    actors) and oneDNN, which computes bf16 matrix products, is not pinned to AVX2 (`env`, default
+    this process's environment). A process that never opted in stays fp32, pinned or not."""
+    env = os.environ if env is None else env
     flags = cpu_flags() if flags is None else flags
-    return any(f in flags for f in BF16_DOT_FLAGS) and not pinned(env)
+    return (any(f in flags for f in BF16_DOT_FLAGS) and env.get("SPEECHRL_CPU_KERNELS", "").lower() == "native"
+            and env.get("ONEDNN_MAX_CPU_ISA") != PINNED["ONEDNN_MAX_CPU_ISA"])
 
 
 def precision_report(dtype) -> dict[str, str]:

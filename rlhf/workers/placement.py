@@ -59,13 +59,14 @@ class Placement:
         return out
 
 
-def plan(cfg: RecipeConfig, cluster_gpus: float, policy: bool = True) -> Placement:
+def plan(cfg: RecipeConfig, cluster_gpus: float, policy: bool = True, one_node: bool = True) -> Placement:
     """The bundles and actor options of the recipe's layout on a cluster with `cluster_gpus` GPUs: a
     bundle per trainer rank (train.num_ranks), then the engines'. `policy=False` (evaluating a checkpoint
     on the engines): no policy worker, no room kept for it. Under `run.cpu_kernels: native` the policy
-    workers and engines get the CPU's own kernels through their runtime_env (core/kernels.py)."""
+    workers and engines get the CPU's own kernels through their runtime_env (core/kernels.py; ATen's
+    too where the cluster is `one_node`, this machine, whose CPU the driver can see)."""
     placement = _layout(cfg, cluster_gpus, policy)
-    env = actor_env(cfg.run.cpu_kernels)
+    env = actor_env(cfg.run.cpu_kernels, one_node)
     if env:
         for options in (*placement.policies, *placement.engines):
             options["runtime_env"] = {"env_vars": dict(env)}
@@ -127,8 +128,9 @@ def reserve(cfg: RecipeConfig, policy: bool = True) -> Placement:
     from ray.util.placement_group import placement_group, remove_placement_group
 
     totals = ray.cluster_resources()
-    placement = plan(cfg, totals.get("GPU", 0), policy)
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    # this machine alone (no ray.address: the cluster start_ray started, or the caller's): its CPU is the driver's
+    placement = plan(cfg, totals.get("GPU", 0), policy, one_node=len(nodes) == 1 and not cfg.ray.address)
     check_fits(cfg, placement, totals, nodes)
     group = placement_group(placement.bundles, strategy=cfg.ray.placement_strategy)
     ready, _ = ray.wait([group.ready()], timeout=cfg.ray.placement_timeout_s)
