@@ -53,7 +53,8 @@ def speechrl_side(overrides: list[str], steps: int, workdir: Path) -> dict:
     phases = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k.startswith("time/")}
     precision = json.loads((workdir / "bench" / "placement.json").read_text())["precision"]
     return {"seconds": phases.pop("time/step"), "steps": len(rows),
-            "phases": {k[len("time/"):]: v for k, v in phases.items()}, "precision": precision.get("policy") or precision["policy rank 0"]}
+            "phases": {k[len("time/"):]: v for k, v in phases.items()},
+            "precision": precision.get("policy") or precision["policy rank 0"]}
 
 
 # --- the TRL job: the same decoder and prompts, written down for a child process ----------------------
@@ -108,7 +109,7 @@ def save_decoder(backbone_dir: Path, out: Path) -> None:
     bb.tokenizer.save_pretrained(out)
 
 
-def run_trl(job: dict, use_vllm: bool) -> dict:
+def run_trl(job: dict, use_vllm: bool, bf16: bool = False) -> dict:
     """One TRL GRPOTrainer run (warm-up step + job["steps"] timed steps); per-step seconds and phases."""
     import torch
     from datasets import Dataset
@@ -130,7 +131,7 @@ def run_trl(job: dict, use_vllm: bool) -> dict:
     # accumulation makes one optimizer step (and one generation batch) of all P*N, as in speechrl
     micro = math.gcd(job["micro_batch"], P * N)
     args = GRPOConfig(
-        output_dir=job["out"], use_cpu=True, bf16=job.get("bf16", False), gradient_checkpointing=False,
+        output_dir=job["out"], use_cpu=True, bf16=bf16, gradient_checkpointing=False,
         per_device_train_batch_size=micro, gradient_accumulation_steps=P * N // micro, num_generations=N,
         max_completion_length=job["tokens"], temperature=1.0, top_p=1.0, beta=job["kl_coef"],
         learning_rate=job["lr"], max_grad_norm=job["max_grad_norm"], epsilon=job["clip_eps"],
@@ -192,10 +193,8 @@ def trl_child(job_path: Path, use_vllm: bool, timeout: float, native: bool = Fal
     It inherits main()'s kernel pinning, unless `native`; `bf16`: TRL's bf16=True (autocast)."""
     out = job_path.with_name(f"trl-{'vllm' if use_vllm else 'hf'}{'-native' if native else ''}"
                              f"{'-bf16' if bf16 else ''}.json")
-    if bf16:
-        job_path.with_name("job-bf16.json").write_text(json.dumps({**json.loads(job_path.read_text()), "bf16": True}))
-        job_path = job_path.with_name("job-bf16.json")
-    cmd = [sys.executable, __file__, "--trl-job", str(job_path), "--result", str(out)] + (["--vllm"] if use_vllm else [])
+    cmd = [sys.executable, __file__, "--trl-job", str(job_path), "--result", str(out),
+           *(["--vllm"] if use_vllm else []), *(["--bf16"] if bf16 else [])]
     env = {k: v for k, v in os.environ.items() if not (native and k in pinned_env())}
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -273,10 +272,11 @@ def main() -> None:
     ap.add_argument("--trl-job", type=Path, help=argparse.SUPPRESS)  # the child process' side
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--vllm", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.trl_job:  # a child process: the environment, kernel pinning included, came from the parent
-        args.result.write_text(json.dumps(run_trl(json.loads(args.trl_job.read_text()), args.vllm)))
+        args.result.write_text(json.dumps(run_trl(json.loads(args.trl_job.read_text()), args.vllm, args.bf16)))
         return
     if args.quick:
         args.prompts, args.n, args.tokens, args.steps = 4, 4, 8, 1

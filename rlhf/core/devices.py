@@ -7,7 +7,8 @@ fp32 (the master weights the optimizer needs); `auto` is bf16 where the hardware
 natively: a GPU that has it, or a CPU with a bf16 dot product (AVX512-BF16, AMX) in a process that
 opted in to the CPU's own kernels (core/kernels.py: `run.cpu_kernels: native` gives them to an online
 run's actors, SPEECHRL_CPU_KERNELS=native to every process); fp32 elsewhere, so the CLI's driver, the
-test suite and a library user who never opted in stay fp32 on CPU. fp16 is not offered: it needs a loss scaler, and every GPU this targets has bf16.
+test suite and a library user who never opted in stay fp32 on CPU. fp16 is not offered: it needs a
+loss scaler, and every GPU this targets has bf16.
 """
 from __future__ import annotations
 

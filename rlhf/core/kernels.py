@@ -15,11 +15,12 @@ keeps each CPU's own fastest paths.
 An online run can unpin the Ray actors that train and generate while the driver, which builds the
 assets, stays pinned: `run.cpu_kernels: native` (`actor_env`). Only the CPU's own kernels compute
 bf16 at speed where the CPU has bf16 dot products (AVX512-BF16, AMX): `train.dtype`/`rollout.dtype`
-`auto` are bf16 there (`native_bf16`), and in any process started with SPEECHRL_CPU_KERNELS=native. AVX2 has none; bf16 on the pinned path is emulated, about ten
-times slower than fp32 (docs/results.md, "Asynchronous rollouts and a faster update").
+`auto` are bf16 there (`native_bf16`), and in any process started with SPEECHRL_CPU_KERNELS=native.
+AVX2 has none; bf16 on the pinned path is emulated, about ten times slower than fp32 (docs/results.md, "Asynchronous rollouts and a faster update").
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from pathlib import Path
@@ -31,21 +32,24 @@ BF16_DOT_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of a native 
 ATEN_AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 
 
-def cpu_flags() -> set[str]:
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+@functools.cache  # a CPU's flags do not change; read once per process
+def cpu_flags() -> frozenset[str]:
     """This CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
+    return frozenset(line.partition(":")[2].split())
 
 
 def has_avx2() -> bool:
     """Whether this is an x86-64 CPU with AVX2 (Linux: /proc/cpuinfo's flags)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    return "avx2" in cpu_flags()
+    return _x86() and "avx2" in cpu_flags()
 
 
 def kernels_override() -> str:
@@ -76,12 +80,6 @@ def pinned_env() -> dict[str, str]:
     return {k: os.environ[k] for k in PINNED if k in os.environ}
 
 
-def pinned(env=None) -> bool:
-    """Whether `env` (default: this process's environment) pins the kernels to AVX2."""
-    env = os.environ if env is None else env
-    return any(env.get(k) == v for k, v in PINNED.items())
-
-
 def native_env(flags: set[str] | None = None, aten: bool = True) -> dict[str, str]:
     """The variables that give a child process the CPU's own kernels although its parent's environment
     pins them (a Ray actor's runtime_env overrides what it inherits): MKL's and oneDNN's defaults, which
@@ -91,10 +89,8 @@ def native_env(flags: set[str] | None = None, aten: bool = True) -> dict[str, st
     ATen takes "avx512" without checking the CPU, so on another node it could not run; there ATen
     keeps the AVX2 pin, which costs the element-wise ops a little and the matrix products nothing.
     Empty off x86-64 and where the flags cannot be read: nothing is pinned there."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return {}
     flags = cpu_flags() if flags is None else flags
-    if not flags:
+    if not _x86() or not flags:
         return {}
     env = {"MKL_CBWR": "AUTO", "ONEDNN_MAX_CPU_ISA": "ALL", "SPEECHRL_CPU_KERNELS": "native"}
     if aten:

@@ -204,7 +204,7 @@ def build_policy(cfg, base_path: Path, checkpoint: Optional[Path] = None, with_r
             shard_backbone(reference)
     optimizer = Optimizer(model, cfg.train, cfg.train.steps, updates_per_step=updates_per_step,
                           extra_params=extra_params,
-                          side_params=[p for p in mtp.parameters() if p.requires_grad] if mtp is not None and train_mtp else ())
+                          side_params=list(mtp.parameters()) if mtp is not None and train_mtp else ())
     if checkpoint:
         optimizer.load(checkpoint)
     return TrainablePolicy(backbone, optimizer.model, optimizer, reference, device,

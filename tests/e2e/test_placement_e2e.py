@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from speechrl.rlhf.core.config import RecipeError, load_recipe
-from speechrl.rlhf.core.kernels import BF16_DOT_FLAGS, cpu_flags, has_avx2, native_env, pinned
+from speechrl.rlhf.core.kernels import BF16_DOT_FLAGS, PINNED, cpu_flags, has_avx2, native_env, pinned_env
 from speechrl.rlhf.trainers.online import run_online
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray]
@@ -58,7 +58,7 @@ def test_native_cpu_kernels_give_the_actors_the_cpus_own_path_and_bf16_where_it_
     bf16 = any(f in cpu_flags() for f in BF16_DOT_FLAGS)
     expected = {"dtype": "bfloat16" if bf16 else "float32", "cpu_kernels": native_env()["ATEN_CPU_CAPABILITY"].upper()}
     assert placement["precision"] == {"policy": expected, "engine 0": expected}
-    assert pinned(), "the driver, which builds the assets, stays pinned"
+    assert pinned_env() == PINNED, "the driver, which builds the assets, stays pinned"
     assert summary["steps"] == 2 and 0 <= summary["logprob gap vLLM/trainer"] < (0.05 if bf16 else 1e-3)
     rows = [json.loads(r) for r in (tmp_path / "native" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)

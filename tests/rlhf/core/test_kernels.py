@@ -11,7 +11,7 @@ import torch
 
 from speechrl.rlhf.core.devices import compute_dtype
 from speechrl.rlhf.core.kernels import (PINNED, actor_env, cpu_flags, has_avx2, native_bf16, native_env, pin_cpu_kernels,
-                                        pinned, precision_report)
+                                        pinned_env, precision_report)
 
 AVX512 = {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq"}
 
@@ -37,7 +37,6 @@ def test_auto_bf16_needs_a_bf16_dot_product_the_opt_in_and_unpinned_onednn():
     assert not native_bf16(env={**native, **PINNED}, flags=bf16), "oneDNN on AVX2 has no bf16 dot product"
     assert not native_bf16(env=native, flags=AVX512)
     assert not native_bf16(env={}, flags=bf16), "a library user who never opted in stays fp32"
-    assert pinned(dict(PINNED)) and pinned({"MKL_CBWR": "AVX2"}) and not pinned({"MKL_CBWR": "AUTO"})
 
 
 def test_actor_env_follows_the_recipe_unless_the_environment_decides(monkeypatch):
@@ -85,7 +84,7 @@ def test_a_child_given_native_env_computes_on_the_cpus_own_path_and_a_pinned_one
 
 def test_this_pinned_test_process_computes_fp32_under_auto():
     if has_avx2():
-        assert pinned() and precision_report(torch.float32) == {"dtype": "float32", "cpu_kernels": "AVX2"}
+        assert pinned_env() == PINNED and precision_report(torch.float32) == {"dtype": "float32", "cpu_kernels": "AVX2"}
     assert compute_dtype("auto", torch.device("cpu")) == torch.float32
 
 
