@@ -332,6 +332,9 @@ class RealtimeConfig:
     reply_rate: int = 190
     reply_pitch: int = 50
     decode_replies: bool = False  # decode replies to `audio` on the reward side (rewards that listen); off: text, codec ids, reply_seconds
+    # the user's latest turn also as text, after its audio: the script's transcript, as a cascaded system's ASR
+    # would give it. Separates keeping the persona from hearing the question (docs/realtime.md); off: audio only
+    user_transcript: bool = False
 
 
 @dataclass

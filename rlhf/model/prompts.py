@@ -39,11 +39,13 @@ def tts_messages(example=None) -> list[dict]:
 @PROMPT_BUILDERS.register("realtime")
 def realtime_messages(example=None) -> list[dict]:
     """A system turn with the instruction and the persona card, the dialogue so far as text turns,
-    then the user's latest turn as audio (the one placeholder the audio encoder fills). The reply
-    is text, then codec tokens, then `<|codec_end|>` (rollouts/layout.py).
+    then the user's latest turn as audio (the one placeholder the audio encoder fills), followed by
+    its transcript where the example gives one. The reply is text, then codec tokens, then
+    `<|codec_end|>` (rollouts/layout.py).
 
-    `example`: a mapping with "persona" (the rendered card) and "history" (the earlier turns, each
-    {"role": "user" | "assistant", "text": ...}; an assistant turn as its text only)."""
+    `example`: a mapping with "persona" (the rendered card), "history" (the earlier turns, each
+    {"role": "user" | "assistant", "text": ...}; an assistant turn as its text only) and optionally
+    "user_text" (the latest turn's transcript: `realtime.user_transcript`)."""
     if not example or not str(example.get("persona", "")).strip():
         raise ValueError("realtime prompt: the example has no persona card")
     messages = [{"role": "system", "content": f"{REALTIME_INSTRUCTION}\n{example['persona']}"}]
@@ -51,7 +53,10 @@ def realtime_messages(example=None) -> list[dict]:
         if turn["role"] not in ("user", "assistant"):
             raise ValueError(f"realtime prompt: a history turn's role is {turn['role']!r}; use user or assistant")
         messages.append({"role": turn["role"], "content": turn["text"]})
-    messages.append({"role": "user", "content": [{"type": "audio"}]})
+    latest = [{"type": "audio"}]
+    if example.get("user_text"):
+        latest.append({"type": "text", "text": str(example["user_text"])})
+    messages.append({"role": "user", "content": latest})
     return messages
 
 

@@ -52,12 +52,20 @@ class RealtimeTask(SpeakingTask):
         self.reward_codec = self.codec_spec if cfg.realtime.decode_replies else None
         self._prompts: dict[str, list[int]] = {}  # turn example id -> its prompt ids (placeholder expanded)
 
-    def render(self, persona: str, history) -> str:
-        """The prompt text: the rendered card, the earlier turns ({"role", "text"}), the audio placeholder."""
-        return render_prompt(self.processor, "realtime", {"persona": persona, "history": list(history)})
+    def render(self, persona: str, history, user_text: Optional[str] = None) -> str:
+        """The prompt text: the rendered card, the earlier turns ({"role", "text"}), the audio placeholder,
+        and with `realtime.user_transcript` the latest turn's text after it."""
+        example = {"persona": persona, "history": list(history)}
+        if self.cfg.realtime.user_transcript:
+            if not user_text:
+                raise ValueError("realtime.user_transcript is on, but a user turn has no transcript; give every "
+                                 "user turn its `text` in the dialogues file, or set realtime.user_transcript=false")
+            example["user_text"] = user_text
+        return render_prompt(self.processor, "realtime", example)
 
     def request(self, persona: str, history, audio: np.ndarray, metadata: dict) -> RolloutRequest:
-        return RolloutRequest(self.render(persona, history), audio, self.cfg.data.sample_rate, metadata)
+        prompt = self.render(persona, history, metadata.get("user_text"))
+        return RolloutRequest(prompt, audio, self.cfg.data.sample_rate, metadata)
 
     def reply_ids(self, text: str, codec_ids) -> list[int]:
         """A reply as completion ids in the layout: text tokens, codec tokens, <|codec_end|>."""
@@ -75,7 +83,8 @@ class RealtimeTask(SpeakingTask):
                 rate = self.cfg.data.sample_rate
                 codec_ids = self.codec.encode(load_audio(ex.reply_audio, rate, min_seconds=0.0), rate)
             self._targets[ex.id] = self.reply_ids(ex.reply_text, codec_ids)
-            self._prompts[ex.id] = prompt_ids_for(self.processor, self.render(ex.persona, ex.history), audio)
+            self._prompts[ex.id] = prompt_ids_for(self.processor, self.render(ex.persona, ex.history, ex.user_text),
+                                                 audio)
         return self._prompts[ex.id], self._targets[ex.id], audio
 
     def parse(self, completion_ids: list[int]) -> SpokenReply:
@@ -233,7 +242,8 @@ class RealtimeMode(Mode):
                                      f"realtime.max_text_tokens={self.cfg.realtime.max_text_tokens}, then codec tokens)")
                 replies.append(list(ids))
             clip = speech(row["user_audio"])
-            prompt = prompt_ids_for(task.processor, task.render(row["persona"], row.get("history", [])), clip)
+            prompt = prompt_ids_for(task.processor, task.render(row["persona"], row.get("history", []),
+                                                                     row.get("user_text")), clip)
             return PreferenceRow(prompt, replies[0], replies[1], clip)
 
         return read_pair_rows(source, row_of, self.cfg.data.on_bad_example)

@@ -115,6 +115,30 @@ def test_prompt_holds_the_card_the_text_history_and_one_clip(task):
     assert prompt.endswith("<|im_start|>assistant\n")
 
 
+def test_user_transcript_puts_the_latest_turns_text_after_its_clip(rt_base, task, turns, script):
+    from speechrl.rlhf.modes import get_mode
+    from speechrl.rlhf.modes.episodes import run_episodes
+    from speechrl.rlhf.modes.realtime_data import UserSpeech
+
+    heard = get_mode(load_recipe("realtime/sft", [*rt_base, "realtime.user_transcript=true"])).make_task(task.processor)
+    history = [{"role": "user", "text": "Do you have any pets?"}, {"role": "assistant", "text": "A cat, Brioche."}]
+    prompt = heard.render("Name: Margo", history, "Where do you live?")
+    assert prompt.index("A cat, Brioche.") < prompt.index("<|AUDIO|>") < prompt.index("Where do you live?")
+    assert prompt.endswith("<|im_start|>assistant\n") and prompt.count("<|AUDIO|>") == 1
+    assert "Where do you live?" not in task.render("Name: Margo", history, "Where do you live?")  # off: audio only
+    with pytest.raises(ValueError, match="realtime.user_transcript"):
+        heard.render("Name: Margo", history, "")
+    # the warm start and the episodes give every turn its own transcript
+    ex, audio = turns[0][1]
+    ids = heard.sft_example(ex, audio)[0]
+    assert len(ids) > len(task.sft_example(ex, audio)[0])
+    assert heard.tokenizer.decode(ids).rstrip().endswith(f"{ex.user_text}<|im_end|>\n<|im_start|>assistant")
+    requests, _ = run_episodes(heard, [script], UserSpeech(16000, 4.0), max_turns=3,
+                               generate=fake_generate(heard, 1, []), n=1)
+    for request, turn in zip(requests, [t for t in script.turns if t.role == "user"]):
+        assert request.prompt.endswith(f"{turn.text}<|im_end|>\n<|im_start|>assistant\n")
+
+
 def test_reply_ids_parse_back_and_ttfa_counts_the_text_tokens(task):
     ids = task.reply_ids("Hello there.", [3, 1, 2])
     reply = task.parse(ids)
