@@ -16,7 +16,8 @@ An online run can unpin the Ray actors that train and generate while the driver,
 assets, stays pinned: `run.cpu_kernels: native` (`actor_env`). Only the CPU's own kernels compute
 bf16 at speed where the CPU has bf16 dot products (AVX512-BF16, AMX): `train.dtype`/`rollout.dtype`
 `auto` are bf16 there (`native_bf16`), and in any process started with SPEECHRL_CPU_KERNELS=native.
-AVX2 has none; bf16 on the pinned path is emulated, about ten times slower than fp32 (docs/results.md, "Asynchronous rollouts and a faster update").
+AVX2 has none; bf16 on the pinned path is emulated, about ten times slower than fp32
+(docs/results.md, "Asynchronous rollouts and a faster update").
 """
 from __future__ import annotations
 
