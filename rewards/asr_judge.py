@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 from tqdm import tqdm
@@ -81,6 +82,25 @@ class JudgeBuild:
     lr: float = 2e-3  # SFT peak learning rate
     batch_size: int = 16  # SFT clips per step
     seed: int = 0  # SFT seed (weights' init is the tiny backbone's, shared with the recipes)
+
+
+def judge_build(corpus: Any = None) -> JudgeBuild:
+    """The embedded judge's build for `tts_intelligibility`'s `corpus` kwarg: the corpus the judge
+    learns to hear, a `data.synthetic` block (the TTS recipes pass `${data.synthetic}`, so a recipe
+    with other sentences or voices gets a judge trained on them); None = the TTS demo's corpus."""
+    if corpus is None:
+        return JudgeBuild()
+    if isinstance(corpus, SyntheticCorpusConfig):
+        return JudgeBuild(corpus=corpus)
+    if not isinstance(corpus, Mapping):
+        raise TypeError(f"tts_intelligibility: corpus={corpus!r}; give a data.synthetic block (a mapping) "
+                        "or leave it out for the TTS demo's corpus")
+    known = [f.name for f in fields(SyntheticCorpusConfig)]
+    unknown = sorted(set(corpus) - set(known))
+    if unknown:
+        raise ValueError(f"tts_intelligibility: corpus has unknown field(s) {', '.join(unknown)}; it takes "
+                         f"data.synthetic's fields: {', '.join(known)}")
+    return JudgeBuild(corpus=SyntheticCorpusConfig(**corpus))
 
 
 def embedded_judge(cache_dir: str | Path = "~/.cache/speechrl", build: JudgeBuild = JudgeBuild()) -> Path:

@@ -15,7 +15,7 @@ import numpy as np
 
 from speechrl.rewards.api import Unscored
 from speechrl.rewards.asr import char_error_rate, word_error_rate
-from speechrl.rewards.asr_judge import BackboneAsrJudge, embedded_judge, is_backbone_dir
+from speechrl.rewards.asr_judge import BackboneAsrJudge, embedded_judge, is_backbone_dir, judge_build
 from speechrl.rewards.speech import JUDGE_RATE, waveforms
 
 
@@ -103,6 +103,7 @@ class TtsIntelligibilityReward:
         device: str = "auto",  # for a model judge: "auto" takes the GPU if there is one
         cache_dir: str = "~/.cache/speechrl",  # where the embedded or Whisper judge lives (run.cache_dir)
         window_s: int = 30,  # a Whisper judge's window in seconds: 15 hears clips of a few seconds 2.2x faster
+        corpus: Any = None,  # asr="embedded": the data.synthetic block the judge is trained on; None: the TTS demo's
     ):
         if metric not in ("cer", "wer"):
             raise ValueError(f"tts_intelligibility: metric={metric!r}; use 'cer' or 'wer'")
@@ -121,6 +122,7 @@ class TtsIntelligibilityReward:
                                     f"{', '.join(map(repr, whisper_names()))} nor a directory with config.json (a "
                                     "speechrl backbone, or a transformers ASR model saved with save_pretrained)")
         self.asr, self.metric, self.error_cap, self.device = asr, metric, error_cap, device
+        self.build = judge_build(corpus)  # checked here, so a malformed block fails before any rollout
         from speechrl.rlhf.model.pretrained.whisper import check_window
 
         self.cache_dir, self.window_s = cache_dir, check_window(window_s, "tts_intelligibility")
@@ -133,7 +135,7 @@ class TtsIntelligibilityReward:
             if self.asr == "pocketsphinx":
                 self._judge = PocketsphinxJudge()
             elif self.asr == "embedded":
-                self._judge = BackboneAsrJudge(embedded_judge(self.cache_dir), self.device)
+                self._judge = BackboneAsrJudge(embedded_judge(self.cache_dir, self.build), self.device)
             elif self.asr.startswith("whisper-") and self.asr in whisper_names():  # a name wins over a folder
                 self._judge = WhisperJudge(self.asr, self.cache_dir, self.device, window_s=self.window_s)
             elif is_backbone_dir(self.asr):

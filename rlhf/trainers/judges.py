@@ -15,7 +15,8 @@ from typing import Callable
 
 from speechrl.rlhf.core.build_once import build_once
 from speechrl.rlhf.core.fingerprint import fingerprint
-from speechrl.rewards.asr_judge import (SCORES, JudgeBuild, _codec, _sha1, judge_dir, round_trip_corpus)
+from speechrl.rewards.asr_judge import (SCORES, JudgeBuild, _codec, _sha1, judge_build, judge_dir,
+                                        round_trip_corpus)
 from speechrl.rewards.speech import JUDGE_RATE
 from speechrl.rlhf.core.config import RecipeConfig
 
@@ -34,7 +35,8 @@ def judge_builds(cfg: RecipeConfig) -> list[Callable[[], Path]]:
     builds = []
     for spec in cfg.rewards:
         if spec.name == "tts_intelligibility" and spec.kwargs.get("asr") == "embedded":
-            builds.append(partial(ensure_embedded_judge, spec.kwargs.get("cache_dir", cfg.run.cache_dir)))
+            builds.append(partial(ensure_embedded_judge, spec.kwargs.get("cache_dir", cfg.run.cache_dir),
+                                  judge_build(spec.kwargs.get("corpus"))))
         if spec.name == "persona_judge" and spec.kwargs.get("model") == "tiny" and spec.kwargs.get("cache_dir"):
             builds.append(partial(ensure_tiny_judge, spec.kwargs["cache_dir"]))
         if spec.name == "persona_judge" and spec.kwargs.get("model") == "trained" and not spec.kwargs.get("endpoint"):
@@ -80,7 +82,10 @@ def _build_judge(cache_dir: Path, build: JudgeBuild, path: Path) -> None:
             f"run.cache_dir={cache_dir}", f"run.output_dir={scratch}", "run.name=sft", f"seed={build.seed}",
             f"data.train={mixed}", f"data.eval={coded_heldout}", "data.max_eval_examples=16",
             f"train.steps={build.steps}", f"train.lr={build.lr}", f"train.batch_size={build.batch_size}",
-            f"train.eval_every={build.steps}", f"train.checkpoint_every={build.steps}"])
+            f"train.eval_every={build.steps}", f"train.checkpoint_every={build.steps}",
+            # the corpus' own sentences: the tiny backbone's tokenizer learns them (none: the command grammar)
+            *([f"data.synthetic.texts={build.corpus.texts}", f"data.synthetic.num_texts={build.corpus.num_texts}",
+               f"data.synthetic.seed={build.corpus.seed}"] if build.corpus.texts else [])])
         final = Path(run_sft(cfg)["final weights"])
         scores = judge_scores(final, clean_heldout, coded_heldout)
         scores.update(build=asdict(build), build_seconds=round(time.perf_counter() - start, 1),
@@ -98,10 +103,11 @@ def judge_corpus(cache_dir: str | Path, build: JudgeBuild = JudgeBuild()) -> tup
     The corpus gets a directory of its own (`corpora/tts-<key>`); `corpora/synthetic-*` are the
     ASR recipes'. Its split is the TTS recipe's: `build_corpus` splits by its parameters alone.
     """
-    from speechrl.rlhf.core.config import DataConfig
+    from speechrl.rlhf.core.config import DataConfig, RunConfig
     from speechrl.rlhf.modes.assets import build_synthetic_corpus
 
-    cfg = RecipeConfig(data=DataConfig(synthetic=build.corpus, sample_rate=JUDGE_RATE))
+    cfg = RecipeConfig(data=DataConfig(synthetic=build.corpus, sample_rate=JUDGE_RATE),
+                       run=RunConfig(cache_dir=str(cache_dir)))
     clean = build_synthetic_corpus(cfg, Path(cache_dir).expanduser() / "corpora" / f"tts-{_sha1(asdict(build.corpus))}")
     return clean, round_trip_corpus(*clean, _codec(cache_dir, build))
 
