@@ -61,6 +61,41 @@ def command_sentences(n: int, seed: int = 0) -> list[str]:
     ]
 
 
+# one command of the composed grammar: the templates above less their "and stop" endings, "turn left/right" as one
+_CLAUSES = ("go {d}", "move {d} {n} {u}", "turn {lr} {n} degrees", "pick up the {c} {o}", "put down the {c} {o}",
+            "move the {c} {o} {d}", "turn {lr}", "go {d} {n} steps")
+COMPOSED_MAX_WORDS = 8  # about 2.3 s at 175 wpm, under the TTS recipes' 3.2 s of codec tokens
+
+
+def composed_commands(n: int, seed: int = 0) -> list[str]:
+    """`n` distinct sentences of one or two commands joined by "and" or "then" (at most 8 words; the
+    same words as the grammar, plus "then"), deterministic. About 9,000 exist, so a corpus of a few
+    thousand is not memorized the way the grammar's 350 sentences are (docs/results.md, issue 22)."""
+    rng = random.Random(seed)
+
+    def clause() -> str:
+        template = _CLAUSES[rng.randrange(len(_CLAUSES))]
+        d, num, c, o = rng.choice(_DIRECTIONS), rng.choice(_NUMBERS), rng.choice(_COLORS), rng.choice(_OBJECTS)
+        lr, u = rng.choice(["left", "right"]), rng.choice(["meters", "steps"])
+        return template.format(d=d, n=num, c=c, o=o, lr=lr, u=u)
+
+    out: dict[str, None] = {}
+    stalled = 0  # draws since the last new sentence: asking for more than exist is an error, not a hang
+    while stalled < 100_000:
+        if len(out) == n:
+            return list(out)
+        first = clause()
+        if rng.random() < 0.35:
+            sentence = first
+        else:
+            second = clause() if rng.random() < 0.85 else "stop"
+            sentence = f"{first} {rng.choice(['and', 'then'])} {second}"
+        stalled += 1
+        if len(sentence.split()) <= COMPOSED_MAX_WORDS and sentence not in out:
+            out[sentence], stalled = None, 0
+    raise ValueError(f"composed_commands: asked for {n} distinct sentences, found {len(out)}; ask for at most that")
+
+
 def read_text_list(path: str | Path) -> list[str]:
     """One sentence per line; blank lines skipped, surrounding whitespace stripped."""
     lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from speechrl.rlhf.core.config import (GENERATED_TEXTS, PRETRAINED_BACKBONES, TINY_AUDIO_ENCODERS, RecipeConfig,
+from speechrl.rlhf.core.config import (BUILTIN_TEXTS, PRETRAINED_BACKBONES, TINY_AUDIO_ENCODERS, RecipeConfig,
                                        RecipeError)
 from speechrl.rlhf.core.devices import DEVICES, DTYPES
 from speechrl.rlhf.core.kernels import CPU_KERNELS
@@ -237,7 +237,7 @@ def validate(cfg: RecipeConfig, source: str = "recipe") -> None:
                           f"{', '.join(PRETRAINED_BACKBONES)} (see `speechrl recipes`), or null")
     for key in _PATHS:
         value = _get(cfg, key)
-        if key == "data.synthetic.texts" and value == GENERATED_TEXTS:
+        if key == "data.synthetic.texts" and value in BUILTIN_TEXTS:
             continue
         if value is not None and not Path(os.path.expanduser(value)).exists():
             raise RecipeError(f"{source}: `{key}` points to {value!r}, which does not exist")
@@ -245,8 +245,8 @@ def validate(cfg: RecipeConfig, source: str = "recipe") -> None:
     _validate_tiny_backbone(cfg, source)
     _validate_lengths(cfg, source)
     texts = cfg.tts.prompt_texts
-    if texts and texts != "grammar" and not Path(os.path.expanduser(texts)).is_file():
-        raise RecipeError(f"{source}: `tts.prompt_texts` is {texts!r}: neither \"grammar\" nor a text file")
+    if texts and texts not in ("grammar", "corpus") and not Path(os.path.expanduser(texts)).is_file():
+        raise RecipeError(f"{source}: `tts.prompt_texts` is {texts!r}: neither \"grammar\", \"corpus\" nor a text file")
     _validate_reward_model(cfg, source)
     _validate_ppo(cfg, source)
     _validate_ranks(cfg, source)

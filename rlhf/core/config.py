@@ -28,6 +28,8 @@ PRETRAINED_BACKBONES = ("whisper-tiny.en+smollm2-135m",)  # model.pretrained (mo
 # model.tiny.audio_encoder: a random one of the tiny shape, or a Whisper's encoder (model/pretrained/whisper.py)
 TINY_AUDIO_ENCODERS = ("random", "whisper-tiny.en", "whisper-base")
 GENERATED_TEXTS = "smollm2-sentences"  # data.synthetic.texts: SmolLM2's own sentences (modes/sentences.py)
+COMPOSED_TEXTS = "composed-commands"  # data.synthetic.texts: one or two grammar commands joined (data/synth.py)
+BUILTIN_TEXTS = (GENERATED_TEXTS, COMPOSED_TEXTS)
 
 
 class RecipeError(ValueError):
@@ -113,8 +115,8 @@ class SyntheticCorpusConfig:
     voices: list[str] = field(default_factory=lambda: ["en", "en-us", "en-gb-x-rp"])  # espeak-ng voice names; "piper" = the Piper voice (data/piper.py)
     rates: list[int] = field(default_factory=lambda: [140, 175, 210])  # words per minute, 80-450
     pitches: list[int] = field(default_factory=lambda: [35, 50, 65])  # espeak pitch, 0-100
-    texts: Optional[str] = None  # a text file, one sentence a line; "smollm2-sentences" = everyday sentences SmolLM2 writes once into the cache; null = the built-in command grammar
-    num_texts: int = 2000  # "smollm2-sentences": how many distinct sentences to write
+    texts: Optional[str] = None  # a text file, one sentence a line; "smollm2-sentences" = everyday sentences SmolLM2 writes once into the cache; "composed-commands" = one or two grammar commands joined by and/then (about 9,700 distinct); null = the built-in command grammar (about 350)
+    num_texts: int = 2000  # "smollm2-sentences", "composed-commands": how many distinct sentences
     seed: int = 0  # sampling seed for texts and voices, in [0, 2**32 - 1]
 
 
@@ -305,8 +307,9 @@ class TTSConfig:
     eval_repeats: int = 4
     eval_samples: int = 4  # held-out prompts written as wav files and TensorBoard audio at every evaluation; 0 = none
     # RL prompts (GRPO, online DPO) need text only: null = the training set's texts; a text file (one
-    # sentence a line); or "grammar" = sentences of the embedded command grammar (about 350, most of
-    # which the SFT corpus also reads). Held-out texts are always left out.
+    # sentence a line); "grammar" = sentences of the embedded command grammar (about 350, most of
+    # which the SFT corpus also reads); "corpus" = every sentence of data.synthetic.texts' source (the
+    # grammar when null). Held-out texts are always left out.
     prompt_texts: Optional[str] = None
 
 

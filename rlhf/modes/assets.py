@@ -9,9 +9,9 @@ import logging
 from pathlib import Path
 
 from speechrl.data.manifest import SpeechDataset, read_manifest
-from speechrl.data.synth import build_corpus, command_sentences, read_text_list
+from speechrl.data.synth import build_corpus, command_sentences, composed_commands, read_text_list
 from speechrl.rlhf.model.backbone import default_tiny_dir, ensure_tiny_backbone
-from speechrl.rlhf.core.config import GENERATED_TEXTS, RecipeConfig
+from speechrl.rlhf.core.config import COMPOSED_TEXTS, GENERATED_TEXTS, RecipeConfig
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,8 @@ def corpus_texts(cfg: RecipeConfig) -> list[str] | None:
         from speechrl.rlhf.modes.sentences import ensure_sentences
 
         return read_text_list(ensure_sentences(cfg.run.cache_dir, s.num_texts, s.seed))
+    if s.texts == COMPOSED_TEXTS:
+        return composed_commands(s.num_texts, s.seed)
     return read_text_list(s.texts) if s.texts else None
 
 

@@ -120,11 +120,15 @@ def rl_prompt_pool(cfg: RecipeConfig, eval_set) -> Optional[list]:
     held-out CER 0.79 against 0.70 with them kept (docs/results.md, TTS demo)."""
     from speechrl.data.manifest import Example
     from speechrl.data.synth import command_sentences, read_text_list
+    from speechrl.rlhf.modes.assets import corpus_texts
 
     source = cfg.tts.prompt_texts
     if not source:
         return None
-    texts = command_sentences(5000, seed=cfg.seed + 1) if source == "grammar" else read_text_list(source)
+    if source in ("grammar", "corpus"):
+        texts = (corpus_texts(cfg) if source == "corpus" else None) or command_sentences(5000, seed=cfg.seed + 1)
+    else:
+        texts = read_text_list(source)
     held = {ex.text for ex, _ in eval_set.items}
     texts = list(dict.fromkeys(t for t in texts if t.strip() and t not in held))
     if not texts:

@@ -33,6 +33,20 @@ def test_command_grammar_is_small_short_and_deterministic():
     assert len(set(sentences)) > 100  # enough variety to hold sentences out
 
 
+def test_composed_commands_are_many_distinct_short_and_deterministic():
+    sentences = synth.composed_commands(3000, seed=1)
+    assert sentences == synth.composed_commands(3000, seed=1) and len(set(sentences)) == 3000
+    assert sentences[:50] != synth.composed_commands(50, seed=2)
+    assert all(1 <= len(s.split()) <= synth.COMPOSED_MAX_WORDS for s in sentences)
+    grammar = {w for s in synth.command_sentences(2000, seed=0) for w in s.split()}
+    assert {w for s in sentences for w in s.split()} - grammar == {"then"}  # the grammar's words, and "then"
+    joined = [s for s in sentences if " and " in s or " then " in s]
+    assert 0.5 < len(joined) / len(sentences) < 0.95
+    assert len(set(sentences) & set(synth.command_sentences(5000, seed=0))) < 400  # mostly not the grammar's
+    with pytest.raises(ValueError, match="asked for 20000 distinct sentences, found"):
+        synth.composed_commands(20000)
+
+
 def test_longest_sentences_stay_under_4s_at_slowest_rate():
     longest = ["go forward seven steps and stop", "move the green cube forward",
                "put down the green cube", "turn right seven degrees"]

@@ -137,3 +137,39 @@ def test_judge_directories_are_told_apart(tmp_path, tiny_judge):
         resolve_reward("tts_intelligibility", asr=str(tmp_path / "missing"))
     with pytest.raises(TypeError, match="asr=3"):
         resolve_reward("tts_intelligibility", asr=3)
+
+
+def test_the_judge_learns_the_recipes_own_corpus(tmp_path, tiny_judge, cache):
+    """`corpus=` (the TTS recipes pass ${data.synthetic}) picks the judge trained on that corpus: its
+    sentences, not the command grammar's; the TTS demo's corpus keeps the default judge's key."""
+    from dataclasses import asdict
+
+    from speechrl.rewards.asr_judge import judge_build
+    from speechrl.rlhf.core.config import load_recipe
+    from speechrl.rlhf.trainers.judges import judge_builds, judge_corpus
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("the cat sat on the mat\nopen the window please\nwe sail at dawn\n")
+    own = SyntheticCorpusConfig(num_utterances=6, heldout_fraction=0.34, voices=["en-us"], rates=[175], pitches=[50],
+                                texts=str(texts))
+    (train, heldout), (coded_train, _) = judge_corpus(cache, JudgeBuild(corpus=own))
+    read = lambda p: {json.loads(line)["text"] for line in p.read_text().splitlines()}  # noqa: E731
+    assert read(train) | read(heldout) == set(texts.read_text().splitlines()) and read(coded_train) == read(train)
+
+    default = load_recipe("tts/grpo", [f"run.cache_dir={cache}"])
+    assert judge_build(default.rewards[0].kwargs["corpus"]) == JudgeBuild()
+    mine = load_recipe("tts/grpo", [f"run.cache_dir={cache}", f"data.synthetic.texts={texts}"])
+    [build] = judge_builds(mine)
+    assert build.args[1] == JudgeBuild(corpus=mine.data.synthetic) and build.args[1].corpus.texts == str(texts)
+
+    # the reward reads the judge of its corpus (given as a plain mapping, as YAML would)
+    shutil.copytree(cache / "codecs", tmp_path / "cache" / "codecs")
+    shutil.copytree(tiny_judge[0], judge_dir(tmp_path / "cache", JudgeBuild(corpus=own)))
+    reward = resolve_reward("tts_intelligibility", asr="embedded", cache_dir=str(tmp_path / "cache"), device="cpu",
+                            corpus=asdict(own))
+    reward([""], audio=[synthesize("we sail at dawn", "en-us", 175, 50, SR)], text=["we sail at dawn"], sample_rate=SR)
+    assert reward.judge.path == judge_dir(tmp_path / "cache", JudgeBuild(corpus=own)) != judge_dir(tmp_path / "cache")
+    with pytest.raises(ValueError, match="unknown field.*voice;.*voices"):
+        resolve_reward("tts_intelligibility", asr="embedded", corpus={"voice": ["en-us"]})
+    with pytest.raises(TypeError, match="corpus='en-us'"):
+        resolve_reward("tts_intelligibility", asr="embedded", corpus="en-us")

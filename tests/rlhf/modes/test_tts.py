@@ -211,12 +211,34 @@ def test_tts_recipes_validate():
     from speechrl.rlhf.core.config import RecipeError
     from speechrl.rlhf.trainers.dpo import run_dpo
 
-    for name in ("tts/sft", "tts/grpo", "tts/dpo", "tts/online_dpo"):
+    for name in ("tts/sft", "tts/grpo", "tts/dpo", "tts/online_dpo", "tts/composed_sft", "tts/composed_grpo"):
         assert load_recipe(name).mode == "tts"
     with pytest.raises(RecipeError, match="dpo.data"):
         run_dpo(load_recipe("tts/dpo"))  # fails before building anything
     with pytest.raises(RecipeError, match="not implemented for mode 'asr'"):
         load_recipe("asr/sft", ["algorithm=reward_model"])
+
+
+def test_rl_prompts_from_the_corpus_source_leave_the_held_out_texts_out():
+    """tts.prompt_texts=corpus: every sentence of data.synthetic.texts' source (here the composed commands,
+    most of them never in the SFT corpus), less the evaluation's texts; with the grammar, the grammar's."""
+    from types import SimpleNamespace
+
+    from speechrl.data.manifest import Example
+    from speechrl.data.synth import command_sentences, composed_commands
+    from speechrl.rlhf.core.config import RecipeError
+    from speechrl.rlhf.modes.tts import rl_prompt_pool
+
+    composed = composed_commands(500, seed=4)
+    held = SimpleNamespace(items=[(Example(id=f"h{i}", text=t), None) for i, t in enumerate(composed[:20])])
+    cfg = load_recipe("tts/grpo", ["data.synthetic.texts=composed-commands", "data.synthetic.num_texts=500",
+                                   "data.synthetic.seed=4", "tts.prompt_texts=corpus"])
+    assert [ex.text for ex in rl_prompt_pool(cfg, held)] == composed[20:]
+    grammar = rl_prompt_pool(load_recipe("tts/grpo", ["tts.prompt_texts=corpus"]), held)
+    held_texts = set(composed[:20])
+    assert [ex.text for ex in grammar] == [t for t in dict.fromkeys(command_sentences(5000, seed=1)) if t not in held_texts]
+    with pytest.raises(RecipeError, match='neither "grammar", "corpus" nor a text file'):
+        load_recipe("tts/grpo", ["tts.prompt_texts=everything"])
 
 
 @pytest.mark.parametrize("recipe, overrides, message", [
