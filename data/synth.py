@@ -69,7 +69,7 @@ COMPOSED_MAX_WORDS = 8  # about 2.3 s at 175 wpm, under the TTS recipes' 3.2 s o
 
 def composed_commands(n: int, seed: int = 0) -> list[str]:
     """`n` distinct sentences of one or two commands joined by "and" or "then" (at most 8 words; the
-    same words as the grammar, plus "then"), deterministic. About 9,000 exist, so a corpus of a few
+    same words as the grammar, plus "then"), deterministic. About 9,700 exist, so a corpus of a few
     thousand is not memorized the way the grammar's 350 sentences are (docs/results.md, issue 22)."""
     rng = random.Random(seed)
 

@@ -125,8 +125,10 @@ def rl_prompt_pool(cfg: RecipeConfig, eval_set) -> Optional[list]:
     source = cfg.tts.prompt_texts
     if not source:
         return None
-    if source in ("grammar", "corpus"):
-        texts = (corpus_texts(cfg) if source == "corpus" else None) or command_sentences(5000, seed=cfg.seed + 1)
+    if source == "grammar" or (source == "corpus" and not cfg.data.synthetic.texts):
+        texts = command_sentences(5000, seed=cfg.seed + 1)
+    elif source == "corpus":  # the corpus' own sentences: a text file, the composed commands or SmolLM2's
+        texts = corpus_texts(cfg)
     else:
         texts = read_text_list(source)
     held = {ex.text for ex, _ in eval_set.items}
