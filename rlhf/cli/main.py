@@ -23,6 +23,7 @@ EPILOG = """examples:
   speechrl train realtime/ppo run.init_from=runs/<realtime sft run>/final   realtime PPO (critic, GAE)
   speechrl eval runs/<run>/final --recipe tts/sft  held-out TTS scores and wav samples of any checkpoint
   speechrl eval runs/<run>/final --recipe realtime/ppo   drift by turn (judge score, out-of-character rate)
+  speechrl eval runs/<sft>/final runs/<grpo>/final --recipe tts/grpo   two checkpoints, the same draws: a table
   speechrl train asr/sft                         a shipped recipe, by name
   speechrl train recipes/asr/sft.yaml train.steps=50 train.lr=1e-3
   speechrl train asr/sft --resume                continue the newest asr-sft run from its checkpoint
@@ -139,31 +140,45 @@ def cmd_build_corpus(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    """Held-out metrics of a checkpoint, as a run measures them at each evaluation: in this process
-    (a transformers model), or on vLLM engines serving the checkpoint for a mode that evaluates there.
-    With --real-speech, also WER/CER per folder of the shared real recordings beside Whisper's."""
+    """Held-out metrics of one or more checkpoints, as a run measures them at each evaluation: in this
+    process (a transformers model), or on vLLM engines serving each checkpoint for a mode that
+    evaluates there. Every checkpoint is evaluated with the same draws (the recipe's `seed`), so their
+    differences are paired; several end with a table of the mode's headlines and their change from the
+    first. With --real-speech, also WER/CER per folder of the shared real recordings beside Whisper's."""
     from speechrl.rlhf.modes import get_mode
-    from speechrl.rlhf.trainers.evaluate import evaluate_in_process, evaluate_on_engines
+    from speechrl.rlhf.trainers.evaluate import comparison_table, evaluate_in_process, evaluate_on_engines
 
-    cfg = load_recipe(args.recipe, args.overrides)
-    checkpoint = Path(args.checkpoint)
-    if not (checkpoint / "config.json").is_file():
-        raise FileNotFoundError(f"eval: {checkpoint} is not a backbone directory (no config.json); point it at a "
-                                "run's final/ or checkpoints/step-N/model/")
+    # more checkpoints come before the overrides (argparse put them among them): words without "="
+    checkpoints = [Path(c) for c in [args.checkpoint, *(o for o in args.overrides if "=" not in o)]]
+    overrides = [o for o in args.overrides if "=" in o]
+    cfg = load_recipe(args.recipe, overrides)
+    for checkpoint in checkpoints:  # all checked before the first, possibly long, evaluation starts
+        if not (checkpoint / "config.json").is_file():
+            raise FileNotFoundError(f"eval: {checkpoint} is not a backbone directory (no config.json); point it at a "
+                                    "run's final/ or checkpoints/step-N/model/")
     real = _real_speech_root(args.real_speech, get_mode(cfg)) if args.real_speech is not None else None
-    if get_mode(cfg).evaluates_on_engines:
-        mode, metrics = evaluate_on_engines(cfg, checkpoint, checkpoint / "eval")
-    else:
-        mode, metrics, backbone = evaluate_in_process(cfg, checkpoint, checkpoint / "eval")
-    print(mode.report_checkpoint(metrics, checkpoint / "eval"))
-    if real is not None:
-        from speechrl.rlhf.modes.real_speech import real_speech_report
+    results = []
+    for checkpoint in checkpoints:
+        cfg = load_recipe(args.recipe, overrides)  # each its own: an evaluation sets run.init_from
+        if get_mode(cfg).evaluates_on_engines:
+            mode, metrics = evaluate_on_engines(cfg, checkpoint, checkpoint / "eval")
+        else:
+            mode, metrics, backbone = evaluate_in_process(cfg, checkpoint, checkpoint / "eval")
+        if len(checkpoints) > 1:
+            print(f"\n== {checkpoint}")
+        print(mode.report_checkpoint(metrics, checkpoint / "eval"))
+        results.append((str(checkpoint), metrics))
+        if real is not None:
+            from speechrl.rlhf.modes.real_speech import real_speech_report
 
-        text, _ = real_speech_report(mode.transcriber(backbone.model, backbone.processor),
-                                     f"checkpoint = {checkpoint}", real,
-                                     sample_rate=cfg.data.sample_rate, max_seconds=backbone.max_audio_seconds,
-                                     cache_dir=cfg.run.cache_dir, out_dir=checkpoint / "eval")
-        print(text)
+            text, _ = real_speech_report(mode.transcriber(backbone.model, backbone.processor),
+                                         f"checkpoint = {checkpoint}", real,
+                                         sample_rate=cfg.data.sample_rate, max_seconds=backbone.max_audio_seconds,
+                                         cache_dir=cfg.run.cache_dir, out_dir=checkpoint / "eval")
+            print(text)
+    if len(results) > 1:
+        print(f"\nthe same draws for every checkpoint (seed={cfg.seed}), so the changes are paired:")
+        print(comparison_table(mode.headlines, results))
     return 0
 
 
@@ -239,9 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recipes", help="list the shipped recipes")
     p.set_defaults(fn=cmd_recipes)
 
-    def configured_by_recipe(p, *positionals):
+    def configured_by_recipe(p, *positionals, helps: dict | None = None):
         for name in positionals:
-            p.add_argument(name)
+            p.add_argument(name, help=(helps or {}).get(name))
         p.add_argument("--recipe", default="asr/sft", help="recipe whose settings are used (default asr/sft)")
         p.add_argument("overrides", nargs="*", help="key.path=value overrides of that recipe")
         return p
@@ -282,7 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "(a run's final/ or a checkpoint); data.eval from the recipe. With a TTS recipe "
                              "(--recipe tts/sft): held-out reward components, samples in <checkpoint>/eval/. With a realtime "
                              "recipe (--recipe realtime/ppo): drift by turn on the held-out dialogues, in <checkpoint>/eval/"),
-                             "checkpoint")
+                             "checkpoint", helps={"checkpoint": "a backbone directory; more may follow, before the overrides"})
+    p.usage = "speechrl eval [-h] [--recipe RECIPE] [--real-speech [DIR]] checkpoint [checkpoint ...] [key=value ...]"
+    p.description = ("Several checkpoints are evaluated one after another with the same draws (the recipe's "
+                     "seed): a table of their headline metrics and the change from the first ends the output.")
     p.add_argument("--real-speech", nargs="?", const="", default=None, metavar="DIR",
                    help="ASR: also WER/CER per folder of real recordings (default ../shared/data/real_speech), "
                         "beside Whisper tiny.en's own; transcripts to <checkpoint>/eval/real_speech.json")

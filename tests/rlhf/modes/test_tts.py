@@ -301,6 +301,34 @@ def test_sampled_evaluation_repeats_each_text_with_the_same_draws_every_time(tts
     assert printed("tts.eval_temperature=0") != sampled
 
 
+def test_eval_of_several_checkpoints_uses_the_same_draws_and_ends_with_a_paired_table(tts_base, capsys, tmp_path):
+    import shutil
+
+    from speechrl.rlhf.modes import assets
+    from speechrl.rlhf.cli.main import main
+
+    backbone = assets.backbone_path(load_recipe("tts/sft", tts_base))
+    copy = tmp_path / "copy"
+    shutil.copytree(backbone, copy, ignore=shutil.ignore_patterns("eval"))
+    # a checkpoint that is not one stops the command before anything is evaluated
+    assert main(["eval", str(copy), str(tmp_path / "nope"), *tts_base, "--recipe", "tts/sft"]) == 2
+    assert str(tmp_path / "nope") in capsys.readouterr().err and not (copy / "eval").exists()
+
+    assert main(["eval", str(backbone), str(copy), *tts_base, "tts.eval_repeats=2", "--recipe", "tts/sft"]) == 0
+    printed = capsys.readouterr().out
+    table = printed[printed.index("the same draws for every checkpoint (seed=0)"):].splitlines()
+    assert "held-out sanity penalty" in table[1] and "held-out intelligibility CER" not in table[1]  # not scored
+    first, second = table[2].split(), table[3].split()
+    assert first[0] == str(backbone) and second[0] == str(copy)
+    assert first[1] == second[1] and second[2] == "+0.000"
+    # the same weights and the same draws: every metric of the two evaluations agrees, lengths and all
+    blocks = printed.split("\n== ")[1:]
+    reports = [sorted(line for line in block.splitlines() if line.startswith("eval/")) for block in blocks]
+    assert len(reports) == 2 and reports[0] and reports[0] == reports[1]
+    assert any(line.startswith("eval/audio_seconds=") for line in reports[0])
+    assert (copy / "eval" / "samples" / "step-0").is_dir()
+
+
 def test_the_demo_prints_the_fingerprints_each_build_recorded(tts_base):
     from speechrl.rlhf.cli.demo import asset_fingerprints
     from speechrl.rlhf.model.backbone import backbone_fingerprint
