@@ -47,18 +47,18 @@ def evaluate_in_process(cfg: RecipeConfig, checkpoint: Path, out_dir: Path):
 def comparison_table(headlines: list[tuple[str, str]], results: list[tuple[str, dict]]) -> str:
     """The mode's headline metrics (label, key) of each (checkpoint, metrics), one row a checkpoint,
     and each one's change from the first checkpoint's; headlines no checkpoint has are left out."""
-    shown = [(label, key) for label, key in headlines if any(key in metrics for _, metrics in results)]
+    shown = [(label, key, max(len(label), 9)) for label, key in headlines
+             if any(key in metrics for _, metrics in results)]
     if not shown:
         return "(none of the mode's headline metrics was measured)"
     first = results[0][1]
     width = max(len("checkpoint"), *(len(name) for name, _ in results))
-    header = [f"{'checkpoint':<{width}}"] + [f"{label:>{max(len(label), 9)}}  {'change':>7}" for label, _ in shown]
-    lines = ["  ".join(header)]
+    lines = ["  ".join([f"{'checkpoint':<{width}}", *(f"{label:>{w}}  {'change':>7}" for label, _, w in shown)])]
     for k, (name, metrics) in enumerate(results):
         cells = [f"{name:<{width}}"]
-        for label, key in shown:
-            value, base = metrics.get(key, float("nan")), first.get(key, float("nan"))
-            change = "" if k == 0 else f"{value - base:+.3f}"
-            cells.append(f"{value:>{max(len(label), 9)}.3f}  {change:>7}")
+        for _, key, w in shown:
+            value = metrics.get(key, float("nan"))
+            change = "" if k == 0 else f"{value - first.get(key, float('nan')):+.3f}"
+            cells.append(f"{value:>{w}.3f}  {change:>7}")
         lines.append("  ".join(cells))
     return "\n".join(lines)
