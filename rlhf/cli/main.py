@@ -146,7 +146,8 @@ def cmd_eval(args) -> int:
     differences are paired; several end with a table of the mode's headlines and their change from the
     first. With --real-speech, also WER/CER per folder of the shared real recordings beside Whisper's."""
     from speechrl.rlhf.modes import get_mode
-    from speechrl.rlhf.trainers.evaluate import comparison_table, evaluate_in_process, evaluate_on_engines
+    from speechrl.rlhf.trainers.evaluate import (comparison_table, evaluate_in_process, evaluate_on_engines,
+                                                 paired_intervals)
 
     # more checkpoints come before the overrides (argparse put them among them): words without "="
     checkpoints = [Path(c) for c in [args.checkpoint, *(o for o in args.overrides if "=" not in o)]]
@@ -157,7 +158,7 @@ def cmd_eval(args) -> int:
             raise FileNotFoundError(f"eval: {checkpoint} is not a backbone directory (no config.json); point it at a "
                                     "run's final/ or checkpoints/step-N/model/")
     real = _real_speech_root(args.real_speech, get_mode(cfg)) if args.real_speech is not None else None
-    results = []
+    results, files = [], []  # files: each checkpoint's per-example scores, where its mode keeps them
     for checkpoint in checkpoints:
         cfg = load_recipe(args.recipe, overrides)  # each its own: an evaluation sets run.init_from
         if get_mode(cfg).evaluates_on_engines:
@@ -168,6 +169,7 @@ def cmd_eval(args) -> int:
             print(f"\n== {checkpoint}")
         print(mode.report_checkpoint(metrics, checkpoint / "eval"))
         results.append((str(checkpoint), metrics))
+        files.append((str(checkpoint), mode.example_scores(checkpoint / "eval")))
         if real is not None:
             from speechrl.rlhf.modes.real_speech import real_speech_report
 
@@ -179,6 +181,9 @@ def cmd_eval(args) -> int:
     if len(results) > 1:
         print(f"\nthe same draws for every checkpoint (seed={cfg.seed}), so the changes are paired:")
         print(comparison_table(mode.headlines, results))
+        if all(path is not None and path.is_file() for _, path in files):
+            print("\nchange from the first, 95% bootstrap interval over the held-out examples:")
+            print(paired_intervals(mode.headlines, files, cfg.seed))
     return 0
 
 

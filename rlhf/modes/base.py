@@ -164,6 +164,11 @@ class Mode:
         """What `speechrl eval` prints for a checkpoint's metrics."""
         return "\n".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
+    def example_scores(self, out_dir: Path) -> Optional[Path]:
+        """The JSON lines of `speechrl eval`'s per-example scores ({"id", <metric key>: value, ...}; an id
+        may repeat), for the paired intervals of several checkpoints; None where the mode keeps none."""
+        return None
+
     # --- the demo ----------------------------------------------------------------------------------
     def demo_report(self, sft: dict, rl: dict, minutes: float) -> dict:
         """Print the demo's before/after story from the two runs' summaries; the numbers."""

@@ -17,7 +17,7 @@ from speechrl.rlhf.model.backbone import codec_token_ids
 from speechrl.rlhf.model.prompts import render_tts_prompt
 from speechrl.rlhf.modes.base import Mode, batch_indices
 from speechrl.rlhf.modes.pairs import PreferenceRow, RewardModelPairs, RewardPair
-from speechrl.rlhf.modes.tts_eval import TtsEvaluation
+from speechrl.rlhf.modes.tts_eval import SCORES, TtsEvaluation
 from speechrl.rollouts.types import RolloutRequest
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,10 @@ class TtsMode(Mode):
     algorithms = ("sft", "grpo", "ppo", "dpo", "online_dpo", "reward_model", "mtp_heads")
     default_algorithm = "grpo"
     offline_evaluation_scores = True  # held-out synthesis is scored by the recipe's rewards (the judge ASR)
+    # the reward caps each sample's error at error_cap (1): the mean uncapped CER is ruled by the few
+    # samples a judge hears as long hallucinations, so the capped one (what GRPO optimizes) is shown too
     headlines = [("held-out intelligibility CER", "eval/tts_intelligibility/cer"),
+                 ("held-out intelligibility reward (-CER capped)", "eval/tts_intelligibility/reward"),
                  ("held-out intelligibility WER", "eval/tts_intelligibility/wer"),
                  ("held-out DNSMOS", "eval/dnsmos/reward"),
                  ("held-out sanity penalty", "eval/speech_sanity/reward"),
@@ -265,6 +268,9 @@ class TtsMode(Mode):
     def report_checkpoint(self, metrics: dict, out_dir: Path) -> str:
         return "\n".join([*(f"{k}={v:.4f}" for k, v in metrics.items()),
                           f"samples: {self.offline_evaluation.samples_dir}"])
+
+    def example_scores(self, out_dir: Path) -> Optional[Path]:
+        return Path(out_dir) / "samples" / "step-0" / SCORES  # evaluate_in_process evaluates as step 0
 
     def demo_report(self, sft: dict, rl: dict, minutes: float) -> dict:
         result = super().demo_report(sft, rl, minutes)

@@ -3,12 +3,14 @@
 The same prompts every time, each synthesized `tts.eval_repeats` times at `tts.eval_temperature`
 (the rollouts' own temperature by default: greedy decoding of codec tokens is not what RL trains, and
 its output jumps between near-ties, ±0.1 CER from one evaluation to the next); each reward
-component's mean over all of them is logged as `eval/<reward>/<component>`. The first `tts.eval_samples` go to `samples/step-<N>/<id>.wav`
-and TensorBoard; `samples/reference/` holds the corpus recordings and their codec round trip (the
-best the policy could do with this codec).
+component's mean over all of them is logged as `eval/<reward>/<component>`. The first
+`tts.eval_samples` go to `samples/step-<N>/<id>.wav` and TensorBoard, every completion's scores to
+`samples/step-<N>/scores.jsonl`; `samples/reference/` holds the corpus recordings and their codec
+round trip (the best the policy could do with this codec).
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Callable, Optional
@@ -20,6 +22,8 @@ from speechrl.data.audio import write_wav
 from speechrl.rlhf.modes.base import first, safe_name
 
 log = logging.getLogger(__name__)
+
+SCORES = "scores.jsonl"  # per completion, beside an evaluation's samples
 
 
 class TtsEvaluation:
@@ -76,7 +80,23 @@ class TtsEvaluation:
             len(self.task.codec_ids(c)) / (self.task.codec.frame_rate * self.task.codec.num_codebooks)
             for c in completions]))
         self.write_samples(step, completions[:: self.repeats])
+        self.write_scores(step, result)
         return metrics
+
+    def write_scores(self, step: int, result) -> None:
+        """Every completion's scores, one JSON line each ({"id", "text", "repeat", "eval/<reward>/<component>"},
+        null where unscored): which text the judge heard worst, and what `speechrl eval`'s paired
+        intervals resample."""
+        path = self.samples_dir / f"step-{step}" / SCORES
+        path.parent.mkdir(parents=True, exist_ok=True)
+        exs = [ex for ex, _ in self.items for _ in range(self.repeats)]
+        with open(path, "w") as f:
+            for i, ex in enumerate(exs):
+                row = {"id": ex.id, "text": ex.text, "repeat": i % self.repeats}
+                for key, values in result.components.items():
+                    value = float(values[i])
+                    row[f"eval/{key}"] = value if bool(result.valid[i]) and np.isfinite(value) else None
+                f.write(json.dumps(row) + "\n")
 
     def write_samples(self, step: int, completions: list[list[int]]) -> None:
         codec = self.task.codec

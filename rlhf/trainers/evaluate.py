@@ -3,9 +3,14 @@
 evaluates: realtime drift). `speechrl eval` and a schedule's interference matrix both call these."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
+
 from speechrl.rlhf.core.config import RecipeConfig
+
+RESAMPLES = 2000  # bootstrap draws of the held-out examples for a paired interval
 
 
 def evaluate_on_engines(cfg: RecipeConfig, checkpoint: Path, out_dir: Path):
@@ -62,3 +67,37 @@ def comparison_table(headlines: list[tuple[str, str]], results: list[tuple[str, 
             cells.append(f"{value:>{w}.3f}  {change:>7}")
         lines.append("  ".join(cells))
     return "\n".join(lines)
+
+
+def example_means(path: Path, key: str) -> dict[str, float]:
+    """Each example id's mean of `key` over its lines in a per-example scores file (unscored left out)."""
+    values: dict[str, list[float]] = {}
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get(key) is not None:
+                values.setdefault(str(row["id"]), []).append(float(row[key]))
+    return {k: float(np.mean(v)) for k, v in values.items()}
+
+
+def paired_intervals(headlines: list[tuple[str, str]], files: list[tuple[str, Path]], seed: int = 0) -> str:
+    """Each checkpoint's change from the first in every headline its per-example scores file has, with
+    a 95 % bootstrap interval: the held-out examples are resampled (each example's mean over its
+    repeats), so the interval holds the draws' noise and the choice of examples both. The change is
+    the mean of per-example changes over the examples both scored."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for label, key in headlines:
+        base = example_means(files[0][1], key)
+        for name, path in files[1:]:
+            other = example_means(path, key)
+            ids = sorted(set(base) & set(other))
+            if not ids:
+                continue
+            diff = np.array([other[i] - base[i] for i in ids])
+            means = diff[rng.integers(0, len(diff), (RESAMPLES, len(diff)))].mean(axis=1)
+            low, high = np.percentile(means, [2.5, 97.5])
+            beyond = "" if low <= 0 <= high else "  (beyond the noise)"
+            lines.append(f"{label}, {name}: {diff.mean():+.3f}  95% interval [{low:+.3f}, {high:+.3f}] "
+                         f"over {len(ids)} examples{beyond}")
+    return "\n".join(lines) or "(no per-example scores of the mode's headline metrics)"

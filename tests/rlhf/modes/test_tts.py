@@ -327,6 +327,15 @@ def test_eval_of_several_checkpoints_uses_the_same_draws_and_ends_with_a_paired_
     assert len(reports) == 2 and reports[0] and reports[0] == reports[1]
     assert any(line.startswith("eval/audio_seconds=") for line in reports[0])
     assert (copy / "eval" / "samples" / "step-0").is_dir()
+    # every completion's scores are kept (2 repeats of each held-out text), and the paired interval of
+    # identical weights is a point at zero
+    rows = [json.loads(line) for line in (copy / "eval" / "samples" / "step-0" / "scores.jsonl").read_text().splitlines()]
+    assert rows and [r["repeat"] for r in rows[:2]] == [0, 1] and rows[0]["id"] == rows[1]["id"]
+    penalties = [r["eval/speech_sanity/reward"] for r in rows if r["eval/speech_sanity/reward"] is not None]
+    printed_mean = next(float(line.split("=")[1]) for line in reports[0] if line.startswith("eval/speech_sanity/reward="))
+    assert np.mean(penalties) == pytest.approx(printed_mean, abs=1e-4)  # the file holds what the mean was taken of
+    intervals = printed[printed.index("95% bootstrap interval"):]
+    assert f"held-out sanity penalty, {copy}: +0.000  95% interval [+0.000, +0.000] over {len(rows) // 2} examples" in intervals
 
 
 def test_the_demo_prints_the_fingerprints_each_build_recorded(tts_base):

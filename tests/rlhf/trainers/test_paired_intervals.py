@@ -1,0 +1,47 @@
+"""`speechrl eval`'s paired intervals: per-example scores resampled over the held-out examples."""
+import json
+import re
+
+import numpy as np
+import pytest
+
+from speechrl.rlhf.trainers.evaluate import example_means, paired_intervals
+
+HEADLINES = [("held-out CER", "eval/cer")]
+
+
+def write(path, values, repeats=4):
+    """values[i][r]: example i's score at repeat r; None = unscored."""
+    with open(path, "w") as f:
+        for i, row in enumerate(values):
+            for r in range(repeats):
+                f.write(json.dumps({"id": f"ex-{i}", "repeat": r, "eval/cer": row[r]}) + "\n")
+    return path
+
+
+def test_example_means_average_repeats_and_leave_out_unscored(tmp_path):
+    path = write(tmp_path / "a.jsonl", [[0.1, 0.3, None, 0.2], [None] * 4])
+    assert example_means(path, "eval/cer") == {"ex-0": pytest.approx(0.2)}
+    assert example_means(path, "eval/wer") == {}
+
+
+def test_a_real_change_is_beyond_the_noise_and_none_is_not(tmp_path):
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0.2, 0.8, (96, 4))
+    a = write(tmp_path / "a.jsonl", base.tolist())
+    better = write(tmp_path / "b.jsonl", (base - 0.1 + rng.normal(0, 0.05, base.shape)).tolist())
+    same = write(tmp_path / "c.jsonl", (base + rng.normal(0, 0.05, base.shape)).tolist())
+    text = paired_intervals(HEADLINES, [("sft", a), ("grpo", better), ("copy", same)])
+    lines = text.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("held-out CER, grpo: ") and lines[1].startswith("held-out CER, copy: ")
+    change, low, high = map(float, re.search(r": ([-+.\d]+)  95% interval \[([-+.\d]+), ([-+.\d]+)\]", lines[0]).groups())
+    assert abs(change + 0.1) < 0.02 and low < change < high < 0
+    assert "(beyond the noise)" in lines[0] and "(beyond the noise)" not in lines[1] and "over 96 examples" in lines[0]
+
+
+def test_only_examples_both_scored_are_compared(tmp_path):
+    a = write(tmp_path / "a.jsonl", [[0.5] * 4, [0.5] * 4, [0.9] * 4])
+    b = write(tmp_path / "b.jsonl", [[0.4] * 4, [0.4] * 4, [None] * 4])
+    text = paired_intervals(HEADLINES, [("a", a), ("b", b)])
+    assert "-0.100  95% interval [-0.100, -0.100] over 2 examples" in text
+    assert paired_intervals([("held-out WER", "eval/wer")], [("a", a), ("b", b)]).startswith("(no per-example")
