@@ -179,12 +179,21 @@ def cmd_eval(args) -> int:
                                          cache_dir=cfg.run.cache_dir, out_dir=checkpoint / "eval")
             print(text)
     if len(results) > 1:
+        names = short_names([name for name, _ in results])
+        results = [(short, metrics) for short, (_, metrics) in zip(names, results)]
+        files = [(short, path) for short, (_, path) in zip(names, files)]
         print(f"\nthe same draws for every checkpoint (seed={cfg.seed}), so the changes are paired:")
         print(comparison_table(mode.headlines, results))
         if all(path is not None and path.is_file() for _, path in files):
             print("\nchange from the first, 95% bootstrap interval over the held-out examples:")
             print(paired_intervals(mode.headlines, files, cfg.seed))
     return 0
+
+
+def short_names(paths: list[str]) -> list[str]:
+    """Each checkpoint as its last two path parts (<run>/final), or whole where that would repeat."""
+    short = ["/".join(Path(p).parts[-2:]) for p in paths]
+    return short if len(set(short)) == len(short) else list(paths)
 
 
 def _real_speech_root(given: str, mode) -> Path:
@@ -305,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "checkpoint", helps={"checkpoint": "a backbone directory; more may follow, before the overrides"})
     p.usage = "speechrl eval [-h] [--recipe RECIPE] [--real-speech [DIR]] checkpoint [checkpoint ...] [key=value ...]"
     p.description = ("Several checkpoints are evaluated one after another with the same draws (the recipe's "
-                     "seed): a table of their headline metrics and the change from the first ends the output.")
+                     "seed): a table of their headline metrics and the change from the first ends the output; "
+                     "where the mode keeps per-example scores (TTS: <checkpoint>/eval/samples/step-0/scores.jsonl), "
+                     "each change also gets a 95% bootstrap interval over the held-out examples.")
     p.add_argument("--real-speech", nargs="?", const="", default=None, metavar="DIR",
                    help="ASR: also WER/CER per folder of real recordings (default ../shared/data/real_speech), "
                         "beside Whisper tiny.en's own; transcripts to <checkpoint>/eval/real_speech.json")

@@ -45,3 +45,10 @@ def test_only_examples_both_scored_are_compared(tmp_path):
     text = paired_intervals(HEADLINES, [("a", a), ("b", b)])
     assert "-0.100  95% interval [-0.100, -0.100] over 2 examples" in text
     assert paired_intervals([("held-out WER", "eval/wer")], [("a", a), ("b", b)]).startswith("(no per-example")
+
+
+def test_checkpoints_are_named_by_run_and_folder_unless_that_repeats():
+    from speechrl.rlhf.cli.main import short_names
+
+    assert short_names(["runs/sft/final", "/tmp/x/grpo/final"]) == ["sft/final", "grpo/final"]
+    assert short_names(["a/grpo/final", "b/grpo/final"]) == ["a/grpo/final", "b/grpo/final"]
