@@ -73,10 +73,14 @@ def example_means(path: Path, key: str) -> dict[str, float]:
     """Each example id's mean of `key` over its lines in a per-example scores file (unscored left out)."""
     values: dict[str, list[float]] = {}
     with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            if row.get(key) is not None:
-                values.setdefault(str(row["id"]), []).append(float(row[key]))
+        for number, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+                if row.get(key) is not None:
+                    values.setdefault(str(row["id"]), []).append(float(row[key]))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{path}, line {number}: not a per-example score ({type(e).__name__}: {e}); "
+                                 "evaluate that checkpoint again to rewrite the file") from None
     return {k: float(np.mean(v)) for k, v in values.items()}
 
 

@@ -25,6 +25,14 @@ def test_example_means_average_repeats_and_leave_out_unscored(tmp_path):
     assert example_means(path, "eval/wer") == {}
 
 
+def test_a_broken_scores_file_is_named_with_its_line(tmp_path):
+    path = write(tmp_path / "a.jsonl", [[0.1] * 4])
+    with open(path, "a") as f:
+        f.write('{"id": "ex-1", "eval/cer": 0.')  # cut off mid-write
+    with pytest.raises(ValueError, match=r"a\.jsonl, line 5: not a per-example score"):
+        example_means(path, "eval/cer")
+
+
 def test_a_real_change_is_beyond_the_noise_and_none_is_not(tmp_path):
     rng = np.random.default_rng(1)
     base = rng.uniform(0.2, 0.8, (96, 4))
