@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import bootstrap
 
 from speechrl.rlhf.core.config import RecipeConfig
 
@@ -99,8 +100,8 @@ def paired_intervals(headlines: list[tuple[str, str]], files: list[tuple[str, Pa
             if not ids:
                 continue
             diff = np.array([other[i] - base[i] for i in ids])
-            means = diff[rng.integers(0, len(diff), (RESAMPLES, len(diff)))].mean(axis=1)
-            low, high = np.percentile(means, [2.5, 97.5])
+            low, high = bootstrap((diff,), np.mean, n_resamples=RESAMPLES, method="percentile",
+                                  rng=rng).confidence_interval
             beyond = "" if low <= 0 <= high else "  (beyond the noise)"
             lines.append(f"{label}, {name}: {diff.mean():+.3f}  95% interval [{low:+.3f}, {high:+.3f}] "
                          f"over {len(ids)} examples{beyond}")
