@@ -70,19 +70,27 @@ def comparison_table(headlines: list[tuple[str, str]], results: list[tuple[str, 
     return "\n".join(lines)
 
 
-def example_means(path: Path, key: str) -> dict[str, float]:
-    """Each example id's mean of `key` over its lines in a per-example scores file (unscored left out)."""
-    values: dict[str, list[float]] = {}
+def example_table(path: Path) -> dict[str, dict[str, float]]:
+    """metric key -> example id -> its mean over the file's lines for that id (unscored left out), from
+    a per-example scores file ({"id", "text", "repeat", <metric key>: value or null}), read once."""
+    values: dict[str, dict[str, list[float]]] = {}
     with open(path) as f:
         for number, line in enumerate(f, 1):
             try:
                 row = json.loads(line)
-                if row.get(key) is not None:
-                    values.setdefault(str(row["id"]), []).append(float(row[key]))
+                example = str(row["id"])
+                for key, value in row.items():
+                    if key not in ("id", "text", "repeat") and value is not None:
+                        values.setdefault(key, {}).setdefault(example, []).append(float(value))
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise ValueError(f"{path}, line {number}: not a per-example score ({type(e).__name__}: {e}); "
                                  "evaluate that checkpoint again to rewrite the file") from None
-    return {k: float(np.mean(v)) for k, v in values.items()}
+    return {key: {k: float(np.mean(v)) for k, v in by_id.items()} for key, by_id in values.items()}
+
+
+def example_means(path: Path, key: str) -> dict[str, float]:
+    """Each example id's mean of `key` in a per-example scores file (unscored left out)."""
+    return example_table(path).get(key, {})
 
 
 def paired_intervals(headlines: list[tuple[str, str]], files: list[tuple[str, Path]], seed: int = 0) -> str:
@@ -91,11 +99,12 @@ def paired_intervals(headlines: list[tuple[str, str]], files: list[tuple[str, Pa
     repeats), so the interval holds the draws' noise and the choice of examples both. The change is
     the mean of per-example changes over the examples both scored."""
     rng = np.random.default_rng(seed)
+    tables = [example_table(path) for _, path in files]  # each file read once, not once per headline
     lines = []
     for label, key in headlines:
-        base = example_means(files[0][1], key)
-        for name, path in files[1:]:
-            other = example_means(path, key)
+        base = tables[0].get(key, {})
+        for (name, _), table in zip(files[1:], tables[1:]):
+            other = table.get(key, {})
             ids = sorted(set(base) & set(other))
             if not ids:
                 continue
