@@ -146,8 +146,8 @@ def cmd_eval(args) -> int:
     differences are paired; several end with a table of the mode's headlines and their change from the
     first. With --real-speech, also WER/CER per folder of the shared real recordings beside Whisper's."""
     from speechrl.rlhf.modes import get_mode
-    from speechrl.rlhf.trainers.evaluate import (comparison_table, evaluate_in_process, evaluate_on_engines,
-                                                 paired_intervals)
+    from speechrl.rlhf.core.intervals import paired_intervals
+    from speechrl.rlhf.trainers.evaluate import comparison_table, evaluate_in_process, evaluate_on_engines
 
     # more checkpoints come before the overrides (argparse put them among them): words without "="
     checkpoints = [Path(c) for c in [args.checkpoint, *(o for o in args.overrides if "=" not in o)]]
@@ -169,7 +169,7 @@ def cmd_eval(args) -> int:
             print(f"\n== {checkpoint}")
         print(mode.report_checkpoint(metrics, checkpoint / "eval"))
         results.append((str(checkpoint), metrics))
-        files.append((str(checkpoint), mode.example_scores(checkpoint / "eval")))
+        files.append((str(checkpoint), mode.example_scores(checkpoint / "eval").get(0)))  # eval's one step
         if real is not None:
             from speechrl.rlhf.modes.real_speech import real_speech_report
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from speechrl.rewards.asr import char_error_rate, word_error_rate
 from speechrl.rlhf.core.config import RecipeConfig, RecipeError
+from speechrl.rlhf.core.intervals import write_example_scores
 from speechrl.rlhf.core.registry import MODES
 from speechrl.rlhf.model.backbone import IM_END, text_token_ids
 from speechrl.rlhf.model.prompts import render_prompt
@@ -107,17 +108,23 @@ def log_examples(result: dict, log) -> dict:
 
 
 def evaluate_asr(model, processor, dataset, *, max_examples: int, max_new_tokens: int, ctc: bool = False) -> dict:
-    """Mean WER/CER over the first `max_examples` held-out clips, plus a few examples to eyeball; with
-    `ctc`, also the WER of the projector's greedy CTC reading of the same clips (eval/ctc_wer)."""
+    """Mean WER/CER over the first `max_examples` held-out clips, a few examples to eyeball and every
+    clip's scores (`rows`: id, reference, transcript, eval/wer, eval/cer); with `ctc`, also the WER of the
+    projector's greedy CTC reading of the same clips (eval/ctc_wer)."""
     items = first(dataset, max_examples)
     audios, refs = [a for _, a in items], [ex.text for ex, _ in items]
     hyps = greedy_transcribe(model, processor, audios, max_new_tokens=max_new_tokens)
-    wer = float(np.mean([word_error_rate(h, r) for h, r in zip(hyps, refs)]))
-    cer = float(np.mean([char_error_rate(h, r) for h, r in zip(hyps, refs)]))
-    result = {"eval/wer": wer, "eval/cer": cer, "examples": list(zip(refs[:3], hyps[:3]))}
+    wers = [word_error_rate(h, r) for h, r in zip(hyps, refs)]
+    cers = [char_error_rate(h, r) for h, r in zip(hyps, refs)]
+    rows = [{"id": str(ex.id), "text": r, "transcript": h, "eval/wer": w, "eval/cer": c}
+            for (ex, _), r, h, w, c in zip(items, refs, hyps, wers, cers)]
+    result = {"eval/wer": float(np.mean(wers)), "eval/cer": float(np.mean(cers)),
+              "examples": list(zip(refs[:3], hyps[:3])), "rows": rows}
     if ctc:
-        result["eval/ctc_wer"] = float(np.mean([word_error_rate(h, r) for h, r in
-                                                zip(ctc_transcribe(model, processor, audios), refs)]))
+        ctc_wers = [word_error_rate(h, r) for h, r in zip(ctc_transcribe(model, processor, audios), refs)]
+        result["eval/ctc_wer"] = float(np.mean(ctc_wers))
+        for row, w in zip(rows, ctc_wers):
+            row["eval/ctc_wer"] = w
     return result
 
 
@@ -128,12 +135,22 @@ def heldout_asr(model, processor, dataset, max_examples: int, max_new_tokens: in
     return result
 
 
+SCORES_GLOB = "scores/step-*.jsonl"  # every held-out clip's WER/CER at each evaluation, under a run's folder
+
+
+def write_rows(result: dict, out_dir: Path, step: int) -> dict:
+    """Write (and drop from `result`) its per-clip rows as `<out_dir>/scores/step-<step>.jsonl`."""
+    write_example_scores(Path(out_dir) / SCORES_GLOB.replace("*", str(step)), result.pop("rows"))
+    return result
+
+
 @MODES.register("asr")
 class AsrMode(Mode):
     name = "asr"
     algorithms = ("sft", "grpo", "ppo", "online_dpo", "dpo", "mtp_heads")
     default_algorithm = "grpo"
     headlines = [("held-out WER", "eval/wer"), ("held-out CER", "eval/cer")]
+    example_scores_glob = SCORES_GLOB
     # SFT stops while the model still confuses words, so GRPO has errors left to remove in the demo
     demo_sft_overrides = ["train.steps=150", "train.eval_every=150", "train.checkpoint_every=150"]
 
@@ -166,6 +183,7 @@ class AsrMode(Mode):
 
     def setup_online(self, run_dir: Path, logger, window_seconds: float) -> None:
         self.train_set, self.eval_set = self.datasets(window_seconds)
+        self.run_dir = Path(run_dir)  # where each evaluation's per-clip scores go
         self.audio_paths = {ex.id: ex.audio for ex, _ in self.train_set.items}  # for online DPO's saved pairs
 
     def rollout(self, step: int, generate) -> tuple[list[RolloutRequest], list]:
@@ -238,14 +256,14 @@ class AsrMode(Mode):
 
     def evaluate_online(self, step, generate, score_batch, score, policy) -> dict:
         c = self.cfg
-        return log_examples(policy.with_model(heldout_asr, self.eval_set, c.data.max_eval_examples,
-                                              c.eval_max_new_tokens), log)
+        result = policy.with_model(heldout_asr, self.eval_set, c.data.max_eval_examples, c.eval_max_new_tokens)
+        return log_examples(write_rows(result, self.run_dir, step), log)
 
     def evaluate_offline(self, step, model, processor, eval_set, run_dir, logger) -> dict:
         result = evaluate_asr(model, processor, eval_set, max_examples=self.cfg.data.max_eval_examples,
                               max_new_tokens=self.cfg.eval_max_new_tokens, ctc=bool(self.cfg.asr.ctc_weight))
         self.examples = list(result["examples"])  # what `speechrl eval` prints beside the metrics
-        return log_examples(result, log)
+        return log_examples(write_rows(result, run_dir, step), log)
 
     def report_checkpoint(self, metrics: dict, out_dir: Path) -> str:
         pairs = [f"ref: {ref}\nhyp: {hyp}" for ref, hyp in self.examples]

@@ -7,6 +7,7 @@ mode's name; a new mode is one file here plus its recipes (docs/architecture.md)
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from speechrl.rlhf.algos.registry import RECIPE_CHECKS
 from speechrl.rlhf.core.config import RecipeConfig, RecipeError
+from speechrl.rlhf.core.intervals import first_and_last, paired_intervals
 from speechrl.rlhf.core.registry import MODES
 from speechrl.rlhf.modes.pairs import PreferenceRow, RewardModelPairs
 from speechrl.rollouts.types import RolloutRequest
@@ -31,6 +33,9 @@ class Mode:
     transcribes: ClassVar[bool] = False  # its replies are transcripts: `speechrl eval --real-speech` applies
     shares_backbone: ClassVar[bool] = True  # its texts are among `model.tiny.texts: all_modes` (the shared tokenizer)
     offline_evaluation_scores: ClassVar[bool] = False  # evaluate_offline runs the recipe's rewards (their judges are built first)
+    # where an evaluation at step N writes its per-example scores, under a run or `speechrl eval` folder
+    # ("step-*" stands for "step-N"); None where the mode keeps none (no paired intervals)
+    example_scores_glob: ClassVar[Optional[str]] = None
 
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
@@ -164,10 +169,18 @@ class Mode:
         """What `speechrl eval` prints for a checkpoint's metrics."""
         return "\n".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
-    def example_scores(self, out_dir: Path) -> Optional[Path]:
-        """The JSON lines of `speechrl eval`'s per-example scores ({"id", <metric key>: value, ...}; an id
-        may repeat), for the paired intervals of several checkpoints; None where the mode keeps none."""
-        return None
+    def example_scores(self, out_dir: Path) -> dict[int, Path]:
+        """Every evaluation's per-example scores file under `out_dir` (a run's folder, or `speechrl eval`'s,
+        whose one evaluation is step 0), by step: JSON lines of {"id", <metric key>: value or null, ...}
+        (an id may repeat; core/intervals.py), which the paired intervals resample."""
+        if self.example_scores_glob is None:
+            return {}
+        found = {}
+        for path in Path(out_dir).glob(self.example_scores_glob):
+            step = re.search(r"step-(\d+)", str(path.relative_to(out_dir)))
+            if step:
+                found[int(step.group(1))] = path
+        return found
 
     # --- the demo ----------------------------------------------------------------------------------
     def demo_report(self, sft: dict, rl: dict, minutes: float) -> dict:
@@ -177,7 +190,22 @@ class Mode:
                   "minutes": minutes}
         print(f"\n{label}: untrained {fmt.format(result['untrained'])} -> after SFT {fmt.format(result['sft'])} "
               f"-> after {self.default_algorithm.upper()} {fmt.format(result['rl'])}   ({minutes:.1f} min)")
+        intervals = self.print_run_intervals(rl["run"])
+        if intervals:
+            result["intervals"] = intervals
         return result
+
+    def print_run_intervals(self, run: str) -> Optional[str]:
+        """An RL run's change from its first evaluation (the warm start's weights) to its last, with a 95 %
+        interval over the held-out examples, where the mode keeps per-example scores."""
+        files = first_and_last(self.example_scores(Path(run)))
+        if files:
+            print(f"{self.default_algorithm.upper()}'s change, {files[0][0]} (the SFT weights) to {files[1][0]}, "
+                  "with a 95% bootstrap interval over the held-out examples:")
+            text = paired_intervals(self.headlines, files, self.cfg.seed)
+            print(text)
+            return text
+        return None
 
     # --- summaries ---------------------------------------------------------------------------------
     def plot_keys(self) -> list[str]:

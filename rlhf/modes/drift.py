@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from speechrl.rlhf.core.intervals import mean_interval, write_example_scores
 from speechrl.rlhf.modes.episodes import Generate, run_episodes
 
 
@@ -31,20 +32,18 @@ def drift_curves(turns: list[int], scores: np.ndarray, threshold: float) -> dict
     return out
 
 
-def paired_change(before: list[dict], after: list[dict], key: str = "judge", n_boot: int = 2000,
-                  seed: int = 0) -> dict[str, float]:
+def paired_change(before: list[dict], after: list[dict], key: str = "judge", seed: int = 0) -> dict[str, float]:
     """How much `key` (judge or check) moved from the `before` drift replies to the `after` ones, with
     the evaluation's noise: replies are grouped by dialogue (their id up to "/t"), each dialogue's mean
     taken on both sides, and the mean change bootstrapped over the dialogues both sides scored (a 95 %
-    interval). A change whose interval excludes 0 is larger than what replaying other dialogues of the
-    same kind would give. Resampling whole dialogues keeps a dialogue's turns, which share a context,
-    together. (Written here rather than with scipy.stats.bootstrap: a paired, clustered resample on a
-    dozen dialogues is a few lines of numpy.)"""
+    interval, `core.intervals.mean_interval`). A change whose interval excludes 0 is larger than what
+    replaying other dialogues of the same kind would give. Resampling whole dialogues keeps a
+    dialogue's turns, which share a context, together."""
     def by_dialogue(replies: list[dict]) -> dict[str, float]:
         groups: dict[str, list[float]] = {}
         for r in replies:
             if r.get(key) is not None and np.isfinite(r[key]):
-                groups.setdefault(r["id"].rsplit("/t", 1)[0], []).append(float(r[key]))
+                groups.setdefault(dialogue_of(r["id"]), []).append(float(r[key]))
         return {d: float(np.mean(v)) for d, v in groups.items()}
 
     b, a = by_dialogue(before), by_dialogue(after)
@@ -52,9 +51,13 @@ def paired_change(before: list[dict], after: list[dict], key: str = "judge", n_b
     if not shared:
         return {"change": math.nan, "low": math.nan, "high": math.nan, "dialogues": 0}
     diffs = np.array([a[d] - b[d] for d in shared])
-    picks = np.random.default_rng(seed).integers(0, len(diffs), size=(n_boot, len(diffs)))
-    low, high = np.percentile(diffs[picks].mean(axis=1), [2.5, 97.5])
-    return {"change": float(diffs.mean()), "low": float(low), "high": float(high), "dialogues": len(shared)}
+    low, high = mean_interval(diffs, np.random.default_rng(seed))
+    return {"change": float(diffs.mean()), "low": low, "high": high, "dialogues": len(shared)}
+
+
+def dialogue_of(reply_id: str) -> str:
+    """A drift reply's dialogue: its id up to the turn ("<dialogue>/t<k>")."""
+    return reply_id.rsplit("/t", 1)[0]
 
 
 class DriftEvaluation:
@@ -106,8 +109,16 @@ class DriftEvaluation:
         (self.dir / f"step-{step:05d}.json").write_text(json.dumps(
             {"step": step, **({"label": self.label} if self.label else {}), "threshold": r.ooc_threshold, "judge": r.drift_judge, **curves, "replies": replies},
             indent=1) + "\n")
+        # per dialogue for paired intervals (`speechrl eval`): a dialogue's turns share a context, so its
+        # lines (one a turn, "repeat" = the turn) are averaged before the dialogues are resampled
+        write_example_scores(self.scores_path(step), (
+            {"id": dialogue_of(r["id"]), "text": r["reply"], "repeat": turn, "drift/judge": r["judge"],
+             **({"drift/check": r["check"]} if check is not None else {})} for r, turn in zip(replies, turns)))
         plot_drift(self.dir, self.plot_path)
         return metrics
+
+    def scores_path(self, step: int) -> Path:
+        return self.dir / "scores" / f"step-{step}.jsonl"
 
 
 def plot_drift(folder: Path, out: Path) -> Path:

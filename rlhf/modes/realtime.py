@@ -112,6 +112,7 @@ class RealtimeMode(Mode):
                  ("drift judge score, last turn", "drift/judge_last_turn"), ("drift check", "drift/check"),
                  ("drift check, last turn", "drift/check_last_turn"), ("held-out reply loss", "eval/loss")]
     evaluates_on_engines = True
+    example_scores_glob = "drift/scores/step-*.jsonl"  # every drift reply, by dialogue (drift.py)
 
     @classmethod
     def check(cls, cfg: RecipeConfig, source: str) -> None:

@@ -154,6 +154,7 @@ class TtsMode(Mode):
                  ("held-out sanity penalty", "eval/speech_sanity/reward"),
                  ("held-out speaking rate (chars/s)", "eval/speech_sanity/chars_per_second"),
                  ("held-out samples ended by <|codec_end|>", "eval/ended")]
+    example_scores_glob = f"samples/step-*/{SCORES}"  # every completion of each evaluation (tts_eval.py)
 
     offline_evaluation: Optional[TtsEvaluation] = None  # SFT/DPO/eval's held-out set, built at the first evaluation
 
@@ -268,9 +269,6 @@ class TtsMode(Mode):
     def report_checkpoint(self, metrics: dict, out_dir: Path) -> str:
         return "\n".join([*(f"{k}={v:.4f}" for k, v in metrics.items()),
                           f"samples: {self.offline_evaluation.samples_dir}"])
-
-    def example_scores(self, out_dir: Path) -> Optional[Path]:
-        return Path(out_dir) / "samples" / "step-0" / SCORES  # evaluate_in_process evaluates as step 0
 
     def demo_report(self, sft: dict, rl: dict, minutes: float) -> dict:
         result = super().demo_report(sft, rl, minutes)

@@ -3,15 +3,9 @@
 evaluates: realtime drift). `speechrl eval` and a schedule's interference matrix both call these."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
-from scipy.stats import bootstrap
-
 from speechrl.rlhf.core.config import RecipeConfig
-
-RESAMPLES = 2000  # bootstrap draws of the held-out examples for a paired interval
 
 
 def evaluate_on_engines(cfg: RecipeConfig, checkpoint: Path, out_dir: Path):
@@ -68,50 +62,3 @@ def comparison_table(headlines: list[tuple[str, str]], results: list[tuple[str, 
             cells.append(f"{value:>{w}.3f}  {change:>7}")
         lines.append("  ".join(cells))
     return "\n".join(lines)
-
-
-def example_table(path: Path) -> dict[str, dict[str, float]]:
-    """metric key -> example id -> its mean over the file's lines for that id (unscored left out), from
-    a per-example scores file ({"id", "text", "repeat", <metric key>: value or null}), read once."""
-    values: dict[str, dict[str, list[float]]] = {}
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-                example = str(row["id"])
-                for key, value in row.items():
-                    if key not in ("id", "text", "repeat") and value is not None:
-                        values.setdefault(key, {}).setdefault(example, []).append(float(value))
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise ValueError(f"{path}, line {number}: not a per-example score ({type(e).__name__}: {e}); "
-                                 "evaluate that checkpoint again to rewrite the file") from None
-    return {key: {k: float(np.mean(v)) for k, v in by_id.items()} for key, by_id in values.items()}
-
-
-def example_means(path: Path, key: str) -> dict[str, float]:
-    """Each example id's mean of `key` in a per-example scores file (unscored left out)."""
-    return example_table(path).get(key, {})
-
-
-def paired_intervals(headlines: list[tuple[str, str]], files: list[tuple[str, Path]], seed: int = 0) -> str:
-    """Each checkpoint's change from the first in every headline its per-example scores file has, with
-    a 95 % bootstrap interval: the held-out examples are resampled (each example's mean over its
-    repeats), so the interval holds the draws' noise and the choice of examples both. The change is
-    the mean of per-example changes over the examples both scored."""
-    rng = np.random.default_rng(seed)
-    tables = [example_table(path) for _, path in files]  # each file read once, not once per headline
-    lines = []
-    for label, key in headlines:
-        base = tables[0].get(key, {})
-        for (name, _), table in zip(files[1:], tables[1:]):
-            other = table.get(key, {})
-            ids = sorted(set(base) & set(other))
-            if not ids:
-                continue
-            diff = np.array([other[i] - base[i] for i in ids])
-            low, high = bootstrap((diff,), np.mean, n_resamples=RESAMPLES, method="percentile",
-                                  rng=rng).confidence_interval
-            beyond = "" if low <= 0 <= high else "  (beyond the noise)"
-            lines.append(f"{label}, {name}: {diff.mean():+.3f}  95% interval [{low:+.3f}, {high:+.3f}] "
-                         f"over {len(ids)} examples{beyond}")
-    return "\n".join(lines) or "(no per-example scores of the mode's headline metrics)"

@@ -8,6 +8,7 @@ naming the checkpoint to resume from); per-phase timers; a LoRA run syncing its 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -66,6 +67,20 @@ def test_interrupted_run_resumes_as_the_run_it_continues_and_killed_workers_chan
     assert "train/kl" in last
     assert (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "curves.png").is_file()
     assert summary["steps"] == 4
+    # every evaluation (step 0 before the crash, step 4 after the resume) kept each clip's WER, whose
+    # mean is the logged one; the demo's interval compares the first with the last
+    from speechrl.rlhf.core.intervals import example_table
+    from speechrl.rlhf.modes import get_mode
+
+    mode = get_mode(cfg)
+    files = mode.example_scores(run_dir)
+    assert sorted(files) == [0, 4]
+    logged = {r["step"]: r["eval/wer"] for r in rows(run_dir) if "eval/wer" in r}
+    for step, path in files.items():
+        wers = example_table(path)["eval/wer"]
+        assert len(wers) == 4 and sum(wers.values()) / 4 == pytest.approx(logged[step])
+    text = mode.print_run_intervals(str(run_dir))
+    assert re.search(r"^held-out WER, step 4: [-+]\d\.\d{3}  (95% interval \[.*\] )?over 4 examples", text, re.M), text
 
     # and it is the run it continues: an uninterrupted run logs the same numbers at every step (the
     # engines are reseeded per call from seed, step and call, and the driver's RNG is checkpointed),

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from speechrl.rlhf.core.config import load_recipe
+from speechrl.rlhf.modes import get_mode
 
 @pytest.fixture(scope="module")
 def tts_base(tts_overrides, tmp_path_factory):
@@ -109,6 +110,7 @@ def test_tts_sft_lowers_the_loss_and_writes_samples_at_every_evaluation(tts_base
     assert len(list((run / "samples" / "reference").glob("*.codec.wav"))) == 2
     evals = [r for r in rows if "eval/speech_sanity/reward" in r]
     assert [r["step"] for r in evals] == [0, 15, 30] and all(0 <= r["eval/ended"] <= 1 for r in evals)
+    assert sorted(get_mode(cfg).example_scores(run)) == [0, 15, 30]  # each evaluation's per-completion scores
     # the held-out recordings themselves are scored once: clean, and through the codec
     references = [r for r in rows if any(k.startswith("eval_reference/") for k in r)]
     assert [r["step"] for r in references] == [0]

@@ -19,6 +19,7 @@ from speechrl.rlhf.model import logprobs
 from speechrl.rlhf.trainers import sft
 from speechrl.rlhf.model.backbone import load_backbone
 from speechrl.rlhf.core.config import load_recipe
+from speechrl.rlhf.modes import get_mode
 from speechrl.rlhf.trainers.sft import batch_indices, run_sft
 
 
@@ -82,6 +83,14 @@ def test_run_directory_layout(full_run, small_backbone_dir):
     evals = [r["step"] for r in rows if "eval/wer" in r]
     assert evals == [0, cfg.train.steps], "eval before training and at the end (eval_every > steps)"
     assert all(0.0 <= r["eval/wer"] for r in rows if "eval/wer" in r)
+    scores = {step: [json.loads(line) for line in path.read_text().splitlines()]
+              for step, path in get_mode(cfg).example_scores(run_dir).items()}
+    assert sorted(scores) == evals, "each evaluation keeps every clip's scores"
+    for step, clips in scores.items():
+        assert len(clips) == cfg.data.max_eval_examples and len({c["id"] for c in clips}) == len(clips)
+        logged = next(r for r in rows if r["step"] == step)
+        assert sum(c["eval/wer"] for c in clips) / len(clips) == pytest.approx(logged["eval/wer"])
+        assert {"text", "transcript", "eval/cer"} <= set(clips[0])
 
     events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert events and all(e.stat().st_size > 0 for e in events)
@@ -121,6 +130,15 @@ def test_cli_eval_scores_a_run(full_run, sft_overrides, capsys):
     out = capsys.readouterr().out
     assert re.search(r"eval/wer=\d+\.\d{4} eval/cer=\d+\.\d{4}", out), out
     assert out.count("ref: ") == 3  # a few examples to eyeball
+
+    # two checkpoints: the table of changes, then each change's interval over the held-out clips
+    assert main(["eval", str(run_dir / "checkpoints" / "step-10" / "model"), str(run_dir / "final"),
+                 *sft_overrides("unused")]) == 0
+    out = capsys.readouterr().out
+    assert "95% bootstrap interval over the held-out examples" in out
+    clips = len((run_dir / "final" / "eval" / "scores" / "step-0.jsonl").read_text().splitlines())
+    assert re.search(rf"^held-out WER, {run_dir.name}/final: [-+]\d\.\d{{3}}  95% interval \[[-+]\d\.\d{{3}}, "
+                     rf"[-+]\d\.\d{{3}}\] over {clips} examples", out, re.M), out
 
 
 def test_new_run_refuses_a_directory_with_checkpoints(full_run):

@@ -1,11 +1,11 @@
-"""`speechrl eval`'s paired intervals: per-example scores resampled over the held-out examples."""
+"""Paired intervals (`speechrl eval`, the demos): per-example scores resampled over the held-out examples."""
 import json
 import re
 
 import numpy as np
 import pytest
 
-from speechrl.rlhf.trainers.evaluate import example_means, paired_intervals
+from speechrl.rlhf.core.intervals import example_means, first_and_last, paired_intervals, write_example_scores
 
 HEADLINES = [("held-out CER", "eval/cer")]
 
@@ -60,3 +60,24 @@ def test_checkpoints_are_named_by_run_and_folder_unless_that_repeats():
 
     assert short_names(["runs/sft/final", "/tmp/x/grpo/final"]) == ["sft/final", "grpo/final"]
     assert short_names(["a/grpo/final", "b/grpo/final"]) == ["a/grpo/final", "b/grpo/final"]
+
+
+def test_written_scores_read_back_with_transcripts_and_nan_left_out(tmp_path):
+    path = write_example_scores(tmp_path / "scores" / "step-0.jsonl", [
+        {"id": "u1", "text": "turn left", "transcript": "turn lift", "eval/wer": 0.5, "eval/cer": 0.1},
+        {"id": "u2", "text": "stop", "transcript": "", "eval/wer": float("nan"), "eval/cer": 1.0}])
+    assert json.loads(path.read_text().splitlines()[1])["eval/wer"] is None  # NaN is not JSON: null, unscored
+    assert example_means(path, "eval/wer") == {"u1": 0.5}
+    assert example_means(path, "eval/cer") == {"u1": 0.1, "u2": 1.0}
+    assert example_means(path, "transcript") == {}  # text beside a score is not a score
+
+
+def test_one_shared_example_gives_no_interval(tmp_path):
+    a = write(tmp_path / "a.jsonl", [[0.5] * 4])
+    b = write(tmp_path / "b.jsonl", [[0.4] * 4])
+    assert "-0.100  (no interval: 1 examples, too few to resample)" in paired_intervals(HEADLINES, [("a", a), ("b", b)])
+
+
+def test_a_runs_first_and_last_evaluations():
+    assert first_and_last({20: "b", 0: "a", 80: "c"}) == [("step 0", "a"), ("step 80", "c")]
+    assert first_and_last({0: "a"}) is None
