@@ -31,6 +31,7 @@ _CHOICES = {
     "train.dtype": ("auto", *DTYPES),
     "rollout.dtype": ("auto", *DTYPES),
     "run.cpu_kernels": CPU_KERNELS,
+    "eval_draws": ("same", "per_step"),
     "rl.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"),
 }
 _PATHS = ("model.path", "data.train", "data.eval", "data.synthetic.texts", "run.init_from", "tts.codec", "dpo.data",

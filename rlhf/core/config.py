@@ -440,6 +440,9 @@ class RecipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_max_new_tokens: int = 48  # greedy decode length cap at evaluation, < rollout.max_model_len
+    # sampled evaluations on the engines (TTS, duplex): `same` = every evaluation of a run, and `speechrl eval`,
+    # draws with one seed, so a change between two is the weights' (paired); `per_step` = fresh draws each
+    eval_draws: str = "same"
     rl: RLConfig = field(default_factory=RLConfig)  # the online loop (GRPO, PPO, online DPO)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)  # GRPO's advantages
     ppo: PPOConfig = field(default_factory=PPOConfig)  # PPO's critic, GAE and KL placement

@@ -9,6 +9,7 @@ algos/updates.py), so this file tests neither's name.
 from __future__ import annotations
 
 import functools
+import itertools
 import hashlib
 import json
 import logging
@@ -138,15 +139,18 @@ class OnlineRecipe:
                                             weight_transfer=self.weight_transfer)
 
     def generate(self, requests, n: Optional[int] = None, temperature: Optional[float] = None,
-                 max_new_tokens: Optional[int] = None, step: Optional[int] = None):
+                 max_new_tokens: Optional[int] = None, step: Optional[int] = None,
+                 engine_seed: Optional[int] = None):
         """n samples per request (default: the recipe's sampling settings); evaluation passes its own.
         `step`: the batch they are for (default: the loop's step; the async producer's is ahead).
+        `engine_seed`: the engines' seed for this call (default: `next_engine_seed`'s).
         A rollout worker that dies is replaced and the call retried (rollout.max_retries)."""
         s = self.cfg.rollout.sampling
         n = s.n if n is None else n
         temperature = s.temperature if temperature is None else temperature
         max_new_tokens = s.max_new_tokens if max_new_tokens is None else max_new_tokens
-        engine_seed = self.next_engine_seed(self.step if step is None else step)
+        if engine_seed is None:
+            engine_seed = self.next_engine_seed(self.step if step is None else step)
         for attempt in range(self.cfg.rollout.max_retries + 1):
             try:
                 # The engines are reseeded for every call from (seed, step, call), so a resumed run, or one
@@ -170,8 +174,18 @@ class OnlineRecipe:
             self._engine_calls[step] = calls + 1
             if len(self._engine_calls) > 64:  # steps long past; the producer runs at most a few ahead
                 del self._engine_calls[min(self._engine_calls)]
-        digest = hashlib.sha256(f"{self.cfg.seed}|{step}|{calls}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") >> 2  # room for the per-worker offset below 2**63
+        return _seed_of(f"{self.cfg.seed}|{step}|{calls}")
+
+    def evaluation_generate(self):
+        """`generate` for one evaluation: with `eval_draws: same`, its k-th call draws with the seed of
+        (run seed, k) at every evaluation, so two evaluations differ only by the weights and the changes
+        a run logs are paired, as `speechrl eval`'s are; with `per_step`, the step's fresh draws. The
+        training batches' draws are the same either way (their seeds never count these calls)."""
+        if self.cfg.eval_draws == "per_step":
+            return self.generate
+        calls = itertools.count()
+        return lambda requests, **kw: self.generate(
+            requests, engine_seed=_seed_of(f"{self.cfg.seed}|eval|{next(calls)}"), **kw)
 
     def score(self, samples, requests):
         batch = {"completions": [s.text for s in samples], "completion_ids": [s.completion_ids for s in samples],
@@ -269,7 +283,8 @@ class OnlineRecipe:
 
     def evaluate(self, step: int) -> dict:
         with self.pipeline.engines() if self.pipeline else nullcontext():  # the producer waits meanwhile
-            return self.mode.evaluate_online(step, self.generate, self.score_batch, self.score, self.policy)
+            return self.mode.evaluate_online(step, self.evaluation_generate(), self.score_batch, self.score,
+                                             self.policy)
 
     def produce(self, step: int) -> tuple:
         """Batch `step`'s rollout and scores, and the seconds each took: one step's generate and score
@@ -467,3 +482,9 @@ def run_online(cfg: RecipeConfig, resume: Optional[str] = None) -> dict:
         return recipe.train()
     finally:
         recipe.cleanup()
+
+
+def _seed_of(key: str) -> int:
+    """An engine seed from a key, the same in any process (Python's hash() is salted per process)."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2  # room for the per-worker offset below 2**63

@@ -49,9 +49,21 @@ def test_tts_grpo_samples_codec_tokens_scores_decoded_audio_and_writes_samples(b
         decodable = [bool(recipe.task.codec_ids(s.completion_ids)) for s in samples]
         assert list(scores.valid) == decodable  # a completion with no audio tokens goes unscored
         summary = recipe.train()
+        # eval_draws: same (the default): evaluating the final weights again draws what the run's last
+        # evaluation drew, so the run's logged changes are the weights' alone; per_step draws afresh
+        run = Path(summary["run"])
+        scores = run / "samples" / "step-2" / "scores.jsonl"
+        logged_scores = scores.read_text()
+        last = [r for r in rows(run) if "eval/speech_sanity/reward" in r][-1]
+        again = recipe.evaluate(2)
+        assert "eval/speech_sanity/reward" in again
+        assert {k: again[k] for k in again if k in last} == {k: last[k] for k in again if k in last}
+        assert scores.read_text() == logged_scores
+        recipe.cfg.eval_draws = "per_step"
+        recipe.evaluate(2)
+        assert scores.read_text() != logged_scores
     finally:
         recipe.cleanup()
-    run = Path(summary["run"])
     logged = rows(run)
     assert [r["step"] for r in logged if "eval/speech_sanity/reward" in r] == [0, 2]
     assert all("rewards/speech_sanity/reward" in r for r in logged if r["step"] > 0)
