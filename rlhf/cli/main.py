@@ -185,8 +185,8 @@ def cmd_eval(args) -> int:
         print(f"\nthe same draws for every checkpoint (seed={cfg.seed}), so the changes are paired:")
         print(comparison_table(mode.headlines, results))
         if all(path is not None and path.is_file() for _, path in files):
-            print("\nchange from the first, 95% bootstrap interval over the held-out examples:")
-            print(paired_intervals(mode.headlines, files, cfg.seed))
+            print(f"\nchange from the first, 95% bootstrap interval over the held-out {mode.example_unit}:")
+            print(paired_intervals(mode.headlines, files, cfg.seed, mode.example_unit))
     return 0
 
 

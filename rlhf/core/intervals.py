@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -65,34 +66,58 @@ def example_means(path: Path, key: str) -> dict[str, float]:
     return example_table(path).get(key, {})
 
 
-def paired_intervals(headlines: list[tuple[str, str]], files: list[tuple[str, Path]], seed: int = 0,
-                     unit: str = "examples") -> str:
+@dataclass
+class Change:
+    """One headline's change from the first file to another, with its 95 % interval (NaN: too few examples)."""
+    label: str
+    name: str
+    change: float
+    low: float
+    high: float
+    count: int
+
+    @property
+    def beyond_noise(self) -> bool:
+        return not (math.isnan(self.low) or self.low <= 0 <= self.high)
+
+
+def paired_changes(headlines: list[tuple[str, str]], files: list[tuple[str, Path]], seed: int = 0) -> list[Change]:
     """Each file's change from the first in every headline the files have, with a 95 % bootstrap
     interval: the held-out examples are resampled (each example's mean over its lines), so the interval
     holds the draws' noise and the choice of examples both. The change is the mean of per-example
     changes over the examples both scored."""
     rng = np.random.default_rng(seed)
     tables = [example_table(path) for _, path in files]  # each file read once, not once per headline
-    lines = []
+    changes = []
     for label, key in headlines:
         base = tables[0].get(key, {})
         for (name, _), table in zip(files[1:], tables[1:]):
             other = table.get(key, {})
             ids = sorted(set(base) & set(other))
-            if not ids:
-                continue
-            diff = np.array([other[i] - base[i] for i in ids])
-            low, high = mean_interval(diff, rng)
-            lines.append(f"{label}, {name}: {diff.mean():+.3f}  {describe(low, high, len(ids), unit)}")
+            if ids:
+                diff = np.array([other[i] - base[i] for i in ids])
+                changes.append(Change(label, name, float(diff.mean()), *mean_interval(diff, rng), len(ids)))
+    return changes
+
+
+def describe(changes: list[Change], unit: str = "examples") -> str:
+    """One line a change: "<label>, <name>: +0.012  95% interval [low, high] over N <unit>", marked where
+    the interval excludes 0."""
+    lines = []
+    for c in changes:
+        if math.isnan(c.low):
+            interval = f"(no interval: {c.count} {unit}, too few to resample)"
+        else:
+            interval = (f"95% interval [{c.low:+.3f}, {c.high:+.3f}] over {c.count} {unit}"
+                        + ("  (beyond the noise)" if c.beyond_noise else ""))
+        lines.append(f"{c.label}, {c.name}: {c.change:+.3f}  {interval}")
     return "\n".join(lines) or "(no per-example scores of the mode's headline metrics)"
 
 
-def describe(low: float, high: float, count: int, unit: str = "examples") -> str:
-    """"95% interval [low, high] over N examples", marked where it excludes 0."""
-    if math.isnan(low):
-        return f"(no interval: {count} {unit}, too few to resample)"
-    beyond = "" if low <= 0 <= high else "  (beyond the noise)"
-    return f"95% interval [{low:+.3f}, {high:+.3f}] over {count} {unit}{beyond}"
+def paired_intervals(headlines: list[tuple[str, str]], files: list[tuple[str, Path]], seed: int = 0,
+                     unit: str = "examples") -> str:
+    """`paired_changes`, described."""
+    return describe(paired_changes(headlines, files, seed), unit)
 
 
 def first_and_last(files: dict[int, Path]) -> Optional[list[tuple[str, Path]]]:

@@ -151,6 +151,7 @@ class AsrMode(Mode):
     default_algorithm = "grpo"
     headlines = [("held-out WER", "eval/wer"), ("held-out CER", "eval/cer")]
     example_scores_glob = SCORES_GLOB
+    example_unit = "clips"
     # SFT stops while the model still confuses words, so GRPO has errors left to remove in the demo
     demo_sft_overrides = ["train.steps=150", "train.eval_every=150", "train.checkpoint_every=150"]
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from speechrl.rlhf.algos.registry import RECIPE_CHECKS
 from speechrl.rlhf.core.config import RecipeConfig, RecipeError
-from speechrl.rlhf.core.intervals import first_and_last, paired_intervals
+from speechrl.rlhf.core.intervals import Change, describe, first_and_last, paired_changes
 from speechrl.rlhf.core.registry import MODES
 from speechrl.rlhf.modes.pairs import PreferenceRow, RewardModelPairs
 from speechrl.rollouts.types import RolloutRequest
@@ -36,6 +36,7 @@ class Mode:
     # where an evaluation at step N writes its per-example scores, under a run or `speechrl eval` folder
     # ("step-*" stands for "step-N"); None where the mode keeps none (no paired intervals)
     example_scores_glob: ClassVar[Optional[str]] = None
+    example_unit: ClassVar[str] = "examples"  # what one id of those files is, in the intervals' wording
 
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
@@ -190,22 +191,21 @@ class Mode:
                   "minutes": minutes}
         print(f"\n{label}: untrained {fmt.format(result['untrained'])} -> after SFT {fmt.format(result['sft'])} "
               f"-> after {self.default_algorithm.upper()} {fmt.format(result['rl'])}   ({minutes:.1f} min)")
-        intervals = self.print_run_intervals(rl["run"])
-        if intervals:
-            result["intervals"] = intervals
+        for change in self.print_run_intervals(rl["run"]):
+            result[f"{change.label} change"] = (change.change, change.low, change.high)
         return result
 
-    def print_run_intervals(self, run: str) -> Optional[str]:
+    def print_run_intervals(self, run: str) -> list[Change]:
         """An RL run's change from its first evaluation (the warm start's weights) to its last, with a 95 %
         interval over the held-out examples, where the mode keeps per-example scores."""
         files = first_and_last(self.example_scores(Path(run)))
-        if files:
-            print(f"{self.default_algorithm.upper()}'s change, {files[0][0]} (the SFT weights) to {files[1][0]}, "
-                  "with a 95% bootstrap interval over the held-out examples:")
-            text = paired_intervals(self.headlines, files, self.cfg.seed)
-            print(text)
-            return text
-        return None
+        if not files:
+            return []
+        changes = paired_changes(self.headlines, files, self.cfg.seed)
+        print(f"{self.default_algorithm.upper()}'s change, {files[0][0]} (the SFT weights) to {files[1][0]}, "
+              f"with a 95% bootstrap interval over the held-out {self.example_unit}:")
+        print(describe(changes, self.example_unit))
+        return changes
 
     # --- summaries ---------------------------------------------------------------------------------
     def plot_keys(self) -> list[str]:

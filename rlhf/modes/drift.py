@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from speechrl.rlhf.core.intervals import mean_interval, write_example_scores
+from speechrl.rlhf.core.intervals import write_example_scores
 from speechrl.rlhf.modes.episodes import Generate, run_episodes
 
 
@@ -30,29 +30,6 @@ def drift_curves(turns: list[int], scores: np.ndarray, threshold: float) -> dict
         out["judge"].append(float(at.mean()) if at.size else math.nan)
         out["ooc"].append(float((at < threshold).mean()) if at.size else math.nan)
     return out
-
-
-def paired_change(before: list[dict], after: list[dict], key: str = "judge", seed: int = 0) -> dict[str, float]:
-    """How much `key` (judge or check) moved from the `before` drift replies to the `after` ones, with
-    the evaluation's noise: replies are grouped by dialogue (their id up to "/t"), each dialogue's mean
-    taken on both sides, and the mean change bootstrapped over the dialogues both sides scored (a 95 %
-    interval, `core.intervals.mean_interval`). A change whose interval excludes 0 is larger than what
-    replaying other dialogues of the same kind would give. Resampling whole dialogues keeps a
-    dialogue's turns, which share a context, together."""
-    def by_dialogue(replies: list[dict]) -> dict[str, float]:
-        groups: dict[str, list[float]] = {}
-        for r in replies:
-            if r.get(key) is not None and np.isfinite(r[key]):
-                groups.setdefault(dialogue_of(r["id"]), []).append(float(r[key]))
-        return {d: float(np.mean(v)) for d, v in groups.items()}
-
-    b, a = by_dialogue(before), by_dialogue(after)
-    shared = sorted(set(b) & set(a))
-    if not shared:
-        return {"change": math.nan, "low": math.nan, "high": math.nan, "dialogues": 0}
-    diffs = np.array([a[d] - b[d] for d in shared])
-    low, high = mean_interval(diffs, np.random.default_rng(seed))
-    return {"change": float(diffs.mean()), "low": low, "high": high, "dialogues": len(shared)}
 
 
 def dialogue_of(reply_id: str) -> str:

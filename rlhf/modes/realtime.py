@@ -113,6 +113,7 @@ class RealtimeMode(Mode):
                  ("drift check, last turn", "drift/check_last_turn"), ("held-out reply loss", "eval/loss")]
     evaluates_on_engines = True
     example_scores_glob = "drift/scores/step-*.jsonl"  # every drift reply, by dialogue (drift.py)
+    example_unit = "dialogues"
 
     @classmethod
     def check(cls, cfg: RecipeConfig, source: str) -> None:
@@ -308,8 +309,6 @@ class RealtimeMode(Mode):
 
     def demo_report(self, sft: dict, rl: dict, minutes: float) -> dict:
         """The drift curves of the RL run's first (before: the SFT weights) and last evaluations."""
-        from speechrl.rlhf.modes.drift import paired_change
-
         runs = sorted((Path(rl["run"]) / "drift").glob("step-*.json"))
         before, after = (json.loads(p.read_text()) for p in (runs[0], runs[-1]))
         checked = "check" in before and "check" in after
@@ -337,13 +336,8 @@ class RealtimeMode(Mode):
                  if result["check before"] is not None and result["check after"] is not None else "")
         print(f"all turns: judge {result['judge before']:.3f} -> {result['judge after']:.3f}, out-of-character rate "
               f"{result['ooc before']:.2f} -> {result['ooc after']:.2f}{check}   ({minutes:.1f} min)")
-        for key in ("judge", "check") if checked else ("judge",):  # the change against the evaluation's noise
-            change = paired_change(before.get("replies", []), after.get("replies", []), key)
-            if change["dialogues"]:
-                result[f"{key} change interval"] = (change["low"], change["high"])
-                beyond = "beyond" if change["low"] > 0 or change["high"] < 0 else "within"
-                print(f"{key} change {change['change']:+.3f}, 95 % interval {change['low']:+.3f} .. {change['high']:+.3f} "
-                      f"over {change['dialogues']} dialogues (bootstrap): {beyond} evaluation noise")
+        for change in self.print_run_intervals(rl["run"]):  # the changes against the evaluation's noise
+            result[f"{change.label} change"] = (change.change, change.low, change.high)
         print(f"last turn: out-of-character rate {result['ooc last turn before']:.2f} -> "
               f"{result['ooc last turn after']:.2f}; judge score, last turn minus first: "
               f"{result['judge slope before']:+.3f} -> {result['judge slope after']:+.3f}")

@@ -155,6 +155,7 @@ class TtsMode(Mode):
                  ("held-out speaking rate (chars/s)", "eval/speech_sanity/chars_per_second"),
                  ("held-out samples ended by <|codec_end|>", "eval/ended")]
     example_scores_glob = f"samples/step-*/{SCORES}"  # every completion of each evaluation (tts_eval.py)
+    example_unit = "texts"
 
     offline_evaluation: Optional[TtsEvaluation] = None  # SFT/DPO/eval's held-out set, built at the first evaluation
 

@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from speechrl.rlhf.core.intervals import example_means, first_and_last, paired_intervals, write_example_scores
+from speechrl.rlhf.core.intervals import example_means, first_and_last, paired_changes, paired_intervals, write_example_scores
 
 HEADLINES = [("held-out CER", "eval/cer")]
 
@@ -81,3 +81,14 @@ def test_one_shared_example_gives_no_interval(tmp_path):
 def test_a_runs_first_and_last_evaluations():
     assert first_and_last({20: "b", 0: "a", 80: "c"}) == [("step 0", "a"), ("step 80", "c")]
     assert first_and_last({0: "a"}) is None
+
+
+def test_changes_carry_their_numbers_and_whether_they_clear_the_noise(tmp_path):
+    rng = np.random.default_rng(2)
+    base = rng.uniform(0.2, 0.8, (40, 2))
+    a = write(tmp_path / "a.jsonl", base.tolist(), repeats=2)
+    b = write(tmp_path / "b.jsonl", (base - 0.2).tolist(), repeats=2)
+    (change,) = paired_changes(HEADLINES, [("sft", a), ("grpo", b)])
+    assert (change.label, change.name, change.count) == ("held-out CER", "grpo", 40)
+    assert change.change == pytest.approx(-0.2) and change.beyond_noise
+    assert paired_intervals(HEADLINES, [("sft", a), ("grpo", b)], unit="clips").endswith("over 40 clips  (beyond the noise)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -440,26 +441,6 @@ def test_drift_curves_by_turn_by_hand():
     assert curves["judge"] == pytest.approx([0.5, 0.6, 0.4]) and curves["ooc"] == [0.5, 0.0, 1.0]
 
 
-def test_paired_change_pairs_dialogues_and_its_interval_covers_only_real_moves():
-    from speechrl.rlhf.modes.drift import paired_change
-
-    def replies(means: list[float], spread: float) -> list[dict]:  # two turns a dialogue around its mean
-        return [{"id": f"drift-made-{d:05d}-000/t{t}", "judge": m + (spread if t else -spread)}
-                for d, m in enumerate(means) for t in (0, 1)]
-
-    rng = np.random.default_rng(0)
-    base = list(rng.uniform(0.2, 0.6, size=20))
-    moved = paired_change(replies(base, 0.1), replies([m + 0.2 for m in base], 0.05))
-    assert moved["change"] == pytest.approx(0.2) and moved["dialogues"] == 20
-    assert moved["low"] == pytest.approx(0.2) and moved["high"] == pytest.approx(0.2)  # every dialogue moved alike
-    noise = list(rng.normal(0.0, 0.2, size=20))
-    noisy = paired_change(replies(base, 0.0), replies([m + e for m, e in zip(base, noise)], 0.0))
-    assert noisy["low"] < noisy["change"] < noisy["high"] and noisy["low"] < 0 < noisy["high"]
-    unscored = replies(base[:3], 0.0) + [{"id": "drift-x/t0", "judge": None}, {"id": "drift-y/t0", "judge": math.nan}]
-    assert paired_change(unscored, replies(base, 0.0))["dialogues"] == 3  # only dialogues both sides scored
-    assert math.isnan(paired_change([], replies(base, 0.0))["change"])
-
-
 def test_drift_plot_draws_every_evaluation_and_the_check_where_logged(tmp_path):
     from PIL import Image
 
@@ -477,6 +458,7 @@ def test_drift_plot_draws_every_evaluation_and_the_check_where_logged(tmp_path):
 
 
 def test_demo_report_compares_the_first_and_last_drift_evaluations(tmp_path, capsys):
+    from speechrl.rlhf.core.intervals import write_example_scores
     from speechrl.rlhf.modes.realtime import RealtimeMode
 
     (tmp_path / "drift").mkdir()
@@ -488,6 +470,9 @@ def test_demo_report_compares_the_first_and_last_drift_evaluations(tmp_path, cap
         (tmp_path / "drift" / f"step-{step:05d}.json").write_text(json.dumps(
             {"step": step, "threshold": 0.5, "turn": [1, 2, 3], "judge": judge, "ooc": ooc, "check": check,
              "replies": replies}))
+        write_example_scores(tmp_path / "drift" / "scores" / f"step-{step}.jsonl", (  # as DriftEvaluation writes them
+            {"id": r["id"].rsplit("/t", 1)[0], "repeat": 0, "drift/judge": r["judge"], "drift/check": r["check"]}
+            for r in replies))
     rl = {"run": str(tmp_path), "drift plot": "drift.png", "drift judge score before": 0.47,
           "drift judge score after": 0.6, "drift out-of-character rate before": 0.5,
           "drift out-of-character rate after": 0.17, "drift check before": 0.1, "drift check after": 0.27}
@@ -498,8 +483,10 @@ def test_demo_report_compares_the_first_and_last_drift_evaluations(tmp_path, cap
     assert "last turn: out-of-character rate 1.00 -> 0.50" in out and "-0.300 -> +0.000" in out
     assert "check 0.100 -> 0.270" in out
     assert result["distinct replies before"] == 2 and result["distinct replies after"] == 2
-    assert "judge change +0.233, 95 % interval" in out and "over 3 dialogues (bootstrap)" in out
-    assert result["check change interval"][0] == pytest.approx(0.1) and result["check change interval"][1] >= 0.2
+    assert "PPO's change, step 0 (the SFT weights) to step 8" in out
+    assert re.search(r"drift judge score, step 8: \+0\.233  95% interval \[\+0\.\d{3}, \+0\.\d{3}\] over 3 dialogues", out)
+    change, low, high = result["drift check change"]
+    assert change == pytest.approx(0.1 + 0.2 / 3) and low == pytest.approx(0.1) and high >= 0.2
     after = out[out.index("most common drift replies after (of 3; 2 distinct)"):]
     assert "2 x 0.20  \"No, I won't say that.\"" in after and "1 x 0.90  'I live in Lyon.'" in after
 

@@ -337,7 +337,7 @@ def test_eval_of_several_checkpoints_uses_the_same_draws_and_ends_with_a_paired_
     printed_mean = next(float(line.split("=")[1]) for line in reports[0] if line.startswith("eval/speech_sanity/reward="))
     assert np.mean(penalties) == pytest.approx(printed_mean, abs=1e-4)  # the file holds what the mean was taken of
     intervals = printed[printed.index("95% bootstrap interval"):]
-    assert f"held-out sanity penalty, {tmp_path.name}/copy: +0.000  95% interval [+0.000, +0.000] over {len(rows) // 2} examples" in intervals
+    assert f"held-out sanity penalty, {tmp_path.name}/copy: +0.000  95% interval [+0.000, +0.000] over {len(rows) // 2} texts" in intervals
 
 
 def test_the_demo_prints_the_fingerprints_each_build_recorded(tts_base):

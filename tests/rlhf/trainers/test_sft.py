@@ -135,10 +135,10 @@ def test_cli_eval_scores_a_run(full_run, sft_overrides, capsys):
     assert main(["eval", str(run_dir / "checkpoints" / "step-10" / "model"), str(run_dir / "final"),
                  *sft_overrides("unused")]) == 0
     out = capsys.readouterr().out
-    assert "95% bootstrap interval over the held-out examples" in out
+    assert "95% bootstrap interval over the held-out clips" in out
     clips = len((run_dir / "final" / "eval" / "scores" / "step-0.jsonl").read_text().splitlines())
     assert re.search(rf"^held-out WER, {run_dir.name}/final: [-+]\d\.\d{{3}}  95% interval \[[-+]\d\.\d{{3}}, "
-                     rf"[-+]\d\.\d{{3}}\] over {clips} examples", out, re.M), out
+                     rf"[-+]\d\.\d{{3}}\] over {clips} clips", out, re.M), out
 
 
 def test_new_run_refuses_a_directory_with_checkpoints(full_run):
