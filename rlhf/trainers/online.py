@@ -360,7 +360,8 @@ class OnlineRecipe:
                 metrics["rollout/truncated"] = float(np.mean([s.finish_reason == "length" for s in samples]))
                 metrics["rollout/entropy"] = sampled_entropy(samples)
                 metrics.update(self.mtp_acceptance("rollout"))
-                if due(done, cfg.train.eval_every, cfg.train.steps):
+            if due(done, cfg.train.eval_every, cfg.train.steps):
+                with timer("evaluate"):  # a phase of its own: the steps that evaluate are not slower to log
                     metrics.update(self.evaluate(done))
                     metrics.update(self.mtp_acceptance("eval"))
             metrics.update(timer.pop())

@@ -61,6 +61,8 @@ def test_interrupted_run_resumes_as_the_run_it_continues_and_killed_workers_chan
     last = rows(run_dir)[-1]
     for phase in ("generate", "score", "advantages", "update", "sync", "log"):
         assert last[f"time/{phase}"] >= 0.0
+    # an evaluation is a phase of its own, on the steps that evaluate only
+    assert last["time/evaluate"] > 0.0 and not any("time/evaluate" in r for r in rows(run_dir) if "eval/wer" not in r)
     assert "eval/wer" in last and 0.0 <= last["eval/wer"]
     assert last["train/logprob_gap"] < 1e-3, "trainer and vLLM must agree on the sampled tokens' logprobs"
     assert "train/kl" in last
