@@ -10,7 +10,6 @@ round trip (the best the policy could do with this codec).
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Callable, Optional
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from speechrl.data.audio import write_wav
+from speechrl.rlhf.core.intervals import write_example_scores
 from speechrl.rlhf.modes.base import first, safe_name
 
 log = logging.getLogger(__name__)
@@ -87,16 +87,12 @@ class TtsEvaluation:
         """Every completion's scores, one JSON line each ({"id", "text", "repeat", "eval/<reward>/<component>"},
         null where unscored): which text the judge heard worst, and what `speechrl eval`'s paired
         intervals resample."""
-        path = self.samples_dir / f"step-{step}" / SCORES
-        path.parent.mkdir(parents=True, exist_ok=True)
         exs = [ex for ex, _ in self.items for _ in range(self.repeats)]
-        with open(path, "w") as f:
-            for i, ex in enumerate(exs):
-                row = {"id": ex.id, "text": ex.text, "repeat": i % self.repeats}
-                for key, values in result.components.items():
-                    value = float(values[i])
-                    row[f"eval/{key}"] = value if bool(result.valid[i]) and np.isfinite(value) else None
-                f.write(json.dumps(row) + "\n")
+        write_example_scores(self.samples_dir / f"step-{step}" / SCORES, (
+            {"id": ex.id, "text": ex.text, "repeat": i % self.repeats,
+             **{f"eval/{key}": float(values[i]) if bool(result.valid[i]) else None
+                for key, values in result.components.items()}}
+            for i, ex in enumerate(exs)))
 
     def write_samples(self, step: int, completions: list[list[int]]) -> None:
         codec = self.task.codec
