@@ -96,9 +96,10 @@ class VllmJudge(_LocalJudge):
         import torch
         from vllm import LLM
 
-        from speechrl.rollouts.vllm_setup import guard_vllm_module_scan, quiet_benign_vllm_warnings
+        from speechrl.rollouts.vllm_setup import eager_helpers_on_cpu, guard_vllm_module_scan, quiet_benign_vllm_warnings
 
         guard_vllm_module_scan()
+        eager_helpers_on_cpu()  # the engine below is eager on CPU
         on_gpu = torch.cuda.is_available()
         if not on_gpu and threads > 0:
             torch.set_num_threads(threads)  # before LLM(): vLLM's CPU worker forbids it afterwards
@@ -147,7 +148,9 @@ class TransformersJudge(_LocalJudge):
 
         ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)
         with torch.inference_mode():
-            return self.model(ids).logits[0, -1].float().log_softmax(-1).cpu()
+            # the last position's logits only: the vocabulary projection of every other position is a
+            # fifth of SmolLM2's forward on a persona card's few hundred tokens, and unused
+            return self.model(ids, logits_to_keep=1).logits[0, -1].float().log_softmax(-1).cpu()
 
     def next_logprobs(self, prompts: list[str], wanted: frozenset[str], at_start: bool) -> list[dict[str, float]]:
         ids = self.candidates(wanted, at_start)

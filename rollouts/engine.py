@@ -21,7 +21,8 @@ from speechrl.rlhf.model.layout import ReplyLayout, reply_layout_processor
 from speechrl.rlhf.model.mtp import MTP_DIR, MTP_PREFIX, has_heads, saved_heads
 from speechrl.rollouts.lora import LoraAdapter, adapter_dir, engine_lora_rank, register_lora_model
 from speechrl.rollouts.types import RolloutRequest, Sample
-from speechrl.rollouts.vllm_setup import guard_vllm_module_scan, quiet_benign_vllm_warnings, relax_qwen2_audio_frames
+from speechrl.rollouts.vllm_setup import (eager_helpers_on_cpu, guard_vllm_module_scan, quiet_benign_vllm_warnings,
+                                          relax_qwen2_audio_frames)
 
 # What constrains a completion's tokens: a static list of allowed ids (ASR, TTS) or a ReplyLayout
 # (realtime), None for no constraint.
@@ -74,6 +75,7 @@ class RolloutEngine:
         self.sample_rate = AutoFeatureExtractor.from_pretrained(path).sampling_rate
         relax_qwen2_audio_frames()
         guard_vllm_module_scan()
+        eager_helpers_on_cpu(enforce_eager)
         if not torch.cuda.is_available() and threads > 0:
             # before LLM(): vLLM's CPU worker then forbids torch.set_num_threads. In a Ray actor
             # torch starts with OMP_NUM_THREADS=1, one thread for the whole engine.

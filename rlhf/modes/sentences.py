@@ -65,8 +65,9 @@ def generate_sentences(model_dir: Path, n: int, seed: int = 0, batch_size: int =
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
-    from speechrl.rollouts.vllm_setup import quiet_benign_vllm_warnings
+    from speechrl.rollouts.vllm_setup import eager_helpers_on_cpu, quiet_benign_vllm_warnings
 
+    eager_helpers_on_cpu()
     tok = TokenizersBackend.from_pretrained(model_dir)  # the chat template, as saved
     quiet_benign_vllm_warnings()
     memory = {} if torch.cuda.is_available() else {"kv_cache_memory_bytes": 2**30}

@@ -83,6 +83,21 @@ def test_token_in_token_out(engine, backbone, make_requests):
     assert [s.completion_ids for s in again] == [s.completion_ids for s in samples], "seeded sampling repeats"
 
 
+def test_an_eager_cpu_engine_compiles_nothing_as_it_samples(engine, make_requests):
+    """vLLM wraps the rank count of returned logprobs in torch.compile even in an eager engine; on CPU
+    that was a g++ build per engine process and per new batch shape (rollouts/vllm_setup.py,
+    eager_helpers_on_cpu). Sampling with logprobs, at two batch shapes, compiles no frame."""
+    if torch.cuda.is_available():
+        pytest.skip("GPU engines keep vLLM's compiled helpers")
+    from torch._dynamo.utils import counters
+
+    before = sum(counters["frames"].values())
+    for k in (1, 3):
+        samples = engine.generate(make_requests(k), n=2, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=k)
+        assert len(samples) == 2 * k and all(all(lp <= 0.0 for lp in s.logprobs) for s in samples)
+    assert sum(counters["frames"].values()) == before, dict(counters["frames"])
+
+
 def test_sampling_logprobs_match_trainer_recompute(engine, backbone, make_requests):
     """vLLM's processed logprobs == log_softmax(logits / T) of a transformers forward pass."""
     temperature = 0.7
