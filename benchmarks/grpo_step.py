@@ -6,7 +6,8 @@ Each `--set` is one configuration (space-separated recipe overrides; "" = the re
 one after the other from the same starting weights (default: the untrained embedded backbone, so every
 completion runs to the 32-token cap). Step 1 carries vLLM's first-call warm-up and the last step the
 final evaluation, so the mean is over steps 2 .. steps-1. Async runs also report their batches'
-staleness and the producer's own generate/score seconds, which overlap the update.
+staleness and the producer's own generate/score seconds, which overlap the update. Each run's start-up
+(Ray, the placement, the policy workers, reward worker and engines until all answer) is a column too.
 """
 from __future__ import annotations
 
@@ -29,13 +30,14 @@ def grpo_phase_split(path, steps: int, workdir: Path, overrides: list[str] = (),
     cfg = load_recipe("asr/grpo", [f"run.init_from={path}", f"train.steps={steps}", f"run.output_dir={workdir}",
                                    f"run.name={name}", f"train.eval_every={steps}", f"train.checkpoint_every={steps}",
                                    "data.max_eval_examples=8", *overrides])
-    run_online(cfg)
+    summary = run_online(cfg)
     rows = [json.loads(line) for line in (workdir / name / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "time/step" in r][1:-1]  # not step 1 (warm-up) nor the last (evaluation)
     keys = sorted({k for r in rows for k in r if k.startswith(("time/", "async/"))})
     out = {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
     if "async/staleness" in out:
         out["async/staleness_max"] = float(max(r["async/staleness"] for r in rows))
+    out["startup"] = summary["start-up time (s)"]
     return out
 
 
@@ -67,8 +69,8 @@ def main() -> None:
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; recipes/asr/grpo.yaml, "
           f"mean of steps 2..{args.steps - 1}\n")
     phases = ["wait", "generate", "score", "advantages", "update", "sync", "log"]
-    print("| setting | step s | " + " | ".join(phases) + " | staleness mean/max | producer generate+score s |")
-    print("|---|---:|" + "---:|" * len(phases) + "---:|---:|")
+    print("| setting | step s | " + " | ".join(phases) + " | staleness mean/max | producer generate+score s | start-up s |")
+    print("|---|---:|" + "---:|" * len(phases) + "---:|---:|---:|")
     base = None
     for name, r in results.items():
         base = base or r["time/step"]
@@ -76,7 +78,7 @@ def main() -> None:
         stale = f"{r['async/staleness']:.2f} / {r['async/staleness_max']:.0f}" if "async/staleness" in r else ""
         producer = (f"{r.get('async/generate_s', 0) + r.get('async/score_s', 0):.2f}" if "async/generate_s" in r else "")
         print(f"| {name} | {r['time/step']:.2f} ({r['time/step'] / base:.2f}x) | " + " | ".join(cells) +
-              f" | {stale} | {producer} |")
+              f" | {stale} | {producer} | {r['startup']:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
 

@@ -122,6 +122,10 @@ def _deepspeed_engine(model, optimizer, scheduler, train_cfg):
                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
         os.environ.setdefault(key, value)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # DeepSpeed runs one rank here (core/checks.py), so its shared-memory all-reduce for CPU ranks has no
+    # peer; without this it JIT-compiles that op with g++ as it starts on a CPU machine (80 CPU-seconds,
+    # again for every new venv). DeepSpeed keeps this dict for edits (deepspeed/ops/__init__.py).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend)
     config = {"train_micro_batch_size_per_gpu": train_cfg.batch_size, "gradient_accumulation_steps": 1,
               "gradient_clipping": train_cfg.max_grad_norm,

@@ -85,16 +85,14 @@ class OnlineRecipe:
         self.logger = RunLogger(self.run_dir, cfg, plot_keys=[
             "rewards/total", *self.mode.plot_keys()[:2], "train/kl", "train/logprob_gap", "rollout/entropy",
             "rewards/unscored"])
+        started = time.time()
         self._start_actors()
-        self.policy = PolicyClient(make_policy_workers(
-            cfg, self.backbone_path, str(self.checkpoint) if self.checkpoint else None, allowed_ids=self.task.allowed_ids,
-            reference=self.update.needs_reference, critic=self.update.needs_critic,
-            options=[self.placement.options(o) for o in self.placement.policies]), run_dir=self.run_dir)
-        self.record_placement()
+        self.record_placement()  # waits for the policy workers too
         self.start_step = resume_run(self.checkpoint, self.logger) if self.checkpoint else 0
         if self.checkpoint:
             self.sync()  # engines started from the backbone; give them the resumed weights
         self.policy.ping()
+        self.startup_s = time.time() - started
 
     def setup_evaluation(self, out_dir: Path) -> None:
         """Only what `speechrl eval` of a mode that evaluates on engines needs, into `out_dir`: the
@@ -105,7 +103,8 @@ class OnlineRecipe:
 
     def _start_actors(self, with_policy: bool = True) -> None:
         """Ray and the run's placement group (a bundle for the policy worker unless `with_policy` is
-        False), the mode's task and data, the embedded judges, the reward worker and the engines."""
+        False), the mode's task and data, the embedded judges, the policy workers (unless `with_policy`
+        is False), the reward worker and the engines."""
         from speechrl.rewards.worker import make_reward_actor
 
         cfg = self.cfg
@@ -128,6 +127,11 @@ class OnlineRecipe:
         self.mode.setup_online(self.run_dir, self.logger, window)
         prebuild_judges(cfg)  # here on every core, not inside a one-thread reward actor
         # scoring takes its turn like generation and the update: a model judge may use every core then
+        # the policy workers load (imports, weights, optimizer) while the engines start, each seconds to
+        # minutes; not where they share a GPU: vLLM sizes its KV cache by the memory free as it starts
+        policy_first = with_policy and not self.placement.engines_sleep
+        if policy_first:
+            self._start_policy()
         self.reward = make_reward_actor(cfg.rewards, codec=self.task.reward_codec, retries=cfg.rollout.max_retries,
                                         threads=cfg.train.torch_threads)
         # a LoRA run's engines serve its adapter on the frozen base (sync sends the adapter alone);
@@ -137,6 +141,17 @@ class OnlineRecipe:
                                             [self.placement.options(e) for e in self.placement.engines],
                                             sleep_mode=self.placement.engines_sleep, lora_rank=self.lora_rank,
                                             weight_transfer=self.weight_transfer)
+        if with_policy and not policy_first:
+            self._start_policy()
+
+    def _start_policy(self) -> None:
+        """The policy worker of each trainer rank, from the run's checkpoint where it resumes; returns
+        as they start (record_placement waits for them)."""
+        cfg = self.cfg
+        self.policy = PolicyClient(make_policy_workers(
+            cfg, self.backbone_path, str(self.checkpoint) if self.checkpoint else None, allowed_ids=self.task.allowed_ids,
+            reference=self.update.needs_reference, critic=self.update.needs_critic,
+            options=[self.placement.options(o) for o in self.placement.policies]), run_dir=self.run_dir)
 
     def generate(self, requests, n: Optional[int] = None, temperature: Optional[float] = None,
                  max_new_tokens: Optional[int] = None, step: Optional[int] = None,
@@ -424,6 +439,7 @@ class OnlineRecipe:
                if self.cfg.rollout.mtp_tokens else {}),
             "unscored samples (total)": int(sum(r.get("rewards/unscored", 0) for r in steps)),
             **{f"mean {k} (s)": round(v, 3) for k, v in phase.items()},
+            "start-up time (s)": round(self.startup_s, 1),
             "train wall time (s)": round(self.elapsed, 1),
             "final weights": final,
             **self.mode.summary_rows(),

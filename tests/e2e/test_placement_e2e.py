@@ -29,13 +29,28 @@ SMALL = ["data.synthetic.num_utterances=60", "data.max_eval_examples=4", "rl.pro
          "rollout.num_workers=1", "train.torch_threads=1", "rollout.threads_per_worker=1"]
 
 
-def test_a_one_gpu_machine_runs_colocated_and_refuses_separate_before_starting(tiny_overrides, tmp_path):
+def test_a_one_gpu_machine_runs_colocated_and_refuses_separate_before_starting(tiny_overrides, tmp_path, monkeypatch):
     base = [*tiny_overrides, *SMALL, f"run.output_dir={tmp_path}", "ray.num_cpus=2", "ray.num_gpus=1"]
     with pytest.raises(RecipeError, match=r"ray.layout=separate: .* need 2 GPUs but the Ray cluster has 1"):
         run_online(load_recipe("asr/grpo", [*base, "run.name=separate", "ray.layout=separate"]))
     assert not (tmp_path / "separate" / "placement.json").exists(), "refused before any actor started"
 
+    # the policy worker is already starting as the engines start (no CUDA under the logical GPU: the
+    # engines never sleep, so nothing waits for vLLM to size its cache first)
+    from ray._private.state import actors
+
+    from speechrl.rlhf.trainers import online
+
+    starting, start_engines = [], online.make_rollout_workers
+
+    def engines_after_the_policy(*args, **kw):
+        starting.extend(sorted(a["ActorClassName"] for a in actors().values() if a["State"] != "DEAD"))
+        return start_engines(*args, **kw)
+
+    monkeypatch.setattr(online, "make_rollout_workers", engines_after_the_policy)
     summary = run_online(load_recipe("asr/grpo", [*base, "run.name=colocated", "ray.layout=colocated"]))
+    assert starting == ["PolicyWorker", "RewardWorker"], starting
+    assert 0 < summary["start-up time (s)"]
     placement = json.loads((tmp_path / "colocated" / "placement.json").read_text())
     assert placement["layout"] == "colocated" and placement["bundles"] == [{"GPU": 1, "CPU": 2}]
     assert set(placement["actors"]) == {"policy", "engine 0"} and len(placement["nodes"]) == 1
