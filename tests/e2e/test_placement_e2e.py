@@ -35,21 +35,18 @@ def test_a_one_gpu_machine_runs_colocated_and_refuses_separate_before_starting(t
         run_online(load_recipe("asr/grpo", [*base, "run.name=separate", "ray.layout=separate"]))
     assert not (tmp_path / "separate" / "placement.json").exists(), "refused before any actor started"
 
-    # the policy worker is already starting as the engines start (no CUDA under the logical GPU: the
-    # engines never sleep, so nothing waits for vLLM to size its cache first)
-    from ray._private.state import actors
-
+    # the policy worker is already starting as the engines start, which returns once they answer (no
+    # CUDA under the logical GPU: the engines never sleep, so nothing waits for vLLM to size its cache)
     from speechrl.rlhf.trainers import online
 
-    starting, start_engines = [], online.make_rollout_workers
-
-    def engines_after_the_policy(*args, **kw):
-        starting.extend(sorted(a["ActorClassName"] for a in actors().values() if a["State"] != "DEAD"))
-        return start_engines(*args, **kw)
-
-    monkeypatch.setattr(online, "make_rollout_workers", engines_after_the_policy)
+    started = []
+    for name in ("make_policy_workers", "make_rollout_workers"):
+        def record(*args, _start=getattr(online, name), _name=name, **kw):
+            started.append(_name)
+            return _start(*args, **kw)
+        monkeypatch.setattr(online, name, record)
     summary = run_online(load_recipe("asr/grpo", [*base, "run.name=colocated", "ray.layout=colocated"]))
-    assert starting == ["PolicyWorker", "RewardWorker"], starting
+    assert started == ["make_policy_workers", "make_rollout_workers"], started
     assert 0 < summary["start-up time (s)"]
     placement = json.loads((tmp_path / "colocated" / "placement.json").read_text())
     assert placement["layout"] == "colocated" and placement["bundles"] == [{"GPU": 1, "CPU": 2}]
