@@ -126,12 +126,12 @@ class OnlineRecipe:
         window = processor.feature_extractor.n_samples / processor.feature_extractor.sampling_rate
         self.mode.setup_online(self.run_dir, self.logger, window)
         prebuild_judges(cfg)  # here on every core, not inside a one-thread reward actor
-        # scoring takes its turn like generation and the update: a model judge may use every core then
         # the policy workers load (imports, weights, optimizer) while the engines start, each seconds to
         # minutes; not where they share a GPU: vLLM sizes its KV cache by the memory free as it starts
         policy_first = with_policy and not self.placement.engines_sleep
         if policy_first:
             self._start_policy()
+        # scoring takes its turn like generation and the update: a model judge may use every core then
         self.reward = make_reward_actor(cfg.rewards, codec=self.task.reward_codec, retries=cfg.rollout.max_retries,
                                         threads=cfg.train.torch_threads)
         # a LoRA run's engines serve its adapter on the frozen base (sync sends the adapter alone);
